@@ -1,0 +1,1 @@
+"""lora_kd_jax: LoRA fine-tuning and distillation in pure JAX."""

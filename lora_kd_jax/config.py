@@ -1,0 +1,309 @@
+"""Typed, validated run configuration: YAML files plus `section.key=value` overrides.
+
+Every script reads one of these. Unknown keys, wrong types and out-of-range values fail here, before any
+compute, with the full dotted key in the message (and the closest known key for a typo).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+GPT2_SIZES: dict[str, tuple[int, int, int]] = {  # name -> (n_layer, n_embd, n_head)
+    "gpt2": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+}
+DEFAULT_LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the dotted key."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "gpt2"  # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | custom (needs n_layer/n_embd/n_head)
+    init: str = "pretrained"  # pretrained (hub name or model.path) | random (init by size)
+    path: str = ""  # local dir written by save_pretrained; takes precedence over the hub name
+    n_layer: int | None = None  # override the named size (random init only)
+    n_embd: int | None = None
+    n_head: int | None = None
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    dropout: float = 0.0  # GPT-2's own resid/embd/attn dropout; 0 in the seed-faithful configs
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    base_dtype: str = "float32"  # storage dtype of the frozen base weights: float32 | bfloat16
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dir: str = ""  # local CoLA dir (raw or GLUE layout); "" = hub nyu-mll/glue cola
+    tokenizer: str = "gpt2"  # hub name or local dir with vocab.json + merges.txt
+    max_length: int = 20
+    limit: int = 0  # keep only the first N examples of each split; 0 = all
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 4.0  # used by init=standard only (scale alpha/rank); seed init has no scaling
+    dropout: float = 0.1  # dropout on the adapter input
+    init: str = "seed"  # seed (U, V Xavier-uniform, no scaling) | standard (A random, B zero, as PEFT)
+    targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    batch_size: int = 128
+    eval_batch_size: int = 0  # 0 = same as batch_size
+    lr: float = 1e-3
+    epochs: int = 10
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class StudentConfig:
+    vocab_size: int = 50257
+    embed_dim: int = 768
+    hidden_dim: int = 768
+    cell: str = "rnn"  # rnn (tanh) | gru | lstm
+    bidirectional: bool = False
+    pooling: str = "last_token"  # last_token (last real token) | last_step (original: last padded position)
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    teacher: str = ""  # a LoRA run dir (or its checkpoints/ dir)
+    temperature: float = 2.0
+    alpha: float = 0.0  # weight of the hard-label cross-entropy; 0 reproduces the original (KL only)
+    cache_teacher_logits: bool = True
+
+
+@dataclasses.dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    overwrite: bool = False  # allow writing into a run dir that holds a different run
+    compilation_cache: str = "~/.cache/lora_kd_jax/xla"  # "" disables the persistent compilation cache
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.name": (*GPT2_SIZES, "custom"),
+    "model.init": ("pretrained", "random"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.base_dtype": ("float32", "bfloat16"),
+    "lora.init": ("seed", "standard"),
+    "student.cell": ("rnn", "gru", "lstm"),
+    "student.pooling": ("last_token", "last_step"),
+    "student.dtype": ("float32", "bfloat16"),
+}
+POSITIVE: tuple[str, ...] = (
+    "model.vocab_size", "model.n_positions", "data.max_length", "lora.rank", "lora.alpha", "train.batch_size",
+    "train.lr", "train.epochs", "student.vocab_size", "student.embed_dim", "student.hidden_dim",
+    "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head",
+)
+NON_NEGATIVE: tuple[str, ...] = ("data.limit", "train.eval_batch_size", "distill.alpha", "model.dropout")
+PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field annotation; ints are accepted for floats. Raise ConfigError naming key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [a for a in options if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        if isinstance(value, str):  # `lora.targets=attn.c_attn,mlp.c_fc` on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {annotation} for {key}")  # a bug in this module, not user input
+
+
+def _unknown(key: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def all_keys() -> list[str]:
+    """Every dotted key the config accepts (for messages and docs)."""
+    return [f"{name}.{f.name}" for name, cls in _field_types(Config).items() for f in dataclasses.fields(cls)]
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build and validate a Config from a nested dict (YAML content)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = _field_types(Config)
+    known = all_keys()
+    built = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise _unknown(str(name), [*sections, *known])
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {value!r}")
+        cls = sections[name]
+        types_ = _field_types(cls)
+        kwargs = {}
+        for key, v in value.items():
+            if key not in types_:
+                raise _unknown(f"{name}.{key}", known)
+            kwargs[key] = _coerce(f"{name}.{key}", v, types_[key])
+        built[name] = cls(**kwargs)
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> None:
+    """Range, choice and consistency checks; raise ConfigError naming the key."""
+    for key, options in CHOICES.items():
+        if _get(cfg, key) not in options:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(options)}")
+    for key in POSITIVE:
+        v = _get(cfg, key)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
+    for key in NON_NEGATIVE:
+        v = _get(cfg, key)
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v}")
+    for key in PROBABILITY:
+        v = _get(cfg, key)
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1), got {v}")
+    m = cfg.model
+    sizes = (m.n_layer, m.n_embd, m.n_head)
+    if m.name == "custom" and None in sizes:
+        raise ConfigError("model.name=custom needs model.n_layer, model.n_embd and model.n_head")
+    if any(s is not None for s in sizes) and m.init == "pretrained" and not m.path:
+        raise ConfigError("model.n_layer/n_embd/n_head override the size, which has no pretrained weights: "
+                          "set model.init=random (or model.path to a checkpoint of that size)")
+    n_embd, n_head = resolved_size(m)[1:]
+    if n_embd % n_head:
+        raise ConfigError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})")
+    if not cfg.lora.targets:
+        raise ConfigError("lora.targets: needs at least one target pattern")
+
+
+def resolved_size(m: ModelConfig) -> tuple[int, int, int]:
+    """(n_layer, n_embd, n_head): the named size with any explicit overrides applied."""
+    base = GPT2_SIZES.get(m.name, (0, 0, 1))
+    return tuple(o if o is not None else b for o, b in zip((m.n_layer, m.n_embd, m.n_head), base))  # type: ignore
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (value parsed as YAML) onto a nested dict."""
+    out = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override '{item}': key must look like section.key (e.g. train.lr=1e-3)")
+        value = _yaml_number(yaml.safe_load(text)) if text.strip() else ""
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def _yaml_number(value: Any) -> Any:
+    """PyYAML follows YAML 1.1, where `1e-3` is a string; accept it as the number anyone means."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in "e.") and value.strip() else value
+        except ValueError:
+            return value
+    return value
+
+
+def _numbers_in(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _numbers_in(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_numbers_in(v) for v in raw]
+    return _yaml_number(raw)
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply overrides, validate. `path=None` starts from the defaults."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        source = str(p)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    raw = _numbers_in(raw)
+    try:
+        return from_dict(apply_overrides(raw, overrides), source)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

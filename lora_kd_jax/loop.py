@@ -1,0 +1,175 @@
+"""The epoch loop shared by every trainer: steps, evaluation, metrics, plots, checkpoints, resume, signals.
+
+A trainer (LoRA, distillation, RNN baseline) supplies a `Task`: its state pytree, constants passed to every step
+(frozen weights; never baked into the compiled program), two jitted step functions and its batch sources.
+The loop keeps metrics on device during an epoch (one host sync per epoch), checkpoints at each epoch end
+(and on SIGTERM/SIGINT mid-epoch), and resumes from the exact batch where a run stopped.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+from tqdm.auto import tqdm
+
+from lora_kd_jax import metrics as metrics_lib
+from lora_kd_jax import plots, rundir
+from lora_kd_jax.checkpoint import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Task:
+    kind: str  # lora | distill | rnn: recorded in metrics.json and checkpoints
+    state: Any  # checkpointed pytree (trainable params, optimizer state, step, rng)
+    consts: Any  # pytree given to every step and not checkpointed (frozen base weights)
+    train_step: Callable[[Any, Any, Batch], tuple[Any, dict]]
+    eval_step: Callable[[Any, Any, Batch], dict]
+    train_batches: Callable[[int, int], Iterable[Batch]]  # (epoch, start_batch) -> batches
+    eval_batches: Callable[[], Iterable[Batch]]
+    n_train_batches: int
+    epochs: int
+    info: dict = dataclasses.field(default_factory=dict)  # params report etc., copied into the summary
+    title: str = ""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written at the batch reached."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A training loss became NaN or Inf."""
+
+
+def prefetch(batches: Iterable[Batch], size: int = 2, sharding: Any = None) -> Iterator[Batch]:
+    """Put the next `size` batches on device while the current step runs."""
+    queue: collections.deque = collections.deque()
+    put = (lambda b: jax.device_put(b, sharding)) if sharding is not None else jax.device_put
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (no step is cut in half)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _summary(history: list[dict]) -> dict:
+    best = max(history, key=lambda h: h["val"]["accuracy"])  # first epoch wins ties
+    return {"best_epoch": best["epoch"], "best_val_accuracy": best["val"]["accuracy"],
+            "train_accuracy_at_best": best["train"]["accuracy"], "val_mcc_at_best": best["val"]["mcc"],
+            "val_loss_at_best": best["val"]["loss"], "epochs_run": len(history)}
+
+
+def evaluate(task: Task) -> dict[str, float]:
+    sums = metrics_lib.zeros()
+    for batch in prefetch(task.eval_batches()):
+        sums = metrics_lib.add(sums, task.eval_step(task.state, task.consts, batch))
+    return metrics_lib.summarize(sums)
+
+
+def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train task.epochs epochs (continuing a checkpointed run if `resume`); return the summary."""
+    run_dir = Path(run_dir)
+    store = CheckpointStore(run_dir / "checkpoints")
+    history: list[dict] = []
+    start_epoch, start_batch = 0, 0
+    train_sums = metrics_lib.zeros()
+    wall_before = 0.0
+    if resume and store.has_latest():
+        tree, record, step = store.restore_latest({"state": task.state, "train_sums": train_sums})
+        if record.get("kind") != task.kind:
+            raise ValueError(f"{run_dir}: checkpoint is a '{record.get('kind')}' run, not '{task.kind}'")
+        task.state, train_sums = tree["state"], tree["train_sums"]
+        history, start_epoch, start_batch = record["history"], record["epoch"], record["next_batch"]
+        wall_before = record.get("wall_time_s", 0.0)
+        log.info("resumed from checkpoint step %d: epoch %d, batch %d", step, start_epoch + 1, start_batch)
+    elif resume:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
+
+    t0 = time.perf_counter()
+
+    def record_for(epoch: int, next_batch: int) -> dict:
+        return {"kind": task.kind, "epoch": epoch, "next_batch": next_batch, "history": history,
+                "wall_time_s": wall_before + time.perf_counter() - t0}
+
+    def step_number() -> int:
+        return int(jax.device_get(task.state.step)) if hasattr(task.state, "step") else 0
+
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, task.epochs):
+            first = start_batch if epoch == start_epoch else 0
+            if first == 0:
+                train_sums = metrics_lib.zeros()
+            bar = tqdm(total=task.n_train_batches, initial=first, desc=f"{task.title} epoch {epoch + 1}/{task.epochs}",
+                       disable=not progress, leave=False, mininterval=1.0)
+            batch_index = first
+            for batch in prefetch(task.train_batches(epoch, first)):
+                task.state, sums = task.train_step(task.state, task.consts, batch)
+                train_sums = metrics_lib.add(train_sums, sums)
+                batch_index += 1
+                bar.update(1)
+                if stop.signal is not None:
+                    bar.close()
+                    store.save(step_number(), {"state": task.state, "train_sums": train_sums},
+                               record_for(epoch, batch_index))
+                    store.close()
+                    raise TrainingInterrupted(f"signal {stop.signal} at epoch {epoch + 1}, batch {batch_index}: "
+                                              f"checkpoint saved in {run_dir / 'checkpoints'}; continue with --resume")
+            bar.close()
+            train = metrics_lib.summarize(train_sums)
+            if not math.isfinite(train["loss"]):
+                raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {train['loss']}; the last good checkpoint "
+                                    f"is kept in {run_dir / 'checkpoints'}")
+            val = evaluate(task)
+            history.append({"epoch": epoch + 1, "train": train, "val": val})
+            is_best = val["accuracy"] > max((h["val"]["accuracy"] for h in history[:-1]), default=-1.0)
+            store.save(step_number(), {"state": task.state, "train_sums": train_sums}, record_for(epoch + 1, 0),
+                       best=is_best)
+            log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f mcc %.4f%s", epoch + 1,
+                     task.epochs, train["loss"], train["accuracy"], val["loss"], val["accuracy"], val["mcc"],
+                     "  (best)" if is_best else "")
+            _write(run_dir, task, history, wall_before + time.perf_counter() - t0)
+    store.close()
+    if not history:
+        raise ValueError("no epochs were run (train.epochs is already reached by the checkpoint?)")
+    return _write(run_dir, task, history, wall_before + time.perf_counter() - t0)
+
+
+def _write(run_dir: Path, task: Task, history: list[dict], wall: float) -> dict:
+    summary = {**_summary(history), **task.info, "wall_time_s": wall}
+    rundir.write_metrics(run_dir, {"kind": task.kind, "epochs": history, "summary": summary})
+    plots.plot_curves(history, run_dir, task.title)
+    return summary

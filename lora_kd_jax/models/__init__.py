@@ -1,0 +1,1 @@
+"""Models: the GPT-2 teacher (base + LoRA + head) and the RNN student."""

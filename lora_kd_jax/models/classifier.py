@@ -1,0 +1,89 @@
+"""GPT-2 sequence classifier: base hidden states -> last real token -> bias-free Dense(n_embd -> 2).
+
+The parameter tree is {'gpt2': base, 'lora': factors (optional), 'head': {'kernel': (n_embd, n_labels)}}; which
+parts train is decided by `lora_kd_jax.trainable`, not here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_kd_jax import lora as lora_lib
+from lora_kd_jax.config import Config
+from lora_kd_jax.models import gpt2
+
+Params = dict[str, Any]
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the last real token of each right-padded row: mask.sum - 1 (as the original)."""
+    return jnp.sum(attention_mask, axis=-1).astype(jnp.int32) - 1
+
+
+def pool_last_token(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    idx = last_token_index(attention_mask)
+    return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+
+
+def init_head(key: jax.Array, n_embd: int, n_labels: int = 2) -> Params:
+    """Like transformers' init of `score`: normal(0, 0.02), no bias. Stored (in, out) as a Flax Dense kernel."""
+    return {"kernel": 0.02 * jax.random.normal(key, (n_embd, n_labels), jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Classifier:
+    """A GPT-2 module plus an optional LoRA spec; `logits` is the pure apply function."""
+
+    module: Any
+    spec: lora_lib.LoraSpec | None = None
+
+    def logits(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
+               deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+        base_rng = lora_rng = None
+        if rng is not None:
+            base_rng, lora_rng = jax.random.split(rng)
+
+        def run() -> jax.Array:
+            return gpt2.hidden_states(self.module, params["gpt2"], input_ids, attention_mask,
+                                      deterministic=deterministic, rng=base_rng)
+
+        if self.spec is not None and "lora" in params:
+            with lora_lib.lora_context(self.spec, params["lora"], rng=lora_rng, deterministic=deterministic):
+                hidden = run()
+        else:
+            hidden = run()
+        pooled = pool_last_token(hidden, attention_mask).astype(jnp.float32)
+        return pooled @ params["head"]["kernel"].astype(jnp.float32)
+
+    def merged(self, params: Params) -> Params:
+        """The same function with LoRA folded into the kernels (plain GPT-2 weights + head)."""
+        if self.spec is None or "lora" not in params:
+            return params
+        base = lora_lib.merge(params["gpt2"], self.spec, params["lora"], gpt2.KERNEL_LAYOUT)
+        return {"gpt2": base, "head": params["head"]}
+
+
+def build_classifier(cfg: Config, key: jax.Array, *, with_lora: bool = True,
+                     shapes_only: bool = False) -> tuple[GPT2Classifier, Params]:
+    """Model and full parameter tree from config. `shapes_only` builds ShapeDtypeStructs (no weights, no I/O)."""
+    k_base, k_lora, k_head = jax.random.split(key, 3)
+    if shapes_only:
+        module = gpt2.build_module(cfg.model)
+        base = gpt2.param_shapes(module)
+    else:
+        module, base = gpt2.load_base(cfg.model, k_base)
+    n_embd = module.config.n_embd
+    spec = None
+    params: Params = {"gpt2": base}
+    if with_lora:
+        lc = cfg.lora
+        spec = lora_lib.make_spec(base, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
+                                  init=lc.init, kernel_layout=gpt2.KERNEL_LAYOUT)
+        params["lora"] = (jax.eval_shape(functools.partial(lora_lib.init_lora, spec), k_lora) if shapes_only
+                          else lora_lib.init_lora(spec, k_lora))
+    params["head"] = (jax.eval_shape(functools.partial(init_head, n_embd=n_embd), k_head) if shapes_only else init_head(k_head, n_embd))
+    return GPT2Classifier(module, spec), params

@@ -1,0 +1,124 @@
+"""The GPT-2 base: transformers' Flax GPT-2, loaded from the hub, a local dir, or random init by size.
+
+The only module that imports transformers' Flax classes, so the 4.x pin stays replaceable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_kd_jax.config import ModelConfig, resolved_size
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+# Flax GPT-2 Conv1D stores kernels as (out_features, in_features) and computes x @ kernel.T.
+KERNEL_LAYOUT = "out_in"
+
+
+def _transformers():
+    import warnings
+
+    with warnings.catch_warnings():  # the 4.x line warns that Flax classes are deprecated; that is expected
+        warnings.simplefilter("ignore", FutureWarning)
+        from transformers import FlaxGPT2Model, GPT2Config
+        from transformers.models.gpt2.modeling_flax_gpt2 import FlaxGPT2Module
+    return FlaxGPT2Model, GPT2Config, FlaxGPT2Module
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def gpt2_config(cfg: ModelConfig, base: Any = None):
+    """A transformers GPT2Config for `cfg` (or `base`, a loaded config, with cfg's dropout applied)."""
+    _, GPT2Config, _ = _transformers()
+    if base is None:
+        n_layer, n_embd, n_head = resolved_size(cfg)
+        base = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=cfg.vocab_size,
+                          n_positions=cfg.n_positions)
+    base.resid_pdrop = base.embd_pdrop = base.attn_pdrop = cfg.dropout
+    base.pad_token_id = 50256
+    return base
+
+
+def build_module(cfg: ModelConfig, hf_config: Any = None):
+    """The linen FlaxGPT2Module (the network without transformers' wrapper), computing in cfg.dtype."""
+    _, _, FlaxGPT2Module = _transformers()
+    return FlaxGPT2Module(gpt2_config(cfg, hf_config), dtype=dtype_of(cfg.dtype))
+
+
+def _example_inputs(length: int = 8) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    ids = jnp.zeros((1, length), jnp.int32)
+    return ids, jnp.ones_like(ids), jnp.arange(length, dtype=jnp.int32)[None]
+
+
+def random_params(module: Any, key: jax.Array) -> Params:
+    """GPT-2's own initialisers (normal 0.02, zero biases, unit LayerNorms) for the module's size."""
+    return jax.jit(lambda k: module.init(k, *_example_inputs())["params"])(key)
+
+
+def param_shapes(module: Any) -> Params:
+    """Shapes and dtypes only (no memory, no weights): for --dry-run and restore targets."""
+    return jax.eval_shape(lambda k: module.init(k, *_example_inputs())["params"], jax.random.key(0))
+
+
+def _local_weights(path: Path) -> str:
+    if (path / "flax_model.msgpack").is_file():
+        return "flax"
+    if (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file():
+        return "pytorch"
+    raise FileNotFoundError(
+        f"{path}: no GPT-2 weights found (looked for flax_model.msgpack, model.safetensors, pytorch_model.bin); "
+        "write one with save_pretrained, or set model.init=random")
+
+
+def load_pretrained(cfg: ModelConfig) -> tuple[Any, Params]:
+    """Load (module, params) from cfg.path (a save_pretrained dir) or the hub name cfg.name."""
+    FlaxGPT2Model, _, _ = _transformers()
+    source = cfg.path or cfg.name
+    kwargs: dict[str, Any] = {}
+    if cfg.path:
+        path = Path(cfg.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.path: {path} is not a directory")
+        kwargs["from_pt"] = _local_weights(path) == "pytorch"
+    model = FlaxGPT2Model.from_pretrained(os.fspath(source), dtype=dtype_of(cfg.dtype), **kwargs)
+    hf_config = model.config
+    if hf_config.vocab_size != cfg.vocab_size:
+        raise ValueError(f"{source}: vocab_size {hf_config.vocab_size} != model.vocab_size {cfg.vocab_size}")
+    params = jax.tree.map(jnp.asarray, model.params)
+    log.info("loaded GPT-2 weights from %s (%d layers, width %d)", source, hf_config.n_layer, hf_config.n_embd)
+    return build_module(cfg, hf_config), params
+
+
+def load_base(cfg: ModelConfig, key: jax.Array) -> tuple[Any, Params]:
+    """(module, base params) as the config asks: pretrained weights or a random init from `key`."""
+    if cfg.init == "pretrained":
+        return load_pretrained(cfg)
+    module = build_module(cfg)
+    return module, random_params(module, key)
+
+
+def hidden_states(module: Any, base_params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
+                  deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+    """Last hidden states after ln_f, [batch, length, n_embd]; positions 0..L-1 (right padding)."""
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape)
+    rngs = {"dropout": rng} if (not deterministic and rng is not None) else None
+    out = module.apply({"params": base_params}, input_ids, attention_mask, positions,
+                       deterministic=deterministic, rngs=rngs)
+    return out[0]
+
+
+def save_random_checkpoint(cfg: ModelConfig, out_dir: str | os.PathLike, seed: int = 0) -> None:
+    """Write a random GPT-2 of cfg's size with save_pretrained (what tests load as 'pretrained')."""
+    FlaxGPT2Model, _, _ = _transformers()
+    model = FlaxGPT2Model(gpt2_config(cfg), seed=seed)
+    model.params = jax.tree.map(np.asarray, model.params)
+    model.save_pretrained(os.fspath(out_dir))

@@ -1,0 +1,51 @@
+"""Per-epoch accuracy and loss curves (train and val), written as PNGs into the run dir."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(history: Sequence[Mapping], run_dir: str | os.PathLike, title: str = "") -> list[Path]:
+    """accuracy.png and loss.png from records like {'epoch', 'train': {...}, 'val': {...}}."""
+    out = []
+    epochs = [h["epoch"] for h in history]
+    for metric, ylabel in (("accuracy", "accuracy"), ("loss", "loss")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for split in ("train", "val"):
+            ax.plot(epochs, [h[split][metric] for h in history], marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} {metric}".strip())
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = Path(run_dir) / f"{metric}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def plot_val_accuracy(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike,
+                      reference: Mapping[str, float] | None = None) -> Path:
+    """Validation accuracy per epoch for several runs on one axes (results.png of reproduce_seed)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, history in runs.items():
+        (line,) = ax.plot([h["epoch"] for h in history], [h["val"]["accuracy"] for h in history], marker="o",
+                          label=name)
+        if reference and name in reference:
+            ax.axhline(reference[name], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,82 @@
+"""The run directory: resolved config, log file, metrics.json; refuses to mix two different runs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_kd_jax.config import Config, save_config, to_dict
+
+CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
+
+
+class RunDirError(RuntimeError):
+    """The run dir holds another run and overwriting was not asked for."""
+
+
+def prepare(cfg: Config, *, resume: bool = False) -> Path:
+    """Create run.dir, check it does not hold a different run, write config.yaml, attach the log file."""
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / CONFIG_FILE
+    resolved = to_dict(cfg)
+    if cfg_path.exists() and not cfg.run.overwrite:
+        old = yaml.safe_load(cfg_path.read_text()) or {}
+        differs = _comparable(old) != _comparable(resolved)
+        if differs:
+            keys = sorted(_diff_keys(_comparable(old), _comparable(resolved)))
+            raise RunDirError(f"{run_dir} holds a different run (config differs in {', '.join(keys)}); "
+                              "choose another run.dir or pass run.overwrite=true")
+        if not resume and (run_dir / METRICS_FILE).exists():
+            raise RunDirError(f"{run_dir} already holds this run's results; pass --resume to continue it or "
+                              "run.overwrite=true to start again")
+    save_config(cfg, cfg_path)
+    attach_log(run_dir)
+    return run_dir
+
+
+def _comparable(d: dict) -> dict:
+    """Settings that change results; run.* (where and how to write) may differ between a run and its resume."""
+    return {k: v for k, v in d.items() if k != "run"}
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys |= _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+def attach_log(run_dir: Path) -> None:
+    root = logging.getLogger()
+    path = str((run_dir / LOG_FILE).absolute())
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in root.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
+def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Atomically replace metrics.json (write a temp file, then rename)."""
+    path = Path(run_dir) / METRICS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a run directory (no {CONFIG_FILE})")
+    return yaml.safe_load(path.read_text())

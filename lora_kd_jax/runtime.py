@@ -1,0 +1,30 @@
+"""Process-wide JAX settings a run needs before it compiles anything."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import jax
+
+from lora_kd_jax.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def setup(cfg: Config) -> None:
+    """Console logging and the persistent compilation cache (compiles cost more than a CoLA epoch)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache"):  # Orbax/JAX chatter per save
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    enable_compilation_cache(cfg.run.compilation_cache)
+
+
+def enable_compilation_cache(location: str) -> None:
+    if not location:
+        return
+    path = Path(os.path.expanduser(location))
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

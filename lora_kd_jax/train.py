@@ -1,0 +1,119 @@
+"""LoRA fine-tuning of a GPT-2 classifier: jitted train/eval steps and `train_and_evaluate(cfg)`."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_kd_jax import data as data_lib
+from lora_kd_jax import metrics as metrics_lib
+from lora_kd_jax import rundir, runtime
+from lora_kd_jax.config import Config
+from lora_kd_jax.loop import Task, run_epochs
+from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier
+from lora_kd_jax.trainable import ParamReport, combine, make_optimizer, param_report, partition
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    trainable: Params
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data of the dropout key (checkpointable)
+
+
+def init_state(trainable: Params, tx: optax.GradientTransformation, dropout_key: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
+                      rng=jax.random.key_data(dropout_key))
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """A fresh dropout key per step, independent of how the run was split into sessions."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def loss_and_sums(model: GPT2Classifier, params: Params, batch: Batch, *, deterministic: bool,
+                  rng: jax.Array | None) -> tuple[jax.Array, dict]:
+    logits = model.logits(params, batch["input_ids"], batch["attention_mask"], deterministic=deterministic, rng=rng)
+    mean, total = metrics_lib.cross_entropy(logits, batch["labels"], batch["weights"])
+    return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
+
+
+def make_train_step(model: GPT2Classifier, tx: optax.GradientTransformation,
+                    ) -> Callable[[TrainState, Params, Batch], tuple[TrainState, dict]]:
+    """Jitted step: gradients of the trainable partition only; the frozen tree is a (donation-free) argument."""
+
+    def train_step(state: TrainState, frozen: Params, batch: Batch) -> tuple[TrainState, dict]:
+        def loss_fn(trainable):
+            return loss_and_sums(model, combine(trainable, frozen), batch, deterministic=False, rng=step_key(state))
+
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), sums
+
+    return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(model: GPT2Classifier) -> Callable[[TrainState, Params, Batch], dict]:
+    def eval_step(state: TrainState, frozen: Params, batch: Batch) -> dict:
+        return loss_and_sums(model, combine(state.trainable, frozen), batch, deterministic=True, rng=None)[1]
+
+    return jax.jit(eval_step)
+
+
+def dry_run(cfg: Config) -> ParamReport:
+    """Parameter report from shapes alone: no weights are loaded or allocated."""
+    _, shapes = build_classifier(cfg, jax.random.key(cfg.train.seed), shapes_only=True)
+    return param_report(shapes)
+
+
+def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[Task, GPT2Classifier, Params]:
+    """Model, optimizer, state and batch sources for a LoRA run; also returns the frozen tree."""
+    k_model, k_dropout = jax.random.split(jax.random.key(cfg.train.seed))
+    model, params = build_classifier(cfg, k_model)
+    report = param_report(params)
+    log.info("%s", report)
+    trainable, frozen = partition(params)
+    tx = make_optimizer(cfg.train.lr)
+    state = init_state(trainable, tx, k_dropout)
+    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size or cfg.train.batch_size
+    train, val = splits["train"], splits["validation"]
+    task = Task(
+        kind="lora", state=state, consts=frozen,
+        train_step=make_train_step(model, tx), eval_step=make_eval_step(model),
+        train_batches=lambda epoch, start: data_lib.batch_iterator(train, bs, shuffle=True, seed=cfg.train.seed,
+                                                                   epoch=epoch, start_batch=start),
+        eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False),
+        n_train_batches=data_lib.num_batches(len(train), bs), epochs=cfg.train.epochs,
+        info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction},
+        title=f"LoRA {cfg.model.name}")
+    return task, model, frozen
+
+
+def load_splits(cfg: Config) -> dict[str, data_lib.EncodedSplit]:
+    ds = data_lib.load_cola(cfg.data.dir, cfg.data.limit)
+    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+    return data_lib.encode_splits(ds, tokenizer, cfg.data.max_length)
+
+
+def train_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
+    """The whole LoRA run into cfg.run.dir; returns the summary written to metrics.json."""
+    runtime.setup(cfg)
+    run_dir = rundir.prepare(cfg, resume=resume)
+    splits = load_splits(cfg)
+    task, _, _ = build_task(cfg, splits)
+    summary = run_epochs(task, run_dir, resume=resume, progress=progress)
+    log.info("best val accuracy %.4f at epoch %d (train accuracy %.4f, val MCC %.4f)",
+             summary["best_val_accuracy"], summary["best_epoch"], summary["train_accuracy_at_best"],
+             summary["val_mcc_at_best"])
+    return summary
