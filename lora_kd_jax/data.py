@@ -1,0 +1,381 @@
+"""CoLA data: strict TSV reading, GPT-2 tokenization, and fixed-shape batches.
+
+Why one module: every other part of the toolkit (teacher fine-tuning, distillation, evaluation) must see
+exactly the same examples in exactly the same order, so reading, encoding and batching live here and nowhere
+else. Bad input is never skipped silently: it raises `DataError` naming the file and line, and anything
+that is legitimately dropped or cut (blank lines, rows beyond `limit`, tokens beyond `max_length`) is
+counted and logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # heavy imports stay lazy so `import lora_kd_jax.data` is cheap
+    import datasets
+    import transformers
+
+logger = logging.getLogger(__name__)
+
+PAD_ID = 50256  # GPT-2 eos, used as pad
+
+N_FIELDS = 4  # source, label, annotation, sentence
+RAW_LAYOUT = ("in_domain_train.tsv", "in_domain_dev.tsv")
+GLUE_LAYOUT = ("train.tsv", "dev.tsv")
+HUB_DATASET = ("nyu-mll/glue", "cola")
+LABEL_NAMES = ("unacceptable", "acceptable")  # same ClassLabel names as the hub copy
+_BOM = b"\xef\xbb\xbf"
+
+
+class DataError(ValueError):
+    """Bad input data or data location; message starts with 'path:line: ' where a line applies."""
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_cola_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Strict reader for a raw CoLA / GLUE-CoLA TSV: returns (sentences, labels int32).
+
+    Format: 4 tab-separated fields per line, no header: source, label (0/1), annotation (may be empty),
+    sentence. CoLA is not CSV-quoted, so quotes stay verbatim in the sentence. Accepted deviations: CRLF
+    line endings, a UTF-8 BOM at the start, no trailing newline, and blank lines (skipped, counted, logged;
+    a line holding a tab is never blank, it is a malformed row). Everything else raises DataError naming
+    the file and the 1-based line. Bytes are decoded per line so a bad byte reports where it is.
+    """
+    name = os.fspath(path)
+    try:
+        raw = Path(name).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found (expected a CoLA TSV file at this path)") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read file: {e.strerror or e}") from None
+
+    lines = raw.split(b"\n") if raw else []
+    if raw.endswith(b"\n"):
+        lines.pop()  # the final newline terminates the last line; it does not start an empty one
+
+    sentences: list[str] = []
+    labels: list[int] = []
+    n_blank = 0
+    file_offset = 0
+    for lineno, line in enumerate(lines, start=1):
+        line_start = file_offset
+        file_offset += len(line) + 1
+        if lineno == 1 and line.startswith(_BOM):
+            line = line[len(_BOM):]
+            line_start += len(_BOM)
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = line[e.start:e.end]
+            raise DataError(
+                f"{name}:{lineno}: invalid UTF-8 byte(s) {bad!r} at byte {e.start} of the line "
+                f"(file offset {line_start + e.start}): {e.reason}; the file must be UTF-8"
+            ) from None
+        if "\t" not in text and not text.strip():
+            n_blank += 1
+            continue
+        fields = text.split("\t")
+        if len(fields) < N_FIELDS:
+            raise DataError(
+                f"{name}:{lineno}: missing column: found {len(fields)} tab-separated field(s), expected "
+                f"{N_FIELDS} (source, label, annotation, sentence)"
+            )
+        if len(fields) > N_FIELDS:
+            raise DataError(
+                f"{name}:{lineno}: extra column: found {len(fields)} tab-separated fields, expected "
+                f"{N_FIELDS} (source, label, annotation, sentence); a tab inside the sentence is not allowed"
+            )
+        _source, label, _annotation, sentence = fields
+        if label not in ("0", "1"):
+            raise DataError(f"{name}:{lineno}: invalid label {label!r}: expected 0 or 1")
+        if not sentence.strip():
+            raise DataError(
+                f"{name}:{lineno}: empty sentence (4th field is {sentence!r}); expected non-blank text"
+            )
+        sentences.append(sentence)
+        labels.append(int(label))
+
+    if n_blank:
+        logger.warning("%s: skipped %d blank line(s)", name, n_blank)
+    if not sentences:
+        what = "file is empty" if not raw else f"only {n_blank} blank line(s)"
+        raise DataError(f"{name}: no data rows ({what}); expected at least one CoLA row")
+    return sentences, np.asarray(labels, dtype=np.int32)
+
+
+def _find_layout(data_dir: str) -> tuple[Path, Path]:
+    """Return (train_path, dev_path) for a local CoLA dir, preferring the raw layout."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise DataError(
+            f"{data_dir}: not a directory; expected a CoLA dir holding {' + '.join(RAW_LAYOUT)} (raw layout) "
+            f"or {' + '.join(GLUE_LAYOUT)} (GLUE layout), or data_dir='' for the hub"
+        )
+    for layout in (RAW_LAYOUT, GLUE_LAYOUT):
+        train, dev = (d / f for f in layout)
+        if train.is_file() and dev.is_file():
+            return train, dev
+    raise DataError(
+        f"{data_dir}: no CoLA files found: looked for {' + '.join(RAW_LAYOUT)} (raw layout) and "
+        f"{' + '.join(GLUE_LAYOUT)} (GLUE layout); the dir holds {_listing(d)}"
+    )
+
+
+def _listing(d: Path, limit: int = 20) -> str:
+    """Short, sorted listing of a dir's entries for error messages."""
+    names = sorted(p.name for p in d.iterdir())
+    if not names:
+        return "nothing"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_cola(data_dir: str, limit: int = 0) -> datasets.DatasetDict:
+    """Splits 'train' and 'validation', columns 'sentence' (str) and 'label' (int).
+
+    data_dir '' -> hub datasets.load_dataset('nyu-mll/glue', 'cola'); else a local dir in raw layout
+    (in_domain_train.tsv, in_domain_dev.tsv) or GLUE layout (train.tsv, dev.tsv), parsed strictly by
+    read_cola_tsv and wrapped as `datasets` objects so callers see one type either way. limit>0 keeps the
+    first `limit` rows of each split (for smoke runs); the cut is logged.
+    """
+    import datasets
+
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise DataError(f"limit={limit!r}: expected an int >= 0 (0 keeps every row)")
+
+    if data_dir == "":
+        full = datasets.load_dataset(*HUB_DATASET)
+        out = datasets.DatasetDict(
+            {s: full[s].select_columns(["sentence", "label"]) for s in ("train", "validation")}
+        )
+        source = "/".join(HUB_DATASET)
+    else:
+        train_path, dev_path = _find_layout(data_dir)
+        features = datasets.Features(
+            {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABEL_NAMES))}
+        )
+        out = datasets.DatasetDict()
+        for split, path in (("train", train_path), ("validation", dev_path)):
+            sentences, labels = read_cola_tsv(path)
+            out[split] = datasets.Dataset.from_dict(
+                {"sentence": sentences, "label": labels.tolist()}, features=features
+            )
+        source = f"{train_path}, {dev_path}"
+
+    if limit:
+        for split in list(out):
+            n = len(out[split])
+            if n > limit:
+                out[split] = out[split].select(range(limit))
+                logger.info("limit=%d: kept the first %d of %d %s rows", limit, limit, n, split)
+    logger.info(
+        "loaded CoLA from %s: %s",
+        source,
+        ", ".join(f"{s} {len(out[s])} rows" for s in out),
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tokenizing
+
+
+def load_tokenizer(name_or_dir: str) -> transformers.PreTrainedTokenizerFast:
+    """GPT-2 BPE tokenizer from a hub name or a dir; pad token = eos (id 50256).
+
+    A dir holding only vocab.json + merges.txt works offline (GPT-2's released encoder files need no
+    tokenizer_config.json). Pad = eos because GPT-2 has no pad token; the attention mask keeps it inert.
+    """
+    import transformers
+
+    p = Path(name_or_dir)
+    if p.is_dir():
+        vocab, merges = p / "vocab.json", p / "merges.txt"
+        if vocab.is_file() and merges.is_file():
+            tok = transformers.GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
+        elif (p / "tokenizer.json").is_file():
+            tok = transformers.AutoTokenizer.from_pretrained(str(p), use_fast=True)
+        else:
+            raise DataError(
+                f"{name_or_dir}: no tokenizer files: expected vocab.json + merges.txt or tokenizer.json; "
+                f"the dir holds {_listing(p)}"
+            )
+    elif p.exists():
+        raise DataError(f"{name_or_dir}: is a file; expected a tokenizer dir or a hub name such as 'gpt2'")
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
+
+    if not isinstance(tok, transformers.PreTrainedTokenizerFast):
+        raise DataError(f"{name_or_dir}: got {type(tok).__name__}; expected a fast (Rust) tokenizer")
+    if tok.eos_token_id != PAD_ID:
+        raise DataError(
+            f"{name_or_dir}: eos token {tok.eos_token!r} has id {tok.eos_token_id}; expected {PAD_ID} "
+            "(GPT-2's <|endoftext|>) — is this a GPT-2 tokenizer?"
+        )
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedSplit:
+    """One tokenized split as fixed-width int32 arrays (eq=False: arrays have no single truth value)."""
+
+    input_ids: np.ndarray  # int32 [N, max_length], right padded with PAD_ID
+    attention_mask: np.ndarray  # int32 [N, max_length], 1 on real tokens
+    labels: np.ndarray  # int32 [N]
+    n_truncated: int  # sentences longer than max_length that were cut
+
+    def __post_init__(self) -> None:
+        ids, mask, labels = self.input_ids, self.attention_mask, self.labels
+        if ids.ndim != 2 or mask.shape != ids.shape or labels.shape != (ids.shape[0],):
+            raise DataError(
+                f"EncodedSplit: inconsistent shapes input_ids {ids.shape}, attention_mask {mask.shape}, "
+                f"labels {labels.shape}; expected [N, L], [N, L], [N]"
+            )
+        for field, arr in (("input_ids", ids), ("attention_mask", mask), ("labels", labels)):
+            if arr.dtype != np.int32:
+                raise DataError(f"EncodedSplit: {field} has dtype {arr.dtype}; expected int32")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: int) -> EncodedSplit:
+    """Truncate + right-pad to max_length; logs how many were truncated.
+
+    The sentences are tokenized once without truncation to learn true lengths (so truncation is counted,
+    not guessed), then once by the fast batch call with truncation and max_length padding. The result is
+    checked against those lengths, so a tokenizer set to pad or truncate on the left cannot slip through.
+    """
+    sentences = list(sentences)
+    labels = np.asarray(labels)
+    if not isinstance(max_length, int) or max_length < 1:
+        raise DataError(f"max_length={max_length!r}: expected an int >= 1")
+    if labels.ndim != 1 or len(labels) != len(sentences):
+        raise DataError(
+            f"encode: {len(sentences)} sentences but labels of shape {labels.shape}; expected shape "
+            f"({len(sentences)},)"
+        )
+    if tokenizer.pad_token_id != PAD_ID:
+        raise DataError(
+            f"encode: tokenizer pad id is {tokenizer.pad_token_id}; expected {PAD_ID} (use load_tokenizer)"
+        )
+    n = len(sentences)
+    if n == 0:
+        empty = np.zeros((0, max_length), np.int32)
+        return EncodedSplit(empty, empty.copy(), np.zeros((0,), np.int32), 0)
+
+    full_lengths = np.fromiter(
+        (len(ids) for ids in tokenizer(sentences, truncation=False)["input_ids"]), dtype=np.int64, count=n
+    )
+    if (full_lengths == 0).any():
+        i = int(np.argmax(full_lengths == 0))
+        raise DataError(f"encode: sentence {i} ({sentences[i]!r}) encodes to 0 tokens; expected >= 1")
+
+    enc = tokenizer(
+        sentences, truncation=True, max_length=max_length, padding="max_length", return_tensors="np"
+    )
+    input_ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    attention_mask = np.asarray(enc["attention_mask"], dtype=np.int32)
+
+    kept = np.minimum(full_lengths, max_length)
+    expected_mask = (np.arange(max_length)[None, :] < kept[:, None]).astype(np.int32)
+    if input_ids.shape != (n, max_length) or not np.array_equal(attention_mask, expected_mask):
+        raise DataError(
+            "encode: tokenizer output is not right-truncated and right-padded to max_length "
+            f"(padding_side={tokenizer.padding_side!r}, truncation_side={tokenizer.truncation_side!r}); "
+            "expected 'right' for both"
+        )
+    if not (input_ids[attention_mask == 0] == PAD_ID).all():
+        raise DataError(f"encode: padding positions hold ids other than PAD_ID={PAD_ID}")
+
+    n_truncated = int((full_lengths > max_length).sum())
+    if n_truncated:
+        logger.info("truncated %d of %d sentences to %d tokens", n_truncated, n, max_length)
+    return EncodedSplit(input_ids, attention_mask, labels.astype(np.int32), n_truncated)
+
+
+def encode_splits(
+    ds: datasets.DatasetDict, tokenizer, max_length: int
+) -> dict[str, EncodedSplit]:
+    """Encode every split of `ds` (columns 'sentence', 'label') with the same tokenizer and max_length."""
+    out: dict[str, EncodedSplit] = {}
+    for split in ds:
+        out[split] = encode(ds[split]["sentence"], np.asarray(ds[split]["label"]), tokenizer, max_length)
+        logger.info(
+            "encoded %s: %d examples, max_length %d, %d truncated",
+            split, len(out[split]), max_length, out[split].n_truncated,
+        )
+    return out
+
+
+# -------------------------------------------------------------------------------------------- batching
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Batches per epoch: ceil(n / batch_size), because the last partial batch is kept (padded)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    if n < 0:
+        raise ValueError(f"n={n}: expected >= 0")
+    return math.ceil(n / batch_size)
+
+
+def epoch_order(n: int, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> np.ndarray:
+    """Row order of one epoch: a permutation keyed by (seed, epoch) when shuffling, else file order."""
+    if not shuffle:
+        return np.arange(n)
+    import jax
+
+    key = jax.random.fold_in(jax.random.key(seed), epoch)
+    return np.asarray(jax.random.permutation(key, n))
+
+
+def batch_iterator(
+    split: EncodedSplit,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The one place batches are built: fixed [batch_size, ...] shapes so the step compiles once.
+
+    Yields dicts with 'input_ids' int32 [B,L], 'attention_mask' int32 [B,L], 'labels' int32 [B] and
+    'weights' float32 [B] (1.0 real row, 0.0 padding row). The last partial batch is kept and filled with
+    padding rows: weights 0, input_ids PAD_ID, attention_mask with a single 1 at position 0 (so "last real
+    token" indexing stays in range), label 0. Order: when shuffle, jax.random.permutation of N keyed by
+    fold_in(key(seed), epoch); else file order. start_batch skips the first k batches of that epoch's order,
+    so a resumed run sees exactly the batches it had not yet seen.
+    """
+    n = len(split)
+    nb = num_batches(n, batch_size)
+    if not 0 <= start_batch <= nb:
+        raise ValueError(f"start_batch={start_batch}: expected 0 <= start_batch <= {nb} (batches per epoch)")
+    order = epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
+    seq_len = split.input_ids.shape[1]
+    for b in range(start_batch, nb):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        k = len(idx)
+        input_ids = np.full((batch_size, seq_len), PAD_ID, dtype=np.int32)
+        attention_mask = np.zeros((batch_size, seq_len), dtype=np.int32)
+        labels = np.zeros((batch_size,), dtype=np.int32)
+        weights = np.zeros((batch_size,), dtype=np.float32)
+        input_ids[:k] = split.input_ids[idx]
+        attention_mask[:k] = split.attention_mask[idx]
+        attention_mask[k:, 0] = 1
+        labels[:k] = split.labels[idx]
+        weights[:k] = 1.0
+        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights}
