@@ -354,7 +354,8 @@ def batch_iterator(
     """The one place batches are built: fixed [batch_size, ...] shapes so the step compiles once.
 
     Yields dicts with 'input_ids' int32 [B,L], 'attention_mask' int32 [B,L], 'labels' int32 [B] and
-    'weights' float32 [B] (1.0 real row, 0.0 padding row). The last partial batch is kept and filled with
+    'weights' float32 [B] (1.0 real row, 0.0 padding row) and 'index' int32 [B] (row in `split`, 0 on padding
+    rows; lets a step gather per-example arrays such as cached teacher logits on device). The last partial batch is kept and filled with
     padding rows: weights 0, input_ids PAD_ID, attention_mask with a single 1 at position 0 (so "last real
     token" indexing stays in range), label 0. Order: when shuffle, jax.random.permutation of N keyed by
     fold_in(key(seed), epoch); else file order. start_batch skips the first k batches of that epoch's order,
@@ -373,9 +374,12 @@ def batch_iterator(
         attention_mask = np.zeros((batch_size, seq_len), dtype=np.int32)
         labels = np.zeros((batch_size,), dtype=np.int32)
         weights = np.zeros((batch_size,), dtype=np.float32)
+        index = np.zeros((batch_size,), dtype=np.int32)
+        index[:k] = idx
         input_ids[:k] = split.input_ids[idx]
         attention_mask[:k] = split.attention_mask[idx]
         attention_mask[k:, 0] = 1
         labels[:k] = split.labels[idx]
         weights[:k] = 1.0
-        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights}
+        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights,
+               "index": index}

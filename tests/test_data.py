@@ -342,7 +342,7 @@ def test_batches_fixed_shape_and_padded_tail(shuffle):
     batches = list(batch_iterator(split, 4, shuffle=shuffle, seed=3))
     assert len(batches) == num_batches(10, 4) == 3
     for b in batches:
-        assert set(b) == {"input_ids", "attention_mask", "labels", "weights"}
+        assert set(b) == {"input_ids", "attention_mask", "labels", "weights", "index"}
         assert b["input_ids"].shape == b["attention_mask"].shape == (4, 6)
         assert b["labels"].shape == b["weights"].shape == (4,)
         assert b["input_ids"].dtype == b["attention_mask"].dtype == b["labels"].dtype == np.int32
@@ -366,6 +366,7 @@ def test_every_example_once_with_its_data(shuffle):
             assert (b["attention_mask"][j] == split.attention_mask[i]).all()
             assert (b["input_ids"][j] == split.input_ids[i]).all()
             assert b["labels"][j] == split.labels[i]
+            assert b["index"][j] == i  # the index key points back at the row
 
 
 def test_unshuffled_is_file_order():
