@@ -40,8 +40,12 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
 
 
 def _comparable(d: dict) -> dict:
-    """Settings that change results; run.* (where and how to write) may differ between a run and its resume."""
-    return {k: v for k, v in d.items() if k != "run"}
+    """Settings that change results. run.* (where and how to write) and train.epochs (a resume may extend a run)
+    may differ between a run and its continuation."""
+    out = {k: v for k, v in d.items() if k != "run"}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k != "epochs"}
+    return out
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

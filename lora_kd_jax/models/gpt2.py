@@ -116,9 +116,20 @@ def hidden_states(module: Any, base_params: Params, input_ids: jax.Array, attent
     return out[0]
 
 
-def save_random_checkpoint(cfg: ModelConfig, out_dir: str | os.PathLike, seed: int = 0) -> None:
-    """Write a random GPT-2 of cfg's size with save_pretrained (what tests load as 'pretrained')."""
+def save_random_checkpoint(cfg: ModelConfig, out_dir: str | os.PathLike, seed: int = 0, pytorch: bool = False):
+    """Write a random GPT-2 of cfg's size with save_pretrained (what tests load as 'pretrained').
+
+    Flax msgpack by default; `pytorch=True` writes transformers' PyTorch safetensors instead (needs torch).
+    Returns the in-memory FlaxGPT2Model holding the same weights.
+    """
     FlaxGPT2Model, _, _ = _transformers()
     model = FlaxGPT2Model(gpt2_config(cfg), seed=seed)
-    model.params = jax.tree.map(np.asarray, model.params)
-    model.save_pretrained(os.fspath(out_dir))
+    if pytorch:
+        from transformers import GPT2Model
+        from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+        torch_model = load_flax_weights_in_pytorch_model(GPT2Model(model.config), model.params)
+        torch_model.save_pretrained(os.fspath(out_dir))
+    else:
+        model.save_pretrained(os.fspath(out_dir))
+    return model

@@ -1,0 +1,171 @@
+"""The LoRA trainer: what trains and what stays frozen, cost, learning, run dir, resume, dry run, loading."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from lora_kd_jax import data as data_lib
+from lora_kd_jax import metrics, train
+from lora_kd_jax.cli import main_train_lora
+from lora_kd_jax.config import load_config
+from lora_kd_jax.models import gpt2
+from lora_kd_jax.models.classifier import build_classifier
+from lora_kd_jax.trainable import combine, make_optimizer, partition
+from tiny import key, random_batch, tiny_config
+
+
+def synthetic_split(n: int, seed: int, length: int = 8) -> data_lib.EncodedSplit:
+    """Label 1 iff the last real token is one of ten 'positive' ids: learnable through the last-token head."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, length + 1, size=n)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    ids = rng.integers(100, 120, size=(n, length)).astype(np.int32)
+    ids = np.where(mask == 1, ids, data_lib.PAD_ID).astype(np.int32)
+    last = ids[np.arange(n), lengths - 1]
+    return data_lib.EncodedSplit(ids, mask, (last < 110).astype(np.int32), 0)
+
+
+def test_frozen_leaves_bit_identical_and_trainable_leaves_move():
+    cfg = tiny_config("lora.dropout=0.1")
+    model, params = build_classifier(cfg, key())
+    trainable, frozen = partition(params)
+    frozen_before = jax.tree.map(np.array, frozen)
+    trainable_before = jax.tree.map(np.array, trainable)
+    tx = make_optimizer(1e-3)
+    state = train.init_state(trainable, tx, key(1))
+    step = train.make_train_step(model, tx)
+    for i in range(3):
+        state, _ = step(state, frozen, random_batch(i))
+    for path, before in traverse_util.flatten_dict(frozen_before).items():
+        np.testing.assert_array_equal(before, np.asarray(traverse_util.flatten_dict(frozen)[path]))
+    after = traverse_util.flatten_dict(state.trainable)
+    for path, before in traverse_util.flatten_dict(trainable_before).items():
+        assert not np.array_equal(before, np.asarray(after[path])), f"{'/'.join(path)} did not move"
+    trained = sorted({p[0] if p[0] != "gpt2" else p[-2] for p in after})
+    assert trained == ["head", "ln_1", "ln_2", "ln_f", "lora"]
+
+
+def test_set_to_zero_guards_frozen_leaves():
+    """Even if a frozen leaf reaches the optimizer, multi_transform gives it a zero update."""
+    cfg = tiny_config()
+    _, params = build_classifier(cfg, key())
+    tx = make_optimizer(1e-3)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    flat = traverse_util.flatten_dict(updates)
+    assert float(jnp.abs(flat[("gpt2", "wte", "embedding")]).max()) == 0.0
+    assert float(jnp.abs(flat[("gpt2", "h", "0", "attn", "c_attn", "kernel")]).max()) == 0.0
+    assert float(jnp.abs(flat[("head", "kernel")]).min()) > 0.0
+
+
+def test_frozen_base_costs_fewer_flops_than_unfrozen():
+    cfg = tiny_config("model.n_embd=128")
+    model, params = build_classifier(cfg, key())
+    batch = random_batch(0, batch=8, length=16)
+    trainable, frozen = partition(params)
+    tx = make_optimizer(1e-3)
+    state = train.init_state(trainable, tx, key(1))
+    lora_step = jax.jit(train.make_train_step(model, tx).__wrapped__)
+    lora_flops = lora_step.lower(state, frozen, batch).compile().cost_analysis()["flops"]
+
+    full_tx = optax.adam(1e-3)
+
+    def full_step(p, opt_state, b):
+        loss = lambda q: train.loss_and_sums(model, q, b, deterministic=True, rng=None)[0]  # noqa: E731
+        grads = jax.grad(loss)(p)
+        updates, opt_state = full_tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state
+
+    full_flops = jax.jit(full_step).lower(params, full_tx.init(params), batch).compile().cost_analysis()["flops"]
+    assert lora_flops < 0.75 * full_flops, (lora_flops, full_flops)
+
+
+def test_tiny_model_learns_a_separable_task():
+    cfg = tiny_config("train.lr=5e-3", "train.batch_size=32", "lora.dropout=0.0")
+    splits = {"train": synthetic_split(256, 0), "validation": synthetic_split(128, 1)}
+    task, _, _ = train.build_task(cfg, splits)
+    for epoch in range(12):
+        for batch in task.train_batches(epoch, 0):
+            task.state, _ = task.train_step(task.state, task.consts, batch)
+    sums = metrics.zeros()
+    for batch in data_lib.batch_iterator(splits["train"], 64, shuffle=False):
+        sums = metrics.add(sums, task.eval_step(task.state, task.consts, batch))
+    assert metrics.summarize(sums)["accuracy"] > 0.95
+
+
+def smoke_overrides(run_dir, *extra):
+    return ["data.limit=64", "train.batch_size=16", "train.epochs=2", f"run.dir={run_dir}", *extra]
+
+
+def test_smoke_run_leaves_the_run_directory(tmp_path):
+    cfg = tiny_config(*smoke_overrides(tmp_path / "run"))
+    summary = train.train_and_evaluate(cfg, progress=False)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.json", "accuracy.png", "loss.png", "log.txt"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "latest"]
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["kind"] == "lora" and len(record["epochs"]) == 2
+    for e in record["epochs"]:
+        assert e["train"]["count"] == 64 and e["val"]["count"] == 64
+        assert set(e["val"]) == {"loss", "accuracy", "mcc", "count"}
+    best = max(record["epochs"], key=lambda e: e["val"]["accuracy"])
+    assert summary["best_val_accuracy"] == best["val"]["accuracy"]
+    assert summary["train_accuracy_at_best"] == best["train"]["accuracy"]
+    assert summary["trainable_params"] < summary["total_params"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "a", "lora.dropout=0.1")),
+                                    progress=False)
+    train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "b", "lora.dropout=0.1", "train.epochs=1")),
+                             progress=False)
+    resumed = train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "b", "lora.dropout=0.1")),
+                                       resume=True, progress=False)
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())["epochs"]
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())["epochs"]
+    assert a == b  # every per-epoch metric, bit for bit (CPU is deterministic)
+    assert full["best_val_accuracy"] == resumed["best_val_accuracy"]
+
+
+def test_run_dir_with_a_different_run_is_not_overwritten(tmp_path):
+    train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "r", "train.epochs=1")), progress=False)
+    from lora_kd_jax.rundir import RunDirError
+    with pytest.raises(RunDirError, match="different run.*train.lr"):
+        train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "r", "train.epochs=1", "train.lr=0.01")),
+                                 progress=False)
+
+
+def test_dry_run_prints_the_reference_parameter_report(capsys):
+    main_train_lora(["configs/lora_gpt2.yaml", "--dry-run"])
+    main_train_lora(["configs/lora_gpt2_medium.yaml", "--dry-run"])
+    out = capsys.readouterr().out.splitlines()
+    assert "total 125.03M" in out[0] and "trainable 0.63M" in out[0] and "reduction 99.50%" in out[0]
+    assert "total 356.40M" in out[1] and "trainable 1.68M" in out[1] and "reduction 99.53%" in out[1]
+
+
+@pytest.mark.parametrize("fmt", ["flax", "pytorch"])
+def test_loading_a_save_pretrained_dir_gives_the_in_memory_model(tmp_path, fmt):
+    cfg = tiny_config()
+    hf_model = gpt2.save_random_checkpoint(cfg.model, tmp_path / "ckpt", seed=3, pytorch=(fmt == "pytorch"))
+    loaded_cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'ckpt'}")
+    module, params = gpt2.load_base(loaded_cfg.model, key())
+    b = random_batch(4)
+    ours = gpt2.hidden_states(module, params, b["input_ids"], b["attention_mask"])
+    ref = hf_model(b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-6, rtol=0)
+    assert module.config.n_layer == 2 and module.config.n_embd == 64
+
+
+def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
+    cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'nope'}")
+    with pytest.raises(FileNotFoundError, match="model.path: .*nope is not a directory"):
+        gpt2.load_base(cfg.model, key())
+    (tmp_path / "empty").mkdir()
+    cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'empty'}")
+    with pytest.raises(FileNotFoundError, match="no GPT-2 weights found"):
+        gpt2.load_base(cfg.model, key())
