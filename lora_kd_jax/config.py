@@ -89,6 +89,21 @@ class DistillConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+    data: int = -1  # data-parallel devices; -1 = every device left after fsdp
+    fsdp: int = 1  # devices that shard the frozen base weights (FSDP-style); batches are split over both axes
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    enabled: bool = False  # call jax.distributed.initialize (multi-host); SLURM/TPU settings are auto-detected
+    coordinator_address: str = ""  # host:port of process 0; "" = auto-detect
+    num_processes: int = 0  # 0 = auto-detect
+    process_id: int = -1  # -1 = auto-detect
+    cpu_collectives: str = "gloo"  # CPU-only runs: the collectives implementation (gloo works over loopback)
+
+
+@dataclasses.dataclass
 class RunConfig:
     dir: str = "runs/default"
     overwrite: bool = False  # allow writing into a run dir that holds a different run
@@ -103,6 +118,8 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
 
@@ -115,11 +132,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student.cell": ("rnn", "gru", "lstm"),
     "student.pooling": ("last_token", "last_step"),
     "student.dtype": ("float32", "bfloat16"),
+    "distributed.cpu_collectives": ("gloo", "mpi", "none"),
 }
 POSITIVE: tuple[str, ...] = (
     "model.vocab_size", "model.n_positions", "data.max_length", "lora.rank", "lora.alpha", "train.batch_size",
     "train.lr", "train.epochs", "student.vocab_size", "student.embed_dim", "student.hidden_dim",
-    "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head",
+    "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head", "mesh.fsdp",
 )
 NON_NEGATIVE: tuple[str, ...] = ("data.limit", "train.eval_batch_size", "distill.alpha", "model.dropout")
 PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout")
@@ -238,6 +256,8 @@ def validate(cfg: Config) -> None:
     n_embd, n_head = resolved_size(m)[1:]
     if n_embd % n_head:
         raise ConfigError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})")
+    if cfg.mesh.data == 0 or cfg.mesh.data < -1:
+        raise ConfigError(f"mesh.data: must be -1 (all devices) or > 0, got {cfg.mesh.data}")
     if not cfg.lora.targets:
         raise ConfigError("lora.targets: needs at least one target pattern")
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import plots, rundir
 from lora_kd_jax.checkpoint import CheckpointStore
+from lora_kd_jax.mesh import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Task:
     epochs: int
     info: dict = dataclasses.field(default_factory=dict)  # params report etc., copied into the summary
     title: str = ""
+    put_batch: Callable[[Batch], Batch] = jax.device_put  # host batch -> device (sharded over the mesh)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -51,10 +53,10 @@ class NonFiniteLoss(FloatingPointError):
     """A training loss became NaN or Inf."""
 
 
-def prefetch(batches: Iterable[Batch], size: int = 2, sharding: Any = None) -> Iterator[Batch]:
+def prefetch(batches: Iterable[Batch], put: Callable[[Batch], Batch] = jax.device_put,
+             size: int = 2) -> Iterator[Batch]:
     """Put the next `size` batches on device while the current step runs."""
     queue: collections.deque = collections.deque()
-    put = (lambda b: jax.device_put(b, sharding)) if sharding is not None else jax.device_put
     for batch in batches:
         queue.append(put(batch))
         if len(queue) > size:
@@ -95,7 +97,7 @@ def _summary(history: list[dict]) -> dict:
 
 def evaluate(task: Task) -> dict[str, float]:
     sums = metrics_lib.zeros()
-    for batch in prefetch(task.eval_batches()):
+    for batch in prefetch(task.eval_batches(), task.put_batch):
         sums = metrics_lib.add(sums, task.eval_step(task.state, task.consts, batch))
     return metrics_lib.summarize(sums)
 
@@ -134,9 +136,9 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
             if first == 0:
                 train_sums = metrics_lib.zeros()
             bar = tqdm(total=task.n_train_batches, initial=first, desc=f"{task.title} epoch {epoch + 1}/{task.epochs}",
-                       disable=not progress, leave=False, mininterval=1.0)
+                       disable=not (progress and is_main_process()), leave=False, mininterval=1.0)
             batch_index = first
-            for batch in prefetch(task.train_batches(epoch, first)):
+            for batch in prefetch(task.train_batches(epoch, first), task.put_batch):
                 task.state, sums = task.train_step(task.state, task.consts, batch)
                 train_sums = metrics_lib.add(train_sums, sums)
                 batch_index += 1
@@ -170,6 +172,7 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
 
 def _write(run_dir: Path, task: Task, history: list[dict], wall: float) -> dict:
     summary = {**_summary(history), **task.info, "wall_time_s": wall}
-    rundir.write_metrics(run_dir, {"kind": task.kind, "epochs": history, "summary": summary})
-    plots.plot_curves(history, run_dir, task.title)
+    if is_main_process():
+        rundir.write_metrics(run_dir, {"kind": task.kind, "epochs": history, "summary": summary})
+        plots.plot_curves(history, run_dir, task.title)
     return summary

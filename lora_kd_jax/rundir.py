@@ -19,8 +19,14 @@ class RunDirError(RuntimeError):
 
 
 def prepare(cfg: Config, *, resume: bool = False) -> Path:
-    """Create run.dir, check it does not hold a different run, write config.yaml, attach the log file."""
+    """Create run.dir, check it does not hold a different run, write config.yaml, attach the log file.
+
+    In a multi-process run only process 0 writes; the others just check."""
+    import jax
+
     run_dir = Path(cfg.run.dir)
+    if jax.process_index() != 0:
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / CONFIG_FILE
     resolved = to_dict(cfg)
@@ -40,9 +46,9 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
 
 
 def _comparable(d: dict) -> dict:
-    """Settings that change results. run.* (where and how to write) and train.epochs (a resume may extend a run)
-    may differ between a run and its continuation."""
-    out = {k: v for k, v in d.items() if k != "run"}
+    """Settings that change results. run.* (where and how to write), mesh.* and distributed.* (where it runs)
+    and train.epochs (a resume may extend a run) may differ between a run and its continuation."""
+    out = {k: v for k, v in d.items() if k not in ("run", "mesh", "distributed")}
     if isinstance(out.get("train"), dict):
         out["train"] = {k: v for k, v in out["train"].items() if k != "epochs"}
     return out

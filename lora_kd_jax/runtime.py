@@ -13,7 +13,11 @@ log = logging.getLogger(__name__)
 
 
 def setup(cfg: Config) -> None:
-    """Console logging and the persistent compilation cache (compiles cost more than a CoLA epoch)."""
+    """Multi-host start-up (before anything touches a device), console logging, and the persistent
+    compilation cache (compiles cost more than a CoLA epoch)."""
+    from lora_kd_jax.mesh import initialize_distributed
+
+    initialize_distributed(cfg.distributed)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache"):  # Orbax/JAX chatter per save

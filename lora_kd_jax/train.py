@@ -11,6 +11,7 @@ import optax
 
 from lora_kd_jax import data as data_lib
 from lora_kd_jax import metrics as metrics_lib
+from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import rundir, runtime
 from lora_kd_jax.config import Config
 from lora_kd_jax.loop import Task, run_epochs
@@ -79,14 +80,16 @@ def dry_run(cfg: Config) -> ParamReport:
 
 def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[Task, GPT2Classifier, Params]:
     """Model, optimizer, state and batch sources for a LoRA run; also returns the frozen tree."""
+    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size or cfg.train.batch_size
+    place = mesh_lib.placement_for(cfg.mesh, cfg.distributed, {"train.batch_size": bs, "train.eval_batch_size": ebs})
     k_model, k_dropout = jax.random.split(jax.random.key(cfg.train.seed))
     model, params = build_classifier(cfg, k_model)
     report = param_report(params)
     log.info("%s", report)
     trainable, frozen = partition(params)
     tx = make_optimizer(cfg.train.lr)
-    state = init_state(trainable, tx, k_dropout)
-    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size or cfg.train.batch_size
+    state = place.state(init_state(trainable, tx, k_dropout))
+    frozen = place.frozen(frozen)
     train, val = splits["train"], splits["validation"]
     task = Task(
         kind="lora", state=state, consts=frozen,
@@ -96,7 +99,7 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
         eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False),
         n_train_batches=data_lib.num_batches(len(train), bs), epochs=cfg.train.epochs,
         info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction},
-        title=f"LoRA {cfg.model.name}")
+        title=f"LoRA {cfg.model.name}", put_batch=place.put_batch)
     return task, model, frozen
 
 

@@ -1,0 +1,61 @@
+"""Runs inside a subprocess that has several CPU devices (XLA_FLAGS set by the parent test).
+
+usage: mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8 and 2x4 devices
+       mesh_worker.py resume DIR OUT.json  1 epoch on 8 devices, resume on 1 device; vs uninterrupted 1 device
+"""
+import json
+import sys
+
+import jax
+import numpy as np
+
+from lora_kd_jax import mesh as mesh_lib
+from lora_kd_jax import train
+from lora_kd_jax.config import MeshConfig
+from lora_kd_jax.models.classifier import build_classifier
+from lora_kd_jax.trainable import make_optimizer, partition
+from tiny import random_batch, tiny_config
+
+
+def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
+    cfg = tiny_config("train.batch_size=16")
+    place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
+    model, params = build_classifier(cfg, jax.random.key(0))
+    trainable, frozen = partition(params)
+    tx = make_optimizer(1e-3)
+    state = place.state(train.init_state(trainable, tx, jax.random.key(1)))
+    frozen = place.frozen(frozen)
+    step = train.make_train_step(model, tx)
+    losses = []
+    for i in range(steps):
+        batch = random_batch(i, batch=16)
+        batch["weights"][-3:] = 0.0  # padding rows must not count, whatever device they land on
+        state, sums = step(state, frozen, place.put_batch(batch))
+        losses.append(float(sums["loss_sum"]) / float(sums["count"]))
+    return losses
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    assert jax.device_count() == 8, jax.devices()
+    if mode == "steps":
+        out = {name: per_step_losses(m) for name, m in
+               {"1": MeshConfig(data=1), "8": MeshConfig(data=8), "2x4": MeshConfig(data=2, fsdp=4)}.items()}
+        json.dump(out, open(sys.argv[2], "w"))
+    elif mode == "resume":
+        root = sys.argv[2]
+        common = ["data.limit=48", "train.batch_size=16", "lora.dropout=0.1", "train.epochs=2"]
+        one = train.train_and_evaluate(tiny_config(*common, "mesh.data=1", f"run.dir={root}/one"), progress=False)
+        train.train_and_evaluate(tiny_config(*common, "mesh.data=8", "train.epochs=1", f"run.dir={root}/split"),
+                                 progress=False)
+        train.train_and_evaluate(tiny_config(*common, "mesh.data=1", f"run.dir={root}/split"), resume=True,
+                                 progress=False)
+        a = json.load(open(f"{root}/one/metrics.json"))["epochs"]
+        b = json.load(open(f"{root}/split/metrics.json"))["epochs"]
+        json.dump({"one": a, "split": b, "summary_one": one}, open(sys.argv[3], "w"))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Data parallel and FSDP over a device mesh: same numbers as one device; clear errors; cross-mesh restore."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lora_kd_jax import mesh as mesh_lib
+from lora_kd_jax.config import MeshConfig
+
+TESTS = Path(__file__).resolve().parent
+REL = 1e-5  # fp32: only the order of the cross-device reductions differs
+
+
+def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> None:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "PYTHONPATH": str(TESTS), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(TESTS / "mesh_worker.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_lora_steps_on_8_devices_match_1_device(tmp_path):
+    out = tmp_path / "losses.json"
+    run_worker("steps", str(out))
+    losses = json.loads(out.read_text())
+    one = np.array(losses["1"])
+    for name in ("8", "2x4"):
+        np.testing.assert_allclose(np.array(losses[name]), one, rtol=REL, atol=0, err_msg=name)
+    assert len(set(np.round(one, 6))) > 1  # the steps really train (losses change)
+
+
+def test_checkpoint_from_8_devices_resumes_on_1(tmp_path):
+    out = tmp_path / "resume.json"
+    run_worker("resume", str(tmp_path), str(out))
+    r = json.loads(out.read_text())
+    assert len(r["one"]) == len(r["split"]) == 2
+    for a, b in zip(r["one"], r["split"]):
+        for split in ("train", "val"):
+            for k in ("loss", "accuracy"):
+                np.testing.assert_allclose(b[split][k], a[split][k], rtol=REL, atol=1e-7, err_msg=f"{split} {k}")
+            assert a[split]["count"] == b[split]["count"] == 48
+
+
+def test_indivisible_batch_and_oversized_mesh_fail_with_the_numbers():
+    mesh = mesh_lib.make_mesh(MeshConfig(), devices=jax.devices() * 1)
+    assert mesh_lib.check_batch_size(mesh, 8) == 8 // mesh.size
+    single = mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    assert single.shape == {"data": 1, "fsdp": 1}
+    with pytest.raises(mesh_lib.MeshError, match=r"mesh.data=4 x mesh.fsdp=1 = 4 devices, but only 1"):
+        mesh_lib.make_mesh(MeshConfig(data=4), devices=jax.devices()[:1])
+    with pytest.raises(mesh_lib.MeshError, match=r"mesh.fsdp=2 does not divide the 1 available"):
+        mesh_lib.make_mesh(MeshConfig(fsdp=2), devices=jax.devices()[:1])
+
+
+def test_indivisible_batch_names_both_numbers():
+    class FakeMesh:
+        shape = {"data": 4, "fsdp": 2}
+    with pytest.raises(mesh_lib.MeshError, match=r"train.batch_size=12 is not divisible by the mesh's 8 "):
+        mesh_lib.check_batch_size(FakeMesh(), 12)
+    assert mesh_lib.check_batch_size(FakeMesh(), 16) == 2
+
+
+def test_fsdp_spec_splits_the_largest_divisible_dimension():
+    from jax.sharding import PartitionSpec as P
+    assert mesh_lib.fsdp_spec((50257, 64), 4) == P(None, "fsdp")  # 50257 is odd: split the width
+    assert mesh_lib.fsdp_spec((192, 64), 4) == P("fsdp", None)
+    assert mesh_lib.fsdp_spec((64,), 4) == P()  # small leaves stay replicated
+    assert mesh_lib.fsdp_spec((4096, 3), 1) == P()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_over_loopback_match_one_process(tmp_path):
+    """jax.distributed with gloo CPU collectives, 2 processes x 2 devices, vs 1 process x 4 devices."""
+    repo = TESTS.parent
+    shared = repo.parent / "shared"
+    common = [sys.executable, str(repo / "scripts" / "train_lora.py"), str(repo / "configs" / "smoke.yaml"),
+              f"data.dir={shared / 'data' / 'cola'}", f"data.tokenizer={shared / 'gpt2-tokenizer'}",
+              "data.limit=48", "train.batch_size=16", "train.epochs=2", "lora.dropout=0.1", "run.compilation_cache="]
+
+    def env(devices):
+        return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                "JAX_PLATFORMS": "cpu"}
+
+    single = subprocess.run([*common, f"run.dir={tmp_path / 'single'}"], env=env(4), capture_output=True, text=True,
+                            timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen([*common, f"run.dir={tmp_path / 'multi'}", "distributed.enabled=true",
+                               f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                               f"distributed.process_id={i}"], env=env(2), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:  # never leave a worker behind, whatever happened
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "process 1 of 2" in outs[1][1]
+    a = json.loads((tmp_path / "single" / "metrics.json").read_text())["epochs"]
+    b = json.loads((tmp_path / "multi" / "metrics.json").read_text())["epochs"]
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for split in ("train", "val"):
+            np.testing.assert_allclose(y[split]["loss"], x[split]["loss"], rtol=REL, err_msg=split)
+            assert y[split]["accuracy"] == x[split]["accuracy"] and y[split]["count"] == x[split]["count"] == 48
