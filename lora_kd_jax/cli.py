@@ -36,6 +36,11 @@ def main_train_lora(argv: Sequence[str] | None = None) -> None:
     if args.dry_run:
         print(train.dry_run(cfg))
         return
-    summary = train.train_and_evaluate(cfg, resume=args.resume)
+    from lora_kd_jax.loop import TrainingInterrupted
+
+    try:
+        summary = train.train_and_evaluate(cfg, resume=args.resume)
+    except TrainingInterrupted as e:
+        sys.exit(f"interrupted: {e}")
     print(f"best val accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}, train accuracy "
           f"{summary['train_accuracy_at_best']:.4f}, val MCC {summary['val_mcc_at_best']:.4f}) -> {cfg.run.dir}")

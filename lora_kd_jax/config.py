@@ -67,6 +67,7 @@ class TrainConfig:
     lr: float = 1e-3
     epochs: int = 10
     seed: int = 0
+    on_nonfinite: str = "stop"  # a NaN/Inf loss: stop (naming step and epoch) | skip (drop that batch's update)
 
 
 @dataclasses.dataclass
@@ -129,6 +130,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.base_dtype": ("float32", "bfloat16"),
     "lora.init": ("seed", "standard"),
+    "train.on_nonfinite": ("stop", "skip"),
     "student.cell": ("rnn", "gru", "lstm"),
     "student.pooling": ("last_token", "last_step"),
     "student.dtype": ("float32", "bfloat16"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ class Task:
     info: dict = dataclasses.field(default_factory=dict)  # params report etc., copied into the summary
     title: str = ""
     put_batch: Callable[[Batch], Batch] = jax.device_put  # host batch -> device (sharded over the mesh)
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/Inf training loss does (steps skip its update either way)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -152,9 +152,14 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
                                               f"checkpoint saved in {run_dir / 'checkpoints'}; continue with --resume")
             bar.close()
             train = metrics_lib.summarize(train_sums)
-            if not math.isfinite(train["loss"]):
-                raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {train['loss']}; the last good checkpoint "
-                                    f"is kept in {run_dir / 'checkpoints'}")
+            if train.get("nonfinite"):
+                where = (f"epoch {epoch + 1}: {train['nonfinite']} batch(es) had a NaN/Inf training loss, the first "
+                         f"at step {train['first_nonfinite_step']}")
+                if task.on_nonfinite == "stop":
+                    store.close()
+                    raise NonFiniteLoss(f"{where}; stopped without saving this epoch, the last good checkpoint is kept "
+                                        f"in {run_dir / 'checkpoints'} (train.on_nonfinite=skip drops such batches)")
+                log.warning("%s; their updates were skipped (train.on_nonfinite=skip)", where)
             val = evaluate(task)
             history.append({"epoch": epoch + 1, "train": train, "val": val})
             is_best = val["accuracy"] > max((h["val"]["accuracy"] for h in history[:-1]), default=-1.0)

@@ -7,7 +7,7 @@ CoLA metric, which exposes a classifier that predicts one class) come from the s
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,9 @@ import numpy as np
 import optax
 
 SUM_KEYS = ("loss_sum", "count", "tp", "fp", "tn", "fn")
+# Training steps also report non-finite losses: how many, and the first step (min over batches) where one was seen.
+FAULT_KEYS = ("nonfinite", "first_nonfinite_step")
+NO_STEP = float(2**31)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -40,11 +43,37 @@ def batch_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array, loss_su
 
 
 def zeros() -> dict:
-    return {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+    out = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+    out["nonfinite"] = jnp.zeros((), jnp.float32)
+    out["first_nonfinite_step"] = jnp.asarray(NO_STEP, jnp.float32)
+    return out
 
 
 def add(a: Mapping, b: Mapping) -> dict:
-    return {k: a[k] + b[k] for k in SUM_KEYS}
+    """Accumulate batch sums `b` into `a` (a from `zeros()`); fault keys are optional in `b`."""
+    out = {k: a[k] + b[k] for k in SUM_KEYS}
+    out["nonfinite"] = a["nonfinite"] + b.get("nonfinite", 0.0)
+    out["first_nonfinite_step"] = jnp.minimum(a["first_nonfinite_step"], b.get("first_nonfinite_step", NO_STEP))
+    return out
+
+
+def fault_sums(loss: jax.Array, step: jax.Array) -> dict:
+    """Per-step record of a non-finite loss (0 / NO_STEP when the loss is finite)."""
+    bad = ~jnp.isfinite(loss)
+    return {"nonfinite": bad.astype(jnp.float32),
+            "first_nonfinite_step": jnp.where(bad, step.astype(jnp.float32), NO_STEP)}
+
+
+def keep_if_finite(loss: jax.Array, new: Any, old: Any) -> Any:
+    """`new` only when the loss is finite: a NaN batch never poisons parameters, optimizer state or metrics."""
+    ok = jnp.isfinite(loss)
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def guarded_step_sums(loss: jax.Array, step: jax.Array, sums: Mapping) -> dict:
+    """A train step's sums: zero for a non-finite batch (it is skipped), plus the fault record."""
+    clean = keep_if_finite(loss, dict(sums), jax.tree.map(jnp.zeros_like, dict(sums)))
+    return {**clean, **fault_sums(loss, step)}
 
 
 def matthews(tp: float, fp: float, tn: float, fn: float) -> float:
@@ -54,14 +83,20 @@ def matthews(tp: float, fp: float, tn: float, fn: float) -> float:
 
 
 def summarize(sums: Mapping) -> dict[str, float]:
-    """Host-side: loss, accuracy, mcc, count from accumulated sums (one device->host transfer)."""
+    """Host-side: loss, accuracy, mcc, count from accumulated sums (one device->host transfer).
+
+    The loss is over finite batches; `nonfinite` (and `first_nonfinite_step`) appear when a batch was not."""
     s = {k: float(v) for k, v in jax.device_get(dict(sums)).items()}
     n = s["count"]
+    faults = {}
+    if s.get("nonfinite", 0.0) > 0:
+        faults = {"nonfinite": int(s["nonfinite"]), "first_nonfinite_step": int(s["first_nonfinite_step"])}
     return {
         "loss": s["loss_sum"] / n if n else float("nan"),
         "accuracy": (s["tp"] + s["tn"]) / n if n else float("nan"),
         "mcc": matthews(s["tp"], s["fp"], s["tn"], s["fn"]),
         "count": int(round(n)),
+        **faults,
     }
 
 

@@ -57,10 +57,13 @@ def make_train_step(model: GPT2Classifier, tx: optax.GradientTransformation,
         def loss_fn(trainable):
             return loss_and_sums(model, combine(trainable, frozen), batch, deterministic=False, rng=step_key(state))
 
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), sums
+        trainable, opt_state = metrics_lib.keep_if_finite(loss, (trainable, opt_state),
+                                                          (state.trainable, state.opt_state))
+        return (state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state),
+                metrics_lib.guarded_step_sums(loss, state.step, sums))
 
     return jax.jit(train_step, donate_argnums=(0,))
 
@@ -85,7 +88,6 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
     k_model, k_dropout = jax.random.split(jax.random.key(cfg.train.seed))
     model, params = build_classifier(cfg, k_model)
     report = param_report(params)
-    log.info("%s", report)
     trainable, frozen = partition(params)
     tx = make_optimizer(cfg.train.lr)
     state = place.state(init_state(trainable, tx, k_dropout))
@@ -99,7 +101,7 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
         eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False),
         n_train_batches=data_lib.num_batches(len(train), bs), epochs=cfg.train.epochs,
         info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction},
-        title=f"LoRA {cfg.model.name}", put_batch=place.put_batch)
+        title=f"LoRA {cfg.model.name}", put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)
     return task, model, frozen
 
 
@@ -112,6 +114,7 @@ def load_splits(cfg: Config) -> dict[str, data_lib.EncodedSplit]:
 def train_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """The whole LoRA run into cfg.run.dir; returns the summary written to metrics.json."""
     runtime.setup(cfg)
+    log.info("%s", dry_run(cfg))  # shapes only: a bad model size or LoRA target fails here, before any data or compute
     run_dir = rundir.prepare(cfg, resume=resume)
     splits = load_splits(cfg)
     task, _, _ = build_task(cfg, splits)

@@ -1,0 +1,150 @@
+"""Crashes, signals, corrupted checkpoints and numerical faults: nothing lost, every error clear."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from lora_kd_jax import train
+from lora_kd_jax.checkpoint import CheckpointStore
+from lora_kd_jax.loop import NonFiniteLoss, run_epochs
+from tiny import COLA_DIR, TOKENIZER_DIR, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+POISON = 50000  # a token id whose embedding the NaN tests set to NaN
+
+
+def final_trainable(run_dir: Path) -> dict:
+    store = CheckpointStore(run_dir / "checkpoints", read_only=True)
+    tree, record, _ = store.restore_latest()
+    return traverse_util.flatten_dict(tree["state"]["trainable"]), record
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ma = json.loads((a / "metrics.json").read_text())["epochs"]
+    mb = json.loads((b / "metrics.json").read_text())["epochs"]
+    assert ma == mb  # every epoch's metrics, bit for bit
+    pa, ra = final_trainable(a)
+    pb, rb = final_trainable(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(np.asarray(pa[k]), np.asarray(pb[k]), err_msg="/".join(k))
+
+
+def script_args(run_dir: Path, epochs: int) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "train_lora.py"), str(REPO / "configs" / "smoke.yaml"),
+            f"data.dir={COLA_DIR}", f"data.tokenizer={TOKENIZER_DIR}", "data.limit=1600", "train.batch_size=16",
+            f"train.epochs={epochs}", "lora.dropout=0.1", f"run.dir={run_dir}", "run.compilation_cache="]
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+    latest = run_dir / "checkpoints" / "latest"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
+            return
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sig):
+    """The real script in a subprocess: killed after its first epoch's checkpoint, then --resume."""
+    epochs = 3
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(script_args(killed, epochs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(killed, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    metrics_file = killed / "metrics.json"  # absent if the kill landed between the first save and its metrics
+    done = json.loads(metrics_file.read_text())["epochs"] if metrics_file.exists() else []
+    assert len(done) < epochs  # it really was interrupted
+    if sig == signal.SIGTERM:  # the signal is turned into a mid-epoch checkpoint and a clear message
+        assert "interrupted: signal 15 at epoch" in err and "continue with --resume" in err
+        _, record = final_trainable(killed)
+        assert record["next_batch"] > 0  # a checkpoint in the middle of an epoch
+    resumed = subprocess.run([*script_args(killed, epochs), "--resume"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = tmp_path / "reference"
+    train.train_and_evaluate(_smoke_cfg(reference, epochs), progress=False)
+    assert_same_run(killed, reference)
+
+
+def _smoke_cfg(run_dir: Path, epochs: int):
+    from lora_kd_jax.config import load_config
+    return load_config(REPO / "configs" / "smoke.yaml", script_args(run_dir, epochs)[3:])
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, caplog):
+    cfg = tiny_config("data.limit=32", "train.batch_size=16", "train.epochs=2", f"run.dir={tmp_path / 'r'}")
+    train.train_and_evaluate(cfg, progress=False)
+    latest = tmp_path / "r" / "checkpoints" / "latest"
+    steps = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    assert steps == [2, 4]
+    for f in (latest / "4" / "state").rglob("*"):  # destroy the newest step's array data
+        if f.is_file() and f.name != "_METADATA":
+            f.write_bytes(b"garbage")
+    with caplog.at_level("WARNING"):
+        tree, record, step = CheckpointStore(tmp_path / "r" / "checkpoints", read_only=True).restore_latest()
+    assert step == 2 and record["epoch"] == 1
+    assert "restored step 2 after newer steps failed" in caplog.text
+
+
+def test_unfinished_checkpoint_write_is_ignored(tmp_path):
+    """Orbax writes into a *.orbax-checkpoint-tmp dir and renames it when done: a crash mid-write leaves
+    the previous step as the latest one."""
+    cfg = tiny_config("data.limit=16", "train.batch_size=16", "train.epochs=1", f"run.dir={tmp_path / 'r'}")
+    train.train_and_evaluate(cfg, progress=False)
+    latest = tmp_path / "r" / "checkpoints" / "latest"
+    (latest / "7.orbax-checkpoint-tmp-123").mkdir()  # what a write killed half-way leaves
+    _, record, step = CheckpointStore(tmp_path / "r" / "checkpoints", read_only=True).restore_latest()
+    assert step == 1 and record["epoch"] == 1
+
+
+def _poisoned_task(cfg, bad_rows):
+    from test_train import synthetic_split
+    splits = {"train": synthetic_split(64, 0), "validation": synthetic_split(32, 1)}
+    splits["train"].input_ids[bad_rows, 0] = POISON
+    task, _, frozen = train.build_task(cfg, splits)
+    wte = frozen["gpt2"]["wte"]["embedding"]
+    frozen["gpt2"]["wte"]["embedding"] = wte.at[POISON].set(np.nan)
+    task.consts = frozen
+    return task
+
+
+def test_nan_loss_stops_naming_step_and_epoch(tmp_path):
+    cfg = tiny_config("train.batch_size=16", "train.epochs=2", "lora.dropout=0.0", f"run.dir={tmp_path}")
+    # shuffle=False order is needed to know the step: use the first batch of epoch 2 via the data order instead
+    task = _poisoned_task(cfg, bad_rows=[5])
+    order_e0 = [int(i) for b in task.train_batches(0, 0) for i in b["index"]]
+    bad_step = order_e0.index(5) // 16
+    with pytest.raises(NonFiniteLoss, match=rf"epoch 1: 1 batch\(es\) had a NaN/Inf training loss, the first at step "
+                                            rf"{bad_step};.*last good checkpoint"):
+        run_epochs(task, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints" / "latest").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "checkpoints" / "latest").iterdir())
+
+
+def test_nan_batches_can_be_skipped(tmp_path):
+    cfg = tiny_config("train.batch_size=16", "train.epochs=2", "lora.dropout=0.0", "train.on_nonfinite=skip",
+                      f"run.dir={tmp_path}")
+    task = _poisoned_task(cfg, bad_rows=[5])
+    summary = run_epochs(task, tmp_path, progress=False)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    for epoch in record["epochs"]:
+        assert epoch["train"]["nonfinite"] == 1 and epoch["train"]["count"] == 64 - 16
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(task.state.trainable))
+    assert np.isfinite(summary["best_val_accuracy"])
