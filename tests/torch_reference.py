@@ -1,0 +1,219 @@
+"""A PyTorch reference of the original, written from DESIGN.md's semantics (not from the JAX code).
+
+- `ReferenceClassifier`: transformers' PyTorch GPT2Model (dropout 0) + a bias-free `score` Linear(n_embd, 2)
+  on the hidden state (after ln_f) at index mask.sum - 1.
+- `SeedLoRA`: the original's LoRA layer, a wrapper around a Conv1D: U (in, r), V (out, r),
+  output = conv(x) + dropout(x, p) @ U @ V.T, no scaling.
+- `add_peft_lora`: the `standard` init through PEFT itself (LoraConfig with fan_in_fan_out=True on Conv1D).
+- Trainable set: LoRA factors, every LayerNorm weight and bias, `score`; everything else frozen.
+Weights move between the two sides only through `lora_kd_jax.convert`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+from transformers.pytorch_utils import Conv1D
+
+from lora_kd_jax import convert
+
+torch.set_default_dtype(torch.float32)
+# CPU fp32 matmuls are full precision already; pin it so a CUDA run cannot switch to TF32.
+torch.set_float32_matmul_precision("highest")
+
+TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+PEFT_TARGET_MODULES = ["c_attn", "c_proj", "c_fc"]  # c_proj names both attn.c_proj and mlp.c_proj
+
+
+def torch_config(hf_config: Any) -> GPT2Config:
+    """The same GPT2Config the Flax module reads, with dropout 0 and eager attention.
+
+    Eager attention is the plain softmax(QK^T/sqrt d + mask) V, the same sequence of ops as Flax's
+    dot_product_attention; activation (gelu_new, tanh approximation) and layer_norm_epsilon (1e-5) are read by
+    both implementations from this one config.
+    """
+    cfg = GPT2Config.from_dict(hf_config.to_dict())
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+class ReferenceClassifier(nn.Module):
+    def __init__(self, config: GPT2Config, n_labels: int = 2):
+        super().__init__()
+        self.transformer = GPT2Model(config)
+        self.score = nn.Linear(config.n_embd, n_labels, bias=False)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(input_ids, attention_mask)
+        last = attention_mask.sum(-1).long() - 1
+        return self.score(h[torch.arange(h.shape[0]), last])
+
+
+class SeedLoRA(nn.Module):
+    """The original's adapter: frozen Conv1D plus dropout(x) @ U @ V.T, no scaling."""
+
+    def __init__(self, base: Conv1D, rank: int, dropout: float):
+        super().__init__()
+        d_in, d_out = base.weight.shape  # Conv1D stores (in, out)
+        self.base = base
+        self.U = nn.Parameter(torch.empty(d_in, rank))
+        self.V = nn.Parameter(torch.empty(d_out, rank))
+        nn.init.xavier_uniform_(self.U)
+        nn.init.xavier_uniform_(self.V)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.dropout(x) @ self.U @ self.V.T
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def build_reference(hf_config: Any, base_params: Any = None, head: Any = None) -> ReferenceClassifier:
+    """A ReferenceClassifier; with flax `base_params` / `head` given, their weights are loaded (strict)."""
+    model = ReferenceClassifier(torch_config(hf_config))
+    if base_params is not None:
+        sd = convert.flax_gpt2_to_torch(base_params)
+        model.transformer.load_state_dict({k: _t(v) for k, v in sd.items()}, strict=True)
+    if head is not None:
+        model.score.weight.data.copy_(_t(convert.flax_head_to_torch(head)["score.weight"]))
+    return model
+
+
+def _targets(model: ReferenceClassifier) -> list[tuple[str, nn.Module, str]]:
+    """(module path like 'h.0.attn.c_attn', parent module, attribute) of every targeted Conv1D."""
+    out = []
+    for i, block in enumerate(model.transformer.h):
+        for t in TARGETS:
+            part, name = t.split(".")
+            out.append((f"h.{i}.{t}", getattr(block, part), name))
+    return out
+
+
+def add_seed_lora(model: ReferenceClassifier, rank: int, dropout: float, factors: Any = None) -> ReferenceClassifier:
+    """Wrap each target Conv1D in a SeedLoRA; `factors` (flax tree) sets U and V through the converter."""
+    sd = convert.seed_lora_to_torch(factors) if factors is not None else None
+    for path, parent, name in _targets(model):
+        layer = SeedLoRA(getattr(parent, name), rank, dropout)
+        if sd is not None:
+            layer.U.data.copy_(_t(sd[path + ".U"]))
+            layer.V.data.copy_(_t(sd[path + ".V"]))
+        setattr(parent, name, layer)
+    set_trainable(model)
+    return model
+
+
+def add_peft_lora(model: ReferenceClassifier, rank: int, alpha: float, dropout: float) -> nn.Module:
+    """PEFT's LoRA on c_attn, c_proj (attn and mlp), c_fc; returns the PeftModel (modified in place)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=PEFT_TARGET_MODULES, fan_in_fan_out=True,
+                     lora_dropout=dropout, bias="none")
+    peft_model = get_peft_model(model, cfg)
+    set_trainable(model)
+    return peft_model
+
+
+def is_trainable(name: str) -> bool:
+    parts = _plain_name(name).split(".")
+    return (parts[-1] in ("U", "V") or "lora_A" in parts or "lora_B" in parts
+            or any(p.startswith("ln_") for p in parts) or parts[0] == "score")
+
+
+def set_trainable(model: nn.Module) -> None:
+    """LoRA factors, every LayerNorm, score: requires_grad; all else frozen."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_trainable(name))
+
+
+def _plain_name(name: str) -> str:
+    """Parameter name with wrapper segments removed: '.base.' (SeedLoRA), '.base_layer.' (PEFT), PEFT's prefix."""
+    name = name.removeprefix(convert.PEFT_PREFIX)
+    return name.replace(".base_layer.", ".").replace(".base.", ".")
+
+
+def as_flax(model: nn.Module, *, grads: bool = False, trainable_only: bool = False) -> dict:
+    """The model's parameters (or their .grad) in the flax layout {'gpt2', 'lora', 'head'} (numpy), via the
+    converter. Gradients come back for trainable leaves only, so `gpt2` holds only LayerNorms then."""
+    named = {}
+    for name, p in model.named_parameters():
+        if (grads or trainable_only) and not p.requires_grad:
+            continue
+        v = p.grad if grads else p
+        if v is None:
+            raise AssertionError(f"{name}: no gradient")
+        named[_plain_name(name)] = v.detach().numpy().copy()
+    base = {k: v for k, v in named.items() if k.startswith(convert.TRANSFORMER_PREFIX)
+            and ".lora_" not in k and not k.endswith((".U", ".V"))}
+    seed = {k: v for k, v in named.items() if k.endswith((".U", ".V"))}
+    peft = {k: v for k, v in named.items() if ".lora_" in k}
+    out = {"gpt2": convert.torch_gpt2_to_flax(base, allow_missing=grads or trainable_only),
+           "head": convert.torch_head_to_flax(named["score.weight"])}
+    if seed:
+        out["lora"] = convert.seed_lora_from_torch(seed, prefix=convert.TRANSFORMER_PREFIX)
+    if peft:
+        out["lora"] = convert.peft_lora_to_flax(peft)
+    return out
+
+
+def randomize_layernorms(params: dict, seed: int = 0) -> dict:
+    """LayerNorm scale 1 + 0.1 N(0,1), bias 0.1 N(0,1): unit/zero defaults would hide scale/bias mix-ups."""
+    flat = convert.flatten(params)
+    out = {}
+    for i, (path, v) in enumerate(sorted(flat.items())):
+        if any(p.startswith("ln_") for p in path):
+            noise = 0.1 * np.asarray(np.random.default_rng(seed + i).standard_normal(v.shape))
+            v = (1.0 + noise if path[-1] == "scale" else noise).astype(np.float32)
+        out[path] = np.asarray(v)
+    return convert.unflatten(out)
+
+
+def ce_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of the real rows (weights 1) of a numpy batch."""
+    keep = np.asarray(batch["weights"]) > 0
+    ids = torch.from_numpy(np.asarray(batch["input_ids"])[keep].astype(np.int64))
+    mask = torch.from_numpy(np.asarray(batch["attention_mask"])[keep].astype(np.int64))
+    labels = torch.from_numpy(np.asarray(batch["labels"])[keep].astype(np.int64))
+    return nn.functional.cross_entropy(model(ids, mask), labels)
+
+
+def tensors(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(np.asarray(batch["input_ids"]).astype(np.int64)),
+            torch.from_numpy(np.asarray(batch["attention_mask"]).astype(np.int64)))
+
+
+# ------------------------------------------------------------------------------------ comparison helpers
+
+
+def max_rel_err(got: Any, want: Any) -> float:
+    """max |got - want| / max |want|: error relative to the leaf's scale (elementwise relative error is
+    meaningless for entries that are ~0)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def _same_leaves(got: dict, want: dict) -> tuple[dict, dict]:
+    g, w = convert.flatten(got, "/"), convert.flatten(want, "/")
+    assert set(g) == set(w), (f"different leaves: only in got {sorted(set(g) - set(w))}, "
+                              f"only in want {sorted(set(w) - set(g))}")
+    return g, w
+
+
+def tree_rel_errs(got: dict, want: dict) -> dict[str, float]:
+    """{'/'-joined path: max_rel_err} over two trees that must have the same paths."""
+    g, w = _same_leaves(got, want)
+    return {k: max_rel_err(g[k], w[k]) for k in sorted(w)}
+
+
+def tree_abs_errs(got: dict, want: dict) -> dict[str, float]:
+    g, w = _same_leaves(got, want)
+    return {k: float(np.max(np.abs(np.asarray(g[k], np.float64) - np.asarray(w[k], np.float64)))) for k in sorted(w)}
