@@ -8,13 +8,11 @@ from typing import Sequence
 import numpy as np
 import pytest
 
+from tiny import COLA_DIR, SHARED, TOKENIZER_DIR  # noqa: F401  (one place for the shared paths)
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-COLA_DIR = SHARED / "data" / "cola"
-TOKENIZER_DIR = SHARED / "gpt2-tokenizer"
 PAD_ID = 50256  # GPT-2 eos, used as pad (lora_kd_jax.data.PAD_ID)
 VOCAB = 50257
-
 
 
 def pytest_runtest_setup(item):
