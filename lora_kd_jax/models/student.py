@@ -1,0 +1,161 @@
+"""The RNN student: Embedding(vocab, embed) -> one recurrent layer (hidden) -> Dense(hidden -> 2).
+
+Seed-faithful shape (the PyTorch original): nn.Embedding(50257, 768) -> nn.RNN(768, 768) (tanh) -> nn.Linear(768, 2)
+on the RNN output of the last time step. Parameter tree (all of it trains):
+
+    {'embed': {'embedding': (vocab, embed)},
+     'rnn': {'i': {'kernel': (embed, hidden), 'bias': (hidden,)}, 'h': {'kernel': (hidden, hidden), 'bias': ...}},
+     ['rnn_backward': same as 'rnn', when bidirectional]
+     'head': {'kernel': (hidden * directions, 2), 'bias': (2,)}}
+
+Why `TorchRNNCell` rather than `nn.SimpleCell`: Flax's SimpleCell has one bias (on the input projection), torch's
+nn.RNN has two (b_ih and b_hh). The forward functions agree when b = b_ih + b_hh, but training does not: Adam moves
+each of torch's two biases by ~lr per step, so the effective bias moves twice as fast as a single Flax bias. To
+track the original step for step (tested against torch), the cell keeps both biases: 'i' = (W_ihᵀ, b_ih),
+'h' = (W_hhᵀ, b_hh). Initialisers follow torch's defaults too (embedding N(0, 1); RNN and Linear weights and
+biases U(±1/sqrt(fan))), so that from-scratch runs start from the same distribution as the original.
+
+`gru` and `lstm` use Flax's GRUCell / OptimizedLSTMCell (torch-style uniform init); they compute torch's
+nn.GRU / nn.LSTM when torch's two bias vectors are summed into Flax's one where Flax has one.
+
+Pooling:
+- `last_step` (the original): the output at position L-1, whatever the padding. For a right-padded sentence that is
+  the state after reading the pad tokens too, one reason the original barely beats the majority class.
+- `last_token` (default): the output at the last real token (attention_mask.sum - 1). Bidirectional: the forward
+  output there, concatenated with the backward output at position 0 (the backward pass reads only the real tokens,
+  so both halves summarise exactly the sentence; padding never reaches the logits).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_kd_jax.config import Config, StudentConfig
+
+Params = dict[str, Any]
+N_LABELS = 2
+
+
+def torch_uniform(fan: int) -> nn.initializers.Initializer:
+    """torch's default for RNN weights/biases and Linear biases: U(-1/sqrt(fan), 1/sqrt(fan))."""
+    bound = 1.0 / math.sqrt(fan)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_linear_kernel() -> nn.initializers.Initializer:
+    """torch Linear weight init (kaiming_uniform a=sqrt(5)) = U(±1/sqrt(fan_in)); Flax kernels are (in, out)."""
+    return lambda key, shape, dtype=jnp.float32: torch_uniform(shape[0])(key, shape, dtype)
+
+
+class TorchRNNCell(nn.RNNCellBase):
+    """h' = tanh(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh): torch.nn.RNN's cell, both biases kept (see module docstring)."""
+
+    features: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry: jax.Array, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        init = torch_uniform(self.features)
+        dense = lambda name: nn.Dense(self.features, use_bias=True, kernel_init=init, bias_init=init,  # noqa: E731
+                                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        h = jnp.tanh(dense("i")(inputs) + dense("h")(carry))
+        return h, h
+
+    @nn.nowrap
+    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> jax.Array:
+        return jnp.zeros((*input_shape[:-1], self.features), self.dtype or self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+def make_cell(kind: str, features: int, dtype: Any = None, name: str | None = None) -> nn.RNNCellBase:
+    if kind == "rnn":
+        return TorchRNNCell(features, dtype=dtype, name=name)
+    init = torch_uniform(features)
+    # the carry has the compute dtype (Flax's default uses param_dtype, which breaks the scan under bfloat16)
+    carry_init = lambda key, shape, _dtype: jnp.zeros(shape, dtype or jnp.float32)  # noqa: E731
+    kwargs = dict(kernel_init=init, recurrent_kernel_init=init, bias_init=init, carry_init=carry_init, dtype=dtype,
+                  name=name)
+    if kind == "gru":
+        return nn.GRUCell(features, **kwargs)
+    if kind == "lstm":
+        return nn.OptimizedLSTMCell(features, **kwargs)
+    raise ValueError(f"student.cell: unknown cell {kind!r}; expected rnn, gru or lstm")
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the last real token of each right-padded row (mask.sum - 1, as the teacher pools)."""
+    return jnp.sum(attention_mask, axis=-1).astype(jnp.int32) - 1
+
+
+class RNNStudent(nn.Module):
+    vocab_size: int = 50257
+    embed_dim: int = 768
+    hidden_dim: int = 768
+    cell: str = "rnn"
+    bidirectional: bool = False
+    pooling: str = "last_token"
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """[B, L] ids and mask -> float32 logits [B, 2]."""
+        x = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=nn.initializers.normal(1.0), dtype=self.dtype,
+                     name="embed")(input_ids)
+        last = last_token_index(attention_mask)
+        rows = jnp.arange(input_ids.shape[0])
+        # Flax's RNN stores its cell's parameters under the cell's name: 'rnn' (and 'rnn_backward')
+        forward = nn.RNN(make_cell(self.cell, self.hidden_dim, self.dtype, name="rnn"))(x)  # [B, L, H]
+        if self.pooling == "last_step":
+            pooled = forward[:, -1]
+        elif self.pooling == "last_token":
+            pooled = forward[rows, last]
+        else:
+            raise ValueError(f"student.pooling: unknown pooling {self.pooling!r}; expected last_token or last_step")
+        if self.bidirectional:
+            backward_rnn = nn.RNN(make_cell(self.cell, self.hidden_dim, self.dtype, name="rnn_backward"))
+            if self.pooling == "last_step":  # torch: backward output at L-1 = the backward pass's first step
+                backward = backward_rnn(x, reverse=True, keep_order=True)[:, -1]
+            else:  # reads the real tokens only, last to first; its output at position 0 summarises them all
+                backward = backward_rnn(x, seq_lengths=last + 1, reverse=True, keep_order=True)[:, 0]
+            pooled = jnp.concatenate([pooled, backward], axis=-1)
+        fan_in = pooled.shape[-1]
+        logits = nn.Dense(N_LABELS, kernel_init=torch_linear_kernel(), bias_init=torch_uniform(fan_in),
+                          dtype=self.dtype, name="head")(pooled)
+        return logits.astype(jnp.float32)
+
+
+def _dtype(name: str) -> Any:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def make_student(sc: StudentConfig | Config) -> RNNStudent:
+    if isinstance(sc, Config):
+        sc = sc.student
+    return RNNStudent(vocab_size=sc.vocab_size, embed_dim=sc.embed_dim, hidden_dim=sc.hidden_dim, cell=sc.cell,
+                      bidirectional=sc.bidirectional, pooling=sc.pooling, dtype=_dtype(sc.dtype))
+
+
+def _example(length: int = 4) -> tuple[jax.Array, jax.Array]:
+    ids = jnp.zeros((1, length), jnp.int32)
+    return ids, jnp.ones_like(ids)
+
+
+def build_student(sc: StudentConfig | Config, key: jax.Array, *, shapes_only: bool = False
+                  ) -> tuple[RNNStudent, Params]:
+    """Module and its parameters from config (`shapes_only`: ShapeDtypeStructs, nothing allocated)."""
+    module = make_student(sc)
+    init = lambda k: module.init(k, *_example())["params"]  # noqa: E731
+    params = jax.eval_shape(init, key) if shapes_only else jax.jit(init)(key)
+    return module, params
+
+
+def count_params(params: Params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -1,0 +1,237 @@
+"""The reference study in one call: LoRA gpt2, LoRA gpt2-medium, distillation from each, the RNN from scratch.
+
+Each experiment is an ordinary run (the configs in configs/, the same trainers as the single-run scripts) in
+`<root>/<name>/`; the distillation runs read the LoRA runs of the same study as their teachers. A finished run
+(its metrics.json covers every epoch of the same config) is reused rather than trained again, and an interrupted
+one is resumed from its latest checkpoint, so re-running the command continues the study where it stopped.
+After every run `<root>/results.md` (the table beside the reference numbers) and `<root>/results.png` (validation
+accuracy per epoch of every run) are rewritten.
+
+`tiny=True` is the offline CPU check of the whole pipeline: random-init 2-layer GPT-2 teachers (64 wide in place
+of gpt2, 128 wide in place of gpt2-medium; `model.init=random`, so no download) and a 64/64 student. Its numbers
+say nothing about the reference; that it runs end to end says that the study does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from lora_kd_jax.config import Config, ConfigError, load_config, to_dict
+
+log = logging.getLogger(__name__)
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_ROOT, DEFAULT_TINY_ROOT = "runs/reproduce", "runs/reproduce_tiny"
+MAJORITY_REFERENCE = 365 / 527  # majority class of the CoLA in-domain dev set
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str  # run sub-directory
+    label: str  # row of the table
+    config: str  # file in configs/
+    kind: str  # lora | distill | rnn
+    teacher: str = ""  # name of the LoRA experiment a distillation reads
+    tiny: tuple[str, ...] = ()  # overrides of the --tiny mode
+    ref_val: float = math.nan  # the reference's best val accuracy
+    ref_train: float = math.nan  # ... and train accuracy at that epoch
+    ref_params: str = ""  # ... and its trainable / total parameters
+
+
+TINY_STUDENT = ("student.embed_dim=64", "student.hidden_dim=64")
+EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment("lora_gpt2", "LoRA gpt2, rank 4", "lora_gpt2.yaml", "lora",
+               tiny=("model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4"),
+               ref_val=0.7932, ref_train=0.9785, ref_params="0.63M / 125.03M"),
+    Experiment("lora_gpt2_medium", "LoRA gpt2-medium, rank 4", "lora_gpt2_medium.yaml", "lora",
+               tiny=("model.init=random", "model.n_layer=2", "model.n_embd=128", "model.n_head=4"),
+               ref_val=0.8406, ref_train=0.9819, ref_params="1.68M / 356.40M"),
+    Experiment("distil_rnn_gpt2", "DistilRNN, gpt2 teacher", "distil_rnn_gpt2.yaml", "distill", teacher="lora_gpt2",
+               tiny=TINY_STUDENT, ref_val=0.7006, ref_train=0.7108, ref_params="≈39.8M"),
+    Experiment("distil_rnn_gpt2_medium", "DistilRNN, gpt2-medium teacher", "distil_rnn_gpt2_medium.yaml", "distill",
+               teacher="lora_gpt2_medium", tiny=TINY_STUDENT, ref_val=0.7185, ref_train=0.7221, ref_params="≈39.8M"),
+    Experiment("rnn_scratch", "RNN from scratch", "rnn_scratch.yaml", "rnn", tiny=TINY_STUDENT,
+               ref_val=0.6945, ref_train=0.7085, ref_params="≈39.8M"),
+)
+
+
+@dataclasses.dataclass
+class Outcome:
+    experiment: Experiment
+    run_dir: Path
+    summary: dict
+    history: list
+    reused: bool
+
+
+def _split_root(overrides: Sequence[str], tiny: bool) -> tuple[Path, list[str]]:
+    """`run.dir=PATH` names the study's root (every run gets a sub-directory); the rest apply to every run."""
+    root, rest = DEFAULT_TINY_ROOT if tiny else DEFAULT_ROOT, []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key == "run.dir":
+            root = item.split("=", 1)[1]
+        elif key == "distill.teacher":
+            raise ConfigError("distill.teacher: reproduce sets each teacher itself (the LoRA runs of the same study); "
+                              "use scripts/distill.py to distil from another run")
+        else:
+            rest.append(item)
+    return Path(root), rest
+
+
+def study_configs(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path = CONFIGS_DIR
+                  ) -> tuple[Path, list[tuple[Experiment, Config]]]:
+    """(root, [(experiment, its validated config)]): every config is checked before anything runs."""
+    root, rest = _split_root(overrides, tiny)
+    out = []
+    for exp in EXPERIMENTS:
+        extra = [f"run.dir={root / exp.name}"]
+        if exp.teacher:
+            extra.append(f"distill.teacher={root / exp.teacher}")
+        out.append((exp, load_config(Path(configs_dir) / exp.config, [*(exp.tiny if tiny else ()), *rest, *extra])))
+    return root, out
+
+
+def _has_steps(directory: Path) -> bool:
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def finished(cfg: Config) -> dict | None:
+    """metrics.json of a run in cfg.run.dir that has the same settings and covers every epoch, else None."""
+    run_dir = Path(cfg.run.dir)
+    cfg_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.json"
+    if cfg.run.overwrite or not (cfg_path.is_file() and metrics_path.is_file()):
+        return None
+    same = lambda d: {k: v for k, v in d.items() if k != "run"}  # noqa: E731
+    if same(yaml.safe_load(cfg_path.read_text()) or {}) != same(to_dict(cfg)):
+        return None
+    record = json.loads(metrics_path.read_text())
+    return record if len(record.get("epochs", [])) >= cfg.train.epochs else None
+
+
+def _runner(kind: str) -> Callable[..., dict]:
+    if kind == "lora":
+        from lora_kd_jax.train import train_and_evaluate
+        return train_and_evaluate
+    from lora_kd_jax import distill
+    return distill.distill_and_evaluate if kind == "distill" else distill.train_rnn_and_evaluate
+
+
+def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path = CONFIGS_DIR,
+              progress: bool = True) -> list[Outcome]:
+    """Run (or reuse) the five experiments in order; write results.md and results.png into the root."""
+    from tqdm.auto import tqdm
+
+    root, plan = study_configs(overrides, tiny=tiny, configs_dir=configs_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    majority = majority_share(plan[0][1])
+    outcomes: list[Outcome] = []
+    t0 = time.perf_counter()
+    bar = tqdm(plan, desc="reproduce", unit="run", disable=not progress)
+    for exp, cfg in bar:
+        bar.set_postfix_str(exp.name)
+        record = finished(cfg)
+        if record is None:
+            resume = _has_steps(Path(cfg.run.dir) / "checkpoints" / "latest") and not cfg.run.overwrite
+            log.info("=== %s: %s -> %s%s", exp.label, exp.config, cfg.run.dir, " (resuming)" if resume else "")
+            _runner(exp.kind)(cfg, resume=resume, progress=progress)
+            record = json.loads((Path(cfg.run.dir) / "metrics.json").read_text())
+            reused = False
+        else:
+            log.info("=== %s: reusing the finished run in %s", exp.label, cfg.run.dir)
+            reused = True
+        outcomes.append(Outcome(exp, Path(cfg.run.dir), record["summary"], record["epochs"], reused))
+        write_results(root, outcomes, tiny=tiny, overrides=overrides, majority=majority,
+                      wall=time.perf_counter() - t0)
+    bar.close()
+    return outcomes
+
+
+def majority_share(cfg: Config) -> float:
+    """Share of the most frequent label in the validation split the runs evaluate on."""
+    from lora_kd_jax import data as data_lib
+
+    labels = data_lib.load_cola(cfg.data.dir, cfg.data.limit)["validation"]["label"]
+    ones = sum(labels)
+    return max(ones, len(labels) - ones) / len(labels)
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def _pct(x: float) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def _millions(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _reduction(o: Outcome) -> str:
+    s = o.summary
+    if o.experiment.kind == "lora":
+        return f"{100 * s['reduction']:.2f}% fewer trainable"
+    if o.experiment.kind == "distill" and s.get("teacher_total_params"):
+        return f"{100 * (1 - s['total_params'] / s['teacher_total_params']):.2f}% smaller than its teacher"
+    return "—"
+
+
+def results_table(outcomes: Sequence[Outcome]) -> str:
+    head = ("| experiment | epochs | best val acc | reference | train acc at best | reference | val MCC | "
+            "trainable / total params | reference | reduction | wall time |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for o in outcomes:
+        s, e = o.summary, o.experiment
+        lines.append(
+            f"| {e.label} | {s['best_epoch']}/{s['epochs_run']} | {_pct(s['best_val_accuracy'])} | {_pct(e.ref_val)} | "
+            f"{_pct(s['train_accuracy_at_best'])} | {_pct(e.ref_train)} | {s['val_mcc_at_best']:.4f} | "
+            f"{_millions(s['trainable_params'])} / {_millions(s['total_params'])} | {e.ref_params} | "
+            f"{_reduction(o)} | {_time(s.get('wall_time_s', 0.0))}{' (reused)' if o.reused else ''} |")
+    return "\n".join(lines)
+
+
+def write_results(root: str | Path, outcomes: Sequence[Outcome], *, tiny: bool, overrides: Sequence[str],
+                  majority: float, wall: float) -> tuple[Path, Path]:
+    from lora_kd_jax import plots
+
+    root = Path(root)
+    mode = ("**tiny** (offline CPU check: random-init 2-layer GPT-2 teachers in place of gpt2 and gpt2-medium, "
+            "a 64/64 student; the numbers only show that the pipeline runs)" if tiny else "full (the reference setup)")
+    text = "\n".join([
+        "# Reproduction of the reference table",
+        "",
+        f"- mode: {mode}",
+        f"- overrides applied to every run: {' '.join(overrides) if overrides else '(none)'}",
+        f"- runs: {', '.join(f'`{o.run_dir}`' for o in outcomes)}",
+        f"- validation set: majority class {_pct(majority)} (the reference's dev set: {_pct(MAJORITY_REFERENCE)}); "
+        "MCC 0 means a one-class predictor",
+        f"- wall time of this invocation: {_time(wall)}; the table's wall time is each run's training loop "
+        "(compilation, training, evaluation, checkpoints)",
+        "",
+        results_table(outcomes),
+        "",
+        "Epochs: best epoch / epochs run. Reference: the PyTorch original on CoLA in-domain dev (527 sentences).",
+        "Distillation rows: loss T²·KL(teacher ‖ student) (+ alpha·CE); the reduction compares the student with its "
+        "teacher's total size.",
+        "",
+        "![validation accuracy per epoch](results.png)",
+        "",
+    ])
+    md = root / "results.md"
+    md.write_text(text)
+    png = plots.plot_val_accuracy({o.experiment.label: o.history for o in outcomes}, root / "results.png",
+                                  reference={o.experiment.label: o.experiment.ref_val for o in outcomes})
+    return md, png
