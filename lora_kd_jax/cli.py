@@ -44,3 +44,31 @@ def main_train_lora(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"interrupted: {e}")
     print(f"best val accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}, train accuracy "
           f"{summary['train_accuracy_at_best']:.4f}, val MCC {summary['val_mcc_at_best']:.4f}) -> {cfg.run.dir}")
+
+
+def main_bench(argv: Sequence[str] | None = None) -> None:
+    from lora_kd_jax import bench
+
+    data_dir, tokenizer = bench.default_paths()
+    p = argparse.ArgumentParser(description="Step-time benchmarks (JSON lines on stdout, appended to --out)")
+    p.add_argument("--variants", default="gpt2,gpt2-medium", help="comma list of gpt2, gpt2-medium, tiny")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--benches", default=",".join(bench.BENCHES), help="comma list of " + ", ".join(bench.BENCHES))
+    p.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (median reported)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
+    p.add_argument("--no-trim", action="store_true", help="keep all-padding columns (no length-aware trimming)")
+    p.add_argument("--data-dir", default=data_dir, help="CoLA dir for the epoch bench ('' skips it)")
+    p.add_argument("--tokenizer", default=tokenizer)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    for name in split(a.benches):
+        if name not in bench.BENCHES:
+            sys.exit(f"--benches: unknown bench '{name}'; choose from {', '.join(bench.BENCHES)}")
+    if a.steps < 20:
+        print("note: --steps below 20 gives a noisy median", file=sys.stderr)
+    bench.run(bench.BenchArgs(variants=split(a.variants), modes=split(a.modes), benches=split(a.benches),
+                              batch=a.batch, seq=a.seq, steps=a.steps, peak_tflops=a.peak_tflops,
+                              trim=not a.no_trim, data_dir=a.data_dir, tokenizer=a.tokenizer, out=a.out))

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
@@ -43,6 +44,14 @@ def combine(trainable: Params, frozen: Params) -> Params:
     flat = dict(traverse_util.flatten_dict(frozen))
     flat.update(traverse_util.flatten_dict(trainable))
     return traverse_util.unflatten_dict(flat)
+
+
+def cast_frozen(frozen: Params, dtype: str) -> Params:
+    """Store the frozen base in `dtype` (bfloat16 halves its memory and bandwidth); trainable leaves stay fp32."""
+    if dtype == "float32":
+        return frozen
+    target = {"bfloat16": jnp.bfloat16}[dtype]
+    return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
 
 
 def make_optimizer(lr: float) -> optax.GradientTransformation:

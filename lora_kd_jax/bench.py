@@ -1,0 +1,255 @@
+"""Step-time benchmarks of the real training code, one JSON line per result (scripts/bench.py is the CLI).
+
+Every bench jits the same functions training uses (`train.make_train_step`, `GPT2Classifier.logits`,
+`distill.make_train_step`), on random-init real-size models with the PyTorch peer's batch
+(`../shared/bench/peer_torch.py`: right-padded, lengths uniform in [5, seq/2 + 8)). Timings are medians over
+`steps` runs after warm-up, with the result blocked on, so they measure device work, not dispatch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_kd_jax import data as data_lib
+from lora_kd_jax import distill, train
+from lora_kd_jax.config import Config, load_config
+from lora_kd_jax.models.classifier import build_classifier
+from lora_kd_jax.models.student import build_student
+from lora_kd_jax.trainable import cast_frozen, make_optimizer, partition
+
+TINY = ["model.name=custom", "model.n_layer=2", "model.n_embd=64", "model.n_head=4"]
+VARIANTS = {"gpt2": ["model.name=gpt2"], "gpt2-medium": ["model.name=gpt2-medium"], "tiny": TINY}
+BENCHES = ("lora_train_step", "teacher_forward", "distill_step", "distill_step_cached", "epoch")
+
+
+@dataclasses.dataclass
+class BenchArgs:
+    variants: list[str]
+    modes: list[str]
+    benches: list[str]
+    batch: int = 128
+    seq: int = 64
+    steps: int = 30
+    warmup: int = 3
+    peak_tflops: float = 0.0
+    trim: bool = True  # length-aware: drop all-padding columns (exact for right padding + causal attention)
+    data_dir: str = ""
+    tokenizer: str = ""
+    out: str | None = None
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return getattr(d, "device_kind", d.platform) if d.platform != "cpu" else f"cpu ({platform.processor() or 'x86'})"
+
+
+def peer_batch(batch: int, seq: int, vocab: int = 50257) -> dict[str, np.ndarray]:
+    """The peer's batch: torch's own generator when torch is installed (identical ids), else numpy's."""
+    try:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab - 1, (batch, seq), generator=g)
+        lens = torch.randint(5, seq // 2 + 8, (batch,), generator=g).clamp(max=seq)
+        labels = torch.randint(0, 2, (batch,), generator=g)
+        ids, lens, labels = ids.numpy(), lens.numpy(), labels.numpy()
+    except ImportError:
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, vocab - 1, (batch, seq))
+        lens = np.minimum(rng.integers(5, seq // 2 + 8, batch), seq)
+        labels = rng.integers(0, 2, batch)
+    mask = (np.arange(seq)[None] < lens[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, ids, data_lib.PAD_ID).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels.astype(np.int32),
+            "weights": np.ones(batch, np.float32), "index": np.arange(batch, dtype=np.int32)}
+
+
+def trim_padding(batch: dict[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
+    """Drop trailing all-padding columns (rounded up to `multiple`): exact for right-padded causal models."""
+    longest = int(batch["attention_mask"].sum(axis=1).max())
+    keep = min(batch["input_ids"].shape[1], -(-longest // multiple) * multiple)
+    return {k: (v[:, :keep] if v.ndim == 2 else v) for k, v in batch.items()}
+
+
+def timed(step: Callable[[], Any], steps: int, warmup: int) -> tuple[float, float]:
+    """(first call in s, incl. compile; median ms of `steps` calls after warm-up)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(step())
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        jax.block_until_ready(step())
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(step())
+        times.append(time.perf_counter() - t)
+    return first, 1e3 * statistics.median(times)
+
+
+def xla_flops(jitted: Any, *args: Any) -> float:
+    try:
+        cost = jitted.lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0))
+    except Exception:  # cost analysis is best-effort on some backends
+        return 0.0
+
+
+def variant_config(variant: str, mode: str) -> Config:
+    dtype = "bfloat16" if mode == "bf16" else "float32"
+    return load_config(None, [*VARIANTS[variant], "model.init=random", f"model.dtype={dtype}",
+                              f"model.base_dtype={dtype}", "lora.dropout=0.1"])
+
+
+def record(args: BenchArgs, bench: str, variant: str, mode: str, batch: dict, first: float | None, ms: float,
+           flops: float = 0.0, **extra: Any) -> dict:
+    b, s = batch["input_ids"].shape
+    rec = {"bench": bench, "impl": "jax", "variant": variant, "mode": mode, "batch": b, "seq": args.seq,
+           "seq_run": s, "real_tokens": int(batch["attention_mask"].sum()), "ms_per_step": round(ms, 3),
+           "seq_per_s": round(b / (ms / 1e3), 1), "first_step_s": None if first is None else round(first, 2),
+           "gflop_per_step": round(flops / 1e9, 2) if flops else None, "device": device_name(),
+           "jax": jax.__version__, **extra}
+    if flops and args.peak_tflops:
+        rec["mfu"] = round(flops / (ms / 1e3) / (args.peak_tflops * 1e12), 4)
+    return rec
+
+
+def bench_lora(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterable[dict]:
+    cfg = variant_config(variant, mode)
+    model, params = build_classifier(cfg, jax.random.key(0))
+    trainable, frozen = partition(params)
+    frozen = cast_frozen(frozen, cfg.model.base_dtype)
+    tx = make_optimizer(1e-3)
+    dev_batch = jax.device_put(batch)
+    plain = dataclasses.replace(model, spec=None)
+    merged = model.merged(params)
+    merged = {**merged, "gpt2": cast_frozen(merged["gpt2"], cfg.model.base_dtype)}
+    if "lora_train_step" in args.benches:
+        step = train.make_train_step(model, tx)
+        fresh = lambda: train.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(1))  # noqa: E731
+        flops = xla_flops(step, fresh(), frozen, dev_batch)
+        holder = {"state": fresh()}  # the step donates its state: never hand it arrays used elsewhere
+
+        def run():
+            holder["state"], sums = step(holder["state"], frozen, dev_batch)
+            return sums["loss_sum"]
+
+        first, ms = timed(run, args.steps, args.warmup)
+        yield record(args, "lora_train_step", variant, mode, batch, first, ms, flops)
+    if "teacher_forward" in args.benches or "distill_step" in args.benches:
+        fwd = jax.jit(lambda p, ids, mask: plain.logits(p, ids, mask, deterministic=True))
+        if "teacher_forward" in args.benches:
+            first, ms = timed(lambda: fwd(merged, dev_batch["input_ids"], dev_batch["attention_mask"]), args.steps,
+                              args.warmup)
+            yield record(args, "teacher_forward", variant, mode, batch, first, ms,
+                         xla_flops(fwd, merged, dev_batch["input_ids"], dev_batch["attention_mask"]))
+        if "distill_step" in args.benches:  # the peer's step: teacher forward inside, student fwd/bwd + Adam
+            yield from bench_distill(args, variant, mode, batch, cfg, consts={"teacher": merged}, teacher=plain)
+    if "distill_step_cached" in args.benches:  # what training runs: teacher logits computed once per dataset
+        t_logits = jnp.zeros((batch["input_ids"].shape[0], 2), jnp.float32)
+        yield from bench_distill(args, variant, mode, batch, cfg, consts={"teacher_logits": t_logits}, teacher=None)
+
+
+def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Config, consts: Any,
+                  teacher: Any) -> Iterable[dict]:
+    """The seed's student (Emb 50257x768, RNN 768, Linear 2), T=2, Adam; student dtype per cfg.student."""
+    student, params = build_student(cfg.student, jax.random.key(2))
+    tx = distill.make_optimizer(1e-3)
+    objective = distill.distillation_objective(2.0, 0.0, teacher)
+    step = distill.make_train_step(student, tx, objective)
+    dev_batch = jax.device_put(batch)
+    flops = xla_flops(step, train.init_state(params, tx, jax.random.key(3)), consts, dev_batch)
+    holder = {"state": train.init_state(params, tx, jax.random.key(3))}
+
+    def run():
+        holder["state"], sums = step(holder["state"], consts, dev_batch)
+        return sums["loss_sum"]
+
+    first, ms = timed(run, args.steps, args.warmup)
+    name = "distill_step" if teacher is not None else "distill_step_cached"
+    yield record(args, name, variant, mode, batch, first, ms, flops, student_dtype=cfg.student.dtype)
+
+
+def bench_epoch(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
+    """One CoLA training epoch (LoRA), data pipeline included: host batch building vs device step time."""
+    if not args.data_dir:
+        return
+    cfg = variant_config(variant, mode)
+    over = [f"data.dir={args.data_dir}", f"data.tokenizer={args.tokenizer or 'gpt2'}", f"train.batch_size={args.batch}",
+            "train.epochs=1", f"model.name={cfg.model.name}", "model.init=random", f"model.dtype={cfg.model.dtype}",
+            f"model.base_dtype={cfg.model.base_dtype}"]
+    if variant == "tiny":
+        over += TINY[1:]
+    cfg = load_config(None, over)
+    splits = train.load_splits(cfg)
+    task, _, _ = train.build_task(cfg, splits)
+
+    def one_epoch(epoch: int) -> tuple[float, float]:
+        """(wall time of the epoch, time spent building and placing batches on the host)."""
+        host = 0.0
+        t0 = time.perf_counter()
+        batches = iter(task.train_batches(epoch, 0))
+        sums = None
+        while True:
+            th = time.perf_counter()
+            b = next(batches, None)
+            if b is None:
+                break
+            b = task.put_batch(b)
+            host += time.perf_counter() - th
+            task.state, sums = task.train_step(task.state, task.consts, b)
+        jax.block_until_ready(sums)
+        return time.perf_counter() - t0, host
+
+    first_total, _ = one_epoch(0)
+    totals, hosts = [], []
+    for e in range(1, 4):
+        total, host = one_epoch(e)
+        totals.append(total)
+        hosts.append(host)
+    total, host = statistics.median(totals), statistics.median(hosts)
+    n = len(splits["train"])
+    yield {"bench": "epoch", "impl": "jax", "variant": variant, "mode": mode, "batch": args.batch,
+           "seq": cfg.data.max_length, "examples": n, "steps": task.n_train_batches,
+           "ms_per_step": round(1e3 * total / task.n_train_batches, 3), "seq_per_s": round(n / total, 1),
+           "epoch_s": round(total, 4), "input_pipeline_s": round(host, 4),
+           "input_pipeline_share": round(host / total, 4), "first_step_s": round(first_total, 2),
+           "device": device_name(), "jax": jax.__version__}
+
+
+def run(args: BenchArgs) -> list[dict]:
+    results = []
+
+    def emit(rec: dict) -> None:
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+        results.append(rec)
+
+    for variant in args.variants:
+        full = peer_batch(args.batch, args.seq)
+        batch = trim_padding(full) if args.trim else full
+        for mode in args.modes:
+            for rec in bench_lora(args, variant, mode, batch):
+                emit(rec)
+            if "epoch" in args.benches:
+                for rec in bench_epoch(args, variant, mode):
+                    emit(rec)
+    return results
+
+
+def default_paths() -> tuple[str, str]:
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    data, tok = shared / "data" / "cola", shared / "gpt2-tokenizer"
+    return (str(data) if data.is_dir() else ""), (str(tok) if tok.is_dir() else "gpt2")
