@@ -16,7 +16,7 @@ from lora_kd_jax import rundir, runtime
 from lora_kd_jax.config import Config
 from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier
-from lora_kd_jax.trainable import ParamReport, combine, make_optimizer, param_report, partition
+from lora_kd_jax.trainable import ParamReport, cast_frozen, combine, make_optimizer, param_report, partition
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
     trainable, frozen = partition(params)
     tx = make_optimizer(cfg.train.lr)
     state = place.state(init_state(trainable, tx, k_dropout))
-    frozen = place.frozen(frozen)
+    frozen = place.frozen(cast_frozen(frozen, cfg.model.base_dtype))
     train, val = splits["train"], splits["validation"]
     task = Task(
         kind="lora", state=state, consts=frozen,
@@ -123,3 +123,62 @@ def train_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = Tr
              summary["best_val_accuracy"], summary["best_epoch"], summary["train_accuracy_at_best"],
              summary["val_mcc_at_best"])
     return summary
+
+
+class RunRestoreError(ValueError):
+    """A directory is not a LoRA run whose checkpoint restores; the message says what is wrong."""
+
+
+def restore_lora_run(run_dir: Any, which: str = "best") -> tuple[Config, GPT2Classifier, Params]:
+    """(config, model, full params {'gpt2', 'lora', 'head'}) of a LoRA run dir, without any data.
+
+    Rebuilds model and parameters exactly as `build_task` does (same seed, same key split, so the same frozen base),
+    then restores the trainable partition (LoRA factors, LayerNorms, head) from `checkpoints/<which>` (best |
+    latest). The frozen base is returned in float32, as loaded (model.base_dtype is a storage choice of training).
+    """
+    import json
+    from pathlib import Path
+
+    from lora_kd_jax.checkpoint import CheckpointError, CheckpointStore
+    from lora_kd_jax.config import ConfigError, from_dict
+
+    if which not in ("best", "latest"):
+        raise ValueError(f"which: {which!r} is not one of best, latest")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunRestoreError(f"{run_dir}: no such directory (expected a LoRA run dir written by "
+                              "scripts/train_lora.py)")
+    try:
+        cfg = from_dict(rundir.read_config(run_dir), str(run_dir / rundir.CONFIG_FILE))
+    except FileNotFoundError:
+        raise RunRestoreError(f"{run_dir} is not a run directory: no {rundir.CONFIG_FILE} (expected a LoRA run dir "
+                              "written by scripts/train_lora.py)") from None
+    except ConfigError as e:
+        raise RunRestoreError(f"{run_dir}/{rundir.CONFIG_FILE} is not a valid run config: {e}") from None
+    metrics_path = run_dir / rundir.METRICS_FILE
+    if metrics_path.is_file():
+        try:
+            kind = json.loads(metrics_path.read_text()).get("kind")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise RunRestoreError(f"{metrics_path} is not valid JSON: {e}") from None
+        if kind != "lora":
+            raise RunRestoreError(f"{run_dir} is not a LoRA run: its {rundir.METRICS_FILE} says kind '{kind}'")
+    ckpt = run_dir / "checkpoints" / which
+    if not ckpt.is_dir() or not any(c.name.isdigit() for c in ckpt.iterdir()):
+        raise RunRestoreError(f"{run_dir} has no {which} checkpoint ({ckpt} holds no step)")
+    k_model, k_dropout = jax.random.split(jax.random.key(cfg.train.seed))  # the same split as build_task
+    model, params = build_classifier(cfg, k_model)
+    trainable, frozen = partition(params)
+    state = init_state(trainable, make_optimizer(cfg.train.lr), k_dropout)
+    store = CheckpointStore(run_dir / "checkpoints", read_only=True)
+    try:
+        target = {"state": state, "train_sums": metrics_lib.zeros()}
+        tree, record, _ = store.restore_best(target) if which == "best" else store.restore_latest(target)
+    except CheckpointError as e:
+        raise RunRestoreError(f"{run_dir}: the {which} checkpoint does not restore into the model its "
+                              f"{rundir.CONFIG_FILE} describes: {e}") from None
+    finally:
+        store.close()
+    if record.get("kind") != "lora":
+        raise RunRestoreError(f"{run_dir}: the {which} checkpoint is a '{record.get('kind')}' run, not a LoRA run")
+    return cfg, model, combine(tree["state"].trainable, frozen)
