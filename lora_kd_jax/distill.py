@@ -43,13 +43,11 @@ from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import rundir, runtime
 from lora_kd_jax import train as train_lib
-from lora_kd_jax.checkpoint import CheckpointError, CheckpointStore
 from lora_kd_jax.config import Config, ConfigError, from_dict
 from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.models.student import RNNStudent, build_student, count_params
 from lora_kd_jax.train import TrainState, init_state
-from lora_kd_jax.trainable import combine
 
 log = logging.getLogger(__name__)
 
@@ -234,40 +232,35 @@ def check_teacher(path: str, cfg: Config) -> tuple[Path, Config]:
     return run_dir, teacher_cfg
 
 
-def restore_teacher(path: str, cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Teacher:
-    """Rebuild the teacher exactly as its run built it (train.build_task: same seed, same key split, so the same
-    frozen base), restore its trainable params from checkpoints/best, combine and merge LoRA into the kernels.
+def restore_teacher(path: str, cfg: Config, splits: dict[str, data_lib.EncodedSplit] | None = None) -> Teacher:
+    """The teacher as its run left it: `train.restore_lora_run` rebuilds the model and frozen base exactly (same
+    seed, same key split) and restores the trainable parameters from checkpoints/best; LoRA is merged into the
+    kernels and the result is placed on this run's mesh (what a teacher computes depends on its weights only, and
+    Orbax restores onto any mesh). `splits` is unused (kept for callers that pass it)."""
+    from lora_kd_jax import train
+    from lora_kd_jax.trainable import cast_frozen, param_report
 
-    The teacher is placed on this run's mesh (cfg.mesh, with this run's batch sizes), not the mesh it trained on:
-    what it computes depends on its weights only, and Orbax restores onto any mesh."""
     run_dir, teacher_cfg = check_teacher(path, cfg)
-    here = dataclasses.replace(teacher_cfg, mesh=cfg.mesh, distributed=cfg.distributed,
-                               train=dataclasses.replace(teacher_cfg.train, batch_size=cfg.train.batch_size,
-                                                         eval_batch_size=cfg.train.eval_batch_size))
-    task, model, frozen = train_lib.build_task(here, splits)
-    store = CheckpointStore(run_dir / "checkpoints", read_only=True)
     try:
-        tree, record, step = store.restore_best({"state": task.state, "train_sums": metrics_lib.zeros()})
-    except CheckpointError as e:
-        raise TeacherError(f"distill.teacher: {run_dir}: the best checkpoint does not restore into the model its "
-                           f"config.yaml describes: {e}") from None
-    finally:
-        store.close()
-    if record.get("kind") != "lora":
-        raise TeacherError(f"distill.teacher: {run_dir}: the checkpoint is a '{record.get('kind')}' run, not a LoRA run")
+        _, model, params = train.restore_lora_run(run_dir, "best")
+    except train.RunRestoreError as e:
+        raise TeacherError(f"distill.teacher: {e}") from None
+    report = param_report(params)
+    merged = model.merged(params)
+    merged["gpt2"] = cast_frozen(merged["gpt2"], teacher_cfg.model.base_dtype)
     place = placement(cfg)
-    params = place.frozen(model.merged(combine(tree["state"].trainable, frozen)))
+    params = place.frozen(merged)
     vocab = params["gpt2"]["wte"]["embedding"].shape[0]
     if vocab != cfg.student.vocab_size:
         raise TeacherError(f"distill.teacher: vocabulary size differs: the teacher's embedding has {vocab} rows, "
                            f"the student has student.vocab_size={cfg.student.vocab_size}")
-    history = record.get("history") or []
-    best = max(history, key=lambda h: h["val"]["accuracy"]) if history else {"epoch": 0, "val": {"accuracy": math.nan}}
+    summary = json.loads((run_dir / rundir.METRICS_FILE).read_text()).get("summary", {})
     teacher = Teacher(model=GPT2Classifier(model.module, None), params=params, config=teacher_cfg, run_dir=run_dir,
-                      total_params=int(task.info["total_params"]), trainable_params=int(task.info["trainable_params"]),
-                      best_epoch=int(best["epoch"]), val_accuracy=float(best["val"]["accuracy"]), placement=place)
-    log.info("teacher %s (%s): best checkpoint step %d, epoch %d, val accuracy %.4f", run_dir,
-             teacher_cfg.model.name, step, teacher.best_epoch, teacher.val_accuracy)
+                      total_params=report.total, trainable_params=report.trainable,
+                      best_epoch=int(summary.get("best_epoch", 0)),
+                      val_accuracy=float(summary.get("best_val_accuracy", math.nan)), placement=place)
+    log.info("teacher %s (%s): best checkpoint, epoch %d, val accuracy %.4f", run_dir, teacher_cfg.model.name,
+             teacher.best_epoch, teacher.val_accuracy)
     return teacher
 
 

@@ -7,7 +7,6 @@ import json
 import sys
 
 import jax
-import numpy as np
 
 from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import train

@@ -1,6 +1,5 @@
 """Crashes, signals, corrupted checkpoints and numerical faults: nothing lost, every error clear."""
 import json
-import os
 import signal
 import subprocess
 import sys

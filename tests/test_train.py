@@ -11,10 +11,9 @@ from flax import traverse_util
 from lora_kd_jax import data as data_lib
 from lora_kd_jax import metrics, train
 from lora_kd_jax.cli import main_train_lora
-from lora_kd_jax.config import load_config
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.trainable import combine, make_optimizer, partition
+from lora_kd_jax.trainable import make_optimizer, partition
 from tiny import key, random_batch, tiny_config
 
 

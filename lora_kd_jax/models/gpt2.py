@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_kd_jax.config import ModelConfig, resolved_size
 
