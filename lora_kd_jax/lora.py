@@ -99,16 +99,32 @@ def init_lora(spec: LoraSpec, key: jax.Array) -> Params:
     return traverse_util.unflatten_dict(flat)
 
 
+def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
+    """(keep mask, exact keep probability) from 16-bit uniforms, two per 32-bit random word.
+
+    Random bits dominate the cost of adapter dropout on CPU (threefry: ~11 ns per word); 16 bits per decision
+    halve it. The keep probability is round((1 - rate) * 2^16) / 2^16 (|error| <= 7.7e-6) and the survivors are
+    scaled by its exact inverse, so the layer stays unbiased: E[dropout(x)] = x.
+    """
+    threshold = int(round((1.0 - rate) * 65536))
+    n = math.prod(shape)
+    words = jax.random.bits(rng, ((n + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n]
+    return (halves < threshold).reshape(shape), threshold / 65536.0
+
+
 def lora_delta(spec: LoraSpec, factors: Params, x: jax.Array, *, rng: jax.Array | None, deterministic: bool,
                dtype: Any) -> jax.Array:
     """scale * dropout(x) @ a @ b, computed factored in the layer's compute dtype."""
     if not deterministic and spec.dropout > 0.0:
         if rng is None:
             raise ValueError("LoRA dropout is on (deterministic=False) but no rng was given")
-        keep = jax.random.bernoulli(rng, 1.0 - spec.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - spec.dropout), 0.0).astype(x.dtype)
-    h = x.astype(dtype) @ factors["a"].astype(dtype)
-    out = h @ factors["b"].astype(dtype)
+        keep, keep_prob = dropout_keep_mask(rng, spec.dropout, x.shape)
+        x = jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
+    # Flattened to 2-D: XLA:CPU runs the rank-r gradient dots (x^T dh) about twice as fast as on [B, L, in].
+    x2 = x.reshape(-1, x.shape[-1]).astype(dtype)
+    out = (x2 @ factors["a"].astype(dtype)) @ factors["b"].astype(dtype)
+    out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out * jnp.asarray(spec.scale, dtype) if spec.scale != 1.0 else out
 
 

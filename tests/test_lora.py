@@ -101,3 +101,15 @@ def test_dropout_needs_a_key_and_is_off_when_deterministic():
     noisy1 = model.logits(params, b["input_ids"], b["attention_mask"], deterministic=False, rng=key(5))
     noisy2 = model.logits(params, b["input_ids"], b["attention_mask"], deterministic=False, rng=key(6))
     assert float(jnp.abs(noisy1 - noisy2).max()) > 1e-4
+
+
+def test_dropout_keep_mask_rate_and_exact_keep_probability():
+    keep, keep_prob = lora.dropout_keep_mask(key(7), 0.1, (1000, 1001))  # odd size: the last 32-bit word is split
+    assert keep.shape == (1000, 1001) and keep.dtype == jnp.bool_
+    assert keep_prob == 58982 / 65536 and abs(keep_prob - 0.9) < 7.7e-6
+    n = keep.size
+    frac = float(jnp.mean(keep))
+    sd = np.sqrt(keep_prob * (1 - keep_prob) / n)
+    assert abs(frac - keep_prob) < 6 * sd  # 6 sigma: a false failure has probability ~1e-9
+    other, _ = lora.dropout_keep_mask(key(8), 0.1, (1000, 1001))
+    assert 0.15 < float(jnp.mean(keep != other)) < 0.21  # independent masks for different keys (2pq = 0.18)
