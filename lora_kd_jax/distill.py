@@ -48,6 +48,7 @@ from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.models.student import RNNStudent, build_student, count_params
 from lora_kd_jax.train import TrainState, init_state
+from lora_kd_jax.trainable import apply_if_finite
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,7 @@ def make_train_step(student: RNNStudent, tx: optax.GradientTransformation, objec
             return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        params = optax.apply_updates(state.trainable, updates)
-        params, opt_state = metrics_lib.keep_if_finite(loss, (params, opt_state), (state.trainable, state.opt_state))
+        params, opt_state = apply_if_finite(tx, loss, grads, state.opt_state, state.trainable)
         return (state.replace(step=state.step + 1, trainable=params, opt_state=opt_state),
                 metrics_lib.guarded_step_sums(loss, state.step, sums))
 

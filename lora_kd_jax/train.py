@@ -16,7 +16,7 @@ from lora_kd_jax import rundir, runtime
 from lora_kd_jax.config import Config
 from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier
-from lora_kd_jax.trainable import ParamReport, cast_frozen, combine, make_optimizer, param_report, partition
+from lora_kd_jax.trainable import ParamReport, apply_if_finite, cast_frozen, combine, make_optimizer, param_report, partition
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,7 @@ def make_train_step(model: GPT2Classifier, tx: optax.GradientTransformation,
             return loss_and_sums(model, combine(trainable, frozen), batch, deterministic=False, rng=step_key(state))
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        trainable, opt_state = metrics_lib.keep_if_finite(loss, (trainable, opt_state),
-                                                          (state.trainable, state.opt_state))
+        trainable, opt_state = apply_if_finite(tx, loss, grads, state.opt_state, state.trainable)
         return (state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state),
                 metrics_lib.guarded_step_sums(loss, state.step, sums))
 

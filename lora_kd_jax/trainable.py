@@ -60,6 +60,25 @@ def make_optimizer(lr: float) -> optax.GradientTransformation:
                                   FROZEN: optax.set_to_zero()}, param_labels)
 
 
+def apply_if_finite(tx: optax.GradientTransformation, loss: jax.Array, grads: Params, opt_state: optax.OptState,
+                    params: Params) -> tuple[Params, optax.OptState]:
+    """The optimizer step, taken only when the loss is finite (a NaN/Inf batch leaves params and state untouched).
+
+    A `lax.cond` rather than a select over old and new trees: the update runs once, in place on donated buffers,
+    instead of materialising both versions (for the 40M-parameter student the select cost a third of the step).
+    """
+    def update(operands):
+        g, state, p = operands
+        updates, state = tx.update(g, state, p)
+        return optax.apply_updates(p, updates), state
+
+    def skip(operands):
+        _, state, p = operands
+        return p, state
+
+    return jax.lax.cond(jnp.isfinite(loss), update, skip, (grads, opt_state, params))
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamReport:
     total: int
