@@ -31,6 +31,13 @@ VARIANTS = {"gpt2": ["model.name=gpt2"], "gpt2-medium": ["model.name=gpt2-medium
 BENCHES = ("lora_train_step", "teacher_forward", "distill_step", "distill_step_cached", "epoch")
 
 
+def default_benches(variants: list[str]) -> list[str]:
+    """Everything, except a full CoLA epoch of a real-size model on a CPU (minutes per epoch there)."""
+    if jax.default_backend() == "cpu" and any(v != "tiny" for v in variants):
+        return [b for b in BENCHES if b != "epoch"]
+    return list(BENCHES)
+
+
 @dataclasses.dataclass
 class BenchArgs:
     variants: list[str]

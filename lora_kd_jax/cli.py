@@ -55,7 +55,8 @@ def main_bench(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
-    p.add_argument("--benches", default=",".join(bench.BENCHES), help="comma list of " + ", ".join(bench.BENCHES))
+    p.add_argument("--benches", default=None, help="comma list of " + ", ".join(bench.BENCHES) + " (default: all; "
+                   "on a CPU the gpt2-size epoch bench, ~1,000 steps, only when named)")
     p.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (median reported)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
     p.add_argument("--no-trim", action="store_true", help="keep all-padding columns (no length-aware trimming)")
@@ -64,6 +65,7 @@ def main_bench(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    a.benches = a.benches or ",".join(bench.default_benches(split(a.variants)))
     for name in split(a.benches):
         if name not in bench.BENCHES:
             sys.exit(f"--benches: unknown bench '{name}'; choose from {', '.join(bench.BENCHES)}")

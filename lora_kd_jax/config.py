@@ -49,6 +49,7 @@ class DataConfig:
     tokenizer: str = "gpt2"  # hub name or local dir with vocab.json + merges.txt
     max_length: int = 20
     limit: int = 0  # keep only the first N examples of each split; 0 = all
+    buckets: list[int] = dataclasses.field(default_factory=list)  # length-aware batching: padded lengths; [] = off
 
 
 @dataclasses.dataclass
@@ -260,6 +261,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})")
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:
         raise ConfigError(f"mesh.data: must be -1 (all devices) or > 0, got {cfg.mesh.data}")
+    if any(b <= 0 for b in cfg.data.buckets):
+        raise ConfigError(f"data.buckets: lengths must be > 0, got {cfg.data.buckets}")
+    if cfg.data.buckets and cfg.student.pooling == "last_step":
+        raise ConfigError("data.buckets with student.pooling=last_step: that pooling reads the last padded position, "
+                          "which bucketing moves; use student.pooling=last_token or data.buckets=[]")
     if not cfg.lora.targets:
         raise ConfigError("lora.targets: needs at least one target pattern")
 

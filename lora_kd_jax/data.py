@@ -350,6 +350,7 @@ def batch_iterator(
     seed: int = 0,
     epoch: int = 0,
     start_batch: int = 0,
+    lengths: Sequence[int] = (),
 ) -> Iterator[dict[str, np.ndarray]]:
     """The one place batches are built: fixed [batch_size, ...] shapes so the step compiles once.
 
@@ -360,6 +361,11 @@ def batch_iterator(
     token" indexing stays in range), label 0. Order: when shuffle, jax.random.permutation of N keyed by
     fold_in(key(seed), epoch); else file order. start_batch skips the first k batches of that epoch's order,
     so a resumed run sees exactly the batches it had not yet seen.
+
+    `lengths` (length-aware batching): a small sorted set of padded lengths; each batch is cut to the shortest one
+    that holds its longest row (at most one compiled shape per length). Exact for right-padded causal models that
+    pool the last real token (GPT-2, the `last_token` student); not for `last_step` pooling, which reads the last
+    padded position.
     """
     n = len(split)
     nb = num_batches(n, batch_size)
@@ -381,5 +387,16 @@ def batch_iterator(
         attention_mask[k:, 0] = 1
         labels[:k] = split.labels[idx]
         weights[:k] = 1.0
+        if lengths:
+            keep = bucket_length(int(attention_mask.sum(axis=1).max()), lengths, seq_len)
+            input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
         yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights,
                "index": index}
+
+
+def bucket_length(longest: int, lengths: Sequence[int], seq_len: int) -> int:
+    """The shortest of `lengths` (capped at seq_len) that holds `longest` tokens; seq_len if none does."""
+    for n in sorted(lengths):
+        if longest <= n <= seq_len:
+            return n
+    return seq_len

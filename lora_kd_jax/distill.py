@@ -301,8 +301,9 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
         kind=kind, state=state, consts=consts,
         train_step=make_train_step(student, tx, objective), eval_step=make_eval_step(student),
         train_batches=lambda epoch, start: data_lib.batch_iterator(train, bs, shuffle=True, seed=cfg.train.seed,
-                                                                   epoch=epoch, start_batch=start),
-        eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False),
+                                                                   epoch=epoch, start_batch=start,
+                                                                   lengths=cfg.data.buckets),
+        eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False, lengths=cfg.data.buckets),
         n_train_batches=data_lib.num_batches(len(train), bs), epochs=cfg.train.epochs,
         info={"total_params": n, "trainable_params": n, "reduction": 0.0, **info}, title=title,
         put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)

@@ -94,8 +94,9 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
         kind="lora", state=state, consts=frozen,
         train_step=make_train_step(model, tx), eval_step=make_eval_step(model),
         train_batches=lambda epoch, start: data_lib.batch_iterator(train, bs, shuffle=True, seed=cfg.train.seed,
-                                                                   epoch=epoch, start_batch=start),
-        eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False),
+                                                                   epoch=epoch, start_batch=start,
+                                                                   lengths=cfg.data.buckets),
+        eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False, lengths=cfg.data.buckets),
         n_train_batches=data_lib.num_batches(len(train), bs), epochs=cfg.train.epochs,
         info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction},
         title=f"LoRA {cfg.model.name}", put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)

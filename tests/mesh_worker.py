@@ -34,12 +34,35 @@ def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
     return losses
 
 
+def distill_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
+    """The distillation step (tiny student, cached teacher logits) on a mesh; same batches as per_step_losses."""
+    from lora_kd_jax import distill
+    from lora_kd_jax.models.student import build_student
+
+    cfg = tiny_config("student.embed_dim=32", "student.hidden_dim=32")
+    place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
+    student, params = build_student(cfg.student, jax.random.key(0))
+    tx = distill.make_optimizer(1e-3)
+    state = place.state(train.init_state(params, tx, jax.random.key(1)))
+    teacher_logits = jax.random.normal(jax.random.key(2), (16, 2))
+    consts = place.state({"teacher_logits": teacher_logits})
+    step = distill.make_train_step(student, tx, distill.distillation_objective(2.0, 0.5))
+    losses = []
+    for i in range(steps):
+        batch = random_batch(i, batch=16)
+        batch["weights"][-3:] = 0.0
+        state, sums = step(state, consts, place.put_batch(batch))
+        losses.append(float(sums["loss_sum"]) / float(sums["count"]))
+    return losses
+
+
 def main() -> None:
     mode = sys.argv[1]
     assert jax.device_count() == 8, jax.devices()
     if mode == "steps":
-        out = {name: per_step_losses(m) for name, m in
-               {"1": MeshConfig(data=1), "8": MeshConfig(data=8), "2x4": MeshConfig(data=2, fsdp=4)}.items()}
+        meshes = {"1": MeshConfig(data=1), "8": MeshConfig(data=8), "2x4": MeshConfig(data=2, fsdp=4)}
+        out = {name: per_step_losses(m) for name, m in meshes.items()}
+        out.update({f"distill_{name}": distill_losses(m) for name, m in meshes.items()})
         json.dump(out, open(sys.argv[2], "w"))
     elif mode == "resume":
         root = sys.argv[2]
