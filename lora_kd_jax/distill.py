@@ -47,8 +47,7 @@ from lora_kd_jax.config import Config, ConfigError, from_dict
 from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.models.student import RNNStudent, build_student, count_params
-from lora_kd_jax.train import TrainState, init_state
-from lora_kd_jax.trainable import apply_if_finite
+from lora_kd_jax.train import TrainState, init_state, make_guarded_step
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +105,12 @@ def make_train_step(student: RNNStudent, tx: optax.GradientTransformation, objec
     As the LoRA step: a non-finite loss leaves parameters and optimizer state unchanged and is reported in the sums
     (the loop then stops or skips, per train.on_nonfinite)."""
 
-    def train_step(state: TrainState, consts: Any, batch: Batch) -> tuple[TrainState, dict]:
-        def loss_fn(params):
-            logits = student.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-            mean, total = objective(logits, consts, batch)
-            return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
+    def loss_fn(params: Params, consts: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
+        logits = student.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+        mean, total = objective(logits, consts, batch)
+        return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
 
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-        params, opt_state = apply_if_finite(tx, loss, grads, state.opt_state, state.trainable)
-        return (state.replace(step=state.step + 1, trainable=params, opt_state=opt_state),
-                metrics_lib.guarded_step_sums(loss, state.step, sums))
-
-    return jax.jit(train_step, donate_argnums=(0,))
+    return make_guarded_step(loss_fn, tx)
 
 
 def make_eval_step(student: RNNStudent) -> Callable[[TrainState, Any, Batch], dict]:

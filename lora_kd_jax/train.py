@@ -49,20 +49,30 @@ def loss_and_sums(model: GPT2Classifier, params: Params, batch: Batch, *, determ
     return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
 
 
-def make_train_step(model: GPT2Classifier, tx: optax.GradientTransformation,
-                    ) -> Callable[[TrainState, Params, Batch], tuple[TrainState, dict]]:
-    """Jitted step: gradients of the trainable partition only; the frozen tree is a (donation-free) argument."""
+def make_guarded_step(loss_fn: Callable[[Params, Any, Batch, jax.Array], tuple[jax.Array, dict]],
+                      tx: optax.GradientTransformation) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
+    """The one jitted train step every trainer uses: `loss_fn(trainable, consts, batch, rng) -> (mean loss, sums)`
+    is differentiated w.r.t. the trainable tree only; the update is skipped on a NaN/Inf loss (and reported in the
+    sums); the state is donated, so parameters and optimizer state are updated in place."""
 
-    def train_step(state: TrainState, frozen: Params, batch: Batch) -> tuple[TrainState, dict]:
-        def loss_fn(trainable):
-            return loss_and_sums(model, combine(trainable, frozen), batch, deterministic=False, rng=step_key(state))
-
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    def train_step(state: TrainState, consts: Any, batch: Batch) -> tuple[TrainState, dict]:
+        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, consts, batch,
+                                                                         step_key(state))
         trainable, opt_state = apply_if_finite(tx, loss, grads, state.opt_state, state.trainable)
         return (state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state),
                 metrics_lib.guarded_step_sums(loss, state.step, sums))
 
     return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_train_step(model: GPT2Classifier, tx: optax.GradientTransformation,
+                    ) -> Callable[[TrainState, Params, Batch], tuple[TrainState, dict]]:
+    """LoRA step: consts is the frozen tree (an argument, never a compiled-in constant, never donated)."""
+
+    def loss_fn(trainable: Params, frozen: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
+        return loss_and_sums(model, combine(trainable, frozen), batch, deterministic=False, rng=rng)
+
+    return make_guarded_step(loss_fn, tx)
 
 
 def make_eval_step(model: GPT2Classifier) -> Callable[[TrainState, Params, Batch], dict]:
