@@ -75,6 +75,37 @@ class TorchRNNCell(nn.RNNCellBase):
         return 1
 
 
+class HoistedTorchRNN(nn.Module):
+    """TorchRNNCell's recurrence with the input projection hoisted out of the time loop.
+
+    x·W_ihᵀ + b_ih for every position is one [B·L, embed] x [embed, hidden] matrix product before the scan; the
+    scan then carries only h·W_hhᵀ + b_hh. Same parameters and tree ('i', 'h') as nn.RNN(TorchRNNCell(name=...)),
+    same function; on accelerators it replaces L small input products by one large one.
+    """
+
+    features: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = torch_uniform(self.features)
+        dense = lambda name: nn.Dense(self.features, use_bias=True, kernel_init=init, bias_init=init,  # noqa: E731
+                                      dtype=self.dtype, name=name)
+        xi = dense("i")(x)  # [B, L, H]: all input projections at once
+        recurrent = dense("h")
+        h0 = jnp.zeros((x.shape[0], self.features), xi.dtype)
+        recurrent(h0)  # creates 'h' at init; its result is unused (and dropped by XLA) when applying
+        w = recurrent.variables["params"]["kernel"].astype(xi.dtype)
+        b = recurrent.variables["params"]["bias"].astype(xi.dtype)
+
+        def step(h, xi_t):
+            h = jnp.tanh(xi_t + (h @ w + b))
+            return h, h
+
+        _, hs = jax.lax.scan(step, h0, jnp.swapaxes(xi, 0, 1))
+        return jnp.swapaxes(hs, 0, 1)  # [B, L, H]
+
+
 def make_cell(kind: str, features: int, dtype: Any = None, name: str | None = None) -> nn.RNNCellBase:
     if kind == "rnn":
         return TorchRNNCell(features, dtype=dtype, name=name)
@@ -112,7 +143,10 @@ class RNNStudent(nn.Module):
         last = last_token_index(attention_mask)
         rows = jnp.arange(input_ids.shape[0])
         # Flax's RNN stores its cell's parameters under the cell's name: 'rnn' (and 'rnn_backward')
-        forward = nn.RNN(make_cell(self.cell, self.hidden_dim, self.dtype, name="rnn"))(x)  # [B, L, H]
+        if self.cell == "rnn":
+            forward = HoistedTorchRNN(self.hidden_dim, self.dtype, name="rnn")(x)  # [B, L, H]
+        else:
+            forward = nn.RNN(make_cell(self.cell, self.hidden_dim, self.dtype, name="rnn"))(x)
         if self.pooling == "last_step":
             pooled = forward[:, -1]
         elif self.pooling == "last_token":
