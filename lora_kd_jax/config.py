@@ -39,8 +39,8 @@ class ModelConfig:
     vocab_size: int = 50257
     n_positions: int = 1024
     dropout: float = 0.0  # GPT-2's own resid/embd/attn dropout; 0 in the seed-faithful configs
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    base_dtype: str = "float32"  # storage dtype of the frozen base weights: float32 | bfloat16
+    dtype: str = "auto"  # compute dtype: auto (per backend, see precision.py) | float32 | bfloat16
+    base_dtype: str = "auto"  # storage dtype of the frozen base weights: auto | float32 | bfloat16
 
 
 @dataclasses.dataclass
@@ -79,7 +79,7 @@ class StudentConfig:
     cell: str = "rnn"  # rnn (tanh) | gru | lstm
     bidirectional: bool = False
     pooling: str = "last_token"  # last_token (last real token) | last_step (original: last padded position)
-    dtype: str = "float32"
+    dtype: str = "auto"  # compute dtype: auto (float32 on every measured backend) | float32 | bfloat16
 
 
 @dataclasses.dataclass
@@ -128,13 +128,13 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": (*GPT2_SIZES, "custom"),
     "model.init": ("pretrained", "random"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.base_dtype": ("float32", "bfloat16"),
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.base_dtype": ("auto", "float32", "bfloat16"),
     "lora.init": ("seed", "standard"),
     "train.on_nonfinite": ("stop", "skip"),
     "student.cell": ("rnn", "gru", "lstm"),
     "student.pooling": ("last_token", "last_step"),
-    "student.dtype": ("float32", "bfloat16"),
+    "student.dtype": ("auto", "float32", "bfloat16"),
     "distributed.cpu_collectives": ("gloo", "mpi", "none"),
 }
 POSITIVE: tuple[str, ...] = (
@@ -161,8 +161,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return _coerce(key, value, inner)
     if origin is list:
         (inner,) = typing.get_args(annotation)
-        if isinstance(value, str):  # `lora.targets=attn.c_attn,mlp.c_fc` on the command line
+        if isinstance(value, str):  # `lora.targets=attn.c_attn,mlp.c_fc` or `data.buckets=8,16` on the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if inner is int:
+                value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]

@@ -41,7 +41,7 @@ import optax
 from lora_kd_jax import data as data_lib
 from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import metrics as metrics_lib
-from lora_kd_jax import rundir, runtime
+from lora_kd_jax import precision, rundir, runtime
 from lora_kd_jax import train as train_lib
 from lora_kd_jax.config import Config, ConfigError, from_dict
 from lora_kd_jax.loop import Task, run_epochs
@@ -279,8 +279,9 @@ def _student_state(cfg: Config, place: mesh_lib.Placement
     tx = make_optimizer(cfg.train.lr)
     n = count_params(params)
     sc = cfg.student
-    log.info("student: %s%s, embed %d, hidden %d, pooling %s: %.2fM params (%d), all trainable", sc.cell,
-             " bidirectional" if sc.bidirectional else "", sc.embed_dim, sc.hidden_dim, sc.pooling, n / 1e6, n)
+    log.info("student: %s%s, embed %d, hidden %d, pooling %s, computing in %s: %.2fM params (%d), all trainable",
+             sc.cell, " bidirectional" if sc.bidirectional else "", sc.embed_dim, sc.hidden_dim, sc.pooling,
+             precision.resolve(sc.dtype, "student"), n / 1e6, n)
     return student, place.state(init_state(params, tx, k_dropout)), tx, n
 
 
@@ -298,7 +299,8 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
                                                                    lengths=cfg.data.buckets),
         eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False, lengths=cfg.data.buckets),
         n_train_batches=data_lib.num_batches(len(train), bs), epochs=cfg.train.epochs,
-        info={"total_params": n, "trainable_params": n, "reduction": 0.0, **info}, title=title,
+        info={"total_params": n, "trainable_params": n, "reduction": 0.0,
+              "student_dtype": precision.resolve(cfg.student.dtype, "student"), **info}, title=title,
         put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)
 
 

@@ -12,7 +12,7 @@ import optax
 from lora_kd_jax import data as data_lib
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import mesh as mesh_lib
-from lora_kd_jax import rundir, runtime
+from lora_kd_jax import precision, rundir, runtime
 from lora_kd_jax.config import Config
 from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier
@@ -99,6 +99,9 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
     tx = make_optimizer(cfg.train.lr)
     state = place.state(init_state(trainable, tx, k_dropout))
     frozen = place.frozen(cast_frozen(frozen, cfg.model.base_dtype))
+    compute, base = precision.resolve(cfg.model.dtype, "compute"), precision.resolve(cfg.model.base_dtype, "base")
+    log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)",
+             cfg.model.name, compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend())
     train, val = splits["train"], splits["validation"]
     task = Task(
         kind="lora", state=state, consts=frozen,
@@ -108,7 +111,8 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
                                                                    lengths=cfg.data.buckets),
         eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False, lengths=cfg.data.buckets),
         n_train_batches=data_lib.num_batches(len(train), bs), epochs=cfg.train.epochs,
-        info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction},
+        info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction,
+              "compute_dtype": compute, "base_dtype": base},
         title=f"LoRA {cfg.model.name}", put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)
     return task, model, frozen
 

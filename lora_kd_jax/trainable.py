@@ -16,6 +16,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from lora_kd_jax import precision
+
 Params = dict[str, Any]
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -47,10 +49,11 @@ def combine(trainable: Params, frozen: Params) -> Params:
 
 
 def cast_frozen(frozen: Params, dtype: str) -> Params:
-    """Store the frozen base in `dtype` (bfloat16 halves its memory and bandwidth); trainable leaves stay fp32."""
-    if dtype == "float32":
+    """Store the frozen base in `dtype` (model.base_dtype: bfloat16 halves its memory and bandwidth; auto picks per
+    backend, see precision.py); trainable leaves stay fp32."""
+    target = precision.dtype(dtype, "base")
+    if target == jnp.float32:
         return frozen
-    target = {"bfloat16": jnp.bfloat16}[dtype]
     return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_kd_jax import precision
 from lora_kd_jax.config import ModelConfig, resolved_size
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,6 @@ def _transformers():
     return FlaxGPT2Model, GPT2Config, FlaxGPT2Module
 
 
-def dtype_of(name: str) -> jnp.dtype:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
 def gpt2_config(cfg: ModelConfig, base: Any = None):
     """A transformers GPT2Config for `cfg` (or `base`, a loaded config, with cfg's dropout applied)."""
     _, GPT2Config, _ = _transformers()
@@ -50,7 +47,7 @@ def gpt2_config(cfg: ModelConfig, base: Any = None):
 def build_module(cfg: ModelConfig, hf_config: Any = None):
     """The linen FlaxGPT2Module (the network without transformers' wrapper), computing in cfg.dtype."""
     _, _, FlaxGPT2Module = _transformers()
-    return FlaxGPT2Module(gpt2_config(cfg, hf_config), dtype=dtype_of(cfg.dtype))
+    return FlaxGPT2Module(gpt2_config(cfg, hf_config), dtype=precision.dtype(cfg.dtype, "compute"))
 
 
 def _example_inputs(length: int = 8) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -88,7 +85,7 @@ def load_pretrained(cfg: ModelConfig) -> tuple[Any, Params]:
         if not path.is_dir():
             raise FileNotFoundError(f"model.path: {path} is not a directory")
         kwargs["from_pt"] = _local_weights(path) == "pytorch"
-    model = FlaxGPT2Model.from_pretrained(os.fspath(source), dtype=dtype_of(cfg.dtype), **kwargs)
+    model = FlaxGPT2Model.from_pretrained(os.fspath(source), dtype=precision.dtype(cfg.dtype, "compute"), **kwargs)
     hf_config = model.config
     if hf_config.vocab_size != cfg.vocab_size:
         raise ValueError(f"{source}: vocab_size {hf_config.vocab_size} != model.vocab_size {cfg.vocab_size}")

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_kd_jax import precision
 from lora_kd_jax.config import Config, StudentConfig
 
 Params = dict[str, Any]
@@ -166,15 +167,11 @@ class RNNStudent(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def _dtype(name: str) -> Any:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
 def make_student(sc: StudentConfig | Config) -> RNNStudent:
     if isinstance(sc, Config):
         sc = sc.student
     return RNNStudent(vocab_size=sc.vocab_size, embed_dim=sc.embed_dim, hidden_dim=sc.hidden_dim, cell=sc.cell,
-                      bidirectional=sc.bidirectional, pooling=sc.pooling, dtype=_dtype(sc.dtype))
+                      bidirectional=sc.bidirectional, pooling=sc.pooling, dtype=precision.dtype(sc.dtype, "student"))
 
 
 def _example(length: int = 4) -> tuple[jax.Array, jax.Array]:

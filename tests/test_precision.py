@@ -1,0 +1,58 @@
+"""dtype "auto": the per-backend choice (precision.py) and that every model builder follows it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from tiny import key, tiny_config
+
+from lora_kd_jax import precision
+from lora_kd_jax.config import ConfigError
+from lora_kd_jax.models.classifier import build_classifier
+from lora_kd_jax.models.student import make_student
+from lora_kd_jax.trainable import cast_frozen, partition
+
+
+@pytest.mark.parametrize("backend, compute, base, student", [
+    ("cpu", "float32", "float32", "float32"),  # bf16 measured slower on XLA:CPU; fp32 is what parity checks
+    ("gpu", "bfloat16", "bfloat16", "float32"),  # bf16 GPT-2; the bf16 RNN scan was 8x slower on an H200
+    ("cuda", "bfloat16", "bfloat16", "float32"),
+    ("tpu", "bfloat16", "bfloat16", "float32"),
+    ("some-new-chip", "float32", "float32", "float32"),  # unmeasured: the exact choice, with a warning
+])
+def test_auto_per_backend(backend, compute, base, student):
+    got = [precision.resolve("auto", role, backend) for role in ("compute", "base", "student")]
+    assert got == [compute, base, student]
+
+
+def test_explicit_dtype_wins_and_bad_names_are_refused():
+    assert precision.resolve("float32", "compute", "gpu") == "float32"
+    assert precision.resolve("bfloat16", "student", "cpu") == "bfloat16"
+    with pytest.raises(ValueError, match="student.dtype='fp16'"):
+        precision.resolve("fp16", "student")
+    with pytest.raises(ConfigError, match="model.dtype"):
+        tiny_config("model.dtype=half")
+
+
+def test_defaults_are_auto_and_mean_float32_on_this_cpu():
+    cfg = tiny_config()
+    assert (cfg.model.dtype, cfg.model.base_dtype, cfg.student.dtype) == ("auto", "auto", "auto")
+    assert jax.default_backend() == "cpu"
+    model, params = build_classifier(cfg, key())
+    assert model.module.dtype == jnp.float32
+    _, frozen = partition(params)
+    assert cast_frozen(frozen, cfg.model.base_dtype) is frozen  # float32 storage: not even copied
+    assert make_student(cfg).dtype == jnp.float32
+
+
+def test_auto_on_an_accelerator_builds_bf16_teacher_and_fp32_student(monkeypatch):
+    """The builders read the backend through precision.resolve: pretend to be a GPU and look at what they build."""
+    cfg = tiny_config()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    model, params = build_classifier(cfg, key(), shapes_only=True)
+    assert model.module.dtype == jnp.bfloat16
+    trainable, frozen = partition(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params))
+    stored = cast_frozen(frozen, cfg.model.base_dtype)
+    assert {x.dtype for x in jax.tree.leaves(stored)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}  # adapters, LN, head: fp32
+    assert make_student(cfg).dtype == jnp.float32
