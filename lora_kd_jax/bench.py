@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_kd_jax import data as data_lib
-from lora_kd_jax import distill, train
+from lora_kd_jax import distill, precision, train
 from lora_kd_jax.config import Config, load_config
 from lora_kd_jax.models.classifier import build_classifier
 from lora_kd_jax.models.student import build_student
@@ -29,6 +29,7 @@ from lora_kd_jax.trainable import cast_frozen, make_optimizer, partition
 TINY = ["model.name=custom", "model.n_layer=2", "model.n_embd=64", "model.n_head=4"]
 VARIANTS = {"gpt2": ["model.name=gpt2"], "gpt2-medium": ["model.name=gpt2-medium"], "tiny": TINY}
 BENCHES = ("lora_train_step", "teacher_forward", "distill_step", "distill_step_cached", "epoch")
+MODES = {"fp32": "float32", "bf16": "bfloat16"}  # the teacher's compute and frozen-base dtype
 
 
 def default_benches(variants: list[str]) -> list[str]:
@@ -48,8 +49,10 @@ class BenchArgs:
     steps: int = 30
     warmup: int = 3
     peak_tflops: float = 0.0
+    student_dtypes: list[str] = dataclasses.field(default_factory=lambda: ["auto"])  # measured side by side
     trim: bool = True  # length-aware: drop all-padding columns (exact for right padding + causal attention)
     data_dir: str = ""
+    limit: int = 0  # epoch bench: first N CoLA sentences of each split (data.limit); 0 = the full 8,551
     tokenizer: str = ""
     out: str | None = None
 
@@ -88,7 +91,8 @@ def trim_padding(batch: dict[str, np.ndarray], multiple: int = 8) -> dict[str, n
 
 
 def timed(step: Callable[[], Any], steps: int, warmup: int) -> tuple[float, float]:
-    """(first call in s, incl. compile; median ms of `steps` calls after warm-up)."""
+    """(first call in s, which includes compiling if `step` is a jit not yet compiled; median ms of `steps` calls
+    after warm-up)."""
     t0 = time.perf_counter()
     jax.block_until_ready(step())
     first = time.perf_counter() - t0
@@ -102,19 +106,41 @@ def timed(step: Callable[[], Any], steps: int, warmup: int) -> tuple[float, floa
     return first, 1e3 * statistics.median(times)
 
 
-def xla_flops(jitted: Any, *args: Any) -> float:
+def compile_once(jitted: Any, *example: Any) -> tuple[Any, float, float]:
+    """Ahead of time: (executable, seconds to lower and compile, XLA's FLOP count of that executable).
+
+    The timed loop calls this very executable, so the count describes the program timed and nothing compiles twice
+    (a second compile would also hit the persistent cache and hide the real cost of the first step)."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*example).compile()
+    seconds = time.perf_counter() - t0
     try:
-        cost = jitted.lower(*args).compile().cost_analysis()
+        cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", 0.0))
+        flops = float(cost.get("flops", 0.0))
     except Exception:  # cost analysis is best-effort on some backends
-        return 0.0
+        flops = 0.0
+    return compiled, seconds, flops
 
 
-def variant_config(variant: str, mode: str) -> Config:
-    dtype = "bfloat16" if mode == "bf16" else "float32"
+def bench_step(jitted: Any, state: Any, *rest: Any, steps: int, warmup: int) -> tuple[float, float, float, float]:
+    """A step `jitted(state, *rest) -> (state, sums)` that donates its state: (first step s incl. compile,
+    compile s, median ms, FLOPs). The state is threaded through, never reused after donation."""
+    compiled, compile_s, flops = compile_once(jitted, state, *rest)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], sums = compiled(holder["state"], *rest)
+        return sums["loss_sum"]
+
+    first, ms = timed(run, steps, warmup)
+    return compile_s + first, compile_s, ms, flops
+
+
+def variant_config(variant: str, mode: str, *overrides: str) -> Config:
+    dtype = MODES[mode]
     return load_config(None, [*VARIANTS[variant], "model.init=random", f"model.dtype={dtype}",
-                              f"model.base_dtype={dtype}", "lora.dropout=0.1"])
+                              f"model.base_dtype={dtype}", "lora.dropout=0.1", *overrides])
 
 
 def record(args: BenchArgs, bench: str, variant: str, mode: str, batch: dict, first: float | None, ms: float,
@@ -124,7 +150,7 @@ def record(args: BenchArgs, bench: str, variant: str, mode: str, batch: dict, fi
            "seq_run": s, "real_tokens": int(batch["attention_mask"].sum()), "ms_per_step": round(ms, 3),
            "seq_per_s": round(b / (ms / 1e3), 1), "first_step_s": None if first is None else round(first, 2),
            "gflop_per_step": round(flops / 1e9, 2) if flops else None, "device": device_name(),
-           "jax": jax.__version__, **extra}
+           "jax": jax.__version__, "compilation_cache": bool(jax.config.jax_compilation_cache_dir), **extra}
     if flops and args.peak_tflops:
         rec["mfu"] = round(flops / (ms / 1e3) / (args.peak_tflops * 1e12), 4)
     return rec
@@ -141,24 +167,18 @@ def bench_lora(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterabl
     merged = model.merged(params)
     merged = {**merged, "gpt2": cast_frozen(merged["gpt2"], cfg.model.base_dtype)}
     if "lora_train_step" in args.benches:
-        step = train.make_train_step(model, tx)
-        fresh = lambda: train.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(1))  # noqa: E731
-        flops = xla_flops(step, fresh(), frozen, dev_batch)
-        holder = {"state": fresh()}  # the step donates its state: never hand it arrays used elsewhere
-
-        def run():
-            holder["state"], sums = step(holder["state"], frozen, dev_batch)
-            return sums["loss_sum"]
-
-        first, ms = timed(run, args.steps, args.warmup)
-        yield record(args, "lora_train_step", variant, mode, batch, first, ms, flops)
+        state = train.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(1))
+        first, compile_s, ms, flops = bench_step(train.make_train_step(model, tx), state, frozen, dev_batch,
+                                                 steps=args.steps, warmup=args.warmup)
+        yield record(args, "lora_train_step", variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2))
     if "teacher_forward" in args.benches or "distill_step" in args.benches:
         fwd = jax.jit(lambda p, ids, mask: plain.logits(p, ids, mask, deterministic=True))
         if "teacher_forward" in args.benches:
-            first, ms = timed(lambda: fwd(merged, dev_batch["input_ids"], dev_batch["attention_mask"]), args.steps,
-                              args.warmup)
-            yield record(args, "teacher_forward", variant, mode, batch, first, ms,
-                         xla_flops(fwd, merged, dev_batch["input_ids"], dev_batch["attention_mask"]))
+            inputs = (merged, dev_batch["input_ids"], dev_batch["attention_mask"])
+            compiled, compile_s, flops = compile_once(fwd, *inputs)
+            first, ms = timed(lambda: compiled(*inputs), args.steps, args.warmup)
+            yield record(args, "teacher_forward", variant, mode, batch, compile_s + first, ms, flops,
+                         compile_s=round(compile_s, 2))
         if "distill_step" in args.benches:  # the peer's step: teacher forward inside, student fwd/bwd + Adam
             yield from bench_distill(args, variant, mode, batch, cfg, consts={"teacher": merged}, teacher=plain)
     if "distill_step_cached" in args.benches:  # what training runs: teacher logits computed once per dataset
@@ -168,35 +188,37 @@ def bench_lora(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterabl
 
 def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Config, consts: Any,
                   teacher: Any) -> Iterable[dict]:
-    """The seed's student (Emb 50257x768, RNN 768, Linear 2), T=2, Adam; student dtype per cfg.student."""
-    student, params = build_student(cfg.student, jax.random.key(2))
-    tx = distill.make_optimizer(1e-3)
-    objective = distill.distillation_objective(2.0, 0.0, teacher)
-    step = distill.make_train_step(student, tx, objective)
-    dev_batch = jax.device_put(batch)
-    flops = xla_flops(step, train.init_state(params, tx, jax.random.key(3)), consts, dev_batch)
-    holder = {"state": train.init_state(params, tx, jax.random.key(3))}
+    """The seed's student (Emb 50257x768, RNN 768, Linear 2), T=2, Adam, once per `args.student_dtypes`
+    (the student's dtype is chosen per backend from these figures: precision.py)."""
+    for student_dtype in args.student_dtypes:
+        sc = dataclasses.replace(cfg.student, dtype=student_dtype)
+        student, params = build_student(sc, jax.random.key(2))
+        tx = distill.make_optimizer(1e-3)
+        objective = distill.distillation_objective(2.0, 0.0, teacher)
+        step = distill.make_train_step(student, tx, objective)
+        first, compile_s, ms, flops = bench_step(step, train.init_state(params, tx, jax.random.key(3)), consts,
+                                                 jax.device_put(batch), steps=args.steps, warmup=args.warmup)
+        name = "distill_step" if teacher is not None else "distill_step_cached"
+        yield record(args, name, variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2),
+                     student_dtype=precision.resolve(student_dtype, "student"))
 
-    def run():
-        holder["state"], sums = step(holder["state"], consts, dev_batch)
-        return sums["loss_sum"]
 
-    first, ms = timed(run, args.steps, args.warmup)
-    name = "distill_step" if teacher is not None else "distill_step_cached"
-    yield record(args, name, variant, mode, batch, first, ms, flops, student_dtype=cfg.student.dtype)
+EPOCH_BUCKETS = ([], [8, 12, 16])  # padded to data.max_length (20) always, and length-aware
 
 
 def bench_epoch(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
-    """One CoLA training epoch (LoRA), data pipeline included: host batch building vs device step time."""
+    """One CoLA training epoch (LoRA), data pipeline included: host batch building vs device step time; once
+    padded to data.max_length and once with length-aware batching (data.buckets)."""
     if not args.data_dir:
         return
-    cfg = variant_config(variant, mode)
-    over = [f"data.dir={args.data_dir}", f"data.tokenizer={args.tokenizer or 'gpt2'}", f"train.batch_size={args.batch}",
-            "train.epochs=1", f"model.name={cfg.model.name}", "model.init=random", f"model.dtype={cfg.model.dtype}",
-            f"model.base_dtype={cfg.model.base_dtype}"]
-    if variant == "tiny":
-        over += TINY[1:]
-    cfg = load_config(None, over)
+    for buckets in EPOCH_BUCKETS:
+        yield from _bench_epoch(args, variant, mode, buckets)
+
+
+def _bench_epoch(args: BenchArgs, variant: str, mode: str, buckets: list[int]) -> Iterable[dict]:
+    cfg = variant_config(variant, mode, f"data.dir={args.data_dir}", f"data.limit={args.limit}",
+                         f"data.tokenizer={args.tokenizer or 'gpt2'}", f"data.buckets={','.join(map(str, buckets))}",
+                         f"train.batch_size={args.batch}", "train.epochs=1")
     splits = train.load_splits(cfg)
     task, _, _ = train.build_task(cfg, splits)
 
@@ -226,11 +248,12 @@ def bench_epoch(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
     total, host = statistics.median(totals), statistics.median(hosts)
     n = len(splits["train"])
     yield {"bench": "epoch", "impl": "jax", "variant": variant, "mode": mode, "batch": args.batch,
-           "seq": cfg.data.max_length, "examples": n, "steps": task.n_train_batches,
+           "seq": cfg.data.max_length, "buckets": buckets, "examples": n, "steps": task.n_train_batches,
            "ms_per_step": round(1e3 * total / task.n_train_batches, 3), "seq_per_s": round(n / total, 1),
            "epoch_s": round(total, 4), "input_pipeline_s": round(host, 4),
            "input_pipeline_share": round(host / total, 4), "first_step_s": round(first_total, 2),
-           "device": device_name(), "jax": jax.__version__}
+           "device": device_name(), "jax": jax.__version__,
+           "compilation_cache": bool(jax.config.jax_compilation_cache_dir)}
 
 
 def run(args: BenchArgs) -> list[dict]:

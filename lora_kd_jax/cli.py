@@ -47,7 +47,7 @@ def main_train_lora(argv: Sequence[str] | None = None) -> None:
 
 
 def main_bench(argv: Sequence[str] | None = None) -> None:
-    from lora_kd_jax import bench
+    from lora_kd_jax import bench, precision
 
     data_dir, tokenizer = bench.default_paths()
     p = argparse.ArgumentParser(description="Step-time benchmarks (JSON lines on stdout, appended to --out)")
@@ -57,20 +57,28 @@ def main_bench(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
     p.add_argument("--benches", default=None, help="comma list of " + ", ".join(bench.BENCHES) + " (default: all; "
                    "on a CPU the gpt2-size epoch bench, ~1,000 steps, only when named)")
+    p.add_argument("--student-dtypes", default="auto", help="comma list of auto, float32, bfloat16: the distillation "
+                   "benches run the student once in each (auto = this backend's choice, precision.py)")
     p.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (median reported)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
     p.add_argument("--no-trim", action="store_true", help="keep all-padding columns (no length-aware trimming)")
     p.add_argument("--data-dir", default=data_dir, help="CoLA dir for the epoch bench ('' skips it)")
     p.add_argument("--tokenizer", default=tokenizer)
+    p.add_argument("--limit", type=int, default=0, help="epoch bench: first N sentences per split (0 = all 8,551)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     a.benches = a.benches or ",".join(bench.default_benches(split(a.variants)))
-    for name in split(a.benches):
-        if name not in bench.BENCHES:
-            sys.exit(f"--benches: unknown bench '{name}'; choose from {', '.join(bench.BENCHES)}")
+    for flag, values, known in (("--benches", a.benches, bench.BENCHES), ("--modes", a.modes, bench.MODES),
+                                ("--variants", a.variants, bench.VARIANTS),
+                                ("--student-dtypes", a.student_dtypes, ("auto", *precision.DTYPES))):
+        for name in split(values):
+            if name not in known:
+                sys.exit(f"{flag}: unknown value '{name}'; choose from {', '.join(known)}")
     if a.steps < 20:
         print("note: --steps below 20 gives a noisy median", file=sys.stderr)
     bench.run(bench.BenchArgs(variants=split(a.variants), modes=split(a.modes), benches=split(a.benches),
                               batch=a.batch, seq=a.seq, steps=a.steps, peak_tflops=a.peak_tflops,
-                              trim=not a.no_trim, data_dir=a.data_dir, tokenizer=a.tokenizer, out=a.out))
+                              trim=not a.no_trim, data_dir=a.data_dir, tokenizer=a.tokenizer, out=a.out,
+                              limit=a.limit,
+                              student_dtypes=split(a.student_dtypes)))

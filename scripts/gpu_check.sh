@@ -7,27 +7,61 @@
 #       -d .whl transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.0 datasets==5.0.1 dill multiprocess
 #   mkdir -p .peer && cp -r ../shared/bench/peer_torch.py ../shared/data/cola ../shared/gpt2-tokenizer .peer/
 # (.whl and .peer are git-ignored: the data and tokenizer files are never committed)
-# Then: run(command="bash scripts/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=540)
+# Then: run(command="bash scripts/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=480)
+#
+# Stages run in order of what the performance issue needs most, each under its own timeout, each appending JSON
+# lines to $OUT/jax.jsonl as it goes: whatever a stage finishes survives a later stage's timeout.
+# Rehearse it here on the CPU (tiny model, a few steps, same stages and flags): GPU_CHECK_REHEARSAL=1 bash $0
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "carry .whl (see the header of this script)"; exit 1; }
+if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then
+  PY=${PY:-.venv/bin/python}; SMALL=tiny; MEDIUM=tiny; STEPS=3; LIMIT="--limit 256"; SCALE=10
+  PEER_FLAGS="--tiny --modes fp32"; SITE=/tmp/gpu_check_site
+else
+  PY=python3; SMALL=gpt2; MEDIUM=gpt2-medium; STEPS=30; LIMIT=""; SCALE=1
+  PEER_FLAGS="--modes bf16,compile-bf16"; SITE=/tmp/site
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+fi
+if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then  # this venv already holds those versions (and is not Python 3.12)
+  ls .whl/transformers-4.57.6-*.whl .peer/peer_torch.py >/dev/null || exit 1
+else
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    || { echo "carry .whl (see the header of this script)"; exit 1; }
+fi
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
 # our package needs transformers 4.57 (Flax GPT-2): on PYTHONPATH for our process only
-PYTHONPATH=/tmp/site:$PWD timeout 330 python3 scripts/bench.py --variants gpt2,gpt2-medium --modes bf16,fp32 \
-  --steps 30 --peak-tflops 989 --data-dir .peer/cola --tokenizer .peer/gpt2-tokenizer \
-  --out "$OUT/jax.jsonl" 2>"$OUT/jax.err" || echo "bench.py exit $? (see jax.err)"
-# the peer with the image's own torch/transformers 5/peft
-[ -f .peer/peer_torch.py ] && timeout 150 python3 .peer/peer_torch.py --variants gpt2,gpt2-medium \
-  --modes bf16,compile-bf16 --out "$OUT/peer.jsonl" 2>"$OUT/peer.err" || echo "peer exit $?"
-python3 - "$OUT" <<'PY'
+bench() {  # bench SECONDS FLAGS...: one stage of scripts/bench.py
+  local limit=$(( $1 / SCALE + 60 * (SCALE > 1) )); shift
+  echo "== bench.py $* (limit ${limit}s)"
+  PYTHONPATH="$SITE:$PWD" timeout "$limit" "$PY" scripts/bench.py --steps "$STEPS" --peak-tflops 989 \
+    --data-dir .peer/cola --tokenizer .peer/gpt2-tokenizer $LIMIT --out "$OUT/jax.jsonl" "$@" 2>>"$OUT/jax.err" \
+    >/dev/null || echo "   exit $? (see jax.err)"
+}
+T0=$SECONDS
+# 1. the goals: gpt2 bf16 LoRA step, teacher forward, distillation step (teacher inside), first step
+bench 120 --variants $SMALL --modes bf16 --benches lora_train_step,teacher_forward,distill_step
+# 2. the student's dtype: measured, not assumed (precision.py picks float32 for it on GPUs)
+bench 60 --variants $SMALL --modes bf16 --benches distill_step_cached --student-dtypes float32,bfloat16
+# 3. a full CoLA epoch, padded to 20 and length-aware, data pipeline included
+bench 90 --variants $SMALL --modes bf16 --benches epoch
+# 4. gpt2-medium
+bench 90 --variants $MEDIUM --modes bf16 --benches lora_train_step,teacher_forward
+echo "== JAX stages took $((SECONDS - T0)) s"
+# 5. the peer with the image's own torch/transformers 5/peft, same machine, same call
+[ -f .peer/peer_torch.py ] && timeout $(( 120 / SCALE + 60 * (SCALE > 1) )) "$PY" .peer/peer_torch.py \
+  --variants $SMALL $PEER_FLAGS --steps $STEPS --out "$OUT/peer.jsonl" 2>"$OUT/peer.err" >/dev/null || echo "peer exit $?"
+# 6. fp32 for reference, only if time is left
+bench 60 --variants $SMALL --modes fp32 --benches lora_train_step,teacher_forward
+echo "== all stages took $((SECONDS - T0)) s"
+"$PY" - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 for name in ("jax.jsonl", "peer.jsonl"):
     p = out / name
     for line in (p.read_text().splitlines() if p.exists() else []):
         r = json.loads(line)
-        print(f"{r.get('impl','?'):10} {r['bench']:20} {r['variant']:12} {r['mode']:13} {r['ms_per_step']:9.2f} ms"
-              f"  first {r.get('first_step_s')}  mfu {r.get('mfu')}")
+        extra = {k: r[k] for k in ("student_dtype", "buckets", "epoch_s", "input_pipeline_share", "compile_s")
+                 if k in r}
+        print(f"{r.get('impl', 'torch'):6} {r['bench']:20} {r['variant']:12} {r['mode']:13} {r['ms_per_step']:9.2f} ms"
+              f"  first {r.get('first_step_s')} s  mfu {r.get('mfu')}  {extra}")
 PY
