@@ -26,7 +26,9 @@ from lora_kd_jax.models.classifier import build_classifier
 from lora_kd_jax.models.student import build_student
 from lora_kd_jax.trainable import cast_frozen, make_optimizer, partition
 
-TINY = ["model.name=custom", "model.n_layer=2", "model.n_embd=64", "model.n_head=4"]
+# tiny: a CPU smoke size for teacher and student alike (both keep the real 50,257-token vocabulary)
+TINY = ["model.name=custom", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "student.embed_dim=64",
+        "student.hidden_dim=64"]
 VARIANTS = {"gpt2": ["model.name=gpt2"], "gpt2-medium": ["model.name=gpt2-medium"], "tiny": TINY}
 BENCHES = ("lora_train_step", "teacher_forward", "distill_step", "distill_step_cached", "epoch")
 MODES = {"fp32": "float32", "bf16": "bfloat16"}  # the teacher's compute and frozen-base dtype
@@ -188,8 +190,8 @@ def bench_lora(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterabl
 
 def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Config, consts: Any,
                   teacher: Any) -> Iterable[dict]:
-    """The seed's student (Emb 50257x768, RNN 768, Linear 2), T=2, Adam, once per `args.student_dtypes`
-    (the student's dtype is chosen per backend from these figures: precision.py)."""
+    """The seed's student (Emb 50257x768, RNN 768, Linear 2; 64 wide for tiny), T=2, Adam, once per
+    `args.student_dtypes` (the student's dtype is chosen per backend from these figures: precision.py)."""
     for student_dtype in args.student_dtypes:
         sc = dataclasses.replace(cfg.student, dtype=student_dtype)
         student, params = build_student(sc, jax.random.key(2))
