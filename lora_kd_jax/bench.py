@@ -205,22 +205,25 @@ def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Co
                      student_dtype=precision.resolve(student_dtype, "student"))
 
 
-EPOCH_BUCKETS = ([], [8, 12, 16])  # padded to data.max_length (20) always, and length-aware
+# (data.buckets, data.group_window): padded to data.max_length (20) always; length-aware (rows grouped by length
+# within windows of 16 batches, each batch cut to the shortest bucket that holds it)
+EPOCH_LAYOUTS = (([], 0), ([8, 12, 16], 16))
 
 
 def bench_epoch(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
     """One CoLA training epoch (LoRA), data pipeline included: host batch building vs device step time; once
-    padded to data.max_length and once with length-aware batching (data.buckets)."""
+    padded to data.max_length and once length-aware (EPOCH_LAYOUTS)."""
     if not args.data_dir:
         return
-    for buckets in EPOCH_BUCKETS:
-        yield from _bench_epoch(args, variant, mode, buckets)
+    for buckets, group_window in EPOCH_LAYOUTS:
+        yield from _bench_epoch(args, variant, mode, buckets, group_window)
 
 
-def _bench_epoch(args: BenchArgs, variant: str, mode: str, buckets: list[int]) -> Iterable[dict]:
+def _bench_epoch(args: BenchArgs, variant: str, mode: str, buckets: list[int], group_window: int
+                 ) -> Iterable[dict]:
     cfg = variant_config(variant, mode, f"data.dir={args.data_dir}", f"data.limit={args.limit}",
                          f"data.tokenizer={args.tokenizer or 'gpt2'}", f"data.buckets={','.join(map(str, buckets))}",
-                         f"train.batch_size={args.batch}", "train.epochs=1")
+                         f"data.group_window={group_window}", f"train.batch_size={args.batch}", "train.epochs=1")
     splits = train.load_splits(cfg)
     task, _, _ = train.build_task(cfg, splits)
 
@@ -250,7 +253,8 @@ def _bench_epoch(args: BenchArgs, variant: str, mode: str, buckets: list[int]) -
     total, host = statistics.median(totals), statistics.median(hosts)
     n = len(splits["train"])
     yield {"bench": "epoch", "impl": "jax", "variant": variant, "mode": mode, "batch": args.batch,
-           "seq": cfg.data.max_length, "buckets": buckets, "examples": n, "steps": task.n_train_batches,
+           "seq": cfg.data.max_length, "buckets": buckets, "group_window": group_window, "examples": n,
+           "steps": task.n_train_batches,
            "ms_per_step": round(1e3 * total / task.n_train_batches, 3), "seq_per_s": round(n / total, 1),
            "epoch_s": round(total, 4), "input_pipeline_s": round(host, 4),
            "input_pipeline_share": round(host / total, 4), "first_step_s": round(first_total, 2),

@@ -50,6 +50,7 @@ class DataConfig:
     max_length: int = 20
     limit: int = 0  # keep only the first N examples of each split; 0 = all
     buckets: list[int] = dataclasses.field(default_factory=list)  # length-aware batching: padded lengths; [] = off
+    group_window: int = 0  # with buckets: group training rows by length within windows of N batches; 0 = off
 
 
 @dataclasses.dataclass
@@ -142,7 +143,8 @@ POSITIVE: tuple[str, ...] = (
     "train.lr", "train.epochs", "student.vocab_size", "student.embed_dim", "student.hidden_dim",
     "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head", "mesh.fsdp",
 )
-NON_NEGATIVE: tuple[str, ...] = ("data.limit", "train.eval_batch_size", "distill.alpha", "model.dropout")
+NON_NEGATIVE: tuple[str, ...] = ("data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
+                                 "model.dropout")
 PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout")
 
 
@@ -265,6 +267,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"mesh.data: must be -1 (all devices) or > 0, got {cfg.mesh.data}")
     if any(b <= 0 for b in cfg.data.buckets):
         raise ConfigError(f"data.buckets: lengths must be > 0, got {cfg.data.buckets}")
+    if cfg.data.group_window and not cfg.data.buckets:
+        raise ConfigError(f"data.group_window={cfg.data.group_window} without data.buckets: grouping rows by length "
+                          "only pays when batches are cut to shorter lengths; set data.buckets (e.g. [8,12,16]) or "
+                          "data.group_window=0")
     if cfg.data.buckets and cfg.student.pooling == "last_step":
         raise ConfigError("data.buckets with student.pooling=last_step: that pooling reads the last padded position, "
                           "which bucketing moves; use student.pooling=last_token or data.buckets=[]")

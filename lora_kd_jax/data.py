@@ -13,11 +13,13 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from lora_kd_jax.config import Config
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `import lora_kd_jax.data` is cheap
     import datasets
@@ -342,6 +344,23 @@ def epoch_order(n: int, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> np.n
     return np.asarray(jax.random.permutation(key, n))
 
 
+def group_by_length(order: np.ndarray, row_lengths: np.ndarray, batch_size: int, window: int, *, seed: int,
+                    epoch: int) -> np.ndarray:
+    """`order` regrouped so each batch holds rows of similar length: each run of `window` batches is sorted by
+    length (stable), then the full batches are put in an order keyed by (seed, epoch); a partial last batch stays
+    last. Every row still appears once per epoch; what changes is which rows share a batch."""
+    import jax
+
+    chunk = window * batch_size
+    grouped = np.concatenate([order[i:i + chunk][np.argsort(row_lengths[order[i:i + chunk]], kind="stable")]
+                              for i in range(0, len(order), chunk)]) if len(order) else order
+    n_full = len(grouped) // batch_size
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), 1)
+    batches = np.asarray(jax.random.permutation(key, n_full))
+    full = grouped[:n_full * batch_size].reshape(n_full, batch_size)[batches].reshape(-1)
+    return np.concatenate([full, grouped[n_full * batch_size:]])
+
+
 def batch_iterator(
     split: EncodedSplit,
     batch_size: int,
@@ -351,14 +370,15 @@ def batch_iterator(
     epoch: int = 0,
     start_batch: int = 0,
     lengths: Sequence[int] = (),
+    group_window: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The one place batches are built: fixed [batch_size, ...] shapes so the step compiles once.
 
     Yields dicts with 'input_ids' int32 [B,L], 'attention_mask' int32 [B,L], 'labels' int32 [B] and
     'weights' float32 [B] (1.0 real row, 0.0 padding row) and 'index' int32 [B] (row in `split`, 0 on padding
-    rows; lets a step gather per-example arrays such as cached teacher logits on device). The last partial batch is kept and filled with
-    padding rows: weights 0, input_ids PAD_ID, attention_mask with a single 1 at position 0 (so "last real
-    token" indexing stays in range), label 0. Order: when shuffle, jax.random.permutation of N keyed by
+    rows; lets a step gather per-example arrays such as cached teacher logits on device). The last partial batch
+    is kept and filled with padding rows: weights 0, input_ids PAD_ID, attention_mask with a single 1 at position 0
+    (so "last real token" indexing stays in range), label 0. Order: when shuffle, jax.random.permutation of N keyed by
     fold_in(key(seed), epoch); else file order. start_batch skips the first k batches of that epoch's order,
     so a resumed run sees exactly the batches it had not yet seen.
 
@@ -366,12 +386,19 @@ def batch_iterator(
     that holds its longest row (at most one compiled shape per length). Exact for right-padded causal models that
     pool the last real token (GPT-2, the `last_token` student); not for `last_step` pooling, which reads the last
     padded position.
+
+    `group_window` (with shuffle; 0 = off): rows are grouped by length within windows of that many batches
+    (`group_by_length`), so cutting to `lengths` pays: uniformly random batches of 128 CoLA sentences almost always
+    hold one of 17+ tokens, grouped ones mostly do not.
     """
     n = len(split)
     nb = num_batches(n, batch_size)
     if not 0 <= start_batch <= nb:
         raise ValueError(f"start_batch={start_batch}: expected 0 <= start_batch <= {nb} (batches per epoch)")
     order = epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
+    if shuffle and group_window > 0:
+        order = group_by_length(order, split.attention_mask.sum(axis=1), batch_size, group_window, seed=seed,
+                                epoch=epoch)
     seq_len = split.input_ids.shape[1]
     for b in range(start_batch, nb):
         idx = order[b * batch_size:(b + 1) * batch_size]
@@ -392,6 +419,28 @@ def batch_iterator(
             input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
         yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights,
                "index": index}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSources:
+    """What a training loop iterates: train(epoch, start_batch) and eval() each return a fresh batch iterator."""
+    train: Callable[[int, int], Iterator[dict[str, np.ndarray]]]
+    eval: Callable[[], Iterator[dict[str, np.ndarray]]]
+    n_train_batches: int
+
+
+def batch_sources(splits: dict[str, EncodedSplit], cfg: Config) -> BatchSources:
+    """The train and validation batches a run's config asks for (batch sizes, seed, buckets, length grouping):
+    the LoRA and the student trainers both take theirs from here."""
+    train, val = splits["train"], splits["validation"]
+    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size or cfg.train.batch_size
+    buckets = cfg.data.buckets
+    return BatchSources(
+        train=lambda epoch, start: batch_iterator(train, bs, shuffle=True, seed=cfg.train.seed, epoch=epoch,
+                                                  start_batch=start, lengths=buckets,
+                                                  group_window=cfg.data.group_window),
+        eval=lambda: batch_iterator(val, ebs, shuffle=False, lengths=buckets),
+        n_train_batches=num_batches(len(train), bs))
 
 
 def bucket_length(longest: int, lengths: Sequence[int], seq_len: int) -> int:

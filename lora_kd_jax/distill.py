@@ -289,16 +289,12 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
           info: dict, title: str, place: mesh_lib.Placement | None = None) -> Task:
     place = place or placement(cfg)
     student, state, tx, n = _student_state(cfg, place)
-    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size or cfg.train.batch_size
-    train, val = splits["train"], splits["validation"]
+    batches = data_lib.batch_sources(splits, cfg)
     return Task(
         kind=kind, state=state, consts=consts,
         train_step=make_train_step(student, tx, objective), eval_step=make_eval_step(student),
-        train_batches=lambda epoch, start: data_lib.batch_iterator(train, bs, shuffle=True, seed=cfg.train.seed,
-                                                                   epoch=epoch, start_batch=start,
-                                                                   lengths=cfg.data.buckets),
-        eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False, lengths=cfg.data.buckets),
-        n_train_batches=data_lib.num_batches(len(train), bs), epochs=cfg.train.epochs,
+        train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
+        epochs=cfg.train.epochs,
         info={"total_params": n, "trainable_params": n, "reduction": 0.0,
               "student_dtype": precision.resolve(cfg.student.dtype, "student"), **info}, title=title,
         put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)

@@ -16,7 +16,8 @@ from lora_kd_jax import precision, rundir, runtime
 from lora_kd_jax.config import Config
 from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier
-from lora_kd_jax.trainable import ParamReport, apply_if_finite, cast_frozen, combine, make_optimizer, param_report, partition
+from lora_kd_jax.trainable import (ParamReport, apply_if_finite, cast_frozen, combine, make_optimizer, param_report,
+                                   partition)
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,12 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
     compute, base = precision.resolve(cfg.model.dtype, "compute"), precision.resolve(cfg.model.base_dtype, "base")
     log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)",
              cfg.model.name, compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend())
-    train, val = splits["train"], splits["validation"]
+    batches = data_lib.batch_sources(splits, cfg)
     task = Task(
         kind="lora", state=state, consts=frozen,
         train_step=make_train_step(model, tx), eval_step=make_eval_step(model),
-        train_batches=lambda epoch, start: data_lib.batch_iterator(train, bs, shuffle=True, seed=cfg.train.seed,
-                                                                   epoch=epoch, start_batch=start,
-                                                                   lengths=cfg.data.buckets),
-        eval_batches=lambda: data_lib.batch_iterator(val, ebs, shuffle=False, lengths=cfg.data.buckets),
-        n_train_batches=data_lib.num_batches(len(train), bs), epochs=cfg.train.epochs,
+        train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
+        epochs=cfg.train.epochs,
         info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction,
               "compute_dtype": compute, "base_dtype": base},
         title=f"LoRA {cfg.model.name}", put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)

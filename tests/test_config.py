@@ -85,3 +85,9 @@ def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(typo)
     assert str(typo) in str(e.value) and "train.batch_size" in str(e.value)
+
+
+def test_length_grouping_needs_buckets():
+    with pytest.raises(ConfigError, match="data.group_window=16 without data.buckets"):
+        load_config(None, ["data.group_window=16"])
+    assert load_config(None, ["data.group_window=16", "data.buckets=8,12,16"]).data.group_window == 16
