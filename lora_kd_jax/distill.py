@@ -224,11 +224,11 @@ def check_teacher(path: str, cfg: Config) -> tuple[Path, Config]:
     return run_dir, teacher_cfg
 
 
-def restore_teacher(path: str, cfg: Config, splits: dict[str, data_lib.EncodedSplit] | None = None) -> Teacher:
+def restore_teacher(path: str, cfg: Config) -> Teacher:
     """The teacher as its run left it: `train.restore_lora_run` rebuilds the model and frozen base exactly (same
     seed, same key split) and restores the trainable parameters from checkpoints/best; LoRA is merged into the
     kernels and the result is placed on this run's mesh (what a teacher computes depends on its weights only, and
-    Orbax restores onto any mesh). `splits` is unused (kept for callers that pass it)."""
+    Orbax restores onto any mesh)."""
     from lora_kd_jax import train
     from lora_kd_jax.trainable import cast_frozen, param_report
 
@@ -327,7 +327,7 @@ def distill_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = 
     check_teacher(cfg.distill.teacher, cfg)
     run_dir = rundir.prepare(cfg, resume=resume)
     splits = train_lib.load_splits(cfg)
-    teacher = restore_teacher(cfg.distill.teacher, cfg, splits)
+    teacher = restore_teacher(cfg.distill.teacher, cfg)
     task = build_distill_task(cfg, splits, teacher)
     summary = run_epochs(task, run_dir, resume=resume, progress=progress)
     _log_summary(summary)

@@ -190,7 +190,7 @@ def distilled(tmp_path_factory, teacher_run, synthetic):
     run_dir = tmp_path_factory.mktemp("student")
     cfg = student_cfg(teacher_run, run_dir)
     rundir.prepare(cfg)
-    teacher = distill.restore_teacher(cfg.distill.teacher, cfg, synthetic)
+    teacher = distill.restore_teacher(cfg.distill.teacher, cfg)
     task = distill.build_distill_task(cfg, synthetic, teacher)
     initial = jax.tree.map(np.array, task.state.trainable)  # host copy: the train step donates the state
     run_epochs(task, run_dir, progress=False)
