@@ -167,6 +167,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
             if inner is int:
                 value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and inner is int and value == int(value):
+            value = [int(value)]  # `data.buckets=16`: a one-element list
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]

@@ -239,7 +239,7 @@ def restore_teacher(path: str, cfg: Config) -> Teacher:
         raise TeacherError(f"distill.teacher: {e}") from None
     report = param_report(params)
     merged = model.merged(params)
-    merged["gpt2"] = cast_frozen(merged["gpt2"], teacher_cfg.model.base_dtype)
+    merged["gpt2"] = cast_frozen(merged["gpt2"], precision.base_dtype(teacher_cfg.model))
     place = placement(cfg)
     params = place.frozen(merged)
     vocab = params["gpt2"]["wte"]["embedding"].shape[0]
@@ -251,8 +251,9 @@ def restore_teacher(path: str, cfg: Config) -> Teacher:
                       total_params=report.total, trainable_params=report.trainable,
                       best_epoch=int(summary.get("best_epoch", 0)),
                       val_accuracy=float(summary.get("best_val_accuracy", math.nan)), placement=place)
-    log.info("teacher %s (%s): best checkpoint, epoch %d, val accuracy %.4f", run_dir, teacher_cfg.model.name,
-             teacher.best_epoch, teacher.val_accuracy)
+    log.info("teacher %s (%s): best checkpoint, epoch %d, val accuracy %.4f; computes in %s, base stored in %s",
+             run_dir, teacher_cfg.model.name, teacher.best_epoch, teacher.val_accuracy,
+             precision.compute_dtype(teacher_cfg.model), precision.base_dtype(teacher_cfg.model))
     return teacher
 
 
@@ -281,7 +282,7 @@ def _student_state(cfg: Config, place: mesh_lib.Placement
     sc = cfg.student
     log.info("student: %s%s, embed %d, hidden %d, pooling %s, computing in %s: %.2fM params (%d), all trainable",
              sc.cell, " bidirectional" if sc.bidirectional else "", sc.embed_dim, sc.hidden_dim, sc.pooling,
-             precision.resolve(sc.dtype, "student"), n / 1e6, n)
+             precision.student_dtype(sc), n / 1e6, n)
     return student, place.state(init_state(params, tx, k_dropout)), tx, n
 
 
@@ -296,7 +297,7 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
         epochs=cfg.train.epochs,
         info={"total_params": n, "trainable_params": n, "reduction": 0.0,
-              "student_dtype": precision.resolve(cfg.student.dtype, "student"), **info}, title=title,
+              "student_dtype": precision.student_dtype(cfg.student), **info}, title=title,
         put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)
 
 
@@ -310,7 +311,10 @@ def build_distill_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], te
         objective = distillation_objective(d.temperature, d.alpha, teacher.model)
     info = {"teacher": str(teacher.run_dir), "teacher_model": teacher.config.model.name,
             "teacher_total_params": teacher.total_params, "teacher_trainable_params": teacher.trainable_params,
-            "teacher_val_accuracy": teacher.val_accuracy, "temperature": d.temperature, "alpha": d.alpha,
+            "teacher_val_accuracy": teacher.val_accuracy,
+            "teacher_compute_dtype": precision.compute_dtype(teacher.config.model),
+            "teacher_base_dtype": precision.base_dtype(teacher.config.model),
+            "temperature": d.temperature, "alpha": d.alpha,
             "train_loss": "T^2 KL(teacher||student) + alpha CE", "val_loss": "CE"}
     return _task(cfg, splits, kind="distill", consts=consts, objective=objective, info=info,
                  title=f"DistilRNN ({teacher.config.model.name} teacher)", place=teacher.placement)

@@ -1,40 +1,51 @@
-"""The one place that turns a dtype setting ("float32", "bfloat16" or "auto") into a jnp dtype.
+"""The one place that turns a dtype setting ("float32", "bfloat16" or "auto") into a dtype.
 
 "auto" picks per backend, from what was measured rather than what is fashionable:
 - cpu: everything float32. On the 2-core test machine XLA:CPU ran bf16 slower than fp32 (gpt2 LoRA step
   490 vs 396 ms; student step 106 vs 96 ms), and fp32 is what the PyTorch parity tests check.
-- gpu / tpu: the GPT-2 teacher computes in bfloat16 and stores its frozen base in bfloat16 (a plain JAX build on
-  an H200 ran the gpt2 LoRA step in 13.5 ms vs 27.8 ms fp32, ../shared/docs/PEER_BENCH.md); LoRA factors, heads
-  and optimizer state stay float32 whatever the compute dtype. The RNN student stays float32: a bf16 `nn.RNN`
-  scan was 8x slower than fp32 on that H200 (its per-step matmuls are tiny, so bf16 buys no bandwidth and
-  costs conversions inside the sequential loop). TPU figures are not measured here; bf16 there follows the MXU.
+- gpu / tpu: the GPT-2 teacher computes in bfloat16 (a plain JAX build on an H200 ran the gpt2 LoRA step in
+  13.5 ms vs 27.8 ms fp32, ../shared/docs/PEER_BENCH.md); LoRA factors, heads and optimizer state stay float32
+  whatever the compute dtype. The RNN student stays float32: a bf16 `nn.RNN` scan was 8x slower than fp32 on that
+  H200 (its per-step matmuls are tiny, so bf16 buys no bandwidth and costs conversions inside the sequential
+  loop). TPU figures are not measured here; bf16 there follows the MXU.
+- model.base_dtype=auto stores the frozen base in the resolved compute dtype (bfloat16 storage halves the base's
+  memory and bandwidth; `model.dtype=float32` alone gives an fp32 model, e.g. for parity checks on a GPU).
+
+A run dir's config.yaml records the resolved dtypes (`resolved_config`), so a run started in bf16 on a GPU is not
+silently continued in fp32 elsewhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
+from lora_kd_jax.config import Config, ModelConfig, StudentConfig
+
 log = logging.getLogger(__name__)
 
 Role = Literal["compute", "base", "student"]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-AUTO: dict[str, dict[str, str]] = {
-    "cpu": {"compute": "float32", "base": "float32", "student": "float32"},
-    "gpu": {"compute": "bfloat16", "base": "bfloat16", "student": "float32"},
-    "tpu": {"compute": "bfloat16", "base": "bfloat16", "student": "float32"},
+AUTO: dict[str, dict[str, str]] = {  # backend -> role -> dtype (base: see base_dtype)
+    "cpu": {"compute": "float32", "student": "float32"},
+    "gpu": {"compute": "bfloat16", "student": "float32"},
+    "tpu": {"compute": "bfloat16", "student": "float32"},
 }
 ROLE_KEYS = {"compute": "model.dtype", "base": "model.base_dtype", "student": "student.dtype"}
 
 
 def resolve(name: str, role: Role, backend: str | None = None) -> str:
-    """The dtype name `name` means for `role` on `backend` (default: JAX's default backend)."""
+    """The dtype name `name` means for `role` on `backend` (default: JAX's default backend). For the frozen base
+    use `base_dtype`, whose auto depends on the compute dtype."""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"{ROLE_KEYS[role]}={name!r}: expected one of auto, {', '.join(DTYPES)}")
         return name
+    if role == "base":
+        raise ValueError("model.base_dtype=auto follows the compute dtype: resolve it with precision.base_dtype")
     backend = backend or jax.default_backend()
     table = AUTO.get("gpu" if backend in ("cuda", "rocm") else backend)
     if table is None:  # an unmeasured platform: the exact choice
@@ -43,6 +54,27 @@ def resolve(name: str, role: Role, backend: str | None = None) -> str:
     return table[role]
 
 
+def compute_dtype(model: ModelConfig, backend: str | None = None) -> str:
+    return resolve(model.dtype, "compute", backend)
+
+
+def base_dtype(model: ModelConfig, backend: str | None = None) -> str:
+    """Storage dtype of the frozen base: model.base_dtype, or (auto) the resolved compute dtype."""
+    return compute_dtype(model, backend) if model.base_dtype == "auto" else resolve(model.base_dtype, "base")
+
+
+def student_dtype(student: StudentConfig, backend: str | None = None) -> str:
+    return resolve(student.dtype, "student", backend)
+
+
 def dtype(name: str, role: Role, backend: str | None = None) -> jnp.dtype:
     """`resolve` as a jnp dtype."""
     return DTYPES[resolve(name, role, backend)]
+
+
+def resolved_config(cfg: Config, backend: str | None = None) -> Config:
+    """`cfg` with every "auto" dtype replaced by what it means on `backend` (what a run dir records)."""
+    model = dataclasses.replace(cfg.model, dtype=compute_dtype(cfg.model, backend),
+                                base_dtype=base_dtype(cfg.model, backend))
+    student = dataclasses.replace(cfg.student, dtype=student_dtype(cfg.student, backend))
+    return dataclasses.replace(cfg, model=model, student=student)

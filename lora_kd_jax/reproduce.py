@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import yaml
-
-from lora_kd_jax.config import Config, ConfigError, load_config, to_dict
+from lora_kd_jax import rundir
+from lora_kd_jax.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +105,11 @@ def _has_steps(directory: Path) -> bool:
 def finished(cfg: Config) -> dict | None:
     """metrics.json of a run in cfg.run.dir that has the same settings and covers every epoch, else None."""
     run_dir = Path(cfg.run.dir)
-    cfg_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.json"
+    cfg_path, metrics_path = run_dir / rundir.CONFIG_FILE, run_dir / rundir.METRICS_FILE
     if cfg.run.overwrite or not (cfg_path.is_file() and metrics_path.is_file()):
         return None
     same = lambda d: {k: v for k, v in d.items() if k != "run"}  # noqa: E731
-    if same(yaml.safe_load(cfg_path.read_text()) or {}) != same(to_dict(cfg)):
+    if same(rundir.stored_config(run_dir)) != same(rundir.recorded(cfg)):
         return None
     record = json.loads(metrics_path.read_text())
     return record if len(record.get("epochs", [])) >= cfg.train.epochs else None

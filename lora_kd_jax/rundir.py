@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from lora_kd_jax.config import Config, save_config, to_dict
+from lora_kd_jax.config import Config, ConfigError, from_dict, save_config, to_dict
+from lora_kd_jax.precision import resolved_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
 
@@ -21,7 +22,10 @@ class RunDirError(RuntimeError):
 def prepare(cfg: Config, *, resume: bool = False) -> Path:
     """Create run.dir, check it does not hold a different run, write config.yaml, attach the log file.
 
-    In a multi-process run only process 0 writes; the others just check."""
+    config.yaml holds the resolved config: "auto" dtypes as this backend resolves them (precision.py), so a run
+    started in bf16 on a GPU is refused, naming model.dtype, rather than continued in fp32 on a CPU. A config.yaml
+    written before a key existed reads with that key's default. In a multi-process run only process 0 writes; the
+    others just check."""
     import jax
 
     run_dir = Path(cfg.run.dir)
@@ -29,9 +33,9 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / CONFIG_FILE
-    resolved = to_dict(cfg)
+    resolved = recorded(cfg)
     if cfg_path.exists() and not cfg.run.overwrite:
-        old = yaml.safe_load(cfg_path.read_text()) or {}
+        old = stored_config(run_dir)
         differs = _comparable(old) != _comparable(resolved)
         if differs:
             keys = sorted(_diff_keys(_comparable(old), _comparable(resolved)))
@@ -40,9 +44,25 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
         if not resume and (run_dir / METRICS_FILE).exists():
             raise RunDirError(f"{run_dir} already holds this run's results; pass --resume to continue it or "
                               "run.overwrite=true to start again")
-    save_config(cfg, cfg_path)
+    save_config(resolved_config(cfg), cfg_path)
     attach_log(run_dir)
     return run_dir
+
+
+def recorded(cfg: Config) -> dict[str, Any]:
+    """What config.yaml records for `cfg`: every setting, "auto" dtypes resolved on this backend."""
+    return to_dict(resolved_config(cfg))
+
+
+def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run dir's config.yaml as `recorded` would write it now: keys added since it was written read as their
+    defaults. A file this version cannot read comes back raw (comparisons then name the keys that differ)."""
+    path = Path(run_dir) / CONFIG_FILE
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return recorded(from_dict(raw, str(path)))
+    except ConfigError:
+        return raw
 
 
 def _comparable(d: dict) -> dict:

@@ -99,8 +99,8 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
     trainable, frozen = partition(params)
     tx = make_optimizer(cfg.train.lr)
     state = place.state(init_state(trainable, tx, k_dropout))
-    frozen = place.frozen(cast_frozen(frozen, cfg.model.base_dtype))
-    compute, base = precision.resolve(cfg.model.dtype, "compute"), precision.resolve(cfg.model.base_dtype, "base")
+    compute, base = precision.compute_dtype(cfg.model), precision.base_dtype(cfg.model)
+    frozen = place.frozen(cast_frozen(frozen, base))
     log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)",
              cfg.model.name, compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend())
     batches = data_lib.batch_sources(splits, cfg)

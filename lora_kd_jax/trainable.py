@@ -49,8 +49,8 @@ def combine(trainable: Params, frozen: Params) -> Params:
 
 
 def cast_frozen(frozen: Params, dtype: str) -> Params:
-    """Store the frozen base in `dtype` (model.base_dtype: bfloat16 halves its memory and bandwidth; auto picks per
-    backend, see precision.py); trainable leaves stay fp32."""
+    """Store the frozen base in `dtype`, "float32" or "bfloat16" (halves its memory and bandwidth); a config's
+    setting is resolved by `precision.base_dtype(cfg.model)`. Trainable leaves are not touched (they stay fp32)."""
     target = precision.dtype(dtype, "base")
     if target == jnp.float32:
         return frozen

@@ -1,6 +1,7 @@
 """Shared test fixtures: a tiny random GPT-2 config with the local data paths, and mixed-length batches."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -8,7 +9,11 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from tiny import COLA_DIR, SHARED, TOKENIZER_DIR  # noqa: F401  (one place for the shared paths)
+# The suite is a CPU suite: on a GPU host "auto" dtypes would resolve to bf16 and the fp32 parity tolerances
+# would not apply. Set JAX_PLATFORMS yourself to run it elsewhere (test_precision then skips what is CPU-only).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from tiny import COLA_DIR, SHARED, TOKENIZER_DIR  # noqa: E402, F401  (one place for the shared paths)
 
 REPO = Path(__file__).resolve().parents[1]
 PAD_ID = 50256  # GPT-2 eos, used as pad (lora_kd_jax.data.PAD_ID)

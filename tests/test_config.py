@@ -91,3 +91,11 @@ def test_length_grouping_needs_buckets():
     with pytest.raises(ConfigError, match="data.group_window=16 without data.buckets"):
         load_config(None, ["data.group_window=16"])
     assert load_config(None, ["data.group_window=16", "data.buckets=8,12,16"]).data.group_window == 16
+
+
+def test_list_overrides_from_the_command_line():
+    assert load_config(None, ["data.buckets=8,12,16"]).data.buckets == [8, 12, 16]
+    assert load_config(None, ["data.buckets=16"]).data.buckets == [16]
+    assert load_config(None, ["data.buckets="]).data.buckets == []
+    with pytest.raises(ConfigError, match=r"data.buckets\[1\]: expected an integer, got 'x'"):
+        load_config(None, ["data.buckets=8,x"])

@@ -21,8 +21,20 @@ from lora_kd_jax.trainable import cast_frozen, partition
     ("some-new-chip", "float32", "float32", "float32"),  # unmeasured: the exact choice, with a warning
 ])
 def test_auto_per_backend(backend, compute, base, student):
-    got = [precision.resolve("auto", role, backend) for role in ("compute", "base", "student")]
+    cfg = tiny_config()
+    got = [precision.compute_dtype(cfg.model, backend), precision.base_dtype(cfg.model, backend),
+           precision.student_dtype(cfg.student, backend)]
     assert got == [compute, base, student]
+    resolved = precision.resolved_config(cfg, backend)
+    assert (resolved.model.dtype, resolved.model.base_dtype, resolved.student.dtype) == (compute, base, student)
+
+
+def test_auto_base_follows_an_explicit_compute_dtype():
+    """On a GPU, model.dtype=float32 alone gives an fp32 model (parity checks); the base can still be set apart."""
+    assert precision.base_dtype(tiny_config("model.dtype=float32").model, "gpu") == "float32"
+    assert precision.base_dtype(tiny_config("model.dtype=bfloat16").model, "cpu") == "bfloat16"
+    assert precision.base_dtype(tiny_config("model.dtype=float32", "model.base_dtype=bfloat16").model,
+                                "cpu") == "bfloat16"
 
 
 def test_explicit_dtype_wins_and_bad_names_are_refused():
@@ -32,16 +44,18 @@ def test_explicit_dtype_wins_and_bad_names_are_refused():
         precision.resolve("fp16", "student")
     with pytest.raises(ConfigError, match="model.dtype"):
         tiny_config("model.dtype=half")
+    with pytest.raises(ValueError, match="precision.base_dtype"):
+        cast_frozen({}, "auto")  # a config's auto must be resolved against the compute dtype first
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="what auto means on a CPU")
 def test_defaults_are_auto_and_mean_float32_on_this_cpu():
     cfg = tiny_config()
     assert (cfg.model.dtype, cfg.model.base_dtype, cfg.student.dtype) == ("auto", "auto", "auto")
-    assert jax.default_backend() == "cpu"
     model, params = build_classifier(cfg, key())
     assert model.module.dtype == jnp.float32
     _, frozen = partition(params)
-    assert cast_frozen(frozen, cfg.model.base_dtype) is frozen  # float32 storage: not even copied
+    assert cast_frozen(frozen, precision.base_dtype(cfg.model)) is frozen  # float32 storage: not even copied
     assert make_student(cfg).dtype == jnp.float32
 
 
@@ -52,7 +66,7 @@ def test_auto_on_an_accelerator_builds_bf16_teacher_and_fp32_student(monkeypatch
     model, params = build_classifier(cfg, key(), shapes_only=True)
     assert model.module.dtype == jnp.bfloat16
     trainable, frozen = partition(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params))
-    stored = cast_frozen(frozen, cfg.model.base_dtype)
+    stored = cast_frozen(frozen, precision.base_dtype(cfg.model))
     assert {x.dtype for x in jax.tree.leaves(stored)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}  # adapters, LN, head: fp32
     assert make_student(cfg).dtype == jnp.float32

@@ -131,6 +131,27 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert full["best_val_accuracy"] == resumed["best_val_accuracy"]
 
 
+def test_run_dir_records_resolved_dtypes_and_reads_older_config_files(tmp_path):
+    """config.yaml holds the dtypes "auto" meant here; a file written before a key existed still resumes; a run
+    recorded in bf16 (as "auto" gives on a GPU) is not continued in fp32 on this CPU."""
+    import yaml
+
+    from lora_kd_jax import rundir
+
+    cfg = tiny_config(f"run.dir={tmp_path / 'r'}")
+    path = rundir.prepare(cfg) / rundir.CONFIG_FILE
+    stored = yaml.safe_load(path.read_text())
+    assert (stored["model"]["dtype"], stored["model"]["base_dtype"], stored["student"]["dtype"]) == ("float32",) * 3
+    del stored["data"]["group_window"]  # as written before data.group_window existed
+    path.write_text(yaml.safe_dump(stored))
+    rundir.prepare(cfg, resume=True)  # accepted: the missing key reads as its default
+    stored["model"]["dtype"] = stored["model"]["base_dtype"] = "bfloat16"
+    path.write_text(yaml.safe_dump(stored))
+    with pytest.raises(rundir.RunDirError, match="model.base_dtype, model.dtype"):
+        rundir.prepare(cfg, resume=True)
+    rundir.prepare(tiny_config(f"run.dir={tmp_path / 'r'}", "model.dtype=bfloat16"), resume=True)  # said so: fine
+
+
 def test_run_dir_with_a_different_run_is_not_overwritten(tmp_path):
     train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "r", "train.epochs=1")), progress=False)
     from lora_kd_jax.rundir import RunDirError
