@@ -158,16 +158,25 @@ def record(args: BenchArgs, bench: str, variant: str, mode: str, batch: dict, fi
     return rec
 
 
-def bench_lora(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterable[dict]:
+def bench_steps(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterable[dict]:
+    """Every per-step bench asked for; GPT-2 is built only for those that run it."""
     cfg = variant_config(variant, mode)
+    if not {"lora_train_step", "teacher_forward", "distill_step"}.isdisjoint(args.benches):
+        yield from bench_gpt2(args, variant, mode, batch, cfg)
+    if "distill_step_cached" in args.benches:  # what training runs: teacher logits computed once per dataset
+        t_logits = jnp.zeros((batch["input_ids"].shape[0], 2), jnp.float32)
+        yield from bench_distill(args, variant, mode, batch, cfg, consts={"teacher_logits": t_logits}, teacher=None)
+
+
+def bench_gpt2(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Config) -> Iterable[dict]:
     model, params = build_classifier(cfg, jax.random.key(0))
     trainable, frozen = partition(params)
-    frozen = cast_frozen(frozen, cfg.model.base_dtype)
+    frozen = cast_frozen(frozen, precision.base_dtype(cfg.model))
     tx = make_optimizer(1e-3)
     dev_batch = jax.device_put(batch)
     plain = dataclasses.replace(model, spec=None)
     merged = model.merged(params)
-    merged = {**merged, "gpt2": cast_frozen(merged["gpt2"], cfg.model.base_dtype)}
+    merged = {**merged, "gpt2": cast_frozen(merged["gpt2"], precision.base_dtype(cfg.model))}
     if "lora_train_step" in args.benches:
         state = train.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(1))
         first, compile_s, ms, flops = bench_step(train.make_train_step(model, tx), state, frozen, dev_batch,
@@ -183,9 +192,6 @@ def bench_lora(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterabl
                          compile_s=round(compile_s, 2))
         if "distill_step" in args.benches:  # the peer's step: teacher forward inside, student fwd/bwd + Adam
             yield from bench_distill(args, variant, mode, batch, cfg, consts={"teacher": merged}, teacher=plain)
-    if "distill_step_cached" in args.benches:  # what training runs: teacher logits computed once per dataset
-        t_logits = jnp.zeros((batch["input_ids"].shape[0], 2), jnp.float32)
-        yield from bench_distill(args, variant, mode, batch, cfg, consts={"teacher_logits": t_logits}, teacher=None)
 
 
 def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Config, consts: Any,
@@ -202,7 +208,7 @@ def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Co
                                                  jax.device_put(batch), steps=args.steps, warmup=args.warmup)
         name = "distill_step" if teacher is not None else "distill_step_cached"
         yield record(args, name, variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2),
-                     student_dtype=precision.resolve(student_dtype, "student"))
+                     student_dtype=precision.student_dtype(sc))
 
 
 # (data.buckets, data.group_window): padded to data.max_length (20) always; length-aware (rows grouped by length
@@ -277,7 +283,7 @@ def run(args: BenchArgs) -> list[dict]:
         full = peer_batch(args.batch, args.seq)
         batch = trim_padding(full) if args.trim else full
         for mode in args.modes:
-            for rec in bench_lora(args, variant, mode, batch):
+            for rec in bench_steps(args, variant, mode, batch):
                 emit(rec)
             if "epoch" in args.benches:
                 for rec in bench_epoch(args, variant, mode):

@@ -75,6 +75,9 @@ def main_bench(argv: Sequence[str] | None = None) -> None:
         for name in split(values):
             if name not in known:
                 sys.exit(f"{flag}: unknown value '{name}'; choose from {', '.join(known)}")
+    if a.steps < 1 or a.limit < 0 or not split(a.student_dtypes):
+        sys.exit(f"--steps {a.steps}, --limit {a.limit}, --student-dtypes '{a.student_dtypes}': expected --steps >= 1, "
+                 "--limit >= 0 and at least one student dtype")
     if a.steps < 20:
         print("note: --steps below 20 gives a noisy median", file=sys.stderr)
     bench.run(bench.BenchArgs(variants=split(a.variants), modes=split(a.modes), benches=split(a.benches),

@@ -7,52 +7,61 @@
 #       -d .whl transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.0 datasets==5.0.1 dill multiprocess
 #   mkdir -p .peer && cp -r ../shared/bench/peer_torch.py ../shared/data/cola ../shared/gpt2-tokenizer .peer/
 # (.whl and .peer are git-ignored: the data and tokenizer files are never committed)
-# Then: run(command="bash scripts/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=480)
+# Then: run(command="bash scripts/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=420)
 #
-# Stages run in order of what the performance issue needs most, each under its own timeout, each appending JSON
-# lines to $OUT/jax.jsonl as it goes: whatever a stage finishes survives a later stage's timeout.
+# Stages run in order of what the performance issue needs most, each capped by its own limit and by what is left of
+# BUDGET seconds (a stage with under 30 s left is skipped and says so), each appending JSON lines to $OUT/jax.jsonl
+# as it goes: whatever a stage finishes survives a later stage's cut. The compilation cache starts empty, so
+# first_step_s and compile_s are cold compiles.
 # Rehearse it here on the CPU (tiny model, a few steps, same stages and flags): GPU_CHECK_REHEARSAL=1 bash $0
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
+OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}; mkdir -p "$OUT"; echo "results in $OUT"
+BUDGET=${BUDGET:-330}
 if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then
-  PY=${PY:-.venv/bin/python}; SMALL=tiny; MEDIUM=tiny; STEPS=3; LIMIT="--limit 256"; SCALE=10
+  PY=${PY:-.venv/bin/python}; SMALL=tiny; MEDIUM=tiny; STEPS=3; LIMIT="--limit 256"
   PEER_FLAGS="--tiny --modes fp32"; SITE=/tmp/gpu_check_site
+  ls .whl/transformers-4.57.6-*.whl .peer/peer_torch.py >/dev/null || exit 1  # this venv already holds those
 else
-  PY=python3; SMALL=gpt2; MEDIUM=gpt2-medium; STEPS=30; LIMIT=""; SCALE=1
+  PY=python3; SMALL=gpt2; MEDIUM=gpt2-medium; STEPS=30; LIMIT=""
   PEER_FLAGS="--modes bf16,compile-bf16"; SITE=/tmp/site
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-fi
-if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then  # this venv already holds those versions (and is not Python 3.12)
-  ls .whl/transformers-4.57.6-*.whl .peer/peer_torch.py >/dev/null || exit 1
-else
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || { echo "carry .whl (see the header of this script)"; exit 1; }
 fi
-export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
-# our package needs transformers 4.57 (Flax GPT-2): on PYTHONPATH for our process only
-bench() {  # bench SECONDS FLAGS...: one stage of scripts/bench.py
-  local limit=$(( $1 / SCALE + 60 * (SCALE > 1) )); shift
-  echo "== bench.py $* (limit ${limit}s)"
+export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$(mktemp -d /tmp/jaxcache.XXXX)
+DEADLINE=$((SECONDS + BUDGET))
+limit_for() {  # limit_for WANT: seconds this stage may use, 0 when it should be skipped
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 30 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+bench() {  # bench WANT FLAGS...: one stage of scripts/bench.py (transformers 4.57 on PYTHONPATH, ours only)
+  local limit; limit=$(limit_for "$1"); shift
+  if [ "$limit" = 0 ]; then echo "== skipped, out of time: bench.py $*"; return; fi
+  echo "== bench.py $* (limit ${limit}s, $((DEADLINE - SECONDS))s left)"
   PYTHONPATH="$SITE:$PWD" timeout "$limit" "$PY" scripts/bench.py --steps "$STEPS" --peak-tflops 989 \
     --data-dir .peer/cola --tokenizer .peer/gpt2-tokenizer $LIMIT --out "$OUT/jax.jsonl" "$@" 2>>"$OUT/jax.err" \
     >/dev/null || echo "   exit $? (see jax.err)"
 }
-T0=$SECONDS
+peer() {  # the PyTorch peer with the image's own torch/transformers 5/peft, same machine, same call
+  local limit; limit=$(limit_for "$1"); shift
+  if [ "$limit" = 0 ] || [ ! -f .peer/peer_torch.py ]; then echo "== skipped: peer_torch.py"; return; fi
+  echo "== peer_torch.py $* (limit ${limit}s)"
+  timeout "$limit" "$PY" .peer/peer_torch.py "$@" --steps "$STEPS" --out "$OUT/peer.jsonl" 2>"$OUT/peer.err" \
+    >/dev/null || echo "   exit $? (see peer.err)"
+}
 # 1. the goals: gpt2 bf16 LoRA step, teacher forward, distillation step (teacher inside), first step
 bench 120 --variants $SMALL --modes bf16 --benches lora_train_step,teacher_forward,distill_step
-# 2. the student's dtype: measured, not assumed (precision.py picks float32 for it on GPUs)
+# 2. the peer on the same card, for the ratios
+peer 100 --variants $SMALL $PEER_FLAGS
+# 3. the student's dtype: measured, not assumed (precision.py picks float32 for it on GPUs)
 bench 60 --variants $SMALL --modes bf16 --benches distill_step_cached --student-dtypes float32,bfloat16
-# 3. a full CoLA epoch, padded to 20 and length-aware, data pipeline included
+# 4. a full CoLA epoch, padded to 20 and length-aware, data pipeline included
 bench 90 --variants $SMALL --modes bf16 --benches epoch
-# 4. gpt2-medium
+# 5. gpt2-medium
 bench 90 --variants $MEDIUM --modes bf16 --benches lora_train_step,teacher_forward
-echo "== JAX stages took $((SECONDS - T0)) s"
-# 5. the peer with the image's own torch/transformers 5/peft, same machine, same call
-[ -f .peer/peer_torch.py ] && timeout $(( 120 / SCALE + 60 * (SCALE > 1) )) "$PY" .peer/peer_torch.py \
-  --variants $SMALL $PEER_FLAGS --steps $STEPS --out "$OUT/peer.jsonl" 2>"$OUT/peer.err" >/dev/null || echo "peer exit $?"
-# 6. fp32 for reference, only if time is left
+# 6. fp32 for reference
 bench 60 --variants $SMALL --modes fp32 --benches lora_train_step,teacher_forward
-echo "== all stages took $((SECONDS - T0)) s"
+echo "== stages took $((SECONDS - DEADLINE + BUDGET)) s of $BUDGET"
 "$PY" - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -60,8 +69,8 @@ for name in ("jax.jsonl", "peer.jsonl"):
     p = out / name
     for line in (p.read_text().splitlines() if p.exists() else []):
         r = json.loads(line)
-        extra = {k: r[k] for k in ("student_dtype", "buckets", "epoch_s", "input_pipeline_share", "compile_s")
-                 if k in r}
+        extra = {k: r[k] for k in ("student_dtype", "buckets", "group_window", "epoch_s", "input_pipeline_share",
+                                   "compile_s") if k in r}
         print(f"{r.get('impl', 'torch'):6} {r['bench']:20} {r['variant']:12} {r['mode']:13} {r['ms_per_step']:9.2f} ms"
               f"  first {r.get('first_step_s')} s  mfu {r.get('mfu')}  {extra}")
 PY

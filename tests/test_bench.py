@@ -32,7 +32,8 @@ def test_every_bench_reports_the_documented_fields(tmp_path):
     assert set(by_bench) == set(bench.BENCHES)
 
     (lora,) = by_bench["lora_train_step"]
-    assert lora["seq"] == 32 and lora["seq_run"] <= 32  # all-padding columns trimmed (lengths < 32/2 + 8)
+    longest = int(bench.peer_batch(8, 32)["attention_mask"].sum(axis=1).max())  # lengths < 32/2 + 8
+    assert lora["seq"] == 32 and lora["seq_run"] == -(-longest // 8) * 8 < 32  # all-padding columns trimmed
     assert lora["gflop_per_step"] > 0 and 0 < lora["mfu"]  # XLA's count, against the peak given
     for name in ("distill_step", "distill_step_cached"):  # the student once per requested dtype
         assert [r["student_dtype"] for r in by_bench[name]] == ["float32", "bfloat16"]
@@ -52,3 +53,18 @@ def test_unknown_flag_values_are_refused_by_name(flag, value, capsys):
         main_bench([flag, value, "--variants" if flag != "--variants" else "--modes",
                     "tiny" if flag != "--variants" else "fp32"])
     assert f"{flag}: unknown value '{value}'" in str(e.value.code)
+
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--limit", "-1"], ["--student-dtypes", ","]])
+def test_out_of_range_counts_are_refused(flags):
+    with pytest.raises(SystemExit) as e:
+        main_bench(["--variants", "tiny", *flags])
+    assert "expected --steps >= 1, --limit >= 0 and at least one student dtype" in str(e.value.code)
+
+
+def test_cached_distillation_alone_builds_no_gpt2(monkeypatch):
+    """Only the student runs in distill_step_cached: the (gpt2-size) teacher is not built for it."""
+    monkeypatch.setattr(bench, "build_classifier", lambda *a, **k: pytest.fail("GPT-2 built for nothing"))
+    args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=["distill_step_cached"], batch=4, seq=16,
+                           steps=1, warmup=0)
+    assert [r["bench"] for r in bench.run(args)] == ["distill_step_cached"]

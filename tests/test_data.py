@@ -414,6 +414,9 @@ def test_length_grouping_keeps_every_row_once_resumes_exactly_and_varies_by_epoc
             np.testing.assert_array_equal(a[key], b[key])
     assert recovered_rows(full) != recovered_rows(batch_iterator(split, 8, epoch=2, **kwargs))
     assert recovered_rows(full) == recovered_rows(batch_iterator(split, 8, epoch=1, **kwargs))
+    ungrouped = list(batch_iterator(split, 8, epoch=1, **{**kwargs, "group_window": 0}))
+    width = lambda batches: sum(b["input_ids"].shape[1] for b in batches)  # noqa: E731
+    assert width(full) < width(ungrouped)  # grouped rows fit shorter buckets
 
 
 @needs_cola
