@@ -2,8 +2,9 @@
 
 Every bench jits the same functions training uses (`train.make_train_step`, `GPT2Classifier.logits`,
 `distill.make_train_step`), on random-init real-size models with the PyTorch peer's batch
-(`../shared/bench/peer_torch.py`: right-padded, lengths uniform in [5, seq/2 + 8)). Timings are medians over
-`steps` runs after warm-up, with the result blocked on, so they measure device work, not dispatch.
+(`benchmarks/peer_torch.py`: right-padded, lengths uniform in [5, seq/2 + 8)). Timings are medians over
+`steps` runs after warm-up, with the result blocked on, so they measure device work, not dispatch. The epoch bench
+reads the packaged CoLA files and tokenizer (`lora_kd_jax.assets`) without the `datasets` package.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from lora_kd_jax import data as data_lib
 from lora_kd_jax import distill, precision, train
+from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
 from lora_kd_jax.config import Config, load_config
 from lora_kd_jax.models.classifier import build_classifier
 from lora_kd_jax.models.student import build_student
@@ -53,9 +55,9 @@ class BenchArgs:
     peak_tflops: float = 0.0
     student_dtypes: list[str] = dataclasses.field(default_factory=lambda: ["auto"])  # measured side by side
     trim: bool = True  # length-aware: drop all-padding columns (exact for right padding + causal attention)
-    data_dir: str = ""
-    limit: int = 0  # epoch bench: first N CoLA sentences of each split (data.limit); 0 = the full 8,551
-    tokenizer: str = ""
+    data_dir: str = ""  # epoch bench: a CoLA dir in raw layout ('' skips the bench; the CLI passes the packaged one)
+    limit: int = 0  # epoch bench: first N CoLA training sentences (data.limit); 0 = the full 8,551
+    tokenizer: str = ""  # '' = the packaged GPT-2 tokenizer
     out: str | None = None
 
 
@@ -225,12 +227,25 @@ def bench_epoch(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
         yield from _bench_epoch(args, variant, mode, buckets, group_window)
 
 
+def epoch_splits(cfg: Config) -> dict[str, data_lib.EncodedSplit]:
+    """The training split as `data.load_splits` encodes it, read without the `datasets` package (absent on the GPU
+    image): strict TSV reader, GPT-2 tokenizer, `encode`. Only training batches are drawn, so the training split
+    also stands in for the validation split that `train.build_task` expects."""
+    sentences, labels = data_lib.read_cola_tsv(Path(cfg.data.dir) / data_lib.RAW_LAYOUT[0])
+    if cfg.data.limit:
+        sentences, labels = sentences[:cfg.data.limit], labels[:cfg.data.limit]
+    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+    split = data_lib.encode(sentences, labels, tokenizer, cfg.data.max_length)
+    return {"train": split, "validation": split}
+
+
 def _bench_epoch(args: BenchArgs, variant: str, mode: str, buckets: list[int], group_window: int
                  ) -> Iterable[dict]:
     cfg = variant_config(variant, mode, f"data.dir={args.data_dir}", f"data.limit={args.limit}",
-                         f"data.tokenizer={args.tokenizer or 'gpt2'}", f"data.buckets={','.join(map(str, buckets))}",
-                         f"data.group_window={group_window}", f"train.batch_size={args.batch}", "train.epochs=1")
-    splits = train.load_splits(cfg)
+                         f"data.tokenizer={args.tokenizer or TOKENIZER_DIR}",
+                         f"data.buckets={','.join(map(str, buckets))}", f"data.group_window={group_window}",
+                         f"train.batch_size={args.batch}", "train.epochs=1")
+    splits = epoch_splits(cfg)
     task, _, _ = train.build_task(cfg, splits)
 
     def one_epoch(epoch: int) -> tuple[float, float]:
@@ -292,6 +307,5 @@ def run(args: BenchArgs) -> list[dict]:
 
 
 def default_paths() -> tuple[str, str]:
-    shared = Path(__file__).resolve().parents[2] / "shared"
-    data, tok = shared / "data" / "cola", shared / "gpt2-tokenizer"
-    return (str(data) if data.is_dir() else ""), (str(tok) if tok.is_dir() else "gpt2")
+    """(CoLA dir, tokenizer dir) the CLI defaults to: the copies the package ships (lora_kd_jax.assets)."""
+    return str(COLA_DIR), str(TOKENIZER_DIR)

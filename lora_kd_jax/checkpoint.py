@@ -15,11 +15,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lora_kd_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was required."""
+    label = "checkpoint error"
 
 
 def _manager(directory: Path, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:

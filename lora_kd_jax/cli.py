@@ -1,12 +1,33 @@
-"""Command-line entry points: parse `CONFIG.yaml key=value ... [--flags]`, call the library, exit cleanly."""
+"""Command-line entry points: parse `CONFIG.yaml key=value ... [--flags]`, call the library, exit cleanly.
+
+`clean_exit` is the one place that turns a user's mistake (any `UserError`: config, data, weights, run dir,
+checkpoint) into one line and a non-zero status; other exceptions are bugs and keep their traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from lora_kd_jax.config import ConfigError, load_config
+from lora_kd_jax.config import load_config
+from lora_kd_jax.errors import UserError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def clean_exit() -> Iterator[None]:
+    """A `UserError` ends the command with `label: message` on stderr and exit status 1, no traceback."""
+    try:
+        yield
+    except UserError as e:
+        sys.exit(f"{e.label}: {e}")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
 
 def parse(argv: Sequence[str] | None, description: str, flags: Sequence[tuple[str, str]] = ()) -> argparse.Namespace:
@@ -19,10 +40,17 @@ def parse(argv: Sequence[str] | None, description: str, flags: Sequence[tuple[st
 
 
 def load(args: argparse.Namespace):
-    try:
+    with clean_exit():
         return load_config(args.config, args.overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+
+
+def report(summary: dict, run_dir: str) -> None:
+    line = (f"best val accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}, train accuracy "
+            f"{summary['train_accuracy_at_best']:.4f}, val MCC {summary['val_mcc_at_best']:.4f}")
+    if "out_of_domain_accuracy_at_best" in summary:
+        line += (f"; out-of-domain accuracy {summary['out_of_domain_accuracy_at_best']:.4f}, MCC "
+                 f"{summary['out_of_domain_mcc_at_best']:.4f}")
+    print(f"{line}) -> {run_dir}")
 
 
 def main_train_lora(argv: Sequence[str] | None = None) -> None:
@@ -30,20 +58,15 @@ def main_train_lora(argv: Sequence[str] | None = None) -> None:
                  [("--dry-run", "build shapes only, print the parameter report and exit"),
                   ("--resume", "continue from the latest checkpoint in run.dir")])
     cfg = load(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     from lora_kd_jax import train  # imports jax: after the config is known to be valid
 
-    if args.dry_run:
-        print(train.dry_run(cfg))
-        return
-    from lora_kd_jax.loop import TrainingInterrupted
-
-    try:
+    with clean_exit():
+        if args.dry_run:
+            print(train.dry_run(cfg))
+            return
         summary = train.train_and_evaluate(cfg, resume=args.resume)
-    except TrainingInterrupted as e:
-        sys.exit(f"interrupted: {e}")
-    print(f"best val accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}, train accuracy "
-          f"{summary['train_accuracy_at_best']:.4f}, val MCC {summary['val_mcc_at_best']:.4f}) -> {cfg.run.dir}")
+    report(summary, cfg.run.dir)
 
 
 def main_bench(argv: Sequence[str] | None = None) -> None:
@@ -62,9 +85,10 @@ def main_bench(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (median reported)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
     p.add_argument("--no-trim", action="store_true", help="keep all-padding columns (no length-aware trimming)")
-    p.add_argument("--data-dir", default=data_dir, help="CoLA dir for the epoch bench ('' skips it)")
-    p.add_argument("--tokenizer", default=tokenizer)
-    p.add_argument("--limit", type=int, default=0, help="epoch bench: first N sentences per split (0 = all 8,551)")
+    p.add_argument("--data-dir", default=data_dir, help="CoLA dir (raw layout) for the epoch bench (default: the "
+                   "packaged copy; '' skips the bench)")
+    p.add_argument("--tokenizer", default=tokenizer, help="GPT-2 tokenizer dir or hub name (default: the packaged one)")
+    p.add_argument("--limit", type=int, default=0, help="epoch bench: first N training sentences (0 = all 8,551)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731

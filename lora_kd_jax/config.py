@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from lora_kd_jax.errors import UserError
+
 GPT2_SIZES: dict[str, tuple[int, int, int]] = {  # name -> (n_layer, n_embd, n_head)
     "gpt2": (12, 768, 12),
     "gpt2-medium": (24, 1024, 16),
@@ -24,8 +26,9 @@ GPT2_SIZES: dict[str, tuple[int, int, int]] = {  # name -> (n_layer, n_embd, n_h
 DEFAULT_LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names the dotted key."""
+    label = "config error"
 
 
 @dataclasses.dataclass
@@ -45,8 +48,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    dir: str = ""  # local CoLA dir (raw or GLUE layout); "" = hub nyu-mll/glue cola
-    tokenizer: str = "gpt2"  # hub name or local dir with vocab.json + merges.txt
+    dir: str = ""  # "" = the packaged CoLA (in-domain dev as validation, out-of-domain dev reported) | hub | a local dir
+    tokenizer: str = ""  # "" = the packaged GPT-2 BPE files | a hub name | a local dir with vocab.json + merges.txt
     max_length: int = 20
     limit: int = 0  # keep only the first N examples of each split; 0 = all
     buckets: list[int] = dataclasses.field(default_factory=list)  # length-aware batching: padded lengths; [] = off

@@ -15,11 +15,13 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
 from lora_kd_jax.config import Config
+from lora_kd_jax.errors import UserError
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `import lora_kd_jax.data` is cheap
     import datasets
@@ -31,14 +33,16 @@ PAD_ID = 50256  # GPT-2 eos, used as pad
 
 N_FIELDS = 4  # source, label, annotation, sentence
 RAW_LAYOUT = ("in_domain_train.tsv", "in_domain_dev.tsv")
+OUT_OF_DOMAIN_FILE = "out_of_domain_dev.tsv"
 GLUE_LAYOUT = ("train.tsv", "dev.tsv")
 HUB_DATASET = ("nyu-mll/glue", "cola")
 LABEL_NAMES = ("unacceptable", "acceptable")  # same ClassLabel names as the hub copy
 _BOM = b"\xef\xbb\xbf"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data or data location; message starts with 'path:line: ' where a line applies."""
+    label = "data error"
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -117,18 +121,37 @@ def read_cola_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     return sentences, np.asarray(labels, dtype=np.int32)
 
 
-def _find_layout(data_dir: str) -> tuple[Path, Path]:
-    """Return (train_path, dev_path) for a local CoLA dir, preferring the raw layout."""
+HUB = "hub"  # data.dir value that loads the hub's GLUE CoLA instead of files
+
+
+@dataclasses.dataclass(frozen=True)
+class ColaFiles:
+    """Where each split of a local CoLA dir lives; `out_of_domain` is None when the dir has no such file."""
+
+    train: Path
+    validation: Path
+    out_of_domain: Path | None
+    layout: str  # raw | glue
+
+
+def find_cola_files(data_dir: str | os.PathLike) -> ColaFiles:
+    """The split files of a local CoLA dir: the raw release layout (preferred) or the GLUE layout.
+
+    Raw: in_domain_train.tsv, in_domain_dev.tsv (validation: the reference study's 527 rows) and, when present,
+    out_of_domain_dev.tsv. GLUE: train.tsv and dev.tsv (GLUE's dev is both dev files together, 1,043 rows).
+    """
     d = Path(data_dir)
     if not d.is_dir():
         raise DataError(
             f"{data_dir}: not a directory; expected a CoLA dir holding {' + '.join(RAW_LAYOUT)} (raw layout) "
-            f"or {' + '.join(GLUE_LAYOUT)} (GLUE layout), or data_dir='' for the hub"
+            f"or {' + '.join(GLUE_LAYOUT)} (GLUE layout); data.dir='' reads the packaged CoLA, "
+            f"data.dir={HUB} the hub's GLUE copy"
         )
-    for layout in (RAW_LAYOUT, GLUE_LAYOUT):
-        train, dev = (d / f for f in layout)
+    for layout, names in (("raw", RAW_LAYOUT), ("glue", GLUE_LAYOUT)):
+        train, dev = (d / f for f in names)
         if train.is_file() and dev.is_file():
-            return train, dev
+            ood = d / OUT_OF_DOMAIN_FILE
+            return ColaFiles(train, dev, ood if layout == "raw" and ood.is_file() else None, layout)
     raise DataError(
         f"{data_dir}: no CoLA files found: looked for {' + '.join(RAW_LAYOUT)} (raw layout) and "
         f"{' + '.join(GLUE_LAYOUT)} (GLUE layout); the dir holds {_listing(d)}"
@@ -144,79 +167,160 @@ def _listing(d: Path, limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_cola(data_dir: str, limit: int = 0) -> datasets.DatasetDict:
-    """Splits 'train' and 'validation', columns 'sentence' (str) and 'label' (int).
+def _looks_like_path(text: str) -> bool:
+    """A value meant as a local path (a hub id is 'name' or 'owner/name', never starting with . / or ~)."""
+    return text.startswith((".", "/", "~")) or text.count("/") > 1
 
-    data_dir '' -> hub datasets.load_dataset('nyu-mll/glue', 'cola'); else a local dir in raw layout
-    (in_domain_train.tsv, in_domain_dev.tsv) or GLUE layout (train.tsv, dev.tsv), parsed strictly by
-    read_cola_tsv and wrapped as `datasets` objects so callers see one type either way. limit>0 keeps the
-    first `limit` rows of each split (for smoke runs); the cut is logged.
+
+def describe_source(data_dir: str) -> str:
+    """What `data.dir` means, in words for logs and metrics.json."""
+    if data_dir == "":
+        return f"packaged CoLA v1.1 ({COLA_DIR})"
+    if data_dir == HUB:
+        return f"hub {HUB_DATASET[0]} (config {HUB_DATASET[1]})"
+    return str(data_dir)
+
+
+def load_cola(data_dir: str, limit: int = 0) -> datasets.DatasetDict:
+    """Splits 'train', 'validation' and, where the source has it, 'out_of_domain'; columns 'sentence', 'label'.
+
+    data_dir '' -> the CoLA files this package ships (train = in_domain_train, 8,551 rows; validation =
+    in_domain_dev, 527 rows, the set of the reference results; out_of_domain = out_of_domain_dev, 516 rows).
+    'hub' -> datasets.load_dataset('nyu-mll/glue', 'cola'), whose validation is both dev files (1,043 rows).
+    Else a local dir in raw or GLUE layout (find_cola_files), parsed strictly by read_cola_tsv and wrapped as
+    `datasets` objects so callers see one type either way. limit>0 keeps the first `limit` rows of each split
+    (for smoke runs; see limit_rows).
     """
+    return limit_rows(_load_all(data_dir), limit)
+
+
+def _load_all(data_dir: str) -> datasets.DatasetDict:
     import datasets
 
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise DataError(f"limit={limit!r}: expected an int >= 0 (0 keeps every row)")
-
-    if data_dir == "":
-        full = datasets.load_dataset(*HUB_DATASET)
+    if data_dir == HUB:
+        try:
+            full = datasets.load_dataset(*HUB_DATASET)
+        except Exception as e:  # no network, hub down, unknown name: datasets raises many types
+            raise DataError(
+                f"data.dir={HUB}: could not load {HUB_DATASET[0]} (config {HUB_DATASET[1]}) from the Hugging Face hub "
+                f"({type(e).__name__}: {_first_line(e)}); without network leave data.dir empty for the packaged "
+                "CoLA, or point it at a local CoLA dir"
+            ) from None
         out = datasets.DatasetDict(
             {s: full[s].select_columns(["sentence", "label"]) for s in ("train", "validation")}
         )
-        source = "/".join(HUB_DATASET)
-    else:
-        train_path, dev_path = _find_layout(data_dir)
-        features = datasets.Features(
-            {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABEL_NAMES))}
-        )
-        out = datasets.DatasetDict()
-        for split, path in (("train", train_path), ("validation", dev_path)):
-            sentences, labels = read_cola_tsv(path)
-            out[split] = datasets.Dataset.from_dict(
-                {"sentence": sentences, "label": labels.tolist()}, features=features
-            )
-        source = f"{train_path}, {dev_path}"
-
-    if limit:
-        for split in list(out):
-            n = len(out[split])
-            if n > limit:
-                out[split] = out[split].select(range(limit))
-                logger.info("limit=%d: kept the first %d of %d %s rows", limit, limit, n, split)
-    logger.info(
-        "loaded CoLA from %s: %s",
-        source,
-        ", ".join(f"{s} {len(out[s])} rows" for s in out),
+        logger.info("loaded CoLA from %s: %s", describe_source(data_dir), _counts(out))
+        return out
+    files = find_cola_files(COLA_DIR if data_dir == "" else data_dir)
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABEL_NAMES))}
     )
+    out = datasets.DatasetDict()
+    for split, path in (("train", files.train), ("validation", files.validation),
+                        ("out_of_domain", files.out_of_domain)):
+        if path is None:
+            logger.info("%s: no %s, so no out-of-domain evaluation", data_dir, OUT_OF_DOMAIN_FILE)
+            continue
+        sentences, labels = read_cola_tsv(path)
+        out[split] = datasets.Dataset.from_dict({"sentence": sentences, "label": labels.tolist()}, features=features)
+    logger.info("loaded CoLA from %s: %s", describe_source(data_dir), _counts(out))
     return out
+
+
+def limit_rows(ds: datasets.DatasetDict, limit: int) -> datasets.DatasetDict:
+    """The first `limit` rows of each split (0 keeps all); every cut is logged with the count before it."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise DataError(f"limit={limit!r}: expected an int >= 0 (0 keeps every row)")
+    if not limit:
+        return ds
+    out = type(ds)(ds)
+    for split in list(out):
+        n = len(out[split])
+        if n > limit:
+            out[split] = out[split].select(range(limit))
+            logger.info("data.limit=%d: kept the first %d of %d %s rows", limit, limit, n, split)
+    return out
+
+
+def _counts(ds: Any) -> str:
+    return ", ".join(f"{s} {len(ds[s])} rows" for s in ds)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else "no message"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Splits:
+    """A run's encoded splits and where they came from (recorded in the log and metrics.json)."""
+
+    encoded: dict[str, EncodedSplit]
+    source: str
+    rows: dict[str, int]  # rows per split in the source, before data.limit
+
+    def report(self) -> dict[str, Any]:
+        return {"source": self.source, "rows": self.rows,
+                "rows_used": {s: len(e) for s, e in self.encoded.items()},
+                "truncated": {s: e.n_truncated for s, e in self.encoded.items()}}
+
+
+def load_splits(cfg: Config) -> Splits:
+    """The CoLA splits a run's config asks for, read, cut to data.limit and encoded with its tokenizer."""
+    full = _load_all(cfg.data.dir)
+    rows = {s: len(full[s]) for s in full}
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    encoded = encode_splits(limit_rows(full, cfg.data.limit), tokenizer, cfg.data.max_length)
+    return Splits(encoded, describe_source(cfg.data.dir), rows)
 
 
 # ------------------------------------------------------------------------------------------ tokenizing
 
 
 def load_tokenizer(name_or_dir: str) -> transformers.PreTrainedTokenizerFast:
-    """GPT-2 BPE tokenizer from a hub name or a dir; pad token = eos (id 50256).
+    """GPT-2 BPE tokenizer: '' = the packaged GPT-2 files, else a dir or a hub name; pad token = eos (id 50256).
 
     A dir holding only vocab.json + merges.txt works offline (GPT-2's released encoder files need no
     tokenizer_config.json). Pad = eos because GPT-2 has no pad token; the attention mask keeps it inert.
     """
     import transformers
 
-    p = Path(name_or_dir)
+    p = TOKENIZER_DIR if name_or_dir == "" else Path(name_or_dir).expanduser()
+    shown = f"packaged GPT-2 tokenizer ({p})" if name_or_dir == "" else name_or_dir
     if p.is_dir():
         vocab, merges = p / "vocab.json", p / "merges.txt"
         if vocab.is_file() and merges.is_file():
-            tok = transformers.GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
+            try:
+                tok = transformers.GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
+            except Exception as e:  # a cut-off vocab.json or a merges.txt of another format
+                raise DataError(f"{vocab} / {merges}: not a readable GPT-2 vocabulary and merges file "
+                                f"({type(e).__name__}: {_first_line(e)})") from None
         elif (p / "tokenizer.json").is_file():
-            tok = transformers.AutoTokenizer.from_pretrained(str(p), use_fast=True)
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(str(p), use_fast=True)
+            except Exception as e:
+                raise DataError(f"{p / 'tokenizer.json'}: not a readable tokenizer "
+                                f"({type(e).__name__}: {_first_line(e)})") from None
         else:
             raise DataError(
-                f"{name_or_dir}: no tokenizer files: expected vocab.json + merges.txt or tokenizer.json; "
+                f"{shown}: no tokenizer files: expected vocab.json + merges.txt or tokenizer.json; "
                 f"the dir holds {_listing(p)}"
             )
     elif p.exists():
-        raise DataError(f"{name_or_dir}: is a file; expected a tokenizer dir or a hub name such as 'gpt2'")
+        raise DataError(f"{shown}: is a file; expected a tokenizer dir, a hub name such as 'gpt2', or '' for the "
+                        "packaged GPT-2 tokenizer")
+    elif _looks_like_path(name_or_dir):
+        raise DataError(f"data.tokenizer={name_or_dir}: no such directory (expected a dir with vocab.json + "
+                        "merges.txt, a hub name such as 'gpt2', or '' for the packaged GPT-2 tokenizer)")
     else:
-        tok = transformers.AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
+        except Exception as e:  # no network, unknown repo: transformers raises OSError, ValueError, ...
+            raise DataError(
+                f"data.tokenizer={name_or_dir}: could not load it from the Hugging Face hub "
+                f"({type(e).__name__}: {_first_line(e)}); without network leave data.tokenizer empty for the "
+                "packaged GPT-2 tokenizer (the same files as the hub's gpt2), or give a local dir"
+            ) from None
 
     if not isinstance(tok, transformers.PreTrainedTokenizerFast):
         raise DataError(f"{name_or_dir}: got {type(tok).__name__}; expected a fast (Rust) tokenizer")
@@ -423,24 +527,35 @@ def batch_iterator(
 
 @dataclasses.dataclass(frozen=True)
 class BatchSources:
-    """What a training loop iterates: train(epoch, start_batch) and eval() each return a fresh batch iterator."""
+    """What a training loop iterates: train(epoch, start_batch) and eval() each return a fresh batch iterator;
+    `reported` holds further evaluation sets (the out-of-domain dev set) that are scored every epoch and reported
+    beside validation, never used to choose the best epoch."""
     train: Callable[[int, int], Iterator[dict[str, np.ndarray]]]
     eval: Callable[[], Iterator[dict[str, np.ndarray]]]
     n_train_batches: int
+    reported: dict[str, Callable[[], Iterator[dict[str, np.ndarray]]]] = dataclasses.field(default_factory=dict)
+
+
+REPORTED_SPLITS = ("out_of_domain",)  # evaluated every epoch when the data has them; never pick the best epoch
 
 
 def batch_sources(splits: dict[str, EncodedSplit], cfg: Config) -> BatchSources:
-    """The train and validation batches a run's config asks for (batch sizes, seed, buckets, length grouping):
+    """The train and evaluation batches a run's config asks for (batch sizes, seed, buckets, length grouping):
     the LoRA and the student trainers both take theirs from here."""
     train, val = splits["train"], splits["validation"]
     bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size or cfg.train.batch_size
     buckets = cfg.data.buckets
+
+    def eval_of(split: EncodedSplit) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+        return lambda: batch_iterator(split, ebs, shuffle=False, lengths=buckets)
+
     return BatchSources(
         train=lambda epoch, start: batch_iterator(train, bs, shuffle=True, seed=cfg.train.seed, epoch=epoch,
                                                   start_batch=start, lengths=buckets,
                                                   group_window=cfg.data.group_window),
-        eval=lambda: batch_iterator(val, ebs, shuffle=False, lengths=buckets),
-        n_train_batches=num_batches(len(train), bs))
+        eval=eval_of(val),
+        n_train_batches=num_batches(len(train), bs),
+        reported={name: eval_of(splits[name]) for name in REPORTED_SPLITS if name in splits})
 
 
 def bucket_length(longest: int, lengths: Sequence[int], seq_len: int) -> int:

@@ -42,8 +42,8 @@ from lora_kd_jax import data as data_lib
 from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import precision, rundir, runtime
-from lora_kd_jax import train as train_lib
 from lora_kd_jax.config import Config, ConfigError, from_dict
+from lora_kd_jax.errors import UserError
 from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.models.student import RNNStudent, build_student, count_params
@@ -56,8 +56,9 @@ Batch = dict[str, jax.Array]
 Objective = Callable[[jax.Array, Any, Batch], tuple[jax.Array, jax.Array]]
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """distill.teacher does not point at a usable LoRA run; the message says what is wrong."""
+    label = "teacher error"
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -295,7 +296,7 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
         kind=kind, state=state, consts=consts,
         train_step=make_train_step(student, tx, objective), eval_step=make_eval_step(student),
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
-        epochs=cfg.train.epochs,
+        epochs=cfg.train.epochs, reported_batches=batches.reported,
         info={"total_params": n, "trainable_params": n, "reduction": 0.0,
               "student_dtype": precision.student_dtype(cfg.student), **info}, title=title,
         put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)
@@ -329,11 +330,12 @@ def distill_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = 
     """The whole distillation run into cfg.run.dir; the teacher is checked before anything is built or written."""
     runtime.setup(cfg)
     check_teacher(cfg.distill.teacher, cfg)
-    run_dir = rundir.prepare(cfg, resume=resume)
-    splits = train_lib.load_splits(cfg)
-    teacher = restore_teacher(cfg.distill.teacher, cfg)
-    task = build_distill_task(cfg, splits, teacher)
-    summary = run_epochs(task, run_dir, resume=resume, progress=progress)
+    with rundir.claim(cfg, resume=resume) as run_dir:
+        splits = data_lib.load_splits(cfg)
+        teacher = restore_teacher(cfg.distill.teacher, cfg)
+        task = build_distill_task(cfg, splits.encoded, teacher)
+        task.info["data"] = splits.report()
+        summary = run_epochs(task, run_dir, resume=resume, progress=progress)
     _log_summary(summary)
     return summary
 
@@ -341,9 +343,11 @@ def distill_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = 
 def train_rnn_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """The RNN baseline (cross-entropy from scratch) into cfg.run.dir."""
     runtime.setup(cfg)
-    run_dir = rundir.prepare(cfg, resume=resume)
-    task = build_rnn_task(cfg, train_lib.load_splits(cfg))
-    summary = run_epochs(task, run_dir, resume=resume, progress=progress)
+    with rundir.claim(cfg, resume=resume) as run_dir:
+        splits = data_lib.load_splits(cfg)
+        task = build_rnn_task(cfg, splits.encoded)
+        task.info["data"] = splits.report()
+        summary = run_epochs(task, run_dir, resume=resume, progress=progress)
     _log_summary(summary)
     return summary
 

@@ -43,6 +43,7 @@ import numpy as np
 from lora_kd_jax import convert
 from lora_kd_jax.config import DEFAULT_LORA_TARGETS, Config, ConfigError, load_config, validate
 from lora_kd_jax.convert import PEFT_PREFIX, TRANSFORMER_PREFIX, ConversionError
+from lora_kd_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ _LN_KEY = re.compile(r"^transformer\.(?:h\.\d+\.ln_[12]|ln_f)\.(?:weight|bias)$"
 _SCORE_KEY = "score.weight"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An input cannot be exported / imported / merged as asked; the message names what is missing or mismatched."""
+    label = "export error"
 
 
 # ------------------------------------------------------------------------------------------- small helpers

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import plots, rundir
 from lora_kd_jax.checkpoint import CheckpointStore
+from lora_kd_jax.errors import UserError
 from lora_kd_jax.mesh import is_main_process
 
 log = logging.getLogger(__name__)
@@ -39,18 +40,22 @@ class Task:
     eval_batches: Callable[[], Iterable[Batch]]
     n_train_batches: int
     epochs: int
+    # further evaluation sets (e.g. {'out_of_domain': ...}) scored every epoch beside validation; never pick the best
+    reported_batches: dict[str, Callable[[], Iterable[Batch]]] = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)  # params report etc., copied into the summary
     title: str = ""
     put_batch: Callable[[Batch], Batch] = jax.device_put  # host batch -> device (sharded over the mesh)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/Inf training loss does (steps skip its update either way)
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(UserError, RuntimeError):
     """SIGTERM/SIGINT arrived; a checkpoint was written at the batch reached."""
+    label = "interrupted"
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(UserError, FloatingPointError):
     """A training loss became NaN or Inf."""
+    label = "non-finite loss"
 
 
 def prefetch(batches: Iterable[Batch], put: Callable[[Batch], Batch] = jax.device_put,
@@ -89,15 +94,19 @@ class _StopFlag:
 
 
 def _summary(history: list[dict]) -> dict:
-    best = max(history, key=lambda h: h["val"]["accuracy"])  # first epoch wins ties
-    return {"best_epoch": best["epoch"], "best_val_accuracy": best["val"]["accuracy"],
-            "train_accuracy_at_best": best["train"]["accuracy"], "val_mcc_at_best": best["val"]["mcc"],
-            "val_loss_at_best": best["val"]["loss"], "epochs_run": len(history)}
+    best = max(history, key=lambda h: h["val"]["accuracy"])  # validation alone decides; first epoch wins ties
+    out = {"best_epoch": best["epoch"], "best_val_accuracy": best["val"]["accuracy"],
+           "train_accuracy_at_best": best["train"]["accuracy"], "val_mcc_at_best": best["val"]["mcc"],
+           "val_loss_at_best": best["val"]["loss"], "epochs_run": len(history)}
+    for name, m in best.get("reported", {}).items():
+        out[f"{name}_accuracy_at_best"], out[f"{name}_mcc_at_best"] = m["accuracy"], m["mcc"]
+    return out
 
 
-def evaluate(task: Task) -> dict[str, float]:
+def evaluate(task: Task, batches: Callable[[], Iterable[Batch]] | None = None) -> dict[str, float]:
+    """Loss, accuracy, MCC and count of the task's state on `batches` (default: the validation set)."""
     sums = metrics_lib.zeros()
-    for batch in prefetch(task.eval_batches(), task.put_batch):
+    for batch in prefetch((batches or task.eval_batches)(), task.put_batch):
         sums = metrics_lib.add(sums, task.eval_step(task.state, task.consts, batch))
     return metrics_lib.summarize(sums)
 
@@ -161,12 +170,15 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
                                         f"in {run_dir / 'checkpoints'} (train.on_nonfinite=skip drops such batches)")
                 log.warning("%s; their updates were skipped (train.on_nonfinite=skip)", where)
             val = evaluate(task)
-            history.append({"epoch": epoch + 1, "train": train, "val": val})
+            reported = {name: evaluate(task, batches) for name, batches in task.reported_batches.items()}
+            history.append({"epoch": epoch + 1, "train": train, "val": val,
+                            **({"reported": reported} if reported else {})})
             is_best = val["accuracy"] > max((h["val"]["accuracy"] for h in history[:-1]), default=-1.0)
             store.save(step_number(), {"state": task.state, "train_sums": train_sums}, record_for(epoch + 1, 0),
                        best=is_best)
-            log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f mcc %.4f%s", epoch + 1,
+            log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f mcc %.4f%s%s", epoch + 1,
                      task.epochs, train["loss"], train["accuracy"], val["loss"], val["accuracy"], val["mcc"],
+                     "".join(f" | {name} acc {m['accuracy']:.4f} mcc {m['mcc']:.4f}" for name, m in reported.items()),
                      "  (best)" if is_best else "")
             _write(run_dir, task, history, wall_before + time.perf_counter() - t0)
     store.close()

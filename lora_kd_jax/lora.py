@@ -22,12 +22,15 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from lora_kd_jax.errors import UserError
+
 Params = dict[str, Any]
 Path = tuple[str, ...]
 
 
-class LoraTargetError(ValueError):
+class LoraTargetError(UserError, ValueError):
     """A target pattern matched no kernel, or the tree has no kernels to adapt."""
+    label = "config error"
 
 
 @dataclasses.dataclass(frozen=True)

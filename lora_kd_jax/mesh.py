@@ -17,14 +17,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_kd_jax.config import DistributedConfig, MeshConfig
+from lora_kd_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 BATCH_AXES = ("data", "fsdp")
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """The mesh does not fit the devices, or a batch does not divide over it."""
+    label = "mesh error"
 
 
 _initialized = False

@@ -12,13 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_curves(history: Sequence[Mapping], run_dir: str | os.PathLike, title: str = "") -> list[Path]:
-    """accuracy.png and loss.png from records like {'epoch', 'train': {...}, 'val': {...}}."""
+    """accuracy.png and loss.png from records like {'epoch', 'train': {...}, 'val': {...}, 'reported': {name: {...}}}
+    (reported sets such as out_of_domain are drawn dashed: they are shown, not used to choose the best epoch)."""
     out = []
     epochs = [h["epoch"] for h in history]
     for metric, ylabel in (("accuracy", "accuracy"), ("loss", "loss")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for split in ("train", "val"):
             ax.plot(epochs, [h[split][metric] for h in history], marker="o", label=split)
+        for name in history[0].get("reported", {}) if history else ():
+            ax.plot(epochs, [h["reported"][name][metric] for h in history], marker="o", linestyle="--",
+                    label=name.replace("_", "-"))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} {metric}".strip())

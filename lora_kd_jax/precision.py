@@ -1,15 +1,12 @@
 """The one place that turns a dtype setting ("float32", "bfloat16" or "auto") into a dtype.
 
-"auto" picks per backend, from what was measured rather than what is fashionable:
-- cpu: everything float32. On the 2-core test machine XLA:CPU ran bf16 slower than fp32 (gpt2 LoRA step
-  490 vs 396 ms; student step 106 vs 96 ms), and fp32 is what the PyTorch parity tests check.
-- gpu / tpu: the GPT-2 teacher computes in bfloat16 (a plain JAX build on an H200 ran the gpt2 LoRA step in
-  13.5 ms vs 27.8 ms fp32, ../shared/docs/PEER_BENCH.md); LoRA factors, heads and optimizer state stay float32
-  whatever the compute dtype. The RNN student stays float32: a bf16 `nn.RNN` scan was 8x slower than fp32 on that
-  H200 (its per-step matmuls are tiny, so bf16 buys no bandwidth and costs conversions inside the sequential
-  loop). TPU figures are not measured here; bf16 there follows the MXU.
-- model.base_dtype=auto stores the frozen base in the resolved compute dtype (bfloat16 storage halves the base's
-  memory and bandwidth; `model.dtype=float32` alone gives an fp32 model, e.g. for parity checks on a GPU).
+"auto" picks per backend from measurements (the figures are in the README's performance section):
+- cpu: everything float32 (XLA:CPU ran bf16 slower, and fp32 is what the PyTorch parity tests check).
+- gpu / tpu: the GPT-2 teacher computes in bfloat16; LoRA factors, heads and optimizer state stay float32 whatever
+  the compute dtype. The RNN student stays float32: its per-step matmuls are tiny, so bf16 buys no bandwidth and
+  costs conversions inside the sequential scan.
+- model.base_dtype=auto stores the frozen base in the resolved compute dtype (`model.dtype=float32` alone gives an
+  fp32 model, e.g. for parity checks on a GPU).
 
 A run dir's config.yaml records the resolved dtypes (`resolved_config`), so a run started in bf16 on a GPU is not
 silently continued in fp32 elsewhere.

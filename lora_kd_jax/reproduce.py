@@ -26,7 +26,7 @@ from lora_kd_jax.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ beside the package
 DEFAULT_ROOT, DEFAULT_TINY_ROOT = "runs/reproduce", "runs/reproduce_tiny"
 MAJORITY_REFERENCE = 365 / 527  # majority class of the CoLA in-domain dev set
 
@@ -85,10 +85,21 @@ def _split_root(overrides: Sequence[str], tiny: bool) -> tuple[Path, list[str]]:
     return Path(root), rest
 
 
-def study_configs(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path = CONFIGS_DIR
+def default_configs_dir() -> Path:
+    """The repository's configs/: beside the package (a clone or an editable install), else ./configs (a
+    non-editable install run from the clone)."""
+    for candidate in (CONFIGS_DIR, Path.cwd() / "configs"):
+        if (candidate / EXPERIMENTS[0].config).is_file():
+            return candidate
+    raise ConfigError(f"the study's configs were not found in {CONFIGS_DIR} nor in ./configs; run from the "
+                      "repository's root or pass --configs DIR")
+
+
+def study_configs(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path | None = None
                   ) -> tuple[Path, list[tuple[Experiment, Config]]]:
     """(root, [(experiment, its validated config)]): every config is checked before anything runs."""
     root, rest = _split_root(overrides, tiny)
+    configs_dir = configs_dir or default_configs_dir()
     out = []
     for exp in EXPERIMENTS:
         extra = [f"run.dir={root / exp.name}"]
@@ -123,7 +134,7 @@ def _runner(kind: str) -> Callable[..., dict]:
     return distill.distill_and_evaluate if kind == "distill" else distill.train_rnn_and_evaluate
 
 
-def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path = CONFIGS_DIR,
+def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path | None = None,
               progress: bool = True) -> list[Outcome]:
     """Run (or reuse) the five experiments in order; write results.md and results.png into the root."""
     from tqdm.auto import tqdm
@@ -169,6 +180,10 @@ def _pct(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
+def _mcc(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
 def _millions(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
@@ -190,13 +205,14 @@ def _reduction(o: Outcome) -> str:
 
 def results_table(outcomes: Sequence[Outcome]) -> str:
     head = ("| experiment | epochs | best val acc | reference | train acc at best | reference | val MCC | "
-            "trainable / total params | reference | reduction | wall time |")
+            "out-of-domain acc | out-of-domain MCC | trainable / total params | reference | reduction | wall time |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for o in outcomes:
         s, e = o.summary, o.experiment
         lines.append(
             f"| {e.label} | {s['best_epoch']}/{s['epochs_run']} | {_pct(s['best_val_accuracy'])} | {_pct(e.ref_val)} | "
             f"{_pct(s['train_accuracy_at_best'])} | {_pct(e.ref_train)} | {s['val_mcc_at_best']:.4f} | "
+            f"{_pct(s.get('out_of_domain_accuracy_at_best'))} | {_mcc(s.get('out_of_domain_mcc_at_best'))} | "
             f"{_millions(s['trainable_params'])} / {_millions(s['total_params'])} | {e.ref_params} | "
             f"{_reduction(o)} | {_time(s.get('wall_time_s', 0.0))}{' (reused)' if o.reused else ''} |")
     return "\n".join(lines)
@@ -222,7 +238,9 @@ def write_results(root: str | Path, outcomes: Sequence[Outcome], *, tiny: bool, 
         "",
         results_table(outcomes),
         "",
-        "Epochs: best epoch / epochs run. Reference: the PyTorch original on CoLA in-domain dev (527 sentences).",
+        "Epochs: best epoch / epochs run. Val: CoLA in-domain dev (527 sentences), the set of the reference (the "
+        "PyTorch original) and the one that picks the best epoch. Out-of-domain: CoLA out-of-domain dev (516 "
+        "sentences), scored at the same epoch, never used to pick it.",
         "Distillation rows: loss T²·KL(teacher ‖ student) (+ alpha·CE); the reduction compares the student with its "
         "teacher's total size.",
         "",

@@ -1,22 +1,25 @@
 """The run directory: resolved config, log file, metrics.json; refuses to mix two different runs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from lora_kd_jax.config import Config, ConfigError, from_dict, save_config, to_dict
+from lora_kd_jax.errors import UserError
 from lora_kd_jax.precision import resolved_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run dir holds another run and overwriting was not asked for."""
+    label = "run dir error"
 
 
 def prepare(cfg: Config, *, resume: bool = False) -> Path:
@@ -47,6 +50,45 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
     save_config(resolved_config(cfg), cfg_path)
     attach_log(run_dir)
     return run_dir
+
+
+@contextlib.contextmanager
+def claim(cfg: Config, *, resume: bool = False) -> Iterator[Path]:
+    """`prepare` the run dir for the body; if the body fails before the run saved a checkpoint or metrics.json,
+    take back what this call wrote (config.yaml, the log), so the corrected command is not refused as "a different
+    run" by a start that never trained."""
+    run_dir = Path(cfg.run.dir)
+    existed = run_dir.exists()
+    had_config = (run_dir / CONFIG_FILE).exists()
+    run_dir = prepare(cfg, resume=resume)
+    try:
+        yield run_dir
+    except BaseException:
+        if not had_config and not _has_results(run_dir):
+            _undo_start(run_dir, remove_dir=not existed)
+        raise
+
+
+def _has_results(run_dir: Path) -> bool:
+    checkpoints = run_dir / "checkpoints"
+    saved = checkpoints.is_dir() and any(p.is_dir() and any(c.name.isdigit() for c in p.iterdir())
+                                         for p in checkpoints.iterdir())
+    return saved or (run_dir / METRICS_FILE).exists()
+
+
+def _undo_start(run_dir: Path, *, remove_dir: bool) -> None:
+    detach_log(run_dir)
+    for name in (CONFIG_FILE, LOG_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():  # empty managers' dirs only: _has_results saw no step in them
+        for sub in sorted(checkpoints.rglob("*"), reverse=True):
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+        if not any(checkpoints.iterdir()):
+            checkpoints.rmdir()
+    if remove_dir and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def recorded(cfg: Config) -> dict[str, Any]:
@@ -94,6 +136,14 @@ def attach_log(run_dir: Path) -> None:
         root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
+
+
+def detach_log(run_dir: Path) -> None:
+    root = logging.getLogger()
+    path = str((run_dir / LOG_FILE).absolute())
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and h.baseFilename == path]:
+        root.removeHandler(h)
+        h.close()
 
 
 def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:

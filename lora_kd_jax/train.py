@@ -14,6 +14,7 @@ from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import precision, rundir, runtime
 from lora_kd_jax.config import Config
+from lora_kd_jax.errors import UserError
 from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier
 from lora_kd_jax.trainable import (ParamReport, apply_if_finite, cast_frozen, combine, make_optimizer, param_report,
@@ -108,35 +109,31 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
         kind="lora", state=state, consts=frozen,
         train_step=make_train_step(model, tx), eval_step=make_eval_step(model),
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
-        epochs=cfg.train.epochs,
+        epochs=cfg.train.epochs, reported_batches=batches.reported,
         info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction,
               "compute_dtype": compute, "base_dtype": base},
         title=f"LoRA {cfg.model.name}", put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)
     return task, model, frozen
 
 
-def load_splits(cfg: Config) -> dict[str, data_lib.EncodedSplit]:
-    ds = data_lib.load_cola(cfg.data.dir, cfg.data.limit)
-    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
-    return data_lib.encode_splits(ds, tokenizer, cfg.data.max_length)
-
-
 def train_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """The whole LoRA run into cfg.run.dir; returns the summary written to metrics.json."""
     runtime.setup(cfg)
     log.info("%s", dry_run(cfg))  # shapes only: a bad model size or LoRA target fails here, before any data or compute
-    run_dir = rundir.prepare(cfg, resume=resume)
-    splits = load_splits(cfg)
-    task, _, _ = build_task(cfg, splits)
-    summary = run_epochs(task, run_dir, resume=resume, progress=progress)
+    with rundir.claim(cfg, resume=resume) as run_dir:
+        splits = data_lib.load_splits(cfg)
+        task, _, _ = build_task(cfg, splits.encoded)
+        task.info["data"] = splits.report()
+        summary = run_epochs(task, run_dir, resume=resume, progress=progress)
     log.info("best val accuracy %.4f at epoch %d (train accuracy %.4f, val MCC %.4f)",
              summary["best_val_accuracy"], summary["best_epoch"], summary["train_accuracy_at_best"],
              summary["val_mcc_at_best"])
     return summary
 
 
-class RunRestoreError(ValueError):
+class RunRestoreError(UserError, ValueError):
     """A directory is not a LoRA run whose checkpoint restores; the message says what is wrong."""
+    label = "run error"
 
 
 def restore_lora_run(run_dir: Any, which: str = "best") -> tuple[Config, GPT2Classifier, Params]:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the `device` tool): the JAX benchmarks and the PyTorch peer, same machine, same run.
 #
-# Prepare here once (nothing can be fetched there; these lie in git-ignored folders that `carry` names):
+# Everything else it needs is in the repository: benchmarks/peer_torch.py, and the CoLA files and GPT-2 tokenizer the
+# package ships (scripts/bench.py's defaults). The image has JAX, torch, transformers 5 and peft but no transformers 4
+# (which the Flax GPT-2 needs) and nothing can be fetched there, so prepare its wheels here once, into the git-ignored
+# .whl that `carry` names (the epoch bench reads CoLA without `datasets`, so that package is not needed):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.0 datasets==5.0.1 dill multiprocess
-#   mkdir -p .peer && cp -r ../shared/bench/peer_torch.py ../shared/data/cola ../shared/gpt2-tokenizer .peer/
-# (.whl and .peer are git-ignored: the data and tokenizer files are never committed)
-# Then: run(command="bash scripts/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=420)
+#       -d .whl transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.0
+# Then: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=420)
 #
 # Stages run in order of what the performance issue needs most, each capped by its own limit and by what is left of
 # BUDGET seconds (a stage with under 30 s left is skipped and says so), each appending JSON lines to $OUT/jax.jsonl
@@ -19,8 +20,7 @@ OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}; mkdir -p "$OUT"; echo "results in 
 BUDGET=${BUDGET:-330}
 if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then
   PY=${PY:-.venv/bin/python}; SMALL=tiny; MEDIUM=tiny; STEPS=3; LIMIT="--limit 256"
-  PEER_FLAGS="--tiny --modes fp32"; SITE=/tmp/gpu_check_site
-  ls .whl/transformers-4.57.6-*.whl .peer/peer_torch.py >/dev/null || exit 1  # this venv already holds those
+  PEER_FLAGS="--tiny --modes fp32"; SITE=/tmp/gpu_check_site  # this venv already holds what .whl carries
 else
   PY=python3; SMALL=gpt2; MEDIUM=gpt2-medium; STEPS=30; LIMIT=""
   PEER_FLAGS="--modes bf16,compile-bf16"; SITE=/tmp/site
@@ -38,15 +38,14 @@ bench() {  # bench WANT FLAGS...: one stage of scripts/bench.py (transformers 4.
   local limit; limit=$(limit_for "$1"); shift
   if [ "$limit" = 0 ]; then echo "== skipped, out of time: bench.py $*"; return; fi
   echo "== bench.py $* (limit ${limit}s, $((DEADLINE - SECONDS))s left)"
-  PYTHONPATH="$SITE:$PWD" timeout "$limit" "$PY" scripts/bench.py --steps "$STEPS" --peak-tflops 989 \
-    --data-dir .peer/cola --tokenizer .peer/gpt2-tokenizer $LIMIT --out "$OUT/jax.jsonl" "$@" 2>>"$OUT/jax.err" \
-    >/dev/null || echo "   exit $? (see jax.err)"
+  PYTHONPATH="$SITE:$PWD" timeout "$limit" "$PY" scripts/bench.py --steps "$STEPS" --peak-tflops 989 $LIMIT \
+    --out "$OUT/jax.jsonl" "$@" 2>>"$OUT/jax.err" >/dev/null || echo "   exit $? (see jax.err)"
 }
 peer() {  # the PyTorch peer with the image's own torch/transformers 5/peft, same machine, same call
   local limit; limit=$(limit_for "$1"); shift
-  if [ "$limit" = 0 ] || [ ! -f .peer/peer_torch.py ]; then echo "== skipped: peer_torch.py"; return; fi
+  if [ "$limit" = 0 ]; then echo "== skipped, out of time: peer_torch.py $*"; return; fi
   echo "== peer_torch.py $* (limit ${limit}s)"
-  timeout "$limit" "$PY" .peer/peer_torch.py "$@" --steps "$STEPS" --out "$OUT/peer.jsonl" 2>"$OUT/peer.err" \
+  timeout "$limit" "$PY" benchmarks/peer_torch.py "$@" --steps "$STEPS" --out "$OUT/peer.jsonl" 2>"$OUT/peer.err" \
     >/dev/null || echo "   exit $? (see peer.err)"
 }
 # 1. the goals: gpt2 bf16 LoRA step, teacher forward, distillation step (teacher inside), first step

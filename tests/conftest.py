@@ -13,7 +13,7 @@ import pytest
 # would not apply. Set JAX_PLATFORMS yourself to run it elsewhere (test_precision then skips what is CPU-only).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from tiny import COLA_DIR, SHARED, TOKENIZER_DIR  # noqa: E402, F401  (one place for the shared paths)
+from tiny import COLA_DIR, TOKENIZER_DIR  # noqa: E402, F401  (one place for the data paths)
 
 REPO = Path(__file__).resolve().parents[1]
 PAD_ID = 50256  # GPT-2 eos, used as pad (lora_kd_jax.data.PAD_ID)
@@ -35,8 +35,7 @@ def tiny_config(*overrides: str, run_dir: str | Path = "runs/test"):
     """A validated Config: 2-layer, 64-wide random GPT-2 with the real vocabulary and the local CoLA files."""
     from lora_kd_jax.config import load_config
 
-    return load_config(None, [*TINY_OVERRIDES, f"data.dir={COLA_DIR}", f"data.tokenizer={TOKENIZER_DIR}",
-                              f"run.dir={run_dir}", *overrides])
+    return load_config(None, [*TINY_OVERRIDES, f"run.dir={run_dir}", *overrides])
 
 
 @pytest.fixture

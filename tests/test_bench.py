@@ -1,16 +1,25 @@
 """scripts/bench.py's machinery on the tiny model: every bench runs and writes the documented JSON fields.
 
 Timings themselves are not asserted (they belong to bench.py's output, not to tests); what is checked is that
-the benches run the real steps, report what they measured under the documented names, and refuse bad flags."""
+the benches run the real steps, report what they measured under the documented names, and refuse bad flags; that
+they need nothing outside the repository (packaged CoLA and tokenizer, no `datasets`, which the GPU image lacks);
+and that benchmarks/peer_torch.py, the PyTorch peer, times the very batch the JAX benches time."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
-from tiny import COLA_DIR, TOKENIZER_DIR
 
 from lora_kd_jax import bench
+from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
 from lora_kd_jax.cli import main_bench
+
+REPO = Path(__file__).resolve().parents[1]
 
 REQUIRED = {"bench", "variant", "mode", "batch", "seq", "ms_per_step", "seq_per_s", "first_step_s", "device"}
 
@@ -68,3 +77,86 @@ def test_cached_distillation_alone_builds_no_gpt2(monkeypatch):
     args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=["distill_step_cached"], batch=4, seq=16,
                            steps=1, warmup=0)
     assert [r["bench"] for r in bench.run(args)] == ["distill_step_cached"]
+
+
+def test_default_paths_are_the_packaged_assets():
+    data_dir, tokenizer = bench.default_paths()
+    assert (data_dir, tokenizer) == (str(COLA_DIR), str(TOKENIZER_DIR))
+    assert Path(data_dir, "in_domain_train.tsv").is_file() and Path(tokenizer, "vocab.json").is_file()
+    assert Path(data_dir).is_relative_to(REPO / "lora_kd_jax")  # inside the repository, not beside it
+
+
+def test_importing_the_bench_imports_no_datasets():
+    code = ("import sys, lora_kd_jax.bench, lora_kd_jax.cli\n"
+            "sys.exit('datasets imported' if 'datasets' in sys.modules else None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_epoch_bench_runs_without_datasets(monkeypatch):
+    """The GPU image has no `datasets`: with it made unimportable, the epoch bench still reads, encodes and runs."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    data_dir, tokenizer = bench.default_paths()
+    args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=["epoch"], batch=8, steps=1, warmup=0,
+                           data_dir=data_dir, tokenizer=tokenizer, limit=20)
+    records = bench.run(args)
+    assert [(r["bench"], r["examples"], r["steps"]) for r in records] == [("epoch", 20, 3)] * 2
+
+
+def test_epoch_splits_match_the_training_pipeline():
+    """What the bench encodes is what training encodes: the first `limit` rows of the training file, same tokens."""
+    from lora_kd_jax import data as data_lib
+
+    cfg = bench.variant_config("tiny", "fp32", f"data.dir={COLA_DIR}", f"data.tokenizer={TOKENIZER_DIR}",
+                               "data.limit=12")
+    split = bench.epoch_splits(cfg)["train"]
+    sentences, labels = data_lib.read_cola_tsv(COLA_DIR / "in_domain_train.tsv")
+    expected = data_lib.encode(sentences[:12], labels[:12], data_lib.load_tokenizer(str(TOKENIZER_DIR)),
+                               cfg.data.max_length)
+    assert len(split) == 12
+    for field in ("input_ids", "attention_mask", "labels"):
+        np.testing.assert_array_equal(getattr(split, field), getattr(expected, field))
+
+
+def load_peer():
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    spec = importlib.util.spec_from_file_location("peer_torch", REPO / "benchmarks" / "peer_torch.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    return peer
+
+
+def test_peer_times_the_same_batch_as_the_jax_benches():
+    import torch
+
+    peer = load_peer()
+    ids, mask, labels = peer.peer_batch(16, 32, torch.device("cpu"))
+    ours = bench.peer_batch(16, 32)
+    np.testing.assert_array_equal(ids.numpy(), ours["input_ids"])
+    np.testing.assert_array_equal(mask.numpy(), ours["attention_mask"])
+    np.testing.assert_array_equal(labels.numpy(), ours["labels"])
+
+
+def test_peer_reports_every_step_with_the_documented_fields(tmp_path):
+    peer = load_peer()
+    out = tmp_path / "peer.jsonl"
+    records = peer.run(peer.parse_args(["--tiny", "--modes", "fp32", "--batch", "4", "--seq", "16", "--steps", "1",
+                                        "--out", str(out)]))
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    assert [r["bench"] for r in records] == ["lora_train_step", "teacher_forward", "distill_step"]
+    for r in records:
+        assert REQUIRED - {"first_step_s"} <= r.keys(), (r["bench"], REQUIRED - r.keys())
+        assert (r["impl"], r["variant"], r["mode"], r["batch"], r["seq"]) == ("torch+peft", "tiny", "fp32", 4, 16)
+        assert r["ms_per_step"] > 0 and r["seq_per_s"] > 0
+    lora = records[0]
+    assert lora["first_step_s"] >= 0 and 0 < lora["trainable"] < lora["total"]
+    assert lora["real_tokens"] == int(bench.peer_batch(4, 16)["attention_mask"].sum())
+
+
+@pytest.mark.parametrize("flags", [["--modes", "fp16"], ["--variants", "gpt3"], ["--steps", "0"]])
+def test_peer_refuses_bad_flags(flags):
+    peer = load_peer()
+    with pytest.raises(SystemExit) as e:
+        peer.parse_args(flags)
+    assert e.value.code == 2

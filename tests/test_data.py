@@ -22,12 +22,7 @@ from lora_kd_jax.data import (
     read_cola_tsv,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-COLA_DIR = SHARED / "data" / "cola"
-TOKENIZER_DIR = SHARED / "gpt2-tokenizer"
-
-needs_cola = pytest.mark.skipif(not COLA_DIR.is_dir(), reason=f"CoLA files not at {COLA_DIR}")
-needs_tok = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"tokenizer files not at {TOKENIZER_DIR}")
+from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
 
 
 def write(tmp_path: Path, content: str | bytes, name: str = "cola.tsv") -> Path:
@@ -145,19 +140,21 @@ def test_read_no_data_rows(tmp_path, content):
 # ---------------------------------------------------------------------------------------- load_cola
 
 
-@needs_cola
 def test_load_cola_raw_layout_counts():
     ds = load_cola(str(COLA_DIR))
-    assert set(ds) == {"train", "validation"}
+    assert set(ds) == {"train", "validation", "out_of_domain"}
     assert ds["train"].column_names == ["sentence", "label"]
     tr, va = np.asarray(ds["train"]["label"]), np.asarray(ds["validation"]["label"])
+    ood = np.asarray(ds["out_of_domain"]["label"])
     assert (len(tr), int(tr.sum())) == (8551, 6023)
     assert (len(va), int(va.sum())) == (527, 365)
+    assert (len(ood), int(ood.sum())) == (516, 354)
+    packaged = load_cola("")  # the default data.dir reads the same files
+    assert {s: packaged[s]["sentence"] for s in packaged} == {s: ds[s]["sentence"] for s in ds}
     assert ds["train"][0]["sentence"] == "Our friends won't buy this analysis, let alone the next one we propose."
     assert isinstance(ds["train"][0]["label"], int)
 
 
-@needs_cola
 def test_load_cola_limit(caplog):
     with caplog.at_level(logging.INFO, logger="lora_kd_jax.data"):
         ds = load_cola(str(COLA_DIR), limit=100)
@@ -168,11 +165,11 @@ def test_load_cola_limit(caplog):
     assert any("kept the first 100 of 8551 train rows" in r.getMessage() for r in caplog.records)
 
 
-@needs_cola
 def test_load_cola_glue_layout_same(tmp_path):
     shutil.copyfile(COLA_DIR / "in_domain_train.tsv", tmp_path / "train.tsv")
     shutil.copyfile(COLA_DIR / "in_domain_dev.tsv", tmp_path / "dev.tsv")
     glue, raw = load_cola(str(tmp_path)), load_cola(str(COLA_DIR))
+    assert set(glue) == {"train", "validation"}  # the GLUE layout has no separate out-of-domain file
     for split in ("train", "validation"):
         assert glue[split]["sentence"] == raw[split]["sentence"]
         assert glue[split]["label"] == raw[split]["label"]
@@ -223,7 +220,7 @@ def test_load_cola_hub_branch(monkeypatch):
         return datasets.DatasetDict({"train": split(5, 0), "validation": split(4, 100), "test": split(3, 200)})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    ds = load_cola("", limit=3)
+    ds = load_cola("hub", limit=3)
     assert calls == [(("nyu-mll/glue", "cola"), {})]
     assert set(ds) == {"train", "validation"}
     assert ds["train"].column_names == ["sentence", "label"]
@@ -236,8 +233,6 @@ def test_load_cola_hub_branch(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tok():
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip(f"tokenizer files not at {TOKENIZER_DIR}")
     return load_tokenizer(str(TOKENIZER_DIR))
 
 
@@ -302,11 +297,10 @@ def test_encode_rejects_mismatched_labels(tok):
         encode(["a", "b"], np.array([1]), tok, max_length=8)
 
 
-@needs_cola
 def test_encode_splits_real(tok):
     ds = load_cola(str(COLA_DIR), limit=50)
     out = encode_splits(ds, tok, max_length=64)
-    assert set(out) == {"train", "validation"}
+    assert set(out) == {"train", "validation", "out_of_domain"}
     assert out["train"].input_ids.shape == (50, 64)
     assert out["train"].labels.tolist() == ds["train"]["label"]
     assert out["train"].n_truncated == 0  # CoLA sentences are short
@@ -419,8 +413,6 @@ def test_length_grouping_keeps_every_row_once_resumes_exactly_and_varies_by_epoc
     assert width(full) < width(ungrouped)  # grouped rows fit shorter buckets
 
 
-@needs_cola
-@needs_tok
 def test_length_grouping_cuts_cola_padding():
     """Uniformly random batches of 128 CoLA sentences nearly always hold one of 17+ tokens, so buckets alone save
     nothing; grouped within windows of 16 batches they are cut to ~57% of the padded tokens."""
@@ -435,8 +427,6 @@ def test_length_grouping_cuts_cola_padding():
     assert padded_fraction(16) < 0.65
 
 
-@needs_cola
-@needs_tok
 def test_batch_sources_follow_the_config():
     """The trainers' batches (data.batch_sources): sizes, buckets and grouping come from the config."""
     from lora_kd_jax.config import load_config

@@ -89,9 +89,7 @@ def _free_port() -> int:
 def test_two_processes_over_loopback_match_one_process(tmp_path):
     """jax.distributed with gloo CPU collectives, 2 processes x 2 devices, vs 1 process x 4 devices."""
     repo = TESTS.parent
-    shared = repo.parent / "shared"
     common = [sys.executable, str(repo / "scripts" / "train_lora.py"), str(repo / "configs" / "smoke.yaml"),
-              f"data.dir={shared / 'data' / 'cola'}", f"data.tokenizer={shared / 'gpt2-tokenizer'}",
               "data.limit=48", "train.batch_size=16", "train.epochs=2", "lora.dropout=0.1", "run.compilation_cache="]
 
     def env(devices):

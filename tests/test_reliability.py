@@ -14,7 +14,7 @@ from flax import traverse_util
 from lora_kd_jax import train
 from lora_kd_jax.checkpoint import CheckpointStore
 from lora_kd_jax.loop import NonFiniteLoss, run_epochs
-from tiny import COLA_DIR, TOKENIZER_DIR, tiny_config
+from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 POISON = 50000  # a token id whose embedding the NaN tests set to NaN
@@ -39,7 +39,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def script_args(run_dir: Path, epochs: int) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / "train_lora.py"), str(REPO / "configs" / "smoke.yaml"),
-            f"data.dir={COLA_DIR}", f"data.tokenizer={TOKENIZER_DIR}", "data.limit=1600", "train.batch_size=16",
+            "data.limit=1600", "train.batch_size=16",
             f"train.epochs={epochs}", "lora.dropout=0.1", f"run.dir={run_dir}", "run.compilation_cache="]
 
 

@@ -12,12 +12,8 @@ from lora_kd_jax import reproduce
 from lora_kd_jax.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-COLA_DIR, TOKENIZER_DIR = SHARED / "data" / "cola", SHARED / "gpt2-tokenizer"
-needs_data = pytest.mark.skipif(not (COLA_DIR.is_dir() and TOKENIZER_DIR.is_dir()),
-                                reason=f"CoLA / tokenizer not at {SHARED}")
 
-FAST = [f"data.dir={COLA_DIR}", f"data.tokenizer={TOKENIZER_DIR}", "data.limit=48", "train.epochs=1",
+FAST = ["data.limit=48", "train.epochs=1",  # no data keys: the packaged CoLA and tokenizer
         "train.batch_size=16", "run.compilation_cache="]
 KINDS = {"lora_gpt2": "lora", "lora_gpt2_medium": "lora", "distil_rnn_gpt2": "distill",
          "distil_rnn_gpt2_medium": "distill", "rnn_scratch": "rnn"}
@@ -30,8 +26,6 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    if not (COLA_DIR.is_dir() and TOKENIZER_DIR.is_dir()):
-        pytest.skip(f"CoLA / tokenizer not at {SHARED}")
     from lora_kd_jax.cli_distill import main_reproduce
 
     root = tmp_path_factory.mktemp("study")
@@ -39,7 +33,6 @@ def study(tmp_path_factory):
     return root
 
 
-@needs_data
 def test_tiny_study_writes_results_for_five_runs(study):
     md = (study / "results.md").read_text()
     rows = table_rows(md)
@@ -47,12 +40,12 @@ def test_tiny_study_writes_results_for_five_runs(study):
     assert "tiny" in md and "79.32%" in md and "69.26%" in md  # mode, reference numbers, reference majority
     for row in rows:
         assert row[2].endswith("%") and 0 <= float(row[2][:-1]) <= 100  # best val accuracy
-        assert row[6] != "" and row[7].count("M") == 2  # MCC, trainable / total params
+        assert row[6] != "" and row[9].count("M") == 2  # MCC, trainable / total params
+        assert row[7].endswith("%") and -1 <= float(row[8]) <= 1  # out-of-domain accuracy and MCC (packaged data)
     png = (study / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-@needs_data
 def test_each_run_has_the_standard_run_dir(study):
     for name, kind in KINDS.items():
         run_dir = study / name
@@ -69,7 +62,6 @@ def test_each_run_has_the_standard_run_dir(study):
     assert summary["teacher_total_params"] > summary["total_params"]
 
 
-@needs_data
 def test_rerun_reuses_finished_runs(study):
     outcomes = reproduce.run_study([*FAST, f"run.dir={study}"], tiny=True, progress=False)
     assert [o.reused for o in outcomes] == [True] * 5

@@ -185,11 +185,11 @@ def test_loading_a_save_pretrained_dir_gives_the_in_memory_model(tmp_path, fmt):
 
 def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
     cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'nope'}")
-    with pytest.raises(FileNotFoundError, match="model.path: .*nope is not a directory"):
+    with pytest.raises(gpt2.ModelLoadError, match="model.path=.*nope: does not exist"):
         gpt2.load_base(cfg.model, key())
     (tmp_path / "empty").mkdir()
     cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'empty'}")
-    with pytest.raises(FileNotFoundError, match="no GPT-2 weights found"):
+    with pytest.raises(gpt2.ModelLoadError, match="no GPT-2 weights found"):
         gpt2.load_base(cfg.model, key())
 
 

@@ -8,16 +8,14 @@ import numpy as np
 
 from lora_kd_jax.config import Config, load_config
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-COLA_DIR = SHARED / "data" / "cola"
-TOKENIZER_DIR = SHARED / "gpt2-tokenizer"
+from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR  # noqa: F401  (the packaged files; tests name them here)
 
 TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
         "lora.dropout=0.0", "run.compilation_cache="]
 
 
 def tiny_config(*overrides: str) -> Config:
-    return load_config(None, [*TINY, f"data.dir={COLA_DIR}", f"data.tokenizer={TOKENIZER_DIR}", *overrides])
+    return load_config(None, [*TINY, *overrides])  # data: the packaged CoLA and tokenizer (the defaults)
 
 
 def random_batch(seed: int, batch: int = 8, length: int = 12, vocab: int = 50257) -> dict[str, np.ndarray]:

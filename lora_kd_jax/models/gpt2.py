@@ -4,6 +4,7 @@ The only module that imports transformers' Flax classes, so the 4.x pin stays re
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -14,12 +15,18 @@ import jax.numpy as jnp
 
 from lora_kd_jax import precision
 from lora_kd_jax.config import ModelConfig, resolved_size
+from lora_kd_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 # Flax GPT-2 Conv1D stores kernels as (out_features, in_features) and computes x @ kernel.T.
 KERNEL_LAYOUT = "out_in"
+
+
+class ModelLoadError(UserError, OSError):
+    """GPT-2 weights could not be loaded (no network for a hub name, a model.path without a checkpoint)."""
+    label = "model error"
 
 
 def _transformers():
@@ -70,9 +77,9 @@ def _local_weights(path: Path) -> str:
         return "flax"
     if (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file():
         return "pytorch"
-    raise FileNotFoundError(
-        f"{path}: no GPT-2 weights found (looked for flax_model.msgpack, model.safetensors, pytorch_model.bin); "
-        "write one with save_pretrained, or set model.init=random")
+    raise ModelLoadError(
+        f"model.path={path}: no GPT-2 weights found (looked for flax_model.msgpack, model.safetensors, "
+        "pytorch_model.bin); write one with save_pretrained, or set model.init=random")
 
 
 def load_pretrained(cfg: ModelConfig) -> tuple[Any, Params]:
@@ -81,17 +88,46 @@ def load_pretrained(cfg: ModelConfig) -> tuple[Any, Params]:
     source = cfg.path or cfg.name
     kwargs: dict[str, Any] = {}
     if cfg.path:
-        path = Path(cfg.path)
+        path = Path(cfg.path).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"model.path: {path} is not a directory")
+            raise ModelLoadError(f"model.path={path}: {'is a file' if path.exists() else 'does not exist'}; expected "
+                                 "a directory written by save_pretrained (config.json and the weights)")
         kwargs["from_pt"] = _local_weights(path) == "pytorch"
-    model = FlaxGPT2Model.from_pretrained(os.fspath(source), dtype=precision.dtype(cfg.dtype, "compute"), **kwargs)
+    try:
+        with _quiet_hub():
+            model = FlaxGPT2Model.from_pretrained(os.fspath(Path(source).expanduser() if cfg.path else source),
+                                                  dtype=precision.dtype(cfg.dtype, "compute"), **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        if cfg.path:
+            raise ModelLoadError(f"model.path={cfg.path}: the checkpoint does not load ({type(e).__name__}: "
+                                 f"{_first_line(e)}); write it again with save_pretrained") from None
+        raise ModelLoadError(
+            f"model.name={cfg.name}: the pretrained weights could not be loaded from the Hugging Face hub (no network, "
+            f"or not cached: {_first_line(e)}); set model.path=DIR to a save_pretrained checkpoint, or "
+            "model.init=random for a pipeline check without pretrained weights") from None
     hf_config = model.config
     if hf_config.vocab_size != cfg.vocab_size:
         raise ValueError(f"{source}: vocab_size {hf_config.vocab_size} != model.vocab_size {cfg.vocab_size}")
     params = jax.tree.map(jnp.asarray, model.params)
     log.info("loaded GPT-2 weights from %s (%d layers, width %d)", source, hf_config.n_layer, hf_config.n_embd)
     return build_module(cfg, hf_config), params
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub logs every retry of an unreachable hub; the error we raise says it once."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
 
 
 def load_base(cfg: ModelConfig, key: jax.Array) -> tuple[Any, Params]:
