@@ -26,7 +26,8 @@ from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
 from lora_kd_jax.config import Config, load_config
 from lora_kd_jax.models.classifier import build_classifier
 from lora_kd_jax.models.student import build_student
-from lora_kd_jax.trainable import cast_frozen, make_optimizer, partition
+from lora_kd_jax.steps import init_state
+from lora_kd_jax.trainable import adam, cast_frozen, make_optimizer, partition
 
 # tiny: a CPU smoke size for teacher and student alike (both keep the real 50,257-token vocabulary)
 TINY = ["model.name=custom", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "student.embed_dim=64",
@@ -180,7 +181,7 @@ def bench_gpt2(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Confi
     merged = model.merged(params)
     merged = {**merged, "gpt2": cast_frozen(merged["gpt2"], precision.base_dtype(cfg.model))}
     if "lora_train_step" in args.benches:
-        state = train.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(1))
+        state = init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(1))
         first, compile_s, ms, flops = bench_step(train.make_train_step(model, tx), state, frozen, dev_batch,
                                                  steps=args.steps, warmup=args.warmup)
         yield record(args, "lora_train_step", variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2))
@@ -203,10 +204,10 @@ def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Co
     for student_dtype in args.student_dtypes:
         sc = dataclasses.replace(cfg.student, dtype=student_dtype)
         student, params = build_student(sc, jax.random.key(2))
-        tx = distill.make_optimizer(1e-3)
+        tx = adam(1e-3)
         objective = distill.distillation_objective(2.0, 0.0, teacher)
         step = distill.make_train_step(student, tx, objective)
-        first, compile_s, ms, flops = bench_step(step, train.init_state(params, tx, jax.random.key(3)), consts,
+        first, compile_s, ms, flops = bench_step(step, init_state(params, tx, jax.random.key(3)), consts,
                                                  jax.device_put(batch), steps=args.steps, warmup=args.warmup)
         name = "distill_step" if teacher is not None else "distill_step_cached"
         yield record(args, name, variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2),

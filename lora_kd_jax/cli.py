@@ -1,50 +1,54 @@
-"""Command-line entry points: parse `CONFIG.yaml key=value ... [--flags]`, call the library, exit cleanly.
+"""The one command line: `lora-kd-jax COMMAND ...` (and the thin `scripts/*.py` aliases).
 
-`clean_exit` is the one place that turns a user's mistake (any `UserError`: config, data, weights, run dir,
-checkpoint) into one line and a non-zero status; other exceptions are bugs and keep their traceback.
+This module owns argument parsing, logging set-up and the clean exit of every command: a mistake a user can make
+(any `UserError`: config, data, weights, run dir, checkpoint, file system) ends the command with one line and exit
+status 1; anything else is a bug and keeps its traceback (as does every error under `--debug`). Heavy imports (jax,
+transformers) happen only after the arguments and the config are known to be valid.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import sys
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from lora_kd_jax.config import load_config
+from lora_kd_jax.config import Config, load_config
 from lora_kd_jax.errors import UserError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+PROG = "lora-kd-jax"
 
 
 @contextlib.contextmanager
-def clean_exit() -> Iterator[None]:
-    """A `UserError` ends the command with `label: message` on stderr and exit status 1, no traceback."""
+def clean_exit(debug: bool = False) -> Iterator[None]:
+    """A `UserError` (or a file-system error such as a full disk) ends the command with `label: message` on stderr
+    and exit status 1, no traceback; `debug` re-raises everything."""
     try:
         yield
     except UserError as e:
+        if debug:
+            raise
         sys.exit(f"{e.label}: {e}")
+    except OSError as e:
+        if debug or e.errno not in _USER_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"file system error: {where}{e.strerror or e}")
+
+
+# what the file system says when the disk is full, read-only, or a path is of the wrong kind: not bugs
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EDQUOT,
+                errno.ENOENT, errno.EEXIST}
 
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
 
-def parse(argv: Sequence[str] | None, description: str, flags: Sequence[tuple[str, str]] = ()) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("config", help="YAML config file (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
-    for flag, help_ in flags:
-        p.add_argument(flag, action="store_true", help=help_)
-    return p.parse_args(argv)
-
-
-def load(args: argparse.Namespace):
-    with clean_exit():
-        return load_config(args.config, args.overrides)
-
-
 def report(summary: dict, run_dir: str) -> None:
+    """The one line a finished training command prints."""
     line = (f"best val accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}, train accuracy "
             f"{summary['train_accuracy_at_best']:.4f}, val MCC {summary['val_mcc_at_best']:.4f}")
     if "out_of_domain_accuracy_at_best" in summary:
@@ -53,59 +57,240 @@ def report(summary: dict, run_dir: str) -> None:
     print(f"{line}) -> {run_dir}")
 
 
-def main_train_lora(argv: Sequence[str] | None = None) -> None:
-    args = parse(argv, "LoRA fine-tuning of GPT-2 on CoLA",
-                 [("--dry-run", "build shapes only, print the parameter report and exit"),
-                  ("--resume", "continue from the latest checkpoint in run.dir")])
-    cfg = load(args)
-    setup_logging()
+# ------------------------------------------------------------------------------------------------- commands
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train_lora(args: argparse.Namespace) -> None:
+    cfg = _config(args)
     from lora_kd_jax import train  # imports jax: after the config is known to be valid
 
-    with clean_exit():
-        if args.dry_run:
-            print(train.dry_run(cfg))
-            return
-        summary = train.train_and_evaluate(cfg, resume=args.resume)
-    report(summary, cfg.run.dir)
+    if args.dry_run:
+        print(train.dry_run(cfg))
+        return
+    report(train.train_and_evaluate(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
 
 
-def main_bench(argv: Sequence[str] | None = None) -> None:
+def _student_report(cfg: Config) -> str:
+    import jax
+
+    from lora_kd_jax.models.student import build_student, count_params
+
+    _, shapes = build_student(cfg.student, jax.random.key(0), shapes_only=True)
+    n = count_params(shapes)
+    return f"student params: {n / 1e6:.2f}M ({n:,}), all trainable"
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from lora_kd_jax import distill
+
+    if args.dry_run:
+        info = distill.check_teacher(cfg.distill.teacher, cfg)
+        print(f"teacher: {info.path} (LoRA {info.config.model.name})\n{_student_report(cfg)}")
+        return
+    report(distill.distill_and_evaluate(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
+
+
+def cmd_train_rnn(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    if args.dry_run:
+        print(_student_report(cfg))
+        return
+    from lora_kd_jax import distill
+
+    report(distill.train_rnn_and_evaluate(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from lora_kd_jax import reproduce
+
+    root, _ = reproduce.study_configs(args.overrides, tiny=args.tiny, configs_dir=args.configs)  # all checked first
+    outcomes = reproduce.run_study(args.overrides, tiny=args.tiny, configs_dir=args.configs,
+                                   progress=not args.no_progress)
+    print(reproduce.results_table(outcomes))
+    print(f"-> {root / 'results.md'}, {root / 'results.png'}")
+
+
+def cmd_export_peft(args: argparse.Namespace) -> None:
+    from lora_kd_jax import export
+
+    out = export.export_peft(args.run_dir, args.out_dir, which=args.which, base_model=args.base_model,
+                             save_base=args.save_base, overwrite=args.overwrite)
+    print(f"PEFT adapter -> {out}")
+
+
+def cmd_import_peft(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from lora_kd_jax import export
+
+    cfg, _, params = export.import_peft(args.peft_dir, cfg)
+    out = export.write_imported_run(cfg, params, args.out, source=args.peft_dir)
+    print(f"imported {args.peft_dir} -> {out}; continue training with: {PROG} train-lora {out / 'config.yaml'} "
+          "--resume")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lora_kd_jax import export
+
+    out = export.merge_and_save(args.run_dir, args.out_dir, which=args.which, overwrite=args.overwrite)
+    print(f"merged checkpoint -> {out}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
     from lora_kd_jax import bench, precision
 
-    data_dir, tokenizer = bench.default_paths()
-    p = argparse.ArgumentParser(description="Step-time benchmarks (JSON lines on stdout, appended to --out)")
-    p.add_argument("--variants", default="gpt2,gpt2-medium", help="comma list of gpt2, gpt2-medium, tiny")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
-    p.add_argument("--benches", default=None, help="comma list of " + ", ".join(bench.BENCHES) + " (default: all; "
-                   "on a CPU the gpt2-size epoch bench, ~1,000 steps, only when named)")
-    p.add_argument("--student-dtypes", default="auto", help="comma list of auto, float32, bfloat16: the distillation "
-                   "benches run the student once in each (auto = this backend's choice, precision.py)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (median reported)")
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
-    p.add_argument("--no-trim", action="store_true", help="keep all-padding columns (no length-aware trimming)")
-    p.add_argument("--data-dir", default=data_dir, help="CoLA dir (raw layout) for the epoch bench (default: the "
-                   "packaged copy; '' skips the bench)")
-    p.add_argument("--tokenizer", default=tokenizer, help="GPT-2 tokenizer dir or hub name (default: the packaged one)")
-    p.add_argument("--limit", type=int, default=0, help="epoch bench: first N training sentences (0 = all 8,551)")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    a.benches = a.benches or ",".join(bench.default_benches(split(a.variants)))
-    for flag, values, known in (("--benches", a.benches, bench.BENCHES), ("--modes", a.modes, bench.MODES),
-                                ("--variants", a.variants, bench.VARIANTS),
-                                ("--student-dtypes", a.student_dtypes, ("auto", *precision.DTYPES))):
+    benches = args.benches or ",".join(bench.default_benches(split(args.variants)))
+    for flag, values, known in (("--benches", benches, bench.BENCHES), ("--modes", args.modes, bench.MODES),
+                                ("--variants", args.variants, bench.VARIANTS),
+                                ("--student-dtypes", args.student_dtypes, ("auto", *precision.DTYPES))):
         for name in split(values):
             if name not in known:
-                sys.exit(f"{flag}: unknown value '{name}'; choose from {', '.join(known)}")
-    if a.steps < 1 or a.limit < 0 or not split(a.student_dtypes):
-        sys.exit(f"--steps {a.steps}, --limit {a.limit}, --student-dtypes '{a.student_dtypes}': expected --steps >= 1, "
-                 "--limit >= 0 and at least one student dtype")
-    if a.steps < 20:
+                raise UsageError(f"{flag}: unknown value '{name}'; choose from {', '.join(known)}")
+    if args.steps < 1 or args.limit < 0 or not split(args.student_dtypes):
+        raise UsageError(f"--steps {args.steps}, --limit {args.limit}, --student-dtypes '{args.student_dtypes}': "
+                         "expected --steps >= 1, --limit >= 0 and at least one student dtype")
+    if args.steps < 20:
         print("note: --steps below 20 gives a noisy median", file=sys.stderr)
-    bench.run(bench.BenchArgs(variants=split(a.variants), modes=split(a.modes), benches=split(a.benches),
-                              batch=a.batch, seq=a.seq, steps=a.steps, peak_tflops=a.peak_tflops,
-                              trim=not a.no_trim, data_dir=a.data_dir, tokenizer=a.tokenizer, out=a.out,
-                              limit=a.limit,
-                              student_dtypes=split(a.student_dtypes)))
+    bench.run(bench.BenchArgs(variants=split(args.variants), modes=split(args.modes), benches=split(benches),
+                              batch=args.batch, seq=args.seq, steps=args.steps, peak_tflops=args.peak_tflops,
+                              trim=not args.no_trim, data_dir=args.data_dir, tokenizer=args.tokenizer, out=args.out,
+                              limit=args.limit, student_dtypes=split(args.student_dtypes)))
+
+
+class UsageError(UserError):
+    """A command-line flag has a value the command cannot use."""
+    label = "usage error"
+
+
+# -------------------------------------------------------------------------------------------------- parsing
+
+
+def _debug_flag() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show a traceback for every error")
+    return common
+
+
+def _training_command(sub, name: str, handler: Callable, help_: str, example: str, dry_run: str) -> None:
+    p = sub.add_parser(name, help=help_, description=help_, epilog=f"example: {PROG} {name} {example}",
+                       parents=[_debug_flag()])
+    p.add_argument("config", help="YAML config file (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4 (anywhere on the line)")
+    p.add_argument("--dry-run", action="store_true", help=dry_run)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=handler)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (for --help and unknown commands) and each command's own parser."""
+    parser = argparse.ArgumentParser(prog=PROG, description="LoRA fine-tuning of GPT-2 and distillation into an RNN "
+                                     "student, in JAX. `%(prog)s COMMAND --help` lists a command's options.",
+                                     parents=[_debug_flag()])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _training_command(sub, "train-lora", cmd_train_lora, "LoRA fine-tuning of GPT-2 on CoLA",
+                      "configs/lora_gpt2.yaml run.dir=runs/lora_gpt2",
+                      "build shapes only, print the parameter report and exit")
+    _training_command(sub, "distill", cmd_distill, "distil a LoRA teacher (distill.teacher=RUN_DIR) into the RNN "
+                      "student", "configs/distil_rnn_gpt2.yaml distill.teacher=runs/lora_gpt2",
+                      "check the teacher, print the student's parameter count and exit")
+    _training_command(sub, "train-rnn", cmd_train_rnn, "train the RNN student from scratch (the baseline)",
+                      "configs/rnn_scratch.yaml", "print the student's parameter count and exit")
+
+    r = sub.add_parser("reproduce", help="the five runs of the reference study and its table", parents=[_debug_flag()],
+                       description="Reproduce the reference table: LoRA gpt2, LoRA gpt2-medium, distillation from "
+                       "each, the RNN from scratch; writes results.md and results.png into the study's root (run.dir)",
+                       epilog=f"example: {PROG} reproduce --tiny data.limit=2000")
+    r.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every run, e.g. "
+                   "data.limit=2000; run.dir=PATH sets the study's root (default runs/reproduce)")
+    r.add_argument("--tiny", action="store_true", help="offline CPU check of the whole study: random-init 2-layer "
+                   "GPT-2 teachers (64 and 128 wide) in place of gpt2 and gpt2-medium and a 64/64 student; runs go "
+                   "to runs/reproduce_tiny unless run.dir=PATH")
+    r.add_argument("--configs", default=None, help="directory holding the five configs (default: the repository's "
+                   "configs/)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(handler=cmd_reproduce)
+
+    e = sub.add_parser("export-peft", help="a LoRA run -> a PEFT adapter dir (PeftModel.from_pretrained)", parents=[_debug_flag()],
+                       epilog=f"example: {PROG} export-peft runs/smoke exports/smoke_peft --save-base")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    e.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to export")
+    e.add_argument("--base-model", default=None,
+                   help="base_model_name_or_path to record (default: the run's model.path, absolute, or model.name)")
+    e.add_argument("--save-base", action="store_true",
+                   help="also write the run's frozen base to OUT_DIR/base and point the adapter at it")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(handler=cmd_export_peft)
+    i = sub.add_parser("import-peft", help="a PEFT adapter dir -> a run dir (continue with train-lora --resume)", parents=[_debug_flag()],
+                       epilog=f"example: {PROG} import-peft exports/adapter configs/smoke.yaml --out runs/imported")
+    i.add_argument("peft_dir")
+    i.add_argument("config", help="YAML config naming the same base (model.path / model.name), data and training")
+    i.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    i.add_argument("--out", required=True, help="the run dir to create")
+    i.set_defaults(handler=cmd_import_peft)
+    m = sub.add_parser("merge", help="a LoRA run -> a plain Hugging Face GPT-2 checkpoint (Flax + PyTorch) + head", parents=[_debug_flag()],
+                       epilog=f"example: {PROG} merge runs/smoke exports/smoke_merged")
+    m.add_argument("run_dir")
+    m.add_argument("out_dir")
+    m.add_argument("--which", choices=("best", "latest"), default="best")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(handler=cmd_merge)
+
+    from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
+
+    b = sub.add_parser("bench", help="step-time benchmarks (JSON lines on stdout, appended to --out)", parents=[_debug_flag()],
+                       epilog=f"example: {PROG} bench --variants tiny --modes fp32 --steps 20")
+    b.add_argument("--variants", default="gpt2,gpt2-medium", help="comma list of gpt2, gpt2-medium, tiny")
+    b.add_argument("--batch", type=int, default=128)
+    b.add_argument("--seq", type=int, default=64)
+    b.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
+    b.add_argument("--benches", default=None, help="comma list of lora_train_step, teacher_forward, distill_step, "
+                   "distill_step_cached, epoch (default: all; on a CPU the gpt2-size epoch bench only when named)")
+    b.add_argument("--student-dtypes", default="auto", help="comma list of auto, float32, bfloat16: the distillation "
+                   "benches run the student once in each (auto = this backend's choice, precision.py)")
+    b.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (median reported)")
+    b.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
+    b.add_argument("--no-trim", action="store_true", help="keep all-padding columns (no length-aware trimming)")
+    b.add_argument("--data-dir", default=str(COLA_DIR), help="CoLA dir (raw layout) for the epoch bench (default: the "
+                   "packaged copy; '' skips the bench)")
+    b.add_argument("--tokenizer", default=str(TOKENIZER_DIR), help="GPT-2 tokenizer dir or hub name (default: the "
+                   "packaged one)")
+    b.add_argument("--limit", type=int, default=0, help="epoch bench: first N training sentences (0 = all 8,551)")
+    b.add_argument("--out", default=None)
+    b.set_defaults(handler=cmd_bench)
+    return parser, dict(sub.choices)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`lora-kd-jax COMMAND ...`: options and overrides may come in any order (`--resume lora.rank=8`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = build_parser()
+    first = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is None or argv[first] not in commands or any(a not in ("--debug",) for a in argv[:first]):
+        parser.parse_args(argv)  # --help, no command, an unknown one: argparse says so and exits
+        parser.error(f"unrecognized arguments before the command: {' '.join(argv[:first])}")
+    args = commands[argv[first]].parse_intermixed_args(argv[first + 1:])
+    setup_logging()
+    with clean_exit(args.debug or "--debug" in argv[:first]):
+        args.handler(args)
+
+
+def _alias(command: str) -> Callable[[Sequence[str] | None], None]:
+    def run(argv: Sequence[str] | None = None) -> None:
+        main([command, *(sys.argv[1:] if argv is None else argv)])
+
+    run.__doc__ = f"`{PROG} {command}` (the entry point of the matching scripts/*.py)."
+    return run
+
+
+main_train_lora = _alias("train-lora")
+main_distill = _alias("distill")
+main_train_rnn = _alias("train-rnn")
+main_reproduce = _alias("reproduce")
+main_bench = _alias("bench")

@@ -74,6 +74,11 @@ class TrainConfig:
     seed: int = 0
     on_nonfinite: str = "stop"  # a NaN/Inf loss: stop (naming step and epoch) | skip (drop that batch's update)
 
+    @property
+    def eval_batch(self) -> int:
+        """The evaluation batch size: train.eval_batch_size, or train.batch_size when that is 0."""
+        return self.eval_batch_size or self.batch_size
+
 
 @dataclasses.dataclass
 class StudentConfig:

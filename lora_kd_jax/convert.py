@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from lora_kd_jax.errors import UserError
+
 Params = dict[str, Any]
 StateDict = dict[str, np.ndarray]
 Path = tuple[str, ...]
@@ -44,8 +46,9 @@ _CONV_LAYERS: tuple[tuple[str, str], ...] = (("attn", "c_attn"), ("attn", "c_pro
 _LAYER_NORMS = ("ln_1", "ln_2")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Keys or shapes do not fit the layout being converted; the message names them."""
+    label = "conversion error"
 
 
 # ------------------------------------------------------------------------------------------------ helpers

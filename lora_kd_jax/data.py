@@ -444,8 +444,9 @@ def epoch_order(n: int, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> np.n
         return np.arange(n)
     import jax
 
-    key = jax.random.fold_in(jax.random.key(seed), epoch)
-    return np.asarray(jax.random.permutation(key, n))
+    from lora_kd_jax.keys import data_order_key
+
+    return np.asarray(jax.random.permutation(data_order_key(seed, epoch), n))
 
 
 def group_by_length(order: np.ndarray, row_lengths: np.ndarray, batch_size: int, window: int, *, seed: int,
@@ -455,11 +456,13 @@ def group_by_length(order: np.ndarray, row_lengths: np.ndarray, batch_size: int,
     last. Every row still appears once per epoch; what changes is which rows share a batch."""
     import jax
 
+    from lora_kd_jax.keys import data_order_key
+
     chunk = window * batch_size
     grouped = np.concatenate([order[i:i + chunk][np.argsort(row_lengths[order[i:i + chunk]], kind="stable")]
                               for i in range(0, len(order), chunk)]) if len(order) else order
     n_full = len(grouped) // batch_size
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), 1)
+    key = jax.random.fold_in(data_order_key(seed, epoch), 1)
     batches = np.asarray(jax.random.permutation(key, n_full))
     full = grouped[:n_full * batch_size].reshape(n_full, batch_size)[batches].reshape(-1)
     return np.concatenate([full, grouped[n_full * batch_size:]])
@@ -543,7 +546,7 @@ def batch_sources(splits: dict[str, EncodedSplit], cfg: Config) -> BatchSources:
     """The train and evaluation batches a run's config asks for (batch sizes, seed, buckets, length grouping):
     the LoRA and the student trainers both take theirs from here."""
     train, val = splits["train"], splits["validation"]
-    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size or cfg.train.batch_size
+    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch
     buckets = cfg.data.buckets
 
     def eval_of(split: EncodedSplit) -> Callable[[], Iterator[dict[str, np.ndarray]]]:

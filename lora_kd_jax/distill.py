@@ -1,33 +1,15 @@
 """Knowledge distillation into the RNN student, and the same student trained from scratch (the baseline).
 
-Distillation: the teacher is a finished LoRA run, restored from its best Orbax checkpoint, merged into plain GPT-2
-weights and run in eval mode (deterministic, no gradient). The student (train mode) minimises
-
-    T² · KL(softmax(t/T) ‖ softmax(s/T))  (batch mean)  +  alpha · CE(s, labels)
-
-which for alpha=0 is the original's `F.kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T*T`.
-
-Why T=2 by default: a LoRA-fine-tuned teacher is confident on most CoLA training sentences (it reaches ~98% train
-accuracy), so at T=1 its two-class targets are nearly one-hot and KL carries little beyond the hard label. Dividing
-the logits by 2 keeps the ranking but exposes how sure the teacher is (a 0.98/0.02 split becomes about 0.88/0.12),
-which is the "dark knowledge" distillation transfers; much larger T flattens every target towards 0.5/0.5. The T²
-factor keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015), so the learning rate need
-not change with T. 2 is also the common default in the distillation literature.
-
-Teacher logits: the teacher is frozen and deterministic, so by default (`distill.cache_teacher_logits`) its logits
-for the whole training split are computed once, kept on device as an [N, 2] array passed to every step, and
-gathered per batch with the batch's row indices. The test suite checks that this gives the same training run as
-calling the teacher inside every step (`cache_teacher_logits=false`, which keeps the teacher's weights on device
-and costs a teacher forward pass per step).
-
-Metrics: the training loss is the objective above (what the student minimises); the validation loss is
-cross-entropy on the gold labels, the same quantity for every run of the study. Accuracy and MCC are against
-the gold labels throughout.
+The teacher is a finished LoRA run (read through `runs.open_run`), merged into plain GPT-2 weights and run in eval
+mode. The student minimises T²·KL(softmax(t/T) ‖ softmax(s/T)) (batch mean) + alpha·CE(s, labels); alpha=0 is the
+original's `kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T*T`. The README explains the default
+T=2. The teacher is frozen and deterministic, so by default its logits for the training split are computed once and
+gathered per batch on device (`distill.cache_teacher_logits`). Training loss is the objective; validation loss is
+cross-entropy on the gold labels, as for every run of the study.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -41,24 +23,20 @@ import optax
 from lora_kd_jax import data as data_lib
 from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import metrics as metrics_lib
-from lora_kd_jax import precision, rundir, runtime
-from lora_kd_jax.config import Config, ConfigError, from_dict
-from lora_kd_jax.errors import UserError
+from lora_kd_jax import precision, rundir, runtime, runs, steps
+from lora_kd_jax.config import Config
+from lora_kd_jax.keys import run_keys
 from lora_kd_jax.loop import Task, run_epochs
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.models.student import RNNStudent, build_student, count_params
-from lora_kd_jax.train import TrainState, init_state, make_guarded_step
+from lora_kd_jax.steps import TrainState, init_state
+from lora_kd_jax.trainable import adam
 
 log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 Batch = dict[str, jax.Array]
 Objective = Callable[[jax.Array, Any, Batch], tuple[jax.Array, jax.Array]]
-
-
-class TeacherError(UserError, ValueError):
-    """distill.teacher does not point at a usable LoRA run; the message says what is wrong."""
-    label = "teacher error"
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -94,11 +72,6 @@ def distill_objective(student_logits: jax.Array, teacher_logits: jax.Array, labe
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def make_optimizer(lr: float) -> optax.GradientTransformation:
-    """Adam with torch.optim.Adam's defaults; every student parameter trains (no frozen partition)."""
-    return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
-
-
 def make_train_step(student: RNNStudent, tx: optax.GradientTransformation, objective: Objective
                     ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
     """One jitted step: student forward, objective(student_logits, consts, batch), Adam update, metric sums.
@@ -111,18 +84,13 @@ def make_train_step(student: RNNStudent, tx: optax.GradientTransformation, objec
         mean, total = objective(logits, consts, batch)
         return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
 
-    return make_guarded_step(loss_fn, tx)
+    return steps.make_guarded_step(loss_fn, tx)
 
 
 def make_eval_step(student: RNNStudent) -> Callable[[TrainState, Any, Batch], dict]:
     """Cross-entropy against the gold labels + confusion counts; consts (teacher data) are not used."""
-
-    def eval_step(state: TrainState, consts: Any, batch: Batch) -> dict:
-        logits = student.apply({"params": state.trainable}, batch["input_ids"], batch["attention_mask"])
-        _, total = metrics_lib.cross_entropy(logits, batch["labels"], batch["weights"])
-        return metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
-
-    return jax.jit(eval_step)
+    return steps.make_eval_step(
+        lambda params, consts, batch: student.apply({"params": params}, batch["input_ids"], batch["attention_mask"]))
 
 
 def cross_entropy_objective(logits: jax.Array, consts: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -170,90 +138,52 @@ class Teacher:
         return self._forward(self.params, input_ids, attention_mask)
 
 
-def placement(cfg: Config) -> mesh_lib.Placement:
-    bs, ebs = cfg.train.batch_size, cfg.train.eval_batch_size or cfg.train.batch_size
-    return mesh_lib.placement_for(cfg.mesh, cfg.distributed, {"train.batch_size": bs, "train.eval_batch_size": ebs})
-
-
-def resolve_teacher_dir(path: str) -> Path:
-    """The LoRA run dir that `path` names: the run dir itself, its checkpoints/ dir, or checkpoints/best|latest."""
+def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
+    """Cheap checks before any data is read or weights are built: `path` holds a LoRA run with a best checkpoint
+    whose vocabulary matches the student's. An unfinished teacher is used, with a warning naming its epochs."""
     if not path:
-        raise TeacherError("distill.teacher is empty: pass distill.teacher=PATH, the run dir of a finished LoRA "
-                           "run (scripts/train_lora.py) or its checkpoints/ dir")
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise TeacherError(f"distill.teacher: {p} does not exist (expected a LoRA run dir or its checkpoints/ dir)")
-    candidates = [p]
-    if p.name == "checkpoints":
-        candidates.append(p.parent)
-    if p.parent.name == "checkpoints" and p.name in ("best", "latest"):
-        candidates.append(p.parent.parent)
-    for c in candidates:
-        if (c / rundir.CONFIG_FILE).is_file():
-            return c
-    raise TeacherError(f"distill.teacher: {p} is not a LoRA run: no {rundir.CONFIG_FILE} there (expected the run "
-                       "dir written by scripts/train_lora.py, or its checkpoints/ dir)")
-
-
-def check_teacher(path: str, cfg: Config) -> tuple[Path, Config]:
-    """Cheap checks that fail before any data is read or any weights are built: the path exists, holds a LoRA run
-    (config.yaml, metrics.json with kind 'lora', a best checkpoint) whose vocabulary matches the student's."""
-    run_dir = resolve_teacher_dir(path)
+        raise runs.RunError("distill.teacher is empty: pass distill.teacher=PATH, the run dir of a finished LoRA run "
+                            "(lora-kd-jax train-lora) or its checkpoints/ dir")
     try:
-        teacher_cfg = from_dict(rundir.read_config(run_dir), str(run_dir / rundir.CONFIG_FILE))
-    except ConfigError as e:
-        raise TeacherError(f"distill.teacher: {run_dir}/{rundir.CONFIG_FILE} is not a valid run config: {e}") from None
-    metrics_path = run_dir / rundir.METRICS_FILE
-    if not metrics_path.is_file():
-        raise TeacherError(f"distill.teacher: {run_dir} has no {rundir.METRICS_FILE}: that run never finished an "
-                           "epoch, so it has no best checkpoint to distil from")
-    try:
-        kind = json.loads(metrics_path.read_text()).get("kind")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise TeacherError(f"distill.teacher: {metrics_path} is not valid JSON: {e}") from None
-    if kind != "lora":
-        raise TeacherError(f"distill.teacher: {run_dir} is not a LoRA run: its {rundir.METRICS_FILE} says kind "
-                           f"'{kind}'; the teacher must be a run of scripts/train_lora.py")
-    best = run_dir / "checkpoints" / "best"
-    if not best.is_dir() or not any(c.name.isdigit() for c in best.iterdir()):
-        raise TeacherError(f"distill.teacher: {run_dir} has no best checkpoint ({best} holds no step)")
-    t_vocab, s_vocab = teacher_cfg.model.vocab_size, cfg.student.vocab_size
+        info = runs.inspect_run(path, kind="lora", which="best")
+    except runs.RunError as e:
+        raise runs.RunError(f"distill.teacher: {e}") from None
+    if info.kind is None:
+        raise runs.RunError(f"distill.teacher: {info.path} has no {rundir.METRICS_FILE}: that run never finished an "
+                            "epoch, so it has no best checkpoint to distil from")
+    t_vocab, s_vocab = info.config.model.vocab_size, cfg.student.vocab_size
     if t_vocab != s_vocab:
-        raise TeacherError(f"distill.teacher: vocabulary size differs: the teacher in {run_dir} has "
-                           f"model.vocab_size={t_vocab}, the student has student.vocab_size={s_vocab}; they must "
-                           "read the same token ids")
-    return run_dir, teacher_cfg
+        raise runs.RunError(f"distill.teacher: vocabulary size differs: the teacher in {info.path} has "
+                            f"model.vocab_size={t_vocab}, the student has student.vocab_size={s_vocab}; they must "
+                            "read the same token ids")
+    if info.epochs_done < info.config.train.epochs:
+        log.warning("distill.teacher: %s finished %d of its %d epochs; distilling from its best epoch so far",
+                    info.path, info.epochs_done, info.config.train.epochs)
+    return info
 
 
 def restore_teacher(path: str, cfg: Config) -> Teacher:
-    """The teacher as its run left it: `train.restore_lora_run` rebuilds the model and frozen base exactly (same
-    seed, same key split) and restores the trainable parameters from checkpoints/best; LoRA is merged into the
-    kernels and the result is placed on this run's mesh (what a teacher computes depends on its weights only, and
-    Orbax restores onto any mesh)."""
-    from lora_kd_jax import train
+    """The teacher as its run left it (`runs.open_run`: the same model and frozen base, the trained parameters from
+    checkpoints/best), LoRA merged into the kernels, placed on this run's mesh (Orbax restores onto any mesh)."""
     from lora_kd_jax.trainable import cast_frozen, param_report
 
-    run_dir, teacher_cfg = check_teacher(path, cfg)
+    info = check_teacher(path, cfg)
     try:
-        _, model, params = train.restore_lora_run(run_dir, "best")
-    except train.RunRestoreError as e:
-        raise TeacherError(f"distill.teacher: {e}") from None
-    report = param_report(params)
-    merged = model.merged(params)
+        run = runs.open_run(info.path, kind="lora", which="best")
+    except runs.RunError as e:
+        raise runs.RunError(f"distill.teacher: {e}") from None
+    teacher_cfg = run.config
+    report = param_report(run.params)
+    merged = run.model.merged(run.params)
     merged["gpt2"] = cast_frozen(merged["gpt2"], precision.base_dtype(teacher_cfg.model))
-    place = placement(cfg)
+    place = mesh_lib.run_placement(cfg)
     params = place.frozen(merged)
-    vocab = params["gpt2"]["wte"]["embedding"].shape[0]
-    if vocab != cfg.student.vocab_size:
-        raise TeacherError(f"distill.teacher: vocabulary size differs: the teacher's embedding has {vocab} rows, "
-                           f"the student has student.vocab_size={cfg.student.vocab_size}")
-    summary = json.loads((run_dir / rundir.METRICS_FILE).read_text()).get("summary", {})
-    teacher = Teacher(model=GPT2Classifier(model.module, None), params=params, config=teacher_cfg, run_dir=run_dir,
-                      total_params=report.total, trainable_params=report.trainable,
-                      best_epoch=int(summary.get("best_epoch", 0)),
-                      val_accuracy=float(summary.get("best_val_accuracy", math.nan)), placement=place)
+    teacher = Teacher(model=GPT2Classifier(run.model.module, None), params=params, config=teacher_cfg,
+                      run_dir=run.path, total_params=report.total, trainable_params=report.trainable,
+                      best_epoch=int(run.summary.get("best_epoch", 0)),
+                      val_accuracy=float(run.summary.get("best_val_accuracy", math.nan)), placement=place)
     log.info("teacher %s (%s): best checkpoint, epoch %d, val accuracy %.4f; computes in %s, base stored in %s",
-             run_dir, teacher_cfg.model.name, teacher.best_epoch, teacher.val_accuracy,
+             run.path, teacher_cfg.model.name, teacher.best_epoch, teacher.val_accuracy,
              precision.compute_dtype(teacher_cfg.model), precision.base_dtype(teacher_cfg.model))
     return teacher
 
@@ -276,20 +206,20 @@ def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_siz
 
 def _student_state(cfg: Config, place: mesh_lib.Placement
                    ) -> tuple[RNNStudent, TrainState, optax.GradientTransformation, int]:
-    k_model, k_dropout = jax.random.split(jax.random.key(cfg.train.seed))  # the same split as train.build_task
-    student, params = build_student(cfg.student, k_model)
-    tx = make_optimizer(cfg.train.lr)
+    keys = run_keys(cfg.train.seed)
+    student, params = build_student(cfg.student, keys.model)
+    tx = adam(cfg.train.lr)
     n = count_params(params)
     sc = cfg.student
     log.info("student: %s%s, embed %d, hidden %d, pooling %s, computing in %s: %.2fM params (%d), all trainable",
              sc.cell, " bidirectional" if sc.bidirectional else "", sc.embed_dim, sc.hidden_dim, sc.pooling,
              precision.student_dtype(sc), n / 1e6, n)
-    return student, place.state(init_state(params, tx, k_dropout)), tx, n
+    return student, place.state(init_state(params, tx, keys.dropout)), tx, n
 
 
 def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, consts: Any, objective: Objective,
           info: dict, title: str, place: mesh_lib.Placement | None = None) -> Task:
-    place = place or placement(cfg)
+    place = place or mesh_lib.run_placement(cfg)
     student, state, tx, n = _student_state(cfg, place)
     batches = data_lib.batch_sources(splits, cfg)
     return Task(

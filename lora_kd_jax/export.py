@@ -10,8 +10,8 @@ export-peft  a trained LoRA run -> a PEFT LoRA adapter directory for transformer
              lora_alpha = r (scaling exactly 1).
 import-peft  a PEFT adapter directory (written by PEFT) -> our parameter tree {'gpt2', 'lora', 'head'} on the base
              the config names, and optionally a run directory holding it as checkpoint step 0, from which
-             `scripts/train_lora.py RUN/config.yaml --resume` continues training (or `restore_lora_run(RUN,
-             "latest")` evaluates). The adapter defines the LoRA settings: lora.rank, lora.alpha (so that alpha/rank
+             `lora-kd-jax train-lora RUN/config.yaml --resume` continues training (or
+             `runs.open_run(RUN, which="latest")` reads back). The adapter defines the LoRA settings: lora.rank, lora.alpha (so that alpha/rank
              is PEFT's scaling), lora.dropout and lora.targets are taken from it, lora.init becomes `standard`.
 merge        a trained LoRA run -> a plain Hugging Face GPT-2 checkpoint with the adapters folded into the kernels:
              `config.json`, `flax_model.msgpack` (FlaxGPT2Model) and `model.safetensors` (PyTorch
@@ -22,28 +22,27 @@ The classifier pools the hidden state of the last real token; transformers' GPT2
 the last token that is not `config.pad_token_id` (50256, written into every config here). The two agree on
 right-padded batches whose real tokens are not the pad id, which is how this project encodes CoLA.
 
-Command line: `python -m lora_kd_jax.export {export-peft,import-peft,merge} ...` (or scripts/export.py).
+Command line: `lora-kd-jax {export-peft,import-peft,merge} ...` (also `python -m lora_kd_jax.export ...`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from lora_kd_jax import convert
-from lora_kd_jax.config import DEFAULT_LORA_TARGETS, Config, ConfigError, load_config, validate
+from lora_kd_jax import convert, runs
+from lora_kd_jax.config import DEFAULT_LORA_TARGETS, Config, ConfigError, validate
 from lora_kd_jax.convert import PEFT_PREFIX, TRANSFORMER_PREFIX, ConversionError
 from lora_kd_jax.errors import UserError
+from lora_kd_jax.keys import run_keys
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +192,7 @@ def original_base(cfg: Config, params: Params) -> Params:
     from lora_kd_jax.models import gpt2
     from lora_kd_jax.trainable import partition
 
-    k_model, _ = jax.random.split(jax.random.key(cfg.train.seed))
-    _, base = gpt2.load_base(cfg.model, jax.random.split(k_model, 3)[0])  # build_classifier's k_base
+    _, base = gpt2.load_base(cfg.model, run_keys(cfg.train.seed).classifier.base)
     _, frozen_rebuilt = partition({"gpt2": base})
     _, frozen = partition({"gpt2": params["gpt2"]})
     a, b = convert.flatten(frozen_rebuilt, "/"), convert.flatten(frozen, "/")
@@ -237,18 +235,15 @@ def write_peft_adapter(cfg: Config, model: Any, params: Params, out_dir: str | o
 def export_peft(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, which: str = "best",
                 base_model: str | None = None, save_base: bool = False, overwrite: bool = False) -> Path:
     """A LoRA run's `which` checkpoint (best | latest) -> a PEFT adapter directory."""
-    from lora_kd_jax import rundir
-    from lora_kd_jax.train import restore_lora_run
-
-    # cheap checks first: the run's config (no weights) and the output dir
-    raw = rundir.read_config(run_dir) if (Path(run_dir) / rundir.CONFIG_FILE).is_file() else {}
-    if (raw.get("model") or {}).get("init") == "random" and base_model is None and not save_base:
+    # cheap checks first: the run (no weights) and the output dir
+    info = runs.inspect_run(run_dir, kind="lora", which=which)
+    if info.config.model.init == "random" and base_model is None and not save_base:
         raise ExportError(f"{run_dir}: the run's base is a random init (model.init=random), which PEFT cannot "
                           "rebuild: pass --save-base to write it beside the adapter, --base-model NAME_OR_DIR naming "
                           "a copy of it, or use `merge` for a self-contained checkpoint")
     _check_out_dir(Path(out_dir), [ADAPTER_CONFIG, ADAPTER_WEIGHTS], overwrite)
-    cfg, model, params = restore_lora_run(run_dir, which)
-    return write_peft_adapter(cfg, model, params, out_dir, base_model=base_model, save_base=save_base,
+    run = runs.open_run(run_dir, kind="lora", which=which)
+    return write_peft_adapter(run.config, run.model, run.params, out_dir, base_model=base_model, save_base=save_base,
                               overwrite=overwrite)
 
 
@@ -508,8 +503,7 @@ def import_peft(peft_dir: str | os.PathLike, cfg: Config) -> tuple[Config, Any, 
         validate(cfg)
     except ConfigError as e:
         raise ExportError(f"{where}: its settings do not make a valid config: {e}") from None
-    k_model, _ = jax.random.split(jax.random.key(cfg.train.seed))  # the same split as train.build_task
-    model, params = build_classifier(cfg, k_model)
+    model, params = build_classifier(cfg, run_keys(cfg.train.seed).model)
     params["lora"] = convert.peft_lora_to_flax(lora_sd, spec=model.spec)
     if norms:
         trained = convert.torch_gpt2_to_flax(norms, allow_missing=True)
@@ -533,12 +527,12 @@ def import_peft(peft_dir: str | os.PathLike, cfg: Config) -> tuple[Config, Any, 
 def write_imported_run(cfg: Config, params: Params, run_dir: str | os.PathLike,
                        source: str | os.PathLike | None = None) -> Path:
     """A run dir holding `params` as checkpoint step 0 (epoch 0, no history) plus its config.yaml, so that
-    `scripts/train_lora.py RUN/config.yaml --resume` trains on from the imported weights, and
-    `restore_lora_run(RUN, "latest")` / `export merge RUN OUT --which latest` read them."""
+    `lora-kd-jax train-lora RUN/config.yaml --resume` trains on from the imported weights, and
+    `runs.open_run(RUN, which="latest")` / `lora-kd-jax merge RUN OUT --which latest` read them."""
     from lora_kd_jax import metrics as metrics_lib
     from lora_kd_jax import rundir
     from lora_kd_jax.checkpoint import CheckpointStore
-    from lora_kd_jax.train import init_state
+    from lora_kd_jax.steps import init_state
     from lora_kd_jax.trainable import make_optimizer, partition
 
     run = Path(run_dir)
@@ -547,9 +541,8 @@ def write_imported_run(cfg: Config, params: Params, run_dir: str | os.PathLike,
         raise ExportError(f"{run} already holds checkpoints; choose a new --out directory")
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=os.fspath(run_dir)))
     rundir.prepare(cfg)
-    _, k_dropout = jax.random.split(jax.random.key(cfg.train.seed))  # the same split as train.build_task
     trainable, _ = partition(params)
-    state = init_state(trainable, make_optimizer(cfg.train.lr), k_dropout)
+    state = init_state(trainable, make_optimizer(cfg.train.lr), run_keys(cfg.train.seed).dropout)
     store = CheckpointStore(ckpt)
     try:
         store.save(0, {"state": state, "train_sums": metrics_lib.zeros()},
@@ -605,70 +598,13 @@ def save_merged(model: Any, params: Params, out_dir: str | os.PathLike, *, overw
 def merge_and_save(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, which: str = "best",
                    overwrite: bool = False) -> Path:
     """A LoRA run's `which` checkpoint -> merged plain checkpoint in out_dir."""
-    from lora_kd_jax.train import restore_lora_run
-
+    runs.inspect_run(run_dir, kind="lora", which=which)
     _check_out_dir(Path(out_dir), [HF_CONFIG, FLAX_WEIGHTS, TORCH_WEIGHTS], overwrite)
-    _, model, params = restore_lora_run(run_dir, which)
-    return save_merged(model, params, out_dir, overwrite=overwrite)
+    run = runs.open_run(run_dir, kind="lora", which=which)
+    return save_merged(run.model, run.params, out_dir, overwrite=overwrite)
 
 
-# ---------------------------------------------------------------------------------------------------- CLI
+if __name__ == "__main__":  # `python -m lora_kd_jax.export export-peft|import-peft|merge ...`
+    from lora_kd_jax.cli import main
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lora_kd_jax.export",
-                                description="PEFT adapters out and in, merged checkpoints for deployment")
-    sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export-peft", help="a LoRA run -> a PEFT adapter dir (PeftModel.from_pretrained)")
-    e.add_argument("run_dir")
-    e.add_argument("out_dir")
-    e.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to export")
-    e.add_argument("--base-model", default=None,
-                   help="base_model_name_or_path to record (default: the run's model.path, absolute, or model.name)")
-    e.add_argument("--save-base", action="store_true",
-                   help="also write the run's frozen base to OUT_DIR/base and point the adapter at it")
-    e.add_argument("--overwrite", action="store_true")
-    i = sub.add_parser("import-peft", help="a PEFT adapter dir -> a run dir (continue with train_lora.py --resume)")
-    i.add_argument("peft_dir")
-    i.add_argument("config", help="YAML config naming the same base (model.path / model.name), data and training")
-    i.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    i.add_argument("--out", required=True, help="the run dir to create")
-    m = sub.add_parser("merge", help="a LoRA run -> a plain Hugging Face GPT-2 checkpoint (Flax + PyTorch) + head")
-    m.add_argument("run_dir")
-    m.add_argument("out_dir")
-    m.add_argument("--which", choices=("best", "latest"), default="best")
-    m.add_argument("--overwrite", action="store_true")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    # `import-peft PEFT CONFIG --out RUN k=v`: overrides may also follow the options
-    if args.command == "import-peft" and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from lora_kd_jax.train import RunRestoreError
-
-    try:
-        if args.command == "export-peft":
-            out = export_peft(args.run_dir, args.out_dir, which=args.which, base_model=args.base_model,
-                              save_base=args.save_base, overwrite=args.overwrite)
-            print(f"PEFT adapter -> {out}")
-        elif args.command == "import-peft":
-            cfg = load_config(args.config, args.overrides)
-            cfg, _, params = import_peft(args.peft_dir, cfg)
-            out = write_imported_run(cfg, params, args.out, source=args.peft_dir)
-            print(f"imported {args.peft_dir} -> {out}; continue training with: scripts/train_lora.py "
-                  f"{out / 'config.yaml'} --resume")
-        else:
-            out = merge_and_save(args.run_dir, args.out_dir, which=args.which, overwrite=args.overwrite)
-            print(f"merged checkpoint -> {out}")
-    except (ExportError, ConversionError, RunRestoreError, ConfigError, FileNotFoundError) as e:
-        sys.exit(f"{args.command}: {e}")
-
-
-if __name__ == "__main__":
     main()

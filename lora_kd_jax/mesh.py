@@ -137,6 +137,12 @@ class Placement:
         return place_batch(batch, self.batch)
 
 
+def run_placement(cfg: Any) -> Placement:
+    """The placement a run's config asks for (its mesh, and both batch sizes checked against it)."""
+    return placement_for(cfg.mesh, cfg.distributed, {"train.batch_size": cfg.train.batch_size,
+                                                     "train.eval_batch_size": cfg.train.eval_batch})
+
+
 def placement_for(mesh_cfg: MeshConfig, dist_cfg: DistributedConfig, batch_sizes: Mapping[str, int]) -> Placement:
     """Initialize multi-host if asked, build the mesh, and check every batch size divides over it."""
     initialize_distributed(dist_cfg)

@@ -11,7 +11,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 SUM_KEYS = ("loss_sum", "count", "tp", "fp", "tn", "fn")
@@ -99,6 +98,3 @@ def summarize(sums: Mapping) -> dict[str, float]:
         **faults,
     }
 
-
-def accuracy_np(pred: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.asarray(pred) == np.asarray(labels)))

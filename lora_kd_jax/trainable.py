@@ -57,10 +57,14 @@ def cast_frozen(frozen: Params, dtype: str) -> Params:
     return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
 
 
+def adam(lr: float) -> optax.GradientTransformation:
+    """Adam with the original's torch.optim.Adam defaults: the student's optimizer, and LoRA's on trainable leaves."""
+    return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+
+
 def make_optimizer(lr: float) -> optax.GradientTransformation:
-    """Adam (the original's torch.optim.Adam defaults) on trainable leaves; frozen leaves get zero updates."""
-    return optax.multi_transform({TRAINABLE: optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8),
-                                  FROZEN: optax.set_to_zero()}, param_labels)
+    """Adam on trainable leaves; frozen leaves get zero updates."""
+    return optax.multi_transform({TRAINABLE: adam(lr), FROZEN: optax.set_to_zero()}, param_labels)
 
 
 def apply_if_finite(tx: optax.GradientTransformation, loss: jax.Array, grads: Params, opt_state: optax.OptState,
@@ -103,6 +107,3 @@ def param_report(params: Params) -> ParamReport:
     return ParamReport(total=sum(size(v) for v in flat.values()),
                        trainable=sum(size(v) for k, v in flat.items() if is_trainable(k)))
 
-
-def tree_size(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -12,7 +12,8 @@ from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import train
 from lora_kd_jax.config import MeshConfig
 from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.trainable import make_optimizer, partition
+from lora_kd_jax.steps import init_state
+from lora_kd_jax.trainable import adam, make_optimizer, partition
 from tiny import random_batch, tiny_config
 
 
@@ -22,7 +23,7 @@ def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
     model, params = build_classifier(cfg, jax.random.key(0))
     trainable, frozen = partition(params)
     tx = make_optimizer(1e-3)
-    state = place.state(train.init_state(trainable, tx, jax.random.key(1)))
+    state = place.state(init_state(trainable, tx, jax.random.key(1)))
     frozen = place.frozen(frozen)
     step = train.make_train_step(model, tx)
     losses = []
@@ -42,8 +43,8 @@ def distill_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
     cfg = tiny_config("student.embed_dim=32", "student.hidden_dim=32")
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
     student, params = build_student(cfg.student, jax.random.key(0))
-    tx = distill.make_optimizer(1e-3)
-    state = place.state(train.init_state(params, tx, jax.random.key(1)))
+    tx = adam(1e-3)
+    state = place.state(init_state(params, tx, jax.random.key(1)))
     teacher_logits = jax.random.normal(jax.random.key(2), (16, 2))
     consts = place.state({"teacher_logits": teacher_logits})
     step = distill.make_train_step(student, tx, distill.distillation_objective(2.0, 0.5))

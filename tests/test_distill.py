@@ -11,14 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_kd_jax import distill, rundir, train
+from lora_kd_jax import distill, rundir, runs, train
 from lora_kd_jax.config import load_config
 from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator
 from lora_kd_jax.loop import run_epochs
 from lora_kd_jax.models.student import build_student, make_student
+from lora_kd_jax.steps import init_state
+from lora_kd_jax.trainable import adam
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+try:  # the test extra: only the tests that compare with PyTorch need it
+    import torch
+    F = torch.nn.functional
+except ImportError:
+    torch = F = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the `test` extra) is not installed")
 
 TEACHER_OVERRIDES = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
                      "model.n_positions=64", "lora.rank=8", "train.batch_size=32", "train.lr=1e-2",
@@ -32,6 +38,7 @@ def torch_kd(s, t, T):
     return F.kl_div(F.log_softmax(s / T, dim=-1), F.softmax(t / T, dim=-1), reduction="batchmean") * T * T
 
 
+@needs_torch
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
 @pytest.mark.parametrize("n_classes", [2, 5])
 def test_kd_loss_and_gradient_match_torch_kl_div(T, n_classes):
@@ -60,6 +67,7 @@ def test_kd_loss_is_zero_for_identical_logits_and_ignores_padding_rows():
     np.testing.assert_allclose(total, 4 * mean, rtol=1e-6)
 
 
+@needs_torch
 def test_alpha_adds_hard_label_cross_entropy():
     rng = np.random.default_rng(1)
     s, t = rng.normal(0, 2, (8, 2)).astype(np.float32), rng.normal(0, 2, (8, 2)).astype(np.float32)
@@ -86,6 +94,7 @@ def synthetic_split(n: int, seq_len: int, seed: int, vocab: int) -> EncodedSplit
     return EncodedSplit(ids, mask, rng.integers(0, 2, n).astype(np.int32), 0)
 
 
+@needs_torch
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_twenty_adam_distillation_steps_track_torch(alpha):
     T, V, E, H, bs = 2.0, 1000, 16, 24, 8  # a small vocabulary keeps torch's dense embedding update cheap
@@ -94,9 +103,9 @@ def test_twenty_adam_distillation_steps_track_torch(alpha):
     cfg = load_config(None, [f"student.vocab_size={V}", f"student.embed_dim={E}", f"student.hidden_dim={H}", "student.pooling=last_step",
                              "train.lr=1e-3", f"distill.alpha={alpha}"])
     student, params = build_student(cfg.student, jax.random.key(0))
-    tx = distill.make_optimizer(cfg.train.lr)
+    tx = adam(cfg.train.lr)
     step = distill.make_train_step(student, tx, distill.distillation_objective(T, alpha))
-    state = train.init_state(params, tx, jax.random.key(1))
+    state = init_state(params, tx, jax.random.key(1))
 
     torch.manual_seed(0)
     emb, rnn, fc = torch.nn.Embedding(V, E), torch.nn.RNN(E, H, batch_first=True), torch.nn.Linear(H, 2)
@@ -264,7 +273,7 @@ def test_cached_teacher_logits_give_the_same_training(teacher_run, synthetic, di
 
 def test_teacher_path_may_name_the_run_its_checkpoints_or_best(teacher_run):
     for p in (teacher_run, teacher_run / "checkpoints", teacher_run / "checkpoints" / "best"):
-        assert distill.resolve_teacher_dir(str(p)) == teacher_run
+        assert runs.find_run_dir(str(p)) == teacher_run
 
 
 def _without_metrics(teacher_run: Path, tmp: Path) -> Path:
@@ -277,8 +286,8 @@ def _without_metrics(teacher_run: Path, tmp: Path) -> Path:
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("empty", "distill.teacher is empty"),
-    ("plain_dir", "is not a LoRA run: no config.yaml"),
-    ("student_run", "is not a LoRA run: its metrics.json says kind 'distill'"),
+    ("plain_dir", "is not a run directory: no config.yaml"),
+    ("student_run", "is a 'distill' run, not a 'lora' run"),
     ("unfinished", "never finished an epoch"),
     ("vocab", "vocabulary size differs"),
 ])
@@ -292,19 +301,19 @@ def test_bad_teacher_fails_before_training_and_says_why(case, message, teacher_r
     cfg = student_cfg(Path(teacher) if teacher else Path(""), run_dir, *extra)
     if not teacher:
         cfg.distill.teacher = ""
-    with pytest.raises(distill.TeacherError, match=message.replace("(", r"\(")):
+    with pytest.raises(runs.RunError, match="distill.teacher.*" + message.replace("(", r"\(")):
         distill.distill_and_evaluate(cfg, progress=False)
     assert not run_dir.exists()  # nothing was written, nothing trained
 
 
 def test_distill_script_reports_a_bad_teacher(tmp_path, capsys):
-    from lora_kd_jax.cli_distill import main_distill
+    from lora_kd_jax.cli import main_distill
 
     repo = Path(__file__).resolve().parents[1]
     with pytest.raises(SystemExit) as e:
         main_distill([str(repo / "configs" / "distil_rnn_gpt2.yaml"), f"distill.teacher={tmp_path / 'nope'}",
                       f"run.dir={tmp_path / 'run'}"])
-    assert "teacher error" in str(e.value) and "does not exist" in str(e.value)
+    assert "run error: distill.teacher" in str(e.value) and "does not exist" in str(e.value)
 
 
 def test_rnn_baseline_trains_with_cross_entropy(synthetic, tmp_path):

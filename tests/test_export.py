@@ -19,7 +19,8 @@ from conftest import make_mixed_length_batch, tiny_config  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import GPT2Config, GPT2ForSequenceClassification  # noqa: E402
 
-from lora_kd_jax import export, rundir, train  # noqa: E402
+from lora_kd_jax import cli, export, rundir, train  # noqa: E402
+from lora_kd_jax import runs as runs_lib  # noqa: E402
 from lora_kd_jax.config import save_config  # noqa: E402
 from lora_kd_jax.convert import ConversionError  # noqa: E402
 from lora_kd_jax.models import gpt2  # noqa: E402
@@ -88,8 +89,13 @@ def runs(base_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(runs):
-    """restore_lora_run of each run's best checkpoint: (config, model, params) as training left them."""
-    return {init: train.restore_lora_run(run_dir) for init, run_dir in runs.items()}
+    """Each run's best checkpoint read back (runs.open_run): (config, model, params) as training left them."""
+    return {init: _restore(run_dir) for init, run_dir in runs.items()}
+
+
+def _restore(run_dir, which: str = "best"):
+    run = runs_lib.open_run(run_dir, kind="lora", which=which)
+    return run.config, run.model, run.params
 
 
 # ------------------------------------------------------------------------------------------ export -> PEFT
@@ -102,7 +108,7 @@ def test_export_peft_loads_in_peft_with_equal_logits(init, runs, restored, base_
     out = tmp_path / "adapter"
     cfg, model, params = restored[init]
     if init == "standard":
-        export.main(["export-peft", str(runs[init]), str(out)])  # the command line, as documented
+        cli.main(["export-peft", str(runs[init]), str(out)])  # the command line, as documented
     else:  # the same writer without restoring the run a second time
         export.write_peft_adapter(cfg, model, params, out)
     written = json.loads((out / export.ADAPTER_CONFIG).read_text())
@@ -154,8 +160,8 @@ def test_export_refuses_random_base_unless_saved_beside(tmp_path):
     export.write_imported_run(cfg, params, tmp_path / "run")  # a run dir holding exactly these params
     with pytest.raises(export.ExportError, match="random init.*--save-base"):
         export.export_peft(tmp_path / "run", tmp_path / "a", which="latest")
-    with pytest.raises(SystemExit, match="export-peft: .*random init"):
-        export.main(["export-peft", str(tmp_path / "run"), str(tmp_path / "a"), "--which", "latest"])
+    with pytest.raises(SystemExit, match="export error: .*random init"):
+        cli.main(["export-peft", str(tmp_path / "run"), str(tmp_path / "a"), "--which", "latest"])
     out = export.export_peft(tmp_path / "run", tmp_path / "b", which="latest", save_base=True)
     saved_base = load_file(str(out / "base" / export.TORCH_WEIGHTS))
     np.testing.assert_array_equal(saved_base["transformer.ln_f.weight"], np.ones(64, np.float32))  # the untrained base
@@ -225,22 +231,22 @@ def test_import_peft_run_dir_resumes_training(base_dir, tmp_path):
     yaml_path = tmp_path / "cfg.yaml"
     save_config(_cfg(base_dir, tmp_path / "ignored"), yaml_path)
     run = tmp_path / "imported"
-    export.main(["import-peft", str(tmp_path / "adapter"), str(yaml_path), "train.epochs=1", "--out", str(run)])
-    cfg, model, params = train.restore_lora_run(run, "latest")
+    cli.main(["import-peft", str(tmp_path / "adapter"), str(yaml_path), "train.epochs=1", "--out", str(run)])
+    cfg, model, params = _restore(run, "latest")
     assert cfg.run.dir == str(run) and cfg.train.epochs == 1 and cfg.lora.alpha == 16.0
     batch = _batch(3)
     assert _err(_ours(model, params, batch), _torch_logits(peft_model, batch)) < ATOL
-    with pytest.raises(train.RunRestoreError, match="no best checkpoint"):
-        train.restore_lora_run(run, "best")
+    with pytest.raises(runs_lib.RunError, match="no best checkpoint"):
+        _restore(run, "best")
     summary = train.train_and_evaluate(cfg, resume=True, progress=False)
     assert summary["epochs_run"] == 1
-    _, _, after = train.restore_lora_run(run, "best")
+    _, _, after = _restore(run, "best")
     moved = _err(after["lora"]["h"]["0"]["attn"]["c_attn"]["a"], params["lora"]["h"]["0"]["attn"]["c_attn"]["a"])
     assert moved > 1e-4  # trained on from the imported adapter
     base_kernel = params["gpt2"]["h"]["0"]["attn"]["c_attn"]["kernel"]
     assert _err(after["gpt2"]["h"]["0"]["attn"]["c_attn"]["kernel"], base_kernel) == 0.0  # the base stays frozen
     with pytest.raises(SystemExit, match="already holds checkpoints"):
-        export.main(["import-peft", str(tmp_path / "adapter"), str(yaml_path), "--out", str(run)])
+        cli.main(["import-peft", str(tmp_path / "adapter"), str(yaml_path), "--out", str(run)])
 
 
 # ------------------------------------------------------------------------------------------------- merge
@@ -250,7 +256,7 @@ def test_merge_loads_in_plain_transformers_pytorch_and_flax(runs, restored, tmp_
     from transformers import FlaxGPT2Model
 
     out = tmp_path / "merged"
-    export.main(["merge", str(runs["seed"]), str(out)])
+    cli.main(["merge", str(runs["seed"]), str(out)])
     _, model, params = restored["seed"]
     batch = _batch(4)
     ours = _ours(model, params, batch)  # the unmerged, factored model
@@ -274,7 +280,7 @@ def test_merge_loads_in_plain_transformers_pytorch_and_flax(runs, restored, tmp_
     assert lora_effect > MOVED
     assert json.loads((out / "config.json").read_text())["pad_token_id"] == 50256
     with pytest.raises(SystemExit, match="already holds"):
-        export.main(["merge", str(runs["seed"]), str(out)])
+        cli.main(["merge", str(runs["seed"]), str(out)])
 
 
 # -------------------------------------------------------------------------------------------- bad inputs
@@ -368,20 +374,20 @@ def test_import_rejects_other_architectures(base_dir, tmp_path):
 
 
 def test_export_and_merge_reject_dirs_that_are_not_lora_runs(tmp_path, runs, restored):
-    with pytest.raises(SystemExit, match="export-peft: .*not a run directory: no config.yaml"):
-        export.main(["export-peft", str(tmp_path), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="run error: .*not a run directory: no config.yaml"):
+        cli.main(["export-peft", str(tmp_path), str(tmp_path / "out")])
     fake = tmp_path / "rnn"
     fake.mkdir()
     (fake / "config.yaml").write_text((Path(runs["seed"]) / "config.yaml").read_text())
     (fake / "metrics.json").write_text(json.dumps({"kind": "rnn"}))
-    with pytest.raises(SystemExit, match="merge: .*is not a LoRA run: its metrics.json says kind 'rnn'"):
-        export.main(["merge", str(fake), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="run error: .*is a 'rnn' run, not a 'lora' run"):
+        cli.main(["merge", str(fake), str(tmp_path / "out")])
     (fake / "metrics.json").write_text(json.dumps({"kind": "lora"}))
-    with pytest.raises(train.RunRestoreError, match="has no best checkpoint"):
-        train.restore_lora_run(fake)
+    with pytest.raises(runs_lib.RunError, match="has no best checkpoint"):
+        _restore(fake)
     with pytest.raises(SystemExit):
-        export.main(["merge", str(runs["seed"]), str(tmp_path / "o"), "--which", "worst"])
+        cli.main(["merge", str(runs["seed"]), str(tmp_path / "o"), "--which", "worst"])
     # latest == best here (one epoch): both restore the same trained parameters
-    latest = train.restore_lora_run(runs["seed"], "latest")[2]
+    latest = _restore(runs["seed"], "latest")[2]
     best = restored["seed"][2]
     assert _err(latest["lora"]["h"]["1"]["mlp"]["c_fc"]["b"], best["lora"]["h"]["1"]["mlp"]["c_fc"]["b"]) == 0

@@ -17,7 +17,8 @@ from conftest import make_mixed_length_batch, tiny_config  # noqa: E402
 from lora_kd_jax import convert  # noqa: E402
 from lora_kd_jax.data import EncodedSplit, batch_iterator, num_batches  # noqa: E402
 from lora_kd_jax.models.classifier import build_classifier  # noqa: E402
-from lora_kd_jax.train import init_state, make_train_step  # noqa: E402
+from lora_kd_jax.steps import init_state  # noqa: E402
+from lora_kd_jax.train import make_train_step  # noqa: E402
 from lora_kd_jax.trainable import make_optimizer, partition  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")

@@ -26,7 +26,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from lora_kd_jax.cli_distill import main_reproduce
+    from lora_kd_jax.cli import main_reproduce
 
     root = tmp_path_factory.mktemp("study")
     main_reproduce(["--tiny", "--no-progress", *FAST, f"run.dir={root}"])
@@ -106,7 +106,7 @@ def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path):
 
 
 def test_reproduce_cli_reports_config_errors(tmp_path):
-    from lora_kd_jax.cli_distill import main_reproduce
+    from lora_kd_jax.cli import main_reproduce
 
     with pytest.raises(SystemExit, match="config error: .*train.lrr"):
         main_reproduce(["--tiny", "train.lrr=1", f"run.dir={tmp_path}"])

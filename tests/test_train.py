@@ -13,6 +13,7 @@ from lora_kd_jax import metrics, train
 from lora_kd_jax.cli import main_train_lora
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.classifier import build_classifier
+from lora_kd_jax.steps import init_state
 from lora_kd_jax.trainable import make_optimizer, partition
 from tiny import key, random_batch, tiny_config
 
@@ -35,7 +36,7 @@ def test_frozen_leaves_bit_identical_and_trainable_leaves_move():
     frozen_before = jax.tree.map(np.array, frozen)
     trainable_before = jax.tree.map(np.array, trainable)
     tx = make_optimizer(1e-3)
-    state = train.init_state(trainable, tx, key(1))
+    state = init_state(trainable, tx, key(1))
     step = train.make_train_step(model, tx)
     for i in range(3):
         state, _ = step(state, frozen, random_batch(i))
@@ -67,7 +68,7 @@ def test_frozen_base_costs_fewer_flops_than_unfrozen():
     batch = random_batch(0, batch=8, length=16)
     trainable, frozen = partition(params)
     tx = make_optimizer(1e-3)
-    state = train.init_state(trainable, tx, key(1))
+    state = init_state(trainable, tx, key(1))
     lora_step = jax.jit(train.make_train_step(model, tx).__wrapped__)
     lora_flops = lora_step.lower(state, frozen, batch).compile().cost_analysis()["flops"]
 

@@ -1,0 +1,47 @@
+"""One seed, named keys: every random choice of a run (weights, adapters, head, student, dropout, data order) is
+drawn from a key named here, so builders and restores cannot drift apart."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKeys:
+    """The keys of a GPT-2 classifier's parameters."""
+
+    base: jax.Array  # a random-init GPT-2 (model.init=random)
+    lora: jax.Array  # the adapters' factors
+    head: jax.Array  # the classification head
+
+
+def model_keys(key: jax.Array) -> ModelKeys:
+    base, lora, head = jax.random.split(key, 3)
+    return ModelKeys(base=base, lora=lora, head=head)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKeys:
+    """The named keys of a run with `train.seed = seed`."""
+
+    seed: int
+    model: jax.Array  # the classifier's parameters (split by `model_keys`) or the student's
+    dropout: jax.Array  # folded with the step number in every train step (steps.step_key)
+
+    @property
+    def classifier(self) -> ModelKeys:
+        return model_keys(self.model)
+
+    def data_order(self, epoch: int) -> jax.Array:
+        """The key of one epoch's row order (data.epoch_order)."""
+        return data_order_key(self.seed, epoch)
+
+
+def run_keys(seed: int) -> RunKeys:
+    model, dropout = jax.random.split(jax.random.key(seed))
+    return RunKeys(seed=seed, model=model, dropout=dropout)
+
+
+def data_order_key(seed: int, epoch: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), epoch)

@@ -1,0 +1,157 @@
+"""The one run reader: a run directory (LoRA, distilled student or RNN baseline) back as config, model and weights.
+
+Distillation's teacher, export, merge, import and evaluation all read runs through `inspect_run` (cheap checks, no
+weights) and `open_run` (restores a checkpoint), so a directory that is not a usable run fails the same way
+everywhere: one `RunError` saying what is wrong with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+from lora_kd_jax import rundir
+from lora_kd_jax.config import Config, ConfigError, from_dict
+from lora_kd_jax.errors import UserError
+
+Params = dict[str, Any]
+KINDS = ("lora", "distill", "rnn")
+WHICH = ("best", "latest")
+WRITERS = {"lora": "train-lora", "distill": "distill", "rnn": "train-rnn"}
+
+
+class RunError(UserError, ValueError):
+    """A directory is not a run that can be read as asked; the message says what is wrong with it."""
+    label = "run error"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What a run dir says about itself, read without building any weights."""
+
+    path: Path
+    config: Config
+    kind: str | None  # lora | distill | rnn, from metrics.json; None for a run that has not finished an epoch
+    summary: dict  # metrics.json's summary ({} before the first epoch)
+    epochs_done: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Run(RunInfo):
+    """A restored run: `model` (GPT2Classifier or RNNStudent) and its full parameter tree."""
+
+    which: str = "best"
+    model: Any = None
+    params: Params = dataclasses.field(default_factory=dict)
+
+    def logits_fn(self) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
+        """(params, input_ids, attention_mask) -> logits [B, 2], in eval mode, for any run kind."""
+        if self.kind == "lora":
+            return lambda p, ids, mask: self.model.logits(p, ids, mask, deterministic=True)
+        return lambda p, ids, mask: self.model.apply({"params": p}, ids, mask)
+
+
+def find_run_dir(path: str | Path) -> Path:
+    """The run dir that `path` names: the run dir itself, its checkpoints/ dir, or checkpoints/best|latest."""
+    if not str(path):
+        raise RunError("no run directory given (expected the directory a training command wrote)")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise RunError(f"{p} does not exist (expected a run directory or its checkpoints/ dir)")
+    candidates = [p]
+    if p.name == "checkpoints":
+        candidates.append(p.parent)
+    if p.parent.name == "checkpoints" and p.name in WHICH:
+        candidates.append(p.parent.parent)
+    for c in candidates:
+        if (c / rundir.CONFIG_FILE).is_file():
+            return c
+    raise RunError(f"{p} is not a run directory: no {rundir.CONFIG_FILE} there (expected the directory a training "
+                   "command wrote, or its checkpoints/ dir)")
+
+
+def has_checkpoint(run_dir: Path, which: str) -> bool:
+    directory = run_dir / "checkpoints" / which
+    return directory.is_dir() and any(c.name.isdigit() for c in directory.iterdir())
+
+
+def inspect_run(path: str | Path, *, kind: str | None = None, which: str = "best") -> RunInfo:
+    """Cheap checks that fail before any data is read or weights are built: a config that parses, a metrics.json of
+    the expected kind (when it exists), a `which` checkpoint holding a step."""
+    if which not in WHICH:
+        raise RunError(f"which={which!r}: expected one of {', '.join(WHICH)}")
+    run_dir = find_run_dir(path)
+    try:
+        cfg = from_dict(rundir.read_config(run_dir), str(run_dir / rundir.CONFIG_FILE))
+    except ConfigError as e:
+        raise RunError(f"{run_dir / rundir.CONFIG_FILE} is not a valid run config: {e}") from None
+    record: dict = {}
+    metrics_path = run_dir / rundir.METRICS_FILE
+    if metrics_path.is_file():
+        try:
+            record = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{metrics_path} is not valid JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{metrics_path}: expected a JSON object, got {type(record).__name__}")
+    found = record.get("kind")
+    if kind is not None and found is not None and found != kind:
+        raise RunError(f"{run_dir} is a '{found}' run, not a '{kind}' run (its {rundir.METRICS_FILE} says so); "
+                       f"a {kind} run is written by `lora-kd-jax {WRITERS.get(kind, kind)}`")
+    if not has_checkpoint(run_dir, which):
+        never = "" if record else f": it never finished an epoch (no {rundir.METRICS_FILE})"
+        raise RunError(f"{run_dir} has no {which} checkpoint ({run_dir / 'checkpoints' / which} holds no step){never}")
+    return RunInfo(path=run_dir, config=cfg, kind=found, summary=record.get("summary", {}),
+                   epochs_done=len(record.get("epochs", [])))
+
+
+def open_run(path: str | Path, *, kind: str | None = None, which: str = "best") -> Run:
+    """A run restored from `checkpoints/<which>`: the model is rebuilt from the run's config.yaml with the run's own
+    keys (so a random-init base is the same base), then the trained parameters are restored onto it. The frozen
+    GPT-2 base comes back in float32, as loaded (model.base_dtype is a storage choice of training)."""
+    from lora_kd_jax import metrics as metrics_lib
+    from lora_kd_jax.checkpoint import CheckpointError, CheckpointStore
+
+    info = inspect_run(path, kind=kind, which=which)
+    model, params, state = _rebuild(info.config, kind or info.kind or "lora")
+    store = CheckpointStore(info.path / "checkpoints", read_only=True)
+    try:
+        target = {"state": state, "train_sums": metrics_lib.zeros()}
+        tree, record, _ = store.restore_best(target) if which == "best" else store.restore_latest(target)
+    except CheckpointError as e:
+        raise RunError(f"{info.path}: the {which} checkpoint does not restore into the model its "
+                       f"{rundir.CONFIG_FILE} describes: {e}") from None
+    finally:
+        store.close()
+    found = record.get("kind")
+    if info.kind is not None and found != info.kind or kind is not None and found != kind:
+        raise RunError(f"{info.path}: the {which} checkpoint is a '{found}' run, not a '{kind or info.kind}' run")
+    trained = tree["state"].trainable
+    if found == "lora":
+        from lora_kd_jax.trainable import combine
+
+        trained = combine(trained, params)
+    return Run(path=info.path, config=info.config, kind=found, summary=info.summary, epochs_done=info.epochs_done,
+               which=which, model=model, params=trained)
+
+
+def _rebuild(cfg: Config, kind: str) -> tuple[Any, Params, Any]:
+    """(model, frozen params or {}, a train state shaped like the checkpoint's) for a run of `kind`."""
+    from lora_kd_jax.keys import run_keys
+    from lora_kd_jax.steps import init_state
+    from lora_kd_jax.trainable import adam, make_optimizer, partition
+
+    keys = run_keys(cfg.train.seed)
+    if kind in ("distill", "rnn"):
+        from lora_kd_jax.models.student import build_student
+
+        student, params = build_student(cfg.student, keys.model)
+        return student, {}, init_state(params, adam(cfg.train.lr), keys.dropout)
+    from lora_kd_jax.models.classifier import build_classifier
+
+    model, params = build_classifier(cfg, keys.model)
+    trainable, frozen = partition(params)
+    return model, frozen, init_state(trainable, make_optimizer(cfg.train.lr), keys.dropout)

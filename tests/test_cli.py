@@ -1,0 +1,83 @@
+"""The one command line: every command has --help, and every command ends a user's mistake with one line and a
+non-zero status (no traceback), leaving nothing behind that blocks the corrected rerun."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_kd_jax import cli
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = ("train-lora", "distill", "train-rnn", "reproduce", "export-peft", "import-peft", "merge", "bench")
+TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
+        "data.limit=32", "train.batch_size=16", "train.epochs=1", "run.compilation_cache="]
+
+
+def test_help_lists_every_command_and_each_has_an_example():
+    _, commands = cli.build_parser()
+    assert tuple(commands) == COMMANDS
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0
+    out = subprocess.run([sys.executable, "-m", "lora_kd_jax", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and all(name in out.stdout for name in COMMANDS)
+
+
+def test_the_console_command_is_installed():
+    script = Path(sys.executable).parent / "lora-kd-jax"
+    assert script.is_file(), "pip install puts the `lora-kd-jax` command beside the interpreter"
+    out = subprocess.run([str(script), "train-lora", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "example: lora-kd-jax train-lora" in out.stdout
+
+
+def _one_line_exit(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code not in (0, None)
+    message = str(e.value.code)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_a_lora_run_into_a_dir_holding_another_run_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    cli.main(["train-lora", str(REPO / "configs" / "smoke.yaml"), *TINY, f"run.dir={run}", "--no-progress"])
+    config_before = (run / "config.yaml").read_text()
+    message = _one_line_exit(["train-lora", str(REPO / "configs" / "smoke.yaml"), *TINY, "train.lr=0.01",
+                              f"run.dir={run}"], capsys)
+    assert message.startswith("run dir error: ") and "different run" in message and "train.lr" in message
+    assert (run / "config.yaml").read_text() == config_before  # the existing run is untouched
+    # overrides may follow the flags: --resume with the same settings continues the finished run
+    cli.main(["train-lora", str(REPO / "configs" / "smoke.yaml"), "--resume", *TINY, "train.epochs=2",
+              f"run.dir={run}", "--no-progress"])
+    assert "epoch 2/2" in (run / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["distill", "configs/distil_rnn_gpt2.yaml", "distill.teacher=/no/such/run"], "run error: distill.teacher"),
+    (["train-rnn", "configs/rnn_scratch.yaml", "train.lrr=1"], "config error: "),
+    (["reproduce", "--tiny", "student.cell=transformer"], "config error: "),
+    (["export-peft", "/no/such/run", "/tmp/never"], "run error: "),
+    (["import-peft", "/no/such/adapter", "configs/smoke.yaml", "--out", "/tmp/never"], "export error: "),
+    (["merge", "/no/such/run", "/tmp/never"], "run error: "),
+    (["bench", "--variants", "gpt3"], "usage error: --variants"),
+    (["train-lora", "configs/no_such.yaml"], "config error: "),
+])
+def test_each_command_ends_a_user_error_in_one_line(argv, start, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    message = _one_line_exit(argv, capsys)
+    assert message.startswith(start), message
+    assert not Path("/tmp/never").exists()
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    monkeypatch.chdir(REPO)
+    from lora_kd_jax.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        cli.main(["--debug", "train-rnn", "configs/rnn_scratch.yaml", "train.lrr=1"])
