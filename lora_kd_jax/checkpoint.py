@@ -3,7 +3,11 @@
 A checkpoint holds a pytree (trainable parameters, optimizer state, step, PRNG key data, partial-epoch sums)
 and a JSON record (epoch, position in the epoch, metric history). `checkpoints/latest` keeps the newest few
 steps so that a corrupted newest step falls back to the previous one; `checkpoints/best` keeps the best by
-validation accuracy. Orbax writes each step to a temporary dir and renames it when complete (atomic).
+validation accuracy. Orbax writes each step to a temporary dir and renames it when complete (atomic), and saves
+are synchronous, so a step is listed only once it is whole. Two rules keep latest and best from telling different
+stories: best is written before latest (a run resumed from latest always finds the best it reports), and a step
+that is written again (an epoch redone after a crash, or after a corrupted step) replaces the old one. A step that
+does not restore is moved aside to `checkpoints/corrupt/` so that training can write that step again.
 """
 from __future__ import annotations
 
@@ -41,17 +45,24 @@ class CheckpointStore:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2, read_only: bool = False):
         self.directory = Path(directory)
+        self.read_only = read_only
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: no checkpoints directory")
         self.latest = _manager(self.directory / "latest", keep, read_only)
         self.best = _manager(self.directory / "best", 1, read_only)
 
     def save(self, step: int, state: Any, record: dict, *, best: bool = False) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
-        self.latest.save(step, args=args, force=True)
-        if best:
-            self.best.save(step, args=args, force=True)
-        self.wait()
+        """Write `step` to best (when `best`) and then to latest; returns only once both are on disk and listed."""
+        managers = ([self.best] if best else []) + [self.latest]
+        for manager in managers:
+            if step in manager.all_steps():
+                manager.delete(step)  # an epoch redone after a crash: the new state replaces the old
+            args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
+            manager.save(step, args=args, force=True)
+            manager.wait_until_finished()
+            manager.reload()
+            if step not in manager.all_steps():
+                raise CheckpointError(f"{manager.directory}: step {step} was not written completely")
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -73,7 +84,38 @@ class CheckpointStore:
                 return out["state"], dict(out["record"]), s
             except Exception as e:  # a corrupted or incomplete step: fall back to the previous one
                 errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                if not self.read_only:
+                    self._move_aside(manager, s)
         raise CheckpointError(f"{manager.directory}: no step could be restored ({'; '.join(errors)})")
+
+    def _move_aside(self, manager: ocp.CheckpointManager, step: int) -> None:
+        """Take a step that does not restore out of the manager's sight (kept for inspection, never reused)."""
+        import time
+
+        source = Path(manager.directory) / str(step)
+        if not source.is_dir():
+            return
+        corrupt = self.directory / "corrupt"
+        corrupt.mkdir(exist_ok=True)
+        target = corrupt / f"{Path(manager.directory).name}-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        source.rename(target)
+        manager.reload()
+        log.warning("moved the unreadable step %d to %s; training writes that step again", step, target)
+
+    def clean_unfinished(self) -> list[Path]:
+        """Remove the temporary dirs of saves that were cut off (Orbax never lists them as steps); returns them."""
+        import shutil
+
+        removed = []
+        for manager in (self.latest, self.best):
+            directory = Path(manager.directory)
+            for tmp in directory.glob("*.orbax-checkpoint-tmp*") if directory.is_dir() else ():
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        if removed:
+            log.warning("removed %d unfinished checkpoint write(s): %s", len(removed),
+                        ", ".join(str(p) for p in removed))
+        return removed
 
     def restore_latest(self, target: Any = None, step: int | None = None) -> tuple[Any, dict, int]:
         return self._restore(self.latest, target, step)
@@ -83,6 +125,9 @@ class CheckpointStore:
 
     def has_latest(self) -> bool:
         return bool(self.latest.all_steps())
+
+    def has_best(self, step: int) -> bool:
+        return step in self.best.all_steps()
 
     def close(self) -> None:
         self.wait()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -263,7 +264,17 @@ def validate(cfg: Config) -> None:
         v = _get(cfg, key)
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"{key}: must be in [0, 1), got {v}")
+    for key in all_keys():
+        v = _get(cfg, key)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v}")
     m = cfg.model
+    if m.path and m.init == "random":
+        raise ConfigError(f"model.path={m.path} with model.init=random: a random init reads no checkpoint; set "
+                          "model.init=pretrained to load it, or drop model.path")
+    if cfg.data.max_length > m.n_positions:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's {m.n_positions} positions "
+                          "(model.n_positions); GPT-2 cannot read longer sequences")
     sizes = (m.n_layer, m.n_embd, m.n_head)
     if m.name == "custom" and None in sizes:
         raise ConfigError("model.name=custom needs model.n_layer, model.n_embd and model.n_head")
@@ -337,13 +348,23 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     source = "defaults"
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory; expected a YAML config file (e.g. configs/smoke.yaml)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         source = str(p)
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot be read: {e}") from None
+        if raw is None:
+            raise ConfigError(f"{p} is empty: a run from it would silently use every default; put at least one "
+                              "setting in it (see configs/*.yaml)")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model:, data:, train:, ...), got a YAML "
+                              f"{type(raw).__name__}")
     raw = _numbers_in(raw)
     try:
         return from_dict(apply_overrides(raw, overrides), source)

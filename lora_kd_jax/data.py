@@ -106,6 +106,9 @@ def read_cola_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         _source, label, _annotation, sentence = fields
         if label not in ("0", "1"):
             raise DataError(f"{name}:{lineno}: invalid label {label!r}: expected 0 or 1")
+        if "\x00" in text:
+            raise DataError(f"{name}:{lineno}: NUL byte at character {text.index(chr(0))} of the line; CoLA text never "
+                            "holds one (is this a binary file?)")
         if not sentence.strip():
             raise DataError(
                 f"{name}:{lineno}: empty sentence (4th field is {sentence!r}); expected non-blank text"
@@ -548,6 +551,12 @@ def batch_sources(splits: dict[str, EncodedSplit], cfg: Config) -> BatchSources:
     train, val = splits["train"], splits["validation"]
     bs, ebs = cfg.train.batch_size, cfg.train.eval_batch
     buckets = cfg.data.buckets
+    if bs > len(train):  # every step would be mostly padding, and a huge batch can exhaust memory
+        raise DataError(f"train.batch_size={bs} exceeds the {len(train)} training rows: every step would pad to {bs} "
+                        f"rows; use train.batch_size <= {len(train)}")
+    if cfg.train.eval_batch_size > len(val):
+        raise DataError(f"train.eval_batch_size={cfg.train.eval_batch_size} exceeds the {len(val)} validation rows; "
+                        f"use at most {len(val)} (or 0 for train.batch_size)")
 
     def eval_of(split: EncodedSplit) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
         return lambda: batch_iterator(split, ebs, shuffle=False, lengths=buckets)

@@ -23,10 +23,10 @@ import optax
 from lora_kd_jax import data as data_lib
 from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import metrics as metrics_lib
-from lora_kd_jax import precision, rundir, runtime, runs, steps
+from lora_kd_jax import loop, precision, rundir, runtime, runs, steps
 from lora_kd_jax.config import Config
 from lora_kd_jax.keys import run_keys
-from lora_kd_jax.loop import Task, run_epochs
+from lora_kd_jax.loop import Task
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.models.student import RNNStudent, build_student, count_params
 from lora_kd_jax.steps import TrainState, init_state
@@ -260,28 +260,12 @@ def distill_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = 
     """The whole distillation run into cfg.run.dir; the teacher is checked before anything is built or written."""
     runtime.setup(cfg)
     check_teacher(cfg.distill.teacher, cfg)
-    with rundir.claim(cfg, resume=resume) as run_dir:
-        splits = data_lib.load_splits(cfg)
-        teacher = restore_teacher(cfg.distill.teacher, cfg)
-        task = build_distill_task(cfg, splits.encoded, teacher)
-        task.info["data"] = splits.report()
-        summary = run_epochs(task, run_dir, resume=resume, progress=progress)
-    _log_summary(summary)
-    return summary
+    return loop.train_and_evaluate(cfg, lambda splits: build_distill_task(
+        cfg, splits, restore_teacher(cfg.distill.teacher, cfg)), resume=resume, progress=progress)
 
 
 def train_rnn_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """The RNN baseline (cross-entropy from scratch) into cfg.run.dir."""
     runtime.setup(cfg)
-    with rundir.claim(cfg, resume=resume) as run_dir:
-        splits = data_lib.load_splits(cfg)
-        task = build_rnn_task(cfg, splits.encoded)
-        task.info["data"] = splits.report()
-        summary = run_epochs(task, run_dir, resume=resume, progress=progress)
-    _log_summary(summary)
-    return summary
-
-
-def _log_summary(summary: dict) -> None:
-    log.info("best val accuracy %.4f at epoch %d (train accuracy %.4f, val MCC %.4f)", summary["best_val_accuracy"],
-             summary["best_epoch"], summary["train_accuracy_at_best"], summary["val_mcc_at_best"])
+    return loop.train_and_evaluate(cfg, lambda splits: build_rnn_task(cfg, splits), resume=resume,
+                                   progress=progress)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import plots, rundir
-from lora_kd_jax.checkpoint import CheckpointStore
+from lora_kd_jax.checkpoint import CheckpointError, CheckpointStore
 from lora_kd_jax.errors import UserError
 from lora_kd_jax.mesh import is_main_process
 
@@ -111,22 +111,51 @@ def evaluate(task: Task, batches: Callable[[], Iterable[Batch]] | None = None) -
     return metrics_lib.summarize(sums)
 
 
+def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool = False, progress: bool = True
+                       ) -> dict:
+    """Any trainer's whole run into cfg.run.dir: lock and prepare the run dir, read the data, `build(splits)` the
+    task, run its epochs; returns the summary written to metrics.json."""
+    from lora_kd_jax import data as data_lib
+
+    with rundir.claim(cfg, resume=resume) as run_dir:
+        splits = data_lib.load_splits(cfg)
+        task = build(splits.encoded)
+        task.info["data"] = splits.report()
+        summary = run_epochs(task, run_dir, resume=resume, progress=progress)
+        log.info("best val accuracy %.4f at epoch %d (train accuracy %.4f, val MCC %.4f)",
+                 summary["best_val_accuracy"], summary["best_epoch"], summary["train_accuracy_at_best"],
+                 summary["val_mcc_at_best"])
+    return summary
+
+
 def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train task.epochs epochs (continuing a checkpointed run if `resume`); return the summary."""
     run_dir = Path(run_dir)
     store = CheckpointStore(run_dir / "checkpoints")
+    if is_main_process():
+        store.clean_unfinished()
     history: list[dict] = []
     start_epoch, start_batch = 0, 0
     train_sums = metrics_lib.zeros()
     wall_before = 0.0
+    best_step: int | None = None
     if resume and store.has_latest():
         tree, record, step = store.restore_latest({"state": task.state, "train_sums": train_sums})
         if record.get("kind") != task.kind:
-            raise ValueError(f"{run_dir}: checkpoint is a '{record.get('kind')}' run, not '{task.kind}'")
+            raise CheckpointError(f"{run_dir}: checkpoint is a '{record.get('kind')}' run, not '{task.kind}'")
         task.state, train_sums = tree["state"], tree["train_sums"]
         history, start_epoch, start_batch = record["history"], record["epoch"], record["next_batch"]
         wall_before = record.get("wall_time_s", 0.0)
+        best_step = record.get("best_step")
         log.info("resumed from checkpoint step %d: epoch %d, batch %d", step, start_epoch + 1, start_batch)
+        if best_step is not None and not store.has_best(best_step):
+            if best_step == step:  # the best save was cut off: the state at hand is that best state
+                store.save(step, {"state": task.state, "train_sums": train_sums}, record, best=True)
+                log.warning("the best checkpoint (step %d) was missing; rewritten from the restored state", step)
+            else:
+                raise CheckpointError(f"{run_dir / 'checkpoints' / 'best'}: the best checkpoint (step {best_step}) "
+                                      "is missing and cannot be rebuilt from the latest one; start the run again "
+                                      "with run.overwrite=true")
     elif resume:
         log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
 
@@ -134,7 +163,7 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
 
     def record_for(epoch: int, next_batch: int) -> dict:
         return {"kind": task.kind, "epoch": epoch, "next_batch": next_batch, "history": history,
-                "wall_time_s": wall_before + time.perf_counter() - t0}
+                "best_step": best_step, "wall_time_s": wall_before + time.perf_counter() - t0}
 
     def step_number() -> int:
         return int(jax.device_get(task.state.step)) if hasattr(task.state, "step") else 0
@@ -174,6 +203,8 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
             history.append({"epoch": epoch + 1, "train": train, "val": val,
                             **({"reported": reported} if reported else {})})
             is_best = val["accuracy"] > max((h["val"]["accuracy"] for h in history[:-1]), default=-1.0)
+            if is_best:
+                best_step = step_number()
             store.save(step_number(), {"state": task.state, "train_sums": train_sums}, record_for(epoch + 1, 0),
                        best=is_best)
             log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f mcc %.4f%s%s", epoch + 1,

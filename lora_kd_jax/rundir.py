@@ -15,6 +15,8 @@ from lora_kd_jax.errors import UserError
 from lora_kd_jax.precision import resolved_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
+LOCK_FILE = ".lock"
+RUN_OUTPUTS = ("checkpoints", METRICS_FILE, LOG_FILE, "accuracy.png", "loss.png")  # what a run writes besides config
 
 
 class RunDirError(UserError, RuntimeError):
@@ -34,7 +36,7 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
     run_dir = Path(cfg.run.dir)
     if jax.process_index() != 0:
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     cfg_path = run_dir / CONFIG_FILE
     resolved = recorded(cfg)
     if cfg_path.exists() and not cfg.run.overwrite:
@@ -47,26 +49,77 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
         if not resume and (run_dir / METRICS_FILE).exists():
             raise RunDirError(f"{run_dir} already holds this run's results; pass --resume to continue it or "
                               "run.overwrite=true to start again")
+    if cfg.run.overwrite and not resume:  # a fresh start: nothing of the previous run may mix with this one
+        _remove_outputs(run_dir)
     save_config(resolved_config(cfg), cfg_path)
     attach_log(run_dir)
     return run_dir
 
 
+def make_dir(run_dir: Path) -> None:
+    """Create the run dir, saying plainly when the path cannot be one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run.dir={run_dir} is a file; choose a directory path")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"run.dir={run_dir} cannot be created: {e.strerror or e}") from None
+
+
+def _remove_outputs(run_dir: Path) -> None:
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run dir for the life of a run. The OS drops it when the process ends however
+    it ends (flock), so a lock left by a killed run is simply taken over; a live holder is named by its pid."""
+    import fcntl
+
+    make_dir(run_dir)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirError(f"{run_dir} is in use by another run (pid {holder}); wait for it to finish or choose "
+                              "another run.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @contextlib.contextmanager
 def claim(cfg: Config, *, resume: bool = False) -> Iterator[Path]:
-    """`prepare` the run dir for the body; if the body fails before the run saved a checkpoint or metrics.json,
-    take back what this call wrote (config.yaml, the log), so the corrected command is not refused as "a different
-    run" by a start that never trained."""
+    """Lock the run dir and `prepare` it for the body; if the body fails before the run saved a checkpoint or
+    metrics.json, take back what this call wrote (config.yaml, the log), so the corrected command is not refused as
+    "a different run" by a start that never trained."""
+    import jax
+
     run_dir = Path(cfg.run.dir)
     existed = run_dir.exists()
     had_config = (run_dir / CONFIG_FILE).exists()
-    run_dir = prepare(cfg, resume=resume)
-    try:
-        yield run_dir
-    except BaseException:
-        if not had_config and not _has_results(run_dir):
-            _undo_start(run_dir, remove_dir=not existed)
-        raise
+    with lock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+        run_dir = prepare(cfg, resume=resume)
+        try:
+            yield run_dir
+        except BaseException:
+            if not had_config and not _has_results(run_dir):
+                _undo_start(run_dir, remove_dir=not existed)
+            raise
+        finally:
+            detach_log(run_dir)
 
 
 def _has_results(run_dir: Path) -> bool:
@@ -87,7 +140,8 @@ def _undo_start(run_dir: Path, *, remove_dir: bool) -> None:
                 sub.rmdir()
         if not any(checkpoints.iterdir()):
             checkpoints.rmdir()
-    if remove_dir and not any(run_dir.iterdir()):
+    if remove_dir and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)  # ours: the lock is held until the caller returns
         run_dir.rmdir()
 
 

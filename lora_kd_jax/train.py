@@ -10,10 +10,11 @@ import optax
 from lora_kd_jax import data as data_lib
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import mesh as mesh_lib
-from lora_kd_jax import precision, rundir, runtime, steps
+from lora_kd_jax import loop, precision, runtime, steps
 from lora_kd_jax.config import Config
 from lora_kd_jax.keys import run_keys
-from lora_kd_jax.loop import Task, run_epochs
+from lora_kd_jax.loop import Task
+from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier
 from lora_kd_jax.steps import TrainState, init_state
 from lora_kd_jax.trainable import ParamReport, cast_frozen, combine, make_optimizer, param_report, partition
@@ -48,6 +49,7 @@ def make_eval_step(model: GPT2Classifier) -> Callable[[TrainState, Params, Batch
 
 def dry_run(cfg: Config) -> ParamReport:
     """Parameter report from shapes alone: no weights are loaded or allocated."""
+    cfg = gpt2.with_checkpoint_size(cfg)
     _, shapes = build_classifier(cfg, run_keys(cfg.train.seed).model, shapes_only=True)
     return param_report(shapes)
 
@@ -80,13 +82,6 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[T
 def train_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """The whole LoRA run into cfg.run.dir; returns the summary written to metrics.json."""
     runtime.setup(cfg)
+    cfg = gpt2.with_checkpoint_size(cfg)  # model.path decides the architecture, and config.yaml records it
     log.info("%s", dry_run(cfg))  # shapes only: a bad model size or LoRA target fails here, before any data or compute
-    with rundir.claim(cfg, resume=resume) as run_dir:
-        splits = data_lib.load_splits(cfg)
-        task, _, _ = build_task(cfg, splits.encoded)
-        task.info["data"] = splits.report()
-        summary = run_epochs(task, run_dir, resume=resume, progress=progress)
-    log.info("best val accuracy %.4f at epoch %d (train accuracy %.4f, val MCC %.4f)",
-             summary["best_val_accuracy"], summary["best_epoch"], summary["train_accuracy_at_best"],
-             summary["val_mcc_at_best"])
-    return summary
+    return loop.train_and_evaluate(cfg, lambda splits: build_task(cfg, splits)[0], resume=resume, progress=progress)

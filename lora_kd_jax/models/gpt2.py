@@ -97,7 +97,7 @@ def load_pretrained(cfg: ModelConfig) -> tuple[Any, Params]:
         with _quiet_hub():
             model = FlaxGPT2Model.from_pretrained(os.fspath(Path(source).expanduser() if cfg.path else source),
                                                   dtype=precision.dtype(cfg.dtype, "compute"), **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except Exception as e:  # hub and file errors come in many types; each is the user's to fix
         if cfg.path:
             raise ModelLoadError(f"model.path={cfg.path}: the checkpoint does not load ({type(e).__name__}: "
                                  f"{_first_line(e)}); write it again with save_pretrained") from None
@@ -128,6 +128,43 @@ def _quiet_hub():
         yield
     finally:
         hub_log.setLevel(level)
+
+
+def with_checkpoint_size(cfg: Any) -> Any:
+    """`cfg` with model.n_layer/n_embd/n_head/n_positions/vocab_size read from model.path's config.json, so that
+    what a run records is what it trains. A size key set to another value than the checkpoint's is an error naming
+    both; so is a data.max_length beyond the checkpoint's positions. Without model.path, `cfg` as it is."""
+    import dataclasses
+    import json
+
+    m = cfg.model
+    if m.init != "pretrained" or not m.path:
+        return cfg
+    path = Path(m.path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model.path={path}: {'is a file' if path.exists() else 'does not exist'}; expected "
+                             "a directory written by save_pretrained (config.json and the weights)")
+    config_file = path / "config.json"
+    try:
+        hf = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"model.path={path}: no config.json; expected a directory written by save_pretrained"
+                             ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ModelLoadError(f"{config_file}: not a readable GPT-2 config ({e})") from None
+    found = {key: hf.get(key) for key in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")}
+    if not all(isinstance(v, int) for v in found.values()):
+        raise ModelLoadError(f"{config_file}: missing or non-integer GPT-2 sizes ({found})")
+    defaults = {"n_positions": 1024, "vocab_size": 50257}  # ModelConfig's defaults: not a user's choice
+    for key, value in found.items():
+        asked = getattr(m, key)
+        if asked is not None and asked != value and asked != defaults.get(key):
+            raise ModelLoadError(f"model.{key}={asked}, but the checkpoint in {path} has {key}={value}; model.path "
+                                 f"decides the architecture: drop model.{key} or set it to {value}")
+    if cfg.data.max_length > found["n_positions"]:
+        raise ModelLoadError(f"data.max_length={cfg.data.max_length} exceeds the {found['n_positions']} positions of "
+                             f"the checkpoint in {path}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **found))
 
 
 def load_base(cfg: ModelConfig, key: jax.Array) -> tuple[Any, Params]:
