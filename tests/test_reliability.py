@@ -43,7 +43,7 @@ def script_args(run_dir: Path, epochs: int) -> list[str]:
             f"train.epochs={epochs}", "lora.dropout=0.1", f"run.dir={run_dir}", "run.compilation_cache="]
 
 
-def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     latest = run_dir / "checkpoints" / "latest"
     t0 = time.time()
     while time.time() - t0 < timeout:

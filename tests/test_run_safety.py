@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lora_kd_jax import cli, train
+from lora_kd_jax import cli
 from lora_kd_jax.checkpoint import CheckpointStore
 from test_reliability import assert_same_run
 
@@ -75,6 +72,14 @@ def test_overwrite_starts_clean_nothing_of_the_old_run_mixes_in(tmp_path):
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run: what every faulted and resumed run must end as."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    run_cli("train.epochs=3", f"run.dir={run}")
+    return run
+
+
 def _fail_saves(monkeypatch, *, which: str, at_step: int) -> None:
     """A full disk, injected: the `which` manager's save of `at_step` raises ENOSPC after writing half a step."""
     real = ocp.CheckpointManager.save
@@ -89,9 +94,9 @@ def _fail_saves(monkeypatch, *, which: str, at_step: int) -> None:
 
 
 @pytest.mark.parametrize("which", ["best", "latest"])
-def test_a_cut_off_save_is_one_line_and_resuming_gives_the_uninterrupted_run(which, tmp_path, monkeypatch):
-    reference, faulty = tmp_path / "reference", tmp_path / "faulty"
-    run_cli("train.epochs=3", f"run.dir={reference}")
+def test_a_cut_off_save_is_one_line_and_resuming_gives_the_uninterrupted_run(which, reference, tmp_path,
+                                                                              monkeypatch):
+    faulty = tmp_path / "faulty"
     best_step = json.loads((reference / "metrics.json").read_text())["summary"]["best_epoch"] * 3
     at_step = best_step if which == "best" else 6  # cut off the best save itself, or epoch 2's latest
     if which == "best" and best_step == 3:
@@ -111,9 +116,8 @@ def test_a_cut_off_save_is_one_line_and_resuming_gives_the_uninterrupted_run(whi
     assert best[2] == ref_best[2]  # the same best step, whole
 
 
-def test_a_corrupted_newest_step_is_moved_aside_and_the_run_finishes_as_uninterrupted(tmp_path):
-    reference, damaged = tmp_path / "reference", tmp_path / "damaged"
-    run_cli("train.epochs=3", f"run.dir={reference}")
+def test_a_corrupted_newest_step_is_moved_aside_and_the_run_finishes_as_uninterrupted(reference, tmp_path):
+    damaged = tmp_path / "damaged"
     run_cli("train.epochs=2", f"run.dir={damaged}")
     for f in (damaged / "checkpoints" / "latest" / "6" / "state").rglob("*"):
         if f.is_file() and f.name != "_METADATA":
@@ -237,3 +241,21 @@ def test_an_unfinished_teacher_is_used_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         distill.check_teacher(str(teacher), load_config(REPO / "configs" / "distil_rnn_gpt2.yaml"))
     assert "finished 1 of its 6 epochs" in caplog.text
+
+
+def test_a_missing_best_of_the_latest_step_is_rewritten_on_resume(tmp_path, caplog):
+    """A run dir where `best` lost its newest step (a save cut off by an older version, or a hand deletion) while
+    `latest` holds that state: resuming writes it back rather than reporting a best that is not on disk."""
+    import shutil
+
+    run = tmp_path / "run"
+    run_cli("train.epochs=1", f"run.dir={run}")
+    shutil.rmtree(run / "checkpoints" / "best" / "3")
+    (run / "checkpoints" / "best" / "3.orbax-checkpoint-tmp-9").mkdir()  # what the cut-off save left
+    with caplog.at_level("WARNING"):
+        run_cli("train.epochs=2", f"run.dir={run}", "--resume")
+    assert "best checkpoint (step 3) was missing; rewritten" in caplog.text
+    summary = json.loads((run / "metrics.json").read_text())["summary"]
+    best = CheckpointStore(run / "checkpoints", read_only=True).restore_best()
+    assert best[2] == summary["best_epoch"] * 3  # the best the run reports is the best on disk
+    assert not list((run / "checkpoints").rglob("*orbax-checkpoint-tmp*"))
