@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -398,8 +399,9 @@ def format_reports(clf: Classifier, reports: Sequence[Report]) -> str:
                   f"  {'':<20}{'predicted unacc.':>17}{'predicted acc.':>16}",
                   f"  {'gold unacceptable':<20}{c['tn']:>17}{c['fp']:>16}",
                   f"  {'gold acceptable':<20}{c['fn']:>17}{c['tp']:>16}",
-                  "  accuracy per source: " + ", ".join(
-                      f"{code} {s['accuracy']:.3f} ({s['rows']})" for code, s in r.per_source.items())]
+                  *textwrap.wrap("accuracy per source (rows): " + ", ".join(
+                      f"{code} {s['accuracy']:.3f} ({s['rows']})" for code, s in r.per_source.items()),
+                      width=100, initial_indent="  ", subsequent_indent="    ")]
     return "\n".join(lines)
 
 
