@@ -162,6 +162,53 @@ def cmd_bench(args: argparse.Namespace) -> None:
                               limit=args.limit, student_dtypes=split(args.student_dtypes)))
 
 
+def _quiet_checkpoint_reader() -> None:
+    """Orbax warns at every read-only restore (absl WARNING); evaluate and predict only ever read."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from lora_kd_jax import classify, runtime, runs
+
+    _quiet_checkpoint_reader()
+    if args.limit < 0 or (args.batch_size is not None and args.batch_size < 1):
+        raise UsageError(f"--limit {args.limit}, --batch-size {args.batch_size}: expected --limit >= 0 and "
+                         "--batch-size >= 1")
+    info = runs.inspect_run(args.run_dir, which=args.which)  # cheap checks first: nothing is loaded for a bad dir
+    runtime.enable_compilation_cache(info.config.run.compilation_cache)
+    clf, reports = classify.evaluate_run(info.path, args.data or classify.DEFAULT_SETS, which=args.which,
+                                         limit=args.limit, batch_size=args.batch_size)
+    record = classify.evaluation_record(clf, reports)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return
+    out = classify.write_evaluation(info.path, record)
+    print(classify.format_reports(clf, reports))
+    print(f"-> {out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from lora_kd_jax import classify, runtime, runs
+
+    _quiet_checkpoint_reader()
+    if bool(args.sentences) == bool(args.file):
+        raise UsageError("give the sentences on the command line or --file FILE (one sentence per line), not both"
+                         if args.sentences else "no sentences: give them on the command line or --file FILE")
+    sentences = classify.check_sentences(args.sentences) if args.sentences else classify.read_sentence_file(args.file)
+    info = runs.inspect_run(args.run_dir, which=args.which)
+    runtime.enable_compilation_cache(info.config.run.compilation_cache)
+    clf = classify.Classifier.from_run(info.path, args.which)
+    predictions = clf.predict(sentences)
+    if args.json:
+        print(json.dumps([{"sentence": s, **p._asdict()} for s, p in zip(sentences, predictions)], indent=2))
+    else:
+        print(classify.format_predictions(sentences, predictions, clf.max_length))
+
+
 class UsageError(UserError):
     """A command-line flag has a value the command cannot use."""
     label = "usage error"
@@ -264,6 +311,37 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     b.add_argument("--limit", type=int, default=0, help="epoch bench: first N training sentences (0 = all 8,551)")
     b.add_argument("--out", default=None)
     b.set_defaults(handler=cmd_bench)
+    v = sub.add_parser("evaluate", help="score a run (LoRA, distilled student, RNN baseline) on CoLA dev sets or a "
+                       "TSV file", parents=[_debug_flag()],
+                       description="Accuracy, MCC, confusion matrix and accuracy per CoLA source of a run's "
+                       "checkpoint on each set asked for (default: in_domain and out_of_domain), with the run's own "
+                       "tokenizer, max_length, pooling and dtypes. Prints a table and writes RUN_DIR/evaluation.json; "
+                       "--json prints that JSON instead and writes nothing.",
+                       epilog=f"example: {PROG} evaluate runs/lora_gpt2 --data in_domain out_of_domain glue")
+    v.add_argument("run_dir", help="a run directory (or its checkpoints/ dir)")
+    v.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to score (default: best)")
+    v.add_argument("--data", nargs="+", metavar="SET", default=None,
+                   help="in_domain (527 rows), out_of_domain (516), glue (both: 1,043, GLUE's CoLA dev) or the "
+                   "path of a CoLA TSV file (source, label, annotation, sentence); several allowed")
+    v.add_argument("--limit", type=int, default=0, help="score only the first N rows of each file (as data.limit "
+                   "cuts a run's validation set; 0 = all)")
+    v.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the run's "
+                   "train.eval_batch_size, which gives back its recorded validation numbers exactly)")
+    v.add_argument("--json", action="store_true", help="print the results as JSON on stdout (no table, no file)")
+    v.set_defaults(handler=cmd_evaluate)
+    pr = sub.add_parser("predict", help="label sentences (acceptable / unacceptable) with a run",
+                        parents=[_debug_flag()],
+                        description="The label a run gives each sentence and its probability, in input order; a "
+                        "sentence longer than the run's data.max_length is flagged (only its first max_length tokens "
+                        "are read).",
+                        epilog=f'example: {PROG} predict runs/lora_gpt2 "The cat sat on the mat." "Cat the on sat."')
+    pr.add_argument("run_dir", help="a run directory (or its checkpoints/ dir)")
+    pr.add_argument("sentences", nargs="*", help="sentences to label (quote each)")
+    pr.add_argument("--file", default=None,
+                    help="a UTF-8 text file with one sentence per line (instead of SENTENCES)")
+    pr.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to use (default: best)")
+    pr.add_argument("--json", action="store_true", help="print a JSON list (sentence, label, probability, truncated)")
+    pr.set_defaults(handler=cmd_predict)
     return parser, dict(sub.choices)
 
 

@@ -49,7 +49,8 @@ class DataError(UserError, ValueError):
 
 
 def read_cola_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """Strict reader for a raw CoLA / GLUE-CoLA TSV: returns (sentences, labels int32).
+    """Strict reader for a raw CoLA / GLUE-CoLA TSV: returns (sentences, labels int32) (`read_cola_rows` for the
+    source codes as well).
 
     Format: 4 tab-separated fields per line, no header: source, label (0/1), annotation (may be empty),
     sentence. CoLA is not CSV-quoted, so quotes stay verbatim in the sentence. Accepted deviations: CRLF
@@ -57,6 +58,25 @@ def read_cola_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     a line holding a tab is never blank, it is a malformed row). Everything else raises DataError naming
     the file and the 1-based line. Bytes are decoded per line so a bad byte reports where it is.
     """
+    rows = read_cola_rows(path)
+    return rows.sentences, rows.labels
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ColaRows:
+    """The rows of one CoLA TSV file, in file order."""
+
+    sources: list[str]  # first column: the code of the publication a sentence came from (e.g. 'gj04')
+    sentences: list[str]
+    labels: np.ndarray  # int32 [N], 1 = acceptable
+    lines: list[int]  # the 1-based line of each row in its file
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+
+def read_cola_rows(path: str | os.PathLike) -> ColaRows:
+    """`read_cola_tsv` with each row's source code and line number (same checks, same rows)."""
     name = os.fspath(path)
     try:
         raw = Path(name).read_bytes()
@@ -69,8 +89,10 @@ def read_cola_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     if raw.endswith(b"\n"):
         lines.pop()  # the final newline terminates the last line; it does not start an empty one
 
+    sources: list[str] = []
     sentences: list[str] = []
     labels: list[int] = []
+    line_numbers: list[int] = []
     n_blank = 0
     file_offset = 0
     for lineno, line in enumerate(lines, start=1):
@@ -103,7 +125,7 @@ def read_cola_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
                 f"{name}:{lineno}: extra column: found {len(fields)} tab-separated fields, expected "
                 f"{N_FIELDS} (source, label, annotation, sentence); a tab inside the sentence is not allowed"
             )
-        _source, label, _annotation, sentence = fields
+        source, label, _annotation, sentence = fields
         if label not in ("0", "1"):
             raise DataError(f"{name}:{lineno}: invalid label {label!r}: expected 0 or 1")
         if "\x00" in text:
@@ -113,15 +135,17 @@ def read_cola_tsv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
             raise DataError(
                 f"{name}:{lineno}: empty sentence (4th field is {sentence!r}); expected non-blank text"
             )
+        sources.append(source)
         sentences.append(sentence)
         labels.append(int(label))
+        line_numbers.append(lineno)
 
     if n_blank:
         logger.warning("%s: skipped %d blank line(s)", name, n_blank)
     if not sentences:
         what = "file is empty" if not raw else f"only {n_blank} blank line(s)"
         raise DataError(f"{name}: no data rows ({what}); expected at least one CoLA row")
-    return sentences, np.asarray(labels, dtype=np.int32)
+    return ColaRows(sources, sentences, np.asarray(labels, dtype=np.int32), line_numbers)
 
 
 HUB = "hub"  # data.dir value that loads the hub's GLUE CoLA instead of files
@@ -344,6 +368,7 @@ class EncodedSplit:
     attention_mask: np.ndarray  # int32 [N, max_length], 1 on real tokens
     labels: np.ndarray  # int32 [N]
     n_truncated: int  # sentences longer than max_length that were cut
+    truncated_rows: np.ndarray | None = None  # bool [N]: which rows were cut (set by `encode`)
 
     def __post_init__(self) -> None:
         ids, mask, labels = self.input_ids, self.attention_mask, self.labels
@@ -383,7 +408,7 @@ def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: 
     n = len(sentences)
     if n == 0:
         empty = np.zeros((0, max_length), np.int32)
-        return EncodedSplit(empty, empty.copy(), np.zeros((0,), np.int32), 0)
+        return EncodedSplit(empty, empty.copy(), np.zeros((0,), np.int32), 0, np.zeros((0,), bool))
 
     full_lengths = np.fromiter(
         (len(ids) for ids in tokenizer(sentences, truncation=False)["input_ids"]), dtype=np.int64, count=n
@@ -409,10 +434,11 @@ def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: 
     if not (input_ids[attention_mask == 0] == PAD_ID).all():
         raise DataError(f"encode: padding positions hold ids other than PAD_ID={PAD_ID}")
 
-    n_truncated = int((full_lengths > max_length).sum())
+    truncated = full_lengths > max_length
+    n_truncated = int(truncated.sum())
     if n_truncated:
         logger.info("truncated %d of %d sentences to %d tokens", n_truncated, n, max_length)
-    return EncodedSplit(input_ids, attention_mask, labels.astype(np.int32), n_truncated)
+    return EncodedSplit(input_ids, attention_mask, labels.astype(np.int32), n_truncated, truncated)
 
 
 def encode_splits(

@@ -68,6 +68,7 @@ class Outcome:
     summary: dict
     history: list
     reused: bool
+    scores: dict = dataclasses.field(default_factory=dict)  # checkpoint_scores: in-domain, out-of-domain, glue MCC
 
 
 def _split_root(overrides: Sequence[str], tiny: bool) -> tuple[Path, list[str]]:
@@ -157,11 +158,56 @@ def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir:
         else:
             log.info("=== %s: reusing the finished run in %s", exp.label, cfg.run.dir)
             reused = True
-        outcomes.append(Outcome(exp, Path(cfg.run.dir), record["summary"], record["epochs"], reused))
+        scores = checkpoint_scores(Path(cfg.run.dir), cfg.data.limit)
+        _check_scores(exp, cfg, record["summary"], scores)
+        outcomes.append(Outcome(exp, Path(cfg.run.dir), record["summary"], record["epochs"], reused, scores))
         write_results(root, outcomes, tiny=tiny, overrides=overrides, majority=majority,
                       wall=time.perf_counter() - t0)
     bar.close()
     return outcomes
+
+
+SCORED_SETS = ("in_domain", "out_of_domain")
+
+
+def checkpoint_scores(run_dir: Path, limit: int = 0) -> dict:
+    """The best checkpoint on the in-domain and out-of-domain dev sets (each cut to its first `limit` rows, as the
+    run's data.limit cut them) and on both together (GLUE's CoLA dev set: its MCC from the summed confusion counts),
+    scored by `lora_kd_jax.classify`. Kept in RUN_DIR/evaluation.json, which is reused while it is newer than the
+    run's metrics.json and covers the same sets and limit."""
+    from lora_kd_jax import classify
+
+    cached = run_dir / classify.EVALUATION_FILE
+    record = None
+    if cached.is_file() and cached.stat().st_mtime >= (run_dir / rundir.METRICS_FILE).stat().st_mtime:
+        try:
+            record = json.loads(cached.read_text())
+        except json.JSONDecodeError:
+            record = None
+        sets = record.get("sets", {}) if isinstance(record, dict) else {}
+        if (record is None or record.get("which") != "best"
+                or any(sets.get(name, {}).get("limit") != limit for name in SCORED_SETS)):
+            record = None
+    if record is None:
+        clf, reports = classify.evaluate_run(run_dir, SCORED_SETS, which="best", limit=limit)
+        record = classify.evaluation_record(clf, reports)
+        classify.write_evaluation(run_dir, record)
+    sets = record["sets"]
+    out = {f"{name}_{m}": sets[name][m] for name in SCORED_SETS for m in ("accuracy", "mcc")}
+    out["glue_mcc"] = classify.combined_mcc([sets[name]["confusion"] for name in SCORED_SETS])
+    out["glue_rows"] = sum(sets[name]["rows"] for name in SCORED_SETS)
+    out["limit"] = limit
+    return out
+
+
+def _check_scores(exp: Experiment, cfg: Config, summary: dict, scores: dict) -> None:
+    """On the packaged CoLA the in-domain scores are the run's own validation numbers: say so if they are not."""
+    if cfg.data.dir:
+        return
+    for key, got in (("best_val_accuracy", scores["in_domain_accuracy"]), ("val_mcc_at_best", scores["in_domain_mcc"])):
+        if not math.isclose(summary[key], got, rel_tol=1e-6, abs_tol=1e-6):
+            log.warning("%s: the best checkpoint scores %s %.6f on the in-domain dev set, but metrics.json records "
+                        "%.6f", exp.name, key, got, summary[key])
 
 
 def majority_share(cfg: Config) -> float:
@@ -205,7 +251,8 @@ def _reduction(o: Outcome) -> str:
 
 def results_table(outcomes: Sequence[Outcome]) -> str:
     head = ("| experiment | epochs | best val acc | reference | train acc at best | reference | val MCC | "
-            "out-of-domain acc | out-of-domain MCC | trainable / total params | reference | reduction | wall time |")
+            "out-of-domain acc | out-of-domain MCC | GLUE-dev MCC | trainable / total params | reference | reduction | "
+            "wall time |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for o in outcomes:
         s, e = o.summary, o.experiment
@@ -213,6 +260,7 @@ def results_table(outcomes: Sequence[Outcome]) -> str:
             f"| {e.label} | {s['best_epoch']}/{s['epochs_run']} | {_pct(s['best_val_accuracy'])} | {_pct(e.ref_val)} | "
             f"{_pct(s['train_accuracy_at_best'])} | {_pct(e.ref_train)} | {s['val_mcc_at_best']:.4f} | "
             f"{_pct(s.get('out_of_domain_accuracy_at_best'))} | {_mcc(s.get('out_of_domain_mcc_at_best'))} | "
+            f"{_mcc(o.scores.get('glue_mcc'))} | "
             f"{_millions(s['trainable_params'])} / {_millions(s['total_params'])} | {e.ref_params} | "
             f"{_reduction(o)} | {_time(s.get('wall_time_s', 0.0))}{' (reused)' if o.reused else ''} |")
     return "\n".join(lines)
@@ -223,6 +271,7 @@ def write_results(root: str | Path, outcomes: Sequence[Outcome], *, tiny: bool, 
     from lora_kd_jax import plots
 
     root = Path(root)
+    limit = max((o.scores.get("limit", 0) for o in outcomes), default=0)
     mode = ("**tiny** (offline CPU check: random-init 2-layer GPT-2 teachers in place of gpt2 and gpt2-medium, "
             "a 64/64 student; the numbers only show that the pipeline runs)" if tiny else "full (the reference setup)")
     text = "\n".join([
@@ -240,7 +289,10 @@ def write_results(root: str | Path, outcomes: Sequence[Outcome], *, tiny: bool, 
         "",
         "Epochs: best epoch / epochs run. Val: CoLA in-domain dev (527 sentences), the set of the reference (the "
         "PyTorch original) and the one that picks the best epoch. Out-of-domain: CoLA out-of-domain dev (516 "
-        "sentences), scored at the same epoch, never used to pick it.",
+        "sentences), scored at the same epoch, never used to pick it. GLUE-dev MCC: the best checkpoint on both "
+        "dev sets together (1,043 sentences, GLUE's CoLA dev set), from the summed confusion counts "
+        "(`lora-kd-jax evaluate RUN_DIR` shows them); every number comes from the best checkpoint"
+        + (f"; data.limit={limit}: each set is its first {limit} rows" if limit else "") + ".",
         "Distillation rows: loss T²·KL(teacher ‖ student) (+ alpha·CE); the reduction compares the student with its "
         "teacher's total size.",
         "",

@@ -11,7 +11,8 @@ import pytest
 from lora_kd_jax import cli
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("train-lora", "distill", "train-rnn", "reproduce", "export-peft", "import-peft", "merge", "bench")
+COMMANDS = ("train-lora", "distill", "train-rnn", "reproduce", "export-peft", "import-peft", "merge", "bench",
+            "evaluate", "predict")
 TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
         "data.limit=32", "train.batch_size=16", "train.epochs=1", "run.compilation_cache="]
 

@@ -19,6 +19,7 @@ from lora_kd_jax.data import (
     load_cola,
     load_tokenizer,
     num_batches,
+    read_cola_rows,
     read_cola_tsv,
 )
 
@@ -71,6 +72,15 @@ def test_read_blank_lines_skipped_and_logged(tmp_path, caplog):
     assert sentences == ["A b.", "B a."]
     assert labels.tolist() == [1, 0]
     assert any("skipped 4 blank line" in r.getMessage() for r in caplog.records)
+
+
+def test_read_rows_adds_sources_and_lines(tmp_path):
+    text = "\ufeff" + "gj04\t1\t\tA b.\r\n" + "\n" + "ab12\t0\t*\tB a.\n"
+    rows = read_cola_rows(write(tmp_path, text))
+    assert (rows.sources, rows.sentences, rows.labels.tolist(), rows.lines) == (["gj04", "ab12"], ["A b.", "B a."],
+                                                                                [1, 0], [1, 3])
+    sentences, labels = read_cola_tsv(tmp_path / "cola.tsv")  # the same rows, as before
+    assert sentences == rows.sentences and labels.tolist() == rows.labels.tolist() and len(rows) == 2
 
 
 def test_read_quotes_verbatim(tmp_path):
@@ -272,7 +282,7 @@ def test_encode_shapes_padding_truncation(tok, caplog):
     assert (enc.input_ids[enc.attention_mask == 0] == PAD_ID).all()
     # truncation keeps the first 16 tokens
     assert enc.input_ids[2].tolist() == tok(LONG)["input_ids"][:16]
-    assert enc.n_truncated == 1
+    assert enc.n_truncated == 1 and enc.truncated_rows.tolist() == [False, False, True, False]
     assert any("truncated 1 of 4 sentences to 16 tokens" in r.getMessage() for r in caplog.records)
 
 

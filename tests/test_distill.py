@@ -3,7 +3,6 @@ teacher-logit caching, and the teacher checks that fail before training."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -18,6 +17,8 @@ from lora_kd_jax.loop import run_epochs
 from lora_kd_jax.models.student import build_student, make_student
 from lora_kd_jax.steps import init_state
 from lora_kd_jax.trainable import adam
+
+from tiny import config_only_run
 
 try:  # the test extra: only the tests that compare with PyTorch need it
     import torch
@@ -276,13 +277,6 @@ def test_teacher_path_may_name_the_run_its_checkpoints_or_best(teacher_run):
         assert runs.find_run_dir(str(p)) == teacher_run
 
 
-def _without_metrics(teacher_run: Path, tmp: Path) -> Path:
-    d = tmp / "unfinished"
-    d.mkdir()
-    shutil.copy(teacher_run / "config.yaml", d / "config.yaml")
-    return d
-
-
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("empty", "distill.teacher is empty"),
@@ -295,7 +289,7 @@ def test_bad_teacher_fails_before_training_and_says_why(case, message, teacher_r
     teacher = {"missing": str(tmp_path / "nope"), "empty": "", "plain_dir": str(tmp_path),
                "student_run": str(distilled["run_dir"]), "unfinished": "", "vocab": str(teacher_run)}[case]
     if case == "unfinished":
-        teacher = str(_without_metrics(teacher_run, tmp_path))
+        teacher = str(config_only_run(teacher_run, tmp_path / "unfinished"))
     extra = ["student.vocab_size=50000"] if case == "vocab" else []
     run_dir = tmp_path / "run"
     cfg = student_cfg(Path(teacher) if teacher else Path(""), run_dir, *extra)

@@ -40,8 +40,9 @@ def test_tiny_study_writes_results_for_five_runs(study):
     assert "tiny" in md and "79.32%" in md and "69.26%" in md  # mode, reference numbers, reference majority
     for row in rows:
         assert row[2].endswith("%") and 0 <= float(row[2][:-1]) <= 100  # best val accuracy
-        assert row[6] != "" and row[9].count("M") == 2  # MCC, trainable / total params
+        assert row[6] != "" and row[10].count("M") == 2  # MCC, trainable / total params
         assert row[7].endswith("%") and -1 <= float(row[8]) <= 1  # out-of-domain accuracy and MCC (packaged data)
+        assert -1 <= float(row[9]) <= 1  # GLUE-dev MCC (both dev sets, from the best checkpoint)
     png = (study / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -121,3 +122,21 @@ def test_scripts_are_thin_wrappers_with_help(script):
     assert out.returncode == 0 and "usage" in out.stdout
     if script == "reproduce_seed.py":
         assert "--tiny" in out.stdout
+
+
+def test_table_scores_come_from_the_best_checkpoint(study):
+    """In-domain and out-of-domain numbers scored again by `classify` are the run's own validation numbers; the
+    GLUE-dev MCC is the MCC of both sets' confusion counts summed."""
+    from lora_kd_jax.metrics import matthews
+
+    rows = table_rows((study / "results.md").read_text())
+    for exp, row in zip(reproduce.EXPERIMENTS, rows):
+        summary = json.loads((study / exp.name / "metrics.json").read_text())["summary"]
+        sets = json.loads((study / exp.name / "evaluation.json").read_text())["sets"]
+        assert sets["in_domain"]["rows"] == sets["out_of_domain"]["rows"] == 48  # data.limit=48 cuts both
+        assert (sets["in_domain"]["accuracy"], sets["in_domain"]["mcc"]) == (summary["best_val_accuracy"],
+                                                                             summary["val_mcc_at_best"])
+        assert (sets["out_of_domain"]["accuracy"], sets["out_of_domain"]["mcc"]) == (
+            summary["out_of_domain_accuracy_at_best"], summary["out_of_domain_mcc_at_best"])
+        both = [sum(sets[s]["confusion"][k] for s in ("in_domain", "out_of_domain")) for k in ("tp", "fp", "tn", "fn")]
+        assert sum(both) == 96 and row[9] == f"{matthews(*both):.4f}"

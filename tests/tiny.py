@@ -1,6 +1,7 @@
 """Tiny-model builders shared by the LoRA/training tests (2 layers, 64 wide, real 50,257 vocabulary)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -31,3 +32,11 @@ def random_batch(seed: int, batch: int = 8, length: int = 12, vocab: int = 50257
 
 def key(seed: int = 0) -> jax.Array:
     return jax.random.key(seed)
+
+
+def config_only_run(run_dir: Path, dest: Path) -> Path:
+    """`dest`, a new dir holding only `run_dir`'s config.yaml: a run that never finished an epoch (no checkpoint,
+    no metrics.json)."""
+    dest.mkdir()
+    shutil.copyfile(run_dir / "config.yaml", dest / "config.yaml")
+    return dest

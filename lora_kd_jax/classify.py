@@ -1,0 +1,422 @@
+"""Score a finished run on any CoLA set and classify new sentences: the code behind `lora-kd-jax evaluate` and
+`lora-kd-jax predict`.
+
+    clf = Classifier.from_run("runs/lora_gpt2")            # best checkpoint; which="latest" for the last epoch
+    clf.predict(["The cat sat on the mat.", "Cat the mat on sat."])
+    # [Prediction(label='acceptable', probability=0.93, truncated=False), ...]
+    report = clf.evaluate("out_of_domain")                 # in_domain | out_of_domain | glue | a CoLA TSV path
+    report.accuracy, report.mcc, report.confusion, report.per_source
+
+Any run kind works (LoRA teacher, distilled student, RNN baseline): the model, tokenizer, `data.max_length`,
+`data.buckets`, pooling and dtypes are the run's own (its config.yaml), and the forward pass is the training's eval
+forward (`Run.logits_fn`, jitted, batches from `data.batch_iterator`, counts from `metrics.batch_sums`), so
+evaluating the in-domain dev set gives back exactly the validation numbers the run recorded for that checkpoint.
+Batches are split over every device present (the run's `mesh.fsdp` is kept where it divides them).
+
+The named sets are the CoLA v1.1 dev files this package ships: `in_domain` (527 rows, the study's validation set),
+`out_of_domain` (516) and `glue` (both, 1,043 rows: the usual GLUE CoLA dev set). A path names any file in CoLA's
+raw TSV layout (source, label, annotation, sentence), read strictly by `data.read_cola_rows`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import textwrap
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from lora_kd_jax import data as data_lib
+from lora_kd_jax.assets import COLA_DIR
+from lora_kd_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SETS: dict[str, tuple[str, ...]] = {
+    "in_domain": ("in_domain_dev.tsv",),
+    "out_of_domain": ("out_of_domain_dev.tsv",),
+    "glue": ("in_domain_dev.tsv", "out_of_domain_dev.tsv"),
+}
+DEFAULT_SETS = ("in_domain", "out_of_domain")
+LABELS = data_lib.LABEL_NAMES  # index = label id: 0 unacceptable, 1 acceptable
+EVALUATION_FILE = "evaluation.json"
+
+
+class InputError(UserError, ValueError):
+    """A sentence, sentence file or evaluation set that cannot be classified; the message says which and why."""
+    label = "input error"
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalSet:
+    """Labelled sentences to score: a named CoLA dev set or a TSV file, in file order."""
+
+    name: str
+    files: tuple[str, ...]
+    sources: list[str]
+    sentences: list[str]
+    labels: np.ndarray  # int32 [N]
+    limit: int = 0  # > 0: only the first `limit` rows of each file
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+
+def load_eval_set(name_or_path: str | os.PathLike, limit: int = 0) -> EvalSet:
+    """A named set (in_domain, out_of_domain, glue) or a CoLA TSV file; `limit` > 0 keeps the first `limit` rows of
+    each file, as `data.limit` cuts a run's validation set."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise InputError(f"limit={limit!r}: expected an int >= 0 (0 keeps every row)")
+    name = os.fspath(name_or_path)
+    if name in SETS:
+        paths = [COLA_DIR / f for f in SETS[name]]
+    elif _looks_like_file(name):
+        paths = [Path(name).expanduser()]
+    else:
+        raise InputError(f"unknown evaluation set '{name}': expected one of {', '.join(SETS)} or the path of a CoLA "
+                         "TSV file (source, label, annotation, sentence)")
+    sources: list[str] = []
+    sentences: list[str] = []
+    labels: list[np.ndarray] = []
+    for path in paths:
+        rows = data_lib.read_cola_rows(path)  # DataError naming path:line for a row that does not parse
+        keep = slice(None, limit or None)
+        sources += rows.sources[keep]
+        sentences += rows.sentences[keep]
+        labels.append(rows.labels[keep])
+    return EvalSet(name, tuple(str(p) for p in paths), sources, sentences, np.concatenate(labels), limit)
+
+
+def _looks_like_file(text: str) -> bool:
+    return Path(text).expanduser().exists() or os.sep in text or "/" in text or text.endswith((".tsv", ".txt"))
+
+
+def read_sentence_file(path: str | os.PathLike) -> list[str]:
+    """One sentence per line (UTF-8; CRLF and a BOM accepted). A blank line is an error naming path:line, as is a
+    file with no sentences: each line's answer is printed in file order, so no line is skipped."""
+    name = os.fspath(path)
+    try:
+        raw = Path(name).expanduser().read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{name}: file not found (expected a text file with one sentence per line)") from None
+    except IsADirectoryError:
+        raise InputError(f"{name}: is a directory (expected a text file with one sentence per line)") from None
+    except OSError as e:
+        raise InputError(f"{name}: cannot read file: {e.strerror or e}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the final newline ends the last line
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            text = line.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{name}:{lineno}: invalid UTF-8 byte(s) {line[e.start:e.end]!r}; the file must be "
+                             "UTF-8") from None
+        if not text.strip():
+            raise InputError(f"{name}:{lineno}: empty line (expected one sentence per line, no blank lines)")
+        out.append(text)
+    if not out:
+        raise InputError(f"{name}: no sentences (the file is empty; expected one sentence per line)")
+    return out
+
+
+def check_sentences(sentences: str | Sequence[str]) -> list[str]:
+    """The sentences as a list (a single string is one sentence); none may be empty or blank."""
+    if isinstance(sentences, str):
+        sentences = [sentences]
+    sentences = list(sentences)
+    if not sentences:
+        raise InputError("no sentences given (expected at least one)")
+    for i, s in enumerate(sentences, start=1):
+        if not isinstance(s, str):
+            raise InputError(f"sentence {i} is a {type(s).__name__}, not a string")
+        if not s.strip():
+            raise InputError(f"sentence {i} is empty ({s!r}); expected non-blank text")
+    return sentences
+
+
+# -------------------------------------------------------------------------------------------- results
+
+
+class Prediction(NamedTuple):
+    """One sentence's answer: the label the run gives it, that label's probability, and whether the sentence was
+    longer than the run's `data.max_length` (only its first max_length tokens were read)."""
+
+    label: str  # acceptable | unacceptable
+    probability: float
+    truncated: bool
+
+    @property
+    def label_id(self) -> int:
+        return LABELS.index(self.label)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Report:
+    """One set's scores. `confusion` counts with acceptable (1) as the positive class: tp, fp, tn, fn."""
+
+    name: str
+    files: tuple[str, ...]
+    rows: int
+    truncated: int
+    accuracy: float
+    mcc: float
+    loss: float  # mean cross-entropy against the gold labels, as the runs' validation loss
+    confusion: dict[str, int]
+    per_source: dict[str, dict[str, float]]  # source code -> {'rows', 'correct', 'accuracy'}
+    limit: int = 0
+    logits: np.ndarray = dataclasses.field(default=None, repr=False)  # float32 [rows, 2], file order
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "logits"}
+        out["files"] = list(self.files)
+        return out
+
+
+def per_source_accuracy(sources: Sequence[str], correct: np.ndarray) -> dict[str, dict[str, float]]:
+    out = {}
+    codes = np.asarray(sources)
+    for code in sorted(set(sources)):
+        hits = correct[codes == code]
+        out[code] = {"rows": int(hits.size), "correct": int(hits.sum()), "accuracy": float(hits.mean())}
+    return out
+
+
+def combined_mcc(confusions: Sequence[dict[str, int]]) -> float:
+    """MCC of several sets scored together, from their summed confusion counts (`Report.confusion`; e.g. in- and
+    out-of-domain together = GLUE dev)."""
+    from lora_kd_jax.metrics import matthews
+
+    return matthews(*(sum(c[k] for c in confusions) for k in ("tp", "fp", "tn", "fn")))
+
+
+# ------------------------------------------------------------------------------------------ classifier
+
+
+class Classifier:
+    """A restored run as a sentence classifier (`from_run`): `predict`, `logits` and `evaluate`."""
+
+    def __init__(self, run: Any, *, batch_size: int | None = None):
+        import jax
+
+        from lora_kd_jax import metrics as metrics_lib
+        from lora_kd_jax import mesh as mesh_lib
+        from lora_kd_jax.config import DistributedConfig, MeshConfig
+
+        self.run = run
+        cfg = run.config
+        self.tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+        self.max_length = cfg.data.max_length
+        self.buckets = list(cfg.data.buckets)
+        n = jax.device_count()
+        fsdp = cfg.mesh.fsdp if n % cfg.mesh.fsdp == 0 else 1
+        parallel = n  # data=-1: the batch is split over every device (data x fsdp)
+        wanted = batch_size or cfg.train.eval_batch
+        if wanted < 1:
+            raise InputError(f"batch_size={wanted}: expected >= 1")
+        self.batch_size = -(-wanted // parallel) * parallel  # padding rows weigh 0: no effect on any number
+        self.placement = mesh_lib.placement_for(MeshConfig(data=-1, fsdp=fsdp), DistributedConfig(),
+                                                {"evaluation batch size": self.batch_size})
+        self.params = self._place(run)
+        logits_fn = run.logits_fn()
+
+        def step(params: Any, batch: dict) -> tuple[jax.Array, dict]:
+            logits = logits_fn(params, batch["input_ids"], batch["attention_mask"])
+            _, total = metrics_lib.cross_entropy(logits, batch["labels"], batch["weights"])
+            return logits, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
+
+        replicated = mesh_lib.replicated(self.placement.mesh)
+        self._step = jax.jit(step, out_shardings=(replicated, replicated))
+
+    @classmethod
+    def from_run(cls, path: str | os.PathLike, which: str = "best", *, kind: str | None = None,
+                 batch_size: int | None = None) -> "Classifier":
+        """The run in `path` (a run dir or its checkpoints/ dir) at its `which` checkpoint (best | latest)."""
+        from lora_kd_jax import runs
+
+        return cls(runs.open_run(path, kind=kind, which=which), batch_size=batch_size)
+
+    def _place(self, run: Any) -> Any:
+        """The run's parameters where training kept them: a LoRA run's frozen base in its model.base_dtype, split
+        like a frozen base; everything else replicated."""
+        if run.kind != "lora":
+            return self.placement.state(run.params)
+        from lora_kd_jax import precision
+        from lora_kd_jax.trainable import cast_frozen, combine, partition
+
+        trainable, frozen = partition(run.params)
+        frozen = cast_frozen(frozen, precision.base_dtype(run.config.model))
+        return combine(self.placement.state(trainable), self.placement.frozen(frozen))
+
+    @property
+    def kind(self) -> str:
+        return self.run.kind
+
+    def describe(self) -> str:
+        cfg = self.run.config
+        if self.kind == "lora":
+            from lora_kd_jax import precision
+
+            model = f"LoRA {cfg.model.name}, rank {cfg.lora.rank}, {precision.compute_dtype(cfg.model)}"
+        else:
+            s = cfg.student
+            what = "distilled student" if self.kind == "distill" else "RNN baseline"
+            model = (f"{what}: {s.cell}{' bidirectional' if s.bidirectional else ''} {s.embed_dim}/{s.hidden_dim}, "
+                     f"pooling {s.pooling}, {s.dtype}")
+        epoch = self.epoch
+        at = f", epoch {epoch}" if epoch else ""
+        return f"{self.run.path} ({model}; {self.run.which} checkpoint{at}; max_length {self.max_length})"
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch the restored checkpoint ended (from metrics.json), when known."""
+        if self.run.which == "best":
+            return self.run.summary.get("best_epoch")
+        return self.run.epochs_done or None
+
+    # ------------------------------------------------------------------------------------------- scoring
+
+    def encode(self, sentences: Sequence[str], labels: np.ndarray | None = None) -> data_lib.EncodedSplit:
+        labels = np.zeros(len(sentences), np.int32) if labels is None else labels
+        return data_lib.encode(sentences, labels, self.tokenizer, self.max_length)
+
+    def score(self, split: data_lib.EncodedSplit) -> tuple[np.ndarray, dict]:
+        """(logits float32 [N, 2] in row order, summed metrics.batch_sums) over `split`, batched as the runs
+        evaluate (eval batch size, data.buckets, file order)."""
+        import jax
+
+        from lora_kd_jax import metrics as metrics_lib
+
+        out = np.zeros((len(split), 2), np.float32)
+        sums = metrics_lib.zeros()
+        for batch in data_lib.batch_iterator(split, self.batch_size, shuffle=False, lengths=self.buckets):
+            logits, batch_sums = self._step(self.params, self.placement.put_batch(batch))
+            sums = metrics_lib.add(sums, batch_sums)
+            real = batch["weights"] > 0
+            out[batch["index"][real]] = np.asarray(jax.device_get(logits))[real]
+        return out, sums
+
+    def logits(self, sentences: str | Sequence[str]) -> np.ndarray:
+        """Logits float32 [N, 2] (index 1 = acceptable) for `sentences`, in order."""
+        return self.score(self.encode(check_sentences(sentences)))[0]
+
+    def predict(self, sentences: str | Sequence[str]) -> list[Prediction]:
+        """One `Prediction` per sentence, in input order."""
+        split = self.encode(check_sentences(sentences))
+        logits, _ = self.score(split)
+        probs = _softmax(logits)
+        labels = logits.argmax(axis=-1)
+        return [Prediction(LABELS[k], float(p[k]), bool(t))
+                for k, p, t in zip(labels, probs, split.truncated_rows)]
+
+    def evaluate(self, data: str | os.PathLike | EvalSet = "in_domain", *, limit: int = 0) -> Report:
+        """Accuracy, MCC, loss, confusion counts and accuracy per source code on a named set or CoLA TSV file
+        (`limit`: its first rows only, see `load_eval_set`), or on an `EvalSet` already loaded."""
+        import jax
+
+        from lora_kd_jax import metrics as metrics_lib
+
+        eval_set = data if isinstance(data, EvalSet) else load_eval_set(data, limit)
+        split = self.encode(eval_set.sentences, eval_set.labels)
+        logits, sums = self.score(split)
+        summary = metrics_lib.summarize(sums)
+        counts = {k: int(round(float(jax.device_get(sums[k])))) for k in ("tp", "fp", "tn", "fn")}
+        correct = logits.argmax(axis=-1) == eval_set.labels
+        return Report(name=eval_set.name, files=eval_set.files, rows=len(eval_set), truncated=split.n_truncated,
+                      accuracy=summary["accuracy"], mcc=summary["mcc"], loss=summary["loss"], confusion=counts,
+                      per_source=per_source_accuracy(eval_set.sources, correct), limit=eval_set.limit,
+                      logits=logits)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------ the commands' core
+
+
+def evaluate_run(path: str | os.PathLike, data: Sequence[str] = DEFAULT_SETS, *, which: str = "best",
+                 limit: int = 0, batch_size: int | None = None) -> tuple[Classifier, list[Report]]:
+    """Score a run on each set of `data`. Every cheap check (the run dir, its checkpoint, each set's rows) comes
+    before any weights are restored."""
+    from lora_kd_jax import runs
+
+    runs.inspect_run(path, which=which)
+    names = list(dict.fromkeys(os.fspath(d) for d in data)) or list(DEFAULT_SETS)
+    sets = [load_eval_set(name, limit) for name in names]
+    clf = Classifier.from_run(path, which, batch_size=batch_size)
+    return clf, [clf.evaluate(s) for s in sets]
+
+
+def evaluation_record(clf: Classifier, reports: Sequence[Report]) -> dict[str, Any]:
+    """What `evaluate --json` prints and RUN_DIR/evaluation.json holds."""
+    cfg = clf.run.config
+    return {"run": str(clf.run.path), "kind": clf.kind, "which": clf.run.which, "epoch": clf.epoch,
+            "max_length": clf.max_length, "tokenizer": cfg.data.tokenizer or "packaged GPT-2",
+            "sets": {r.name: r.to_dict() for r in reports}}
+
+
+def write_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """RUN_DIR/evaluation.json, written whole or not at all (a temporary file renamed over it)."""
+    path = Path(run_dir) / EVALUATION_FILE
+    tmp = path.with_name(f".{EVALUATION_FILE}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def format_reports(clf: Classifier, reports: Sequence[Report]) -> str:
+    """The terminal table: one row per set, then each set's confusion matrix and accuracy per source."""
+    lines = [f"run: {clf.describe()}", "",
+             f"{'set':<16}{'rows':>6}{'trunc':>7}{'accuracy':>10}{'MCC':>9}{'loss':>9}"]
+    for r in reports:
+        lines.append(f"{_short(r.name):<16}{r.rows:>6}{r.truncated:>7}{r.accuracy:>10.4f}{r.mcc:>9.4f}"
+                     f"{r.loss:>9.4f}")
+    pair = [r for r in reports if r.name in ("in_domain", "out_of_domain")]
+    if len(pair) == 2:  # the two together are GLUE's CoLA dev set (when not cut by a limit)
+        both = "(both: glue)" if not any(r.limit for r in pair) else "(both)"
+        lines.append(f"{both:<16}{sum(r.rows for r in pair):>6}{'':>7}"
+                     f"{_pooled_accuracy(pair):>10.4f}{combined_mcc([r.confusion for r in pair]):>9.4f}")
+    for r in reports:
+        c = r.confusion
+        cut = f" (first {r.limit} rows of each file)" if r.limit else ""
+        lines += ["", f"{_short(r.name)}: {', '.join(r.files)}{cut}",
+                  f"  {'':<20}{'predicted unacc.':>17}{'predicted acc.':>16}",
+                  f"  {'gold unacceptable':<20}{c['tn']:>17}{c['fp']:>16}",
+                  f"  {'gold acceptable':<20}{c['fn']:>17}{c['tp']:>16}",
+                  *textwrap.wrap("accuracy per source (rows): " + ", ".join(
+                      f"{code} {s['accuracy']:.3f} ({s['rows']})" for code, s in r.per_source.items()),
+                      width=100, initial_indent="  ", subsequent_indent="    ")]
+    return "\n".join(lines)
+
+
+def _pooled_accuracy(reports: Sequence[Report]) -> float:
+    n = sum(r.rows for r in reports)
+    return sum(r.confusion["tp"] + r.confusion["tn"] for r in reports) / n if n else math.nan
+
+
+def _short(name: str, width: int = 15) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def format_predictions(sentences: Sequence[str], predictions: Sequence[Prediction], max_length: int) -> str:
+    lines = []
+    for s, p in zip(sentences, predictions):
+        flag = f"  [truncated to {max_length} tokens]" if p.truncated else ""
+        lines.append(f"{p.label:<13}{p.probability:.4f}  {s}{flag}")
+    return "\n".join(lines)
