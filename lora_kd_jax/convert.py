@@ -12,10 +12,9 @@ GPT-2 base (transformers' PyTorch `GPT2Model` names <-> the FlaxGPT2Module tree)
 An optional `transformer.` prefix (GPT2ForSequenceClassification / GPT2LMHeadModel state dicts) is accepted;
 the non-parameter buffers `h.{i}.attn.bias` / `h.{i}.attn.masked_bias` are ignored.
 
-LoRA factors (flax: {module path: {'a': (in, r), 'b': (r, out)}}, delta = scale * x @ a @ b):
-  seed (the original's layer): U (in, r) = a, V (out, r) = b.T, keys `<prefix><module path>.U` / `.V`.
-  PEFT (fan_in_fan_out=True on GPT-2's Conv1D): lora_A.weight (r, in) = a.T, lora_B.weight (out, r) = b.T,
-  keys `<prefix><module path>.lora_A[.<adapter>].weight`; the alpha/r scale lives in the spec, not the factors.
+LoRA factors (flax: {module path: {'a': (in, r), 'b': (r, out)}}, delta = scale * x @ a @ b) <-> PEFT
+(fan_in_fan_out=True on GPT-2's Conv1D): lora_A.weight (r, in) = a.T, lora_B.weight (out, r) = b.T, keys
+`<prefix><module path>.lora_A[.<adapter>].weight`; the alpha/r scale lives in the spec, not the factors.
 Head: torch `score.weight` (n_labels, n_embd) <-> flax head kernel (n_embd, n_labels).
 The module names come from `models.gpt2_layout`; the PEFT adapter format around these weights is `peft_format`.
 
@@ -286,26 +285,6 @@ def flax_head_to_torch(head: Params, *, key: str = SCORE_KEY) -> StateDict:
     return {key: _owned(k.T)}
 
 
-def torch_classifier_to_flax(state_dict: Mapping[str, Any], *, like: Params | None = None) -> Params:
-    """A GPT2ForSequenceClassification-style dict (`transformer.*` + `score.weight`) -> {'gpt2', 'head'}."""
-    if "score.weight" not in state_dict:
-        raise ConversionError("torch classifier state dict: missing keys: score.weight")
-    stray = [k for k in state_dict if k != "score.weight" and not k.startswith(TRANSFORMER_PREFIX)]
-    if stray:
-        raise ConversionError(_key_report((), stray, "torch classifier state dict"))
-    base = {k: v for k, v in state_dict.items() if k.startswith(TRANSFORMER_PREFIX)}
-    return {"gpt2": torch_gpt2_to_flax(base, like=like), "head": torch_head_to_flax(state_dict["score.weight"])}
-
-
-def flax_classifier_to_torch(params: Params) -> StateDict:
-    """{'gpt2', 'head'} (merged, no LoRA) -> GPT2ForSequenceClassification-style state dict."""
-    extra = set(params) - {"gpt2", "head"}
-    if extra:
-        raise ConversionError(f"flax classifier params: unexpected keys: {', '.join(sorted(extra))} "
-                              "(merge LoRA first: GPT2Classifier.merged)")
-    return {**flax_gpt2_to_torch(params["gpt2"], prefix=TRANSFORMER_PREFIX), **flax_head_to_torch(params["head"])}
-
-
 # ------------------------------------------------------------------------------------------------- LoRA
 
 
@@ -353,49 +332,6 @@ def check_spec_shapes(path: Path, a: np.ndarray, b: np.ndarray, spec: Any, what:
     if a.shape != (d_in, rank) or b.shape != (rank, d_out):
         raise ConversionError(f"{what}: {'.'.join(path)}: {names[0]}/{names[1]} give (in, r, out) = "
                               f"({a.shape[0]}, {a.shape[1]}, {b.shape[1]}), the spec wants ({d_in}, {rank}, {d_out})")
-
-
-def seed_lora_to_torch(factors: Params, *, prefix: str = "") -> StateDict:
-    """Flax factors -> the original's layout: `<prefix><path>.U` (in, r) and `<prefix><path>.V` (out, r)."""
-    out: StateDict = {}
-    for path, a, b in _factor_items(factors, "flax LoRA factors"):
-        key = prefix + ".".join(path)
-        out[key + ".U"] = _owned(a)
-        out[key + ".V"] = _owned(b.T)
-    return out
-
-
-def seed_lora_from_torch(state_dict: Mapping[str, Any], *, prefix: str = "", spec: Any = None) -> Params:
-    """`<prefix><path>.U` (in, r) / `.V` (out, r) -> flax factors {'a': U, 'b': V.T}.
-
-    Keys outside `prefix` or not ending in .U/.V are unexpected. With a LoraSpec, the module set and every
-    shape are checked against it.
-    """
-    modules: dict[Path, dict[str, np.ndarray]] = {}
-    unexpected = []
-    for key, v in state_dict.items():
-        if not key.startswith(prefix) or not (key.endswith(".U") or key.endswith(".V")):
-            unexpected.append(key)
-            continue
-        mod = tuple(key[len(prefix):-2].split("."))
-        modules.setdefault(mod, {})[key[-1]] = to_numpy(v)
-    if unexpected:
-        raise ConversionError(_key_report((), unexpected, "torch seed-LoRA state dict"))
-    missing = [prefix + ".".join(m) + "." + n for m, f in modules.items() for n in ("U", "V") if n not in f]
-    if missing:
-        raise ConversionError(_key_report(missing, (), "torch seed-LoRA state dict"))
-    check_spec_modules(modules, spec, "torch seed-LoRA state dict")
-    flat = {}
-    for mod, f in modules.items():
-        u, v = f["U"], f["V"]
-        name = prefix + ".".join(mod)
-        if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1]:
-            raise ConversionError(f"torch seed-LoRA state dict: {name}: U {tuple(u.shape)} and V {tuple(v.shape)} "
-                                  "are not (in, r) and (out, r)")
-        check_spec_shapes(mod, u, v.T, spec, "torch seed-LoRA state dict", ("U", "V"))
-        flat[mod + ("a",)] = _owned(u)
-        flat[mod + ("b",)] = _owned(v.T)
-    return unflatten(flat)
 
 
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
