@@ -17,14 +17,9 @@ from typing import Any, Sequence
 import yaml
 
 from lora_kd_jax.errors import UserError
+from lora_kd_jax.models.gpt2_layout import CONV1D_MODULES, GPT2_SIZES
 
-GPT2_SIZES: dict[str, tuple[int, int, int]] = {  # name -> (n_layer, n_embd, n_head)
-    "gpt2": (12, 768, 12),
-    "gpt2-medium": (24, 1024, 16),
-    "gpt2-large": (36, 1280, 20),
-    "gpt2-xl": (48, 1600, 25),
-}
-DEFAULT_LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+DEFAULT_LORA_TARGETS = CONV1D_MODULES  # every Conv1D of every block
 
 
 class ConfigError(UserError, ValueError):

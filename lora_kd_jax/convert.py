@@ -12,11 +12,11 @@ GPT-2 base (transformers' PyTorch `GPT2Model` names <-> the FlaxGPT2Module tree)
 An optional `transformer.` prefix (GPT2ForSequenceClassification / GPT2LMHeadModel state dicts) is accepted;
 the non-parameter buffers `h.{i}.attn.bias` / `h.{i}.attn.masked_bias` are ignored.
 
-LoRA factors (flax: {module path: {'a': (in, r), 'b': (r, out)}}, delta = scale * x @ a @ b):
-  seed (the original's layer): U (in, r) = a, V (out, r) = b.T, keys `<prefix><module path>.U` / `.V`.
-  PEFT (fan_in_fan_out=True on GPT-2's Conv1D): lora_A.weight (r, in) = a.T, lora_B.weight (out, r) = b.T,
-  keys `<prefix><module path>.lora_A[.<adapter>].weight`; the alpha/r scale lives in the spec, not the factors.
+LoRA factors (flax: {module path: {'a': (in, r), 'b': (r, out)}}, delta = scale * x @ a @ b) <-> PEFT
+(fan_in_fan_out=True on GPT-2's Conv1D): lora_A.weight (r, in) = a.T, lora_B.weight (out, r) = b.T, keys
+`<prefix><module path>.lora_A[.<adapter>].weight`; the alpha/r scale lives in the spec, not the factors.
 Head: torch `score.weight` (n_labels, n_embd) <-> flax head kernel (n_embd, n_labels).
+The module names come from `models.gpt2_layout`; the PEFT adapter format around these weights is `peft_format`.
 
 Values may be numpy arrays, jax arrays or torch tensors (torch is never imported here); outputs are fresh
 numpy arrays that share no memory with the inputs.
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from lora_kd_jax.errors import UserError
+from lora_kd_jax.models.gpt2_layout import BLOCK_LAYER_NORMS, CONV1D_MODULES, FINAL_LAYER_NORM, conv1d_in_out
 
 Params = dict[str, Any]
 StateDict = dict[str, np.ndarray]
@@ -38,12 +39,11 @@ Path = tuple[str, ...]
 
 TRANSFORMER_PREFIX = "transformer."
 PEFT_PREFIX = "base_model.model."
+SCORE_KEY = "score.weight"  # GPT2ForSequenceClassification's head
 # Non-parameter buffers of transformers' GPT2Attention (the causal mask), present in older checkpoints.
 _BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 _LAYER_KEY = re.compile(r"^h\.(\d+)\.")
-_CONV_LAYERS: tuple[tuple[str, str], ...] = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"),
-                                             ("mlp", "c_proj"))
-_LAYER_NORMS = ("ln_1", "ln_2")
+_CONV_PATHS: tuple[Path, ...] = tuple(tuple(m.split(".")) for m in CONV1D_MODULES)
 
 
 class ConversionError(UserError, ValueError):
@@ -100,7 +100,8 @@ def unflatten(flat: Mapping[Path, Any]) -> Params:
     return out
 
 
-def _sorted_keys(keys: Any) -> list[str]:
+def sorted_keys(keys: Any) -> list[str]:
+    """Dotted keys in model order: layer 2 before layer 10 (numeric parts compare as numbers)."""
     def order(k: str) -> tuple:
         return tuple((0, int(s), "") if s.isdigit() else (1, 0, s) for s in k.split("."))
 
@@ -110,9 +111,9 @@ def _sorted_keys(keys: Any) -> list[str]:
 def _key_report(missing: Any, unexpected: Any, what: str) -> str:
     parts = []
     if missing:
-        parts.append(f"missing keys: {', '.join(_sorted_keys(missing))}")
+        parts.append(f"missing keys: {', '.join(sorted_keys(missing))}")
     if unexpected:
-        parts.append(f"unexpected keys: {', '.join(_sorted_keys(unexpected))}")
+        parts.append(f"unexpected keys: {', '.join(sorted_keys(unexpected))}")
     return f"{what}: " + "; ".join(parts)
 
 
@@ -126,7 +127,7 @@ def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- GPT-2 base
 
 
-def _torch_key(path: Path) -> tuple[str, bool]:
+def torch_key(path: Path) -> tuple[str, bool]:
     """(torch key, transpose?) for a flax base-tree path."""
     *mod, leaf = path
     if leaf == "embedding":
@@ -145,11 +146,11 @@ def gpt2_flax_paths(n_layer: int) -> list[Path]:
     paths: list[Path] = [("wte", "embedding"), ("wpe", "embedding")]
     for i in range(n_layer):
         h = ("h", str(i))
-        for ln in _LAYER_NORMS:
+        for ln in BLOCK_LAYER_NORMS:
             paths += [h + (ln, "scale"), h + (ln, "bias")]
-        for block, name in _CONV_LAYERS:
-            paths += [h + (block, name, "kernel"), h + (block, name, "bias")]
-    paths += [("ln_f", "scale"), ("ln_f", "bias")]
+        for conv in _CONV_PATHS:
+            paths += [h + conv + ("kernel",), h + conv + ("bias",)]
+    paths += [(FINAL_LAYER_NORM, "scale"), (FINAL_LAYER_NORM, "bias")]
     return paths
 
 
@@ -174,30 +175,27 @@ def _check_gpt2_shapes(flat: Mapping[Path, np.ndarray], where: str) -> None:
         if got is None:
             return
         if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
-            torch_key = _torch_key(path)[0]
-            problems.append(f"{'/'.join(path)} (torch {torch_key}): shape {got} in flax layout, expected "
+            problems.append(f"{'/'.join(path)} (torch {torch_key(path)[0]}): shape {got} in flax layout, expected "
                             f"{tuple('?' if w is None else w for w in want)}")
 
     expect(("wte", "embedding"), (None, n_embd))
     expect(("wpe", "embedding"), (None, n_embd))
-    expect(("ln_f", "scale"), (n_embd,))
-    expect(("ln_f", "bias"), (n_embd,))
+    expect((FINAL_LAYER_NORM, "scale"), (n_embd,))
+    expect((FINAL_LAYER_NORM, "bias"), (n_embd,))
     for i in range(_n_layer(".".join(p) for p in flat)):
         h = ("h", str(i))
-        for ln in _LAYER_NORMS:
+        for ln in BLOCK_LAYER_NORMS:
             expect(h + (ln, "scale"), (n_embd,))
             expect(h + (ln, "bias"), (n_embd,))
         # the MLP width from c_fc's bias (1-D, so a transposed kernel cannot mislead it), else its kernel
         fc_bias, fc_kernel = shape(h + ("mlp", "c_fc", "bias")), shape(h + ("mlp", "c_fc", "kernel"))
         n_inner = (fc_bias[0] if fc_bias and len(fc_bias) == 1
                    else fc_kernel[0] if fc_kernel and len(fc_kernel) == 2 else None)
-        outs = {"c_attn": 3 * n_embd if n_embd else None, "attn.c_proj": n_embd, "c_fc": n_inner,
-                "mlp.c_proj": n_embd}
-        ins = {"c_attn": n_embd, "attn.c_proj": n_embd, "c_fc": n_embd, "mlp.c_proj": n_inner}
-        for block, name in _CONV_LAYERS:
-            tag = name if name != "c_proj" else f"{block}.c_proj"
-            expect(h + (block, name, "kernel"), (outs[tag], ins[tag]))
-            expect(h + (block, name, "bias"), (outs[tag],))
+        in_out = conv1d_in_out(n_embd, n_inner)
+        for module, conv in zip(CONV1D_MODULES, _CONV_PATHS):
+            d_in, d_out = in_out[module]
+            expect(h + conv + ("kernel",), (d_out, d_in))  # flax layout (out, in)
+            expect(h + conv + ("bias",), (d_out,))
     if problems:
         raise ConversionError(f"{where}: shape mismatch: " + "; ".join(problems))
 
@@ -208,7 +206,7 @@ def check_shapes(tree: Params, like: Params, what: str = "params") -> None:
     a, b = flatten(tree, "/"), flatten(like, "/")
     if set(a) != set(b):
         raise ConversionError(_key_report(set(b) - set(a), set(a) - set(b), what))
-    bad = [f"{k}: {tuple(a[k].shape)} != expected {tuple(b[k].shape)}" for k in _sorted_keys(a)
+    bad = [f"{k}: {tuple(a[k].shape)} != expected {tuple(b[k].shape)}" for k in sorted_keys(a)
            if tuple(a[k].shape) != tuple(b[k].shape)]
     if bad:
         raise ConversionError(f"{what}: shape mismatch: " + "; ".join(bad))
@@ -224,7 +222,7 @@ def torch_gpt2_to_flax(state_dict: Mapping[str, Any], *, allow_missing: bool = F
     """
     sd = _strip_prefix(state_dict, TRANSFORMER_PREFIX)
     sd = {k: v for k, v in sd.items() if not _BUFFER.match(k)}
-    expected = {_torch_key(p)[0]: p for p in gpt2_flax_paths(_n_layer(sd))}
+    expected = {torch_key(p)[0]: p for p in gpt2_flax_paths(_n_layer(sd))}
     missing = set() if allow_missing else set(expected) - set(sd)
     unexpected = set(sd) - set(expected)
     if missing or unexpected or not sd:
@@ -234,7 +232,7 @@ def torch_gpt2_to_flax(state_dict: Mapping[str, Any], *, allow_missing: bool = F
     for key, value in sd.items():
         path = expected[key]
         arr = to_numpy(value)
-        if _torch_key(path)[1]:
+        if torch_key(path)[1]:
             if arr.ndim != 2:
                 raise ConversionError(f"torch GPT-2 state dict: {key} has shape {tuple(arr.shape)}, expected a "
                                       "2-D Conv1D weight (in, out)")
@@ -261,9 +259,9 @@ def flax_gpt2_to_torch(base_params: Params, *, prefix: str = "", allow_missing: 
     _check_gpt2_shapes(flat, "flax GPT-2 params")
     out: StateDict = {}
     for path, arr in flat.items():
-        key, transpose = _torch_key(path)
+        key, transpose = torch_key(path)
         out[prefix + key] = _owned(arr.T if transpose else arr)
-    return dict((k, out[k]) for k in _sorted_keys(out))
+    return dict((k, out[k]) for k in sorted_keys(out))
 
 
 # ------------------------------------------------------------------------------------------------- head
@@ -277,7 +275,7 @@ def torch_head_to_flax(score_weight: Any) -> Params:
     return {"kernel": _owned(w.T)}
 
 
-def flax_head_to_torch(head: Params, *, key: str = "score.weight") -> StateDict:
+def flax_head_to_torch(head: Params, *, key: str = SCORE_KEY) -> StateDict:
     """{'kernel': (n_embd, n_labels)} -> {'score.weight': (n_labels, n_embd)}."""
     if set(head) != {"kernel"}:
         raise ConversionError(_key_report({"kernel"} - set(head), set(head) - {"kernel"}, "flax head"))
@@ -285,26 +283,6 @@ def flax_head_to_torch(head: Params, *, key: str = "score.weight") -> StateDict:
     if k.ndim != 2:
         raise ConversionError(f"flax head kernel: shape {tuple(k.shape)}, expected (n_embd, n_labels)")
     return {key: _owned(k.T)}
-
-
-def torch_classifier_to_flax(state_dict: Mapping[str, Any], *, like: Params | None = None) -> Params:
-    """A GPT2ForSequenceClassification-style dict (`transformer.*` + `score.weight`) -> {'gpt2', 'head'}."""
-    if "score.weight" not in state_dict:
-        raise ConversionError("torch classifier state dict: missing keys: score.weight")
-    stray = [k for k in state_dict if k != "score.weight" and not k.startswith(TRANSFORMER_PREFIX)]
-    if stray:
-        raise ConversionError(_key_report((), stray, "torch classifier state dict"))
-    base = {k: v for k, v in state_dict.items() if k.startswith(TRANSFORMER_PREFIX)}
-    return {"gpt2": torch_gpt2_to_flax(base, like=like), "head": torch_head_to_flax(state_dict["score.weight"])}
-
-
-def flax_classifier_to_torch(params: Params) -> StateDict:
-    """{'gpt2', 'head'} (merged, no LoRA) -> GPT2ForSequenceClassification-style state dict."""
-    extra = set(params) - {"gpt2", "head"}
-    if extra:
-        raise ConversionError(f"flax classifier params: unexpected keys: {', '.join(sorted(extra))} "
-                              "(merge LoRA first: GPT2Classifier.merged)")
-    return {**flax_gpt2_to_torch(params["gpt2"], prefix=TRANSFORMER_PREFIX), **flax_head_to_torch(params["head"])}
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
@@ -321,7 +299,7 @@ def _factor_items(factors: Params, what: str) -> list[tuple[Path, np.ndarray, np
     if not modules:
         raise ConversionError(f"{what}: no LoRA factors")
     items = []
-    for mod in sorted(modules, key=lambda p: _sorted_keys([".".join(p)])[0]):
+    for mod in sorted(modules, key=".".join):
         f = modules[mod]
         name = "/".join(mod)
         if set(f) != {"a", "b"}:
@@ -334,74 +312,26 @@ def _factor_items(factors: Params, what: str) -> list[tuple[Path, np.ndarray, np
     return items
 
 
-def _check_against(paths: Any, expected: Any, what: str) -> None:
-    if expected is None:
-        return
-    got, want = {".".join(p) for p in paths}, {".".join(p) for p in expected}
-    if got != want:
-        raise ConversionError(_key_report(want - got, got - want, what))
-
-
-def _spec_paths_and_shapes(spec: Any) -> tuple[list[Path] | None, dict[Path, tuple[int, int]]]:
+def check_spec_modules(modules: Any, spec: Any, what: str) -> None:
+    """The module paths of converted factors must be exactly the LoraSpec's (nothing to check without a spec)."""
     if spec is None:
-        return None, {}
-    return list(spec.paths), dict(zip(spec.paths, spec.shapes))
-
-
-def _check_factor_shapes(path: Path, a: np.ndarray, b: np.ndarray, shapes: Mapping[Path, tuple[int, int]],
-                         rank: int | None, what: str, a_name: str, b_name: str) -> None:
-    """a (in, r), b (r, out) against the spec's (in, out) and rank; names in the source layout."""
-    if path not in shapes:
         return
-    d_in, d_out = shapes[path]
+    got, want = {".".join(p) for p in modules}, {".".join(p) for p in spec.paths}
+    if got != want:
+        raise ConversionError(_key_report(want - got, got - want, f"{what} vs spec"))
+
+
+def check_spec_shapes(path: Path, a: np.ndarray, b: np.ndarray, spec: Any, what: str,
+                      names: tuple[str, str]) -> None:
+    """Factors a (in, r), b (r, out) of `path` against the LoraSpec's (in, out) and rank; `names` are the two
+    factors' names in the source layout, for the message (nothing to check without a spec)."""
+    if spec is None or path not in spec.paths:
+        return
+    d_in, d_out = spec.shapes[spec.paths.index(path)]
+    rank = spec.rank
     if a.shape != (d_in, rank) or b.shape != (rank, d_out):
-        raise ConversionError(f"{what}: {'.'.join(path)}: {a_name}/{b_name} give (in, r, out) = "
+        raise ConversionError(f"{what}: {'.'.join(path)}: {names[0]}/{names[1]} give (in, r, out) = "
                               f"({a.shape[0]}, {a.shape[1]}, {b.shape[1]}), the spec wants ({d_in}, {rank}, {d_out})")
-
-
-def seed_lora_to_torch(factors: Params, *, prefix: str = "") -> StateDict:
-    """Flax factors -> the original's layout: `<prefix><path>.U` (in, r) and `<prefix><path>.V` (out, r)."""
-    out: StateDict = {}
-    for path, a, b in _factor_items(factors, "flax LoRA factors"):
-        key = prefix + ".".join(path)
-        out[key + ".U"] = _owned(a)
-        out[key + ".V"] = _owned(b.T)
-    return out
-
-
-def seed_lora_from_torch(state_dict: Mapping[str, Any], *, prefix: str = "", spec: Any = None) -> Params:
-    """`<prefix><path>.U` (in, r) / `.V` (out, r) -> flax factors {'a': U, 'b': V.T}.
-
-    Keys outside `prefix` or not ending in .U/.V are unexpected. With a LoraSpec, the module set and every
-    shape are checked against it.
-    """
-    modules: dict[Path, dict[str, np.ndarray]] = {}
-    unexpected = []
-    for key, v in state_dict.items():
-        if not key.startswith(prefix) or not (key.endswith(".U") or key.endswith(".V")):
-            unexpected.append(key)
-            continue
-        mod = tuple(key[len(prefix):-2].split("."))
-        modules.setdefault(mod, {})[key[-1]] = to_numpy(v)
-    if unexpected:
-        raise ConversionError(_key_report((), unexpected, "torch seed-LoRA state dict"))
-    missing = [prefix + ".".join(m) + "." + n for m, f in modules.items() for n in ("U", "V") if n not in f]
-    if missing:
-        raise ConversionError(_key_report(missing, (), "torch seed-LoRA state dict"))
-    paths, shapes = _spec_paths_and_shapes(spec)
-    _check_against(modules, paths, "torch seed-LoRA state dict vs spec")
-    flat = {}
-    for mod, f in modules.items():
-        u, v = f["U"], f["V"]
-        name = prefix + ".".join(mod)
-        if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1]:
-            raise ConversionError(f"torch seed-LoRA state dict: {name}: U {tuple(u.shape)} and V {tuple(v.shape)} "
-                                  "are not (in, r) and (out, r)")
-        _check_factor_shapes(mod, u, v.T, shapes, spec.rank if spec is not None else None,
-                             "torch seed-LoRA state dict", "U", "V")
-        flat[mod + ("a",)] = _owned(u)
-        flat[mod + ("b",)] = _owned(v.T)
-    return unflatten(flat)
 
 
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -462,16 +392,14 @@ def peft_lora_to_flax(peft_state_dict: Mapping[str, Any], *, spec: Any = None,
     missing = [".".join(mod) + f".lora_{w}.weight" for mod, f in found.items() for w in "AB" if w not in f]
     if missing:
         raise ConversionError(_key_report(missing, (), "PEFT state dict"))
-    paths, shapes = _spec_paths_and_shapes(spec)
-    _check_against(found, paths, "PEFT state dict vs spec")
+    check_spec_modules(found, spec, "PEFT state dict")
     flat = {}
     for mod, f in found.items():
         A, B = f["A"], f["B"]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise ConversionError(f"PEFT state dict: {'.'.join(mod)}: lora_A {tuple(A.shape)} and lora_B "
                                   f"{tuple(B.shape)} are not (r, in) and (out, r)")
-        _check_factor_shapes(mod, A.T, B.T, shapes, spec.rank if spec is not None else None, "PEFT state dict",
-                             "lora_A", "lora_B")
+        check_spec_shapes(mod, A.T, B.T, spec, "PEFT state dict", ("lora_A", "lora_B"))
         flat[mod + ("a",)] = _owned(A.T)
         flat[mod + ("b",)] = _owned(B.T)
     return unflatten(flat)

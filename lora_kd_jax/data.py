@@ -22,14 +22,13 @@ import numpy as np
 from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
 from lora_kd_jax.config import Config
 from lora_kd_jax.errors import UserError
+from lora_kd_jax.models.gpt2_layout import PAD_ID  # GPT-2 eos, used as pad (`data.PAD_ID` stays importable)
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `import lora_kd_jax.data` is cheap
     import datasets
     import transformers
 
 logger = logging.getLogger(__name__)
-
-PAD_ID = 50256  # GPT-2 eos, used as pad
 
 N_FIELDS = 4  # source, label, annotation, sentence
 RAW_LAYOUT = ("in_domain_train.tsv", "in_domain_dev.tsv")

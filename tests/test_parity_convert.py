@@ -60,9 +60,9 @@ def test_hf_sequence_classifier_layout_and_logits(tiny):
     cfg = ref_lib.torch_config(model.module.config)
     cfg.pad_token_id, cfg.num_labels = 50256, 2
     hf = GPT2ForSequenceClassification(cfg).eval()
-    sd = convert.flax_classifier_to_torch(plain)
+    sd = ref_lib.flax_classifier_to_torch(plain)
     hf.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
-    _bits_equal(convert.torch_classifier_to_flax(hf.state_dict()), plain)
+    _bits_equal(ref_lib.torch_classifier_to_flax(hf.state_dict()), plain)
     batch = make_mixed_length_batch((20, 7, 1, 12), 20, seed=3)
     ids, mask = ref_lib.tensors(batch)
     with torch.no_grad():
@@ -107,18 +107,18 @@ def test_base_errors_name_the_key(tiny):
 
 def test_seed_lora_round_trip_and_errors(tiny):
     model, params = tiny
-    sd = convert.seed_lora_to_torch(params["lora"], prefix="transformer.")
+    sd = ref_lib.seed_lora_to_torch(params["lora"], prefix="transformer.")
     assert sd["transformer.h.1.mlp.c_fc.U"].shape == (64, 4) and sd["transformer.h.1.mlp.c_fc.V"].shape == (256, 4)
-    _bits_equal(convert.seed_lora_from_torch(sd, prefix="transformer.", spec=model.spec), params["lora"])
+    _bits_equal(ref_lib.seed_lora_from_torch(sd, prefix="transformer.", spec=model.spec), params["lora"])
     with pytest.raises(ConversionError, match=r"missing keys: transformer\.h\.0\.mlp\.c_fc\.V"):
-        convert.seed_lora_from_torch({k: v for k, v in sd.items() if k != "transformer.h.0.mlp.c_fc.V"},
+        ref_lib.seed_lora_from_torch({k: v for k, v in sd.items() if k != "transformer.h.0.mlp.c_fc.V"},
                                      prefix="transformer.")
     with pytest.raises(ConversionError, match=r"vs spec: missing keys: h\.1\.attn\.c_proj"):
-        convert.seed_lora_from_torch({k: v for k, v in sd.items() if ".h.1.attn.c_proj." not in k},
+        ref_lib.seed_lora_from_torch({k: v for k, v in sd.items() if ".h.1.attn.c_proj." not in k},
                                      prefix="transformer.", spec=model.spec)
     wrong_rank = dataclasses.replace(model.spec, rank=8)
     with pytest.raises(ConversionError, match=r"h\.0\.attn\.c_attn: U/V give \(in, r, out\) = \(64, 4, 192\)"):
-        convert.seed_lora_from_torch(sd, prefix="transformer.", spec=wrong_rank)
+        ref_lib.seed_lora_from_torch(sd, prefix="transformer.", spec=wrong_rank)
 
 
 def test_peft_round_trip_matches_peft_own_state_dict(tiny):

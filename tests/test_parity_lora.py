@@ -238,7 +238,7 @@ def test_factor_init_matches_torch_initialisers(init):
 
 @pytest.mark.parametrize("init", ["seed", "standard"])
 def test_merged_export_runs_in_transformers_classifier(init):
-    """GPT2Classifier.merged -> convert.flax_classifier_to_torch -> transformers' GPT2ForSequenceClassification
+    """GPT2Classifier.merged -> ref_lib.flax_classifier_to_torch -> transformers' GPT2ForSequenceClassification
     gives the factored adapted model's logits (the teacher export path)."""
     from transformers import GPT2ForSequenceClassification
 
@@ -248,7 +248,7 @@ def test_merged_export_runs_in_transformers_classifier(init):
     cfg = ref_lib.torch_config(model.module.config)
     cfg.pad_token_id, cfg.num_labels = 50256, 2
     hf = GPT2ForSequenceClassification(cfg).eval()
-    sd = convert.flax_classifier_to_torch(jax.tree.map(np.asarray, model.merged(params)))
+    sd = ref_lib.flax_classifier_to_torch(jax.tree.map(np.asarray, model.merged(params)))
     hf.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     ids, mask = ref_lib.tensors(batch)
     with torch.no_grad():

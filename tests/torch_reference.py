@@ -6,11 +6,13 @@
   output = conv(x) + dropout(x, p) @ U @ V.T, no scaling.
 - `add_peft_lora`: the `standard` init through PEFT itself (LoraConfig with fan_in_fan_out=True on Conv1D).
 - Trainable set: LoRA factors, every LayerNorm weight and bias, `score`; everything else frozen.
-Weights move between the two sides only through `lora_kd_jax.convert`.
+Weights move between the two sides only through `lora_kd_jax.convert`, plus two layouts only tests need, kept
+here on top of it: the original's U/V factors (`seed_lora_to_torch` / `seed_lora_from_torch`) and a whole
+GPT2ForSequenceClassification state dict (`flax_classifier_to_torch` / `torch_classifier_to_flax`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -73,6 +75,76 @@ class SeedLoRA(nn.Module):
         return self.base(x) + self.dropout(x) @ self.U @ self.V.T
 
 
+# ------------------------------------------------------------------------------- layouts only tests need
+
+
+def seed_lora_to_torch(factors: Any, *, prefix: str = "") -> dict[str, np.ndarray]:
+    """Flax factors -> the original's layout: `<prefix><path>.U` (in, r) = a and `<prefix><path>.V` (out, r) = b.T
+    (PEFT's lora_A transposed and lora_B)."""
+    out = {}
+    for key, v in convert.flax_lora_to_peft(factors, prefix=prefix).items():
+        module, which = key.rsplit(".lora_", 1)  # which: "A.weight" (r, in) | "B.weight" (out, r)
+        if which == "A.weight":
+            out[module + ".U"] = np.ascontiguousarray(v.T)
+        else:
+            out[module + ".V"] = v
+    return out
+
+
+def seed_lora_from_torch(state_dict: Mapping[str, Any], *, prefix: str = "", spec: Any = None) -> dict:
+    """`<prefix><path>.U` (in, r) / `.V` (out, r) -> flax factors {'a': U, 'b': V.T}.
+
+    Keys outside `prefix` or not ending in .U/.V are unexpected. With a LoraSpec, the module set and every
+    shape are checked against it.
+    """
+    what = "torch seed-LoRA state dict"
+    modules: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+    unexpected = []
+    for key, v in state_dict.items():
+        if not key.startswith(prefix) or not key.endswith((".U", ".V")):
+            unexpected.append(key)
+            continue
+        modules.setdefault(tuple(key[len(prefix):-2].split(".")), {})[key[-1]] = convert.to_numpy(v)
+    if unexpected:
+        raise convert.ConversionError(f"{what}: unexpected keys: {', '.join(convert.sorted_keys(unexpected))}")
+    missing = [prefix + ".".join(m) + "." + n for m, f in modules.items() for n in ("U", "V") if n not in f]
+    if missing:
+        raise convert.ConversionError(f"{what}: missing keys: {', '.join(convert.sorted_keys(missing))}")
+    convert.check_spec_modules(modules, spec, what)
+    flat = {}
+    for mod, f in modules.items():
+        u, v = f["U"], f["V"]
+        if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1]:
+            raise convert.ConversionError(f"{what}: {prefix + '.'.join(mod)}: U {tuple(u.shape)} and V "
+                                          f"{tuple(v.shape)} are not (in, r) and (out, r)")
+        convert.check_spec_shapes(mod, u, v.T, spec, what, ("U", "V"))
+        flat[mod + ("a",)] = np.array(u, order="C", copy=True)
+        flat[mod + ("b",)] = np.array(v.T, order="C", copy=True)
+    return convert.unflatten(flat)
+
+
+def torch_classifier_to_flax(state_dict: Mapping[str, Any], *, like: Any = None) -> dict:
+    """A GPT2ForSequenceClassification-style dict (`transformer.*` + `score.weight`) -> {'gpt2', 'head'}."""
+    what, score, prefix = "torch classifier state dict", convert.SCORE_KEY, convert.TRANSFORMER_PREFIX
+    if score not in state_dict:
+        raise convert.ConversionError(f"{what}: missing keys: {score}")
+    stray = [k for k in state_dict if k != score and not k.startswith(prefix)]
+    if stray:
+        raise convert.ConversionError(f"{what}: unexpected keys: {', '.join(convert.sorted_keys(stray))}")
+    base = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {"gpt2": convert.torch_gpt2_to_flax(base, like=like), "head": convert.torch_head_to_flax(state_dict[score])}
+
+
+def flax_classifier_to_torch(params: dict) -> dict[str, np.ndarray]:
+    """{'gpt2', 'head'} (merged, no LoRA) -> GPT2ForSequenceClassification-style state dict."""
+    extra = set(params) - {"gpt2", "head"}
+    if extra:
+        raise convert.ConversionError(f"flax classifier params: unexpected keys: {', '.join(sorted(extra))} "
+                                      "(merge LoRA first: GPT2Classifier.merged)")
+    return {**convert.flax_gpt2_to_torch(params["gpt2"], prefix=convert.TRANSFORMER_PREFIX),
+            **convert.flax_head_to_torch(params["head"])}
+
+
 def _t(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(x, dtype=np.float32))
 
@@ -100,7 +172,7 @@ def _targets(model: ReferenceClassifier) -> list[tuple[str, nn.Module, str]]:
 
 def add_seed_lora(model: ReferenceClassifier, rank: int, dropout: float, factors: Any = None) -> ReferenceClassifier:
     """Wrap each target Conv1D in a SeedLoRA; `factors` (flax tree) sets U and V through the converter."""
-    sd = convert.seed_lora_to_torch(factors) if factors is not None else None
+    sd = seed_lora_to_torch(factors) if factors is not None else None
     for path, parent, name in _targets(model):
         layer = SeedLoRA(getattr(parent, name), rank, dropout)
         if sd is not None:
@@ -158,7 +230,7 @@ def as_flax(model: nn.Module, *, grads: bool = False, trainable_only: bool = Fal
     out = {"gpt2": convert.torch_gpt2_to_flax(base, allow_missing=grads or trainable_only),
            "head": convert.torch_head_to_flax(named["score.weight"])}
     if seed:
-        out["lora"] = convert.seed_lora_from_torch(seed, prefix=convert.TRANSFORMER_PREFIX)
+        out["lora"] = seed_lora_from_torch(seed, prefix=convert.TRANSFORMER_PREFIX)
     if peft:
         out["lora"] = convert.peft_lora_to_flax(peft)
     return out

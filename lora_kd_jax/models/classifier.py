@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from lora_kd_jax import lora as lora_lib
 from lora_kd_jax.config import Config
 from lora_kd_jax.models import gpt2
+from lora_kd_jax.models.gpt2_layout import KERNEL_LAYOUT
 
 Params = dict[str, Any]
 
@@ -63,7 +64,7 @@ class GPT2Classifier:
         """The same function with LoRA folded into the kernels (plain GPT-2 weights + head)."""
         if self.spec is None or "lora" not in params:
             return params
-        base = lora_lib.merge(params["gpt2"], self.spec, params["lora"], gpt2.KERNEL_LAYOUT)
+        base = lora_lib.merge(params["gpt2"], self.spec, params["lora"], KERNEL_LAYOUT)
         return {"gpt2": base, "head": params["head"]}
 
 
@@ -82,7 +83,7 @@ def build_classifier(cfg: Config, key: jax.Array, *, with_lora: bool = True,
     if with_lora:
         lc = cfg.lora
         spec = lora_lib.make_spec(base, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
-                                  init=lc.init, kernel_layout=gpt2.KERNEL_LAYOUT)
+                                  init=lc.init, kernel_layout=KERNEL_LAYOUT)
         params["lora"] = (jax.eval_shape(functools.partial(lora_lib.init_lora, spec), k_lora) if shapes_only
                           else lora_lib.init_lora(spec, k_lora))
     params["head"] = (jax.eval_shape(functools.partial(init_head, n_embd=n_embd), k_head) if shapes_only else init_head(k_head, n_embd))

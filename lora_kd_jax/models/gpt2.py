@@ -16,12 +16,11 @@ import jax.numpy as jnp
 from lora_kd_jax import precision
 from lora_kd_jax.config import ModelConfig, resolved_size
 from lora_kd_jax.errors import UserError
+from lora_kd_jax.models.gpt2_layout import PAD_ID
 
 log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
-# Flax GPT-2 Conv1D stores kernels as (out_features, in_features) and computes x @ kernel.T.
-KERNEL_LAYOUT = "out_in"
 
 
 class ModelLoadError(UserError, OSError):
@@ -47,7 +46,7 @@ def gpt2_config(cfg: ModelConfig, base: Any = None):
         base = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=cfg.vocab_size,
                           n_positions=cfg.n_positions)
     base.resid_pdrop = base.embd_pdrop = base.attn_pdrop = cfg.dropout
-    base.pad_token_id = 50256
+    base.pad_token_id = PAD_ID
     return base
 
 
