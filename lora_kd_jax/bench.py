@@ -1,4 +1,4 @@
-"""Step-time benchmarks of the real training code, one JSON line per result (scripts/bench.py is the CLI).
+"""Step-time benchmarks of the real training code, one JSON line per result (`lora-kd-jax bench` runs them).
 
 Every bench jits the same functions training uses (`train.make_train_step`, `GPT2Classifier.logits`,
 `distill.make_train_step`), on random-init real-size models with the PyTorch peer's batch

@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
-from conftest import make_mixed_length_batch, tiny_config  # noqa: E402
+from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import GPT2Config, GPT2ForSequenceClassification  # noqa: E402
 
@@ -60,7 +60,7 @@ def _hf_classifier(base_dir) -> GPT2ForSequenceClassification:
 
 
 def _cfg(base_dir, run_dir, *overrides):
-    return tiny_config("model.init=pretrained", f"model.path={base_dir}", "data.limit=32", "train.lr=1e-2",
+    return parity_config("model.init=pretrained", f"model.path={base_dir}", "data.limit=32", "train.lr=1e-2",
                        *overrides, run_dir=run_dir)
 
 
@@ -70,7 +70,7 @@ def _cfg(base_dir, run_dir, *overrides):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
-    gpt2.save_random_checkpoint(tiny_config().model, d, seed=3, pytorch=True)
+    gpt2.save_random_checkpoint(parity_config().model, d, seed=3, pytorch=True)
     return d
 
 
@@ -153,7 +153,7 @@ def test_export_refuses_random_base_unless_saved_beside(tmp_path):
     """A run on a random-init base: export-peft says how to proceed; --save-base writes the base and PEFT loads both."""
     from peft import PeftModel
 
-    cfg = tiny_config("lora.init=seed", "lora.rank=2", run_dir=tmp_path / "run")
+    cfg = parity_config("lora.init=seed", "lora.rank=2", run_dir=tmp_path / "run")
     model, params = build_classifier(cfg, jax.random.split(jax.random.key(cfg.train.seed))[0])
     params["head"]["kernel"] = params["head"]["kernel"] * 5.0  # make the untrained head matter
     params["gpt2"]["ln_f"]["scale"] = params["gpt2"]["ln_f"]["scale"] * 1.5  # as if trained: the adapter carries it

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch_reference as ref_lib  # noqa: E402
-from conftest import make_mixed_length_batch, tiny_config  # noqa: E402
+from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 
 from lora_kd_jax import convert  # noqa: E402
 from lora_kd_jax.config import ModelConfig  # noqa: E402
@@ -65,7 +65,7 @@ def assert_base_parity(jax_out: tuple, torch_out: tuple, batch: dict, atol: floa
 @pytest.fixture(scope="module")
 def tiny_pair():
     """(JAX classifier, its params, torch reference holding the same weights moved Flax -> torch)."""
-    model, params = build_classifier(tiny_config(), jax.random.key(0), with_lora=False)
+    model, params = build_classifier(parity_config(), jax.random.key(0), with_lora=False)
     params = ref_lib.randomize_layernorms(params, seed=1)
     ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"]).eval()
     return model, params, ref

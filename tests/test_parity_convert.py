@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch_reference as ref_lib  # noqa: E402
-from conftest import make_mixed_length_batch, tiny_config  # noqa: E402
+from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 
 from lora_kd_jax import convert  # noqa: E402
 from lora_kd_jax.convert import ConversionError  # noqa: E402
@@ -24,7 +24,7 @@ HF_CLASSIFIER_ATOL = 5e-6
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, params = build_classifier(tiny_config("lora.init=seed"), jax.random.key(0))
+    model, params = build_classifier(parity_config("lora.init=seed"), jax.random.key(0))
     return model, jax.tree.map(np.asarray, params)
 
 

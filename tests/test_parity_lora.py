@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 import torch_reference as ref_lib  # noqa: E402
-from conftest import make_mixed_length_batch, tiny_config  # noqa: E402
+from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 from peft import get_peft_model_state_dict  # noqa: E402
 
 from lora_kd_jax import convert  # noqa: E402
@@ -70,7 +70,7 @@ def torch_logits_loss_grads(ref: torch.nn.Module, batch: dict):
 
 
 def _seed_pair():
-    cfg = tiny_config("lora.init=seed", "lora.dropout=0.0", f"lora.rank={RANK}")
+    cfg = parity_config("lora.init=seed", "lora.dropout=0.0", f"lora.rank={RANK}")
     model, params = build_classifier(cfg, jax.random.key(0))
     params = ref_lib.randomize_layernorms(params, seed=2)
     ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"])  # Flax -> torch
@@ -79,7 +79,7 @@ def _seed_pair():
 
 
 def _peft_pair():
-    cfg = tiny_config("lora.init=standard", "lora.dropout=0.0", f"lora.rank={RANK}", f"lora.alpha={ALPHA}")
+    cfg = parity_config("lora.init=standard", "lora.dropout=0.0", f"lora.rank={RANK}", f"lora.alpha={ALPHA}")
     model, params = build_classifier(cfg, jax.random.key(0))
     params = ref_lib.randomize_layernorms(params, seed=3)
     ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"])
@@ -158,7 +158,7 @@ def test_adapter_dropout_is_unbiased_with_the_right_variance():
     rescaling are right). Tested at the adapted layer, where the output is linear in the mask; the network's
     final output is not (E f(X) != f(E X) through GELU/LayerNorm), so its mean is not expected to match.
     """
-    cfg = tiny_config("lora.init=seed", f"lora.dropout={DROPOUT}", f"lora.rank={RANK}")
+    cfg = parity_config("lora.init=seed", f"lora.dropout={DROPOUT}", f"lora.rank={RANK}")
     model, params = build_classifier(cfg, jax.random.key(0))
     batch = make_mixed_length_batch((12, 5), 12, seed=5)
     x, off = _capture(model, params, batch, None, True)
@@ -181,7 +181,7 @@ def test_adapter_dropout_is_unbiased_with_the_right_variance():
 
 def test_adapter_dropout_is_off_in_eval():
     """deterministic=True gives exactly the dropout-off output (and the torch reference in eval mode)."""
-    cfg = tiny_config("lora.init=seed", f"lora.dropout={DROPOUT}", f"lora.rank={RANK}")
+    cfg = parity_config("lora.init=seed", f"lora.dropout={DROPOUT}", f"lora.rank={RANK}")
     model, params = build_classifier(cfg, jax.random.key(0))
     no_dropout = GPT2Classifier(model.module, dataclasses.replace(model.spec, dropout=0.0))
     batch = make_mixed_length_batch(LENGTHS, 20, seed=7)
@@ -214,7 +214,7 @@ def test_factor_init_matches_torch_initialisers(init):
     """JAX init draws from the same distributions as torch's: xavier_uniform_ U, V (seed); PEFT's
     kaiming_uniform_(a=sqrt 5) A (bound 1/sqrt(in)) and zero B (standard)."""
     overrides = [f"lora.init={init}", f"lora.rank={RANK}", f"lora.alpha={ALPHA}"]
-    model, params = build_classifier(tiny_config(*overrides), jax.random.key(9))
+    model, params = build_classifier(parity_config(*overrides), jax.random.key(9))
     ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"])
     torch.manual_seed(9)
     if init == "seed":

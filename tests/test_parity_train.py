@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch_reference as ref_lib  # noqa: E402
-from conftest import make_mixed_length_batch, tiny_config  # noqa: E402
+from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 
 from lora_kd_jax import convert  # noqa: E402
 from lora_kd_jax.data import EncodedSplit, batch_iterator, num_batches  # noqa: E402
@@ -44,7 +44,7 @@ def _dataset() -> EncodedSplit:
 
 
 def test_thirty_adam_steps_match_torch():
-    cfg = tiny_config("lora.init=seed", "lora.dropout=0.0", "model.dropout=0.0", f"train.lr={LR}",
+    cfg = parity_config("lora.init=seed", "lora.dropout=0.0", "model.dropout=0.0", f"train.lr={LR}",
                       f"train.batch_size={BATCH}")
     model, params = build_classifier(cfg, jax.random.key(12))
     params = ref_lib.randomize_layernorms(params, seed=13)

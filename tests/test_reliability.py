@@ -39,7 +39,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def script_args(run_dir: Path, epochs: int) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / "train_lora.py"), str(REPO / "configs" / "smoke.yaml"),
-            "data.limit=1600", "train.batch_size=16",
+            "data.limit=800", "train.batch_size=16",
             f"train.epochs={epochs}", "lora.dropout=0.1", f"run.dir={run_dir}", "run.compilation_cache="]
 
 

@@ -1,15 +1,18 @@
-"""Tiny-model builders shared by the LoRA/training tests (2 layers, 64 wide, real 50,257 vocabulary)."""
+"""The test helpers, in one place: tiny-model configs (2 layers, 64 wide, real 50,257 vocabulary), batches, keys."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
 
+from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR  # noqa: F401  (the packaged files; tests name them here)
 from lora_kd_jax.config import Config, load_config
 
-from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR  # noqa: F401  (the packaged files; tests name them here)
+PAD_ID = 50256  # GPT-2 eos, used as pad (lora_kd_jax.data.PAD_ID)
+VOCAB = 50257
 
 TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
         "lora.dropout=0.0", "run.compilation_cache="]
@@ -40,3 +43,31 @@ def config_only_run(run_dir: Path, dest: Path) -> Path:
     dest.mkdir()
     shutil.copyfile(run_dir / "config.yaml", dest / "config.yaml")
     return dest
+
+
+PARITY_OVERRIDES = ("model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64",
+                  "model.n_head=4", "model.n_positions=64", "model.dropout=0.0", "train.batch_size=8",
+                  "train.epochs=1", "run.compilation_cache=")
+
+
+def parity_config(*overrides: str, run_dir: str | Path = "runs/test"):
+    """The parity tests' config: 2-layer, 64-wide random GPT-2 (64 positions, no GPT-2 dropout, LoRA dropout as
+    configured), batch 8, one epoch, the packaged data."""
+    return load_config(None, [*PARITY_OVERRIDES, f"run.dir={run_dir}", *overrides])
+
+
+def make_mixed_length_batch(lengths: Sequence[int], seq_len: int = 20, *, seed: int = 0,
+                            n_labels: int = 2) -> dict[str, np.ndarray]:
+    """Right-padded random ids of the given real lengths: input_ids (pad = PAD_ID), attention_mask, labels,
+    weights (all 1.0) — the batch layout of lora_kd_jax.data.batch_iterator."""
+    if any(not 1 <= n <= seq_len for n in lengths):
+        raise ValueError(f"lengths {list(lengths)} must lie in [1, {seq_len}]")
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    ids = np.full((b, seq_len), PAD_ID, np.int32)
+    mask = np.zeros((b, seq_len), np.int32)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(0, PAD_ID, n)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": rng.integers(0, n_labels, b).astype(np.int32),
+            "weights": np.ones(b, np.float32)}
