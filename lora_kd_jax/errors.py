@@ -5,8 +5,23 @@ traceback. Each module's own error class derives from `UserError` so callers can
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 
 class UserError(Exception):
     """Something the user gave or pointed at is wrong; the message names it and says what would be right."""
 
     label = "error"  # the word the command line prints before the message
+
+
+def read_json_object(path: Path, error: type[UserError]) -> dict[str, Any]:
+    """A JSON file the user pointed at, which must hold an object; anything else raises `error` naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

@@ -16,7 +16,6 @@ name what an adapter lacks); `export` runs the operations. Numpy only: weights g
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -28,7 +27,7 @@ import numpy as np
 from lora_kd_jax import convert
 from lora_kd_jax.config import Config
 from lora_kd_jax.convert import PEFT_PREFIX, SCORE_KEY, TRANSFORMER_PREFIX
-from lora_kd_jax.errors import UserError
+from lora_kd_jax.errors import UserError, read_json_object
 from lora_kd_jax.models.gpt2_layout import (BLOCK_LAYER_NORMS, CONV1D_MODULES, FINAL_LAYER_NORM, LAYER_NORMS,
                                             conv1d_in_out)
 
@@ -170,12 +169,7 @@ def _read_files(d: Path) -> tuple[dict, StateDict]:
     cfg_path = d / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise ExportError(f"{d} is not a PEFT adapter dir: missing {ADAPTER_CONFIG}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ExportError(f"{cfg_path}: expected a JSON object")
+    config = read_json_object(cfg_path, ExportError)
     if (d / ADAPTER_WEIGHTS).is_file():
         from safetensors.numpy import load_file
 

@@ -7,7 +7,6 @@ everywhere: one `RunError` saying what is wrong with it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +14,7 @@ import jax
 
 from lora_kd_jax import rundir
 from lora_kd_jax.config import Config, ConfigError, from_dict
-from lora_kd_jax.errors import UserError
+from lora_kd_jax.errors import UserError, read_json_object
 
 Params = dict[str, Any]
 KINDS = ("lora", "distill", "rnn")
@@ -91,12 +90,7 @@ def inspect_run(path: str | Path, *, kind: str | None = None, which: str = "best
     record: dict = {}
     metrics_path = run_dir / rundir.METRICS_FILE
     if metrics_path.is_file():
-        try:
-            record = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError as e:
-            raise RunError(f"{metrics_path} is not valid JSON: {e}") from None
-        if not isinstance(record, dict):
-            raise RunError(f"{metrics_path}: expected a JSON object, got {type(record).__name__}")
+        record = read_json_object(metrics_path, RunError)
     found = record.get("kind")
     if kind is not None and found is not None and found != kind:
         raise RunError(f"{run_dir} is a '{found}' run, not a '{kind}' run (its {rundir.METRICS_FILE} says so); "
