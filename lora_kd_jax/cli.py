@@ -16,8 +16,8 @@ from typing import Callable, Iterator, Sequence
 
 from lora_kd_jax.config import Config, load_config
 from lora_kd_jax.errors import UserError
+from lora_kd_jax.logs import LOG_FORMAT
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 PROG = "lora-kd-jax"
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from lora_kd_jax.config import Config, ConfigError, from_dict, save_config, to_dict
 from lora_kd_jax.errors import UserError
+from lora_kd_jax.logs import LOG_FORMAT
 from lora_kd_jax.precision import resolved_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
@@ -186,7 +187,7 @@ def attach_log(run_dir: Path) -> None:
     path = str((run_dir / LOG_FILE).absolute())
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in root.handlers):
         handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)

@@ -19,7 +19,9 @@ def setup(cfg: Config) -> None:
 
     initialize_distributed(cfg.distributed)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from lora_kd_jax.logs import LOG_FORMAT
+
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache"):  # Orbax/JAX chatter per save
         logging.getLogger(noisy).setLevel(logging.WARNING)
     enable_compilation_cache(cfg.run.compilation_cache)

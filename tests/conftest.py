@@ -9,6 +9,14 @@ import pytest
 # The suite is a CPU suite: on a GPU host "auto" dtypes would resolve to bf16 and the fp32 parity tolerances
 # would not apply. Set JAX_PLATFORMS yourself to run it elsewhere (test_precision then skips what is CPU-only).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole test session (workers and the subprocesses the tests start inherit it):
+# the tiny models' steps are compiled by dozens of tests, and a hit returns the same executable, so results do not
+# change, only the time. A fresh directory per session, so no test ever sees a cache from another version.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_kd_jax_tests_xla_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402  (test helpers live in tests/tiny.py)
 
