@@ -41,19 +41,23 @@ def abstract_like(tree: Any) -> Any:
 
 
 class CheckpointStore:
-    """checkpoints/latest (newest `keep` steps) and checkpoints/best (one step) under a run dir."""
+    """checkpoints/latest (newest `keep` steps) and checkpoints/best (one step) under a run dir. A seed dir of a
+    seeded run has only best (`with_latest=False`), and the seeded run dir only latest (`with_best=False`): the run
+    resumes from the stacked state in the run dir's latest, each seed's best lives in its seed dir."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 2, read_only: bool = False):
+    def __init__(self, directory: str | os.PathLike, keep: int = 2, read_only: bool = False,
+                 with_latest: bool = True, with_best: bool = True):
         self.directory = Path(directory)
         self.read_only = read_only
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: no checkpoints directory")
-        self.latest = _manager(self.directory / "latest", keep, read_only)
-        self.best = _manager(self.directory / "best", 1, read_only)
+        self.latest = _manager(self.directory / "latest", keep, read_only) if with_latest else None
+        self.best = _manager(self.directory / "best", 1, read_only) if with_best else None
+        self._managers = [m for m in (self.latest, self.best) if m is not None]
 
     def save(self, step: int, state: Any, record: dict, *, best: bool = False) -> None:
         """Write `step` to best (when `best`) and then to latest; returns only once both are on disk and listed."""
-        managers = ([self.best] if best else []) + [self.latest]
+        managers = ([self.best] if best else []) + ([self.latest] if self.latest is not None else [])
         for manager in managers:
             if step in manager.all_steps():
                 manager.delete(step)  # an epoch redone after a crash: the new state replaces the old
@@ -65,8 +69,8 @@ class CheckpointStore:
                 raise CheckpointError(f"{manager.directory}: step {step} was not written completely")
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        for manager in self._managers:
+            manager.wait_until_finished()
 
     def _restore(self, manager: ocp.CheckpointManager, target: Any, step: int | None) -> tuple[Any, dict, int]:
         steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
@@ -107,7 +111,7 @@ class CheckpointStore:
         import shutil
 
         removed = []
-        for manager in (self.latest, self.best):
+        for manager in self._managers:
             directory = Path(manager.directory)
             for tmp in directory.glob("*.orbax-checkpoint-tmp*") if directory.is_dir() else ():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -124,12 +128,12 @@ class CheckpointStore:
         return self._restore(self.best, target, None)
 
     def has_latest(self) -> bool:
-        return bool(self.latest.all_steps())
+        return self.latest is not None and bool(self.latest.all_steps())
 
     def has_best(self, step: int) -> bool:
-        return step in self.best.all_steps()
+        return self.best is not None and step in self.best.all_steps()
 
     def close(self) -> None:
         self.wait()
-        self.latest.close()
-        self.best.close()
+        for manager in self._managers:
+            manager.close()

@@ -368,6 +368,34 @@ def evaluation_record(clf: Classifier, reports: Sequence[Report]) -> dict[str, A
             "sets": {r.name: r.to_dict() for r in reports}}
 
 
+def seeds_record(run_dir: str | os.PathLike, records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The evaluation of every seed of a seeded run: each seed's record and, per set, mean/std/min/max over seeds of
+    accuracy, MCC and loss."""
+    from lora_kd_jax.seeds import stats
+
+    sets = next(iter(records.values()))["sets"]
+    summary = {name: {m: stats([r["sets"][name][m] for r in records.values()]) for m in ("accuracy", "mcc", "loss")}
+               for name in sets}
+    return {"run": os.fspath(run_dir), "seeds": sorted(records), "sets": summary,
+            "per_seed": {str(k): r for k, r in records.items()}}
+
+
+def format_seed_reports(record: dict[str, Any]) -> str:
+    """The terminal table of a seeded evaluation: per set, accuracy and MCC per seed and mean ± std (min–max)."""
+    from lora_kd_jax.seeds import format_stat
+
+    seeds = record["seeds"]
+    lines = [f"run: {record['run']} ({len(seeds)} seeds)", "",
+             f"{'set':<16}{'seed':>6}{'rows':>6}{'accuracy':>10}{'MCC':>9}"]
+    for name, summary in record["sets"].items():
+        for k in seeds:
+            r = record["per_seed"][str(k)]["sets"][name]
+            lines.append(f"{_short(name):<16}{k:>6}{r['rows']:>6}{r['accuracy']:>10.4f}{r['mcc']:>9.4f}")
+        lines.append(f"{'':<16}{'all':>6}{'':>6}  accuracy {format_stat(summary['accuracy'], 100)}%, "
+                     f"MCC {format_stat(summary['mcc'], 100)} (mean ± std (min–max), x100)")
+    return "\n".join(lines)
+
+
 def write_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
     """RUN_DIR/evaluation.json, written whole or not at all (a temporary file renamed over it)."""
     path = Path(run_dir) / EVALUATION_FILE

@@ -48,7 +48,17 @@ def setup_logging() -> None:
 
 
 def report(summary: dict, run_dir: str) -> None:
-    """The one line a finished training command prints."""
+    """The one line a finished training command prints (for a seeded run: mean ± std (min–max) over its seeds)."""
+    if "seed_stats" in summary:
+        from lora_kd_jax.seeds import format_stat
+
+        agg = summary["seed_stats"]
+        line = (f"{len(summary['seeds'])} seeds {summary['seeds']}: best val accuracy "
+                f"{format_stat(agg['best_val_accuracy'], 100)}%, val MCC {format_stat(agg['val_mcc_at_best'], 100)}")
+        if "out_of_domain_accuracy_at_best" in agg:
+            line += f"; out-of-domain accuracy {format_stat(agg['out_of_domain_accuracy_at_best'], 100)}%"
+        print(f"{line} (mean ± std (min–max)) -> {run_dir}")
+        return
     line = (f"best val accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}, train accuracy "
             f"{summary['train_accuracy_at_best']:.4f}, val MCC {summary['val_mcc_at_best']:.4f}")
     if "out_of_domain_accuracy_at_best" in summary:
@@ -115,10 +125,21 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     print(f"-> {root / 'results.md'}, {root / 'results.png'}")
 
 
+def _one_run(args: argparse.Namespace) -> str:
+    """The run a one-run command reads: RUN itself, or one seed of a seeded RUN (--seed, default the best); the
+    choice is said on stderr."""
+    from lora_kd_jax import runs
+
+    path, note = runs.one_run_dir(args.run_dir, args.seed)
+    if note:
+        print(f"using {note}", file=sys.stderr)
+    return str(path)
+
+
 def cmd_export_peft(args: argparse.Namespace) -> None:
     from lora_kd_jax import export
 
-    out = export.export_peft(args.run_dir, args.out_dir, which=args.which, base_model=args.base_model,
+    out = export.export_peft(_one_run(args), args.out_dir, which=args.which, base_model=args.base_model,
                              save_base=args.save_base, overwrite=args.overwrite)
     print(f"PEFT adapter -> {out}")
 
@@ -136,7 +157,7 @@ def cmd_import_peft(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from lora_kd_jax import export
 
-    out = export.merge_and_save(args.run_dir, args.out_dir, which=args.which, overwrite=args.overwrite)
+    out = export.merge_and_save(_one_run(args), args.out_dir, which=args.which, overwrite=args.overwrite)
     print(f"merged checkpoint -> {out}")
 
 
@@ -176,16 +197,30 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.limit < 0 or (args.batch_size is not None and args.batch_size < 1):
         raise UsageError(f"--limit {args.limit}, --batch-size {args.batch_size}: expected --limit >= 0 and "
                          "--batch-size >= 1")
-    info = runs.inspect_run(args.run_dir, which=args.which)  # cheap checks first: nothing is loaded for a bad dir
-    runtime.enable_compilation_cache(info.config.run.compilation_cache)
-    clf, reports = classify.evaluate_run(info.path, args.data or classify.DEFAULT_SETS, which=args.which,
-                                         limit=args.limit, batch_size=args.batch_size)
-    record = classify.evaluation_record(clf, reports)
-    if args.json:
-        print(json.dumps(record, indent=2))
+    dirs = runs.seed_run_dirs(args.run_dir, args.seed)
+    infos = {k: runs.inspect_run(d, which=args.which) for k, d in dirs.items()}  # cheap checks first
+    runtime.enable_compilation_cache(next(iter(infos.values())).config.run.compilation_cache)
+    results = {k: classify.evaluate_run(info.path, args.data or classify.DEFAULT_SETS, which=args.which,
+                                        limit=args.limit, batch_size=args.batch_size) for k, info in infos.items()}
+    records = {k: classify.evaluation_record(clf, reports) for k, (clf, reports) in results.items()}
+    if len(records) == 1:
+        (record,) = records.values()
+        if args.json:
+            print(json.dumps(record, indent=2))
+            return
+        (clf, reports), = results.values()
+        out = classify.write_evaluation(record["run"], record)
+        print(classify.format_reports(clf, reports))
+        print(f"-> {out}")
         return
-    out = classify.write_evaluation(info.path, record)
-    print(classify.format_reports(clf, reports))
+    combined = classify.seeds_record(runs.find_run_dir(args.run_dir), records)
+    if args.json:
+        print(json.dumps(combined, indent=2))
+        return
+    for k, (clf, reports) in results.items():
+        print(f"seed {k}: -> {classify.write_evaluation(records[k]['run'], records[k])}")
+    out = classify.write_evaluation(runs.find_run_dir(args.run_dir), combined)
+    print(classify.format_seed_reports(combined))
     print(f"-> {out}")
 
 
@@ -199,7 +234,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise UsageError("give the sentences on the command line or --file FILE (one sentence per line), not both"
                          if args.sentences else "no sentences: give them on the command line or --file FILE")
     sentences = classify.check_sentences(args.sentences) if args.sentences else classify.read_sentence_file(args.file)
-    info = runs.inspect_run(args.run_dir, which=args.which)
+    info = runs.inspect_run(_one_run(args), which=args.which)
     runtime.enable_compilation_cache(info.config.run.compilation_cache)
     clf = classify.Classifier.from_run(info.path, args.which)
     predictions = clf.predict(sentences)
@@ -215,6 +250,10 @@ class UsageError(UserError):
 
 
 # -------------------------------------------------------------------------------------------------- parsing
+
+
+SEED_HELP = ("a seeded run (train.seeds): the seed to use (default: the seed with the best validation accuracy, "
+             "named on stderr)")
 
 
 def _debug_flag() -> argparse.ArgumentParser:
@@ -268,6 +307,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     e.add_argument("run_dir")
     e.add_argument("out_dir")
     e.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to export")
+    e.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     e.add_argument("--base-model", default=None,
                    help="base_model_name_or_path to record (default: the run's model.path, absolute, or model.name)")
     e.add_argument("--save-base", action="store_true",
@@ -286,6 +326,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     m.add_argument("run_dir")
     m.add_argument("out_dir")
     m.add_argument("--which", choices=("best", "latest"), default="best")
+    m.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(handler=cmd_merge)
 
@@ -320,6 +361,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        epilog=f"example: {PROG} evaluate runs/lora_gpt2 --data in_domain out_of_domain glue")
     v.add_argument("run_dir", help="a run directory (or its checkpoints/ dir)")
     v.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to score (default: best)")
+    v.add_argument("--seed", type=int, default=None, help="a seeded run (train.seeds): score only this seed "
+                   "(default: every seed, each written to its seed dir, and their mean ± std)")
     v.add_argument("--data", nargs="+", metavar="SET", default=None,
                    help="in_domain (527 rows), out_of_domain (516), glue (both: 1,043, GLUE's CoLA dev) or the "
                    "path of a CoLA TSV file (source, label, annotation, sentence); several allowed")
@@ -340,6 +383,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     pr.add_argument("--file", default=None,
                     help="a UTF-8 text file with one sentence per line (instead of SENTENCES)")
     pr.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to use (default: best)")
+    pr.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     pr.add_argument("--json", action="store_true", help="print a JSON list (sentence, label, probability, truncated)")
     pr.set_defaults(handler=cmd_predict)
     return parser, dict(sub.choices)

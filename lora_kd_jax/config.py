@@ -40,6 +40,7 @@ class ModelConfig:
     dropout: float = 0.0  # GPT-2's own resid/embd/attn dropout; 0 in the seed-faithful configs
     dtype: str = "auto"  # compute dtype: auto (per backend, see precision.py) | float32 | bfloat16
     base_dtype: str = "auto"  # storage dtype of the frozen base weights: auto | float32 | bfloat16
+    base_seed: int = -1  # the seed whose key draws a random-init base; -1 = train.seed (train.seeds: its first seed)
 
 
 @dataclasses.dataclass
@@ -68,6 +69,7 @@ class TrainConfig:
     lr: float = 1e-3
     epochs: int = 10
     seed: int = 0
+    seeds: list[int] = dataclasses.field(default_factory=list)  # N seeds trained at once in one program; [] = train.seed
     on_nonfinite: str = "stop"  # a NaN/Inf loss: stop (naming step and epoch) | skip (drop that batch's update)
 
     @property
@@ -292,6 +294,21 @@ def validate(cfg: Config) -> None:
                           "which bucketing moves; use student.pooling=last_token or data.buckets=[]")
     if not cfg.lora.targets:
         raise ConfigError("lora.targets: needs at least one target pattern")
+    _validate_seeds(cfg)
+
+
+def _validate_seeds(cfg: Config) -> None:
+    seeds = cfg.train.seeds
+    if cfg.train.seed < 0 or any(s < 0 for s in seeds):
+        bad = cfg.train.seed if cfg.train.seed < 0 else next(s for s in seeds if s < 0)
+        key = "train.seed" if cfg.train.seed < 0 else "train.seeds"
+        raise ConfigError(f"{key}: seeds must be >= 0, got {bad}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"train.seeds={seeds}: seed(s) {', '.join(map(str, repeated))} appear more than once; each "
+                          "seed is one run, so list each once")
+    if cfg.model.base_seed < -1:
+        raise ConfigError(f"model.base_seed: must be -1 (train.seed) or >= 0, got {cfg.model.base_seed}")
 
 
 def resolved_size(m: ModelConfig) -> tuple[int, int, int]:

@@ -586,13 +586,37 @@ def batch_sources(splits: dict[str, EncodedSplit], cfg: Config) -> BatchSources:
     def eval_of(split: EncodedSplit) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
         return lambda: batch_iterator(split, ebs, shuffle=False, lengths=buckets)
 
+    def train_of(seed: int) -> Callable[[int, int], Iterator[dict[str, np.ndarray]]]:
+        return lambda epoch, start: batch_iterator(train, bs, shuffle=True, seed=seed, epoch=epoch, start_batch=start,
+                                                   lengths=buckets, group_window=cfg.data.group_window)
+
+    if cfg.train.seeds:  # one batch per seed, stacked: seed k sees the batches of a single run with train.seed=k
+        per_seed = [train_of(s) for s in cfg.train.seeds]
+
+        def train_batches(epoch: int, start: int) -> Iterator[dict[str, np.ndarray]]:
+            return map(stack_batches, zip(*(source(epoch, start) for source in per_seed)))
+    else:
+        train_batches = train_of(cfg.train.seed)
     return BatchSources(
-        train=lambda epoch, start: batch_iterator(train, bs, shuffle=True, seed=cfg.train.seed, epoch=epoch,
-                                                  start_batch=start, lengths=buckets,
-                                                  group_window=cfg.data.group_window),
+        train=train_batches,
         eval=eval_of(val),
         n_train_batches=num_batches(len(train), bs),
         reported={name: eval_of(splits[name]) for name in REPORTED_SPLITS if name in splits})
+
+
+def stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches of N seeds -> one batch with a leading seed axis [N, B, ...]. Token arrays cut to different bucket
+    lengths are right-padded to the longest (PAD_ID, mask 0): exact wherever bucketing is (the last real token is
+    read, never a padded position)."""
+    longest = max(b["input_ids"].shape[1] for b in batches)
+
+    def widen(x: np.ndarray, fill: int) -> np.ndarray:
+        return np.pad(x, ((0, 0), (0, longest - x.shape[1])), constant_values=fill) if x.shape[1] < longest else x
+
+    out = {k: np.stack([b[k] for b in batches]) for k in batches[0] if k not in ("input_ids", "attention_mask")}
+    out["input_ids"] = np.stack([widen(b["input_ids"], PAD_ID) for b in batches])
+    out["attention_mask"] = np.stack([widen(b["attention_mask"], 0) for b in batches])
+    return out
 
 
 def bucket_length(longest: int, lengths: Sequence[int], seq_len: int) -> int:

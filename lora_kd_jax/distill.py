@@ -24,6 +24,7 @@ from lora_kd_jax import data as data_lib
 from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import loop, precision, rundir, runtime, runs, steps
+from lora_kd_jax import seeds as seeds_lib
 from lora_kd_jax.config import Config
 from lora_kd_jax.keys import run_keys
 from lora_kd_jax.loop import Task
@@ -72,8 +73,8 @@ def distill_objective(student_logits: jax.Array, teacher_logits: jax.Array, labe
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def make_train_step(student: RNNStudent, tx: optax.GradientTransformation, objective: Objective
-                    ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
+def make_train_step(student: RNNStudent, tx: optax.GradientTransformation, objective: Objective,
+                    seeded: steps.Seeded | None = None) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
     """One jitted step: student forward, objective(student_logits, consts, batch), Adam update, metric sums.
 
     As the LoRA step: a non-finite loss leaves parameters and optimizer state unchanged and is reported in the sums
@@ -84,13 +85,15 @@ def make_train_step(student: RNNStudent, tx: optax.GradientTransformation, objec
         mean, total = objective(logits, consts, batch)
         return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
 
-    return steps.make_guarded_step(loss_fn, tx)
+    return steps.make_guarded_step(loss_fn, tx, seeded)
 
 
-def make_eval_step(student: RNNStudent) -> Callable[[TrainState, Any, Batch], dict]:
+def make_eval_step(student: RNNStudent, seeded: steps.Seeded | None = None
+                   ) -> Callable[[TrainState, Any, Batch], dict]:
     """Cross-entropy against the gold labels + confusion counts; consts (teacher data) are not used."""
     return steps.make_eval_step(
-        lambda params, consts, batch: student.apply({"params": params}, batch["input_ids"], batch["attention_mask"]))
+        lambda params, consts, batch: student.apply({"params": params}, batch["input_ids"], batch["attention_mask"]),
+        seeded)
 
 
 def cross_entropy_objective(logits: jax.Array, consts: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -162,6 +165,32 @@ def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
     return info
 
 
+def teacher_dirs(cfg: Config) -> dict[int, str]:
+    """Which teacher run teaches each student seed, checked before anything is built: a single-seed teacher teaches
+    every seed; a seeded teacher (train.seeds) gives student seed k its own seed k, and must have the student's
+    seed list. Every teacher dir passes `check_teacher`."""
+    path = cfg.distill.teacher
+    student_seeds = seeds_lib.seed_list(cfg)
+    teacher_seeds = runs.run_seeds(path) if path else []
+    if not teacher_seeds:
+        check_teacher(path, cfg)
+        return {seed: path for seed in student_seeds}
+    if teacher_seeds != list(cfg.train.seeds):
+        mine = f"train.seeds={cfg.train.seeds}" if cfg.train.seeds else f"one seed (train.seed={cfg.train.seed})"
+        raise runs.RunError(f"distill.teacher={path} trained seeds {teacher_seeds}, this student trains {mine}: a "
+                            f"seeded teacher teaches the same seed list (train.seeds={teacher_seeds}); to let one "
+                            f"teacher seed teach every student seed, name its dir, e.g. "
+                            f"distill.teacher={seeds_lib.seed_dir(path, teacher_seeds[0])}")
+    if not cfg.distill.cache_teacher_logits:
+        raise runs.RunError(f"distill.teacher={path} is seeded and distill.cache_teacher_logits=false: running "
+                            f"{len(teacher_seeds)} GPT-2 teachers in every step would hold each of them in memory; "
+                            "use the cached teacher logits (distill.cache_teacher_logits=true, the default)")
+    out = {seed: str(seeds_lib.seed_dir(path, seed)) for seed in student_seeds}
+    for teacher in out.values():
+        check_teacher(teacher, cfg)
+    return out
+
+
 def restore_teacher(path: str, cfg: Config) -> Teacher:
     """The teacher as its run left it (`runs.open_run`: the same model and frozen base, the trained parameters from
     checkpoints/best), LoRA merged into the kernels, placed on this run's mesh (Orbax restores onto any mesh)."""
@@ -206,49 +235,80 @@ def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_siz
 
 def _student_state(cfg: Config, place: mesh_lib.Placement
                    ) -> tuple[RNNStudent, TrainState, optax.GradientTransformation, int]:
-    keys = run_keys(cfg.train.seed)
-    student, params = build_student(cfg.student, keys.model)
+    """The student, its (seed-stacked, with train.seeds) train state, optimizer and parameter count."""
     tx = adam(cfg.train.lr)
-    n = count_params(params)
+    states = []
+    for seed in seeds_lib.seed_list(cfg):
+        keys = run_keys(seed)
+        student, params = build_student(cfg.student, keys.model)
+        states.append(init_state(params, tx, keys.dropout))
+    n = count_params(states[0].trainable)
     sc = cfg.student
-    log.info("student: %s%s, embed %d, hidden %d, pooling %s, computing in %s: %.2fM params (%d), all trainable",
+    log.info("student: %s%s, embed %d, hidden %d, pooling %s, computing in %s: %.2fM params (%d), all trainable%s",
              sc.cell, " bidirectional" if sc.bidirectional else "", sc.embed_dim, sc.hidden_dim, sc.pooling,
-             precision.student_dtype(sc), n / 1e6, n)
-    return student, place.state(init_state(params, tx, keys.dropout)), tx, n
+             precision.student_dtype(sc), n / 1e6, n,
+             f"; {len(states)} seeds {cfg.train.seeds} in one program" if seeds_lib.is_seeded(cfg) else "")
+    state = seeds_lib.stack(states) if seeds_lib.is_seeded(cfg) else states[0]
+    return student, place.state(state), tx, n
 
 
 def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, consts: Any, objective: Objective,
-          info: dict, title: str, place: mesh_lib.Placement | None = None) -> Task:
+          info: dict, title: str, place: mesh_lib.Placement | None = None, consts_axes: Any = None,
+          seed_info: dict[int, dict] | None = None) -> Task:
     place = place or mesh_lib.run_placement(cfg)
     student, state, tx, n = _student_state(cfg, place)
     batches = data_lib.batch_sources(splits, cfg)
+    seeded = steps.Seeded(consts_axes) if seeds_lib.is_seeded(cfg) else None
     return Task(
         kind=kind, state=state, consts=consts,
-        train_step=make_train_step(student, tx, objective), eval_step=make_eval_step(student),
+        train_step=make_train_step(student, tx, objective, seeded), eval_step=make_eval_step(student, seeded),
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
         epochs=cfg.train.epochs, reported_batches=batches.reported,
         info={"total_params": n, "trainable_params": n, "reduction": 0.0,
               "student_dtype": precision.student_dtype(cfg.student), **info}, title=title,
-        put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)
+        put_batch=place.put_seeded_batch if seeded else place.put_batch, put_eval_batch=place.put_batch,
+        on_nonfinite=cfg.train.on_nonfinite, seeds=tuple(cfg.train.seeds), seed_info=seed_info or {})
 
 
-def build_distill_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], teacher: Teacher) -> Task:
-    d = cfg.distill
-    if d.cache_teacher_logits:
-        consts = {"teacher_logits": teacher_logits_for(teacher, splits["train"], cfg.train.batch_size)}
-        objective = distillation_objective(d.temperature, d.alpha)
-    else:
-        consts = {"teacher": teacher.params}
-        objective = distillation_objective(d.temperature, d.alpha, teacher.model)
-    info = {"teacher": str(teacher.run_dir), "teacher_model": teacher.config.model.name,
+def _teacher_info(teacher: Teacher) -> dict:
+    return {"teacher": str(teacher.run_dir), "teacher_model": teacher.config.model.name,
             "teacher_total_params": teacher.total_params, "teacher_trainable_params": teacher.trainable_params,
             "teacher_val_accuracy": teacher.val_accuracy,
             "teacher_compute_dtype": precision.compute_dtype(teacher.config.model),
-            "teacher_base_dtype": precision.base_dtype(teacher.config.model),
-            "temperature": d.temperature, "alpha": d.alpha,
-            "train_loss": "T^2 KL(teacher||student) + alpha CE", "val_loss": "CE"}
+            "teacher_base_dtype": precision.base_dtype(teacher.config.model)}
+
+
+def build_distill_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], teacher: Teacher | dict[int, Teacher]
+                       ) -> Task:
+    """The distillation task; `teacher` is one teacher for every seed, or {seed: teacher} (cached logits stacked
+    per seed, so student seed k learns from teacher seed k)."""
+    d = cfg.distill
+    seed_info: dict[int, dict] = {}
+    if isinstance(teacher, dict):
+        logits = [teacher_logits_for(teacher[seed], splits["train"], cfg.train.batch_size)
+                  for seed in cfg.train.seeds]
+        consts, consts_axes = {"teacher_logits": jnp.stack(logits)}, {"teacher_logits": 0}
+        objective = distillation_objective(d.temperature, d.alpha)
+        seed_info = {seed: _teacher_info(t) for seed, t in teacher.items()}
+        first = teacher[cfg.train.seeds[0]]
+        info = {**_teacher_info(first), "teacher": str(first.run_dir.parent), "teacher_per_seed": True}
+        del info["teacher_val_accuracy"]  # each seed's own is in its seed dir's summary
+        place = first.placement
+        consts = place.state(consts)
+    else:
+        if d.cache_teacher_logits:
+            consts = {"teacher_logits": teacher_logits_for(teacher, splits["train"], cfg.train.batch_size)}
+            objective = distillation_objective(d.temperature, d.alpha)
+        else:
+            consts = {"teacher": teacher.params}
+            objective = distillation_objective(d.temperature, d.alpha, teacher.model)
+        consts_axes, info, place = None, _teacher_info(teacher), teacher.placement
+        first = teacher
+    info.update({"temperature": d.temperature, "alpha": d.alpha,
+                 "train_loss": "T^2 KL(teacher||student) + alpha CE", "val_loss": "CE"})
     return _task(cfg, splits, kind="distill", consts=consts, objective=objective, info=info,
-                 title=f"DistilRNN ({teacher.config.model.name} teacher)", place=teacher.placement)
+                 title=f"DistilRNN ({first.config.model.name} teacher)", place=place, consts_axes=consts_axes,
+                 seed_info=seed_info)
 
 
 def build_rnn_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
@@ -256,12 +316,19 @@ def build_rnn_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Tas
                  info={"train_loss": "CE", "val_loss": "CE"}, title="RNN from scratch")
 
 
+def restore_teachers(dirs: dict[int, str], cfg: Config) -> Teacher | dict[int, Teacher]:
+    """One Teacher when every seed has the same teacher dir, else {seed: Teacher}."""
+    if len(set(dirs.values())) == 1:
+        return restore_teacher(next(iter(dirs.values())), cfg)
+    return {seed: restore_teacher(path, cfg) for seed, path in dirs.items()}
+
+
 def distill_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """The whole distillation run into cfg.run.dir; the teacher is checked before anything is built or written."""
     runtime.setup(cfg)
-    check_teacher(cfg.distill.teacher, cfg)
-    return loop.train_and_evaluate(cfg, lambda splits: build_distill_task(
-        cfg, splits, restore_teacher(cfg.distill.teacher, cfg)), resume=resume, progress=progress)
+    dirs = teacher_dirs(cfg)
+    return loop.train_and_evaluate(cfg, lambda splits: build_distill_task(cfg, splits, restore_teachers(dirs, cfg)),
+                                   resume=resume, progress=progress)
 
 
 def train_rnn_and_evaluate(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 from lora_kd_jax import convert, peft_format, runs
 from lora_kd_jax.config import Config, ConfigError, validate
 from lora_kd_jax.convert import TRANSFORMER_PREFIX
-from lora_kd_jax.keys import run_keys
+from lora_kd_jax.keys import classifier_base_key, run_keys
 from lora_kd_jax.models.gpt2_layout import PAD_ID
 from lora_kd_jax.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportError
 
@@ -76,7 +76,7 @@ def original_base(cfg: Config, params: Params) -> Params:
     from lora_kd_jax.models import gpt2
     from lora_kd_jax.trainable import partition
 
-    _, base = gpt2.load_base(cfg.model, run_keys(cfg.train.seed).classifier.base)
+    _, base = gpt2.load_base(cfg.model, classifier_base_key(cfg))
     _, frozen_rebuilt = partition({"gpt2": base})
     _, frozen = partition({"gpt2": params["gpt2"]})
     a, b = convert.flatten(frozen_rebuilt, "/"), convert.flatten(frozen, "/")
@@ -176,7 +176,7 @@ def import_peft(peft_dir: str | os.PathLike, cfg: Config) -> tuple[Config, Any, 
         validate(cfg)
     except ConfigError as e:
         raise ExportError(f"{adapter.where}: its settings do not make a valid config: {e}") from None
-    model, params = build_classifier(cfg, run_keys(cfg.train.seed).model)
+    model, params = build_classifier(cfg, run_keys(cfg.train.seed).model, base_key=classifier_base_key(cfg))
     params = jax.tree.map(jax.numpy.asarray, peft_format.adapter_params(adapter, params, model.spec))
     return cfg, model, params
 

@@ -13,13 +13,14 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 from tqdm.auto import tqdm
 
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import plots, rundir
+from lora_kd_jax import seeds as seeds_lib
 from lora_kd_jax.checkpoint import CheckpointError, CheckpointStore
 from lora_kd_jax.errors import UserError
 from lora_kd_jax.mesh import is_main_process
@@ -44,8 +45,12 @@ class Task:
     reported_batches: dict[str, Callable[[], Iterable[Batch]]] = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)  # params report etc., copied into the summary
     title: str = ""
-    put_batch: Callable[[Batch], Batch] = jax.device_put  # host batch -> device (sharded over the mesh)
+    put_batch: Callable[[Batch], Batch] = jax.device_put  # host train batch -> device (sharded over the mesh)
+    put_eval_batch: Callable[[Batch], Batch] | None = None  # eval batches (no seed axis); None = put_batch
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/Inf training loss does (steps skip its update either way)
+    # many seeds at once (seeds.py): state, train batches and step sums carry a leading seed axis; () = one run
+    seeds: tuple[int, ...] = ()
+    seed_info: dict[int, dict] = dataclasses.field(default_factory=dict)  # per-seed summary entries (its teacher)
 
 
 class TrainingInterrupted(UserError, RuntimeError):
@@ -103,12 +108,58 @@ def _summary(history: list[dict]) -> dict:
     return out
 
 
+class _Lanes:
+    """The loop's view of a task as one or more independent runs (lanes): a single run is one lane holding the whole
+    state; a seeded task has one lane per seed, each a slice of the stacked state with its own best checkpoint in
+    its seed dir."""
+
+    def __init__(self, task: Task, run_dir: Path, store: CheckpointStore):
+        self.seeds = list(task.seeds)
+        self.seeded = bool(self.seeds)
+        self.n = len(self.seeds) if self.seeded else 1
+        self.labels = [f"seed {k}: " for k in self.seeds] if self.seeded else [""]
+        self.dirs = [seeds_lib.seed_dir(run_dir, k) for k in self.seeds] if self.seeded else [run_dir]
+        self.best_stores = ([CheckpointStore(d / "checkpoints", with_latest=False) for d in self.dirs]
+                            if self.seeded else [store])
+
+    def zeros(self) -> dict:
+        return _zero_sums(self.seeds)
+
+    def summarize(self, sums: dict) -> list[dict]:
+        """Per-lane metrics from (stacked) sums: one device->host transfer for all lanes."""
+        host = jax.device_get(sums)
+        return ([metrics_lib.summarize(seeds_lib.take(host, i)) for i in range(self.n)] if self.seeded
+                else [metrics_lib.summarize(host)])
+
+    def tree(self, tree: Any, i: int) -> Any:
+        return seeds_lib.take(tree, i) if self.seeded else tree
+
+    def close(self) -> None:
+        if self.seeded:
+            for store in self.best_stores:
+                store.close()
+
+
 def evaluate(task: Task, batches: Callable[[], Iterable[Batch]] | None = None) -> dict[str, float]:
-    """Loss, accuracy, MCC and count of the task's state on `batches` (default: the validation set)."""
-    sums = metrics_lib.zeros()
-    for batch in prefetch((batches or task.eval_batches)(), task.put_batch):
-        sums = metrics_lib.add(sums, task.eval_step(task.state, task.consts, batch))
+    """Loss, accuracy, MCC and count of the task's state on `batches` (default: the validation set); a seeded task
+    gets {seed: metrics}."""
+    sums = _eval_sums(task, batches)
+    if task.seeds:
+        host = jax.device_get(sums)
+        return {k: metrics_lib.summarize(seeds_lib.take(host, i)) for i, k in enumerate(task.seeds)}
     return metrics_lib.summarize(sums)
+
+
+def _zero_sums(seeds: Sequence[int]) -> dict:
+    """Empty metric sums: one set, or one per seed (stacked)."""
+    return seeds_lib.stack([metrics_lib.zeros()] * len(seeds)) if seeds else metrics_lib.zeros()
+
+
+def _eval_sums(task: Task, batches: Callable[[], Iterable[Batch]] | None = None) -> dict:
+    sums = _zero_sums(task.seeds)
+    for batch in prefetch((batches or task.eval_batches)(), task.put_eval_batch or task.put_batch):
+        sums = metrics_lib.add(sums, task.eval_step(task.state, task.consts, batch))
+    return sums
 
 
 def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool = False, progress: bool = True
@@ -122,57 +173,90 @@ def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool =
         task = build(splits.encoded)
         task.info["data"] = splits.report()
         summary = run_epochs(task, run_dir, resume=resume, progress=progress)
-        log.info("best val accuracy %.4f at epoch %d (train accuracy %.4f, val MCC %.4f)",
-                 summary["best_val_accuracy"], summary["best_epoch"], summary["train_accuracy_at_best"],
-                 summary["val_mcc_at_best"])
+        if task.seeds:
+            agg = summary["seed_stats"]
+            log.info("%d seeds: best val accuracy %s, val MCC %s (mean ± std (min–max), %%)", len(task.seeds),
+                     seeds_lib.format_stat(agg["best_val_accuracy"], 100),
+                     seeds_lib.format_stat(agg["val_mcc_at_best"], 100))
+        else:
+            log.info("best val accuracy %.4f at epoch %d (train accuracy %.4f, val MCC %.4f)",
+                     summary["best_val_accuracy"], summary["best_epoch"], summary["train_accuracy_at_best"],
+                     summary["val_mcc_at_best"])
     return summary
 
 
 def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train task.epochs epochs (continuing a checkpointed run if `resume`); return the summary."""
     run_dir = Path(run_dir)
-    store = CheckpointStore(run_dir / "checkpoints")
+    store = CheckpointStore(run_dir / "checkpoints", with_best=not task.seeds)
+    lanes = _Lanes(task, run_dir, store)
     if is_main_process():
         store.clean_unfinished()
-    history: list[dict] = []
+        if lanes.seeded:
+            for best_store in lanes.best_stores:
+                best_store.clean_unfinished()
+    histories: list[list[dict]] = [[] for _ in range(lanes.n)]
+    best_steps: list[int | None] = [None] * lanes.n
     start_epoch, start_batch = 0, 0
-    train_sums = metrics_lib.zeros()
+    train_sums = lanes.zeros()
     wall_before = 0.0
-    best_step: int | None = None
-    if resume and store.has_latest():
-        tree, record, step = store.restore_latest({"state": task.state, "train_sums": train_sums})
-        if record.get("kind") != task.kind:
-            raise CheckpointError(f"{run_dir}: checkpoint is a '{record.get('kind')}' run, not '{task.kind}'")
-        task.state, train_sums = tree["state"], tree["train_sums"]
-        history, start_epoch, start_batch = record["history"], record["epoch"], record["next_batch"]
-        wall_before = record.get("wall_time_s", 0.0)
-        best_step = record.get("best_step")
-        log.info("resumed from checkpoint step %d: epoch %d, batch %d", step, start_epoch + 1, start_batch)
-        if best_step is not None and not store.has_best(best_step):
-            if best_step == step:  # the best save was cut off: the state at hand is that best state
-                store.save(step, {"state": task.state, "train_sums": train_sums}, record, best=True)
-                log.warning("the best checkpoint (step %d) was missing; rewritten from the restored state", step)
-            else:
-                raise CheckpointError(f"{run_dir / 'checkpoints' / 'best'}: the best checkpoint (step {best_step}) "
-                                      "is missing and cannot be rebuilt from the latest one; start the run again "
-                                      "with run.overwrite=true")
-    elif resume:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
-
     t0 = time.perf_counter()
 
     def record_for(epoch: int, next_batch: int) -> dict:
-        return {"kind": task.kind, "epoch": epoch, "next_batch": next_batch, "history": history,
-                "best_step": best_step, "wall_time_s": wall_before + time.perf_counter() - t0}
+        common = {"kind": task.kind, "epoch": epoch, "next_batch": next_batch,
+                  "wall_time_s": wall_before + time.perf_counter() - t0}
+        if lanes.seeded:
+            return {**common, "seeds": lanes.seeds, "seed_histories": histories, "best_steps": best_steps}
+        return {**common, "history": histories[0], "best_step": best_steps[0]}
+
+    def lane_record(i: int, epoch: int, next_batch: int) -> dict:
+        """What lane i's best checkpoint records: a single run's record."""
+        return {"kind": task.kind, "epoch": epoch, "next_batch": next_batch, "history": histories[i],
+                "best_step": best_steps[i], "wall_time_s": wall_before + time.perf_counter() - t0}
 
     def step_number() -> int:
-        return int(jax.device_get(task.state.step)) if hasattr(task.state, "step") else 0
+        if not hasattr(task.state, "step"):
+            return 0
+        step = jax.device_get(task.state.step)
+        return int(step[0]) if lanes.seeded else int(step)
+
+    def tree() -> dict:
+        return {"state": task.state, "train_sums": train_sums}
+
+    if resume and store.has_latest():
+        restored, record, step = store.restore_latest(tree())
+        if record.get("kind") != task.kind:
+            raise CheckpointError(f"{run_dir}: checkpoint is a '{record.get('kind')}' run, not '{task.kind}'")
+        if lanes.seeded and record.get("seeds") != lanes.seeds:
+            raise CheckpointError(f"{run_dir}: the checkpoint holds seeds {record.get('seeds')}, this run "
+                                  f"train.seeds={lanes.seeds}; resume with the run's own seed list")
+        task.state, train_sums = restored["state"], restored["train_sums"]
+        if lanes.seeded:
+            histories, best_steps = record["seed_histories"], record["best_steps"]
+        else:
+            histories, best_steps = [record["history"]], [record.get("best_step")]
+        start_epoch, start_batch = record["epoch"], record["next_batch"]
+        wall_before = record.get("wall_time_s", 0.0)
+        log.info("resumed from checkpoint step %d: epoch %d, batch %d", step, start_epoch + 1, start_batch)
+        for i, best_step in enumerate(best_steps):
+            if best_step is None or lanes.best_stores[i].has_best(best_step):
+                continue
+            where = lanes.dirs[i] / "checkpoints" / "best"
+            if best_step != step:
+                raise CheckpointError(f"{where}: the best checkpoint (step {best_step}) is missing and cannot be "
+                                      "rebuilt from the latest one; start the run again with run.overwrite=true")
+            # the best save was cut off: the state at hand is that best state
+            lanes.best_stores[i].save(step, lanes.tree(tree(), i), lane_record(i, start_epoch, start_batch), best=True)
+            log.warning("%sthe best checkpoint (step %d) was missing; rewritten from the restored state",
+                        lanes.labels[i], step)
+    elif resume:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
 
     with _StopFlag() as stop:
         for epoch in range(start_epoch, task.epochs):
             first = start_batch if epoch == start_epoch else 0
             if first == 0:
-                train_sums = metrics_lib.zeros()
+                train_sums = lanes.zeros()
             bar = tqdm(total=task.n_train_batches, initial=first, desc=f"{task.title} epoch {epoch + 1}/{task.epochs}",
                        disable=not (progress and is_main_process()), leave=False, mininterval=1.0)
             batch_index = first
@@ -183,44 +267,81 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
                 bar.update(1)
                 if stop.signal is not None:
                     bar.close()
-                    store.save(step_number(), {"state": task.state, "train_sums": train_sums},
-                               record_for(epoch, batch_index))
+                    store.save(step_number(), tree(), record_for(epoch, batch_index))
                     store.close()
+                    lanes.close()
                     raise TrainingInterrupted(f"signal {stop.signal} at epoch {epoch + 1}, batch {batch_index}: "
                                               f"checkpoint saved in {run_dir / 'checkpoints'}; continue with --resume")
             bar.close()
-            train = metrics_lib.summarize(train_sums)
-            if train.get("nonfinite"):
-                where = (f"epoch {epoch + 1}: {train['nonfinite']} batch(es) had a NaN/Inf training loss, the first "
-                         f"at step {train['first_nonfinite_step']}")
-                if task.on_nonfinite == "stop":
-                    store.close()
-                    raise NonFiniteLoss(f"{where}; stopped without saving this epoch, the last good checkpoint is kept "
-                                        f"in {run_dir / 'checkpoints'} (train.on_nonfinite=skip drops such batches)")
-                log.warning("%s; their updates were skipped (train.on_nonfinite=skip)", where)
-            val = evaluate(task)
-            reported = {name: evaluate(task, batches) for name, batches in task.reported_batches.items()}
-            history.append({"epoch": epoch + 1, "train": train, "val": val,
-                            **({"reported": reported} if reported else {})})
-            is_best = val["accuracy"] > max((h["val"]["accuracy"] for h in history[:-1]), default=-1.0)
-            if is_best:
-                best_step = step_number()
-            store.save(step_number(), {"state": task.state, "train_sums": train_sums}, record_for(epoch + 1, 0),
-                       best=is_best)
-            log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f mcc %.4f%s%s", epoch + 1,
-                     task.epochs, train["loss"], train["accuracy"], val["loss"], val["accuracy"], val["mcc"],
-                     "".join(f" | {name} acc {m['accuracy']:.4f} mcc {m['mcc']:.4f}" for name, m in reported.items()),
-                     "  (best)" if is_best else "")
-            _write(run_dir, task, history, wall_before + time.perf_counter() - t0)
+            trains = lanes.summarize(train_sums)
+            _check_finite(task, trains, lanes, epoch, run_dir, store)
+            vals = lanes.summarize(_eval_sums(task))
+            reported = {name: lanes.summarize(_eval_sums(task, batches))
+                        for name, batches in task.reported_batches.items()}
+            step = step_number()
+            for i in range(lanes.n):
+                rep = {name: per_lane[i] for name, per_lane in reported.items()}
+                histories[i].append({"epoch": epoch + 1, "train": trains[i], "val": vals[i],
+                                     **({"reported": rep} if rep else {})})
+                is_best = vals[i]["accuracy"] > max((h["val"]["accuracy"] for h in histories[i][:-1]), default=-1.0)
+                if is_best:
+                    best_steps[i] = step
+                    if lanes.seeded:  # best before latest, as for one run
+                        lanes.best_stores[i].save(step, lanes.tree(tree(), i), lane_record(i, epoch + 1, 0),
+                                                  best=True)
+                log.info("%sepoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f mcc %.4f%s%s",
+                         lanes.labels[i], epoch + 1, task.epochs, trains[i]["loss"], trains[i]["accuracy"],
+                         vals[i]["loss"], vals[i]["accuracy"], vals[i]["mcc"],
+                         "".join(f" | {name} acc {m['accuracy']:.4f} mcc {m['mcc']:.4f}" for name, m in rep.items()),
+                         "  (best)" if is_best else "")
+            improved_single = not lanes.seeded and best_steps[0] == step
+            store.save(step, tree(), record_for(epoch + 1, 0), best=improved_single)
+            _write(run_dir, task, lanes, histories, wall_before + time.perf_counter() - t0)
     store.close()
-    if not history:
+    lanes.close()
+    if not histories[0]:
         raise ValueError("no epochs were run (train.epochs is already reached by the checkpoint?)")
-    return _write(run_dir, task, history, wall_before + time.perf_counter() - t0)
+    return _write(run_dir, task, lanes, histories, wall_before + time.perf_counter() - t0)
 
 
-def _write(run_dir: Path, task: Task, history: list[dict], wall: float) -> dict:
-    summary = {**_summary(history), **task.info, "wall_time_s": wall}
+def _check_finite(task: Task, trains: list[dict], lanes: _Lanes, epoch: int, run_dir: Path,
+                  store: CheckpointStore) -> None:
+    for label, train in zip(lanes.labels, trains):
+        if not train.get("nonfinite"):
+            continue
+        where = (f"{label}epoch {epoch + 1}: {train['nonfinite']} batch(es) had a NaN/Inf training loss, the first "
+                 f"at step {train['first_nonfinite_step']}")
+        if task.on_nonfinite == "stop":
+            store.close()
+            lanes.close()
+            raise NonFiniteLoss(f"{where}; stopped without saving this epoch, the last good checkpoint is kept "
+                                f"in {run_dir / 'checkpoints'} (train.on_nonfinite=skip drops such batches)")
+        log.warning("%s; their updates were skipped (train.on_nonfinite=skip)", where)
+
+
+def _write(run_dir: Path, task: Task, lanes: _Lanes, histories: list[list[dict]], wall: float) -> dict:
+    if not lanes.seeded:
+        summary = {**_summary(histories[0]), **task.info, "wall_time_s": wall}
+        if is_main_process():
+            rundir.write_metrics(run_dir, {"kind": task.kind, "epochs": histories[0], "summary": summary})
+            plots.plot_curves(histories[0], run_dir, task.title)
+        return summary
+    per_seed = {}
+    for k, seed_dir, history in zip(lanes.seeds, lanes.dirs, histories):
+        per_seed[k] = {**_summary(history), **task.info, **task.seed_info.get(k, {}), "seed": k, "wall_time_s": wall}
+        if is_main_process():
+            rundir.write_metrics(seed_dir, {"kind": task.kind, "epochs": history, "summary": per_seed[k]})
+            plots.plot_curves(history, seed_dir, f"{task.title} seed {k}")
+    summary = {"seeds": lanes.seeds, "seed_stats": seeds_lib.aggregate(per_seed, SEED_STAT_KEYS),
+               "per_seed": {str(k): {key: s[key] for key in SEED_STAT_KEYS if key in s} for k, s in per_seed.items()},
+               **task.info, "wall_time_s": wall}
     if is_main_process():
-        rundir.write_metrics(run_dir, {"kind": task.kind, "epochs": history, "summary": summary})
-        plots.plot_curves(history, run_dir, task.title)
+        rundir.write_metrics(run_dir, {"kind": task.kind, "seeds": lanes.seeds,
+                                       "epochs": seeds_lib.epoch_stats(histories), "summary": summary})
+        plots.plot_seed_curves(dict(zip(lanes.seeds, histories)), run_dir, task.title)
     return summary
+
+
+# what the aggregate of a seeded run reports (mean, std, min, max over seeds); out-of-domain keys where present
+SEED_STAT_KEYS = ("best_val_accuracy", "val_mcc_at_best", "train_accuracy_at_best", "val_loss_at_best", "best_epoch",
+                  "out_of_domain_accuracy_at_best", "out_of_domain_mcc_at_best")

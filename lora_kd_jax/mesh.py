@@ -136,6 +136,10 @@ class Placement:
     def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         return place_batch(batch, self.batch)
 
+    def put_seeded_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A batch with a leading seed axis [N, B, ...]: rows split over the mesh as for one seed, seeds not."""
+        return place_batch(batch, NamedSharding(self.mesh, P(None, BATCH_AXES)))
+
 
 def run_placement(cfg: Any) -> Placement:
     """The placement a run's config asks for (its mesh, and both batch sizes checked against it)."""

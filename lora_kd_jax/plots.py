@@ -36,6 +36,40 @@ def plot_curves(history: Sequence[Mapping], run_dir: str | os.PathLike, title: s
     return out
 
 
+def plot_seed_curves(histories: Mapping[int, Sequence[Mapping]], run_dir: str | os.PathLike,
+                     title: str = "") -> list[Path]:
+    """accuracy.png and loss.png of a seeded run: per split the mean over seeds, a band from the lowest to the highest
+    seed, and every seed faintly (reported sets dashed, as in `plot_curves`)."""
+    import numpy as np
+
+    out = []
+    runs = list(histories.values())
+    epochs = [h["epoch"] for h in runs[0]]
+    n = min(len(h) for h in runs)
+    splits = [(s, lambda h, s=s: h[s], "-") for s in ("train", "val")]
+    splits += [(name, lambda h, name=name: h["reported"][name], "--") for name in runs[0][0].get("reported", {})]
+    for metric, ylabel in (("accuracy", "accuracy"), ("loss", "loss")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for split, get, style in splits:
+            values = np.array([[get(h)[metric] for h in run[:n]] for run in runs])
+            (line,) = ax.plot(epochs[:n], values.mean(axis=0), marker="o", linestyle=style,
+                              label=f"{split.replace('_', '-')} (mean of {len(runs)})")
+            ax.fill_between(epochs[:n], values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+            for row in values:
+                ax.plot(epochs[:n], row, color=line.get_color(), linestyle=style, linewidth=0.6, alpha=0.35)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} {metric}, seeds {', '.join(map(str, histories))} (band: min–max)".strip(), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = Path(run_dir) / f"{metric}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
 def plot_val_accuracy(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike,
                       reference: Mapping[str, float] | None = None) -> Path:
     """Validation accuracy per epoch for several runs on one axes (results.png of reproduce_seed)."""

@@ -53,8 +53,19 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
     if cfg.run.overwrite and not resume:  # a fresh start: nothing of the previous run may mix with this one
         _remove_outputs(run_dir)
     save_config(resolved_config(cfg), cfg_path)
+    _prepare_seed_dirs(cfg, run_dir)
     attach_log(run_dir)
     return run_dir
+
+
+def _prepare_seed_dirs(cfg: Config, run_dir: Path) -> None:
+    """A seeded run's seed_<k>/config.yaml: each seed dir reads as a single run with train.seed=k."""
+    from lora_kd_jax import seeds
+
+    for seed in cfg.train.seeds:
+        seed_cfg = seeds.seed_config(cfg, seed)
+        make_dir(Path(seed_cfg.run.dir))
+        save_config(resolved_config(seed_cfg), Path(seed_cfg.run.dir) / CONFIG_FILE)
 
 
 def make_dir(run_dir: Path) -> None:
@@ -70,6 +81,10 @@ def make_dir(run_dir: Path) -> None:
 def _remove_outputs(run_dir: Path) -> None:
     import shutil
 
+    from lora_kd_jax import seeds
+
+    for seed_dir in seeds.seed_dirs(run_dir):
+        shutil.rmtree(seed_dir)
     for name in RUN_OUTPUTS:
         path = run_dir / name
         if path.is_dir():
@@ -131,7 +146,13 @@ def _has_results(run_dir: Path) -> bool:
 
 
 def _undo_start(run_dir: Path, *, remove_dir: bool) -> None:
+    import shutil
+
+    from lora_kd_jax import seeds
+
     detach_log(run_dir)
+    for seed_dir in seeds.seed_dirs(run_dir):  # written by this start (it had no config): nothing trained in them
+        shutil.rmtree(seed_dir)
     for name in (CONFIG_FILE, LOG_FILE):
         (run_dir / name).unlink(missing_ok=True)
     checkpoints = run_dir / "checkpoints"

@@ -83,10 +83,13 @@ def inspect_run(path: str | Path, *, kind: str | None = None, which: str = "best
     if which not in WHICH:
         raise RunError(f"which={which!r}: expected one of {', '.join(WHICH)}")
     run_dir = find_run_dir(path)
-    try:
-        cfg = from_dict(rundir.read_config(run_dir), str(run_dir / rundir.CONFIG_FILE))
-    except ConfigError as e:
-        raise RunError(f"{run_dir / rundir.CONFIG_FILE} is not a valid run config: {e}") from None
+    cfg = read_run_config(run_dir)
+    if cfg.train.seeds:
+        from lora_kd_jax.seeds import seed_dir
+
+        raise RunError(f"{run_dir} holds {len(cfg.train.seeds)} seeds (train.seeds={cfg.train.seeds}), each a run of "
+                       f"its own: name one, e.g. {seed_dir(run_dir, cfg.train.seeds[0])} (or pass --seed "
+                       f"{cfg.train.seeds[0]})")
     record: dict = {}
     metrics_path = run_dir / rundir.METRICS_FILE
     if metrics_path.is_file():
@@ -100,6 +103,61 @@ def inspect_run(path: str | Path, *, kind: str | None = None, which: str = "best
         raise RunError(f"{run_dir} has no {which} checkpoint ({run_dir / 'checkpoints' / which} holds no step){never}")
     return RunInfo(path=run_dir, config=cfg, kind=found, summary=record.get("summary", {}),
                    epochs_done=len(record.get("epochs", [])))
+
+
+def run_seeds(path: str | Path) -> list[int]:
+    """The seed list of the run at `path` (its config's train.seeds; [] for a single-seed run), read cheaply."""
+    return list(read_run_config(find_run_dir(path)).train.seeds)
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """A run dir's config.yaml, validated; a RunError naming the file when it is not a valid config."""
+    try:
+        return from_dict(rundir.read_config(run_dir), str(run_dir / rundir.CONFIG_FILE))
+    except ConfigError as e:
+        raise RunError(f"{run_dir / rundir.CONFIG_FILE} is not a valid run config: {e}") from None
+
+
+def seed_run_dirs(path: str | Path, seed: int | None = None) -> dict[int, Path]:
+    """{seed: run dir} that `path` (and `--seed`) name: a seeded run's seed dirs (all, or the one asked for), or
+    the single run itself. Asking a single run for a seed it was not trained with is an error."""
+    from lora_kd_jax.seeds import seed_dir
+
+    run_dir = find_run_dir(path)
+    cfg = read_run_config(run_dir)
+    seeds = list(cfg.train.seeds)
+    if not seeds:
+        own = cfg.train.seed
+        if seed is not None and seed != own:
+            raise RunError(f"--seed {seed}: {run_dir} is a single run with train.seed={own}")
+        return {own: run_dir}
+    if seed is None:
+        return {k: seed_dir(run_dir, k) for k in seeds}
+    if seed not in seeds:
+        raise RunError(f"--seed {seed}: {run_dir} trained seeds {seeds}; pick one of them")
+    return {seed: seed_dir(run_dir, seed)}
+
+
+def one_run_dir(path: str | Path, seed: int | None = None) -> tuple[Path, str]:
+    """The one run a command that reads one run (predict, export-peft, merge) uses, and a note saying which: the
+    run itself, seed `seed` of a seeded run, or by default the seed with the best validation accuracy (ties: the
+    first seed)."""
+    dirs = seed_run_dirs(path, seed)
+    if len(dirs) == 1:
+        (k, run_dir), = dirs.items()
+        return run_dir, (f"seed {k} of {find_run_dir(path)}" if run_dir != find_run_dir(path) else "")
+    scores = {}
+    for k, run_dir in dirs.items():
+        metrics = run_dir / rundir.METRICS_FILE
+        if metrics.is_file():
+            scores[k] = read_json_object(metrics, RunError).get("summary", {}).get("best_val_accuracy")
+    scored = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    if not scored:
+        raise RunError(f"{find_run_dir(path)}: no seed has finished an epoch (no seed_<k>/{rundir.METRICS_FILE}); "
+                       "nothing to choose from")
+    best = max(scored, key=lambda k: (scored[k], -k))
+    return dirs[best], (f"seed {best} of {find_run_dir(path)}: the best validation accuracy ({scored[best]:.4f}) of "
+                        f"seeds {sorted(dirs)}; --seed K picks another")
 
 
 def open_run(path: str | Path, *, kind: str | None = None, which: str = "best") -> Run:
@@ -134,7 +192,7 @@ def open_run(path: str | Path, *, kind: str | None = None, which: str = "best") 
 
 def _rebuild(cfg: Config, kind: str) -> tuple[Any, Params, Any]:
     """(model, frozen params or {}, a train state shaped like the checkpoint's) for a run of `kind`."""
-    from lora_kd_jax.keys import run_keys
+    from lora_kd_jax.keys import classifier_base_key, run_keys
     from lora_kd_jax.steps import init_state
     from lora_kd_jax.trainable import adam, make_optimizer, partition
 
@@ -146,6 +204,6 @@ def _rebuild(cfg: Config, kind: str) -> tuple[Any, Params, Any]:
         return student, {}, init_state(params, adam(cfg.train.lr), keys.dropout)
     from lora_kd_jax.models.classifier import build_classifier
 
-    model, params = build_classifier(cfg, keys.model)
+    model, params = build_classifier(cfg, keys.model, base_key=classifier_base_key(cfg))
     trainable, frozen = partition(params)
     return model, frozen, init_state(trainable, make_optimizer(cfg.train.lr), keys.dropout)

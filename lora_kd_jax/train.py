@@ -11,11 +11,12 @@ from lora_kd_jax import data as data_lib
 from lora_kd_jax import metrics as metrics_lib
 from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax import loop, precision, runtime, steps
+from lora_kd_jax import seeds as seeds_lib
 from lora_kd_jax.config import Config
-from lora_kd_jax.keys import run_keys
+from lora_kd_jax.keys import classifier_base_key, run_keys
 from lora_kd_jax.loop import Task
 from lora_kd_jax.models import gpt2
-from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier
+from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier, init_adapters
 from lora_kd_jax.steps import TrainState, init_state
 from lora_kd_jax.trainable import ParamReport, cast_frozen, combine, make_optimizer, param_report, partition
 
@@ -32,50 +33,62 @@ def loss_and_sums(model: GPT2Classifier, params: Params, batch: Batch, *, determ
     return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
 
 
-def make_train_step(model: GPT2Classifier, tx: optax.GradientTransformation,
+def make_train_step(model: GPT2Classifier, tx: optax.GradientTransformation, seeded: steps.Seeded | None = None
                     ) -> Callable[[TrainState, Params, Batch], tuple[TrainState, dict]]:
-    """LoRA step: consts is the frozen tree (an argument, never a compiled-in constant, never donated)."""
+    """LoRA step: consts is the frozen tree (an argument, never a compiled-in constant, never donated; with
+    `seeded`, one copy shared by every seed)."""
 
     def loss_fn(trainable: Params, frozen: Params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
         return loss_and_sums(model, combine(trainable, frozen), batch, deterministic=False, rng=rng)
 
-    return steps.make_guarded_step(loss_fn, tx)
+    return steps.make_guarded_step(loss_fn, tx, seeded)
 
 
-def make_eval_step(model: GPT2Classifier) -> Callable[[TrainState, Params, Batch], dict]:
+def make_eval_step(model: GPT2Classifier, seeded: steps.Seeded | None = None
+                   ) -> Callable[[TrainState, Params, Batch], dict]:
     return steps.make_eval_step(lambda trainable, frozen, batch: model.logits(
-        combine(trainable, frozen), batch["input_ids"], batch["attention_mask"], deterministic=True))
+        combine(trainable, frozen), batch["input_ids"], batch["attention_mask"], deterministic=True), seeded)
 
 
 def dry_run(cfg: Config) -> ParamReport:
     """Parameter report from shapes alone: no weights are loaded or allocated."""
     cfg = gpt2.with_checkpoint_size(cfg)
-    _, shapes = build_classifier(cfg, run_keys(cfg.train.seed).model, shapes_only=True)
+    _, shapes = build_classifier(cfg, run_keys(seeds_lib.seed_list(cfg)[0]).model, shapes_only=True)
     return param_report(shapes)
 
 
 def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> tuple[Task, GPT2Classifier, Params]:
-    """Model, optimizer, state and batch sources for a LoRA run; also returns the frozen tree."""
+    """Model, optimizer, state and batch sources for a LoRA run; also returns the frozen tree. With train.seeds the
+    state stacks one trainable state per seed (its own adapters, head and dropout key) over one frozen base."""
     place = mesh_lib.run_placement(cfg)
-    keys = run_keys(cfg.train.seed)
-    model, params = build_classifier(cfg, keys.model)
+    seed_list = seeds_lib.seed_list(cfg)
+    model, params = build_classifier(cfg, run_keys(seed_list[0]).model, base_key=classifier_base_key(cfg))
     report = param_report(params)
-    trainable, frozen = partition(params)
+    _, frozen = partition(params)
     tx = make_optimizer(cfg.train.lr)
-    state = place.state(init_state(trainable, tx, keys.dropout))
+    states = []
+    for seed in seed_list:
+        keys = run_keys(seed)
+        trainable, _ = partition(init_adapters(model, params["gpt2"], keys.model))
+        states.append(init_state(trainable, tx, keys.dropout))
+    seeded = steps.Seeded(consts_axes=None) if seeds_lib.is_seeded(cfg) else None
+    state = place.state(seeds_lib.stack(states) if seeded else states[0])
     compute, base = precision.compute_dtype(cfg.model), precision.base_dtype(cfg.model)
     frozen = place.frozen(cast_frozen(frozen, base))
-    log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)",
-             cfg.model.name, compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend())
+    log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)%s",
+             cfg.model.name, compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend(),
+             f"; {len(seed_list)} seeds {seed_list} in one program, one shared base" if seeded else "")
     batches = data_lib.batch_sources(splits, cfg)
     task = Task(
         kind="lora", state=state, consts=frozen,
-        train_step=make_train_step(model, tx), eval_step=make_eval_step(model),
+        train_step=make_train_step(model, tx, seeded), eval_step=make_eval_step(model, seeded),
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
         epochs=cfg.train.epochs, reported_batches=batches.reported,
         info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction,
               "compute_dtype": compute, "base_dtype": base},
-        title=f"LoRA {cfg.model.name}", put_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite)
+        title=f"LoRA {cfg.model.name}", put_batch=place.put_seeded_batch if seeded else place.put_batch,
+        put_eval_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite,
+        seeds=tuple(cfg.train.seeds))
     return task, model, frozen
 
 

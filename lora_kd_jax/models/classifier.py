@@ -68,23 +68,35 @@ class GPT2Classifier:
         return {"gpt2": base, "head": params["head"]}
 
 
-def build_classifier(cfg: Config, key: jax.Array, *, with_lora: bool = True,
+def build_classifier(cfg: Config, key: jax.Array, *, base_key: jax.Array | None = None, with_lora: bool = True,
                      shapes_only: bool = False) -> tuple[GPT2Classifier, Params]:
-    """Model and full parameter tree from config. `shapes_only` builds ShapeDtypeStructs (no weights, no I/O)."""
-    k_base, k_lora, k_head = jax.random.split(key, 3)
+    """Model and full parameter tree from config. `key` draws the adapters and head (and a random-init base, unless
+    `base_key` is given: the seeds of a seeded run share one base). `shapes_only` builds ShapeDtypeStructs (no
+    weights, no I/O)."""
+    k_base = jax.random.split(key, 3)[0] if base_key is None else base_key
     if shapes_only:
         module = gpt2.build_module(cfg.model)
         base = gpt2.param_shapes(module)
     else:
         module, base = gpt2.load_base(cfg.model, k_base)
-    n_embd = module.config.n_embd
     spec = None
-    params: Params = {"gpt2": base}
     if with_lora:
         lc = cfg.lora
         spec = lora_lib.make_spec(base, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
                                   init=lc.init, kernel_layout=KERNEL_LAYOUT)
-        params["lora"] = (jax.eval_shape(functools.partial(lora_lib.init_lora, spec), k_lora) if shapes_only
-                          else lora_lib.init_lora(spec, k_lora))
-    params["head"] = (jax.eval_shape(functools.partial(init_head, n_embd=n_embd), k_head) if shapes_only else init_head(k_head, n_embd))
-    return GPT2Classifier(module, spec), params
+    model = GPT2Classifier(module, spec)
+    return model, init_adapters(model, base, key, shapes_only=shapes_only)
+
+
+def init_adapters(model: GPT2Classifier, base: Params, key: jax.Array, *, shapes_only: bool = False) -> Params:
+    """{'gpt2': base, 'lora': factors, 'head': ...} with the factors and head drawn from `key` (split as
+    keys.model_keys: base, lora, head); one base serves every seed's adapters."""
+    _, k_lora, k_head = jax.random.split(key, 3)
+    n_embd = model.module.config.n_embd
+    params: Params = {"gpt2": base}
+    if model.spec is not None:
+        init = functools.partial(lora_lib.init_lora, model.spec)
+        params["lora"] = jax.eval_shape(init, k_lora) if shapes_only else init(k_lora)
+    head = functools.partial(init_head, n_embd=n_embd)
+    params["head"] = jax.eval_shape(head, k_head) if shapes_only else head(k_head)
+    return params
