@@ -118,8 +118,11 @@ def cmd_train_rnn(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from lora_kd_jax import reproduce
 
-    root, _ = reproduce.study_configs(args.overrides, tiny=args.tiny, configs_dir=args.configs)  # all checked first
-    outcomes = reproduce.run_study(args.overrides, tiny=args.tiny, configs_dir=args.configs,
+    overrides = list(args.overrides)
+    if args.seeds:
+        overrides.append(f"train.seeds=[{args.seeds}]")
+    root, _ = reproduce.study_configs(overrides, tiny=args.tiny, configs_dir=args.configs)  # all checked first
+    outcomes = reproduce.run_study(overrides, tiny=args.tiny, configs_dir=args.configs,
                                    progress=not args.no_progress)
     print(reproduce.results_table(outcomes))
     print(f"-> {root / 'results.md'}, {root / 'results.png'}")
@@ -299,6 +302,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "to runs/reproduce_tiny unless run.dir=PATH")
     r.add_argument("--configs", default=None, help="directory holding the five configs (default: the repository's "
                    "configs/)")
+    r.add_argument("--seeds", default="", help="comma list, e.g. 0,1,2,3,4: every experiment trains these seeds at "
+                   "once (train.seeds) and the table gives mean ± std (min–max)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(handler=cmd_reproduce)
 

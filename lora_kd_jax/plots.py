@@ -72,11 +72,18 @@ def plot_seed_curves(histories: Mapping[int, Sequence[Mapping]], run_dir: str | 
 
 def plot_val_accuracy(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike,
                       reference: Mapping[str, float] | None = None) -> Path:
-    """Validation accuracy per epoch for several runs on one axes (results.png of reproduce_seed)."""
+    """Validation accuracy per epoch for several runs on one axes (results.png of reproduce). A seeded run's history
+    holds stats per epoch (seeds.epoch_stats): its mean is drawn with a min–max band."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, history in runs.items():
-        (line,) = ax.plot([h["epoch"] for h in history], [h["val"]["accuracy"] for h in history], marker="o",
-                          label=name)
+        epochs = [h["epoch"] for h in history]
+        values = [h["val"]["accuracy"] for h in history]
+        if values and isinstance(values[0], Mapping):
+            (line,) = ax.plot(epochs, [v["mean"] for v in values], marker="o", label=f"{name} (mean, min–max)")
+            ax.fill_between(epochs, [v["min"] for v in values], [v["max"] for v in values], color=line.get_color(),
+                            alpha=0.2)
+        else:
+            (line,) = ax.plot(epochs, values, marker="o", label=name)
         if reference and name in reference:
             ax.axhline(reference[name], color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel("epoch")

@@ -137,7 +137,9 @@ def _runner(kind: str) -> Callable[..., dict]:
 
 def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path | None = None,
               progress: bool = True) -> list[Outcome]:
-    """Run (or reuse) the five experiments in order; write results.md and results.png into the root."""
+    """Run (or reuse) the five experiments in order; write results.md and results.png into the root. With
+    `train.seeds=[...]` among the overrides every experiment trains those seeds at once and each distillation
+    seed learns from the same seed of its teacher; the table then gives mean ± std (min–max)."""
     from tqdm.auto import tqdm
 
     root, plan = study_configs(overrides, tiny=tiny, configs_dir=configs_dir)
@@ -158,8 +160,15 @@ def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir:
         else:
             log.info("=== %s: reusing the finished run in %s", exp.label, cfg.run.dir)
             reused = True
-        scores = checkpoint_scores(Path(cfg.run.dir), cfg.data.limit)
-        _check_scores(exp, cfg, record["summary"], scores)
+        if cfg.train.seeds:
+            scores = seeded_scores(Path(cfg.run.dir), cfg.data.limit)
+            for seed, seed_scores in scores["per_seed"].items():
+                seed_dir = Path(cfg.run.dir) / f"seed_{seed}"
+                _check_scores(exp, cfg, json.loads((seed_dir / rundir.METRICS_FILE).read_text())["summary"],
+                              seed_scores)
+        else:
+            scores = checkpoint_scores(Path(cfg.run.dir), cfg.data.limit)
+            _check_scores(exp, cfg, record["summary"], scores)
         outcomes.append(Outcome(exp, Path(cfg.run.dir), record["summary"], record["epochs"], reused, scores))
         write_results(root, outcomes, tiny=tiny, overrides=overrides, majority=majority,
                       wall=time.perf_counter() - t0)
@@ -168,6 +177,18 @@ def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir:
 
 
 SCORED_SETS = ("in_domain", "out_of_domain")
+
+
+def seeded_scores(run_dir: Path, limit: int = 0) -> dict:
+    """`checkpoint_scores` of each seed dir of a seeded run: {'per_seed': {seed: scores}, key: stats over seeds}."""
+    from lora_kd_jax import seeds as seeds_lib
+
+    per_seed = {int(d.name[len(seeds_lib.SEED_DIR_PREFIX):]): checkpoint_scores(d, limit)
+                for d in seeds_lib.seed_dirs(run_dir)}
+    keys = [k for k in next(iter(per_seed.values())) if k not in ("glue_rows", "limit")]
+    first = next(iter(per_seed.values()))
+    return {**{k: seeds_lib.stats([s[k] for s in per_seed.values()]) for k in keys},
+            "glue_rows": first["glue_rows"], "limit": limit, "per_seed": per_seed}
 
 
 def checkpoint_scores(run_dir: Path, limit: int = 0) -> dict:
@@ -250,6 +271,8 @@ def _reduction(o: Outcome) -> str:
 
 
 def results_table(outcomes: Sequence[Outcome]) -> str:
+    if any("seed_stats" in o.summary for o in outcomes):
+        return seeded_results_table(outcomes)
     head = ("| experiment | epochs | best val acc | reference | train acc at best | reference | val MCC | "
             "out-of-domain acc | out-of-domain MCC | GLUE-dev MCC | trainable / total params | reference | reduction | "
             "wall time |")
@@ -261,6 +284,33 @@ def results_table(outcomes: Sequence[Outcome]) -> str:
             f"{_pct(s['train_accuracy_at_best'])} | {_pct(e.ref_train)} | {s['val_mcc_at_best']:.4f} | "
             f"{_pct(s.get('out_of_domain_accuracy_at_best'))} | {_mcc(s.get('out_of_domain_mcc_at_best'))} | "
             f"{_mcc(o.scores.get('glue_mcc'))} | "
+            f"{_millions(s['trainable_params'])} / {_millions(s['total_params'])} | {e.ref_params} | "
+            f"{_reduction(o)} | {_time(s.get('wall_time_s', 0.0))}{' (reused)' if o.reused else ''} |")
+    return "\n".join(lines)
+
+
+def _stat(s: dict | None, scale: float = 100.0, digits: int = 2) -> str:
+    """mean ± std (min–max) of a seeds.stats dict, or — ."""
+    from lora_kd_jax.seeds import format_stat
+
+    return "—" if not s else format_stat(s, scale, digits)
+
+
+def seeded_results_table(outcomes: Sequence[Outcome]) -> str:
+    """The table of a seeded study: every score as mean ± std (min–max) over the seeds (accuracies in %, MCC x100),
+    beside the reference's single numbers."""
+    head = ("| experiment | seeds | best val acc (%) | reference | train acc at best (%) | reference | val MCC (x100) | "
+            "out-of-domain acc (%) | out-of-domain MCC (x100) | GLUE-dev MCC (x100) | best epoch | "
+            "trainable / total params | reference | reduction | wall time (all seeds) |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for o in outcomes:
+        s, e = o.summary, o.experiment
+        agg = s.get("seed_stats", {})
+        lines.append(
+            f"| {e.label} | {len(s.get('seeds', [])) or 1} | {_stat(agg.get('best_val_accuracy'))} | {_pct(e.ref_val)} | "
+            f"{_stat(agg.get('train_accuracy_at_best'))} | {_pct(e.ref_train)} | {_stat(agg.get('val_mcc_at_best'))} | "
+            f"{_stat(agg.get('out_of_domain_accuracy_at_best'))} | {_stat(agg.get('out_of_domain_mcc_at_best'))} | "
+            f"{_stat(o.scores.get('glue_mcc'))} | {_stat(agg.get('best_epoch'), 1.0, 1)} | "
             f"{_millions(s['trainable_params'])} / {_millions(s['total_params'])} | {e.ref_params} | "
             f"{_reduction(o)} | {_time(s.get('wall_time_s', 0.0))}{' (reused)' if o.reused else ''} |")
     return "\n".join(lines)
@@ -287,6 +337,10 @@ def write_results(root: str | Path, outcomes: Sequence[Outcome], *, tiny: bool, 
         "",
         results_table(outcomes),
         "",
+        *([f"Seeds {outcomes[0].summary['seeds']}: each cell is mean ± std (min–max) over the seeds (std: sample, "
+           "n-1), each seed trained in the same program as the others (`train.seeds`), seed k exactly as a single run "
+           "with train.seed=k; per-seed numbers are in each run's seed_<k>/metrics.json.", ""]
+          if "seed_stats" in (outcomes[0].summary if outcomes else {}) else []),
         "Epochs: best epoch / epochs run. Val: CoLA in-domain dev (527 sentences), the set of the reference (the "
         "PyTorch original) and the one that picks the best epoch. Out-of-domain: CoLA out-of-domain dev (516 "
         "sentences), scored at the same epoch, never used to pick it. GLUE-dev MCC: the best checkpoint on both "

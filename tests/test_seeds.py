@@ -1,0 +1,257 @@
+"""Many seeds at once (train.seeds): seed k of a seeded run is the single run with train.seed=k, for LoRA,
+distillation and the RNN baseline; resume is exact for all seeds; the frozen base is one argument; the seed dirs are
+ordinary runs for evaluate, predict and export; bad seed lists fail in one line before any compute."""
+import json
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from lora_kd_jax import cli, distill, loop, rundir, runs, seeds, steps, train
+from lora_kd_jax.config import ConfigError
+from lora_kd_jax.models.classifier import build_classifier, init_adapters
+from lora_kd_jax.trainable import make_optimizer, partition
+from tiny import random_batch, tiny_config
+
+SEEDS = [0, 1, 2]
+# 96 rows, batches of 32: 3 steps per epoch, 2 epochs; LoRA dropout on, so each seed's dropout keys matter
+COMMON = ("data.limit=96", "train.batch_size=32", "train.epochs=2", "lora.dropout=0.1", "student.embed_dim=64",
+          "student.hidden_dim=64")
+# the student runs also cut batches to length buckets: seeds whose batches land in different buckets are padded
+# to a common length when stacked (exact for last-token pooling)
+BUCKETS = ("data.buckets=[8,12,16]", "data.group_window=2")
+SEEDED = f"train.seeds=[{','.join(map(str, SEEDS))}]"
+
+
+def history(run_dir: Path) -> list[dict]:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())["epochs"]
+
+
+def assert_same_training(seeded: list[dict], single: list[dict]) -> None:
+    """Per-epoch losses within 1e-5 relative; accuracies, MCC and counts identical."""
+    assert len(seeded) == len(single)
+    for a, b in zip(seeded, single):
+        for split in ("train", "val"):
+            np.testing.assert_allclose(a[split]["loss"], b[split]["loss"], rtol=1e-5, err_msg=split)
+            for m in ("accuracy", "mcc", "count"):
+                assert a[split][m] == b[split][m], (split, m)
+        for name, m in a.get("reported", {}).items():
+            assert m["accuracy"] == b["reported"][name]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_seeds")
+    seeded = train.train_and_evaluate(tiny_config(*COMMON, SEEDED, f"run.dir={root / 'seeded'}"), progress=False)
+    # seed 2 alone: a random-init base is shared by the seeds, drawn from the first seed (model.base_seed)
+    single = train.train_and_evaluate(tiny_config(*COMMON, "train.seed=2", "model.base_seed=0",
+                                                  f"run.dir={root / 'single2'}"), progress=False)
+    return root, seeded, single
+
+
+@pytest.fixture(scope="module")
+def rnn_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rnn_seeds")
+    distill.train_rnn_and_evaluate(tiny_config(*COMMON, *BUCKETS, SEEDED, f"run.dir={root / 'seeded'}"),
+                                   progress=False)
+    distill.train_rnn_and_evaluate(tiny_config(*COMMON, *BUCKETS, "train.seed=1", f"run.dir={root / 'single1'}"),
+                                   progress=False)
+    return root
+
+
+def test_seed_k_of_a_seeded_lora_run_is_the_single_run_with_that_seed(lora_runs):
+    root, seeded, single = lora_runs
+    assert_same_training(history(root / "seeded" / "seed_2"), history(root / "single2"))
+    assert seeded["per_seed"]["2"]["best_val_accuracy"] == single["best_val_accuracy"]
+    # the seeds differ from each other (own adapters, head, dropout and data order)
+    losses = {k: history(root / "seeded" / f"seed_{k}")[0]["train"]["loss"] for k in SEEDS}
+    assert len(set(losses.values())) == len(SEEDS)
+
+
+def test_seed_k_of_a_seeded_rnn_run_is_the_single_run_with_that_seed(rnn_runs):
+    assert_same_training(history(rnn_runs / "seeded" / "seed_1"), history(rnn_runs / "single1"))
+
+
+def test_seeded_distillation_gives_student_seed_k_the_teacher_of_seed_k(lora_runs, tmp_path):
+    root, _, _ = lora_runs
+    teacher = root / "seeded"
+    cfg = tiny_config(*COMMON, SEEDED, f"distill.teacher={teacher}", f"run.dir={tmp_path / 'seeded'}")
+    summary = distill.distill_and_evaluate(cfg, progress=False)
+    assert summary["teacher_per_seed"] is True
+    single = tiny_config(*COMMON, "train.seed=1", f"distill.teacher={teacher / 'seed_1'}",
+                         f"run.dir={tmp_path / 'single1'}")
+    distill.distill_and_evaluate(single, progress=False)
+    assert_same_training(history(tmp_path / "seeded" / "seed_1"), history(tmp_path / "single1"))
+    seed_summary = json.loads((tmp_path / "seeded" / "seed_1" / "metrics.json").read_text())["summary"]
+    assert seed_summary["teacher"] == str(teacher / "seed_1")
+
+
+def test_a_seeded_run_writes_one_run_dir_per_seed_and_the_aggregate(lora_runs):
+    root, seeded, _ = lora_runs
+    run = root / "seeded"
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["seeds"] == SEEDS and len(record["epochs"]) == 2
+    per_seed = {k: json.loads((run / f"seed_{k}" / "metrics.json").read_text())["summary"] for k in SEEDS}
+    best = [per_seed[k]["best_val_accuracy"] for k in SEEDS]
+    stats = record["summary"]["seed_stats"]["best_val_accuracy"]
+    assert stats["mean"] == pytest.approx(np.mean(best)) and stats["std"] == pytest.approx(np.std(best, ddof=1))
+    assert (stats["min"], stats["max"]) == (min(best), max(best))
+    assert "out_of_domain_accuracy_at_best" in record["summary"]["seed_stats"]
+    for name in ("accuracy.png", "loss.png"):
+        assert (run / name).stat().st_size > 0 and (run / "seed_0" / name).stat().st_size > 0
+    assert not (run / "checkpoints" / "best").exists()  # each seed's best lives in its seed dir
+    for k in SEEDS:  # each seed dir is a single run: its own config, best checkpoint and record
+        info = runs.inspect_run(run / f"seed_{k}", kind="lora")
+        assert info.config.train.seed == k and info.config.train.seeds == [] and info.config.model.base_seed == 0
+        assert info.summary["best_epoch"] == per_seed[k]["best_epoch"]
+
+
+def test_each_seeds_best_checkpoint_scores_its_recorded_best(rnn_runs, capsys):
+    """The per-seed best states are kept apart: evaluating seed k's best gives seed k's recorded validation."""
+    run = rnn_runs / "seeded"
+    cli.main(["evaluate", str(run), "--data", "in_domain", "--limit", "96", "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert record["seeds"] == SEEDS
+    for k in SEEDS:
+        summary = json.loads((run / f"seed_{k}" / "metrics.json").read_text())["summary"]
+        got = record["per_seed"][str(k)]["sets"]["in_domain"]
+        assert got["accuracy"] == pytest.approx(summary["best_val_accuracy"], abs=1e-9)
+        assert got["mcc"] == pytest.approx(summary["val_mcc_at_best"], abs=1e-9)
+
+
+def test_predict_and_export_read_one_seed_and_say_which(rnn_runs, lora_runs, capsys, tmp_path):
+    run = rnn_runs / "seeded"
+    best = max(SEEDS, key=lambda k: (json.loads((run / f"seed_{k}" / "metrics.json").read_text())
+                                     ["summary"]["best_val_accuracy"], -k))
+    cli.main(["predict", str(run), "The cat sat on the mat."])
+    out = capsys.readouterr()
+    assert f"using seed {best} of {run}: the best validation accuracy" in out.err
+    cli.main(["predict", str(run), "--seed", "2", "The cat sat on the mat."])
+    assert f"using seed 2 of {run}" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--seed 7: .* trained seeds \[0, 1, 2\]; pick one of them"):
+        cli.main(["predict", str(run), "--seed", "7", "x"])
+    lora = lora_runs[0] / "seeded"
+    cli.main(["merge", str(lora), str(tmp_path / "merged"), "--seed", "1"])
+    assert (tmp_path / "merged").is_dir() and "using seed 1" in capsys.readouterr().err
+    with pytest.raises(runs.RunError, match=r"holds 3 seeds .*seed_0 \(or pass --seed 0\)"):
+        runs.inspect_run(lora)
+
+
+def test_a_killed_seeded_run_resumes_to_the_uninterrupted_result(rnn_runs, tmp_path, monkeypatch):
+    """SIGTERM in the middle of the first epoch: a checkpoint of all seeds; --resume ends where the uninterrupted
+    run ended, every seed's metrics and final state bit for bit."""
+    cfg = tiny_config(*COMMON, *BUCKETS, SEEDED, f"run.dir={tmp_path / 'resumed'}")
+    original = loop.prefetch
+    seen = {"n": 0}
+
+    def interrupting(batches, put=jax.device_put, size=2):
+        for batch in original(batches, put, size):
+            seen["n"] += 1
+            if seen["n"] == 2:
+                signal.raise_signal(signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(loop, "prefetch", interrupting)
+    with pytest.raises(loop.TrainingInterrupted, match="epoch 1, batch 2"):
+        distill.train_rnn_and_evaluate(cfg, progress=False)
+    monkeypatch.setattr(loop, "prefetch", original)
+    distill.train_rnn_and_evaluate(cfg, resume=True, progress=False)
+    done = rnn_runs / "seeded"
+    for k in SEEDS:
+        assert history(tmp_path / "resumed" / f"seed_{k}") == history(done / f"seed_{k}")
+    assert history(tmp_path / "resumed") == history(done)
+
+    def latest(run_dir):
+        from lora_kd_jax.checkpoint import CheckpointStore
+
+        store = CheckpointStore(run_dir / "checkpoints", read_only=True, with_best=False)
+        tree, _, _ = store.restore_latest()
+        store.close()
+        return traverse_util.flatten_dict(tree["state"]["trainable"])
+
+    a, b = latest(tmp_path / "resumed"), latest(done)
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg="/".join(key))
+
+
+def test_the_frozen_base_is_one_argument_whatever_the_number_of_seeds():
+    """The compiled seeded LoRA step's argument bytes grow with N by the per-seed state and batch only."""
+    cfg = tiny_config()
+    model, params = build_classifier(cfg, jax.random.key(0))
+    _, frozen = partition(params)
+    tx = make_optimizer(1e-3)
+    step = train.make_train_step(model, tx, steps.Seeded(None))
+
+    def per_seed(k):
+        trainable, _ = partition(init_adapters(model, params["gpt2"], jax.random.key(k)))
+        return steps.init_state(trainable, tx, jax.random.key(100 + k))
+
+    def nbytes(tree):
+        return sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+
+    def batch(k):  # what the LoRA step reads (jit drops unused arguments, such as the rows' index)
+        return {name: v for name, v in random_batch(k, batch=8, length=12).items() if name != "index"}
+
+    def argument_bytes(n):
+        state = seeds.stack([per_seed(k) for k in range(n)])
+        batches = seeds.stack([batch(k) for k in range(n)])
+        return step.lower(state, frozen, batches).compile().memory_analysis().argument_size_in_bytes
+
+    one, four = argument_bytes(1), argument_bytes(4)
+    seed_bytes = nbytes(per_seed(0)) + nbytes(batch(0))
+    assert four - one == 3 * seed_bytes
+    assert nbytes(frozen) > 10 * seed_bytes  # the base dominates one seed's bytes, and is not repeated
+    assert one >= nbytes(frozen)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.seeds=[1,2,1]", "seed(s) 1 appear more than once"),
+    ("train.seeds=[0,-3]", "train.seeds: seeds must be >= 0, got -3"),
+    ("train.seed=-1", "train.seed: seeds must be >= 0, got -1"),
+    ("model.base_seed=-2", "model.base_seed: must be -1"),
+])
+def test_bad_seed_lists_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        tiny_config(override)
+
+
+def test_resume_with_another_seed_list_is_refused_before_anything_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    rundir.prepare(tiny_config(*COMMON, "train.seeds=[0,1]", f"run.dir={run_dir}"))
+    with pytest.raises(rundir.RunDirError, match=r"config differs in train.seeds"):
+        distill.train_rnn_and_evaluate(tiny_config(*COMMON, "train.seeds=[0,2]", f"run.dir={run_dir}"),
+                                       resume=True, progress=False)
+
+
+@pytest.mark.parametrize("student, message", [
+    (("train.seeds=[0,1]",), r"trained seeds \[0, 1, 2\], this student trains train.seeds=\[0, 1\]"),
+    (("train.seed=1",), r"this student trains one seed \(train.seed=1\).*distill.teacher=.*seed_0"),
+    ((SEEDED, "distill.cache_teacher_logits=false"), "cached teacher logits"),
+])
+def test_a_teacher_with_another_seed_list_is_refused_before_anything_runs(lora_runs, student, message, tmp_path):
+    cfg = tiny_config(*COMMON, *student, f"distill.teacher={lora_runs[0] / 'seeded'}", f"run.dir={tmp_path / 'r'}")
+    with pytest.raises(runs.RunError, match=message):
+        distill.distill_and_evaluate(cfg, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_seeded_start_leaves_no_seed_dirs(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(Exception, match="exceeds the 16 training rows"):
+        distill.train_rnn_and_evaluate(tiny_config("data.limit=16", "train.batch_size=32", SEEDED,
+                                                   f"run.dir={run_dir}"), progress=False)
+    assert not run_dir.exists()
+
+
+def test_stacked_batches_pad_to_the_longest_seed():
+    from lora_kd_jax.data import PAD_ID, stack_batches
+
+    a, b = random_batch(0, batch=4, length=8), random_batch(1, batch=4, length=12)
+    out = stack_batches([a, b])
+    assert out["input_ids"].shape == (2, 4, 12) and out["labels"].shape == (2, 4)
+    np.testing.assert_array_equal(out["input_ids"][0, :, :8], a["input_ids"])
+    assert (out["input_ids"][0, :, 8:] == PAD_ID).all() and (out["attention_mask"][0, :, 8:] == 0).all()
+    np.testing.assert_array_equal(out["attention_mask"][1], b["attention_mask"])
