@@ -5,6 +5,12 @@ Every bench jits the same functions training uses (`train.make_train_step`, `GPT
 (`benchmarks/peer_torch.py`: right-padded, lengths uniform in [5, seq/2 + 8)). Timings are medians over
 `steps` runs after warm-up, with the result blocked on, so they measure device work, not dispatch. The epoch bench
 reads the packaged CoLA files and tokenizer (`lora_kd_jax.assets`) without the `datasets` package.
+
+With `seeds` (`--seeds 1,2,4,8`) the seeded benches run instead (SEEDED_BENCHES): for each seed count N, the step
+a `train.seeds` run of N seeds compiles (one program, the single-seed step under `jax.vmap`, `steps.Seeded`), with
+N stacked train states and an [N, B, L] batch; the frozen GPT-2 base is one shared argument. Their records add
+`seeds`, `ms_per_seed_step` (ms_per_step / N) and `argument_bytes` (the executable's argument size: what the seed
+axis costs in memory, the shared base counted once).
 """
 from __future__ import annotations
 
@@ -22,11 +28,13 @@ import numpy as np
 
 from lora_kd_jax import data as data_lib
 from lora_kd_jax import distill, precision, train
+from lora_kd_jax import seeds as seeds_lib
 from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
 from lora_kd_jax.config import Config, load_config
-from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.models.student import build_student
-from lora_kd_jax.steps import init_state
+from lora_kd_jax.keys import run_keys
+from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier, init_adapters
+from lora_kd_jax.models.student import RNNStudent, build_student
+from lora_kd_jax.steps import Seeded, TrainState, init_state
 from lora_kd_jax.trainable import adam, cast_frozen, make_optimizer, partition
 
 # tiny: a CPU smoke size for teacher and student alike (both keep the real 50,257-token vocabulary)
@@ -34,6 +42,8 @@ TINY = ["model.name=custom", "model.n_layer=2", "model.n_embd=64", "model.n_head
         "student.hidden_dim=64"]
 VARIANTS = {"gpt2": ["model.name=gpt2"], "gpt2-medium": ["model.name=gpt2-medium"], "tiny": TINY}
 BENCHES = ("lora_train_step", "teacher_forward", "distill_step", "distill_step_cached", "epoch")
+# with seeds: the LoRA step, the cached-logits distillation step and the RNN baseline step, N seeds in one program
+SEEDED_BENCHES = ("lora_train_step", "distill_step_cached", "student_step")
 MODES = {"fp32": "float32", "bf16": "bfloat16"}  # the teacher's compute and frozen-base dtype
 
 
@@ -59,6 +69,7 @@ class BenchArgs:
     data_dir: str = ""  # epoch bench: a CoLA dir in raw layout ('' skips the bench; the CLI passes the packaged one)
     limit: int = 0  # epoch bench: first N CoLA training sentences (data.limit); 0 = the full 8,551
     tokenizer: str = ""  # '' = the packaged GPT-2 tokenizer
+    seeds: list[int] = dataclasses.field(default_factory=list)  # seed counts N: the seeded benches instead; [] = none
     out: str | None = None
 
 
@@ -67,18 +78,19 @@ def device_name() -> str:
     return getattr(d, "device_kind", d.platform) if d.platform != "cpu" else f"cpu ({platform.processor() or 'x86'})"
 
 
-def peer_batch(batch: int, seq: int, vocab: int = 50257) -> dict[str, np.ndarray]:
-    """The peer's batch: torch's own generator when torch is installed (identical ids), else numpy's."""
+def peer_batch(batch: int, seq: int, vocab: int = 50257, seed: int = 0) -> dict[str, np.ndarray]:
+    """The peer's batch: torch's own generator when torch is installed (identical ids), else numpy's. `seed` 0 is
+    the batch the peer times; the seeded benches draw seed i's batch with `seed=i`."""
     try:
         import torch
 
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab - 1, (batch, seq), generator=g)
         lens = torch.randint(5, seq // 2 + 8, (batch,), generator=g).clamp(max=seq)
         labels = torch.randint(0, 2, (batch,), generator=g)
         ids, lens, labels = ids.numpy(), lens.numpy(), labels.numpy()
     except ImportError:
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         ids = rng.integers(0, vocab - 1, (batch, seq))
         lens = np.minimum(rng.integers(5, seq // 2 + 8, batch), seq)
         labels = rng.integers(0, 2, batch)
@@ -128,10 +140,21 @@ def compile_once(jitted: Any, *example: Any) -> tuple[Any, float, float]:
     return compiled, seconds, flops
 
 
-def bench_step(jitted: Any, state: Any, *rest: Any, steps: int, warmup: int) -> tuple[float, float, float, float]:
+def argument_bytes(compiled: Any) -> int | None:
+    """The bytes of an executable's arguments (XLA's memory analysis), None where the backend does not say."""
+    try:
+        stats = compiled.memory_analysis()
+        return None if stats is None else int(stats.argument_size_in_bytes)
+    except Exception:  # memory analysis is best-effort on some backends
+        return None
+
+
+def bench_step(jitted: Any, state: Any, *rest: Any, steps: int, warmup: int
+               ) -> tuple[float, float, float, float, int | None]:
     """A step `jitted(state, *rest) -> (state, sums)` that donates its state: (first step s incl. compile,
-    compile s, median ms, FLOPs). The state is threaded through, never reused after donation."""
+    compile s, median ms, FLOPs, argument bytes). The state is threaded through, never reused after donation."""
     compiled, compile_s, flops = compile_once(jitted, state, *rest)
+    arg_bytes = argument_bytes(compiled)
     holder = {"state": state}
 
     def run():
@@ -139,7 +162,7 @@ def bench_step(jitted: Any, state: Any, *rest: Any, steps: int, warmup: int) -> 
         return sums["loss_sum"]
 
     first, ms = timed(run, steps, warmup)
-    return compile_s + first, compile_s, ms, flops
+    return compile_s + first, compile_s, ms, flops, arg_bytes
 
 
 def variant_config(variant: str, mode: str, *overrides: str) -> Config:
@@ -150,10 +173,13 @@ def variant_config(variant: str, mode: str, *overrides: str) -> Config:
 
 def record(args: BenchArgs, bench: str, variant: str, mode: str, batch: dict, first: float | None, ms: float,
            flops: float = 0.0, **extra: Any) -> dict:
-    b, s = batch["input_ids"].shape
+    """One result. A seeded batch [N, B, L] reports batch B (per seed); real_tokens and seq_per_s count all N seeds
+    (the work of one step)."""
+    *seed_axis, b, s = batch["input_ids"].shape
+    n = seed_axis[0] if seed_axis else 1
     rec = {"bench": bench, "impl": "jax", "variant": variant, "mode": mode, "batch": b, "seq": args.seq,
            "seq_run": s, "real_tokens": int(batch["attention_mask"].sum()), "ms_per_step": round(ms, 3),
-           "seq_per_s": round(b / (ms / 1e3), 1), "first_step_s": None if first is None else round(first, 2),
+           "seq_per_s": round(n * b / (ms / 1e3), 1), "first_step_s": None if first is None else round(first, 2),
            "gflop_per_step": round(flops / 1e9, 2) if flops else None, "device": device_name(),
            "jax": jax.__version__, "compilation_cache": bool(jax.config.jax_compilation_cache_dir), **extra}
     if flops and args.peak_tflops:
@@ -182,8 +208,8 @@ def bench_gpt2(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Confi
     merged = {**merged, "gpt2": cast_frozen(merged["gpt2"], precision.base_dtype(cfg.model))}
     if "lora_train_step" in args.benches:
         state = init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(1))
-        first, compile_s, ms, flops = bench_step(train.make_train_step(model, tx), state, frozen, dev_batch,
-                                                 steps=args.steps, warmup=args.warmup)
+        first, compile_s, ms, flops, _ = bench_step(train.make_train_step(model, tx), state, frozen, dev_batch,
+                                                    steps=args.steps, warmup=args.warmup)
         yield record(args, "lora_train_step", variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2))
     if "teacher_forward" in args.benches or "distill_step" in args.benches:
         fwd = jax.jit(lambda p, ids, mask: plain.logits(p, ids, mask, deterministic=True))
@@ -207,11 +233,99 @@ def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Co
         tx = adam(1e-3)
         objective = distill.distillation_objective(2.0, 0.0, teacher)
         step = distill.make_train_step(student, tx, objective)
-        first, compile_s, ms, flops = bench_step(step, init_state(params, tx, jax.random.key(3)), consts,
-                                                 jax.device_put(batch), steps=args.steps, warmup=args.warmup)
+        first, compile_s, ms, flops, _ = bench_step(step, init_state(params, tx, jax.random.key(3)), consts,
+                                                    jax.device_put(batch), steps=args.steps, warmup=args.warmup)
         name = "distill_step" if teacher is not None else "distill_step_cached"
         yield record(args, name, variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2),
                      student_dtype=precision.student_dtype(sc))
+
+
+# ------------------------------------------------------------------------------------------- many seeds at once
+
+
+def seeded_batch(args: BenchArgs, n: int) -> dict[str, np.ndarray]:
+    """The train batch of n seeds, [n, B, L]: seed i's own peer batch (`peer_batch(seed=i)`, different ids, lengths
+    and labels per seed, as each seed of a run draws its own data order; seed 0's is the single-seed benches'
+    batch), each trimmed as those are, then stacked by `data.stack_batches` (right-padded to the longest)."""
+    batches = [peer_batch(args.batch, args.seq, seed=i) for i in range(n)]
+    return data_lib.stack_batches([trim_padding(b) if args.trim else b for b in batches])
+
+
+def lora_states(model: GPT2Classifier, base: Any, tx: Any, n: int) -> list[TrainState]:
+    """Seeds 0..n-1's LoRA train states as a seeded run builds them (`train.build_task`): each its own adapters and
+    head (run_keys(i).model) and dropout key over the one base; trainable leaves only (the base stays shared)."""
+    return [init_state(partition(init_adapters(model, base, run_keys(i).model))[0], tx, run_keys(i).dropout)
+            for i in range(n)]
+
+
+def student_states(sc: Any, tx: Any, n: int) -> tuple[RNNStudent, list[TrainState]]:
+    """Seeds 0..n-1's student train states as `distill._student_state` builds them (all parameters trainable)."""
+    states = []
+    for i in range(n):
+        student, params = build_student(sc, run_keys(i).model)
+        states.append(init_state(params, tx, run_keys(i).dropout))
+    return student, states
+
+
+def bench_seeded(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
+    """The SEEDED_BENCHES asked for, each once per seed count in `args.seeds` (and per student dtype for the
+    student's two); GPT-2 is built only for the LoRA step."""
+    cfg = variant_config(variant, mode)
+    batches = {n: seeded_batch(args, n) for n in args.seeds}
+    if "lora_train_step" in args.benches:
+        yield from bench_lora_seeded(args, variant, mode, cfg, batches)
+    names = [name for name in ("distill_step_cached", "student_step") if name in args.benches]
+    for student_dtype in args.student_dtypes if names else []:
+        sc = dataclasses.replace(cfg.student, dtype=student_dtype)
+        tx = adam(1e-3)
+        student, states = student_states(sc, tx, max(args.seeds))  # seed i's state serves every N > i
+        for name in names:
+            yield from bench_student_seeded(args, variant, mode, batches, name, student, states, tx,
+                                            precision.student_dtype(sc))
+
+
+def seeded_record(args: BenchArgs, bench: str, variant: str, mode: str, batch: dict, timing: tuple,
+                  **extra: Any) -> dict:
+    first, compile_s, ms, flops, arg_bytes = timing
+    n = batch["input_ids"].shape[0]
+    return record(args, bench, variant, mode, batch, first, ms, flops, seeds=n, ms_per_seed_step=round(ms / n, 3),
+                  argument_bytes=arg_bytes, compile_s=round(compile_s, 2), **extra)
+
+
+def bench_lora_seeded(args: BenchArgs, variant: str, mode: str, cfg: Config, batches: dict[int, dict]
+                      ) -> Iterable[dict]:
+    """`train.make_train_step(model, tx, Seeded(None))`: N LoRA states, one frozen base (in_axes None)."""
+    model, params = build_classifier(cfg, jax.random.key(0))
+    _, frozen = partition(params)
+    frozen = cast_frozen(frozen, precision.base_dtype(cfg.model))
+    tx = make_optimizer(1e-3)
+    step = train.make_train_step(model, tx, Seeded(None))
+    states = lora_states(model, params["gpt2"], tx, max(batches))  # stacking copies: the first n serve every N
+    for n, batch in batches.items():
+        state = seeds_lib.stack(states[:n])
+        timing = bench_step(step, state, frozen, jax.device_put(batch), steps=args.steps, warmup=args.warmup)
+        yield seeded_record(args, "lora_train_step", variant, mode, batch, timing)
+
+
+def bench_student_seeded(args: BenchArgs, variant: str, mode: str, batches: dict[int, dict], name: str,
+                         student: RNNStudent, states: list[TrainState], tx: Any, student_dtype: str
+                         ) -> Iterable[dict]:
+    """The student's step with N seeds (the first N of `states`): distill_step_cached reads each seed's own cached
+    teacher logits ({'teacher_logits': [N, B, 2]}, consts_axes {'teacher_logits': 0}: a seeded teacher teaching its
+    own seed), student_step is the RNN baseline (cross-entropy on the labels, no constants)."""
+    if name == "distill_step_cached":
+        objective, seeded = distill.distillation_objective(2.0, 0.0), Seeded({"teacher_logits": 0})
+    else:
+        objective, seeded = distill.cross_entropy_objective, Seeded(None)
+    step = distill.make_train_step(student, tx, objective, seeded)
+    for n, batch in batches.items():
+        consts: Any = {}
+        if name == "distill_step_cached":
+            rows = batch["input_ids"].shape[1]
+            consts = {"teacher_logits": jax.random.normal(jax.random.key(4), (n, rows, 2), jnp.float32)}
+        timing = bench_step(step, seeds_lib.stack(states[:n]), consts, jax.device_put(batch), steps=args.steps,
+                            warmup=args.warmup)
+        yield seeded_record(args, name, variant, mode, batch, timing, student_dtype=student_dtype)
 
 
 # (data.buckets, data.group_window): padded to data.max_length (20) always; length-aware (rows grouped by length
@@ -299,6 +413,10 @@ def run(args: BenchArgs) -> list[dict]:
         full = peer_batch(args.batch, args.seq)
         batch = trim_padding(full) if args.trim else full
         for mode in args.modes:
+            if args.seeds:  # the seeded benches instead of the single-seed ones
+                for rec in bench_seeded(args, variant, mode):
+                    emit(rec)
+                continue
             for rec in bench_steps(args, variant, mode, batch):
                 emit(rec)
             if "epoch" in args.benches:

@@ -168,8 +168,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from lora_kd_jax import bench, precision
 
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    benches = args.benches or ",".join(bench.default_benches(split(args.variants)))
-    for flag, values, known in (("--benches", benches, bench.BENCHES), ("--modes", args.modes, bench.MODES),
+    seeds = _seed_counts(args.seeds)
+    if seeds:  # the seeded benches instead of the single-seed ones; --benches picks among them
+        bench_flag, known_benches = "--benches (with --seeds)", bench.SEEDED_BENCHES
+        benches = args.benches or ",".join(bench.SEEDED_BENCHES)
+    else:
+        bench_flag, known_benches = "--benches", bench.BENCHES
+        benches = args.benches or ",".join(bench.default_benches(split(args.variants)))
+    for flag, values, known in ((bench_flag, benches, known_benches), ("--modes", args.modes, bench.MODES),
                                 ("--variants", args.variants, bench.VARIANTS),
                                 ("--student-dtypes", args.student_dtypes, ("auto", *precision.DTYPES))):
         for name in split(values):
@@ -183,7 +189,21 @@ def cmd_bench(args: argparse.Namespace) -> None:
     bench.run(bench.BenchArgs(variants=split(args.variants), modes=split(args.modes), benches=split(benches),
                               batch=args.batch, seq=args.seq, steps=args.steps, peak_tflops=args.peak_tflops,
                               trim=not args.no_trim, data_dir=args.data_dir, tokenizer=args.tokenizer, out=args.out,
-                              limit=args.limit, student_dtypes=split(args.student_dtypes)))
+                              limit=args.limit, student_dtypes=split(args.student_dtypes), seeds=seeds))
+
+
+def _seed_counts(value: str) -> list[int]:
+    """--seeds '1,2,4,8' -> [1, 2, 4, 8]; '' -> [] (no seeded benches). Positive integers, each once."""
+    if not value:
+        return []
+    try:
+        counts = [int(x) for x in value.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or len(set(counts)) < len(counts):
+        raise UsageError(f"--seeds '{value}': expected a comma list of distinct positive seed counts, "
+                         "e.g. --seeds 1,2,4,8")
+    return counts
 
 
 def _quiet_checkpoint_reader() -> None:
@@ -344,7 +364,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     b.add_argument("--seq", type=int, default=64)
     b.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
     b.add_argument("--benches", default=None, help="comma list of lora_train_step, teacher_forward, distill_step, "
-                   "distill_step_cached, epoch (default: all; on a CPU the gpt2-size epoch bench only when named)")
+                   "distill_step_cached, epoch (default: all; on a CPU the gpt2-size epoch bench only when named); "
+                   "with --seeds, of lora_train_step, distill_step_cached, student_step (default: all three)")
+    b.add_argument("--seeds", default="", help="comma list of seed counts N, e.g. 1,2,4,8: instead of the "
+                   "single-seed benches, time the LoRA, cached-distillation and RNN-baseline (student_step) steps of "
+                   "N seeds in one program (train.seeds: vmapped, frozen base shared), each N in turn")
     b.add_argument("--student-dtypes", default="auto", help="comma list of auto, float32, bfloat16: the distillation "
                    "benches run the student once in each (auto = this backend's choice, precision.py)")
     b.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (median reported)")

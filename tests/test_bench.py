@@ -79,6 +79,81 @@ def test_cached_distillation_alone_builds_no_gpt2(monkeypatch):
     assert [r["bench"] for r in bench.run(args)] == ["distill_step_cached"]
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of a pytree of arrays or of shapes (jax.ShapeDtypeStruct)."""
+    import jax
+
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def test_seeded_benches_report_per_seed_time_and_memory():
+    """--seeds 1,2: the three seeded benches once per seed count; the seed axis costs exactly one more train state
+    and batch per seed in the executable's arguments, the frozen base being shared (not stacked)."""
+    import jax
+
+    from lora_kd_jax.models.classifier import build_classifier
+    from lora_kd_jax.trainable import make_optimizer, partition
+
+    args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=list(bench.SEEDED_BENCHES), batch=8, seq=32,
+                           steps=1, warmup=0, trim=False, seeds=[1, 2])
+    records = bench.run(args)
+    assert [(r["bench"], r["seeds"]) for r in records] == [(b, n) for b in bench.SEEDED_BENCHES for n in (1, 2)]
+    for r in records:
+        assert REQUIRED <= r.keys(), (r["bench"], REQUIRED - r.keys())
+        assert (r["variant"], r["mode"], r["batch"], r["seq_run"]) == ("tiny", "fp32", 8, 32)
+        assert r["ms_per_step"] > 0 and r["first_step_s"] > 0 and r["compile_s"] > 0
+        assert r["ms_per_seed_step"] == pytest.approx(r["ms_per_step"] / r["seeds"], abs=1e-3)  # both rounded
+        assert r["seq_per_s"] == pytest.approx(r["seeds"] * 8 / (r["ms_per_step"] / 1e3), rel=1e-3)  # all seeds
+    batches = {n: bench.seeded_batch(args, n) for n in (1, 2)}
+    for r in records:
+        assert r["real_tokens"] == int(batches[r["seeds"]]["attention_mask"].sum())
+    assert (batches[2]["input_ids"][0] == batches[1]["input_ids"][0]).all()  # seed 0's batch is the peer's
+    assert (batches[2]["input_ids"][0] != batches[2]["input_ids"][1]).any()  # seed 1 draws its own
+    arg = {(r["bench"], r["seeds"]): r["argument_bytes"] for r in records}
+
+    cfg = bench.variant_config("tiny", "fp32")  # shapes only: what the bench built, without building it again
+    model, params = build_classifier(cfg, jax.random.key(0), shapes_only=True)
+    frozen_bytes = tree_bytes(partition(params)[1])
+    state_bytes = tree_bytes(jax.eval_shape(lambda: bench.lora_states(model, params["gpt2"], make_optimizer(1e-3),
+                                                                      1)[0]))  # trainable + Adam + step + rng
+    one = bench.peer_batch(8, 32)
+    batch_bytes = tree_bytes({k: v for k, v in one.items() if k != "index"})  # unread by the LoRA step: jit drops it
+    extra = arg[("lora_train_step", 2)] - arg[("lora_train_step", 1)]
+    assert extra < frozen_bytes  # the base is not stacked
+    assert extra == state_bytes + batch_bytes
+    assert arg[("lora_train_step", 1)] == frozen_bytes + state_bytes + batch_bytes
+    # the cached bench's per-seed extra over the baseline's: the seed's own teacher logits (8 rows x 2, fp32)
+    # and the batch's row indices that read them
+    cached_extra = (arg[("distill_step_cached", 2)] - arg[("distill_step_cached", 1)]) - (
+        arg[("student_step", 2)] - arg[("student_step", 1)])
+    assert cached_extra == 8 * 2 * 4 + one["index"].nbytes
+
+
+@pytest.mark.parametrize("value", ["0", "1,1", "two", "1,,2", "-1"])
+def test_bad_seed_counts_are_refused(value):
+    from lora_kd_jax import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--variants", "tiny", "--modes", "fp32", f"--seeds={value}"])
+    assert str(e.value.code) == (f"usage error: --seeds '{value}': expected a comma list of distinct positive seed "
+                                 "counts, e.g. --seeds 1,2,4,8")
+
+
+def test_seeds_flag_selects_the_seeded_benches(monkeypatch):
+    from lora_kd_jax import cli
+
+    seen = []
+    monkeypatch.setattr(bench, "run", seen.append)
+    cli.main(["bench", "--variants", "tiny", "--modes", "fp32", "--seeds", "1,4"])
+    cli.main(["bench", "--variants", "tiny", "--modes", "fp32", "--seeds", "2", "--benches", "student_step"])
+    cli.main(["bench", "--variants", "tiny", "--modes", "fp32"])
+    assert [(a.seeds, a.benches) for a in seen] == [([1, 4], list(bench.SEEDED_BENCHES)), ([2], ["student_step"]),
+                                                    ([], list(bench.BENCHES))]
+    with pytest.raises(SystemExit) as e:  # a single-seed-only bench with --seeds
+        cli.main(["bench", "--variants", "tiny", "--seeds", "2", "--benches", "teacher_forward"])
+    assert "--benches (with --seeds): unknown value 'teacher_forward'" in str(e.value.code)
+
+
 def test_default_paths_are_the_packaged_assets():
     data_dir, tokenizer = bench.default_paths()
     assert (data_dir, tokenizer) == (str(COLA_DIR), str(TOKENIZER_DIR))
