@@ -23,17 +23,20 @@ def plot_curves(history: Sequence[Mapping], run_dir: str | os.PathLike, title: s
         for name in history[0].get("reported", {}) if history else ():
             ax.plot(epochs, [h["reported"][name][metric] for h in history], marker="o", linestyle="--",
                     label=name.replace("_", "-"))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{title} {metric}".strip())
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = Path(run_dir) / f"{metric}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        out.append(path)
+        out.append(_save(fig, ax, ylabel, f"{title} {metric}".strip(), Path(run_dir) / f"{metric}.png"))
     return out
+
+
+def _save(fig, ax, ylabel: str, title: str, path: Path, fontsize: int | None = None) -> Path:
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=fontsize)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=fontsize and fontsize - 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_seed_curves(histories: Mapping[int, Sequence[Mapping]], run_dir: str | os.PathLike,
@@ -57,16 +60,8 @@ def plot_seed_curves(histories: Mapping[int, Sequence[Mapping]], run_dir: str | 
             ax.fill_between(epochs[:n], values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
             for row in values:
                 ax.plot(epochs[:n], row, color=line.get_color(), linestyle=style, linewidth=0.6, alpha=0.35)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{title} {metric}, seeds {', '.join(map(str, histories))} (band: min–max)".strip(), fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        path = Path(run_dir) / f"{metric}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        out.append(path)
+        out.append(_save(fig, ax, ylabel, f"{title} {metric}, seeds {', '.join(map(str, histories))} (band: min–max)",
+                         Path(run_dir) / f"{metric}.png", fontsize=9))
     return out
 
 
