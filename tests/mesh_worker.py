@@ -1,6 +1,7 @@
 """Runs inside a subprocess that has several CPU devices (XLA_FLAGS set by the parent test).
 
-usage: mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8 and 2x4 devices
+usage: mesh_worker.py steps OUT.json      per-step LoRA, distillation and 2-seed distillation losses on meshes of
+                                           1, 8 and 2x4 devices
        mesh_worker.py resume DIR OUT.json  1 epoch on 8 devices resumed on 1, and 1 resumed on 4; vs 1 device
 """
 import json
@@ -57,6 +58,36 @@ def distill_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
     return losses
 
 
+def seeded_distill_losses(mesh_cfg: MeshConfig, steps: int = 4) -> list[list[float]]:
+    """Two seeds at once (train.seeds): stacked states, per-seed teacher logits, stacked batches placed with
+    `put_seeded_batch` (rows split over the mesh, the seed axis not); per-step loss of each seed."""
+    from lora_kd_jax import distill, seeds
+    from lora_kd_jax.data import stack_batches
+    from lora_kd_jax.models.student import build_student
+    from lora_kd_jax.steps import Seeded
+
+    cfg = tiny_config("student.embed_dim=32", "student.hidden_dim=32")
+    place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
+    tx = adam(1e-3)
+    states = []
+    for k in (0, 1):
+        student, params = build_student(cfg.student, jax.random.key(k))
+        states.append(init_state(params, tx, jax.random.key(10 + k)))
+    state = place.state(seeds.stack(states))
+    consts = place.state({"teacher_logits": jax.random.normal(jax.random.key(2), (2, 32, 2))})
+    step = distill.make_train_step(student, tx, distill.distillation_objective(2.0, 0.5),
+                                   Seeded({"teacher_logits": 0}))
+    losses = []
+    for i in range(steps):
+        pair = [random_batch(2 * i + k, batch=16) for k in (0, 1)]
+        pair[1]["index"] += 16  # seed 1 reads other rows of its teacher's logits
+        for b in pair:
+            b["weights"][-3:] = 0.0
+        state, sums = step(state, consts, place.put_seeded_batch(stack_batches(pair)))
+        losses.append([float(x) for x in sums["loss_sum"] / sums["count"]])
+    return losses
+
+
 def main() -> None:
     mode = sys.argv[1]
     assert jax.device_count() == 8, jax.devices()
@@ -64,6 +95,7 @@ def main() -> None:
         meshes = {"1": MeshConfig(data=1), "8": MeshConfig(data=8), "2x4": MeshConfig(data=2, fsdp=4)}
         out = {name: per_step_losses(m) for name, m in meshes.items()}
         out.update({f"distill_{name}": distill_losses(m) for name, m in meshes.items()})
+        out.update({f"seeded_{name}": seeded_distill_losses(m) for name, m in meshes.items()})
         json.dump(out, open(sys.argv[2], "w"))
     elif mode == "resume":
         root = sys.argv[2]

@@ -31,11 +31,13 @@ def test_lora_and_distillation_steps_on_8_devices_match_1_device(tmp_path):
     out = tmp_path / "losses.json"
     run_worker("steps", str(out))
     losses = json.loads(out.read_text())
-    for prefix in ("", "distill_"):
+    for prefix in ("", "distill_", "seeded_"):  # seeded_: two seeds at once, the seed axis not split
         one = np.array(losses[prefix + "1"])
         for name in ("8", "2x4"):
             np.testing.assert_allclose(np.array(losses[prefix + name]), one, rtol=REL, atol=0, err_msg=prefix + name)
-        assert len(set(np.round(one, 6))) > 1  # the steps really train (losses change)
+        assert len(set(np.round(np.ravel(one), 6))) > 1  # the steps really train (losses change)
+    seeded = np.array(losses["seeded_1"])
+    assert seeded.shape == (4, 2) and not np.allclose(seeded[:, 0], seeded[:, 1])  # two different seeds
 
 
 def test_checkpoints_restore_across_meshes_8_to_1_and_1_to_4(tmp_path):
