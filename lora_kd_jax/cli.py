@@ -99,8 +99,12 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from lora_kd_jax import distill
 
     if args.dry_run:
-        info = distill.check_teacher(cfg.distill.teacher, cfg)
-        print(f"teacher: {info.path} (LoRA {info.config.model.name})\n{_student_report(cfg)}")
+        dirs = distill.teacher_dirs(cfg)
+        teachers = sorted(set(dirs.values()))
+        name = distill.check_teacher(teachers[0], cfg).config.model.name
+        which = (f"teacher: {teachers[0]}" if len(teachers) == 1 else
+                 "teachers: " + ", ".join(f"seed {k} <- {path}" for k, path in dirs.items()))
+        print(f"{which} (LoRA {name})\n{_student_report(cfg)}")
         return
     report(distill.distill_and_evaluate(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
 

@@ -157,6 +157,9 @@ def import_peft(peft_dir: str | os.PathLike, cfg: Config) -> tuple[Config, Any, 
     own config promises but the weights lack, shapes that do not fit the base."""
     from lora_kd_jax.models.classifier import build_classifier
 
+    if cfg.train.seeds:
+        raise ExportError(f"import-peft writes one run from one adapter; drop train.seeds={cfg.train.seeds} (set "
+                          "train.seed) and train seeds from it one run at a time")
     adapter = peft_format.read_adapter(peft_dir)
     if cfg.model.init != "pretrained":
         log.warning("import-peft: model.init=%s: the adapter is applied to a random base, not the one it was "

@@ -140,16 +140,6 @@ class _Lanes:
                 store.close()
 
 
-def evaluate(task: Task, batches: Callable[[], Iterable[Batch]] | None = None) -> dict[str, float]:
-    """Loss, accuracy, MCC and count of the task's state on `batches` (default: the validation set); a seeded task
-    gets {seed: metrics}."""
-    sums = _eval_sums(task, batches)
-    if task.seeds:
-        host = jax.device_get(sums)
-        return {k: metrics_lib.summarize(seeds_lib.take(host, i)) for i, k in enumerate(task.seeds)}
-    return metrics_lib.summarize(sums)
-
-
 def _zero_sums(seeds: Sequence[int]) -> dict:
     """Empty metric sums: one set, or one per seed (stacked)."""
     return seeds_lib.stack([metrics_lib.zeros()] * len(seeds)) if seeds else metrics_lib.zeros()

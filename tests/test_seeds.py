@@ -224,3 +224,10 @@ def test_stacked_batches_pad_to_the_longest_seed():
     np.testing.assert_array_equal(out["input_ids"][0, :, :8], a["input_ids"])
     assert (out["input_ids"][0, :, 8:] == PAD_ID).all() and (out["attention_mask"][0, :, 8:] == 0).all()
     np.testing.assert_array_equal(out["attention_mask"][1], b["attention_mask"])
+
+
+def test_import_peft_refuses_a_seed_list():
+    from lora_kd_jax import export
+
+    with pytest.raises(export.ExportError, match=r"import-peft writes one run from one adapter; drop train.seeds"):
+        export.import_peft("/nonexistent", tiny_config("train.seeds=[0,1]"))
