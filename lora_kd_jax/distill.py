@@ -171,7 +171,10 @@ def teacher_dirs(cfg: Config) -> dict[int, str]:
     seed list. Every teacher dir passes `check_teacher`."""
     path = cfg.distill.teacher
     student_seeds = seeds_lib.seed_list(cfg)
-    teacher_seeds = runs.run_seeds(path) if path else []
+    try:
+        teacher_seeds = runs.run_seeds(path) if path else []
+    except runs.RunError as e:
+        raise runs.RunError(f"distill.teacher: {e}") from None
     if not teacher_seeds:
         check_teacher(path, cfg)
         return {seed: path for seed in student_seeds}

@@ -242,6 +242,7 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
     elif resume:
         log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
 
+    last_plot = time.perf_counter()
     with _StopFlag() as stop:
         for epoch in range(start_epoch, task.epochs):
             first = start_batch if epoch == start_epoch else 0
@@ -286,12 +287,14 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
                          "  (best)" if is_best else "")
             improved_single = not lanes.seeded and best_steps[0] == step
             store.save(step, tree(), record_for(epoch + 1, 0), best=improved_single)
-            _write(run_dir, task, lanes, histories, wall_before + time.perf_counter() - t0)
+            due = time.perf_counter() - last_plot >= PLOT_INTERVAL_S
+            _write(run_dir, task, lanes, histories, wall_before + time.perf_counter() - t0, plot=due)
+            last_plot = time.perf_counter() if due else last_plot
     store.close()
     lanes.close()
     if not histories[0]:
         raise ValueError("no epochs were run (train.epochs is already reached by the checkpoint?)")
-    return _write(run_dir, task, lanes, histories, wall_before + time.perf_counter() - t0)
+    return _write(run_dir, task, lanes, histories, wall_before + time.perf_counter() - t0, plot=True)
 
 
 def _check_finite(task: Task, trains: list[dict], lanes: _Lanes, epoch: int, run_dir: Path,
@@ -309,26 +312,37 @@ def _check_finite(task: Task, trains: list[dict], lanes: _Lanes, epoch: int, run
         log.warning("%s; their updates were skipped (train.on_nonfinite=skip)", where)
 
 
-def _write(run_dir: Path, task: Task, lanes: _Lanes, histories: list[list[dict]], wall: float) -> dict:
+# accuracy.png and loss.png are redrawn after an epoch at most this often, and always at the end of a run (drawing
+# costs ~0.5 s a figure: more than a tiny model's epoch); metrics.json is rewritten after every epoch
+PLOT_INTERVAL_S = 30.0
+
+
+def _write(run_dir: Path, task: Task, lanes: _Lanes, histories: list[list[dict]], wall: float, *,
+           plot: bool) -> dict:
+    """metrics.json (and, when `plot`, the plots) of the run, or of each seed and the aggregate; returns the
+    summary."""
     if not lanes.seeded:
         summary = {**_summary(histories[0]), **task.info, "wall_time_s": wall}
         if is_main_process():
             rundir.write_metrics(run_dir, {"kind": task.kind, "epochs": histories[0], "summary": summary})
-            plots.plot_curves(histories[0], run_dir, task.title)
+            if plot:
+                plots.plot_curves(histories[0], run_dir, task.title)
         return summary
     per_seed = {}
     for k, seed_dir, history in zip(lanes.seeds, lanes.dirs, histories):
         per_seed[k] = {**_summary(history), **task.info, **task.seed_info.get(k, {}), "seed": k, "wall_time_s": wall}
         if is_main_process():
             rundir.write_metrics(seed_dir, {"kind": task.kind, "epochs": history, "summary": per_seed[k]})
-            plots.plot_curves(history, seed_dir, f"{task.title} seed {k}")
+            if plot:
+                plots.plot_curves(history, seed_dir, f"{task.title} seed {k}")
     summary = {"seeds": lanes.seeds, "seed_stats": seeds_lib.aggregate(per_seed, SEED_STAT_KEYS),
                "per_seed": {str(k): {key: s[key] for key in SEED_STAT_KEYS if key in s} for k, s in per_seed.items()},
                **task.info, "wall_time_s": wall}
     if is_main_process():
         rundir.write_metrics(run_dir, {"kind": task.kind, "seeds": lanes.seeds,
                                        "epochs": seeds_lib.epoch_stats(histories), "summary": summary})
-        plots.plot_seed_curves(dict(zip(lanes.seeds, histories)), run_dir, task.title)
+        if plot:
+            plots.plot_seed_curves(dict(zip(lanes.seeds, histories)), run_dir, task.title)
     return summary
 
 

@@ -56,9 +56,12 @@ peer 100 --variants $SMALL $PEER_FLAGS
 bench 60 --variants $SMALL --modes bf16 --benches distill_step_cached --student-dtypes float32,bfloat16
 # 4. a full CoLA epoch, padded to 20 and length-aware, data pipeline included
 bench 90 --variants $SMALL --modes bf16 --benches epoch
-# 5. gpt2-medium
+# 5. many seeds at once (train.seeds): ms per step and per seed-step at 1 and 5 seeds (the goal: 5 seeds of the
+#    study in at most twice one seed's time)
+bench 60 --variants $SMALL --modes bf16 --seeds 1,5
+# 6. gpt2-medium
 bench 90 --variants $MEDIUM --modes bf16 --benches lora_train_step,teacher_forward
-# 6. fp32 for reference
+# 7. fp32 for reference
 bench 60 --variants $SMALL --modes fp32 --benches lora_train_step,teacher_forward
 echo "== stages took $((SECONDS - DEADLINE + BUDGET)) s of $BUDGET"
 "$PY" - "$OUT" <<'PY'
@@ -68,8 +71,8 @@ for name in ("jax.jsonl", "peer.jsonl"):
     p = out / name
     for line in (p.read_text().splitlines() if p.exists() else []):
         r = json.loads(line)
-        extra = {k: r[k] for k in ("student_dtype", "buckets", "group_window", "epoch_s", "input_pipeline_share",
-                                   "compile_s") if k in r}
+        extra = {k: r[k] for k in ("seeds", "ms_per_seed_step", "student_dtype", "buckets", "group_window", "epoch_s",
+                                   "input_pipeline_share", "compile_s") if k in r}
         print(f"{r.get('impl', 'torch'):6} {r['bench']:20} {r['variant']:12} {r['mode']:13} {r['ms_per_step']:9.2f} ms"
               f"  first {r.get('first_step_s')} s  mfu {r.get('mfu')}  {extra}")
 PY
