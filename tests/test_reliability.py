@@ -54,32 +54,61 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 
     raise AssertionError("no checkpoint appeared")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, sig):
-    """The real script in a subprocess: killed after its first epoch's checkpoint, then --resume."""
-    epochs = 3
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run the interrupted ones must end as (the script's config, trained in-process)."""
+    run_dir = tmp_path_factory.mktemp("reliability") / "reference"
+    train.train_and_evaluate(_smoke_cfg(run_dir, EPOCHS), progress=False)
+    return run_dir
+
+
+EPOCHS = 3
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, reference):
+    """The real script in a subprocess: SIGKILL after its first epoch's checkpoint (no chance to save), then
+    --resume."""
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(script_args(killed, epochs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(script_args(killed, EPOCHS), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_checkpoint(killed, proc)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
     metrics_file = killed / "metrics.json"  # absent if the kill landed between the first save and its metrics
     done = json.loads(metrics_file.read_text())["epochs"] if metrics_file.exists() else []
-    assert len(done) < epochs  # it really was interrupted
-    if sig == signal.SIGTERM:  # the signal is turned into a mid-epoch checkpoint and a clear message
-        assert "interrupted: signal 15 at epoch" in err and "continue with --resume" in err
-        _, record = final_trainable(killed)
-        assert record["next_batch"] > 0  # a checkpoint in the middle of an epoch
-    resumed = subprocess.run([*script_args(killed, epochs), "--resume"], capture_output=True, text=True, timeout=120)
+    assert len(done) < EPOCHS  # it really was interrupted
+    resumed = subprocess.run([*script_args(killed, EPOCHS), "--resume"], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = tmp_path / "reference"
-    train.train_and_evaluate(_smoke_cfg(reference, epochs), progress=False)
     assert_same_run(killed, reference)
+
+
+def test_sigterm_saves_mid_epoch_and_resume_gives_the_uninterrupted_result(tmp_path, reference, monkeypatch):
+    """SIGTERM during an epoch becomes a checkpoint at the batch reached and one clear message; --resume ends
+    where the uninterrupted run ends (tests/test_seeds.py does the same for a seeded run)."""
+    from lora_kd_jax import loop
+
+    cfg = _smoke_cfg(tmp_path / "stopped", EPOCHS)
+    original, seen = loop.prefetch, {"n": 0}
+
+    def interrupting(batches, put=jax.device_put, size=2):
+        for batch in original(batches, put, size):
+            seen["n"] += 1
+            if seen["n"] == 20:  # the 20th of epoch 1's 50 training batches
+                signal.raise_signal(signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(loop, "prefetch", interrupting)
+    with pytest.raises(loop.TrainingInterrupted, match=r"signal 15 at epoch 1, batch 20: .*continue with --resume"):
+        train.train_and_evaluate(cfg, progress=False)
+    monkeypatch.setattr(loop, "prefetch", original)
+    _, record = final_trainable(tmp_path / "stopped")
+    assert record["next_batch"] > 0  # a checkpoint in the middle of an epoch
+    train.train_and_evaluate(cfg, resume=True, progress=False)
+    assert_same_run(tmp_path / "stopped", reference)
 
 
 def _smoke_cfg(run_dir: Path, epochs: int):

@@ -21,7 +21,7 @@ COMMON = ("data.limit=96", "train.batch_size=32", "train.epochs=2", "lora.dropou
           "student.hidden_dim=64")
 # the student runs also cut batches to length buckets: seeds whose batches land in different buckets are padded
 # to a common length when stacked (exact for last-token pooling)
-BUCKETS = ("data.buckets=[8,12,16]", "data.group_window=2")
+BUCKETS = ("data.buckets=[12]", "data.group_window=2")
 SEEDED = f"train.seeds=[{','.join(map(str, SEEDS))}]"
 
 
