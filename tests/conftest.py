@@ -20,6 +20,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402  (test helpers live in tests/tiny.py)
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests that use a module-scoped fixture (a trained run) run on one xdist worker (`--dist loadgroup`), so each
+    such fixture is built once, not once per worker that happens to take one of its tests."""
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d and d[-1].scope == "module" for d in defs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 def pytest_runtest_setup(item):
     """torch (a test extra, imported only by the tests that need it) computes in fp32 in every test."""
     torch = sys.modules.get("torch")

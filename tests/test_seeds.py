@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 
 from lora_kd_jax import cli, distill, loop, rundir, runs, train
+from lora_kd_jax import seeds as seeds_lib
 from lora_kd_jax.config import ConfigError
 from tiny import random_batch, tiny_config
 
@@ -137,6 +138,35 @@ def test_predict_and_export_read_one_seed_and_say_which(rnn_runs, lora_runs, cap
     assert (tmp_path / "merged").is_dir() and "using seed 1" in capsys.readouterr().err
     with pytest.raises(runs.RunError, match=r"holds 3 seeds .*seed_0 \(or pass --seed 0\)"):
         runs.inspect_run(lora)
+
+
+def test_the_study_table_of_a_seeded_run_gives_mean_and_spread(rnn_runs):
+    """What `reproduce --seeds` writes for an experiment: every seed dir scored from its best checkpoint, each cell
+    mean ± std (min–max) over the seeds. (The whole --tiny --seeds study is run by hand: about as long as the
+    single-seed study that tests/test_reproduce.py runs.)"""
+    from lora_kd_jax import reproduce
+
+    run = rnn_runs / "seeded"
+    record = json.loads((run / "metrics.json").read_text())
+    scores = reproduce.seeded_scores(run, limit=96)
+    assert sorted(scores["per_seed"]) == SEEDS and scores["glue_rows"] == 192
+    for k in SEEDS:  # each seed's in-domain score is its own recorded validation number
+        own = json.loads((run / f"seed_{k}" / "metrics.json").read_text())["summary"]
+        assert scores["per_seed"][k]["in_domain_accuracy"] == pytest.approx(own["best_val_accuracy"], abs=1e-9)
+    assert scores["in_domain_accuracy"]["mean"] == pytest.approx(
+        record["summary"]["seed_stats"]["best_val_accuracy"]["mean"], abs=1e-9)
+    exp = next(e for e in reproduce.EXPERIMENTS if e.kind == "rnn")
+    outcome = reproduce.Outcome(exp, run, record["summary"], record["epochs"], reused=False, scores=scores)
+    (row,) = [[c.strip() for c in line.strip("|").split("|")]
+              for line in reproduce.results_table([outcome]).splitlines()[2:]]
+    stats = record["summary"]["seed_stats"]["best_val_accuracy"]
+    assert row[:4] == [exp.label, "3", seeds_lib.format_stat(stats, 100), "69.45%"]
+    assert " ± " in row[6] and " ± " in row[9] and "–" in row[9]  # val MCC, GLUE-dev MCC (both dev sets)
+    png = run / "study.png"
+    from lora_kd_jax import plots
+
+    plots.plot_val_accuracy({exp.label: record["epochs"]}, png, reference={exp.label: exp.ref_val})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_killed_seeded_run_resumes_to_the_uninterrupted_result(rnn_runs, tmp_path, monkeypatch):
