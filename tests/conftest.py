@@ -22,11 +22,16 @@ from tiny import make_mixed_length_batch, parity_config  # noqa: E402  (test hel
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests that use a module-scoped fixture (a trained run) run on one xdist worker (`--dist loadgroup`), so each
-    such fixture is built once, not once per worker that happens to take one of its tests."""
-    for item in items:
+    """Every test of a module that has a module-scoped fixture (a trained run) goes to one xdist worker, in one
+    piece (`--dist loadgroup`): a module fixture is torn down whenever a worker switches module, so tests of such
+    a module spread over workers, or interleaved with other modules, would train the same run several times."""
+    def uses_module_fixture(item) -> bool:
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        if any(d and d[-1].scope == "module" for d in defs.values()):
+        return any(d and d[-1].scope == "module" for d in defs.values())
+
+    grouped = {item.module.__name__ for item in items if getattr(item, "module", None) and uses_module_fixture(item)}
+    for item in items:
+        if getattr(item, "module", None) and item.module.__name__ in grouped:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
