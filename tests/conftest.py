@@ -20,21 +20,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402  (test helpers live in tests/tiny.py)
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Every test of a module that has a module-scoped fixture (a trained run) goes to one xdist worker, in one
-    piece (`--dist loadgroup`): a module fixture is torn down whenever a worker switches module, so tests of such
-    a module spread over workers, or interleaved with other modules, would train the same run several times."""
-    def uses_module_fixture(item) -> bool:
-        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        return any(d and d[-1].scope == "module" for d in defs.values())
-
-    grouped = {item.module.__name__ for item in items if getattr(item, "module", None) and uses_module_fixture(item)}
-    for item in items:
-        if getattr(item, "module", None) and item.module.__name__ in grouped:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 def pytest_runtest_setup(item):
     """torch (a test extra, imported only by the tests that need it) computes in fp32 in every test."""
     torch = sys.modules.get("torch")

@@ -25,7 +25,10 @@ REQUIRED = {"bench", "variant", "mode", "batch", "seq", "ms_per_step", "seq_per_
 
 
 def test_every_bench_reports_the_documented_fields(tmp_path, monkeypatch):
+    """Every bench on the tiny model, with `datasets` unimportable (the GPU image has none): the epoch bench reads,
+    encodes and runs without it."""
     monkeypatch.setattr(bench, "EPOCH_LAYOUTS", (([], 0), ([16], 4)))  # one bucket: 2 step shapes to compile, not 4
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
     out = tmp_path / "bench.jsonl"
     args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=list(bench.BENCHES), batch=8, seq=32, steps=2,
                            warmup=0, peak_tflops=1.0, student_dtypes=["auto", "bfloat16"], data_dir=str(COLA_DIR),
@@ -88,17 +91,18 @@ def tree_bytes(tree) -> int:
 
 
 def test_seeded_benches_report_per_seed_time_and_memory():
-    """--seeds 1,2: the three seeded benches once per seed count; the seed axis costs exactly one more train state
+    """--seeds 1,2: seeded benches once per seed count; the seed axis costs exactly one more train state
     and batch per seed in the executable's arguments, the frozen base being shared (not stacked)."""
     import jax
 
     from lora_kd_jax.models.classifier import build_classifier
     from lora_kd_jax.trainable import make_optimizer, partition
 
-    args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=list(bench.SEEDED_BENCHES), batch=8, seq=32,
+    benches = ["lora_train_step", "student_step"]  # distill_step_cached is the student step plus a gather
+    args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=benches, batch=8, seq=32,
                            steps=1, warmup=0, trim=False, seeds=[1, 2])
     records = bench.run(args)
-    assert [(r["bench"], r["seeds"]) for r in records] == [(b, n) for b in bench.SEEDED_BENCHES for n in (1, 2)]
+    assert [(r["bench"], r["seeds"]) for r in records] == [(b, n) for b in benches for n in (1, 2)]
     for r in records:
         assert REQUIRED <= r.keys(), (r["bench"], REQUIRED - r.keys())
         assert (r["variant"], r["mode"], r["batch"], r["seq_run"]) == ("tiny", "fp32", 8, 32)
@@ -123,11 +127,6 @@ def test_seeded_benches_report_per_seed_time_and_memory():
     assert extra < frozen_bytes  # the base is not stacked
     assert extra == state_bytes + batch_bytes
     assert arg[("lora_train_step", 1)] == frozen_bytes + state_bytes + batch_bytes
-    # the cached bench's per-seed extra over the baseline's: the seed's own teacher logits (8 rows x 2, fp32)
-    # and the batch's row indices that read them
-    cached_extra = (arg[("distill_step_cached", 2)] - arg[("distill_step_cached", 1)]) - (
-        arg[("student_step", 2)] - arg[("student_step", 1)])
-    assert cached_extra == 8 * 2 * 4 + one["index"].nbytes
 
 
 @pytest.mark.parametrize("value", ["0", "1,1", "two", "1,,2", "-1"])
@@ -167,16 +166,6 @@ def test_importing_the_bench_imports_no_datasets():
             "sys.exit('datasets imported' if 'datasets' in sys.modules else None)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
-
-
-def test_epoch_bench_runs_without_datasets(monkeypatch):
-    """The GPU image has no `datasets`: with it made unimportable, the epoch bench still reads, encodes and runs."""
-    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
-    data_dir, tokenizer = bench.default_paths()
-    args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=["epoch"], batch=8, steps=1, warmup=0,
-                           data_dir=data_dir, tokenizer=tokenizer, limit=20)
-    records = bench.run(args)
-    assert [(r["bench"], r["examples"], r["steps"]) for r in records] == [("epoch", 20, 3)] * 2
 
 
 def test_epoch_splits_match_the_training_pipeline():

@@ -40,11 +40,11 @@ def test_lora_and_distillation_steps_on_8_devices_match_1_device(tmp_path):
     assert seeded.shape == (4, 2) and not np.allclose(seeded[:, 0], seeded[:, 1])  # two different seeds
 
 
-def test_checkpoints_restore_across_meshes_8_to_1_and_1_to_4(tmp_path):
+def test_checkpoints_restore_across_meshes_8_to_1(tmp_path):
     out = tmp_path / "resume.json"
     run_worker("resume", str(tmp_path), str(out))
     r = json.loads(out.read_text())
-    for other in ("split", "grow"):  # 8 devices then 1; 1 device then 4 — both against 1 device throughout
+    for other in ("split",):  # 8 devices then 1, against 1 device throughout
         assert len(r["one"]) == len(r[other]) == 2
         for a, b in zip(r["one"], r[other]):
             for split in ("train", "val"):

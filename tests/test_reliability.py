@@ -39,7 +39,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def script_args(run_dir: Path, epochs: int) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / "train_lora.py"), str(REPO / "configs" / "smoke.yaml"),
-            "data.limit=800", "train.batch_size=16",
+            "data.limit=480", "train.batch_size=16",
             f"train.epochs={epochs}", "lora.dropout=0.1", f"run.dir={run_dir}", "run.compilation_cache="]
 
 
@@ -97,7 +97,7 @@ def test_sigterm_saves_mid_epoch_and_resume_gives_the_uninterrupted_result(tmp_p
     def interrupting(batches, put=jax.device_put, size=2):
         for batch in original(batches, put, size):
             seen["n"] += 1
-            if seen["n"] == 20:  # the 20th of epoch 1's 50 training batches
+            if seen["n"] == 20:  # the 20th of epoch 1's 30 training batches
                 signal.raise_signal(signal.SIGTERM)
             yield batch
 
