@@ -92,7 +92,7 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
     """jax.distributed with gloo CPU collectives, 2 processes x 2 devices, vs 1 process x 4 devices."""
     repo = TESTS.parent
     common = [sys.executable, str(repo / "scripts" / "train_lora.py"), str(repo / "configs" / "smoke.yaml"),
-              "data.limit=48", "train.batch_size=16", "train.epochs=2", "lora.dropout=0.1", "run.compilation_cache="]
+              "data.limit=48", "train.batch_size=16", "train.epochs=1", "lora.dropout=0.1", "run.compilation_cache="]
 
     def env(devices):
         return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}",
@@ -118,7 +118,7 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
     assert "process 1 of 2" in outs[1][1]
     a = json.loads((tmp_path / "single" / "metrics.json").read_text())["epochs"]
     b = json.loads((tmp_path / "multi" / "metrics.json").read_text())["epochs"]
-    assert len(a) == len(b) == 2
+    assert len(a) == len(b) == 1
     for x, y in zip(a, b):
         for split in ("train", "val"):
             np.testing.assert_allclose(y[split]["loss"], x[split]["loss"], rtol=REL, err_msg=split)
