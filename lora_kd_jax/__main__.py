@@ -1,4 +1,4 @@
 """`python -m lora_kd_jax COMMAND ...`: the same as the `lora-kd-jax` console command."""
-from lora_kd_jax.cli import main
+from lora_kd_jax.commands.cli import main
 
 main()

@@ -7,7 +7,7 @@ usage: scripts/bench.py [--variants gpt2,gpt2-medium] [--batch 128] [--seq 64] [
 Compare with benchmarks/peer_torch.py (the PyTorch + PEFT peer) in the same run on the same machine. The epoch bench
 reads the CoLA files and tokenizer the package ships (--data-dir / --tokenizer to use others).
 """
-from lora_kd_jax.cli import main_bench
+from lora_kd_jax.commands.cli import main_bench
 
 if __name__ == "__main__":
     main_bench()

@@ -3,7 +3,7 @@
 
 usage: scripts/distill.py CONFIG.yaml distill.teacher=RUN_DIR [section.key=value ...] [--dry-run] [--resume]
 """
-from lora_kd_jax.cli import main_distill
+from lora_kd_jax.commands.cli import main_distill
 
 if __name__ == "__main__":
     main_distill()

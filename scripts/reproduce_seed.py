@@ -3,7 +3,7 @@
 
 usage: scripts/reproduce_seed.py [section.key=value ...] [--tiny] [--configs DIR] [--no-progress]
 """
-from lora_kd_jax.cli import main_reproduce
+from lora_kd_jax.commands.cli import main_reproduce
 
 if __name__ == "__main__":
     main_reproduce()

@@ -3,7 +3,7 @@
 
 usage: scripts/train_rnn.py CONFIG.yaml [section.key=value ...] [--dry-run] [--resume]
 """
-from lora_kd_jax.cli import main_train_rnn
+from lora_kd_jax.commands.cli import main_train_rnn
 
 if __name__ == "__main__":
     main_train_rnn()

@@ -9,12 +9,12 @@ import sys
 
 import jax
 
-from lora_kd_jax import mesh as mesh_lib
-from lora_kd_jax import train
-from lora_kd_jax.config import MeshConfig
+from lora_kd_jax.training import mesh as mesh_lib
+from lora_kd_jax.training import finetune as train
+from lora_kd_jax.core.config import MeshConfig
 from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.steps import init_state
-from lora_kd_jax.trainable import adam, make_optimizer, partition
+from lora_kd_jax.training.steps import init_state
+from lora_kd_jax.training.trainable import adam, make_optimizer, partition
 from tiny import random_batch, tiny_config
 
 
@@ -38,7 +38,7 @@ def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
 
 def distill_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
     """The distillation step (tiny student, cached teacher logits) on a mesh; same batches as per_step_losses."""
-    from lora_kd_jax import distill
+    from lora_kd_jax.distill import trainer as distill
     from lora_kd_jax.models.student import build_student
 
     cfg = tiny_config("student.embed_dim=32", "student.hidden_dim=32")
@@ -61,10 +61,11 @@ def distill_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
 def seeded_distill_losses(mesh_cfg: MeshConfig, steps: int = 4) -> list[list[float]]:
     """Two seeds at once (train.seeds): stacked states, per-seed teacher logits, stacked batches placed with
     `put_seeded_batch` (rows split over the mesh, the seed axis not); per-step loss of each seed."""
-    from lora_kd_jax import distill, seeds
-    from lora_kd_jax.data import stack_batches
+    from lora_kd_jax.distill import trainer as distill
+    from lora_kd_jax.training import seeds
+    from lora_kd_jax.data.pipeline import stack_batches
     from lora_kd_jax.models.student import build_student
-    from lora_kd_jax.steps import Seeded
+    from lora_kd_jax.training.steps import Seeded
 
     cfg = tiny_config("student.embed_dim=32", "student.hidden_dim=32")
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_kd_jax import bench
+from lora_kd_jax.commands import bench
 from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
-from lora_kd_jax.cli import main_bench
+from lora_kd_jax.commands.cli import main_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_seeded_benches_report_per_seed_time_and_memory():
     import jax
 
     from lora_kd_jax.models.classifier import build_classifier
-    from lora_kd_jax.trainable import make_optimizer, partition
+    from lora_kd_jax.training.trainable import make_optimizer, partition
 
     benches = ["lora_train_step", "student_step"]  # distill_step_cached is the student step plus a gather
     args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=benches, batch=8, seq=32,
@@ -131,7 +131,7 @@ def test_seeded_benches_report_per_seed_time_and_memory():
 
 @pytest.mark.parametrize("value", ["0", "1,1", "two", "1,,2", "-1"])
 def test_bad_seed_counts_are_refused(value):
-    from lora_kd_jax import cli
+    from lora_kd_jax.commands import cli
 
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--variants", "tiny", "--modes", "fp32", f"--seeds={value}"])
@@ -140,7 +140,7 @@ def test_bad_seed_counts_are_refused(value):
 
 
 def test_seeds_flag_selects_the_seeded_benches(monkeypatch):
-    from lora_kd_jax import cli
+    from lora_kd_jax.commands import cli
 
     seen = []
     monkeypatch.setattr(bench, "run", seen.append)
@@ -162,7 +162,7 @@ def test_default_paths_are_the_packaged_assets():
 
 
 def test_importing_the_bench_imports_no_datasets():
-    code = ("import sys, lora_kd_jax.bench, lora_kd_jax.cli\n"
+    code = ("import sys, lora_kd_jax.commands.bench, lora_kd_jax.commands.cli\n"
             "sys.exit('datasets imported' if 'datasets' in sys.modules else None)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -170,7 +170,7 @@ def test_importing_the_bench_imports_no_datasets():
 
 def test_epoch_splits_match_the_training_pipeline():
     """What the bench encodes is what training encodes: the first `limit` rows of the training file, same tokens."""
-    from lora_kd_jax import data as data_lib
+    from lora_kd_jax.data import pipeline as data_lib
 
     cfg = bench.variant_config("tiny", "fp32", f"data.dir={COLA_DIR}", f"data.tokenizer={TOKENIZER_DIR}",
                                "data.limit=12")

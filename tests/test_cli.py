@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_kd_jax import cli
+from lora_kd_jax.commands import cli
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("train-lora", "distill", "train-rnn", "reproduce", "export-peft", "import-peft", "merge", "bench",
@@ -78,7 +78,7 @@ def test_each_command_ends_a_user_error_in_one_line(argv, start, capsys, monkeyp
 
 def test_debug_shows_the_traceback(monkeypatch):
     monkeypatch.chdir(REPO)
-    from lora_kd_jax.config import ConfigError
+    from lora_kd_jax.core.config import ConfigError
 
     with pytest.raises(ConfigError):
         cli.main(["--debug", "train-rnn", "configs/rnn_scratch.yaml", "train.lrr=1"])

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_kd_jax.config import ConfigError, load_config
+from lora_kd_jax.core.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

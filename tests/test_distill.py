@@ -10,13 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_kd_jax import distill, rundir, runs, train
-from lora_kd_jax.config import load_config
-from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator
-from lora_kd_jax.loop import run_epochs
+from lora_kd_jax.distill import trainer as distill
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.runs import reader as runs
+from lora_kd_jax.training import finetune as train
+from lora_kd_jax.core.config import load_config
+from lora_kd_jax.data.pipeline import PAD_ID, EncodedSplit, batch_iterator
+from lora_kd_jax.training.loop import run_epochs
 from lora_kd_jax.models.student import build_student, make_student
-from lora_kd_jax.steps import init_state
-from lora_kd_jax.trainable import adam
+from lora_kd_jax.training.steps import init_state
+from lora_kd_jax.training.trainable import adam
 
 from tiny import config_only_run
 
@@ -302,7 +305,7 @@ def test_bad_teacher_fails_before_training_and_says_why(case, message, teacher_r
 
 
 def test_distill_script_reports_a_bad_teacher(tmp_path, capsys):
-    from lora_kd_jax.cli import main_distill
+    from lora_kd_jax.commands.cli import main_distill
 
     repo = Path(__file__).resolve().parents[1]
     with pytest.raises(SystemExit) as e:

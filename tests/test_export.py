@@ -19,10 +19,13 @@ from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import GPT2Config, GPT2ForSequenceClassification  # noqa: E402
 
-from lora_kd_jax import cli, export, rundir, train  # noqa: E402
-from lora_kd_jax import runs as runs_lib  # noqa: E402
-from lora_kd_jax.config import save_config  # noqa: E402
-from lora_kd_jax.convert import ConversionError  # noqa: E402
+from lora_kd_jax.commands import cli
+from lora_kd_jax.lora import export
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.training import finetune as train  # noqa: E402
+from lora_kd_jax.runs import reader as runs_lib  # noqa: E402
+from lora_kd_jax.core.config import save_config  # noqa: E402
+from lora_kd_jax.lora.convert import ConversionError  # noqa: E402
 from lora_kd_jax.models import gpt2  # noqa: E402
 from lora_kd_jax.models.classifier import build_classifier  # noqa: E402
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from lora_kd_jax import lora
-from lora_kd_jax.config import load_config
+from lora_kd_jax.lora import transform as lora
+from lora_kd_jax.core.config import load_config
 from lora_kd_jax.models.classifier import build_classifier
 from tiny import key, random_batch, tiny_config
 
@@ -119,7 +119,7 @@ def test_bfloat16_compute_stays_within_its_documented_tolerance():
     """model.dtype=bfloat16 with the frozen base stored in bf16 (the accelerator setting): logits within
     BF16_TOL of fp32 (bf16 keeps 8 mantissa bits, ~4e-3 relative per rounding, over 2 layers)."""
     BF16_TOL = 2e-2  # relative to the largest fp32 logit (observed 8.9e-3 on CPU)
-    from lora_kd_jax.trainable import cast_frozen, combine, partition
+    from lora_kd_jax.training.trainable import cast_frozen, combine, partition
     cfg32 = tiny_config()
     model32, params = build_classifier(cfg32, key())
     params = {**params, "lora": perturbed(params["lora"])}

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from lora_kd_jax import mesh as mesh_lib
-from lora_kd_jax.config import MeshConfig
+from lora_kd_jax.training import mesh as mesh_lib
+from lora_kd_jax.core.config import MeshConfig
 
 TESTS = Path(__file__).resolve().parent
 REL = 1e-5  # fp32: only the order of the cross-device reductions differs

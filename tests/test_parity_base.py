@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 import torch_reference as ref_lib  # noqa: E402
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 
-from lora_kd_jax import convert  # noqa: E402
-from lora_kd_jax.config import ModelConfig  # noqa: E402
+from lora_kd_jax.lora import convert  # noqa: E402
+from lora_kd_jax.core.config import ModelConfig  # noqa: E402
 from lora_kd_jax.models import gpt2  # noqa: E402
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier, init_head  # noqa: E402
 

@@ -21,12 +21,12 @@ import torch_reference as ref_lib  # noqa: E402
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 from peft import get_peft_model_state_dict  # noqa: E402
 
-from lora_kd_jax import convert  # noqa: E402
-from lora_kd_jax import lora as lora_lib  # noqa: E402
+from lora_kd_jax.lora import convert  # noqa: E402
+from lora_kd_jax.lora import transform as lora_lib  # noqa: E402
 from lora_kd_jax.models import gpt2  # noqa: E402
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier  # noqa: E402
-from lora_kd_jax.train import loss_and_sums  # noqa: E402
-from lora_kd_jax.trainable import combine, partition  # noqa: E402
+from lora_kd_jax.training.finetune import loss_and_sums  # noqa: E402
+from lora_kd_jax.training.trainable import combine, partition  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 

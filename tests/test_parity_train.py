@@ -14,12 +14,12 @@ torch = pytest.importorskip("torch")
 import torch_reference as ref_lib  # noqa: E402
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 
-from lora_kd_jax import convert  # noqa: E402
-from lora_kd_jax.data import EncodedSplit, batch_iterator, num_batches  # noqa: E402
+from lora_kd_jax.lora import convert  # noqa: E402
+from lora_kd_jax.data.pipeline import EncodedSplit, batch_iterator, num_batches  # noqa: E402
 from lora_kd_jax.models.classifier import build_classifier  # noqa: E402
-from lora_kd_jax.steps import init_state  # noqa: E402
-from lora_kd_jax.train import make_train_step  # noqa: E402
-from lora_kd_jax.trainable import make_optimizer, partition  # noqa: E402
+from lora_kd_jax.training.steps import init_state  # noqa: E402
+from lora_kd_jax.training.finetune import make_train_step  # noqa: E402
+from lora_kd_jax.training.trainable import make_optimizer, partition  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 

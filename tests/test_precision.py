@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import pytest
 from tiny import key, tiny_config
 
-from lora_kd_jax import precision
-from lora_kd_jax.config import ConfigError
+from lora_kd_jax.training import precision
+from lora_kd_jax.core.config import ConfigError
 from lora_kd_jax.models.classifier import build_classifier
 from lora_kd_jax.models.student import make_student
-from lora_kd_jax.trainable import cast_frozen, partition
+from lora_kd_jax.training.trainable import cast_frozen, partition
 
 
 @pytest.mark.parametrize("backend, compute, base, student", [

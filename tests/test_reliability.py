@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from lora_kd_jax import train
-from lora_kd_jax.checkpoint import CheckpointStore
-from lora_kd_jax.loop import NonFiniteLoss, run_epochs
+from lora_kd_jax.training import finetune as train
+from lora_kd_jax.runs.checkpoint import CheckpointStore
+from lora_kd_jax.training.loop import NonFiniteLoss, run_epochs
 from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, reference):
 def test_sigterm_saves_mid_epoch_and_resume_gives_the_uninterrupted_result(tmp_path, reference, monkeypatch):
     """SIGTERM during an epoch becomes a checkpoint at the batch reached and one clear message; --resume ends
     where the uninterrupted run ends (tests/test_seeds.py does the same for a seeded run)."""
-    from lora_kd_jax import loop
+    from lora_kd_jax.training import loop
 
     cfg = _smoke_cfg(tmp_path / "stopped", EPOCHS)
     original, seen = loop.prefetch, {"n": 0}
@@ -112,7 +112,7 @@ def test_sigterm_saves_mid_epoch_and_resume_gives_the_uninterrupted_result(tmp_p
 
 
 def _smoke_cfg(run_dir: Path, epochs: int):
-    from lora_kd_jax.config import load_config
+    from lora_kd_jax.core.config import load_config
     return load_config(REPO / "configs" / "smoke.yaml", script_args(run_dir, epochs)[3:])
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_kd_jax import reproduce
-from lora_kd_jax.config import ConfigError, load_config
+from lora_kd_jax.commands import reproduce
+from lora_kd_jax.core.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    from lora_kd_jax.cli import main_reproduce
+    from lora_kd_jax.commands.cli import main_reproduce
 
     root = tmp_path_factory.mktemp("study")
     main_reproduce(["--tiny", "--no-progress", *FAST, f"run.dir={root}"])
@@ -107,7 +107,7 @@ def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path):
 
 
 def test_reproduce_cli_reports_config_errors(tmp_path):
-    from lora_kd_jax.cli import main_reproduce
+    from lora_kd_jax.commands.cli import main_reproduce
 
     with pytest.raises(SystemExit, match="config error: .*train.lrr"):
         main_reproduce(["--tiny", "train.lrr=1", f"run.dir={tmp_path}"])
@@ -127,7 +127,7 @@ def test_scripts_are_thin_wrappers_with_help(script):
 def test_table_scores_come_from_the_best_checkpoint(study):
     """In-domain and out-of-domain numbers scored again by `classify` are the run's own validation numbers; the
     GLUE-dev MCC is the MCC of both sets' confusion counts summed."""
-    from lora_kd_jax.metrics import matthews
+    from lora_kd_jax.core.metrics import matthews
 
     rows = table_rows((study / "results.md").read_text())
     for exp, row in zip(reproduce.EXPERIMENTS, rows):

@@ -13,8 +13,8 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 import pytest
 
-from lora_kd_jax import cli
-from lora_kd_jax.checkpoint import CheckpointStore
+from lora_kd_jax.commands import cli
+from lora_kd_jax.runs.checkpoint import CheckpointStore
 from test_reliability import assert_same_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_a_corrupted_newest_step_is_moved_aside_and_the_run_finishes_as_uninterr
 
 
 def test_model_path_decides_the_architecture(tmp_path):
-    from lora_kd_jax.config import load_config
+    from lora_kd_jax.core.config import load_config
     from lora_kd_jax.models import gpt2
 
     ckpt = tmp_path / "ckpt"
@@ -201,7 +201,7 @@ def test_every_user_error_is_one_line_and_leaves_nothing_behind(case, tmp_path):
         elif case == "model_path_empty":
             ckpt.mkdir()
         else:
-            from lora_kd_jax.config import load_config
+            from lora_kd_jax.core.config import load_config
             from lora_kd_jax.models import gpt2
 
             gpt2.save_random_checkpoint(load_config(SMOKE).model, ckpt)
@@ -229,8 +229,8 @@ def test_every_user_error_is_one_line_and_leaves_nothing_behind(case, tmp_path):
 
 
 def test_an_unfinished_teacher_is_used_with_a_warning(tmp_path, caplog):
-    from lora_kd_jax import distill
-    from lora_kd_jax.config import load_config
+    from lora_kd_jax.distill import trainer as distill
+    from lora_kd_jax.core.config import load_config
 
     teacher = tmp_path / "teacher"
     run_cli("train.epochs=1", f"run.dir={teacher}")

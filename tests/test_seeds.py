@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from lora_kd_jax import cli, distill, loop, rundir, runs, train
-from lora_kd_jax import seeds as seeds_lib
-from lora_kd_jax.config import ConfigError
+from lora_kd_jax.commands import cli
+from lora_kd_jax.distill import trainer as distill
+from lora_kd_jax.training import loop
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.runs import reader as runs
+from lora_kd_jax.training import finetune as train
+from lora_kd_jax.training import seeds as seeds_lib
+from lora_kd_jax.core.config import ConfigError
 from tiny import random_batch, tiny_config
 
 SEEDS = [0, 1, 2]
@@ -146,7 +151,7 @@ def test_the_study_table_of_a_seeded_run_gives_mean_and_spread(rnn_runs):
     """What `reproduce --seeds` writes for an experiment: every seed dir scored from its best checkpoint, each cell
     mean ± std (min–max) over the seeds. (The whole --tiny --seeds study is run by hand: about as long as the
     single-seed study that tests/test_reproduce.py runs.)"""
-    from lora_kd_jax import reproduce
+    from lora_kd_jax.commands import reproduce
 
     run = rnn_runs / "seeded"
     record = json.loads((run / "metrics.json").read_text())
@@ -165,7 +170,7 @@ def test_the_study_table_of_a_seeded_run_gives_mean_and_spread(rnn_runs):
     assert row[:4] == [exp.label, "3", seeds_lib.format_stat(stats, 100), "69.45%"]
     assert " ± " in row[6] and " ± " in row[9] and "–" in row[9]  # val MCC, GLUE-dev MCC (both dev sets)
     png = run / "study.png"
-    from lora_kd_jax import plots
+    from lora_kd_jax.runs import plots
 
     plots.plot_val_accuracy({exp.label: record["epochs"]}, png, reference={exp.label: exp.ref_val})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -196,7 +201,7 @@ def test_a_killed_seeded_run_resumes_to_the_uninterrupted_result(rnn_runs, tmp_p
     assert history(tmp_path / "resumed") == history(done)
 
     def latest(run_dir):
-        from lora_kd_jax.checkpoint import CheckpointStore
+        from lora_kd_jax.runs.checkpoint import CheckpointStore
 
         store = CheckpointStore(run_dir / "checkpoints", read_only=True, with_best=False)
         tree, _, _ = store.restore_latest()
@@ -248,7 +253,7 @@ def test_a_failed_seeded_start_leaves_no_seed_dirs(tmp_path):
 
 
 def test_stacked_batches_pad_to_the_longest_seed():
-    from lora_kd_jax.data import PAD_ID, stack_batches
+    from lora_kd_jax.data.pipeline import PAD_ID, stack_batches
 
     a, b = random_batch(0, batch=4, length=8), random_batch(1, batch=4, length=12)
     out = stack_batches([a, b])
@@ -259,7 +264,7 @@ def test_stacked_batches_pad_to_the_longest_seed():
 
 
 def test_import_peft_refuses_a_seed_list():
-    from lora_kd_jax import export
+    from lora_kd_jax.lora import export
 
     with pytest.raises(export.ExportError, match=r"import-peft writes one run from one adapter; drop train.seeds"):
         export.import_peft("/nonexistent", tiny_config("train.seeds=[0,1]"))

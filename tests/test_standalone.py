@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_kd_jax import assets, data, loop
+from lora_kd_jax import assets
+from lora_kd_jax.data import pipeline as data
+from lora_kd_jax.training import loop
 from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +65,7 @@ def test_out_of_domain_is_reported_but_never_picks_the_best_epoch():
 
 
 def test_a_run_scores_out_of_domain_every_epoch_and_records_its_data(tmp_path):
-    from lora_kd_jax import train
+    from lora_kd_jax.training import finetune as train
 
     cfg = tiny_config("data.limit=48", "train.batch_size=16", "train.epochs=2", f"run.dir={tmp_path / 'r'}")
     summary = train.train_and_evaluate(cfg, progress=False)

@@ -8,13 +8,14 @@ import optax
 import pytest
 from flax import traverse_util
 
-from lora_kd_jax import data as data_lib
-from lora_kd_jax import metrics, train
-from lora_kd_jax.cli import main_train_lora
+from lora_kd_jax.data import pipeline as data_lib
+from lora_kd_jax.core import metrics
+from lora_kd_jax.training import finetune as train
+from lora_kd_jax.commands.cli import main_train_lora
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.steps import init_state
-from lora_kd_jax.trainable import make_optimizer, partition
+from lora_kd_jax.training.steps import init_state
+from lora_kd_jax.training.trainable import make_optimizer, partition
 from tiny import key, random_batch, tiny_config
 
 
@@ -137,7 +138,7 @@ def test_run_dir_records_resolved_dtypes_and_reads_older_config_files(tmp_path):
     recorded in bf16 (as "auto" gives on a GPU) is not continued in fp32 on this CPU."""
     import yaml
 
-    from lora_kd_jax import rundir
+    from lora_kd_jax.runs import rundir
 
     cfg = tiny_config(f"run.dir={tmp_path / 'r'}")
     path = rundir.prepare(cfg) / rundir.CONFIG_FILE
@@ -155,7 +156,7 @@ def test_run_dir_records_resolved_dtypes_and_reads_older_config_files(tmp_path):
 
 def test_run_dir_with_a_different_run_is_not_overwritten(tmp_path):
     train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "r", "train.epochs=1")), progress=False)
-    from lora_kd_jax.rundir import RunDirError
+    from lora_kd_jax.runs.rundir import RunDirError
     with pytest.raises(RunDirError, match="different run.*train.lr"):
         train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "r", "train.epochs=1", "train.lr=0.01")),
                                  progress=False)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR  # noqa: F401  (the packaged files; tests name them here)
-from lora_kd_jax.config import Config, load_config
+from lora_kd_jax.core.config import Config, load_config
 
 PAD_ID = 50256  # GPT-2 eos, used as pad (lora_kd_jax.data.PAD_ID)
 VOCAB = 50257

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model
 from transformers.pytorch_utils import Conv1D
 
-from lora_kd_jax import convert
+from lora_kd_jax.lora import convert
 
 torch.set_default_dtype(torch.float32)
 # CPU fp32 matmuls are full precision already; pin it so a CUDA run cannot switch to TF32.

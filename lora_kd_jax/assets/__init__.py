@@ -9,6 +9,7 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent
 COLA_DIR = ASSETS / "cola"  # in_domain_train.tsv, in_domain_dev.tsv, out_of_domain_dev.tsv, README.cola_public
 TOKENIZER_DIR = ASSETS / "gpt2_tokenizer"  # vocab.json, merges.txt
+CONFIGS_DIR = ASSETS / "configs"  # the study's configs (the repository's configs/ links here), so reproduce works from a wheel
 
 # sha256 of the files as released (CoLA v1.1 public archive; GPT-2's encoder files): tests check the copies.
 SHA256 = {

@@ -12,8 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_kd_jax import lora as lora_lib
-from lora_kd_jax.config import Config
+from lora_kd_jax.lora import transform as lora_lib
+from lora_kd_jax.core.config import Config
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.gpt2_layout import KERNEL_LAYOUT
 

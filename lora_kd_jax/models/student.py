@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_kd_jax import precision
-from lora_kd_jax.config import Config, StudentConfig
+from lora_kd_jax.training import precision
+from lora_kd_jax.core.config import Config, StudentConfig
 
 Params = dict[str, Any]
 N_LABELS = 2

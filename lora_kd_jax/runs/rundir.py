@@ -10,10 +10,10 @@ from typing import Any, Iterator
 
 import yaml
 
-from lora_kd_jax.config import Config, ConfigError, from_dict, save_config, to_dict
-from lora_kd_jax.errors import UserError
-from lora_kd_jax.logs import LOG_FORMAT
-from lora_kd_jax.precision import resolved_config
+from lora_kd_jax.core.config import Config, ConfigError, from_dict, save_config, to_dict
+from lora_kd_jax.core.errors import UserError
+from lora_kd_jax.core.logs import LOG_FORMAT
+from lora_kd_jax.training.precision import resolved_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
 LOCK_FILE = ".lock"
@@ -60,7 +60,7 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
 
 def _prepare_seed_dirs(cfg: Config, run_dir: Path) -> None:
     """A seeded run's seed_<k>/config.yaml: each seed dir reads as a single run with train.seed=k."""
-    from lora_kd_jax import seeds
+    from lora_kd_jax.training import seeds
 
     for seed in cfg.train.seeds:
         seed_cfg = seeds.seed_config(cfg, seed)
@@ -81,7 +81,7 @@ def make_dir(run_dir: Path) -> None:
 def _remove_outputs(run_dir: Path) -> None:
     import shutil
 
-    from lora_kd_jax import seeds
+    from lora_kd_jax.training import seeds
 
     for seed_dir in seeds.seed_dirs(run_dir):
         shutil.rmtree(seed_dir)
@@ -148,7 +148,7 @@ def _has_results(run_dir: Path) -> bool:
 def _undo_start(run_dir: Path, *, remove_dir: bool) -> None:
     import shutil
 
-    from lora_kd_jax import seeds
+    from lora_kd_jax.training import seeds
 
     detach_log(run_dir)
     for seed_dir in seeds.seed_dirs(run_dir):  # written by this start (it had no config): nothing trained in them

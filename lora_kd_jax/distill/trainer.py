@@ -20,18 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_kd_jax import data as data_lib
-from lora_kd_jax import mesh as mesh_lib
-from lora_kd_jax import metrics as metrics_lib
-from lora_kd_jax import loop, precision, rundir, runtime, runs, steps
-from lora_kd_jax import seeds as seeds_lib
-from lora_kd_jax.config import Config
-from lora_kd_jax.keys import run_keys
-from lora_kd_jax.loop import Task
+from lora_kd_jax.data import pipeline as data_lib
+from lora_kd_jax.training import mesh as mesh_lib
+from lora_kd_jax.core import metrics as metrics_lib
+from lora_kd_jax.training import loop
+from lora_kd_jax.training import precision
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.core import runtime
+from lora_kd_jax.runs import reader as runs
+from lora_kd_jax.training import steps
+from lora_kd_jax.training import seeds as seeds_lib
+from lora_kd_jax.core.config import Config
+from lora_kd_jax.core.keys import run_keys
+from lora_kd_jax.training.loop import Task
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.models.student import RNNStudent, build_student, count_params
-from lora_kd_jax.steps import TrainState, init_state
-from lora_kd_jax.trainable import adam
+from lora_kd_jax.training.steps import TrainState, init_state
+from lora_kd_jax.training.trainable import adam
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +202,7 @@ def teacher_dirs(cfg: Config) -> dict[int, str]:
 def restore_teacher(path: str, cfg: Config) -> Teacher:
     """The teacher as its run left it (`runs.open_run`: the same model and frozen base, the trained parameters from
     checkpoints/best), LoRA merged into the kernels, placed on this run's mesh (Orbax restores onto any mesh)."""
-    from lora_kd_jax.trainable import cast_frozen, param_report
+    from lora_kd_jax.training.trainable import cast_frozen, param_report
 
     info = check_teacher(path, cfg)
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 
-from lora_kd_jax.config import Config
+from lora_kd_jax.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -15,11 +15,11 @@ log = logging.getLogger(__name__)
 def setup(cfg: Config) -> None:
     """Multi-host start-up (before anything touches a device), console logging, and the persistent
     compilation cache (compiles cost more than a CoLA epoch)."""
-    from lora_kd_jax.mesh import initialize_distributed
+    from lora_kd_jax.training.mesh import initialize_distributed
 
     initialize_distributed(cfg.distributed)
     if not logging.getLogger().handlers:
-        from lora_kd_jax.logs import LOG_FORMAT
+        from lora_kd_jax.core.logs import LOG_FORMAT
 
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache"):  # Orbax/JAX chatter per save

@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import jax
 
-from lora_kd_jax import rundir
-from lora_kd_jax.config import Config, ConfigError, from_dict
-from lora_kd_jax.errors import UserError, read_json_object
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.core.config import Config, ConfigError, from_dict
+from lora_kd_jax.core.errors import UserError, read_json_object
 
 Params = dict[str, Any]
 KINDS = ("lora", "distill", "rnn")
@@ -85,7 +85,7 @@ def inspect_run(path: str | Path, *, kind: str | None = None, which: str = "best
     run_dir = find_run_dir(path)
     cfg = read_run_config(run_dir)
     if cfg.train.seeds:
-        from lora_kd_jax.seeds import seed_dir
+        from lora_kd_jax.training.seeds import seed_dir
 
         raise RunError(f"{run_dir} holds {len(cfg.train.seeds)} seeds (train.seeds={cfg.train.seeds}), each a run of "
                        f"its own: name one, e.g. {seed_dir(run_dir, cfg.train.seeds[0])} (or pass --seed "
@@ -121,7 +121,7 @@ def read_run_config(run_dir: Path) -> Config:
 def seed_run_dirs(path: str | Path, seed: int | None = None) -> dict[int, Path]:
     """{seed: run dir} that `path` (and `--seed`) name: a seeded run's seed dirs (all, or the one asked for), or
     the single run itself. Asking a single run for a seed it was not trained with is an error."""
-    from lora_kd_jax.seeds import seed_dir
+    from lora_kd_jax.training.seeds import seed_dir
 
     run_dir = find_run_dir(path)
     cfg = read_run_config(run_dir)
@@ -164,8 +164,8 @@ def open_run(path: str | Path, *, kind: str | None = None, which: str = "best") 
     """A run restored from `checkpoints/<which>`: the model is rebuilt from the run's config.yaml with the run's own
     keys (so a random-init base is the same base), then the trained parameters are restored onto it. The frozen
     GPT-2 base comes back in float32, as loaded (model.base_dtype is a storage choice of training)."""
-    from lora_kd_jax import metrics as metrics_lib
-    from lora_kd_jax.checkpoint import CheckpointError, CheckpointStore
+    from lora_kd_jax.core import metrics as metrics_lib
+    from lora_kd_jax.runs.checkpoint import CheckpointError, CheckpointStore
 
     info = inspect_run(path, kind=kind, which=which)
     model, params, state = _rebuild(info.config, kind or info.kind or "lora")
@@ -183,7 +183,7 @@ def open_run(path: str | Path, *, kind: str | None = None, which: str = "best") 
         raise RunError(f"{info.path}: the {which} checkpoint is a '{found}' run, not a '{kind or info.kind}' run")
     trained = tree["state"].trainable
     if found == "lora":
-        from lora_kd_jax.trainable import combine
+        from lora_kd_jax.training.trainable import combine
 
         trained = combine(trained, params)
     return Run(path=info.path, config=info.config, kind=found, summary=info.summary, epochs_done=info.epochs_done,
@@ -192,9 +192,9 @@ def open_run(path: str | Path, *, kind: str | None = None, which: str = "best") 
 
 def _rebuild(cfg: Config, kind: str) -> tuple[Any, Params, Any]:
     """(model, frozen params or {}, a train state shaped like the checkpoint's) for a run of `kind`."""
-    from lora_kd_jax.keys import classifier_base_key, run_keys
-    from lora_kd_jax.steps import init_state
-    from lora_kd_jax.trainable import adam, make_optimizer, partition
+    from lora_kd_jax.core.keys import classifier_base_key, run_keys
+    from lora_kd_jax.training.steps import init_state
+    from lora_kd_jax.training.trainable import adam, make_optimizer, partition
 
     keys = run_keys(cfg.train.seed)
     if kind in ("distill", "rnn"):

@@ -15,7 +15,7 @@ The classifier pools the hidden state of the last real token; transformers' GPT2
 the last token that is not `config.pad_token_id` (GPT-2's eos, written into every config here). The two agree on
 right-padded batches whose real tokens are not the pad id, which is how this project encodes CoLA.
 
-Command line: `lora-kd-jax {export-peft,import-peft,merge} ...` (also `python -m lora_kd_jax.export ...`).
+Command line: `lora-kd-jax {export-peft,import-peft,merge} ...`.
 """
 from __future__ import annotations
 
@@ -29,12 +29,14 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from lora_kd_jax import convert, peft_format, runs
-from lora_kd_jax.config import Config, ConfigError, validate
-from lora_kd_jax.convert import TRANSFORMER_PREFIX
-from lora_kd_jax.keys import classifier_base_key, run_keys
+from lora_kd_jax.lora import convert
+from lora_kd_jax.lora import peft_format
+from lora_kd_jax.runs import reader as runs
+from lora_kd_jax.core.config import Config, ConfigError, validate
+from lora_kd_jax.lora.convert import TRANSFORMER_PREFIX
+from lora_kd_jax.core.keys import classifier_base_key, run_keys
 from lora_kd_jax.models.gpt2_layout import PAD_ID
-from lora_kd_jax.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportError
+from lora_kd_jax.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def original_base(cfg: Config, params: Params) -> Params:
     """The frozen base as the run loaded it, with its own (untrained) LayerNorms: rebuilt from the config with the
     key `train.build_task` / `build_classifier` use, and checked against the frozen leaves of `params`."""
     from lora_kd_jax.models import gpt2
-    from lora_kd_jax.trainable import partition
+    from lora_kd_jax.training.trainable import partition
 
     _, base = gpt2.load_base(cfg.model, classifier_base_key(cfg))
     _, frozen_rebuilt = partition({"gpt2": base})
@@ -136,7 +138,7 @@ def export_peft(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, which
 
 def base_dims(cfg: Config) -> tuple[int, int, int]:
     """(n_layer, n_embd, n_inner) of the base `cfg.model` names, from its config alone (no weights are read)."""
-    from lora_kd_jax.config import resolved_size
+    from lora_kd_jax.core.config import resolved_size
 
     if cfg.model.init != "pretrained":
         n_layer, n_embd, _ = resolved_size(cfg.model)
@@ -188,11 +190,11 @@ def write_imported_run(cfg: Config, params: Params, run_dir: str | os.PathLike,
     """A run dir holding `params` as checkpoint step 0 (epoch 0, no history) plus its config.yaml, so that
     `lora-kd-jax train-lora RUN/config.yaml --resume` trains on from the imported weights, and
     `runs.open_run(RUN, which="latest")` / `lora-kd-jax merge RUN OUT --which latest` read them."""
-    from lora_kd_jax import metrics as metrics_lib
-    from lora_kd_jax import rundir
-    from lora_kd_jax.checkpoint import CheckpointStore
-    from lora_kd_jax.steps import init_state
-    from lora_kd_jax.trainable import make_optimizer, partition
+    from lora_kd_jax.core import metrics as metrics_lib
+    from lora_kd_jax.runs import rundir
+    from lora_kd_jax.runs.checkpoint import CheckpointStore
+    from lora_kd_jax.training.steps import init_state
+    from lora_kd_jax.training.trainable import make_optimizer, partition
 
     run = Path(run_dir)
     ckpt = run / "checkpoints"
@@ -261,9 +263,3 @@ def merge_and_save(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, wh
     _check_out_dir(Path(out_dir), [HF_CONFIG, FLAX_WEIGHTS, TORCH_WEIGHTS], overwrite)
     run = runs.open_run(run_dir, kind="lora", which=which)
     return save_merged(run.model, run.params, out_dir, overwrite=overwrite)
-
-
-if __name__ == "__main__":  # `python -m lora_kd_jax.export export-peft|import-peft|merge ...`
-    from lora_kd_jax.cli import main
-
-    main()

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from lora_kd_jax.errors import UserError
+from lora_kd_jax.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

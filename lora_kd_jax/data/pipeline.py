@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
-from lora_kd_jax.config import Config
-from lora_kd_jax.errors import UserError
+from lora_kd_jax.core.config import Config
+from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.models.gpt2_layout import PAD_ID  # GPT-2 eos, used as pad (`data.PAD_ID` stays importable)
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `import lora_kd_jax.data` is cheap
@@ -472,7 +472,7 @@ def epoch_order(n: int, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> np.n
         return np.arange(n)
     import jax
 
-    from lora_kd_jax.keys import data_order_key
+    from lora_kd_jax.core.keys import data_order_key
 
     return np.asarray(jax.random.permutation(data_order_key(seed, epoch), n))
 
@@ -484,7 +484,7 @@ def group_by_length(order: np.ndarray, row_lengths: np.ndarray, batch_size: int,
     last. Every row still appears once per epoch; what changes is which rows share a batch."""
     import jax
 
-    from lora_kd_jax.keys import data_order_key
+    from lora_kd_jax.core.keys import data_order_key
 
     chunk = window * batch_size
     grouped = np.concatenate([order[i:i + chunk][np.argsort(row_lengths[order[i:i + chunk]], kind="stable")]

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lora_kd_jax.config import DistributedConfig, MeshConfig
-from lora_kd_jax.errors import UserError
+from lora_kd_jax.core.config import DistributedConfig, MeshConfig
+from lora_kd_jax.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -50,6 +50,6 @@ def data_order_key(seed: int, epoch: int) -> jax.Array:
 def classifier_base_key(cfg) -> jax.Array:
     """The key of a random-init GPT-2 base for a run's config: that of `seeds.base_seed(cfg)` (train.seed for a
     single run unless model.base_seed is set)."""
-    from lora_kd_jax.seeds import base_seed
+    from lora_kd_jax.training.seeds import base_seed
 
     return run_keys(base_seed(cfg)).classifier.base

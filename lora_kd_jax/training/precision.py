@@ -20,7 +20,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from lora_kd_jax.config import Config, ModelConfig, StudentConfig
+from lora_kd_jax.core.config import Config, ModelConfig, StudentConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 from tqdm.auto import tqdm
 
-from lora_kd_jax import metrics as metrics_lib
-from lora_kd_jax import plots, rundir
-from lora_kd_jax import seeds as seeds_lib
-from lora_kd_jax.checkpoint import CheckpointError, CheckpointStore
-from lora_kd_jax.errors import UserError
-from lora_kd_jax.mesh import is_main_process
+from lora_kd_jax.core import metrics as metrics_lib
+from lora_kd_jax.runs import plots
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.training import seeds as seeds_lib
+from lora_kd_jax.runs.checkpoint import CheckpointError, CheckpointStore
+from lora_kd_jax.core.errors import UserError
+from lora_kd_jax.training.mesh import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool =
                        ) -> dict:
     """Any trainer's whole run into cfg.run.dir: lock and prepare the run dir, read the data, `build(splits)` the
     task, run its epochs; returns the summary written to metrics.json."""
-    from lora_kd_jax import data as data_lib
+    from lora_kd_jax.data import pipeline as data_lib
 
     with rundir.claim(cfg, resume=resume) as run_dir:
         splits = data_lib.load_splits(cfg)

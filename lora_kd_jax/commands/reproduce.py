@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lora_kd_jax import rundir
-from lora_kd_jax.config import Config, ConfigError, load_config
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.core.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ beside the package
 DEFAULT_ROOT, DEFAULT_TINY_ROOT = "runs/reproduce", "runs/reproduce_tiny"
 MAJORITY_REFERENCE = 365 / 527  # majority class of the CoLA in-domain dev set
 
@@ -87,13 +86,10 @@ def _split_root(overrides: Sequence[str], tiny: bool) -> tuple[Path, list[str]]:
 
 
 def default_configs_dir() -> Path:
-    """The repository's configs/: beside the package (a clone or an editable install), else ./configs (a
-    non-editable install run from the clone)."""
-    for candidate in (CONFIGS_DIR, Path.cwd() / "configs"):
-        if (candidate / EXPERIMENTS[0].config).is_file():
-            return candidate
-    raise ConfigError(f"the study's configs were not found in {CONFIGS_DIR} nor in ./configs; run from the "
-                      "repository's root or pass --configs DIR")
+    """The study's configs, shipped inside the package (the repository's configs/ links there)."""
+    from lora_kd_jax.assets import CONFIGS_DIR
+
+    return CONFIGS_DIR
 
 
 def study_configs(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path | None = None
@@ -129,9 +125,9 @@ def finished(cfg: Config) -> dict | None:
 
 def _runner(kind: str) -> Callable[..., dict]:
     if kind == "lora":
-        from lora_kd_jax.train import train_and_evaluate
+        from lora_kd_jax.training.finetune import train_and_evaluate
         return train_and_evaluate
-    from lora_kd_jax import distill
+    from lora_kd_jax.distill import trainer as distill
     return distill.distill_and_evaluate if kind == "distill" else distill.train_rnn_and_evaluate
 
 
@@ -181,7 +177,7 @@ SCORED_SETS = ("in_domain", "out_of_domain")
 
 def seeded_scores(run_dir: Path, limit: int = 0) -> dict:
     """`checkpoint_scores` of each seed dir of a seeded run: {'per_seed': {seed: scores}, key: stats over seeds}."""
-    from lora_kd_jax import seeds as seeds_lib
+    from lora_kd_jax.training import seeds as seeds_lib
 
     per_seed = {int(d.name[len(seeds_lib.SEED_DIR_PREFIX):]): checkpoint_scores(d, limit)
                 for d in seeds_lib.seed_dirs(run_dir)}
@@ -196,7 +192,7 @@ def checkpoint_scores(run_dir: Path, limit: int = 0) -> dict:
     run's data.limit cut them) and on both together (GLUE's CoLA dev set: its MCC from the summed confusion counts),
     scored by `lora_kd_jax.classify`. Kept in RUN_DIR/evaluation.json, which is reused while it is newer than the
     run's metrics.json and covers the same sets and limit."""
-    from lora_kd_jax import classify
+    from lora_kd_jax.commands import classify
 
     cached = run_dir / classify.EVALUATION_FILE
     record = None
@@ -233,7 +229,7 @@ def _check_scores(exp: Experiment, cfg: Config, summary: dict, scores: dict) -> 
 
 def majority_share(cfg: Config) -> float:
     """Share of the most frequent label in the validation split the runs evaluate on."""
-    from lora_kd_jax import data as data_lib
+    from lora_kd_jax.data import pipeline as data_lib
 
     labels = data_lib.load_cola(cfg.data.dir, cfg.data.limit)["validation"]["label"]
     ones = sum(labels)
@@ -291,7 +287,7 @@ def results_table(outcomes: Sequence[Outcome]) -> str:
 
 def _stat(s: dict | None, scale: float = 100.0, digits: int = 2) -> str:
     """mean ± std (min–max) of a seeds.stats dict, or — ."""
-    from lora_kd_jax.seeds import format_stat
+    from lora_kd_jax.training.seeds import format_stat
 
     return "—" if not s else format_stat(s, scale, digits)
 
@@ -318,7 +314,7 @@ def seeded_results_table(outcomes: Sequence[Outcome]) -> str:
 
 def write_results(root: str | Path, outcomes: Sequence[Outcome], *, tiny: bool, overrides: Sequence[str],
                   majority: float, wall: float) -> tuple[Path, Path]:
-    from lora_kd_jax import plots
+    from lora_kd_jax.runs import plots
 
     root = Path(root)
     limit = max((o.scores.get("limit", 0) for o in outcomes), default=0)

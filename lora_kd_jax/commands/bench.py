@@ -26,16 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_kd_jax import data as data_lib
-from lora_kd_jax import distill, precision, train
-from lora_kd_jax import seeds as seeds_lib
+from lora_kd_jax.data import pipeline as data_lib
+from lora_kd_jax.distill import trainer as distill
+from lora_kd_jax.training import precision
+from lora_kd_jax.training import finetune as train
+from lora_kd_jax.training import seeds as seeds_lib
 from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
-from lora_kd_jax.config import Config, load_config
-from lora_kd_jax.keys import run_keys
+from lora_kd_jax.core.config import Config, load_config
+from lora_kd_jax.core.keys import run_keys
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier, init_adapters
 from lora_kd_jax.models.student import RNNStudent, build_student
-from lora_kd_jax.steps import Seeded, TrainState, init_state
-from lora_kd_jax.trainable import adam, cast_frozen, make_optimizer, partition
+from lora_kd_jax.training.steps import Seeded, TrainState, init_state
+from lora_kd_jax.training.trainable import adam, cast_frozen, make_optimizer, partition
 
 # tiny: a CPU smoke size for teacher and student alike (both keep the real 50,257-token vocabulary)
 TINY = ["model.name=custom", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "student.embed_dim=64",

@@ -30,9 +30,9 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from lora_kd_jax import data as data_lib
+from lora_kd_jax.data import pipeline as data_lib
 from lora_kd_jax.assets import COLA_DIR
-from lora_kd_jax.errors import UserError
+from lora_kd_jax.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def per_source_accuracy(sources: Sequence[str], correct: np.ndarray) -> dict[str
 def combined_mcc(confusions: Sequence[dict[str, int]]) -> float:
     """MCC of several sets scored together, from their summed confusion counts (`Report.confusion`; e.g. in- and
     out-of-domain together = GLUE dev)."""
-    from lora_kd_jax.metrics import matthews
+    from lora_kd_jax.core.metrics import matthews
 
     return matthews(*(sum(c[k] for c in confusions) for k in ("tp", "fp", "tn", "fn")))
 
@@ -209,9 +209,9 @@ class Classifier:
     def __init__(self, run: Any, *, batch_size: int | None = None):
         import jax
 
-        from lora_kd_jax import metrics as metrics_lib
-        from lora_kd_jax import mesh as mesh_lib
-        from lora_kd_jax.config import DistributedConfig, MeshConfig
+        from lora_kd_jax.core import metrics as metrics_lib
+        from lora_kd_jax.training import mesh as mesh_lib
+        from lora_kd_jax.core.config import DistributedConfig, MeshConfig
 
         self.run = run
         cfg = run.config
@@ -242,7 +242,7 @@ class Classifier:
     def from_run(cls, path: str | os.PathLike, which: str = "best", *, kind: str | None = None,
                  batch_size: int | None = None) -> "Classifier":
         """The run in `path` (a run dir or its checkpoints/ dir) at its `which` checkpoint (best | latest)."""
-        from lora_kd_jax import runs
+        from lora_kd_jax.runs import reader as runs
 
         return cls(runs.open_run(path, kind=kind, which=which), batch_size=batch_size)
 
@@ -251,8 +251,8 @@ class Classifier:
         like a frozen base; everything else replicated."""
         if run.kind != "lora":
             return self.placement.state(run.params)
-        from lora_kd_jax import precision
-        from lora_kd_jax.trainable import cast_frozen, combine, partition
+        from lora_kd_jax.training import precision
+        from lora_kd_jax.training.trainable import cast_frozen, combine, partition
 
         trainable, frozen = partition(run.params)
         frozen = cast_frozen(frozen, precision.base_dtype(run.config.model))
@@ -265,7 +265,7 @@ class Classifier:
     def describe(self) -> str:
         cfg = self.run.config
         if self.kind == "lora":
-            from lora_kd_jax import precision
+            from lora_kd_jax.training import precision
 
             model = f"LoRA {cfg.model.name}, rank {cfg.lora.rank}, {precision.compute_dtype(cfg.model)}"
         else:
@@ -295,7 +295,7 @@ class Classifier:
         evaluate (eval batch size, data.buckets, file order)."""
         import jax
 
-        from lora_kd_jax import metrics as metrics_lib
+        from lora_kd_jax.core import metrics as metrics_lib
 
         out = np.zeros((len(split), 2), np.float32)
         sums = metrics_lib.zeros()
@@ -324,7 +324,7 @@ class Classifier:
         (`limit`: its first rows only, see `load_eval_set`), or on an `EvalSet` already loaded."""
         import jax
 
-        from lora_kd_jax import metrics as metrics_lib
+        from lora_kd_jax.core import metrics as metrics_lib
 
         eval_set = data if isinstance(data, EvalSet) else load_eval_set(data, limit)
         split = self.encode(eval_set.sentences, eval_set.labels)
@@ -351,7 +351,7 @@ def evaluate_run(path: str | os.PathLike, data: Sequence[str] = DEFAULT_SETS, *,
                  limit: int = 0, batch_size: int | None = None) -> tuple[Classifier, list[Report]]:
     """Score a run on each set of `data`. Every cheap check (the run dir, its checkpoint, each set's rows) comes
     before any weights are restored."""
-    from lora_kd_jax import runs
+    from lora_kd_jax.runs import reader as runs
 
     runs.inspect_run(path, which=which)
     names = list(dict.fromkeys(os.fspath(d) for d in data)) or list(DEFAULT_SETS)
@@ -371,7 +371,7 @@ def evaluation_record(clf: Classifier, reports: Sequence[Report]) -> dict[str, A
 def seeds_record(run_dir: str | os.PathLike, records: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """The evaluation of every seed of a seeded run: each seed's record and, per set, mean/std/min/max over seeds of
     accuracy, MCC and loss."""
-    from lora_kd_jax.seeds import stats
+    from lora_kd_jax.training.seeds import stats
 
     sets = next(iter(records.values()))["sets"]
     summary = {name: {m: stats([r["sets"][name][m] for r in records.values()]) for m in ("accuracy", "mcc", "loss")}
@@ -382,7 +382,7 @@ def seeds_record(run_dir: str | os.PathLike, records: dict[int, dict[str, Any]])
 
 def format_seed_reports(record: dict[str, Any]) -> str:
     """The terminal table of a seeded evaluation: per set, accuracy and MCC per seed and mean ± std (min–max)."""
-    from lora_kd_jax.seeds import format_stat
+    from lora_kd_jax.training.seeds import format_stat
 
     seeds = record["seeds"]
     lines = [f"run: {record['run']} ({len(seeds)} seeds)", "",

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lora_kd_jax.errors import UserError
+from lora_kd_jax.core.errors import UserError
 
 Params = dict[str, Any]
 Path = tuple[str, ...]

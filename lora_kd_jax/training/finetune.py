@@ -7,18 +7,21 @@ from typing import Any, Callable
 import jax
 import optax
 
-from lora_kd_jax import data as data_lib
-from lora_kd_jax import metrics as metrics_lib
-from lora_kd_jax import mesh as mesh_lib
-from lora_kd_jax import loop, precision, runtime, steps
-from lora_kd_jax import seeds as seeds_lib
-from lora_kd_jax.config import Config
-from lora_kd_jax.keys import classifier_base_key, run_keys
-from lora_kd_jax.loop import Task
+from lora_kd_jax.data import pipeline as data_lib
+from lora_kd_jax.core import metrics as metrics_lib
+from lora_kd_jax.training import mesh as mesh_lib
+from lora_kd_jax.training import loop
+from lora_kd_jax.training import precision
+from lora_kd_jax.core import runtime
+from lora_kd_jax.training import steps
+from lora_kd_jax.training import seeds as seeds_lib
+from lora_kd_jax.core.config import Config
+from lora_kd_jax.core.keys import classifier_base_key, run_keys
+from lora_kd_jax.training.loop import Task
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier, init_adapters
-from lora_kd_jax.steps import TrainState, init_state
-from lora_kd_jax.trainable import ParamReport, cast_frozen, combine, make_optimizer, param_report, partition
+from lora_kd_jax.training.steps import TrainState, init_state
+from lora_kd_jax.training.trainable import ParamReport, cast_frozen, combine, make_optimizer, param_report, partition
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import logging
 import sys
 from typing import Callable, Iterator, Sequence
 
-from lora_kd_jax.config import Config, load_config
-from lora_kd_jax.errors import UserError
-from lora_kd_jax.logs import LOG_FORMAT
+from lora_kd_jax.core.config import Config, load_config
+from lora_kd_jax.core.errors import UserError
+from lora_kd_jax.core.logs import LOG_FORMAT
 
 PROG = "lora-kd-jax"
 
@@ -50,7 +50,7 @@ def setup_logging() -> None:
 def report(summary: dict, run_dir: str) -> None:
     """The one line a finished training command prints (for a seeded run: mean ± std (min–max) over its seeds)."""
     if "seed_stats" in summary:
-        from lora_kd_jax.seeds import format_stat
+        from lora_kd_jax.training.seeds import format_stat
 
         agg = summary["seed_stats"]
         line = (f"{len(summary['seeds'])} seeds {summary['seeds']}: best val accuracy "
@@ -76,7 +76,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_train_lora(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from lora_kd_jax import train  # imports jax: after the config is known to be valid
+    from lora_kd_jax.training import finetune as train  # imports jax: after the config is known to be valid
 
     if args.dry_run:
         print(train.dry_run(cfg))
@@ -96,7 +96,7 @@ def _student_report(cfg: Config) -> str:
 
 def cmd_distill(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from lora_kd_jax import distill
+    from lora_kd_jax.distill import trainer as distill
 
     if args.dry_run:
         dirs = distill.teacher_dirs(cfg)
@@ -114,13 +114,13 @@ def cmd_train_rnn(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(_student_report(cfg))
         return
-    from lora_kd_jax import distill
+    from lora_kd_jax.distill import trainer as distill
 
     report(distill.train_rnn_and_evaluate(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from lora_kd_jax import reproduce
+    from lora_kd_jax.commands import reproduce
 
     overrides = list(args.overrides)
     if args.seeds:
@@ -135,7 +135,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 def _one_run(args: argparse.Namespace) -> str:
     """The run a one-run command reads: RUN itself, or one seed of a seeded RUN (--seed, default the best); the
     choice is said on stderr."""
-    from lora_kd_jax import runs
+    from lora_kd_jax.runs import reader as runs
 
     path, note = runs.one_run_dir(args.run_dir, args.seed)
     if note:
@@ -144,7 +144,7 @@ def _one_run(args: argparse.Namespace) -> str:
 
 
 def cmd_export_peft(args: argparse.Namespace) -> None:
-    from lora_kd_jax import export
+    from lora_kd_jax.lora import export
 
     out = export.export_peft(_one_run(args), args.out_dir, which=args.which, base_model=args.base_model,
                              save_base=args.save_base, overwrite=args.overwrite)
@@ -153,7 +153,7 @@ def cmd_export_peft(args: argparse.Namespace) -> None:
 
 def cmd_import_peft(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from lora_kd_jax import export
+    from lora_kd_jax.lora import export
 
     cfg, _, params = export.import_peft(args.peft_dir, cfg)
     out = export.write_imported_run(cfg, params, args.out, source=args.peft_dir)
@@ -162,14 +162,15 @@ def cmd_import_peft(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from lora_kd_jax import export
+    from lora_kd_jax.lora import export
 
     out = export.merge_and_save(_one_run(args), args.out_dir, which=args.which, overwrite=args.overwrite)
     print(f"merged checkpoint -> {out}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from lora_kd_jax import bench, precision
+    from lora_kd_jax.commands import bench
+    from lora_kd_jax.training import precision
 
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     seeds = _seed_counts(args.seeds)
@@ -218,7 +219,9 @@ def _quiet_checkpoint_reader() -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import json
 
-    from lora_kd_jax import classify, runtime, runs
+    from lora_kd_jax.commands import classify
+    from lora_kd_jax.core import runtime
+    from lora_kd_jax.runs import reader as runs
 
     _quiet_checkpoint_reader()
     if args.limit < 0 or (args.batch_size is not None and args.batch_size < 1):
@@ -254,7 +257,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     import json
 
-    from lora_kd_jax import classify, runtime, runs
+    from lora_kd_jax.commands import classify
+    from lora_kd_jax.core import runtime
+    from lora_kd_jax.runs import reader as runs
 
     _quiet_checkpoint_reader()
     if bool(args.sentences) == bool(args.file):

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_kd_jax import metrics as metrics_lib
-from lora_kd_jax.trainable import apply_if_finite
+from lora_kd_jax.core import metrics as metrics_lib
+from lora_kd_jax.training.trainable import apply_if_finite
 
 Params = dict[str, Any]
 Batch = dict[str, jax.Array]

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from lora_kd_jax import precision
+from lora_kd_jax.training import precision
 
 Params = dict[str, Any]
 TRAINABLE, FROZEN = "trainable", "frozen"

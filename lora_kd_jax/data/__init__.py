@@ -1,0 +1,1 @@
+"""Data: reading datasets, tokenizing, and the one batch builder."""
