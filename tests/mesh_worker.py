@@ -63,7 +63,7 @@ def seeded_distill_losses(mesh_cfg: MeshConfig, steps: int = 4) -> list[list[flo
     `put_seeded_batch` (rows split over the mesh, the seed axis not); per-step loss of each seed."""
     from lora_kd_jax.distill import trainer as distill
     from lora_kd_jax.training import seeds
-    from lora_kd_jax.data.pipeline import stack_batches
+    from lora_kd_jax.data import stack_batches
     from lora_kd_jax.models.student import build_student
     from lora_kd_jax.training.steps import Seeded
 

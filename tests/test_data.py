@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_kd_jax.data.pipeline import (
+from lora_kd_jax.data import (
     PAD_ID,
     DataError,
     EncodedSplit,
@@ -440,7 +440,7 @@ def test_length_grouping_cuts_cola_padding():
 def test_batch_sources_follow_the_config():
     """The trainers' batches (data.batch_sources): sizes, buckets and grouping come from the config."""
     from lora_kd_jax.core.config import load_config
-    from lora_kd_jax.data.pipeline import batch_sources
+    from lora_kd_jax.data import batch_sources
 
     splits = encode_splits(load_cola(str(COLA_DIR), limit=1024), load_tokenizer(str(TOKENIZER_DIR)), 20)
     over = ["train.batch_size=64", "train.eval_batch_size=100", "data.buckets=8,12,16"]

@@ -15,7 +15,7 @@ from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.training import finetune as train
 from lora_kd_jax.core.config import load_config
-from lora_kd_jax.data.pipeline import PAD_ID, EncodedSplit, batch_iterator
+from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator
 from lora_kd_jax.training.loop import run_epochs
 from lora_kd_jax.models.student import build_student, make_student
 from lora_kd_jax.training.steps import init_state

@@ -17,7 +17,7 @@ from lora_kd_jax.commands import classify
 from lora_kd_jax.commands import cli
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
-from lora_kd_jax.data.pipeline import encode, read_cola_rows
+from lora_kd_jax.data import encode, read_cola_rows
 
 from tiny import COLA_DIR, config_only_run
 

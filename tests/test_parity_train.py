@@ -15,7 +15,7 @@ import torch_reference as ref_lib  # noqa: E402
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 
 from lora_kd_jax.lora import convert  # noqa: E402
-from lora_kd_jax.data.pipeline import EncodedSplit, batch_iterator, num_batches  # noqa: E402
+from lora_kd_jax.data import EncodedSplit, batch_iterator, num_batches  # noqa: E402
 from lora_kd_jax.models.classifier import build_classifier  # noqa: E402
 from lora_kd_jax.training.steps import init_state  # noqa: E402
 from lora_kd_jax.training.finetune import make_train_step  # noqa: E402

@@ -253,7 +253,7 @@ def test_a_failed_seeded_start_leaves_no_seed_dirs(tmp_path):
 
 
 def test_stacked_batches_pad_to_the_longest_seed():
-    from lora_kd_jax.data.pipeline import PAD_ID, stack_batches
+    from lora_kd_jax.data import PAD_ID, stack_batches
 
     a, b = random_batch(0, batch=4, length=8), random_batch(1, batch=4, length=12)
     out = stack_batches([a, b])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lora_kd_jax.core.config import Config, StudentConfig, load_config
-from lora_kd_jax.data.pipeline import PAD_ID
+from lora_kd_jax.data import PAD_ID
 from lora_kd_jax.models.student import build_student, count_params, make_student
 
 torch = pytest.importorskip("torch")

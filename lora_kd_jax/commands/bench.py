@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_kd_jax.data import pipeline as data_lib
+from lora_kd_jax import data as data_lib
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.training import precision
 from lora_kd_jax.training import finetune as train
