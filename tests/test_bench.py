@@ -170,7 +170,7 @@ def test_importing_the_bench_imports_no_datasets():
 
 def test_epoch_splits_match_the_training_pipeline():
     """What the bench encodes is what training encodes: the first `limit` rows of the training file, same tokens."""
-    from lora_kd_jax.data import pipeline as data_lib
+    from lora_kd_jax import data as data_lib
 
     cfg = bench.variant_config("tiny", "fp32", f"data.dir={COLA_DIR}", f"data.tokenizer={TOKENIZER_DIR}",
                                "data.limit=12")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lora_kd_jax import assets
-from lora_kd_jax.data import pipeline as data
+from lora_kd_jax import data
 from lora_kd_jax.training import loop
 from tiny import tiny_config
 

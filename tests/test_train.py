@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from lora_kd_jax.data import pipeline as data_lib
+from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import metrics
 from lora_kd_jax.training import finetune as train
 from lora_kd_jax.commands.cli import main_train_lora

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from lora_kd_jax.data import pipeline as data_lib
+from lora_kd_jax import data as data_lib
 from lora_kd_jax.assets import COLA_DIR
 from lora_kd_jax.core.errors import UserError
 

@@ -229,7 +229,7 @@ def _check_scores(exp: Experiment, cfg: Config, summary: dict, scores: dict) -> 
 
 def majority_share(cfg: Config) -> float:
     """Share of the most frequent label in the validation split the runs evaluate on."""
-    from lora_kd_jax.data import pipeline as data_lib
+    from lora_kd_jax import data as data_lib
 
     labels = data_lib.load_cola(cfg.data.dir, cfg.data.limit)["validation"]["label"]
     ones = sum(labels)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from lora_kd_jax.data import pipeline as data_lib
+from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import metrics as metrics_lib
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.training import loop

@@ -157,7 +157,7 @@ def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool =
                        ) -> dict:
     """Any trainer's whole run into cfg.run.dir: lock and prepare the run dir, read the data, `build(splits)` the
     task, run its epochs; returns the summary written to metrics.json."""
-    from lora_kd_jax.data import pipeline as data_lib
+    from lora_kd_jax import data as data_lib
 
     with rundir.claim(cfg, resume=resume) as run_dir:
         splits = data_lib.load_splits(cfg)
