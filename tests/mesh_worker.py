@@ -10,11 +10,12 @@ import sys
 import jax
 
 from lora_kd_jax.training import mesh as mesh_lib
-from lora_kd_jax.training import finetune as train
+from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import MeshConfig
 from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.training.steps import init_state
-from lora_kd_jax.training.trainable import adam, make_optimizer, partition
+from lora_kd_jax.distill.losses import teacher_objective
+from lora_kd_jax.training.state import train_state
+from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_train_step
 from tiny import random_batch, tiny_config
 
 
@@ -22,33 +23,31 @@ def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
     cfg = tiny_config("train.batch_size=16")
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
     model, params = build_classifier(cfg, jax.random.key(0))
-    trainable, frozen = partition(params)
-    tx = make_optimizer(1e-3)
-    state = place.state(init_state(trainable, tx, jax.random.key(1)))
-    frozen = place.frozen(frozen)
-    step = train.make_train_step(model, tx)
+    setup = train_state(model, params, 1e-3, jax.random.key(1))
+    state = place.state(setup.state)
+    consts = {"frozen": place.frozen(setup.frozen)}
+    step = make_train_step(model, setup.tx, cross_entropy_objective)
     losses = []
     for i in range(steps):
         batch = random_batch(i, batch=16)
         batch["weights"][-3:] = 0.0  # padding rows must not count, whatever device they land on
-        state, sums = step(state, frozen, place.put_batch(batch))
+        state, sums = step(state, consts, place.put_batch(batch))
         losses.append(float(sums["loss_sum"]) / float(sums["count"]))
     return losses
 
 
 def distill_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
     """The distillation step (tiny student, cached teacher logits) on a mesh; same batches as per_step_losses."""
-    from lora_kd_jax.distill import trainer as distill
     from lora_kd_jax.models.student import build_student
 
     cfg = tiny_config("student.embed_dim=32", "student.hidden_dim=32")
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
     student, params = build_student(cfg.student, jax.random.key(0))
-    tx = adam(1e-3)
-    state = place.state(init_state(params, tx, jax.random.key(1)))
+    setup = train_state(student, params, 1e-3, jax.random.key(1))
+    state = place.state(setup.state)
     teacher_logits = jax.random.normal(jax.random.key(2), (16, 2))
-    consts = place.state({"teacher_logits": teacher_logits})
-    step = distill.make_train_step(student, tx, distill.distillation_objective(2.0, 0.5))
+    consts = place.state({"frozen": {}, "teacher_logits": teacher_logits})
+    step = make_train_step(student, setup.tx, teacher_objective(2.0, 0.5))
     losses = []
     for i in range(steps):
         batch = random_batch(i, batch=16)
@@ -61,23 +60,21 @@ def distill_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
 def seeded_distill_losses(mesh_cfg: MeshConfig, steps: int = 4) -> list[list[float]]:
     """Two seeds at once (train.seeds): stacked states, per-seed teacher logits, stacked batches placed with
     `put_seeded_batch` (rows split over the mesh, the seed axis not); per-step loss of each seed."""
-    from lora_kd_jax.distill import trainer as distill
-    from lora_kd_jax.training import seeds
     from lora_kd_jax.data import stack_batches
+    from lora_kd_jax.training import seeds
     from lora_kd_jax.models.student import build_student
-    from lora_kd_jax.training.steps import Seeded
 
     cfg = tiny_config("student.embed_dim=32", "student.hidden_dim=32")
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
-    tx = adam(1e-3)
     states = []
     for k in (0, 1):
         student, params = build_student(cfg.student, jax.random.key(k))
-        states.append(init_state(params, tx, jax.random.key(10 + k)))
+        setup = train_state(student, params, 1e-3, jax.random.key(10 + k))
+        states.append(setup.state)
     state = place.state(seeds.stack(states))
-    consts = place.state({"teacher_logits": jax.random.normal(jax.random.key(2), (2, 32, 2))})
-    step = distill.make_train_step(student, tx, distill.distillation_objective(2.0, 0.5),
-                                   Seeded({"teacher_logits": 0}))
+    consts = place.state({"frozen": {}, "teacher_logits": jax.random.normal(jax.random.key(2), (2, 32, 2))})
+    step = make_train_step(student, setup.tx, teacher_objective(2.0, 0.5),
+                           Seeded({"frozen": None, "teacher_logits": 0}))
     losses = []
     for i in range(steps):
         pair = [random_batch(2 * i + k, batch=16) for k in (0, 1)]
@@ -101,10 +98,10 @@ def main() -> None:
     elif mode == "resume":
         root = sys.argv[2]
         common = ["data.limit=48", "train.batch_size=16", "lora.dropout=0.1", "train.epochs=2"]
-        one = train.train_and_evaluate(tiny_config(*common, "mesh.data=1", f"run.dir={root}/one"), progress=False)
-        train.train_and_evaluate(tiny_config(*common, "mesh.data=8", "train.epochs=1", f"run.dir={root}/split"),
+        one = finetune.train_lora(tiny_config(*common, "mesh.data=1", f"run.dir={root}/one"), progress=False)
+        finetune.train_lora(tiny_config(*common, "mesh.data=8", "train.epochs=1", f"run.dir={root}/split"),
                                  progress=False)
-        train.train_and_evaluate(tiny_config(*common, "mesh.data=1", f"run.dir={root}/split"), resume=True,
+        finetune.train_lora(tiny_config(*common, "mesh.data=1", f"run.dir={root}/split"), resume=True,
                                  progress=False)
         a = json.load(open(f"{root}/one/metrics.json"))["epochs"]
         b = json.load(open(f"{root}/split/metrics.json"))["epochs"]

@@ -96,7 +96,7 @@ def test_seeded_benches_report_per_seed_time_and_memory():
     import jax
 
     from lora_kd_jax.models.classifier import build_classifier
-    from lora_kd_jax.training.trainable import make_optimizer, partition
+    from lora_kd_jax.training.state import seed_states
 
     benches = ["lora_train_step", "student_step"]  # distill_step_cached is the student step plus a gather
     args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=benches, batch=8, seq=32,
@@ -117,10 +117,14 @@ def test_seeded_benches_report_per_seed_time_and_memory():
     arg = {(r["bench"], r["seeds"]): r["argument_bytes"] for r in records}
 
     cfg = bench.variant_config("tiny", "fp32")  # shapes only: what the bench built, without building it again
-    model, params = build_classifier(cfg, jax.random.key(0), shapes_only=True)
-    frozen_bytes = tree_bytes(partition(params)[1])
-    state_bytes = tree_bytes(jax.eval_shape(lambda: bench.lora_states(model, params["gpt2"], make_optimizer(1e-3),
-                                                                      1)[0]))  # trainable + Adam + step + rng
+    model, _ = build_classifier(cfg, jax.random.key(0))
+    def state_and_frozen():  # seed 0's as the bench builds it (the one state recipe)
+        setup = seed_states(model, 1e-3, [0], stacked=False)
+        return setup.state, setup.frozen
+
+    state, frozen = jax.eval_shape(state_and_frozen)
+    frozen_bytes = tree_bytes(frozen)
+    state_bytes = tree_bytes(state)  # trainable + Adam + step + rng
     one = bench.peer_batch(8, 32)
     batch_bytes = tree_bytes({k: v for k, v in one.items() if k != "index"})  # unread by the LoRA step: jit drops it
     extra = arg[("lora_train_step", 2)] - arg[("lora_train_step", 1)]

@@ -13,13 +13,15 @@ import pytest
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
-from lora_kd_jax.training import finetune as train
+from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import load_config
 from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator
 from lora_kd_jax.training.loop import run_epochs
 from lora_kd_jax.models.student import build_student, make_student
-from lora_kd_jax.training.steps import init_state
-from lora_kd_jax.training.trainable import adam
+from lora_kd_jax.distill import losses
+from lora_kd_jax.distill.teacher import restore_teacher
+from lora_kd_jax.training.state import train_state
+from lora_kd_jax.training.steps import make_train_step
 
 from tiny import config_only_run
 
@@ -52,7 +54,7 @@ def test_kd_loss_and_gradient_match_torch_kl_div(T, n_classes):
     s_t = torch.tensor(s, requires_grad=True)
     expected = torch_kd(s_t, torch.tensor(t), T)
     expected.backward()
-    value, grad = jax.value_and_grad(lambda x: distill.kd_loss(x, t, T)[0])(s)
+    value, grad = jax.value_and_grad(lambda x: losses.kd_loss(x, t, T)[0])(s)
     err_v, err_g = abs(float(value) - expected.item()), float(np.max(np.abs(grad - s_t.grad.numpy())))
     print(f"T={T} C={n_classes}: loss err {err_v:.1e}, grad err {err_g:.1e}")
     assert err_v < 1e-6 and err_g < 1e-6
@@ -62,12 +64,12 @@ def test_kd_loss_and_gradient_match_torch_kl_div(T, n_classes):
 def test_kd_loss_is_zero_for_identical_logits_and_ignores_padding_rows():
     rng = np.random.default_rng(0)
     s, t = rng.normal(0, 3, (6, 2)).astype(np.float32), rng.normal(0, 3, (6, 2)).astype(np.float32)
-    assert abs(float(distill.kd_loss(t, t, 2.0)[0])) < 1e-6
+    assert abs(float(losses.kd_loss(t, t, 2.0)[0])) < 1e-6
     w = np.array([1, 1, 1, 1, 0, 0], np.float32)
     garbage = s.copy()
     garbage[4:] = 1e3  # padding rows may hold anything
-    mean, total = distill.kd_loss(garbage, t, 2.0, w)
-    np.testing.assert_allclose(mean, distill.kd_loss(s[:4], t[:4], 2.0)[0], rtol=1e-6)
+    mean, total = losses.kd_loss(garbage, t, 2.0, w)
+    np.testing.assert_allclose(mean, losses.kd_loss(s[:4], t[:4], 2.0)[0], rtol=1e-6)
     np.testing.assert_allclose(total, 4 * mean, rtol=1e-6)
 
 
@@ -79,7 +81,7 @@ def test_alpha_adds_hard_label_cross_entropy():
     st, tt, yt = torch.tensor(s), torch.tensor(t), torch.tensor(y, dtype=torch.long)
     for alpha in (0.0, 0.3):
         expected = torch_kd(st, tt, 2.0) + alpha * F.cross_entropy(st, yt)
-        got = distill.distill_objective(s, t, y, np.ones(8, np.float32), 2.0, alpha)[0]
+        got = losses.kd_objective(s, t, y, np.ones(8, np.float32), 2.0, alpha)[0]
         assert abs(float(got) - expected.item()) < 1e-6
 
 
@@ -107,9 +109,8 @@ def test_twenty_adam_distillation_steps_track_torch(alpha):
     cfg = load_config(None, [f"student.vocab_size={V}", f"student.embed_dim={E}", f"student.hidden_dim={H}", "student.pooling=last_step",
                              "train.lr=1e-3", f"distill.alpha={alpha}"])
     student, params = build_student(cfg.student, jax.random.key(0))
-    tx = adam(cfg.train.lr)
-    step = distill.make_train_step(student, tx, distill.distillation_objective(T, alpha))
-    state = init_state(params, tx, jax.random.key(1))
+    setup = train_state(student, params, cfg.train.lr, jax.random.key(1))
+    step, state = make_train_step(student, setup.tx, losses.teacher_objective(T, alpha)), setup.state
 
     torch.manual_seed(0)
     emb, rnn, fc = torch.nn.Embedding(V, E), torch.nn.RNN(E, H, batch_first=True), torch.nn.Linear(H, 2)
@@ -124,7 +125,7 @@ def test_twenty_adam_distillation_steps_track_torch(alpha):
         fc.bias.copy_(p["head"]["bias"])
     opt = torch.optim.Adam([*emb.parameters(), *rnn.parameters(), *fc.parameters()], lr=1e-3)
 
-    consts = {"teacher_logits": jnp.asarray(teacher_logits)}
+    consts = {"frozen": {}, "teacher_logits": jnp.asarray(teacher_logits)}
     jax_losses, torch_losses = [], []
     for epoch in range(4):
         for batch in batch_iterator(split, bs, shuffle=True, seed=0, epoch=epoch):
@@ -182,7 +183,7 @@ def teacher_run(tmp_path_factory, synthetic):
     run_dir = tmp_path_factory.mktemp("teacher")
     cfg = load_config(None, [*TEACHER_OVERRIDES, "train.epochs=6", f"run.dir={run_dir}"])
     rundir.prepare(cfg)
-    task, _, _ = train.build_task(cfg, synthetic)
+    task = finetune.build_task(cfg, synthetic)
     summary = run_epochs(task, run_dir, progress=False)
     assert summary["best_val_accuracy"] > 0.9, summary  # the teacher learnt the task
     return run_dir
@@ -203,7 +204,7 @@ def distilled(tmp_path_factory, teacher_run, synthetic):
     run_dir = tmp_path_factory.mktemp("student")
     cfg = student_cfg(teacher_run, run_dir)
     rundir.prepare(cfg)
-    teacher = distill.restore_teacher(cfg.distill.teacher, cfg)
+    teacher = restore_teacher(cfg.distill.teacher, cfg)
     task = distill.build_distill_task(cfg, synthetic, teacher)
     initial = jax.tree.map(np.array, task.state.trainable)  # host copy: the train step donates the state
     run_epochs(task, run_dir, progress=False)
@@ -299,7 +300,7 @@ def test_bad_teacher_fails_before_training_and_says_why(case, message, teacher_r
     if not teacher:
         cfg.distill.teacher = ""
     with pytest.raises(runs.RunError, match=message.replace("(", r"\(")) as e:
-        distill.distill_and_evaluate(cfg, progress=False)
+        distill.distill(cfg, progress=False)
     assert str(e.value).startswith("distill.teacher")  # the message names the key to fix
     assert not run_dir.exists()  # nothing was written, nothing trained
 
@@ -318,7 +319,7 @@ def test_rnn_baseline_trains_with_cross_entropy(synthetic, tmp_path):
     cfg = load_config(None, ["student.embed_dim=32", "student.hidden_dim=32", "train.batch_size=64", "train.lr=1e-2",
                              "train.epochs=3", "run.compilation_cache=", f"run.dir={tmp_path}"])
     task = distill.build_rnn_task(cfg, synthetic)
-    assert task.kind == "rnn" and task.consts == {}
+    assert task.kind == "rnn" and task.consts == {"frozen": {}}
     summary = run_epochs(task, tmp_path, progress=False)
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["kind"] == "rnn"

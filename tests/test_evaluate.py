@@ -158,7 +158,7 @@ def test_students_match_the_flax_student_applied_directly(clf):
     run = runs.open_run(clf.run.path)
     rows = read_cola_rows(COLA_DIR / "out_of_domain_dev.tsv")
     split = encode(rows.sentences, rows.labels, clf.tokenizer, run.config.data.max_length)
-    direct = np.asarray(run.model.apply({"params": run.params}, split.input_ids, split.attention_mask))
+    direct = np.asarray(run.model.logits(run.params, split.input_ids, split.attention_mask))
     report = clf.evaluate("out_of_domain")
     np.testing.assert_allclose(report.logits, direct, atol=1e-5, rtol=0)
     assert report.accuracy == float(np.mean(direct.argmax(-1) == rows.labels))

@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification  # noqa: E402
 from lora_kd_jax.commands import cli
 from lora_kd_jax.lora import export
 from lora_kd_jax.runs import rundir
-from lora_kd_jax.training import finetune as train  # noqa: E402
+from lora_kd_jax.training import finetune  # noqa: E402
 from lora_kd_jax.runs import reader as runs_lib  # noqa: E402
 from lora_kd_jax.core.config import save_config  # noqa: E402
 from lora_kd_jax.lora.convert import ConversionError  # noqa: E402
@@ -84,7 +84,7 @@ def runs(base_dir, tmp_path_factory):
     out = {}
     for init, rank in (("seed", 2), ("standard", 4)):
         run_dir = tmp_path_factory.mktemp(f"run_{init}")
-        train.train_and_evaluate(_cfg(base_dir, run_dir, f"lora.init={init}", f"lora.rank={rank}", "lora.alpha=8"),
+        finetune.train_lora(_cfg(base_dir, run_dir, f"lora.init={init}", f"lora.rank={rank}", "lora.alpha=8"),
                                  progress=False)
         out[init] = run_dir
     return out
@@ -160,7 +160,7 @@ def test_export_refuses_random_base_unless_saved_beside(tmp_path):
     model, params = build_classifier(cfg, jax.random.split(jax.random.key(cfg.train.seed))[0])
     params["head"]["kernel"] = params["head"]["kernel"] * 5.0  # make the untrained head matter
     params["gpt2"]["ln_f"]["scale"] = params["gpt2"]["ln_f"]["scale"] * 1.5  # as if trained: the adapter carries it
-    export.write_imported_run(cfg, params, tmp_path / "run")  # a run dir holding exactly these params
+    export.write_imported_run(cfg, model, params, tmp_path / "run")  # a run dir holding exactly these params
     with pytest.raises(export.ExportError, match="random init.*--save-base"):
         export.export_peft(tmp_path / "run", tmp_path / "a", which="latest")
     with pytest.raises(SystemExit, match="export error: .*random init"):
@@ -241,7 +241,7 @@ def test_import_peft_run_dir_resumes_training(base_dir, tmp_path):
     assert _err(_ours(model, params, batch), _torch_logits(peft_model, batch)) < ATOL
     with pytest.raises(runs_lib.RunError, match="no best checkpoint"):
         _restore(run, "best")
-    summary = train.train_and_evaluate(cfg, resume=True, progress=False)
+    summary = finetune.train_lora(cfg, resume=True, progress=False)
     assert summary["epochs_run"] == 1
     _, _, after = _restore(run, "best")
     moved = _err(after["lora"]["h"]["0"]["attn"]["c_attn"]["a"], params["lora"]["h"]["0"]["attn"]["c_attn"]["a"])

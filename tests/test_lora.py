@@ -119,12 +119,12 @@ def test_bfloat16_compute_stays_within_its_documented_tolerance():
     """model.dtype=bfloat16 with the frozen base stored in bf16 (the accelerator setting): logits within
     BF16_TOL of fp32 (bf16 keeps 8 mantissa bits, ~4e-3 relative per rounding, over 2 layers)."""
     BF16_TOL = 2e-2  # relative to the largest fp32 logit (observed 8.9e-3 on CPU)
-    from lora_kd_jax.training.trainable import cast_frozen, combine, partition
+    from lora_kd_jax.training.state import cast_frozen, combine, partition
     cfg32 = tiny_config()
     model32, params = build_classifier(cfg32, key())
     params = {**params, "lora": perturbed(params["lora"])}
     model16, _ = build_classifier(tiny_config("model.dtype=bfloat16"), key(), shapes_only=True)
-    trainable, frozen = partition(params)
+    trainable, frozen = partition(params, model32.param_labels(params))
     params16 = combine(trainable, cast_frozen(frozen, "bfloat16"))
     b = random_batch(3)
     ref = np.asarray(model32.logits(params, b["input_ids"], b["attention_mask"]))

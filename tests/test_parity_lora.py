@@ -25,8 +25,8 @@ from lora_kd_jax.lora import convert  # noqa: E402
 from lora_kd_jax.lora import transform as lora_lib  # noqa: E402
 from lora_kd_jax.models import gpt2  # noqa: E402
 from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier  # noqa: E402
-from lora_kd_jax.training.finetune import loss_and_sums  # noqa: E402
-from lora_kd_jax.training.trainable import combine, partition  # noqa: E402
+from lora_kd_jax.training.state import combine, partition  # noqa: E402
+from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
@@ -40,12 +40,13 @@ LENGTHS = (20, 9, 1, 14, 5, 17)
 
 def jax_logits_loss_grads(model: GPT2Classifier, params: dict, batch: dict):
     """(hidden states, logits, mean CE, grads of mean CE w.r.t. the trainable partition), dropout off."""
-    trainable, frozen = partition(params)
+    trainable, frozen = partition(params, model.param_labels(params))
 
     @jax.jit
     def f(tr, frozen, b):
         def loss(t):
-            return loss_and_sums(model, combine(t, frozen), b, deterministic=True, rng=None)[0]
+            return loss_and_sums(model, combine(t, frozen), {}, b, cross_entropy_objective, deterministic=True,
+                                 rng=None)[0]
 
         full = combine(tr, frozen)
         with lora_lib.lora_context(model.spec, full["lora"]):

@@ -17,9 +17,8 @@ from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 from lora_kd_jax.lora import convert  # noqa: E402
 from lora_kd_jax.data import EncodedSplit, batch_iterator, num_batches  # noqa: E402
 from lora_kd_jax.models.classifier import build_classifier  # noqa: E402
-from lora_kd_jax.training.steps import init_state  # noqa: E402
-from lora_kd_jax.training.finetune import make_train_step  # noqa: E402
-from lora_kd_jax.training.trainable import make_optimizer, partition  # noqa: E402
+from lora_kd_jax.training.state import partition, train_state  # noqa: E402
+from lora_kd_jax.training.steps import cross_entropy_objective, make_train_step  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
@@ -52,11 +51,10 @@ def test_thirty_adam_steps_match_torch():
     ref_lib.add_seed_lora(ref, cfg.lora.rank, 0.0, factors=params["lora"])
     torch_frozen0 = {n: p.detach().clone() for n, p in ref.named_parameters() if not p.requires_grad}
 
-    trainable, frozen = partition(jax.tree.map(jnp.asarray, params))
+    setup = train_state(model, jax.tree.map(jnp.asarray, params), cfg.train.lr, jax.random.key(14))
+    state, frozen = setup.state, setup.frozen
     frozen0 = jax.tree.map(lambda v: np.array(v, copy=True), frozen)
-    tx = make_optimizer(cfg.train.lr)
-    state = init_state(trainable, tx, jax.random.key(14))
-    train_step = make_train_step(model, tx)
+    train_step = make_train_step(model, setup.tx, cross_entropy_objective)
     opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=LR)  # torch defaults = Adam's
 
     split = _dataset()
@@ -65,7 +63,7 @@ def test_thirty_adam_steps_match_torch():
     for epoch in range(STEPS // per_epoch):
         for batch in batch_iterator(split, BATCH, shuffle=True, seed=0, epoch=epoch):
             partial_seen += batch["weights"].sum() < BATCH
-            state, sums = train_step(state, frozen, batch)
+            state, sums = train_step(state, {"frozen": frozen}, batch)
             jax_losses.append(float(sums["loss_sum"] / sums["count"]))
             opt.zero_grad(set_to_none=True)
             loss = ref_lib.ce_loss(ref, batch)  # real rows only: the partial batch is a smaller batch here
@@ -98,7 +96,7 @@ def test_thirty_adam_steps_match_torch():
     for n, p in ref.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, torch_frozen0[n]), n
-    moved = ref_lib.tree_abs_errs(jax.tree.map(np.asarray, state.trainable), partition(params)[0])
+    moved = ref_lib.tree_abs_errs(jax.tree.map(np.asarray, state.trainable), partition(params, setup.labels)[0])
     assert min(moved.values()) > 0, "a trainable leaf did not move"
     print(f"trajectory: max loss rel err {loss_err.max():.2e} (tol {LOSS_RTOL}), worst param {worst} "
           f"{errs[worst]:.2e} (tol {PARAM_ATOL}); forward {fwd_err:.1e}; loss {tl[0]:.4f} -> {tl[-1]:.4f}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from lora_kd_jax.training import finetune as train
+from lora_kd_jax.training import finetune
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from lora_kd_jax.training.loop import NonFiniteLoss, run_epochs
 from tiny import tiny_config
@@ -58,7 +58,7 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 
 def reference(tmp_path_factory):
     """The uninterrupted run the interrupted ones must end as (the script's config, trained in-process)."""
     run_dir = tmp_path_factory.mktemp("reliability") / "reference"
-    train.train_and_evaluate(_smoke_cfg(run_dir, EPOCHS), progress=False)
+    finetune.train_lora(_smoke_cfg(run_dir, EPOCHS), progress=False)
     return run_dir
 
 
@@ -103,11 +103,11 @@ def test_sigterm_saves_mid_epoch_and_resume_gives_the_uninterrupted_result(tmp_p
 
     monkeypatch.setattr(loop, "prefetch", interrupting)
     with pytest.raises(loop.TrainingInterrupted, match=r"signal 15 at epoch 1, batch 20: .*continue with --resume"):
-        train.train_and_evaluate(cfg, progress=False)
+        finetune.train_lora(cfg, progress=False)
     monkeypatch.setattr(loop, "prefetch", original)
     _, record = final_trainable(tmp_path / "stopped")
     assert record["next_batch"] > 0  # a checkpoint in the middle of an epoch
-    train.train_and_evaluate(cfg, resume=True, progress=False)
+    finetune.train_lora(cfg, resume=True, progress=False)
     assert_same_run(tmp_path / "stopped", reference)
 
 
@@ -118,7 +118,7 @@ def _smoke_cfg(run_dir: Path, epochs: int):
 
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, caplog):
     cfg = tiny_config("data.limit=32", "train.batch_size=16", "train.epochs=2", f"run.dir={tmp_path / 'r'}")
-    train.train_and_evaluate(cfg, progress=False)
+    finetune.train_lora(cfg, progress=False)
     latest = tmp_path / "r" / "checkpoints" / "latest"
     steps = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
     assert steps == [2, 4]
@@ -135,7 +135,7 @@ def test_unfinished_checkpoint_write_is_ignored(tmp_path):
     """Orbax writes into a *.orbax-checkpoint-tmp dir and renames it when done: a crash mid-write leaves
     the previous step as the latest one."""
     cfg = tiny_config("data.limit=16", "train.batch_size=16", "train.epochs=1", f"run.dir={tmp_path / 'r'}")
-    train.train_and_evaluate(cfg, progress=False)
+    finetune.train_lora(cfg, progress=False)
     latest = tmp_path / "r" / "checkpoints" / "latest"
     (latest / "7.orbax-checkpoint-tmp-123").mkdir()  # what a write killed half-way leaves
     _, record, step = CheckpointStore(tmp_path / "r" / "checkpoints", read_only=True).restore_latest()
@@ -146,10 +146,11 @@ def _poisoned_task(cfg, bad_rows):
     from test_train import synthetic_split
     splits = {"train": synthetic_split(64, 0), "validation": synthetic_split(32, 1)}
     splits["train"].input_ids[bad_rows, 0] = POISON
-    task, _, frozen = train.build_task(cfg, splits)
+    task = finetune.build_task(cfg, splits)
+    frozen = task.consts["frozen"]
     wte = frozen["gpt2"]["wte"]["embedding"]
     frozen["gpt2"]["wte"]["embedding"] = wte.at[POISON].set(np.nan)
-    task.consts = frozen
+    task.consts = {**task.consts, "frozen": frozen}
     return task
 
 

@@ -40,7 +40,7 @@ def one_line_exit(*argv: str) -> str:
 def test_a_second_run_into_a_locked_dir_stops_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from lora_kd_jax import rundir\nwith rundir.lock(Path(sys.argv[1])):\n"
+                               "from lora_kd_jax.runs import rundir\nwith rundir.lock(Path(sys.argv[1])):\n"
                                "    print('locked', flush=True); time.sleep(120)", str(run)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -229,7 +229,7 @@ def test_every_user_error_is_one_line_and_leaves_nothing_behind(case, tmp_path):
 
 
 def test_an_unfinished_teacher_is_used_with_a_warning(tmp_path, caplog):
-    from lora_kd_jax.distill import trainer as distill
+    from lora_kd_jax.distill.teacher import check_teacher
     from lora_kd_jax.core.config import load_config
 
     teacher = tmp_path / "teacher"
@@ -239,7 +239,7 @@ def test_an_unfinished_teacher_is_used_with_a_warning(tmp_path, caplog):
     (teacher / "config.yaml").write_text(cfg_text)  # as if it had been stopped after 1 of 6 epochs
     assert len(record["epochs"]) == 1
     with caplog.at_level("WARNING"):
-        distill.check_teacher(str(teacher), load_config(REPO / "configs" / "distil_rnn_gpt2.yaml"))
+        check_teacher(str(teacher), load_config(REPO / "configs" / "distil_rnn_gpt2.yaml"))
     assert "finished 1 of its 6 epochs" in caplog.text
 
 

@@ -16,7 +16,7 @@ from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.training import loop
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
-from lora_kd_jax.training import finetune as train
+from lora_kd_jax.training import finetune
 from lora_kd_jax.training import seeds as seeds_lib
 from lora_kd_jax.core.config import ConfigError
 from tiny import random_batch, tiny_config
@@ -51,10 +51,10 @@ def assert_same_training(seeded: list[dict], single: list[dict]) -> None:
 def lora_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_seeds")
     one_epoch = "train.epochs=1"  # the RNN runs train two (best epochs, resume)
-    seeded = train.train_and_evaluate(tiny_config(*COMMON, one_epoch, SEEDED, f"run.dir={root / 'seeded'}"),
+    seeded = finetune.train_lora(tiny_config(*COMMON, one_epoch, SEEDED, f"run.dir={root / 'seeded'}"),
                                       progress=False)
     # seed 2 alone: a random-init base is shared by the seeds, drawn from the first seed (model.base_seed)
-    single = train.train_and_evaluate(tiny_config(*COMMON, one_epoch, "train.seed=2", "model.base_seed=0",
+    single = finetune.train_lora(tiny_config(*COMMON, one_epoch, "train.seed=2", "model.base_seed=0",
                                                   f"run.dir={root / 'single2'}"), progress=False)
     return root, seeded, single
 
@@ -62,9 +62,9 @@ def lora_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rnn_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rnn_seeds")
-    distill.train_rnn_and_evaluate(tiny_config(*COMMON, *BUCKETS, SEEDED, f"run.dir={root / 'seeded'}"),
+    distill.train_rnn(tiny_config(*COMMON, *BUCKETS, SEEDED, f"run.dir={root / 'seeded'}"),
                                    progress=False)
-    distill.train_rnn_and_evaluate(tiny_config(*COMMON, *BUCKETS, "train.seed=1", f"run.dir={root / 'single1'}"),
+    distill.train_rnn(tiny_config(*COMMON, *BUCKETS, "train.seed=1", f"run.dir={root / 'single1'}"),
                                    progress=False)
     return root
 
@@ -86,11 +86,11 @@ def test_seeded_distillation_gives_student_seed_k_the_teacher_of_seed_k(lora_run
     root, _, _ = lora_runs
     teacher = root / "seeded"
     cfg = tiny_config(*COMMON, SEEDED, f"distill.teacher={teacher}", f"run.dir={tmp_path / 'seeded'}")
-    summary = distill.distill_and_evaluate(cfg, progress=False)
+    summary = distill.distill(cfg, progress=False)
     assert summary["teacher_per_seed"] is True
     single = tiny_config(*COMMON, "train.seed=1", f"distill.teacher={teacher / 'seed_1'}",
                          f"run.dir={tmp_path / 'single1'}")
-    distill.distill_and_evaluate(single, progress=False)
+    distill.distill(single, progress=False)
     assert_same_training(history(tmp_path / "seeded" / "seed_1"), history(tmp_path / "single1"))
     seed_summary = json.loads((tmp_path / "seeded" / "seed_1" / "metrics.json").read_text())["summary"]
     assert seed_summary["teacher"] == str(teacher / "seed_1")
@@ -192,9 +192,9 @@ def test_a_killed_seeded_run_resumes_to_the_uninterrupted_result(rnn_runs, tmp_p
 
     monkeypatch.setattr(loop, "prefetch", interrupting)
     with pytest.raises(loop.TrainingInterrupted, match="epoch 1, batch 2"):
-        distill.train_rnn_and_evaluate(cfg, progress=False)
+        distill.train_rnn(cfg, progress=False)
     monkeypatch.setattr(loop, "prefetch", original)
-    distill.train_rnn_and_evaluate(cfg, resume=True, progress=False)
+    distill.train_rnn(cfg, resume=True, progress=False)
     done = rnn_runs / "seeded"
     for k in SEEDS:
         assert history(tmp_path / "resumed" / f"seed_{k}") == history(done / f"seed_{k}")
@@ -228,7 +228,7 @@ def test_resume_with_another_seed_list_is_refused_before_anything_runs(tmp_path)
     run_dir = tmp_path / "run"
     rundir.prepare(tiny_config(*COMMON, "train.seeds=[0,1]", f"run.dir={run_dir}"))
     with pytest.raises(rundir.RunDirError, match=r"config differs in train.seeds"):
-        distill.train_rnn_and_evaluate(tiny_config(*COMMON, "train.seeds=[0,2]", f"run.dir={run_dir}"),
+        distill.train_rnn(tiny_config(*COMMON, "train.seeds=[0,2]", f"run.dir={run_dir}"),
                                        resume=True, progress=False)
 
 
@@ -240,14 +240,14 @@ def test_resume_with_another_seed_list_is_refused_before_anything_runs(tmp_path)
 def test_a_teacher_with_another_seed_list_is_refused_before_anything_runs(lora_runs, student, message, tmp_path):
     cfg = tiny_config(*COMMON, *student, f"distill.teacher={lora_runs[0] / 'seeded'}", f"run.dir={tmp_path / 'r'}")
     with pytest.raises(runs.RunError, match=message):
-        distill.distill_and_evaluate(cfg, progress=False)
+        distill.distill(cfg, progress=False)
     assert not (tmp_path / "r").exists()
 
 
 def test_a_failed_seeded_start_leaves_no_seed_dirs(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(Exception, match="exceeds the 16 training rows"):
-        distill.train_rnn_and_evaluate(tiny_config("data.limit=16", "train.batch_size=32", SEEDED,
+        distill.train_rnn(tiny_config("data.limit=16", "train.batch_size=32", SEEDED,
                                                    f"run.dir={run_dir}"), progress=False)
     assert not run_dir.exists()
 

@@ -65,10 +65,10 @@ def test_out_of_domain_is_reported_but_never_picks_the_best_epoch():
 
 
 def test_a_run_scores_out_of_domain_every_epoch_and_records_its_data(tmp_path):
-    from lora_kd_jax.training import finetune as train
+    from lora_kd_jax.training import finetune
 
     cfg = tiny_config("data.limit=48", "train.batch_size=16", "train.epochs=2", f"run.dir={tmp_path / 'r'}")
-    summary = train.train_and_evaluate(cfg, progress=False)
+    summary = finetune.train_lora(cfg, progress=False)
     record = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert all(e["reported"]["out_of_domain"]["count"] == 48 for e in record["epochs"])
     best = max(record["epochs"], key=lambda e: e["val"]["accuracy"])
@@ -95,14 +95,18 @@ def test_a_wheel_ships_the_data_and_finds_it_outside_the_source_tree(tmp_path):
     assert "lora_kd_jax/assets/cola/README.cola_public" in names
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = ("import lora_kd_jax, lora_kd_jax.data as d; print(lora_kd_jax.__file__); "
-             "s, _ = d.read_cola_tsv(d.COLA_DIR / 'in_domain_dev.tsv'); print(len(s)); "
-             "print(d.load_tokenizer('')('Hello world')['input_ids'])")
+    for name in ("lora_gpt2", "lora_gpt2_medium", "distil_rnn_gpt2", "distil_rnn_gpt2_medium", "rnn_scratch", "smoke"):
+        assert f"lora_kd_jax/assets/configs/{name}.yaml" in names, name  # reproduce needs no repository
+    probe = ("import lora_kd_jax, lora_kd_jax.data as d; from lora_kd_jax.assets import COLA_DIR; "
+             "from lora_kd_jax.commands.reproduce import study_configs; print(lora_kd_jax.__file__); "
+             "s, _ = d.read_cola_tsv(COLA_DIR / 'in_domain_dev.tsv'); print(len(s)); "
+             "print(d.load_tokenizer('')('Hello world')['input_ids']); "
+             "print(len(study_configs(tiny=True)[1]))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(site)})
     assert out.returncode == 0, out.stderr[-2000:]
-    where, rows, ids = out.stdout.split("\n")[:3]
-    assert where.startswith(str(site)) and rows == "527" and ids == "[15496, 995]"
+    where, rows, ids, experiments = out.stdout.split("\n")[:4]
+    assert where.startswith(str(site)) and rows == "527" and ids == "[15496, 995]" and experiments == "5"
 
 
 def _offline(*argv: str, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -10,12 +10,14 @@ from flax import traverse_util
 
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import metrics
-from lora_kd_jax.training import finetune as train
+from lora_kd_jax.training import finetune
 from lora_kd_jax.commands.cli import main_train_lora
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.training.steps import init_state
-from lora_kd_jax.training.trainable import make_optimizer, partition
+from lora_kd_jax.models.classifier import param_labels
+from lora_kd_jax.training.optimizer import make_optimizer
+from lora_kd_jax.training.state import train_state
+from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums, make_train_step
 from tiny import key, random_batch, tiny_config
 
 
@@ -33,14 +35,13 @@ def synthetic_split(n: int, seed: int, length: int = 8) -> data_lib.EncodedSplit
 def test_frozen_leaves_bit_identical_and_trainable_leaves_move():
     cfg = tiny_config("lora.dropout=0.1")
     model, params = build_classifier(cfg, key())
-    trainable, frozen = partition(params)
+    setup = train_state(model, params, 1e-3, key(1))
+    state, frozen = setup.state, setup.frozen
     frozen_before = jax.tree.map(np.array, frozen)
-    trainable_before = jax.tree.map(np.array, trainable)
-    tx = make_optimizer(1e-3)
-    state = init_state(trainable, tx, key(1))
-    step = train.make_train_step(model, tx)
+    trainable_before = jax.tree.map(np.array, state.trainable)
+    step = make_train_step(model, setup.tx, cross_entropy_objective)
     for i in range(3):
-        state, _ = step(state, frozen, random_batch(i))
+        state, _ = step(state, {"frozen": frozen}, random_batch(i))
     for path, before in traverse_util.flatten_dict(frozen_before).items():
         np.testing.assert_array_equal(before, np.asarray(traverse_util.flatten_dict(frozen)[path]))
     after = traverse_util.flatten_dict(state.trainable)
@@ -54,7 +55,7 @@ def test_set_to_zero_guards_frozen_leaves():
     """Even if a frozen leaf reaches the optimizer, multi_transform gives it a zero update."""
     cfg = tiny_config()
     _, params = build_classifier(cfg, key())
-    tx = make_optimizer(1e-3)
+    tx = make_optimizer(1e-3, param_labels(params))
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     flat = traverse_util.flatten_dict(updates)
@@ -67,16 +68,15 @@ def test_frozen_base_costs_fewer_flops_than_unfrozen():
     cfg = tiny_config("model.n_embd=128")
     model, params = build_classifier(cfg, key())
     batch = random_batch(0, batch=8, length=16)
-    trainable, frozen = partition(params)
-    tx = make_optimizer(1e-3)
-    state = init_state(trainable, tx, key(1))
-    lora_step = jax.jit(train.make_train_step(model, tx).__wrapped__)
-    lora_flops = lora_step.lower(state, frozen, batch).compile().cost_analysis()["flops"]
+    setup = train_state(model, params, 1e-3, key(1))
+    lora_step = jax.jit(make_train_step(model, setup.tx, cross_entropy_objective).__wrapped__)
+    lora_flops = lora_step.lower(setup.state, {"frozen": setup.frozen}, batch).compile().cost_analysis()["flops"]
 
     full_tx = optax.adam(1e-3)
 
     def full_step(p, opt_state, b):
-        loss = lambda q: train.loss_and_sums(model, q, b, deterministic=True, rng=None)[0]  # noqa: E731
+        loss = lambda q: loss_and_sums(model, q, {}, b, cross_entropy_objective, deterministic=True,  # noqa: E731
+                                       rng=None)[0]
         grads = jax.grad(loss)(p)
         updates, opt_state = full_tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state
@@ -88,7 +88,7 @@ def test_frozen_base_costs_fewer_flops_than_unfrozen():
 def test_tiny_model_learns_a_separable_task():
     cfg = tiny_config("train.lr=5e-3", "train.batch_size=32", "lora.dropout=0.0")
     splits = {"train": synthetic_split(256, 0), "validation": synthetic_split(128, 1)}
-    task, _, _ = train.build_task(cfg, splits)
+    task = finetune.build_task(cfg, splits)
     for epoch in range(12):
         for batch in task.train_batches(epoch, 0):
             task.state, _ = task.train_step(task.state, task.consts, batch)
@@ -104,7 +104,7 @@ def smoke_overrides(run_dir, *extra):
 
 def test_smoke_run_leaves_the_run_directory(tmp_path):
     cfg = tiny_config(*smoke_overrides(tmp_path / "run"))
-    summary = train.train_and_evaluate(cfg, progress=False)
+    summary = finetune.train_lora(cfg, progress=False)
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.json", "accuracy.png", "loss.png", "log.txt"):
         assert (run / name).is_file(), name
@@ -121,11 +121,11 @@ def test_smoke_run_leaves_the_run_directory(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
-    full = train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "a", "lora.dropout=0.1")),
+    full = finetune.train_lora(tiny_config(*smoke_overrides(tmp_path / "a", "lora.dropout=0.1")),
                                     progress=False)
-    train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "b", "lora.dropout=0.1", "train.epochs=1")),
+    finetune.train_lora(tiny_config(*smoke_overrides(tmp_path / "b", "lora.dropout=0.1", "train.epochs=1")),
                              progress=False)
-    resumed = train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "b", "lora.dropout=0.1")),
+    resumed = finetune.train_lora(tiny_config(*smoke_overrides(tmp_path / "b", "lora.dropout=0.1")),
                                        resume=True, progress=False)
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())["epochs"]
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())["epochs"]
@@ -155,10 +155,10 @@ def test_run_dir_records_resolved_dtypes_and_reads_older_config_files(tmp_path):
 
 
 def test_run_dir_with_a_different_run_is_not_overwritten(tmp_path):
-    train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "r", "train.epochs=1")), progress=False)
+    finetune.train_lora(tiny_config(*smoke_overrides(tmp_path / "r", "train.epochs=1")), progress=False)
     from lora_kd_jax.runs.rundir import RunDirError
     with pytest.raises(RunDirError, match="different run.*train.lr"):
-        train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "r", "train.epochs=1", "train.lr=0.01")),
+        finetune.train_lora(tiny_config(*smoke_overrides(tmp_path / "r", "train.epochs=1", "train.lr=0.01")),
                                  progress=False)
 
 
@@ -197,8 +197,8 @@ def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
 
 def test_length_aware_batching_gives_the_same_run(tmp_path):
     """Cutting each batch to a bucket length (data.buckets) is exact for right-padded GPT-2 with last-token pooling."""
-    plain = train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "plain")), progress=False)
-    bucketed = train.train_and_evaluate(tiny_config(*smoke_overrides(tmp_path / "buckets", "data.buckets=[8,16]")),
+    plain = finetune.train_lora(tiny_config(*smoke_overrides(tmp_path / "plain")), progress=False)
+    bucketed = finetune.train_lora(tiny_config(*smoke_overrides(tmp_path / "buckets", "data.buckets=[8,16]")),
                                         progress=False)
     a = json.loads((tmp_path / "plain" / "metrics.json").read_text())["epochs"]
     b = json.loads((tmp_path / "buckets" / "metrics.json").read_text())["epochs"]

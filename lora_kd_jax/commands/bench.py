@@ -1,7 +1,7 @@
 """Step-time benchmarks of the real training code, one JSON line per result (`lora-kd-jax bench` runs them).
 
-Every bench jits the same functions training uses (`train.make_train_step`, `GPT2Classifier.logits`,
-`distill.make_train_step`), on random-init real-size models with the PyTorch peer's batch
+Every bench jits the same functions training uses (`training.steps.make_train_step`, `GPT2Classifier.logits`), on
+random-init real-size models with the PyTorch peer's batch
 (`benchmarks/peer_torch.py`: right-padded, lengths uniform in [5, seq/2 + 8)). Timings are medians over
 `steps` runs after warm-up, with the result blocked on, so they measure device work, not dispatch. The epoch bench
 reads the packaged CoLA files and tokenizer (`lora_kd_jax.assets`) without the `datasets` package.
@@ -27,17 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_kd_jax import data as data_lib
-from lora_kd_jax.distill import trainer as distill
-from lora_kd_jax.training import precision
-from lora_kd_jax.training import finetune as train
-from lora_kd_jax.training import seeds as seeds_lib
+from lora_kd_jax.core import precision
+from lora_kd_jax.training import finetune
 from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
 from lora_kd_jax.core.config import Config, load_config
 from lora_kd_jax.core.keys import run_keys
-from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier, init_adapters
-from lora_kd_jax.models.student import RNNStudent, build_student
-from lora_kd_jax.training.steps import Seeded, TrainState, init_state
-from lora_kd_jax.training.trainable import adam, cast_frozen, make_optimizer, partition
+from lora_kd_jax.distill.losses import teacher_objective
+from lora_kd_jax.models.classifier import build_classifier
+from lora_kd_jax.models.interface import ClassifierModel
+from lora_kd_jax.models.student import build_student
+from lora_kd_jax.training.state import TrainSetup, cast_frozen, seed_states, train_state
+from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_train_step
 
 # tiny: a CPU smoke size for teacher and student alike (both keep the real 50,257-token vocabulary)
 TINY = ["model.name=custom", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "student.embed_dim=64",
@@ -201,17 +201,17 @@ def bench_steps(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterab
 
 def bench_gpt2(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Config) -> Iterable[dict]:
     model, params = build_classifier(cfg, jax.random.key(0))
-    trainable, frozen = partition(params)
-    frozen = cast_frozen(frozen, precision.base_dtype(cfg.model))
-    tx = make_optimizer(1e-3)
+    setup = train_state(model, params, 1e-3, jax.random.key(1))
+    frozen = cast_frozen(setup.frozen, precision.base_dtype(cfg.model))
     dev_batch = jax.device_put(batch)
     plain = dataclasses.replace(model, spec=None)
     merged = model.merged(params)
     merged = {**merged, "gpt2": cast_frozen(merged["gpt2"], precision.base_dtype(cfg.model))}
     if "lora_train_step" in args.benches:
-        state = init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(1))
-        first, compile_s, ms, flops, _ = bench_step(train.make_train_step(model, tx), state, frozen, dev_batch,
-                                                    steps=args.steps, warmup=args.warmup)
+        state = jax.tree.map(jnp.copy, setup.state)  # donated by the step; `params` stays usable
+        step = make_train_step(model, setup.tx, cross_entropy_objective)
+        first, compile_s, ms, flops, _ = bench_step(step, state, {"frozen": frozen}, dev_batch, steps=args.steps,
+                                                    warmup=args.warmup)
         yield record(args, "lora_train_step", variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2))
     if "teacher_forward" in args.benches or "distill_step" in args.benches:
         fwd = jax.jit(lambda p, ids, mask: plain.logits(p, ids, mask, deterministic=True))
@@ -232,10 +232,9 @@ def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Co
     for student_dtype in args.student_dtypes:
         sc = dataclasses.replace(cfg.student, dtype=student_dtype)
         student, params = build_student(sc, jax.random.key(2))
-        tx = adam(1e-3)
-        objective = distill.distillation_objective(2.0, 0.0, teacher)
-        step = distill.make_train_step(student, tx, objective)
-        first, compile_s, ms, flops, _ = bench_step(step, init_state(params, tx, jax.random.key(3)), consts,
+        setup = train_state(student, params, 1e-3, jax.random.key(3))
+        step = make_train_step(student, setup.tx, teacher_objective(2.0, 0.0, teacher))
+        first, compile_s, ms, flops, _ = bench_step(step, setup.state, {"frozen": setup.frozen, **consts},
                                                     jax.device_put(batch), steps=args.steps, warmup=args.warmup)
         name = "distill_step" if teacher is not None else "distill_step_cached"
         yield record(args, name, variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2),
@@ -253,20 +252,9 @@ def seeded_batch(args: BenchArgs, n: int) -> dict[str, np.ndarray]:
     return data_lib.stack_batches([trim_padding(b) if args.trim else b for b in batches])
 
 
-def lora_states(model: GPT2Classifier, base: Any, tx: Any, n: int) -> list[TrainState]:
-    """Seeds 0..n-1's LoRA train states as a seeded run builds them (`train.build_task`): each its own adapters and
-    head (run_keys(i).model) and dropout key over the one base; trainable leaves only (the base stays shared)."""
-    return [init_state(partition(init_adapters(model, base, run_keys(i).model))[0], tx, run_keys(i).dropout)
-            for i in range(n)]
-
-
-def student_states(sc: Any, tx: Any, n: int) -> tuple[RNNStudent, list[TrainState]]:
-    """Seeds 0..n-1's student train states as `distill._student_state` builds them (all parameters trainable)."""
-    states = []
-    for i in range(n):
-        student, params = build_student(sc, run_keys(i).model)
-        states.append(init_state(params, tx, run_keys(i).dropout))
-    return student, states
+def first_seeds(setup: TrainSetup, n: int) -> Any:
+    """Seeds 0..n-1 of a stacked state (a copy: the step donates it)."""
+    return jax.tree.map(lambda x: x[:n], setup.state)
 
 
 def bench_seeded(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
@@ -279,10 +267,11 @@ def bench_seeded(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
     names = [name for name in ("distill_step_cached", "student_step") if name in args.benches]
     for student_dtype in args.student_dtypes if names else []:
         sc = dataclasses.replace(cfg.student, dtype=student_dtype)
-        tx = adam(1e-3)
-        student, states = student_states(sc, tx, max(args.seeds))  # seed i's state serves every N > i
+        student, _ = build_student(sc, run_keys(0).model, shapes_only=True)
+        # seeds 0..max-1 as a seeded run builds them (the one state recipe); the first N serve every N
+        setup = seed_states(student, 1e-3, range(max(args.seeds)), stacked=True)
         for name in names:
-            yield from bench_student_seeded(args, variant, mode, batches, name, student, states, tx,
+            yield from bench_student_seeded(args, variant, mode, batches, name, student, setup,
                                             precision.student_dtype(sc))
 
 
@@ -296,36 +285,34 @@ def seeded_record(args: BenchArgs, bench: str, variant: str, mode: str, batch: d
 
 def bench_lora_seeded(args: BenchArgs, variant: str, mode: str, cfg: Config, batches: dict[int, dict]
                       ) -> Iterable[dict]:
-    """`train.make_train_step(model, tx, Seeded(None))`: N LoRA states, one frozen base (in_axes None)."""
-    model, params = build_classifier(cfg, jax.random.key(0))
-    _, frozen = partition(params)
-    frozen = cast_frozen(frozen, precision.base_dtype(cfg.model))
-    tx = make_optimizer(1e-3)
-    step = train.make_train_step(model, tx, Seeded(None))
-    states = lora_states(model, params["gpt2"], tx, max(batches))  # stacking copies: the first n serve every N
+    """`make_train_step(model, tx, objective, Seeded(None))`: N LoRA states, one frozen base (in_axes None); the
+    states are seeds 0..N-1 as a seeded run builds them (the one state recipe)."""
+    model, _ = build_classifier(cfg, jax.random.key(0))
+    setup = seed_states(model, 1e-3, range(max(batches)), stacked=True)
+    frozen = cast_frozen(setup.frozen, precision.base_dtype(cfg.model))
+    step = make_train_step(model, setup.tx, cross_entropy_objective, Seeded(None))
     for n, batch in batches.items():
-        state = seeds_lib.stack(states[:n])
-        timing = bench_step(step, state, frozen, jax.device_put(batch), steps=args.steps, warmup=args.warmup)
+        timing = bench_step(step, first_seeds(setup, n), {"frozen": frozen}, jax.device_put(batch),
+                            steps=args.steps, warmup=args.warmup)
         yield seeded_record(args, "lora_train_step", variant, mode, batch, timing)
 
 
 def bench_student_seeded(args: BenchArgs, variant: str, mode: str, batches: dict[int, dict], name: str,
-                         student: RNNStudent, states: list[TrainState], tx: Any, student_dtype: str
-                         ) -> Iterable[dict]:
+                         student: ClassifierModel, setup: TrainSetup, student_dtype: str) -> Iterable[dict]:
     """The student's step with N seeds (the first N of `states`): distill_step_cached reads each seed's own cached
     teacher logits ({'teacher_logits': [N, B, 2]}, consts_axes {'teacher_logits': 0}: a seeded teacher teaching its
     own seed), student_step is the RNN baseline (cross-entropy on the labels, no constants)."""
     if name == "distill_step_cached":
-        objective, seeded = distill.distillation_objective(2.0, 0.0), Seeded({"teacher_logits": 0})
+        objective, seeded = teacher_objective(2.0, 0.0), Seeded({"frozen": None, "teacher_logits": 0})
     else:
-        objective, seeded = distill.cross_entropy_objective, Seeded(None)
-    step = distill.make_train_step(student, tx, objective, seeded)
+        objective, seeded = cross_entropy_objective, Seeded(None)
+    step = make_train_step(student, setup.tx, objective, seeded)
     for n, batch in batches.items():
-        consts: Any = {}
+        consts: Any = {"frozen": {}}
         if name == "distill_step_cached":
             rows = batch["input_ids"].shape[1]
-            consts = {"teacher_logits": jax.random.normal(jax.random.key(4), (n, rows, 2), jnp.float32)}
-        timing = bench_step(step, seeds_lib.stack(states[:n]), consts, jax.device_put(batch), steps=args.steps,
+            consts["teacher_logits"] = jax.random.normal(jax.random.key(4), (n, rows, 2), jnp.float32)
+        timing = bench_step(step, first_seeds(setup, n), consts, jax.device_put(batch), steps=args.steps,
                             warmup=args.warmup)
         yield seeded_record(args, name, variant, mode, batch, timing, student_dtype=student_dtype)
 
@@ -347,7 +334,7 @@ def bench_epoch(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
 def epoch_splits(cfg: Config) -> dict[str, data_lib.EncodedSplit]:
     """The training split as `data.load_splits` encodes it, read without the `datasets` package (absent on the GPU
     image): strict TSV reader, GPT-2 tokenizer, `encode`. Only training batches are drawn, so the training split
-    also stands in for the validation split that `train.build_task` expects."""
+    also stands in for the validation split that `finetune.build_task` expects."""
     sentences, labels = data_lib.read_cola_tsv(Path(cfg.data.dir) / data_lib.RAW_LAYOUT[0])
     if cfg.data.limit:
         sentences, labels = sentences[:cfg.data.limit], labels[:cfg.data.limit]
@@ -363,7 +350,7 @@ def _bench_epoch(args: BenchArgs, variant: str, mode: str, buckets: list[int], g
                          f"data.buckets={','.join(map(str, buckets))}", f"data.group_window={group_window}",
                          f"train.batch_size={args.batch}", "train.epochs=1")
     splits = epoch_splits(cfg)
-    task, _, _ = train.build_task(cfg, splits)
+    task = finetune.build_task(cfg, splits)
 
     def one_epoch(epoch: int) -> tuple[float, float]:
         """(wall time of the epoch, time spent building and placing batches on the host)."""

@@ -9,7 +9,7 @@
 
 Any run kind works (LoRA teacher, distilled student, RNN baseline): the model, tokenizer, `data.max_length`,
 `data.buckets`, pooling and dtypes are the run's own (its config.yaml), and the forward pass is the training's eval
-forward (`Run.logits_fn`, jitted, batches from `data.batch_iterator`, counts from `metrics.batch_sums`), so
+forward (the model's `logits`, jitted, batches from `data.batch_iterator`, counts from `metrics.batch_sums`), so
 evaluating the in-domain dev set gives back exactly the validation numbers the run recorded for that checkpoint.
 Batches are split over every device present (the run's `mesh.fsdp` is kept where it divides them).
 
@@ -228,12 +228,11 @@ class Classifier:
         self.placement = mesh_lib.placement_for(MeshConfig(data=-1, fsdp=fsdp), DistributedConfig(),
                                                 {"evaluation batch size": self.batch_size})
         self.params = self._place(run)
-        logits_fn = run.logits_fn()
+        model = run.model
 
         def step(params: Any, batch: dict) -> tuple[jax.Array, dict]:
-            logits = logits_fn(params, batch["input_ids"], batch["attention_mask"])
-            _, total = metrics_lib.cross_entropy(logits, batch["labels"], batch["weights"])
-            return logits, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
+            logits = model.logits(params, batch["input_ids"], batch["attention_mask"])
+            return logits, metrics_lib.eval_sums(logits, batch)
 
         replicated = mesh_lib.replicated(self.placement.mesh)
         self._step = jax.jit(step, out_shardings=(replicated, replicated))
@@ -247,14 +246,12 @@ class Classifier:
         return cls(runs.open_run(path, kind=kind, which=which), batch_size=batch_size)
 
     def _place(self, run: Any) -> Any:
-        """The run's parameters where training kept them: a LoRA run's frozen base in its model.base_dtype, split
-        like a frozen base; everything else replicated."""
-        if run.kind != "lora":
-            return self.placement.state(run.params)
-        from lora_kd_jax.training import precision
-        from lora_kd_jax.training.trainable import cast_frozen, combine, partition
+        """The run's parameters where training kept them: the frozen partition in its model.base_dtype, split like
+        a frozen base; the trained leaves replicated."""
+        from lora_kd_jax.core import precision
+        from lora_kd_jax.training.state import cast_frozen, combine, partition
 
-        trainable, frozen = partition(run.params)
+        trainable, frozen = partition(run.params, run.model.param_labels(run.params))
         frozen = cast_frozen(frozen, precision.base_dtype(run.config.model))
         return combine(self.placement.state(trainable), self.placement.frozen(frozen))
 
@@ -263,19 +260,11 @@ class Classifier:
         return self.run.kind
 
     def describe(self) -> str:
-        cfg = self.run.config
-        if self.kind == "lora":
-            from lora_kd_jax.training import precision
+        from lora_kd_jax.models.registry import TITLES
 
-            model = f"LoRA {cfg.model.name}, rank {cfg.lora.rank}, {precision.compute_dtype(cfg.model)}"
-        else:
-            s = cfg.student
-            what = "distilled student" if self.kind == "distill" else "RNN baseline"
-            model = (f"{what}: {s.cell}{' bidirectional' if s.bidirectional else ''} {s.embed_dim}/{s.hidden_dim}, "
-                     f"pooling {s.pooling}, {s.dtype}")
-        epoch = self.epoch
-        at = f", epoch {epoch}" if epoch else ""
-        return f"{self.run.path} ({model}; {self.run.which} checkpoint{at}; max_length {self.max_length})"
+        at = f", epoch {self.epoch}" if self.epoch else ""
+        return (f"{self.run.path} ({TITLES.get(self.kind, self.kind)} {self.run.model.describe()}; {self.run.which} "
+                f"checkpoint{at}; max_length {self.max_length})")
 
     @property
     def epoch(self) -> int | None:
@@ -293,17 +282,14 @@ class Classifier:
     def score(self, split: data_lib.EncodedSplit) -> tuple[np.ndarray, dict]:
         """(logits float32 [N, 2] in row order, summed metrics.batch_sums) over `split`, batched as the runs
         evaluate (eval batch size, data.buckets, file order)."""
-        import jax
-
         from lora_kd_jax.core import metrics as metrics_lib
+        from lora_kd_jax.training.scoring import score_rows
 
-        out = np.zeros((len(split), 2), np.float32)
+        out, batch_sums = score_rows(split, self.batch_size, lambda b: self._step(self.params, b),
+                                     self.placement.put_batch, lengths=self.buckets)
         sums = metrics_lib.zeros()
-        for batch in data_lib.batch_iterator(split, self.batch_size, shuffle=False, lengths=self.buckets):
-            logits, batch_sums = self._step(self.params, self.placement.put_batch(batch))
-            sums = metrics_lib.add(sums, batch_sums)
-            real = batch["weights"] > 0
-            out[batch["index"][real]] = np.asarray(jax.device_get(logits))[real]
+        for s in batch_sums:
+            sums = metrics_lib.add(sums, s)
         return out, sums
 
     def logits(self, sentences: str | Sequence[str]) -> np.ndarray:

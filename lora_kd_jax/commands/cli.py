@@ -76,12 +76,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_train_lora(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from lora_kd_jax.training import finetune as train  # imports jax: after the config is known to be valid
+    from lora_kd_jax.training import finetune  # imports jax: after the config is known to be valid
 
     if args.dry_run:
-        print(train.dry_run(cfg))
+        print(finetune.dry_run(cfg))
         return
-    report(train.train_and_evaluate(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
+    report(finetune.train_lora(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
 
 
 def _student_report(cfg: Config) -> str:
@@ -96,17 +96,17 @@ def _student_report(cfg: Config) -> str:
 
 def cmd_distill(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from lora_kd_jax.distill import trainer as distill
+    from lora_kd_jax.distill import teacher, trainer
 
     if args.dry_run:
-        dirs = distill.teacher_dirs(cfg)
+        dirs = teacher.teacher_dirs(cfg)
         teachers = sorted(set(dirs.values()))
-        name = distill.check_teacher(teachers[0], cfg).config.model.name
+        name = teacher.check_teacher(teachers[0], cfg).config.model.name
         which = (f"teacher: {teachers[0]}" if len(teachers) == 1 else
                  "teachers: " + ", ".join(f"seed {k} <- {path}" for k, path in dirs.items()))
         print(f"{which} (LoRA {name})\n{_student_report(cfg)}")
         return
-    report(distill.distill_and_evaluate(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
+    report(trainer.distill(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
 
 
 def cmd_train_rnn(args: argparse.Namespace) -> None:
@@ -116,7 +116,7 @@ def cmd_train_rnn(args: argparse.Namespace) -> None:
         return
     from lora_kd_jax.distill import trainer as distill
 
-    report(distill.train_rnn_and_evaluate(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
+    report(distill.train_rnn(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -155,8 +155,8 @@ def cmd_import_peft(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from lora_kd_jax.lora import export
 
-    cfg, _, params = export.import_peft(args.peft_dir, cfg)
-    out = export.write_imported_run(cfg, params, args.out, source=args.peft_dir)
+    cfg, model, params = export.import_peft(args.peft_dir, cfg)
+    out = export.write_imported_run(cfg, model, params, args.out, source=args.peft_dir)
     print(f"imported {args.peft_dir} -> {out}; continue training with: {PROG} train-lora {out / 'config.yaml'} "
           "--resume")
 
@@ -170,7 +170,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from lora_kd_jax.commands import bench
-    from lora_kd_jax.training import precision
+    from lora_kd_jax.core import precision
 
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     seeds = _seed_counts(args.seeds)

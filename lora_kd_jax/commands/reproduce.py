@@ -124,11 +124,11 @@ def finished(cfg: Config) -> dict | None:
 
 
 def _runner(kind: str) -> Callable[..., dict]:
-    if kind == "lora":
-        from lora_kd_jax.training.finetune import train_and_evaluate
-        return train_and_evaluate
-    from lora_kd_jax.distill import trainer as distill
-    return distill.distill_and_evaluate if kind == "distill" else distill.train_rnn_and_evaluate
+    """The trainer that writes a run of `kind` (imported here: they import jax)."""
+    from lora_kd_jax.distill.trainer import distill, train_rnn
+    from lora_kd_jax.training.finetune import train_lora
+
+    return {"lora": train_lora, "distill": distill, "rnn": train_rnn}[kind]
 
 
 def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path | None = None,

@@ -41,6 +41,12 @@ def batch_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array, loss_su
     }
 
 
+def eval_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
+    """`batch_sums` with the cross-entropy against the gold labels: what every evaluation sums."""
+    _, total = cross_entropy(logits, batch["labels"], batch["weights"])
+    return batch_sums(logits, batch["labels"], batch["weights"], total)
+
+
 def zeros() -> dict:
     out = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
     out["nonfinite"] = jnp.zeros((), jnp.float32)

@@ -74,13 +74,14 @@ def _default_base_model(cfg: Config) -> str | None:
 
 def original_base(cfg: Config, params: Params) -> Params:
     """The frozen base as the run loaded it, with its own (untrained) LayerNorms: rebuilt from the config with the
-    key `train.build_task` / `build_classifier` use, and checked against the frozen leaves of `params`."""
+    key `build_classifier` uses for the run, and checked against the frozen leaves of `params`."""
     from lora_kd_jax.models import gpt2
-    from lora_kd_jax.training.trainable import partition
+    from lora_kd_jax.models.classifier import param_labels
+    from lora_kd_jax.training.state import partition
 
     _, base = gpt2.load_base(cfg.model, classifier_base_key(cfg))
-    _, frozen_rebuilt = partition({"gpt2": base})
-    _, frozen = partition({"gpt2": params["gpt2"]})
+    _, frozen_rebuilt = partition({"gpt2": base}, param_labels({"gpt2": base}))
+    _, frozen = partition({"gpt2": params["gpt2"]}, param_labels({"gpt2": params["gpt2"]}))
     a, b = convert.flatten(frozen_rebuilt, "/"), convert.flatten(frozen, "/")
     differ = sorted(k for k in a if k not in b or not np.array_equal(np.asarray(a[k]), np.asarray(b[k])))
     if differ or set(a) != set(b):
@@ -185,7 +186,7 @@ def import_peft(peft_dir: str | os.PathLike, cfg: Config) -> tuple[Config, Any, 
     params = jax.tree.map(jax.numpy.asarray, peft_format.adapter_params(adapter, params, model.spec))
     return cfg, model, params
 
-def write_imported_run(cfg: Config, params: Params, run_dir: str | os.PathLike,
+def write_imported_run(cfg: Config, model: Any, params: Params, run_dir: str | os.PathLike,
                        source: str | os.PathLike | None = None) -> Path:
     """A run dir holding `params` as checkpoint step 0 (epoch 0, no history) plus its config.yaml, so that
     `lora-kd-jax train-lora RUN/config.yaml --resume` trains on from the imported weights, and
@@ -193,8 +194,7 @@ def write_imported_run(cfg: Config, params: Params, run_dir: str | os.PathLike,
     from lora_kd_jax.core import metrics as metrics_lib
     from lora_kd_jax.runs import rundir
     from lora_kd_jax.runs.checkpoint import CheckpointStore
-    from lora_kd_jax.training.steps import init_state
-    from lora_kd_jax.training.trainable import make_optimizer, partition
+    from lora_kd_jax.training.state import train_state
 
     run = Path(run_dir)
     ckpt = run / "checkpoints"
@@ -202,8 +202,7 @@ def write_imported_run(cfg: Config, params: Params, run_dir: str | os.PathLike,
         raise ExportError(f"{run} already holds checkpoints; choose a new --out directory")
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=os.fspath(run_dir)))
     rundir.prepare(cfg)
-    trainable, _ = partition(params)
-    state = init_state(trainable, make_optimizer(cfg.train.lr), run_keys(cfg.train.seed).dropout)
+    state = train_state(model, params, cfg.train.lr, run_keys(cfg.train.seed).dropout).state
     store = CheckpointStore(ckpt)
     try:
         store.save(0, {"state": state, "train_sums": metrics_lib.zeros()},

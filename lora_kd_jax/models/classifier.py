@@ -1,7 +1,8 @@
 """GPT-2 sequence classifier: base hidden states -> last real token -> bias-free Dense(n_embd -> 2).
 
-The parameter tree is {'gpt2': base, 'lora': factors (optional), 'head': {'kernel': (n_embd, n_labels)}}; which
-parts train is decided by `lora_kd_jax.trainable`, not here.
+The parameter tree is {'gpt2': base, 'lora': factors (optional), 'head': {'kernel': (n_embd, n_labels)}}. It stands
+behind the one model interface (`models.interface`): `init(key)` draws adapters and head over the base it holds,
+`param_labels` says what trains (LoRA factors, every LayerNorm, the head; the rest of the base is frozen).
 """
 from __future__ import annotations
 
@@ -11,18 +12,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from lora_kd_jax.lora import transform as lora_lib
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.gpt2_layout import KERNEL_LAYOUT
+from lora_kd_jax.models.interface import FROZEN, HEAD, LORA, NORM, Labels, last_token_index
 
 Params = dict[str, Any]
-
-
-def last_token_index(attention_mask: jax.Array) -> jax.Array:
-    """Index of the last real token of each right-padded row: mask.sum - 1 (as the original)."""
-    return jnp.sum(attention_mask, axis=-1).astype(jnp.int32) - 1
 
 
 def pool_last_token(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -35,12 +33,44 @@ def init_head(key: jax.Array, n_embd: int, n_labels: int = 2) -> Params:
     return {"kernel": 0.02 * jax.random.normal(key, (n_embd, n_labels), jnp.float32)}
 
 
-@dataclasses.dataclass(frozen=True)
+def label_of(path: tuple[str, ...]) -> str:
+    """The group of one leaf of a GPT-2 classifier tree: LoRA factors, the head, LayerNorms (GPT-2 names them
+    ln_1, ln_2, ln_f) train; every other leaf is frozen base."""
+    if path[0] == "lora":
+        return LORA
+    if path[0] == "head":
+        return HEAD
+    return NORM if any(p.startswith("ln_") for p in path) else FROZEN
+
+
+def param_labels(params: Params) -> Labels:
+    """`label_of` at every leaf of a GPT-2 classifier tree (or any subtree that keeps its paths, e.g. {'gpt2': ...})."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: label_of(k) for k in flat})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class GPT2Classifier:
-    """A GPT-2 module plus an optional LoRA spec; `logits` is the pure apply function."""
+    """A GPT-2 module, an optional LoRA spec and the base weights every seed's adapters are drawn over (None for a
+    model built from shapes only); `logits` is the pure apply function."""
 
     module: Any
     spec: lora_lib.LoraSpec | None = None
+    base: Params | None = dataclasses.field(default=None, repr=False)
+    name: str = "gpt2"
+
+    def init(self, key: jax.Array) -> Params:
+        """{'gpt2': the held base, 'lora': factors, 'head': ...}, adapters and head drawn from `key`."""
+        if self.base is None:
+            raise ValueError("this GPT2Classifier holds no base weights (built with shapes_only)")
+        return init_adapters(self, self.base, key)
+
+    def param_labels(self, params: Params) -> Labels:
+        return param_labels(params)
+
+    def describe(self) -> str:
+        rank = f", LoRA rank {self.spec.rank}" if self.spec is not None else ""
+        return f"{self.name}{rank}"
 
     def logits(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
                deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
@@ -84,7 +114,7 @@ def build_classifier(cfg: Config, key: jax.Array, *, base_key: jax.Array | None 
         lc = cfg.lora
         spec = lora_lib.make_spec(base, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
                                   init=lc.init, kernel_layout=KERNEL_LAYOUT)
-    model = GPT2Classifier(module, spec)
+    model = GPT2Classifier(module, spec, None if shapes_only else base, cfg.model.name)
     return model, init_adapters(model, base, key, shapes_only=shapes_only)
 
 

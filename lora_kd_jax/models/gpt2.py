@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_kd_jax.training import precision
+from lora_kd_jax.core import precision
 from lora_kd_jax.core.config import ModelConfig, resolved_size
 from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.models.gpt2_layout import PAD_ID

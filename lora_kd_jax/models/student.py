@@ -27,6 +27,7 @@ Pooling:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -34,8 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_kd_jax.training import precision
+from lora_kd_jax.core import precision
 from lora_kd_jax.core.config import Config, StudentConfig
+from lora_kd_jax.models.interface import STUDENT, Labels, last_token_index
 
 Params = dict[str, Any]
 N_LABELS = 2
@@ -122,11 +124,6 @@ def make_cell(kind: str, features: int, dtype: Any = None, name: str | None = No
     raise ValueError(f"student.cell: unknown cell {kind!r}; expected rnn, gru or lstm")
 
 
-def last_token_index(attention_mask: jax.Array) -> jax.Array:
-    """Index of the last real token of each right-padded row (mask.sum - 1, as the teacher pools)."""
-    return jnp.sum(attention_mask, axis=-1).astype(jnp.int32) - 1
-
-
 class RNNStudent(nn.Module):
     vocab_size: int = 50257
     embed_dim: int = 768
@@ -179,13 +176,35 @@ def _example(length: int = 4) -> tuple[jax.Array, jax.Array]:
     return ids, jnp.ones_like(ids)
 
 
+@dataclasses.dataclass(frozen=True)
+class StudentClassifier:
+    """The student behind the one model interface (`models.interface`): every leaf trains (label 'student'),
+    no dropout (`deterministic` and `rng` are accepted and unused)."""
+
+    module: RNNStudent
+
+    def init(self, key: jax.Array) -> Params:
+        return jax.jit(lambda k: self.module.init(k, *_example())["params"])(key)
+
+    def param_labels(self, params: Params) -> Labels:
+        return jax.tree.map(lambda _: STUDENT, params)
+
+    def logits(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
+               deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+        return self.module.apply({"params": params}, input_ids, attention_mask)
+
+    def describe(self) -> str:
+        m = self.module
+        return (f"{m.cell}{' bidirectional' if m.bidirectional else ''} {m.embed_dim}/{m.hidden_dim}, pooling "
+                f"{m.pooling}, {jnp.dtype(m.dtype).name}")
+
+
 def build_student(sc: StudentConfig | Config, key: jax.Array, *, shapes_only: bool = False
-                  ) -> tuple[RNNStudent, Params]:
-    """Module and its parameters from config (`shapes_only`: ShapeDtypeStructs, nothing allocated)."""
-    module = make_student(sc)
-    init = lambda k: module.init(k, *_example())["params"]  # noqa: E731
-    params = jax.eval_shape(init, key) if shapes_only else jax.jit(init)(key)
-    return module, params
+                  ) -> tuple[StudentClassifier, Params]:
+    """The student and its parameters from config (`shapes_only`: ShapeDtypeStructs, nothing allocated)."""
+    model = StudentClassifier(make_student(sc))
+    params = jax.eval_shape(model.init, key) if shapes_only else model.init(key)
+    return model, params
 
 
 def count_params(params: Params) -> int:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import jax
 
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.core.config import Config, ConfigError, from_dict
@@ -40,17 +39,11 @@ class RunInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Run(RunInfo):
-    """A restored run: `model` (GPT2Classifier or RNNStudent) and its full parameter tree."""
+    """A restored run: `model` (behind the one model interface, `models.interface`) and its full parameter tree."""
 
     which: str = "best"
     model: Any = None
     params: Params = dataclasses.field(default_factory=dict)
-
-    def logits_fn(self) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
-        """(params, input_ids, attention_mask) -> logits [B, 2], in eval mode, for any run kind."""
-        if self.kind == "lora":
-            return lambda p, ids, mask: self.model.logits(p, ids, mask, deterministic=True)
-        return lambda p, ids, mask: self.model.apply({"params": p}, ids, mask)
 
 
 def find_run_dir(path: str | Path) -> Path:
@@ -168,7 +161,7 @@ def open_run(path: str | Path, *, kind: str | None = None, which: str = "best") 
     from lora_kd_jax.runs.checkpoint import CheckpointError, CheckpointStore
 
     info = inspect_run(path, kind=kind, which=which)
-    model, params, state = _rebuild(info.config, kind or info.kind or "lora")
+    model, frozen, state = _rebuild(info.config, kind or info.kind or "lora")
     store = CheckpointStore(info.path / "checkpoints", read_only=True)
     try:
         target = {"state": state, "train_sums": metrics_lib.zeros()}
@@ -181,29 +174,20 @@ def open_run(path: str | Path, *, kind: str | None = None, which: str = "best") 
     found = record.get("kind")
     if info.kind is not None and found != info.kind or kind is not None and found != kind:
         raise RunError(f"{info.path}: the {which} checkpoint is a '{found}' run, not a '{kind or info.kind}' run")
-    trained = tree["state"].trainable
-    if found == "lora":
-        from lora_kd_jax.training.trainable import combine
+    from lora_kd_jax.training.state import combine
 
-        trained = combine(trained, params)
     return Run(path=info.path, config=info.config, kind=found, summary=info.summary, epochs_done=info.epochs_done,
-               which=which, model=model, params=trained)
+               which=which, model=model, params=combine(tree["state"].trainable, frozen))
 
 
 def _rebuild(cfg: Config, kind: str) -> tuple[Any, Params, Any]:
-    """(model, frozen params or {}, a train state shaped like the checkpoint's) for a run of `kind`."""
-    from lora_kd_jax.core.keys import classifier_base_key, run_keys
-    from lora_kd_jax.training.steps import init_state
-    from lora_kd_jax.training.trainable import adam, make_optimizer, partition
+    """(model, frozen partition, a train state shaped like the checkpoint's) for a run of `kind`: the run's model
+    and the one state recipe, with the run's own keys."""
+    from lora_kd_jax.core.keys import run_keys
+    from lora_kd_jax.models.registry import build_model
+    from lora_kd_jax.training.state import train_state
 
     keys = run_keys(cfg.train.seed)
-    if kind in ("distill", "rnn"):
-        from lora_kd_jax.models.student import build_student
-
-        student, params = build_student(cfg.student, keys.model)
-        return student, {}, init_state(params, adam(cfg.train.lr), keys.dropout)
-    from lora_kd_jax.models.classifier import build_classifier
-
-    model, params = build_classifier(cfg, keys.model, base_key=classifier_base_key(cfg))
-    trainable, frozen = partition(params)
-    return model, frozen, init_state(trainable, make_optimizer(cfg.train.lr), keys.dropout)
+    model = build_model(cfg, kind)
+    setup = train_state(model, model.init(keys.model), cfg.train.lr, keys.dropout)
+    return model, setup.frozen, setup.state

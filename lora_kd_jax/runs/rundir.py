@@ -13,7 +13,7 @@ import yaml
 from lora_kd_jax.core.config import Config, ConfigError, from_dict, save_config, to_dict
 from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.core.logs import LOG_FORMAT
-from lora_kd_jax.training.precision import resolved_config
+from lora_kd_jax.core.precision import resolved_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
 LOCK_FILE = ".lock"

@@ -1,0 +1,58 @@
+"""The distillation losses: T²·KL(softmax(t/T) ‖ softmax(s/T)) (batch mean) + alpha·CE(s, labels); alpha=0 is the
+original's `kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T*T`. The README explains the default
+T=2. `teacher_objective` is the objective the student's train step minimises (`training.steps.Objective`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_kd_jax.core import metrics as metrics_lib
+from lora_kd_jax.models.interface import ClassifierModel
+from lora_kd_jax.training.steps import Objective
+
+Batch = dict[str, jax.Array]
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float,
+            weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(weighted batch mean, weighted sum) of T² · KL(softmax(t/T) ‖ softmax(s/T)) per row.
+
+    With all weights 1 the mean is torch's `kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T*T`;
+    padding rows (weight 0) count neither in the sum nor in the divisor.
+    """
+    t = teacher_logits.astype(jnp.float32) / temperature
+    s = student_logits.astype(jnp.float32) / temperature
+    log_p = jax.nn.log_softmax(t, axis=-1)
+    per_row = jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(s, axis=-1)), axis=-1) * temperature ** 2
+    if weights is None:
+        weights = jnp.ones(per_row.shape, jnp.float32)
+    total = jnp.sum(per_row * weights)
+    return total / jnp.maximum(jnp.sum(weights), 1.0), total
+
+
+def kd_objective(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+                      weights: jax.Array, temperature: float, alpha: float) -> tuple[jax.Array, jax.Array]:
+    """(mean, sum) of kd_loss + alpha · cross-entropy on the hard labels (alpha=0: the original, KL only)."""
+    mean, total = kd_loss(student_logits, teacher_logits, temperature, weights)
+    if alpha:
+        ce_mean, ce_total = metrics_lib.cross_entropy(student_logits, labels, weights)
+        mean, total = mean + alpha * ce_mean, total + alpha * ce_total
+    return mean, total
+
+
+def teacher_objective(temperature: float, alpha: float, teacher: ClassifierModel | None = None) -> Objective:
+    """The KD objective reading teacher logits from consts: the cached array {'teacher_logits': [N, 2]} gathered
+    by batch['index'] (teacher=None), or a teacher forward pass on {'teacher': merged params}."""
+
+    def objective(logits: jax.Array, consts: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        if teacher is None:
+            t = consts["teacher_logits"][batch["index"]]
+        else:
+            t = teacher.logits(consts["teacher"], batch["input_ids"], batch["attention_mask"], deterministic=True)
+        return kd_objective(logits, jax.lax.stop_gradient(t), batch["labels"], batch["weights"],
+                                 temperature, alpha)
+
+    return objective

@@ -1,0 +1,147 @@
+"""The teacher of a distillation: a finished LoRA run (read through `runs.reader.open_run`), merged into plain GPT-2
+weights, frozen and run in eval mode; which teacher teaches which student seed; its logits for a whole split.
+
+The teacher is frozen and deterministic, so by default its logits for the training split are computed once and
+gathered per batch on device (`distill.cache_teacher_logits`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_kd_jax import data as data_lib
+from lora_kd_jax.core import precision
+from lora_kd_jax.core.config import Config
+from lora_kd_jax.models.classifier import GPT2Classifier
+from lora_kd_jax.runs import reader as runs
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.training import mesh as mesh_lib
+from lora_kd_jax.training import seeds as seeds_lib
+from lora_kd_jax.training.scoring import score_rows
+from lora_kd_jax.training.state import cast_frozen, param_report
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Teacher:
+    """A restored, merged, frozen LoRA teacher."""
+
+    model: GPT2Classifier  # no LoRA spec: params are merged plain weights
+    params: Params  # {'gpt2': merged base, 'head': ...}, placed like a frozen base
+    config: Config  # the teacher run's own config
+    run_dir: Path
+    total_params: int
+    trainable_params: int
+    best_epoch: int
+    val_accuracy: float
+    placement: mesh_lib.Placement
+
+    def __post_init__(self):
+        self._forward = jax.jit(lambda p, ids, mask: self.model.logits(p, ids, mask, deterministic=True),
+                                out_shardings=mesh_lib.replicated(self.placement.mesh))
+
+    def logits(self, input_ids: Any, attention_mask: Any) -> jax.Array:
+        """Eval-mode logits [B, 2] (replicated, so every process can read them)."""
+        return self._forward(self.params, input_ids, attention_mask)
+
+
+def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
+    """Cheap checks before any data is read or weights are built: `path` holds a LoRA run with a best checkpoint
+    whose vocabulary matches the student's. An unfinished teacher is used, with a warning naming its epochs."""
+    if not path:
+        raise runs.RunError("distill.teacher is empty: pass distill.teacher=PATH, the run dir of a finished LoRA run "
+                            "(lora-kd-jax train-lora) or its checkpoints/ dir")
+    try:
+        info = runs.inspect_run(path, kind="lora", which="best")
+    except runs.RunError as e:
+        raise runs.RunError(f"distill.teacher: {e}") from None
+    if info.kind is None:
+        raise runs.RunError(f"distill.teacher: {info.path} has no {rundir.METRICS_FILE}: that run never finished an "
+                            "epoch, so it has no best checkpoint to distil from")
+    t_vocab, s_vocab = info.config.model.vocab_size, cfg.student.vocab_size
+    if t_vocab != s_vocab:
+        raise runs.RunError(f"distill.teacher: vocabulary size differs: the teacher in {info.path} has "
+                            f"model.vocab_size={t_vocab}, the student has student.vocab_size={s_vocab}; they must "
+                            "read the same token ids")
+    if info.epochs_done < info.config.train.epochs:
+        log.warning("distill.teacher: %s finished %d of its %d epochs; distilling from its best epoch so far",
+                    info.path, info.epochs_done, info.config.train.epochs)
+    return info
+
+
+def teacher_dirs(cfg: Config) -> dict[int, str]:
+    """Which teacher run teaches each student seed, checked before anything is built: a single-seed teacher teaches
+    every seed; a seeded teacher (train.seeds) gives student seed k its own seed k, and must have the student's
+    seed list. Every teacher dir passes `check_teacher`."""
+    path = cfg.distill.teacher
+    student_seeds = seeds_lib.seed_list(cfg)
+    try:
+        teacher_seeds = runs.run_seeds(path) if path else []
+    except runs.RunError as e:
+        raise runs.RunError(f"distill.teacher: {e}") from None
+    if not teacher_seeds:
+        check_teacher(path, cfg)
+        return {seed: path for seed in student_seeds}
+    if teacher_seeds != list(cfg.train.seeds):
+        mine = f"train.seeds={cfg.train.seeds}" if cfg.train.seeds else f"one seed (train.seed={cfg.train.seed})"
+        raise runs.RunError(f"distill.teacher={path} trained seeds {teacher_seeds}, this student trains {mine}: a "
+                            f"seeded teacher teaches the same seed list (train.seeds={teacher_seeds}); to let one "
+                            f"teacher seed teach every student seed, name its dir, e.g. "
+                            f"distill.teacher={seeds_lib.seed_dir(path, teacher_seeds[0])}")
+    if not cfg.distill.cache_teacher_logits:
+        raise runs.RunError(f"distill.teacher={path} is seeded and distill.cache_teacher_logits=false: running "
+                            f"{len(teacher_seeds)} GPT-2 teachers in every step would hold each of them in memory; "
+                            "use the cached teacher logits (distill.cache_teacher_logits=true, the default)")
+    out = {seed: str(seeds_lib.seed_dir(path, seed)) for seed in student_seeds}
+    for teacher in out.values():
+        check_teacher(teacher, cfg)
+    return out
+
+
+def restore_teacher(path: str, cfg: Config) -> Teacher:
+    """The teacher as its run left it (`runs.open_run`: the same model and frozen base, the trained parameters from
+    checkpoints/best), LoRA merged into the kernels, placed on this run's mesh (Orbax restores onto any mesh)."""
+    info = check_teacher(path, cfg)
+    try:
+        run = runs.open_run(info.path, kind="lora", which="best")
+    except runs.RunError as e:
+        raise runs.RunError(f"distill.teacher: {e}") from None
+    teacher_cfg = run.config
+    report = param_report(run.params, run.model.param_labels(run.params))
+    merged = run.model.merged(run.params)
+    merged["gpt2"] = cast_frozen(merged["gpt2"], precision.base_dtype(teacher_cfg.model))
+    place = mesh_lib.run_placement(cfg)
+    params = place.frozen(merged)
+    teacher = Teacher(model=dataclasses.replace(run.model, spec=None, base=None), params=params, config=teacher_cfg,
+                      run_dir=run.path, total_params=report.total, trainable_params=report.trainable,
+                      best_epoch=int(run.summary.get("best_epoch", 0)),
+                      val_accuracy=float(run.summary.get("best_val_accuracy", math.nan)), placement=place)
+    log.info("teacher %s (%s): best checkpoint, epoch %d, val accuracy %.4f; computes in %s, base stored in %s",
+             run.path, teacher_cfg.model.name, teacher.best_epoch, teacher.val_accuracy,
+             precision.compute_dtype(teacher_cfg.model), precision.base_dtype(teacher_cfg.model))
+    return teacher
+
+
+def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_size: int) -> jax.Array:
+    """The teacher's logits for every row of `split`, float32 [N, 2], replicated on the mesh (row i = example i).
+
+    Computed with the same fixed-shape batches the training uses (file order), so each row sees the same program."""
+    out, _ = score_rows(split, batch_size, lambda b: (teacher.logits(b["input_ids"], b["attention_mask"]), None),
+                        teacher.placement.put_batch)
+    return teacher.placement.state(jnp.asarray(out))
+
+
+def restore_teachers(dirs: dict[int, str], cfg: Config) -> Teacher | dict[int, Teacher]:
+    """One Teacher when every seed has the same teacher dir, else {seed: Teacher}."""
+    if len(set(dirs.values())) == 1:
+        return restore_teacher(next(iter(dirs.values())), cfg)
+    return {seed: restore_teacher(path, cfg) for seed, path in dirs.items()}

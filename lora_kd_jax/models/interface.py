@@ -1,0 +1,43 @@
+"""The one interface of every model that classifies (GPT-2 + LoRA + head, the RNN student, the families to come).
+
+Trainers, the state recipe, the run reader, evaluation, export and the bench call only this:
+
+    params = model.init(key)                                  # the full tree, drawn from one named key
+    labels = model.param_labels(params)                       # a group name at every leaf: which leaves train, how
+    logits = model.logits(params, input_ids, attention_mask,  # float32 [B, n_labels]
+                          deterministic=True, rng=None)
+
+Labels name optimizer groups (`training.optimizer` gives each group its transform): FROZEN leaves never train,
+every other label is a trained group. A model decides its own labels because only it knows its tree.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+Labels = dict[str, Any]  # the tree of `params` with a group name (str) at every leaf
+
+FROZEN = "frozen"  # held once, never updated (optax.set_to_zero)
+LORA, NORM, HEAD = "lora", "norm", "head"  # the LoRA classifier's trained groups: factors, LayerNorms, the head
+STUDENT = "student"  # every leaf of a student trains
+GROUPS = (LORA, NORM, HEAD, STUDENT)  # the trained groups, in the order the optimizer lists them
+
+
+@runtime_checkable
+class ClassifierModel(Protocol):
+    def init(self, key: jax.Array) -> Params: ...
+
+    def param_labels(self, params: Params) -> Labels: ...
+
+    def logits(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
+               deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array: ...
+
+    def describe(self) -> str: ...
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the last real token of each right-padded row: mask.sum - 1 (as the original pools)."""
+    return jnp.sum(attention_mask, axis=-1).astype(jnp.int32) - 1

@@ -1,0 +1,120 @@
+"""The one state recipe: (model, learning rate, seeds) -> the train state every trainer, resume, the run reader,
+import and the bench use, so a checkpoint always restores into the tree that wrote it.
+
+A model's parameters split by its labels into the trainable partition (in the state: donated, updated in place,
+one copy per seed) and the frozen one (held once, shared by every seed, passed to each step as `consts['frozen']`).
+The optimizer state is `training.optimizer`'s over the whole tree: frozen leaves hold no optimizer state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from lora_kd_jax.core import precision
+from lora_kd_jax.core.keys import run_keys
+from lora_kd_jax.models.interface import FROZEN, ClassifierModel, Labels
+from lora_kd_jax.training import seeds as seeds_lib
+from lora_kd_jax.training.optimizer import make_optimizer
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    trainable: Params
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data of the dropout key (checkpointable)
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """A fresh dropout key per step, independent of how the run was split into sessions."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def partition(params: Params, labels: Labels) -> tuple[Params, Params]:
+    """(trainable, frozen): two nested dicts holding disjoint leaves of `params`, split by `labels`."""
+    flat, flat_labels = traverse_util.flatten_dict(params), traverse_util.flatten_dict(labels)
+    train = {k: v for k, v in flat.items() if flat_labels[k] != FROZEN}
+    frozen = {k: v for k, v in flat.items() if flat_labels[k] == FROZEN}
+    return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
+
+
+def combine(trainable: Params, frozen: Params) -> Params:
+    """Inverse of `partition`."""
+    flat = dict(traverse_util.flatten_dict(frozen))
+    flat.update(traverse_util.flatten_dict(trainable))
+    return traverse_util.unflatten_dict(flat)
+
+
+def cast_frozen(frozen: Params, dtype: str) -> Params:
+    """Store the frozen base in `dtype`, "float32" or "bfloat16" (halves its memory and bandwidth); a config's
+    setting is resolved by `precision.base_dtype(cfg.model)`. Trainable leaves are not touched (they stay fp32)."""
+    target = precision.dtype(dtype, "base")
+    if target == jnp.float32:
+        return frozen
+    return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What a trainer needs from the recipe."""
+
+    tx: optax.GradientTransformation
+    state: TrainState  # one seed's, or every seed's stacked on a leading axis (`stacked`)
+    frozen: Params  # the frozen partition (float32, as built; the trainer casts and places it)
+    labels: Labels
+    params: Params  # the first seed's full tree (its parameter report; the reader's frozen base)
+
+
+def train_state(model: ClassifierModel, params: Params, lr: float, dropout_key: jax.Array,
+                tx: optax.GradientTransformation | None = None) -> TrainSetup:
+    """The state of one seed from its full parameter tree: step 0, the trainable partition, the optimizer state
+    of the whole tree, the dropout key."""
+    labels = model.param_labels(params)
+    tx = tx or make_optimizer(lr, labels)
+    trainable, frozen = partition(params, labels)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(params),
+                       rng=jax.random.key_data(dropout_key))
+    return TrainSetup(tx=tx, state=state, frozen=frozen, labels=labels, params=params)
+
+
+def seed_states(model: ClassifierModel, lr: float, seeds: Sequence[int], *, stacked: bool) -> TrainSetup:
+    """Every seed's state, each drawn from its own named keys (`run_keys(seed)`: model and dropout), over one
+    frozen partition; `stacked` puts them on a leading seed axis (many seeds in one program)."""
+    setups = []
+    for seed in seeds:
+        keys = run_keys(seed)
+        tx = setups[0].tx if setups else None
+        setups.append(train_state(model, model.init(keys.model), lr, keys.dropout, tx))
+    state = seeds_lib.stack([s.state for s in setups]) if stacked else setups[0].state
+    return dataclasses.replace(setups[0], state=state)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamReport:
+    total: int
+    trainable: int
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.trainable / self.total
+
+    def __str__(self) -> str:
+        return (f"params: total {self.total / 1e6:.2f}M ({self.total:,}), trainable {self.trainable / 1e6:.2f}M "
+                f"({self.trainable:,}), reduction {100 * self.reduction:.2f}%")
+
+
+def param_report(params: Params, labels: Labels) -> ParamReport:
+    """Counts from shapes alone, so it works on `jax.eval_shape` trees too."""
+    flat, flat_labels = traverse_util.flatten_dict(params), traverse_util.flatten_dict(labels)
+    size = lambda v: int(np.prod(v.shape))  # noqa: E731
+    return ParamReport(total=sum(size(v) for v in flat.values()),
+                       trainable=sum(size(v) for k, v in flat.items() if flat_labels[k] != FROZEN))
