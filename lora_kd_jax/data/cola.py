@@ -2,6 +2,14 @@
 
 Bad input is never skipped silently: it raises `DataError` naming the file and line, and what is legitimately
 dropped (blank lines, rows beyond `limit`) is counted and logged.
+
+No `datasets` round trip: the rows `read_cola_rows` parses are carried as plain columns
+(`{"sentence": list[str], "label": int32 array}` per split, see `load_columns`) straight to the tokenizer, instead
+of being wrapped into a `datasets.Dataset` only to be pulled back out column by column. Training from files thus
+never imports `datasets` (about a second of start-up on a 2-core CPU, and an Arrow copy of every row). `datasets`
+stays where it does a real job: `data.dir=hub` downloads through `datasets.load_dataset`, and `load_cola` hands
+callers who want to look at the data (tests, reproduce's majority share) the type the hub copy comes in, with its
+label names.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +39,9 @@ HUB = "hub"  # data.dir value that loads the hub's GLUE CoLA instead of files
 HUB_DATASET = ("nyu-mll/glue", "cola")
 LABEL_NAMES = ("unacceptable", "acceptable")  # same ClassLabel names as the hub copy
 _BOM = b"\xef\xbb\xbf"
+
+Columns = dict[str, Sequence[Any]]  # one split: {"sentence": list[str], "label": int32 array [N]}, in source order
+
 
 # --------------------------------------------------------------------------------------------- reading
 
@@ -180,66 +192,77 @@ def describe_source(data_dir: str) -> str:
     return str(data_dir)
 
 
-def load_cola(data_dir: str, limit: int = 0) -> datasets.DatasetDict:
-    """Splits 'train', 'validation' and, where the source has it, 'out_of_domain'; columns 'sentence', 'label'.
+def load_columns(data_dir: str) -> dict[str, Columns]:
+    """Every split `data.dir` holds, as columns 'sentence' and 'label' (int32): 'train', 'validation' and, where the
+    source has it, 'out_of_domain'.
 
     data_dir '' -> the CoLA files this package ships (train = in_domain_train, 8,551 rows; validation =
     in_domain_dev, 527 rows, the set of the reference results; out_of_domain = out_of_domain_dev, 516 rows).
     'hub' -> datasets.load_dataset('nyu-mll/glue', 'cola'), whose validation is both dev files (1,043 rows).
-    Else a local dir in raw or GLUE layout (find_cola_files), parsed strictly by read_cola_tsv and wrapped as
-    `datasets` objects so callers see one type either way. limit>0 keeps the first `limit` rows of each split
-    (for smoke runs; see limit_rows).
+    Else a local dir in raw or GLUE layout (find_cola_files), parsed strictly by read_cola_rows.
     """
-    return limit_rows(_load_all(data_dir), limit)
-
-
-def _load_all(data_dir: str) -> datasets.DatasetDict:
-    import datasets
-
     if data_dir == HUB:
-        try:
-            full = datasets.load_dataset(*HUB_DATASET)
-        except Exception as e:  # no network, hub down, unknown name: datasets raises many types
-            raise DataError(
-                f"data.dir={HUB}: could not load {HUB_DATASET[0]} (config {HUB_DATASET[1]}) from the Hugging Face hub "
-                f"({type(e).__name__}: {first_line(e)}); without network leave data.dir empty for the packaged "
-                "CoLA, or point it at a local CoLA dir"
-            ) from None
-        out = datasets.DatasetDict(
-            {s: full[s].select_columns(["sentence", "label"]) for s in ("train", "validation")}
-        )
-        logger.info("loaded CoLA from %s: %s", describe_source(data_dir), _counts(out))
-        return out
-    files = find_cola_files(COLA_DIR if data_dir == "" else data_dir)
-    features = datasets.Features(
-        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABEL_NAMES))}
-    )
-    out = datasets.DatasetDict()
-    for split, path in (("train", files.train), ("validation", files.validation),
-                        ("out_of_domain", files.out_of_domain)):
-        if path is None:
-            logger.info("%s: no %s, so no out-of-domain evaluation", data_dir, OUT_OF_DOMAIN_FILE)
-            continue
-        sentences, labels = read_cola_tsv(path)
-        out[split] = datasets.Dataset.from_dict({"sentence": sentences, "label": labels.tolist()}, features=features)
-    logger.info("loaded CoLA from %s: %s", describe_source(data_dir), _counts(out))
+        out = _load_hub()
+    else:
+        files = find_cola_files(COLA_DIR if data_dir == "" else data_dir)
+        out = {}
+        for split, path in (("train", files.train), ("validation", files.validation),
+                            ("out_of_domain", files.out_of_domain)):
+            if path is None:
+                logger.info("%s: no %s, so no out-of-domain evaluation", data_dir, OUT_OF_DOMAIN_FILE)
+                continue
+            rows = read_cola_rows(path)
+            out[split] = {"sentence": rows.sentences, "label": rows.labels}
+    logger.info("loaded CoLA from %s: %s", describe_source(data_dir),
+                ", ".join(f"{s} {n_rows(c)} rows" for s, c in out.items()))
     return out
 
 
-def limit_rows(ds: datasets.DatasetDict, limit: int) -> datasets.DatasetDict:
-    """The first `limit` rows of each split (0 keeps all); every cut is logged with the count before it."""
+def _load_hub() -> dict[str, Columns]:
+    import datasets
+
+    try:
+        full = datasets.load_dataset(*HUB_DATASET)
+    except Exception as e:  # no network, hub down, unknown name: datasets raises many types
+        raise DataError(
+            f"data.dir={HUB}: could not load {HUB_DATASET[0]} (config {HUB_DATASET[1]}) from the Hugging Face hub "
+            f"({type(e).__name__}: {first_line(e)}); without network leave data.dir empty for the packaged "
+            "CoLA, or point it at a local CoLA dir"
+        ) from None
+    return {s: {"sentence": list(full[s]["sentence"]), "label": np.asarray(list(full[s]["label"]), dtype=np.int32)}
+            for s in ("train", "validation")}
+
+
+def n_rows(columns: Columns) -> int:
+    """Rows in one split of `load_columns` (`len` of the dict would count its columns)."""
+    return len(columns["label"])
+
+
+def limit_rows(splits: dict[str, Columns], limit: int) -> dict[str, Columns]:
+    """The first `limit` rows of each split of `load_columns` (0 keeps all); every cut is logged with the count
+    before it."""
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         raise DataError(f"limit={limit!r}: expected an int >= 0 (0 keeps every row)")
     if not limit:
-        return ds
-    out = type(ds)(ds)
-    for split in list(out):
-        n = len(out[split])
+        return splits
+    out = dict(splits)
+    for split, columns in splits.items():
+        n = n_rows(columns)
         if n > limit:
-            out[split] = out[split].select(range(limit))
+            out[split] = {name: column[:limit] for name, column in columns.items()}
             logger.info("data.limit=%d: kept the first %d of %d %s rows", limit, limit, n, split)
     return out
 
 
-def _counts(ds: Any) -> str:
-    return ", ".join(f"{s} {len(ds[s])} rows" for s in ds)
+def load_cola(data_dir: str, limit: int = 0) -> datasets.DatasetDict:
+    """`load_columns` cut to `limit` (see limit_rows) as a `datasets.DatasetDict` (columns 'sentence', 'label' with
+    the hub's ClassLabel names), for looking at the data; training reads the columns (`load_splits`)."""
+    import datasets
+
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABEL_NAMES))}
+    )
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"sentence": list(c["sentence"]), "label": np.asarray(c["label"]).tolist()},
+                                          features=features)
+        for split, c in limit_rows(load_columns(data_dir), limit).items()})

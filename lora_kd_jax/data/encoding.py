@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,8 +18,7 @@ from lora_kd_jax.assets import TOKENIZER_DIR
 from lora_kd_jax.data.errors import DataError, first_line, listing
 from lora_kd_jax.models.gpt2_layout import PAD_ID  # GPT-2 eos, used as pad (`data.PAD_ID` stays importable)
 
-if TYPE_CHECKING:  # heavy imports stay lazy so `import lora_kd_jax.data` is cheap
-    import datasets
+if TYPE_CHECKING:  # heavy import stays lazy so `import lora_kd_jax.data` is cheap
     import transformers
 
 logger = logging.getLogger(__name__)
@@ -162,8 +161,9 @@ def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: 
     return EncodedSplit(input_ids, attention_mask, labels.astype(np.int32), n_truncated, truncated)
 
 
-def encode_splits(ds: datasets.DatasetDict, tokenizer, max_length: int) -> dict[str, EncodedSplit]:
-    """Encode every split of `ds` (columns 'sentence', 'label') with the same tokenizer and max_length."""
+def encode_splits(ds: Mapping[str, Any], tokenizer, max_length: int) -> dict[str, EncodedSplit]:
+    """Encode every split of `ds` (columns 'sentence', 'label': `load_columns`' dicts or a `datasets.DatasetDict`)
+    with the same tokenizer and max_length."""
     out: dict[str, EncodedSplit] = {}
     for split in ds:
         out[split] = encode(ds[split]["sentence"], np.asarray(ds[split]["label"]), tokenizer, max_length)

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from lora_kd_jax.core.config import Config
-from lora_kd_jax.data.cola import _load_all, describe_source, limit_rows
+from lora_kd_jax.data.cola import describe_source, limit_rows, load_columns, n_rows
 from lora_kd_jax.data.encoding import EncodedSplit, encode_splits, load_tokenizer
 
 
@@ -30,8 +30,8 @@ class Splits:
 
 def load_splits(cfg: Config) -> Splits:
     """The CoLA splits a run's config asks for, read, cut to data.limit and encoded with its tokenizer."""
-    full = _load_all(cfg.data.dir)
-    rows = {s: len(full[s]) for s in full}
+    full = load_columns(cfg.data.dir)
+    rows = {s: n_rows(c) for s, c in full.items()}
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     encoded = encode_splits(limit_rows(full, cfg.data.limit), tokenizer, cfg.data.max_length)
     return Splits(encoded, describe_source(cfg.data.dir), rows)
