@@ -1,0 +1,179 @@
+"""The GPT-2 tokenizer and encoding: sentences -> fixed-width, right-padded int32 arrays (`EncodedSplit`).
+
+Why here and only here: the teacher, the student and `classify` must cut and pad a sentence the same way, and
+every cut is counted (`n_truncated`, `truncated_rows`), never guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lora_kd_jax.assets import TOKENIZER_DIR
+from lora_kd_jax.data.errors import DataError, first_line, listing
+from lora_kd_jax.models.gpt2_layout import PAD_ID  # GPT-2 eos, used as pad (`data.PAD_ID` stays importable)
+
+if TYPE_CHECKING:  # heavy import stays lazy so `import lora_kd_jax.data` is cheap
+    import transformers
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(name_or_dir: str) -> transformers.PreTrainedTokenizerFast:
+    """GPT-2 BPE tokenizer: '' = the packaged GPT-2 files, else a dir or a hub name; pad token = eos (id 50256).
+
+    A dir holding only vocab.json + merges.txt works offline (GPT-2's released encoder files need no
+    tokenizer_config.json). Pad = eos because GPT-2 has no pad token; the attention mask keeps it inert.
+    """
+    import transformers
+
+    p = TOKENIZER_DIR if name_or_dir == "" else Path(name_or_dir).expanduser()
+    shown = f"packaged GPT-2 tokenizer ({p})" if name_or_dir == "" else name_or_dir
+    if p.is_dir():
+        vocab, merges = p / "vocab.json", p / "merges.txt"
+        if vocab.is_file() and merges.is_file():
+            try:
+                tok = transformers.GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
+            except Exception as e:  # a cut-off vocab.json or a merges.txt of another format
+                raise DataError(f"{vocab} / {merges}: not a readable GPT-2 vocabulary and merges file "
+                                f"({type(e).__name__}: {first_line(e)})") from None
+        elif (p / "tokenizer.json").is_file():
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(str(p), use_fast=True)
+            except Exception as e:
+                raise DataError(f"{p / 'tokenizer.json'}: not a readable tokenizer "
+                                f"({type(e).__name__}: {first_line(e)})") from None
+        else:
+            raise DataError(
+                f"{shown}: no tokenizer files: expected vocab.json + merges.txt or tokenizer.json; "
+                f"the dir holds {listing(p)}"
+            )
+    elif p.exists():
+        raise DataError(f"{shown}: is a file; expected a tokenizer dir, a hub name such as 'gpt2', or '' for the "
+                        "packaged GPT-2 tokenizer")
+    elif _looks_like_path(name_or_dir):
+        raise DataError(f"data.tokenizer={name_or_dir}: no such directory (expected a dir with vocab.json + "
+                        "merges.txt, a hub name such as 'gpt2', or '' for the packaged GPT-2 tokenizer)")
+    else:
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
+        except Exception as e:  # no network, unknown repo: transformers raises OSError, ValueError, ...
+            raise DataError(
+                f"data.tokenizer={name_or_dir}: could not load it from the Hugging Face hub "
+                f"({type(e).__name__}: {first_line(e)}); without network leave data.tokenizer empty for the "
+                "packaged GPT-2 tokenizer (the same files as the hub's gpt2), or give a local dir"
+            ) from None
+
+    if not isinstance(tok, transformers.PreTrainedTokenizerFast):
+        raise DataError(f"{name_or_dir}: got {type(tok).__name__}; expected a fast (Rust) tokenizer")
+    if tok.eos_token_id != PAD_ID:
+        raise DataError(
+            f"{name_or_dir}: eos token {tok.eos_token!r} has id {tok.eos_token_id}; expected {PAD_ID} "
+            "(GPT-2's <|endoftext|>) — is this a GPT-2 tokenizer?"
+        )
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedSplit:
+    """One tokenized split as fixed-width int32 arrays (eq=False: arrays have no single truth value)."""
+
+    input_ids: np.ndarray  # int32 [N, max_length], right padded with PAD_ID
+    attention_mask: np.ndarray  # int32 [N, max_length], 1 on real tokens
+    labels: np.ndarray  # int32 [N]
+    n_truncated: int  # sentences longer than max_length that were cut
+    truncated_rows: np.ndarray | None = None  # bool [N]: which rows were cut (set by `encode`)
+
+    def __post_init__(self) -> None:
+        ids, mask, labels = self.input_ids, self.attention_mask, self.labels
+        if ids.ndim != 2 or mask.shape != ids.shape or labels.shape != (ids.shape[0],):
+            raise DataError(
+                f"EncodedSplit: inconsistent shapes input_ids {ids.shape}, attention_mask {mask.shape}, "
+                f"labels {labels.shape}; expected [N, L], [N, L], [N]"
+            )
+        for field, arr in (("input_ids", ids), ("attention_mask", mask), ("labels", labels)):
+            if arr.dtype != np.int32:
+                raise DataError(f"EncodedSplit: {field} has dtype {arr.dtype}; expected int32")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: int) -> EncodedSplit:
+    """Truncate + right-pad to max_length; logs how many were truncated.
+
+    The sentences are tokenized once without truncation to learn true lengths (so truncation is counted,
+    not guessed), then once by the fast batch call with truncation and max_length padding. The result is
+    checked against those lengths, so a tokenizer set to pad or truncate on the left cannot slip through.
+    """
+    sentences = list(sentences)
+    labels = np.asarray(labels)
+    if not isinstance(max_length, int) or max_length < 1:
+        raise DataError(f"max_length={max_length!r}: expected an int >= 1")
+    if labels.ndim != 1 or len(labels) != len(sentences):
+        raise DataError(
+            f"encode: {len(sentences)} sentences but labels of shape {labels.shape}; expected shape "
+            f"({len(sentences)},)"
+        )
+    if tokenizer.pad_token_id != PAD_ID:
+        raise DataError(
+            f"encode: tokenizer pad id is {tokenizer.pad_token_id}; expected {PAD_ID} (use load_tokenizer)"
+        )
+    n = len(sentences)
+    if n == 0:
+        empty = np.zeros((0, max_length), np.int32)
+        return EncodedSplit(empty, empty.copy(), np.zeros((0,), np.int32), 0, np.zeros((0,), bool))
+
+    full_lengths = np.fromiter(
+        (len(ids) for ids in tokenizer(sentences, truncation=False)["input_ids"]), dtype=np.int64, count=n
+    )
+    if (full_lengths == 0).any():
+        i = int(np.argmax(full_lengths == 0))
+        raise DataError(f"encode: sentence {i} ({sentences[i]!r}) encodes to 0 tokens; expected >= 1")
+
+    enc = tokenizer(
+        sentences, truncation=True, max_length=max_length, padding="max_length", return_tensors="np"
+    )
+    input_ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    attention_mask = np.asarray(enc["attention_mask"], dtype=np.int32)
+
+    kept = np.minimum(full_lengths, max_length)
+    expected_mask = (np.arange(max_length)[None, :] < kept[:, None]).astype(np.int32)
+    if input_ids.shape != (n, max_length) or not np.array_equal(attention_mask, expected_mask):
+        raise DataError(
+            "encode: tokenizer output is not right-truncated and right-padded to max_length "
+            f"(padding_side={tokenizer.padding_side!r}, truncation_side={tokenizer.truncation_side!r}); "
+            "expected 'right' for both"
+        )
+    if not (input_ids[attention_mask == 0] == PAD_ID).all():
+        raise DataError(f"encode: padding positions hold ids other than PAD_ID={PAD_ID}")
+
+    truncated = full_lengths > max_length
+    n_truncated = int(truncated.sum())
+    if n_truncated:
+        logger.info("truncated %d of %d sentences to %d tokens", n_truncated, n, max_length)
+    return EncodedSplit(input_ids, attention_mask, labels.astype(np.int32), n_truncated, truncated)
+
+
+def encode_splits(ds: Mapping[str, Any], tokenizer, max_length: int) -> dict[str, EncodedSplit]:
+    """Encode every split of `ds` (columns 'sentence', 'label': `load_columns`' dicts or a `datasets.DatasetDict`)
+    with the same tokenizer and max_length."""
+    out: dict[str, EncodedSplit] = {}
+    for split in ds:
+        out[split] = encode(ds[split]["sentence"], np.asarray(ds[split]["label"]), tokenizer, max_length)
+        logger.info(
+            "encoded %s: %d examples, max_length %d, %d truncated",
+            split, len(out[split]), max_length, out[split].n_truncated,
+        )
+    return out
+
+
+def _looks_like_path(text: str) -> bool:
+    """A value meant as a local path (a hub id is 'name' or 'owner/name', never starting with . / or ~)."""
+    return text.startswith((".", "/", "~")) or text.count("/") > 1
