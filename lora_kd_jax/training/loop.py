@@ -4,6 +4,11 @@ A trainer (LoRA, distillation, RNN baseline) supplies a `Task`: its state pytree
 (frozen weights; never baked into the compiled program), two jitted step functions and its batch sources.
 The loop keeps metrics on device during an epoch (one host sync per epoch), checkpoints at each epoch end
 (and on SIGTERM/SIGINT mid-epoch), and resumes from the exact batch where a run stopped.
+
+`run_epochs` composes the pieces: `restore` (a fresh start, or the latest checkpoint and a repair of a best
+checkpoint cut off), then per epoch `train_one_epoch` (the steps; a stop signal saves and ends the run) and
+`end_of_epoch` (scores, best per lane, log lines, best-then-latest saves, metrics.json and plots). A single run and
+many seeds go through the same pieces; `progress.Lanes` holds what differs.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 from tqdm.auto import tqdm
@@ -22,9 +27,10 @@ from lora_kd_jax.core import metrics as metrics_lib
 from lora_kd_jax.runs import plots
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.training import seeds as seeds_lib
-from lora_kd_jax.runs.checkpoint import CheckpointError, CheckpointStore
+from lora_kd_jax.runs.checkpoint import CheckpointError
 from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.training.mesh import is_main_process
+from lora_kd_jax.training.progress import Lanes, RunProgress
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,7 @@ class _StopFlag:
 
 
 def _summary(history: list[dict]) -> dict:
+    """A run's summary from its history: the metrics at its best epoch."""
     best = max(history, key=lambda h: h["val"]["accuracy"])  # validation alone decides; first epoch wins ties
     out = {"best_epoch": best["epoch"], "best_val_accuracy": best["val"]["accuracy"],
            "train_accuracy_at_best": best["train"]["accuracy"], "val_mcc_at_best": best["val"]["mcc"],
@@ -107,50 +114,6 @@ def _summary(history: list[dict]) -> dict:
     for name, m in best.get("reported", {}).items():
         out[f"{name}_accuracy_at_best"], out[f"{name}_mcc_at_best"] = m["accuracy"], m["mcc"]
     return out
-
-
-class _Lanes:
-    """The loop's view of a task as one or more independent runs (lanes): a single run is one lane holding the whole
-    state; a seeded task has one lane per seed, each a slice of the stacked state with its own best checkpoint in
-    its seed dir."""
-
-    def __init__(self, task: Task, run_dir: Path, store: CheckpointStore):
-        self.seeds = list(task.seeds)
-        self.seeded = bool(self.seeds)
-        self.n = len(self.seeds) if self.seeded else 1
-        self.labels = [f"seed {k}: " for k in self.seeds] if self.seeded else [""]
-        self.dirs = [seeds_lib.seed_dir(run_dir, k) for k in self.seeds] if self.seeded else [run_dir]
-        self.best_stores = ([CheckpointStore(d / "checkpoints", with_latest=False) for d in self.dirs]
-                            if self.seeded else [store])
-
-    def zeros(self) -> dict:
-        return _zero_sums(self.seeds)
-
-    def summarize(self, sums: dict) -> list[dict]:
-        """Per-lane metrics from (stacked) sums: one device->host transfer for all lanes."""
-        host = jax.device_get(sums)
-        return ([metrics_lib.summarize(seeds_lib.take(host, i)) for i in range(self.n)] if self.seeded
-                else [metrics_lib.summarize(host)])
-
-    def tree(self, tree: Any, i: int) -> Any:
-        return seeds_lib.take(tree, i) if self.seeded else tree
-
-    def close(self) -> None:
-        if self.seeded:
-            for store in self.best_stores:
-                store.close()
-
-
-def _zero_sums(seeds: Sequence[int]) -> dict:
-    """Empty metric sums: one set, or one per seed (stacked)."""
-    return seeds_lib.stack([metrics_lib.zeros()] * len(seeds)) if seeds else metrics_lib.zeros()
-
-
-def _eval_sums(task: Task, batches: Callable[[], Iterable[Batch]] | None = None) -> dict:
-    sums = _zero_sums(task.seeds)
-    for batch in prefetch((batches or task.eval_batches)(), task.put_eval_batch or task.put_batch):
-        sums = metrics_lib.add(sums, task.eval_step(task.state, task.consts, batch))
-    return sums
 
 
 def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool = False, progress: bool = True
@@ -179,138 +142,139 @@ def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool =
 def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train task.epochs epochs (continuing a checkpointed run if `resume`); return the summary."""
     run_dir = Path(run_dir)
-    store = CheckpointStore(run_dir / "checkpoints", with_best=not task.seeds)
-    lanes = _Lanes(task, run_dir, store)
-    if is_main_process():
-        store.clean_unfinished()
-        if lanes.seeded:
-            for best_store in lanes.best_stores:
-                best_store.clean_unfinished()
-    histories: list[list[dict]] = [[] for _ in range(lanes.n)]
-    best_steps: list[int | None] = [None] * lanes.n
-    start_epoch, start_batch = 0, 0
-    train_sums = lanes.zeros()
-    wall_before = 0.0
-    t0 = time.perf_counter()
-
-    def record_for(epoch: int, next_batch: int) -> dict:
-        common = {"kind": task.kind, "epoch": epoch, "next_batch": next_batch,
-                  "wall_time_s": wall_before + time.perf_counter() - t0}
-        if lanes.seeded:
-            return {**common, "seeds": lanes.seeds, "seed_histories": histories, "best_steps": best_steps}
-        return {**common, "history": histories[0], "best_step": best_steps[0]}
-
-    def lane_record(i: int, epoch: int, next_batch: int) -> dict:
-        """What lane i's best checkpoint records: a single run's record."""
-        return {"kind": task.kind, "epoch": epoch, "next_batch": next_batch, "history": histories[i],
-                "best_step": best_steps[i], "wall_time_s": wall_before + time.perf_counter() - t0}
-
-    def step_number() -> int:
-        if not hasattr(task.state, "step"):
-            return 0
-        step = jax.device_get(task.state.step)
-        return int(step[0]) if lanes.seeded else int(step)
-
-    def tree() -> dict:
-        return {"state": task.state, "train_sums": train_sums}
-
-    if resume and store.has_latest():
-        restored, record, step = store.restore_latest(tree())
-        if record.get("kind") != task.kind:
-            raise CheckpointError(f"{run_dir}: checkpoint is a '{record.get('kind')}' run, not '{task.kind}'")
-        if lanes.seeded and record.get("seeds") != lanes.seeds:
-            raise CheckpointError(f"{run_dir}: the checkpoint holds seeds {record.get('seeds')}, this run "
-                                  f"train.seeds={lanes.seeds}; resume with the run's own seed list")
-        task.state, train_sums = restored["state"], restored["train_sums"]
-        if lanes.seeded:
-            histories, best_steps = record["seed_histories"], record["best_steps"]
-        else:
-            histories, best_steps = [record["history"]], [record.get("best_step")]
-        start_epoch, start_batch = record["epoch"], record["next_batch"]
-        wall_before = record.get("wall_time_s", 0.0)
-        log.info("resumed from checkpoint step %d: epoch %d, batch %d", step, start_epoch + 1, start_batch)
-        for i, best_step in enumerate(best_steps):
-            if best_step is None or lanes.best_stores[i].has_best(best_step):
-                continue
-            where = lanes.dirs[i] / "checkpoints" / "best"
-            if best_step != step:
-                raise CheckpointError(f"{where}: the best checkpoint (step {best_step}) is missing and cannot be "
-                                      "rebuilt from the latest one; start the run again with run.overwrite=true")
-            # the best save was cut off: the state at hand is that best state
-            lanes.best_stores[i].save(step, lanes.tree(tree(), i), lane_record(i, start_epoch, start_batch), best=True)
-            log.warning("%sthe best checkpoint (step %d) was missing; rewritten from the restored state",
-                        lanes.labels[i], step)
-    elif resume:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
-
-    last_plot = time.perf_counter()
+    lanes = Lanes.of(task, run_dir)
+    run = restore(task, lanes, resume=resume)
+    run.last_plot = time.perf_counter()
     with _StopFlag() as stop:
-        for epoch in range(start_epoch, task.epochs):
-            first = start_batch if epoch == start_epoch else 0
-            if first == 0:
-                train_sums = lanes.zeros()
-            bar = tqdm(total=task.n_train_batches, initial=first, desc=f"{task.title} epoch {epoch + 1}/{task.epochs}",
-                       disable=not (progress and is_main_process()), leave=False, mininterval=1.0)
-            batch_index = first
-            for batch in prefetch(task.train_batches(epoch, first), task.put_batch):
-                task.state, sums = task.train_step(task.state, task.consts, batch)
-                train_sums = metrics_lib.add(train_sums, sums)
-                batch_index += 1
-                bar.update(1)
-                if stop.signal is not None:
-                    bar.close()
-                    store.save(step_number(), tree(), record_for(epoch, batch_index))
-                    store.close()
-                    lanes.close()
-                    raise TrainingInterrupted(f"signal {stop.signal} at epoch {epoch + 1}, batch {batch_index}: "
-                                              f"checkpoint saved in {run_dir / 'checkpoints'}; continue with --resume")
-            bar.close()
-            trains = lanes.summarize(train_sums)
-            _check_finite(task, trains, lanes, epoch, run_dir, store)
-            vals = lanes.summarize(_eval_sums(task))
-            reported = {name: lanes.summarize(_eval_sums(task, batches))
-                        for name, batches in task.reported_batches.items()}
-            step = step_number()
-            for i in range(lanes.n):
-                rep = {name: per_lane[i] for name, per_lane in reported.items()}
-                histories[i].append({"epoch": epoch + 1, "train": trains[i], "val": vals[i],
-                                     **({"reported": rep} if rep else {})})
-                is_best = vals[i]["accuracy"] > max((h["val"]["accuracy"] for h in histories[i][:-1]), default=-1.0)
-                if is_best:
-                    best_steps[i] = step
-                    if lanes.seeded:  # best before latest, as for one run
-                        lanes.best_stores[i].save(step, lanes.tree(tree(), i), lane_record(i, epoch + 1, 0),
-                                                  best=True)
-                log.info("%sepoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f mcc %.4f%s%s",
-                         lanes.labels[i], epoch + 1, task.epochs, trains[i]["loss"], trains[i]["accuracy"],
-                         vals[i]["loss"], vals[i]["accuracy"], vals[i]["mcc"],
-                         "".join(f" | {name} acc {m['accuracy']:.4f} mcc {m['mcc']:.4f}" for name, m in rep.items()),
-                         "  (best)" if is_best else "")
-            improved_single = not lanes.seeded and best_steps[0] == step
-            store.save(step, tree(), record_for(epoch + 1, 0), best=improved_single)
-            due = time.perf_counter() - last_plot >= PLOT_INTERVAL_S
-            _write(run_dir, task, lanes, histories, wall_before + time.perf_counter() - t0, plot=due)
-            last_plot = time.perf_counter() if due else last_plot
-    store.close()
+        for epoch in range(run.start_epoch, task.epochs):
+            train_one_epoch(task, lanes, run, epoch, stop, progress=progress)
+            end_of_epoch(task, lanes, run, epoch)
     lanes.close()
-    if not histories[0]:
+    if not run.histories[0]:
         raise ValueError("no epochs were run (train.epochs is already reached by the checkpoint?)")
-    return _write(run_dir, task, lanes, histories, wall_before + time.perf_counter() - t0, plot=True)
+    return write_metrics(task, lanes, run.histories, run.wall(), plot=True)
 
 
-def _check_finite(task: Task, trains: list[dict], lanes: _Lanes, epoch: int, run_dir: Path,
-                  store: CheckpointStore) -> None:
+def _tree(task: Task, run: RunProgress) -> dict:
+    """What a checkpoint holds: the state and the epoch's running metric sums (an epoch resumes mid-way)."""
+    return {"state": task.state, "train_sums": run.train_sums}
+
+
+def restore(task: Task, lanes: Lanes, *, resume: bool) -> RunProgress:
+    """A fresh run's progress, or with `resume` the latest checkpoint's: its state goes into task.state, and a best
+    checkpoint whose save was cut off is rewritten from it."""
+    run = RunProgress(histories=[[] for _ in range(lanes.n)], best_steps=[None] * lanes.n, train_sums=lanes.zeros())
+    if resume and lanes.store.has_latest():
+        restored, record, step = lanes.store.restore_latest(_tree(task, run))
+        lanes.read_record(record, run)
+        task.state, run.train_sums = restored["state"], restored["train_sums"]
+        log.info("resumed from checkpoint step %d: epoch %d, batch %d", step, run.start_epoch + 1, run.start_batch)
+        _repair_best(task, lanes, run, step)
+    elif resume:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", lanes.store.directory)
+    return run
+
+
+def _repair_best(task: Task, lanes: Lanes, run: RunProgress, step: int) -> None:
+    """A lane's best checkpoint is missing: when its best is the restored step (the best save was cut off), the
+    state at hand is that best state; otherwise the run cannot go on."""
+    for i, best_step in enumerate(run.best_steps):
+        if best_step is None or lanes.best_stores[i].has_best(best_step):
+            continue
+        where = lanes.dirs[i] / "checkpoints" / "best"
+        if best_step != step:
+            raise CheckpointError(f"{where}: the best checkpoint (step {best_step}) is missing and cannot be "
+                                  "rebuilt from the latest one; start the run again with run.overwrite=true")
+        # (a single run's best store is its run store: the save rewrites its latest step too, with the same state)
+        lanes.best_stores[i].save(step, lanes.take(_tree(task, run), i),
+                                  lanes.lane_record(run, i, run.start_epoch, run.start_batch), best=True)
+        log.warning("%sthe best checkpoint (step %d) was missing; rewritten from the restored state",
+                    lanes.labels[i], step)
+
+
+def train_one_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int, stop: _StopFlag, *, progress: bool
+                    ) -> None:
+    """The training steps of `epoch` (from the resumed batch), metrics summed on device. A stop signal between
+    steps saves the latest checkpoint at the batch reached and raises TrainingInterrupted."""
+    first = run.start_batch if epoch == run.start_epoch else 0
+    if first == 0:
+        run.train_sums = lanes.zeros()
+    bar = tqdm(total=task.n_train_batches, initial=first, desc=f"{task.title} epoch {epoch + 1}/{task.epochs}",
+               disable=not (progress and is_main_process()), leave=False, mininterval=1.0)
+    batch_index = first
+    for batch in prefetch(task.train_batches(epoch, first), task.put_batch):
+        task.state, sums = task.train_step(task.state, task.consts, batch)
+        run.train_sums = metrics_lib.add(run.train_sums, sums)
+        batch_index += 1
+        bar.update(1)
+        if stop.signal is not None:
+            bar.close()
+            lanes.store.save(lanes.step(task.state), _tree(task, run), lanes.record(run, epoch, batch_index))
+            lanes.close()
+            raise TrainingInterrupted(f"signal {stop.signal} at epoch {epoch + 1}, batch {batch_index}: "
+                                      f"checkpoint saved in {lanes.store.directory}; continue with --resume")
+    bar.close()
+
+
+def end_of_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int) -> None:
+    """Score the epoch (training sums, validation, reported sets), append it to each lane's history, log it, save
+    each improved lane's best and then the latest checkpoint, and write metrics.json (plots when due)."""
+    entries = _score_epoch(task, lanes, run, epoch)
+    step = lanes.step(task.state)
+    for i, entry in enumerate(entries):
+        run.histories[i].append(entry)
+        is_best = entry["val"]["accuracy"] > max((h["val"]["accuracy"] for h in run.histories[i][:-1]), default=-1.0)
+        if is_best:
+            run.best_steps[i] = step
+            lanes.save_best(i, step, _tree(task, run), run, epoch + 1)
+        _log_epoch(lanes.labels[i], task.epochs, entry, is_best)
+    lanes.save_latest(step, _tree(task, run), run, epoch + 1)
+    due = time.perf_counter() - run.last_plot >= PLOT_INTERVAL_S
+    write_metrics(task, lanes, run.histories, run.wall(), plot=due)
+    run.last_plot = time.perf_counter() if due else run.last_plot
+
+
+def _score_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int) -> list[dict]:
+    """Each lane's history entry for `epoch`: training metrics (checked for NaN/Inf first), validation, the
+    reported sets."""
+    trains = lanes.summarize(run.train_sums)
+    _check_finite(task, lanes, trains, epoch)
+    vals = lanes.summarize(_eval_sums(task, lanes))
+    reported = {name: lanes.summarize(_eval_sums(task, lanes, batches))
+                for name, batches in task.reported_batches.items()}
+    entries = []
+    for i in range(lanes.n):
+        rep = {name: per_lane[i] for name, per_lane in reported.items()}
+        entries.append({"epoch": epoch + 1, "train": trains[i], "val": vals[i], **({"reported": rep} if rep else {})})
+    return entries
+
+
+def _eval_sums(task: Task, lanes: Lanes, batches: Callable[[], Iterable[Batch]] | None = None) -> dict:
+    sums = lanes.zeros()
+    for batch in prefetch((batches or task.eval_batches)(), task.put_eval_batch or task.put_batch):
+        sums = metrics_lib.add(sums, task.eval_step(task.state, task.consts, batch))
+    return sums
+
+
+def _check_finite(task: Task, lanes: Lanes, trains: list[dict], epoch: int) -> None:
     for label, train in zip(lanes.labels, trains):
         if not train.get("nonfinite"):
             continue
         where = (f"{label}epoch {epoch + 1}: {train['nonfinite']} batch(es) had a NaN/Inf training loss, the first "
                  f"at step {train['first_nonfinite_step']}")
         if task.on_nonfinite == "stop":
-            store.close()
             lanes.close()
             raise NonFiniteLoss(f"{where}; stopped without saving this epoch, the last good checkpoint is kept "
-                                f"in {run_dir / 'checkpoints'} (train.on_nonfinite=skip drops such batches)")
+                                f"in {lanes.store.directory} (train.on_nonfinite=skip drops such batches)")
         log.warning("%s; their updates were skipped (train.on_nonfinite=skip)", where)
+
+
+def _log_epoch(label: str, epochs: int, entry: dict, is_best: bool) -> None:
+    train, val, rep = entry["train"], entry["val"], entry.get("reported", {})
+    log.info("%sepoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f mcc %.4f%s%s",
+             label, entry["epoch"], epochs, train["loss"], train["accuracy"], val["loss"], val["accuracy"], val["mcc"],
+             "".join(f" | {name} acc {m['accuracy']:.4f} mcc {m['mcc']:.4f}" for name, m in rep.items()),
+             "  (best)" if is_best else "")
 
 
 # accuracy.png and loss.png are redrawn after an epoch at most this often, and always at the end of a run (drawing
@@ -318,32 +282,27 @@ def _check_finite(task: Task, trains: list[dict], lanes: _Lanes, epoch: int, run
 PLOT_INTERVAL_S = 30.0
 
 
-def _write(run_dir: Path, task: Task, lanes: _Lanes, histories: list[list[dict]], wall: float, *,
-           plot: bool) -> dict:
-    """metrics.json (and, when `plot`, the plots) of the run, or of each seed and the aggregate; returns the
-    summary."""
+def write_metrics(task: Task, lanes: Lanes, histories: list[list[dict]], wall: float, *, plot: bool) -> dict:
+    """metrics.json (and, when `plot`, the plots) of each lane in its dir, then of a seeded run's aggregate in the
+    run dir; returns the run's summary (a single run's, or the aggregate)."""
+    summaries = []
+    for lane_dir, title, extra, history in zip(lanes.dirs, lanes.titles, lanes.summary_extras, histories):
+        summaries.append({**_summary(history), **task.info, **extra, "wall_time_s": wall})
+        if is_main_process():
+            rundir.write_metrics(lane_dir, {"kind": task.kind, "epochs": history, "summary": summaries[-1]})
+            if plot:
+                plots.plot_curves(history, lane_dir, title)
     if not lanes.seeded:
-        summary = {**_summary(histories[0]), **task.info, "wall_time_s": wall}
-        if is_main_process():
-            rundir.write_metrics(run_dir, {"kind": task.kind, "epochs": histories[0], "summary": summary})
-            if plot:
-                plots.plot_curves(histories[0], run_dir, task.title)
-        return summary
-    per_seed = {}
-    for k, seed_dir, history in zip(lanes.seeds, lanes.dirs, histories):
-        per_seed[k] = {**_summary(history), **task.info, **task.seed_info.get(k, {}), "seed": k, "wall_time_s": wall}
-        if is_main_process():
-            rundir.write_metrics(seed_dir, {"kind": task.kind, "epochs": history, "summary": per_seed[k]})
-            if plot:
-                plots.plot_curves(history, seed_dir, f"{task.title} seed {k}")
+        return summaries[0]
+    per_seed = dict(zip(lanes.seeds, summaries))
     summary = {"seeds": lanes.seeds, "seed_stats": seeds_lib.aggregate(per_seed, SEED_STAT_KEYS),
                "per_seed": {str(k): {key: s[key] for key in SEED_STAT_KEYS if key in s} for k, s in per_seed.items()},
                **task.info, "wall_time_s": wall}
     if is_main_process():
-        rundir.write_metrics(run_dir, {"kind": task.kind, "seeds": lanes.seeds,
-                                       "epochs": seeds_lib.epoch_stats(histories), "summary": summary})
+        rundir.write_metrics(lanes.run_dir, {"kind": task.kind, "seeds": lanes.seeds,
+                                             "epochs": seeds_lib.epoch_stats(histories), "summary": summary})
         if plot:
-            plots.plot_seed_curves(dict(zip(lanes.seeds, histories)), run_dir, task.title)
+            plots.plot_seed_curves(dict(zip(lanes.seeds, histories)), lanes.run_dir, task.title)
     return summary
 
 
