@@ -11,6 +11,7 @@ import pytest
 
 from lora_kd_jax import mesh as mesh_lib
 from lora_kd_jax.config import MeshConfig
+from tiny import XLA_CACHE
 
 TESTS = Path(__file__).resolve().parent
 REL = 1e-5  # fp32: only the order of the cross-device reductions differs
@@ -92,7 +93,7 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
     """jax.distributed with gloo CPU collectives, 2 processes x 2 devices, vs 1 process x 4 devices."""
     repo = TESTS.parent
     common = [sys.executable, str(repo / "scripts" / "train_lora.py"), str(repo / "configs" / "smoke.yaml"),
-              "data.limit=48", "train.batch_size=16", "train.epochs=1", "lora.dropout=0.1", "run.compilation_cache="]
+              "data.limit=48", "train.batch_size=16", "train.epochs=1", "lora.dropout=0.1", XLA_CACHE]
 
     def env(devices):
         return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}",
