@@ -22,7 +22,8 @@ PATIENT_COLLECTIVES = "--xla_cpu_collective_timeout_seconds=600 --xla_cpu_collec
 
 def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> None:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}",
-           "PYTHONPATH": str(TESTS), "JAX_PLATFORMS": "cpu"}
+           "PYTHONPATH": os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "JAX_PLATFORMS": "cpu"}  # the tests' helpers first, then the caller's path (a worktree's package)
     proc = subprocess.run([sys.executable, str(TESTS / "mesh_worker.py"), *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
