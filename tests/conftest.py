@@ -9,9 +9,11 @@ import pytest
 # The suite is a CPU suite: on a GPU host "auto" dtypes would resolve to bf16 and the fp32 parity tolerances
 # would not apply. Set JAX_PLATFORMS yourself to run it elsewhere (test_precision then skips what is CPU-only).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One XLA compilation cache for the whole test session (workers and the subprocesses the tests start inherit it):
-# the tiny models' steps are compiled by dozens of tests, and a hit returns the same executable, so results do not
-# change, only the time. A fresh directory per session, so no test ever sees a cache from another version.
+# One XLA compilation cache for the whole test session, cached whatever the compile time (workers and the
+# subprocesses the tests start inherit it; runs get it as run.compilation_cache=XLA_CACHE of tests/tiny.py, since
+# run.compilation_cache="" turns caching off): the tiny models' steps are compiled by dozens of tests, and a hit
+# returns the same executable, so results do not change, only the time. A fresh directory per session, so no test
+# ever sees a cache from another version.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
@@ -29,7 +31,7 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    """Config for the tiny random GPT-2; run.dir in tmp_path, no persistent compilation cache."""
+    """Config for the tiny random GPT-2; run.dir in tmp_path, the session's compilation cache."""
     return parity_config(run_dir=tmp_path / "run")
 
 

@@ -2,6 +2,7 @@
 non-zero status (no traceback), leaving nothing behind that blocks the corrected rerun."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from lora_kd_jax.commands import cli
+from tiny import XLA_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("train-lora", "distill", "train-rnn", "reproduce", "export-peft", "import-peft", "merge", "bench",
             "evaluate", "predict")
 TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-        "data.limit=32", "train.batch_size=16", "train.epochs=1", "run.compilation_cache="]
+        "data.limit=32", "train.batch_size=16", "train.epochs=1", XLA_CACHE]
 
 
 def test_help_lists_every_command_and_each_has_an_example():
@@ -62,18 +64,37 @@ def test_a_lora_run_into_a_dir_holding_another_run_is_one_line(tmp_path, capsys)
 @pytest.mark.parametrize("argv, start", [
     (["distill", "configs/distil_rnn_gpt2.yaml", "distill.teacher=/no/such/run"], "run error: distill.teacher"),
     (["train-rnn", "configs/rnn_scratch.yaml", "train.lrr=1"], "config error: "),
-    (["reproduce", "--tiny", "student.cell=transformer"], "config error: "),
-    (["export-peft", "/no/such/run", "/tmp/never"], "run error: "),
-    (["import-peft", "/no/such/adapter", "configs/smoke.yaml", "--out", "/tmp/never"], "export error: "),
-    (["merge", "/no/such/run", "/tmp/never"], "run error: "),
+    (["reproduce", "--tiny", "student.cell=transformer", "run.dir={out}"], "config error: "),
+    (["export-peft", "/no/such/run", "{out}"], "run error: "),
+    (["import-peft", "/no/such/adapter", "configs/smoke.yaml", "--out", "{out}"], "export error: "),
+    (["merge", "/no/such/run", "{out}"], "run error: "),
     (["bench", "--variants", "gpt3"], "usage error: --variants"),
     (["train-lora", "configs/no_such.yaml"], "config error: "),
 ])
-def test_each_command_ends_a_user_error_in_one_line(argv, start, capsys, monkeypatch):
+def test_each_command_ends_a_user_error_in_one_line(argv, start, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
-    message = _one_line_exit(argv, capsys)
+    out = tmp_path / "out"  # where the command would write: nothing may appear there
+    message = _one_line_exit([a.format(out=out) for a in argv], capsys)
     assert message.startswith(start), message
-    assert not Path("/tmp/never").exists()
+    assert not out.exists()
+
+
+def test_an_empty_compilation_cache_setting_turns_off_a_cache_from_the_environment(tmp_path):
+    """run.compilation_cache="" disables JAX's persistent cache even when JAX_COMPILATION_CACHE_DIR set one (and a
+    directory given afterwards turns it on again there)."""
+    env_cache, own_cache = tmp_path / "from_env", tmp_path / "own"
+    code = ("import jax, jax.numpy as jnp, sys; from pathlib import Path; from lora_kd_jax.core import runtime\n"
+            "runtime.enable_compilation_cache('')\n"
+            "jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()\n"
+            "print(len(list(Path(sys.argv[1]).glob('*'))))\n"
+            "runtime.enable_compilation_cache(sys.argv[2])\n"
+            "jax.jit(lambda x: jnp.cos(x) * 5)(jnp.ones(5)).block_until_ready()\n"
+            "print(len(list(Path(sys.argv[2]).glob('*-cache'))))\n")
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(env_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    out = subprocess.run([sys.executable, "-c", code, str(env_cache), str(own_cache)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "1"], out.stdout  # nothing written to the environment's cache; one entry
 
 
 def test_debug_shows_the_traceback(monkeypatch):

@@ -23,7 +23,7 @@ from lora_kd_jax.distill.teacher import restore_teacher
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import make_train_step
 
-from tiny import config_only_run
+from tiny import XLA_CACHE, config_only_run
 
 try:  # the test extra: only the tests that compare with PyTorch need it
     import torch
@@ -34,7 +34,7 @@ needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the `test` extr
 
 TEACHER_OVERRIDES = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
                      "model.n_positions=64", "lora.rank=8", "train.batch_size=32", "train.lr=1e-2",
-                     "run.compilation_cache="]
+                     XLA_CACHE]
 
 
 # ----------------------------------------------------------------------------------------- KD loss vs torch
@@ -191,7 +191,7 @@ def teacher_run(tmp_path_factory, synthetic):
 
 def student_cfg(teacher: Path, run_dir: Path, *extra: str):
     return load_config(None, ["student.embed_dim=32", "student.hidden_dim=32", "student.pooling=last_token",
-                              "train.batch_size=32", "train.lr=1e-2", "train.epochs=10", "run.compilation_cache=",
+                              "train.batch_size=32", "train.lr=1e-2", "train.epochs=10", XLA_CACHE,
                               f"distill.teacher={teacher}", f"run.dir={run_dir}", *extra])
 
 
@@ -317,7 +317,7 @@ def test_distill_script_reports_a_bad_teacher(tmp_path, capsys):
 
 def test_rnn_baseline_trains_with_cross_entropy(synthetic, tmp_path):
     cfg = load_config(None, ["student.embed_dim=32", "student.hidden_dim=32", "train.batch_size=64", "train.lr=1e-2",
-                             "train.epochs=3", "run.compilation_cache=", f"run.dir={tmp_path}"])
+                             "train.epochs=3", XLA_CACHE, f"run.dir={tmp_path}"])
     task = distill.build_rnn_task(cfg, synthetic)
     assert task.kind == "rnn" and task.consts == {"frozen": {}}
     summary = run_epochs(task, tmp_path, progress=False)

@@ -11,6 +11,7 @@ import pytest
 
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.core.config import MeshConfig
+from tiny import XLA_CACHE
 
 TESTS = Path(__file__).resolve().parent
 REL = 1e-5  # fp32: only the order of the cross-device reductions differs
@@ -21,7 +22,8 @@ PATIENT_COLLECTIVES = "--xla_cpu_collective_timeout_seconds=600 --xla_cpu_collec
 
 def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> None:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}",
-           "PYTHONPATH": str(TESTS), "JAX_PLATFORMS": "cpu"}
+           "PYTHONPATH": os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "JAX_PLATFORMS": "cpu"}  # the tests' helpers first, then the caller's path (a worktree's package)
     proc = subprocess.run([sys.executable, str(TESTS / "mesh_worker.py"), *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,7 +94,7 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
     """jax.distributed with gloo CPU collectives, 2 processes x 2 devices, vs 1 process x 4 devices."""
     repo = TESTS.parent
     common = [sys.executable, str(repo / "scripts" / "train_lora.py"), str(repo / "configs" / "smoke.yaml"),
-              "data.limit=48", "train.batch_size=16", "train.epochs=1", "lora.dropout=0.1", "run.compilation_cache="]
+              "data.limit=48", "train.batch_size=16", "train.epochs=1", "lora.dropout=0.1", XLA_CACHE]
 
     def env(devices):
         return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}",

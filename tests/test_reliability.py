@@ -14,7 +14,7 @@ from flax import traverse_util
 from lora_kd_jax.training import finetune
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from lora_kd_jax.training.loop import NonFiniteLoss, run_epochs
-from tiny import tiny_config
+from tiny import XLA_CACHE, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 POISON = 50000  # a token id whose embedding the NaN tests set to NaN
@@ -40,7 +40,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 def script_args(run_dir: Path, epochs: int) -> list[str]:
     return [sys.executable, str(REPO / "scripts" / "train_lora.py"), str(REPO / "configs" / "smoke.yaml"),
             "data.limit=480", "train.batch_size=16",
-            f"train.epochs={epochs}", "lora.dropout=0.1", f"run.dir={run_dir}", "run.compilation_cache="]
+            f"train.epochs={epochs}", "lora.dropout=0.1", f"run.dir={run_dir}", XLA_CACHE]
 
 
 def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:

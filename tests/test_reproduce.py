@@ -10,11 +10,12 @@ import pytest
 
 from lora_kd_jax.commands import reproduce
 from lora_kd_jax.core.config import ConfigError, load_config
+from tiny import XLA_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 
 FAST = ["data.limit=48", "train.epochs=1",  # no data keys: the packaged CoLA and tokenizer
-        "train.batch_size=16", "run.compilation_cache="]
+        "train.batch_size=16", XLA_CACHE]
 KINDS = {"lora_gpt2": "lora", "lora_gpt2_medium": "lora", "distil_rnn_gpt2": "distill",
          "distil_rnn_gpt2_medium": "distill", "rnn_scratch": "rnn"}
 

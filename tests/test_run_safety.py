@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import orbax.checkpoint as ocp
 import pytest
 
 from lora_kd_jax.commands import cli
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from test_reliability import assert_same_run
+from tiny import XLA_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
-FAST = ["data.limit=48", "train.batch_size=16", "lora.dropout=0.1", "run.compilation_cache=", "--no-progress"]
+FAST = ["data.limit=48", "train.batch_size=16", "lora.dropout=0.1", "train.seed=2", XLA_CACHE,
+        "--no-progress"]
 
 
 def run_cli(*argv: str) -> None:
@@ -74,46 +76,158 @@ def test_overwrite_starts_clean_nothing_of_the_old_run_mixes_in(tmp_path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """An uninterrupted 3-epoch run: what every faulted and resumed run must end as."""
+    """An uninterrupted 3-epoch run: what every faulted and resumed run must end as. (train.seed=2 in FAST: each
+    epoch is a new best, so best and latest are both written at steps 3, 6 and 9 and a fault at step 6 is never the
+    run's first save.)"""
     run = tmp_path_factory.mktemp("reference") / "run"
     run_cli("train.epochs=3", f"run.dir={run}")
+    accuracy = [h["val"]["accuracy"] for h in json.loads((run / "metrics.json").read_text())["epochs"]]
+    assert accuracy == sorted(set(accuracy)) and len(accuracy) == 3  # a new best every epoch
     return run
 
 
-def _fail_saves(monkeypatch, *, which: str, at_step: int) -> None:
-    """A full disk, injected: the `which` manager's save of `at_step` raises ENOSPC after writing half a step."""
-    real = ocp.CheckpointManager.save
-
-    def save(self, step, *args, **kwargs):
-        if Path(self.directory).name == which and step == at_step:
-            (Path(self.directory) / f"{step}.orbax-checkpoint-tmp-1").mkdir(parents=True, exist_ok=True)
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
-        return real(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-
-
-@pytest.mark.parametrize("which", ["best", "latest"])
-def test_a_cut_off_save_is_one_line_and_resuming_gives_the_uninterrupted_run(which, reference, tmp_path,
-                                                                              monkeypatch):
-    faulty = tmp_path / "faulty"
-    best_step = json.loads((reference / "metrics.json").read_text())["summary"]["best_epoch"] * 3
-    at_step = best_step if which == "best" else 6  # cut off the best save itself, or epoch 2's latest
-    if which == "best" and best_step == 3:
-        at_step = 3
-    with monkeypatch.context() as m:
-        _fail_saves(m, which=which, at_step=at_step)
-        message = one_line_exit("train-lora", SMOKE, *FAST, "train.epochs=3", f"run.dir={faulty}")
-    assert message.startswith("file system error: ") and "No space left on device" in message
-    if (faulty / "config.yaml").exists():  # a checkpoint was written before the fault: continue the run
-        run_cli("train.epochs=3", f"run.dir={faulty}", "--resume")
-    else:  # the fault hit the first save: nothing was left behind, so the same command starts again
-        run_cli("train.epochs=3", f"run.dir={faulty}")
-    assert_same_run(faulty, reference)
-    assert not list((faulty / "checkpoints").rglob("*orbax-checkpoint-tmp*"))
-    best = CheckpointStore(faulty / "checkpoints", read_only=True).restore_best()
+def assert_resumed_to_the_reference(run: Path, reference: Path, caplog, *, epoch: int, batch: int) -> None:
+    """`--resume` continues from the checkpoint the fault left (naming the epoch and batch it starts at: a run that
+    started again would not) and ends as the uninterrupted run: every epoch's figures, the final state bit for
+    bit, the same best step, whole, and no temporary dir left."""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lora_kd_jax.training.loop"):
+        run_cli("train.epochs=3", f"run.dir={run}", "--resume")
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed from checkpoint")]
+    assert resumed == [f"resumed from checkpoint step {3 * (epoch - 1) + batch}: epoch {epoch}, batch {batch}"]
+    assert_same_run(run, reference)
+    assert not list((run / "checkpoints").rglob("*orbax-checkpoint-tmp*"))
+    best = CheckpointStore(run / "checkpoints", read_only=True).restore_best()
     ref_best = CheckpointStore(reference / "checkpoints", read_only=True).restore_best()
-    assert best[2] == ref_best[2]  # the same best step, whole
+    assert best[2] == ref_best[2] == 9  # the same best step, whole
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 4 MiB file system (tmpfs, mounted as root); skipped where this sandbox may not mount one."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip() or made.returncode}): the injected tensorstore "
+                    "faults below stand in for it")
+    yield mount
+    subprocess.run(["umount", "-R", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("when, how, resumes_at", [
+    ("best:6", "fill:24576", (2, 0)),  # Orbax's metadata fits, tensorstore's array writes fail (ValueError)
+    ("latest:6", "fill:0", (2, 0)),  # the save's first file, Orbax's own metadata, fails (OSError); best 6 is on
+    # disk, latest 6 is not: the resume from latest 3 writes best 3 back
+    ("metrics:2", "fill:0", (3, 0)),  # both checkpoints of epoch 2 are on disk, its metrics.json is not
+])
+def test_a_real_full_disk_is_one_line_and_resuming_gives_the_uninterrupted_run(when, how, resumes_at, small_fs,
+                                                                               reference, caplog):
+    """The real failure on a real small file system, filled just before the chosen write of a
+    real `train-lora` process: exit 1, stderr holds the log and one line naming the path, no traceback; after
+    freeing the space `--resume` continues from the last whole checkpoint to the uninterrupted run."""
+    run = small_fs / "run"
+    faulted = subprocess.run([sys.executable, str(REPO / "tests" / "disk_fault.py"), str(small_fs), when, how, "--",
+                              "train-lora", SMOKE, *FAST, "train.epochs=3", f"run.dir={run}"],
+                             capture_output=True, text=True, timeout=300)
+    target, _, step = when.partition(":")
+    path = run / "metrics.json" if target == "metrics" else run / "checkpoints" / target / step
+    assert faulted.returncode == 1, faulted.stderr[-3000:]
+    assert "Traceback" not in faulted.stderr and "Logging error" not in faulted.stderr, faulted.stderr[-3000:]
+    not_log = [line for line in faulted.stderr.splitlines() if "INFO" not in line]
+    assert not_log == [f"disk_fault: {how} before {when}", f"file system error: {path}: No space left on device"], not_log
+    (small_fs / "filler").unlink()
+    assert_resumed_to_the_reference(run, reference, caplog, epoch=resumes_at[0], batch=resumes_at[1])
+
+
+class _TensorstoreFault:
+    """Orbax's handle on tensorstore with `open` failing for the arrays of one checkpoint step, raising what
+    tensorstore raises for an OS error: ValueError, the status name, the file, strerror and the errno payload."""
+    STATUS = {errno.ENOSPC: "RESOURCE_EXHAUSTED", errno.EDQUOT: "RESOURCE_EXHAUSTED", errno.EROFS: "PERMISSION_DENIED",
+              errno.EACCES: "PERMISSION_DENIED", errno.EIO: "UNKNOWN"}
+
+    def __init__(self, real, where: str, code: int):
+        self.real, self.where, self.code, self.raised = real, where, code, 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    async def open(self, spec, *args, **kwargs):
+        text = json.dumps(spec.to_json()) if hasattr(spec, "to_json") else str(spec)
+        if kwargs.get("create") and self.where in text:
+            self.raised += 1
+            file = f"{self.where}orbax-checkpoint-tmp/state/ocdbt.process_0/d/0"
+            raise ValueError(f'{self.STATUS[self.code]}: Error opening "zarr" driver: Error writing local file "{file}": '
+                             f"Failed to write 174 bytes to file 6: {os.strerror(self.code)} "
+                             f"[os_error_code='{self.code}']")
+        return await self.real.open(spec, *args, **kwargs)
+
+
+def _fail_tensorstore(monkeypatch, where: str, code: int) -> _TensorstoreFault:
+    from orbax.checkpoint._src.serialization import serialization
+
+    fault = _TensorstoreFault(serialization.ts, where, code)
+    monkeypatch.setattr(serialization, "ts", fault)
+    return fault
+
+
+def test_tensorstore_failing_a_save_is_one_line_and_resuming_gives_the_uninterrupted_run(reference, tmp_path,
+                                                                                         monkeypatch, caplog, capfd):
+    """Where no small file system can be mounted: tensorstore's own exception (ValueError: RESOURCE_EXHAUSTED ...
+    [os_error_code='28']) raised at its write of step 6's arrays, in process."""
+    faulty, which = tmp_path / "faulty", "latest"
+    with monkeypatch.context() as m:
+        fault = _fail_tensorstore(m, f"/{which}/6.", errno.ENOSPC)
+        message = one_line_exit("train-lora", SMOKE, *FAST, "train.epochs=3", f"run.dir={faulty}")
+    assert fault.raised >= 1
+    assert message == f"file system error: {faulty / 'checkpoints' / which / '6'}: No space left on device"
+    assert "Traceback" not in capfd.readouterr().err
+    assert_resumed_to_the_reference(faulty, reference, caplog, epoch=2, batch=0)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO])
+def test_every_file_system_error_tensorstore_reports_is_one_line_naming_the_step(code, tmp_path, monkeypatch, capfd):
+    """Each errno tensorstore can report at a checkpoint write becomes OSError(errno, strerror, step dir), which
+    the command line ends with in one line; the steps written before stay restorable and the step is written once
+    the file system is back."""
+    import jax.numpy as jnp
+
+    from lora_kd_jax.runs.checkpoint import os_error_code
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    tree = {"w": jnp.arange(3.0)}
+    store.save(1, tree, {"epoch": 1}, best=True)
+    with monkeypatch.context() as m:
+        _fail_tensorstore(m, "/latest/2.", code)
+        with pytest.raises(SystemExit) as e, cli.clean_exit():
+            store.save(2, {"w": jnp.arange(3.0) + 1}, {"epoch": 2})
+    assert e.value.code == f"file system error: {tmp_path / 'checkpoints' / 'latest' / '2'}: {os.strerror(code)}"
+    assert os_error_code(e.value.__context__) == code
+    assert "Traceback" not in capfd.readouterr().err
+    store.clean_unfinished()
+    restored, record, step = store.restore_latest()
+    assert (step, record["epoch"]) == (1, 1) and list(restored["w"]) == [0.0, 1.0, 2.0]
+    store.save(2, {"w": jnp.arange(3.0) + 1}, {"epoch": 2})
+    assert store.restore_latest()[2] == 2
+    store.close()
+
+
+def test_a_read_only_run_dir_is_one_line_and_left_as_it_was(reference, tmp_path):
+    """--resume into a run dir on a read-only file system (a read-only bind mount of the finished reference run)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    made = subprocess.run(["mount", "--bind", "-o", "ro", str(reference), str(ro)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot bind-mount here ({made.stderr.strip() or made.returncode})")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        before = sorted(str(p.relative_to(ro)) for p in ro.rglob("*"))
+        message = one_line_exit("train-lora", SMOKE, *FAST, "train.epochs=4", f"run.dir={ro}", "--resume")
+        assert message.startswith(f"file system error: {ro}") and message.endswith("Read-only file system"), message
+        assert sorted(str(p.relative_to(ro)) for p in ro.rglob("*")) == before
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
 
 
 def test_a_corrupted_newest_step_is_moved_aside_and_the_run_finishes_as_uninterrupted(reference, tmp_path):

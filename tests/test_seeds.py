@@ -17,9 +17,8 @@ from lora_kd_jax.training import loop
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.training import finetune
-from lora_kd_jax.training import seeds as seeds_lib
 from lora_kd_jax.core.config import ConfigError
-from tiny import random_batch, tiny_config
+from tiny import XLA_CACHE, random_batch, tiny_config
 
 SEEDS = [0, 1, 2]
 # 96 rows, batches of 32: 3 steps per epoch, 2 epochs; LoRA dropout on, so each seed's dropout keys matter
@@ -50,12 +49,11 @@ def assert_same_training(seeded: list[dict], single: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_seeds")
-    one_epoch = "train.epochs=1"  # the RNN runs train two (best epochs, resume)
-    seeded = finetune.train_lora(tiny_config(*COMMON, one_epoch, SEEDED, f"run.dir={root / 'seeded'}"),
-                                      progress=False)
-    # seed 2 alone: a random-init base is shared by the seeds, drawn from the first seed (model.base_seed)
-    single = finetune.train_lora(tiny_config(*COMMON, one_epoch, "train.seed=2", "model.base_seed=0",
-                                                  f"run.dir={root / 'single2'}"), progress=False)
+    seeded = finetune.train_lora(tiny_config(*COMMON, SEEDED, f"run.dir={root / 'seeded'}"), progress=False)
+    # seeds 1 and 2 alone: a random-init base is shared by the seeds, drawn from the first seed (model.base_seed)
+    single = {k: finetune.train_lora(tiny_config(*COMMON, f"train.seed={k}", "model.base_seed=0",
+                                                      f"run.dir={root / f'single{k}'}"), progress=False)
+              for k in (1, 2)}
     return root, seeded, single
 
 
@@ -70,9 +68,13 @@ def rnn_runs(tmp_path_factory):
 
 
 def test_seed_k_of_a_seeded_lora_run_is_the_single_run_with_that_seed(lora_runs):
+    """Seeds 1 and 2 of a 3-seed run, two epochs each (the second starts from the first's adapters, Adam state and
+    dropout keys), against the single runs with train.seed=1 and 2."""
     root, seeded, single = lora_runs
-    assert_same_training(history(root / "seeded" / "seed_2"), history(root / "single2"))
-    assert seeded["per_seed"]["2"]["best_val_accuracy"] == single["best_val_accuracy"]
+    for k in (1, 2):
+        assert len(history(root / f"single{k}")) == 2
+        assert_same_training(history(root / "seeded" / f"seed_{k}"), history(root / f"single{k}"))
+        assert seeded["per_seed"][str(k)]["best_val_accuracy"] == single[k]["best_val_accuracy"]
     # the seeds differ from each other (own adapters, head, dropout and data order)
     losses = {k: history(root / "seeded" / f"seed_{k}")[0]["train"]["loss"] for k in SEEDS}
     assert len(set(losses.values())) == len(SEEDS)
@@ -100,7 +102,7 @@ def test_a_seeded_run_writes_one_run_dir_per_seed_and_the_aggregate(lora_runs):
     root, seeded, _ = lora_runs
     run = root / "seeded"
     record = json.loads((run / "metrics.json").read_text())
-    assert record["seeds"] == SEEDS and len(record["epochs"]) == 1
+    assert record["seeds"] == SEEDS and len(record["epochs"]) == 2
     per_seed = {k: json.loads((run / f"seed_{k}" / "metrics.json").read_text())["summary"] for k in SEEDS}
     best = [per_seed[k]["best_val_accuracy"] for k in SEEDS]
     stats = record["summary"]["seed_stats"]["best_val_accuracy"]
@@ -127,6 +129,18 @@ def test_each_seeds_best_checkpoint_scores_its_recorded_best(rnn_runs, capsys):
         got = record["per_seed"][str(k)]["sets"]["in_domain"]
         assert got["accuracy"] == pytest.approx(summary["best_val_accuracy"], abs=1e-9)
         assert got["mcc"] == pytest.approx(summary["val_mcc_at_best"], abs=1e-9)
+    assert not (run / "evaluation.json").exists()  # --json writes nothing
+    cli.main(["evaluate", str(run), "--data", "in_domain", "--limit", "96"])  # plain: files and mean ± std
+    out = capsys.readouterr().out
+    accuracy = []
+    for k in SEEDS:
+        own = json.loads((run / f"seed_{k}" / "evaluation.json").read_text())["sets"]["in_domain"]
+        assert own == record["per_seed"][str(k)]["sets"]["in_domain"]  # each seed's record in its seed dir
+        assert f"seed {k}: -> {run / f'seed_{k}' / 'evaluation.json'}" in out
+        accuracy.append(100 * own["accuracy"])
+    mean, std = np.mean(accuracy), np.std(accuracy, ddof=1)  # computed here, not by the code under test
+    assert (f"accuracy {mean:.2f} ± {std:.2f} ({min(accuracy):.2f}–{max(accuracy):.2f})%") in out, out
+    assert json.loads((run / "evaluation.json").read_text())["seeds"] == SEEDS
 
 
 def test_predict_and_export_read_one_seed_and_say_which(rnn_runs, lora_runs, capsys, tmp_path):
@@ -143,40 +157,82 @@ def test_predict_and_export_read_one_seed_and_say_which(rnn_runs, lora_runs, cap
     lora = lora_runs[0] / "seeded"
     cli.main(["merge", str(lora), str(tmp_path / "merged"), "--seed", "1"])
     assert (tmp_path / "merged").is_dir() and "using seed 1" in capsys.readouterr().err
+    from safetensors.numpy import load_file
+
+    for k in (1, 2):  # export-peft --seed k writes seed k's adapter: the single run's best, tensor for tensor
+        cli.main(["export-peft", str(lora), str(tmp_path / f"peft{k}"), "--seed", str(k), "--save-base"])
+        assert f"using seed {k} of {lora}" in capsys.readouterr().err
+        cli.main(["export-peft", str(lora_runs[0] / f"single{k}"), str(tmp_path / f"peft_single{k}"), "--save-base"])
+        ours, single = (load_file(tmp_path / d / "adapter_model.safetensors") for d in (f"peft{k}", f"peft_single{k}"))
+        assert ours.keys() == single.keys() and len(ours) > 0
+        for name in ours:
+            np.testing.assert_allclose(ours[name], single[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft1", "peft2"))
+    assert any(not np.array_equal(a[n], b[n]) for n in a)  # two seeds, two adapters
     with pytest.raises(runs.RunError, match=r"holds 3 seeds .*seed_0 \(or pass --seed 0\)"):
         runs.inspect_run(lora)
 
 
-def test_the_study_table_of_a_seeded_run_gives_mean_and_spread(rnn_runs):
-    """What `reproduce --seeds` writes for an experiment: every seed dir scored from its best checkpoint, each cell
-    mean ± std (min–max) over the seeds. (The whole --tiny --seeds study is run by hand: about as long as the
-    single-seed study that tests/test_reproduce.py runs.)"""
-    from lora_kd_jax.commands import reproduce
+def test_reproduce_tiny_seeds_gives_every_cell_mean_and_spread_and_bands(tmp_path, monkeypatch, capsys):
+    """`reproduce --tiny --seeds 0,1` end to end at the smallest size that has a spread over epochs (2 epochs of 2
+    steps): each ± cell of results.md against numbers computed here from the seed dirs, and results.png drawn with
+    a min–max band per experiment whose edges are the seeds' own per-epoch validation accuracies."""
+    import matplotlib.axes
 
-    run = rnn_runs / "seeded"
-    record = json.loads((run / "metrics.json").read_text())
-    scores = reproduce.seeded_scores(run, limit=96)
-    assert sorted(scores["per_seed"]) == SEEDS and scores["glue_rows"] == 192
-    for k in SEEDS:  # each seed's in-domain score is its own recorded validation number
-        own = json.loads((run / f"seed_{k}" / "metrics.json").read_text())["summary"]
-        assert scores["per_seed"][k]["in_domain_accuracy"] == pytest.approx(own["best_val_accuracy"], abs=1e-9)
-    assert scores["in_domain_accuracy"]["mean"] == pytest.approx(
-        record["summary"]["seed_stats"]["best_val_accuracy"]["mean"], abs=1e-9)
-    exp = next(e for e in reproduce.EXPERIMENTS if e.kind == "rnn")
-    outcome = reproduce.Outcome(exp, run, record["summary"], record["epochs"], reused=False, scores=scores)
-    (row,) = [[c.strip() for c in line.strip("|").split("|")]
-              for line in reproduce.results_table([outcome]).splitlines()[2:]]
-    stats = record["summary"]["seed_stats"]["best_val_accuracy"]
-    assert row[:4] == [exp.label, "3", seeds_lib.format_stat(stats, 100), "69.45%"]
-    assert " ± " in row[6] and " ± " in row[9] and "–" in row[9]  # val MCC, GLUE-dev MCC (both dev sets)
-    png = run / "study.png"
     from lora_kd_jax.runs import plots
+    from lora_kd_jax.commands import reproduce
+    from lora_kd_jax.core.metrics import matthews
 
-    plots.plot_val_accuracy({exp.label: record["epochs"]}, png, reference={exp.label: exp.ref_val})
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bands, drawing = [], {"results": False}
+    real_fill, real_plot = matplotlib.axes.Axes.fill_between, plots.plot_val_accuracy
+
+    def fill_between(self, x, y1, y2=0, **kwargs):
+        if drawing["results"]:
+            bands.append((list(x), list(y1), list(y2)))
+        return real_fill(self, x, y1, y2, **kwargs)
+
+    def plot_val_accuracy(*args, **kwargs):
+        drawing["results"] = True
+        bands.clear()  # the last drawing (all five experiments) is the one on disk
+        try:
+            return real_plot(*args, **kwargs)
+        finally:
+            drawing["results"] = False
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", fill_between)
+    monkeypatch.setattr(plots, "plot_val_accuracy", plot_val_accuracy)
+    root = tmp_path / "study"
+    cli.main(["reproduce", "--tiny", "--seeds", "0,1", "--no-progress", "data.limit=32", "train.batch_size=16",
+              "train.epochs=2", XLA_CACHE, f"run.dir={root}"])
+    capsys.readouterr()
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in (root / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == [e.label for e in reproduce.EXPERIMENTS]
+
+    def cell(values, scale=100.0):
+        a = np.asarray(values, np.float64) * scale
+        return f"{a.mean():.2f} ± {a.std(ddof=1):.2f} ({a.min():.2f}–{a.max():.2f})"
+
+    assert len(bands) == len(reproduce.EXPERIMENTS)
+    for exp, row, band in zip(reproduce.EXPERIMENTS, rows, bands):
+        seed_dirs = [root / exp.name / f"seed_{k}" for k in (0, 1)]
+        summaries = [json.loads((d / "metrics.json").read_text())["summary"] for d in seed_dirs]
+        assert row[1] == "2"
+        assert row[2] == cell([s["best_val_accuracy"] for s in summaries])
+        assert row[4] == cell([s["train_accuracy_at_best"] for s in summaries])
+        assert row[6] == cell([s["val_mcc_at_best"] for s in summaries])
+        glue = []
+        for d in seed_dirs:  # both dev sets' confusion counts, from each seed's best checkpoint
+            sets = json.loads((d / "evaluation.json").read_text())["sets"]
+            glue.append(matthews(*[sum(sets[n]["confusion"][c] for n in ("in_domain", "out_of_domain"))
+                                   for c in ("tp", "fp", "tn", "fn")]))
+        assert row[9] == cell(glue)
+        val = np.array([[h["val"]["accuracy"] for h in history(d)] for d in seed_dirs])
+        assert band == ([1, 2], list(val.min(axis=0)), list(val.max(axis=0))), exp.name
+    assert (root / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_killed_seeded_run_resumes_to_the_uninterrupted_result(rnn_runs, tmp_path, monkeypatch):
+def test_a_killed_seeded_run_resumes_to_the_uninterrupted_result(rnn_runs, tmp_path, monkeypatch, caplog):
     """SIGTERM in the middle of the first epoch: a checkpoint of all seeds; --resume ends where the uninterrupted
     run ended, every seed's metrics and final state bit for bit."""
     cfg = tiny_config(*COMMON, *BUCKETS, SEEDED, f"run.dir={tmp_path / 'resumed'}")
@@ -194,7 +250,16 @@ def test_a_killed_seeded_run_resumes_to_the_uninterrupted_result(rnn_runs, tmp_p
     with pytest.raises(loop.TrainingInterrupted, match="epoch 1, batch 2"):
         distill.train_rnn(cfg, progress=False)
     monkeypatch.setattr(loop, "prefetch", original)
-    distill.train_rnn(cfg, resume=True, progress=False)
+    from lora_kd_jax.runs.checkpoint import CheckpointStore
+
+    store = CheckpointStore(tmp_path / "resumed" / "checkpoints", read_only=True, with_best=False)
+    _, record, _ = store.restore_latest()
+    store.close()
+    assert (record["epoch"], record["next_batch"]) == (0, 2)  # a checkpoint in the middle of epoch 1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lora_kd_jax.training.loop"):
+        distill.train_rnn(cfg, resume=True, progress=False)
+    assert "resumed from checkpoint step 2: epoch 1, batch 2" in caplog.messages  # resumed, not restarted
     done = rnn_runs / "seeded"
     for k in SEEDS:
         assert history(tmp_path / "resumed" / f"seed_{k}") == history(done / f"seed_{k}")

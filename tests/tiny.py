@@ -1,6 +1,7 @@
 """The test helpers, in one place: tiny-model configs (2 layers, 64 wide, real 50,257 vocabulary), batches, keys."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -14,8 +15,11 @@ from lora_kd_jax.core.config import Config, load_config
 PAD_ID = 50256  # GPT-2 eos, used as pad (lora_kd_jax.data.PAD_ID)
 VOCAB = 50257
 
+# the session's compilation cache (tests/conftest.py), named explicitly: run.compilation_cache="" turns caching off
+XLA_CACHE = f"run.compilation_cache={os.environ.get('JAX_COMPILATION_CACHE_DIR', '')}"
+
 TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-        "lora.dropout=0.0", "run.compilation_cache="]
+        "lora.dropout=0.0", XLA_CACHE]
 
 
 def tiny_config(*overrides: str) -> Config:
@@ -47,7 +51,7 @@ def config_only_run(run_dir: Path, dest: Path) -> Path:
 
 PARITY_OVERRIDES = ("model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64",
                   "model.n_head=4", "model.n_positions=64", "model.dropout=0.0", "train.batch_size=8",
-                  "train.epochs=1", "run.compilation_cache=")
+                  "train.epochs=1", XLA_CACHE)
 
 
 def parity_config(*overrides: str, run_dir: str | Path = "runs/test"):

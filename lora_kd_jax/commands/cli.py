@@ -38,9 +38,9 @@ def clean_exit(debug: bool = False) -> Iterator[None]:
         sys.exit(f"file system error: {where}{e.strerror or e}")
 
 
-# what the file system says when the disk is full, read-only, or a path is of the wrong kind: not bugs
+# what the file system says when the disk is full, read-only, failing, or a path is of the wrong kind: not bugs
 _USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EDQUOT,
-                errno.ENOENT, errno.EEXIST}
+                errno.ENOENT, errno.EEXIST, errno.EIO}
 
 
 def setup_logging() -> None:

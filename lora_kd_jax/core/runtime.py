@@ -28,10 +28,20 @@ def setup(cfg: Config) -> None:
 
 
 def enable_compilation_cache(location: str) -> None:
+    """JAX's persistent compilation cache in `location`; "" turns it off, also one set from the environment
+    (JAX_COMPILATION_CACHE_DIR) or by an earlier run in this process."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     if not location:
+        if jax.config.jax_enable_compilation_cache:
+            jax.config.update("jax_enable_compilation_cache", False)
+            compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used
         return
     path = Path(os.path.expanduser(location))
     path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    if not jax.config.jax_enable_compilation_cache or jax.config.jax_compilation_cache_dir != str(path):
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        compilation_cache.reset_cache()
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # tests set 0 to share tiny compiles
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

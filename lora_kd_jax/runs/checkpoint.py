@@ -8,13 +8,21 @@ are synchronous, so a step is listed only once it is whole. Two rules keep lates
 stories: best is written before latest (a run resumed from latest always finds the best it reports), and a step
 that is written again (an epoch redone after a crash, or after a corrupted step) replaces the old one. A step that
 does not restore is moved aside to `checkpoints/corrupt/` so that training can write that step again.
+
+A write the file system refuses (full, over quota, read-only, no permission, I/O error) raises `OSError(errno,
+strerror, step dir)` whichever layer of Orbax failed: Orbax's own files raise OSError, its array writes go through
+tensorstore, which raises `ValueError` with the OS error in its status payload (`[os_error_code='28']`). The step's
+temporary dir is left for `clean_unfinished`, and the steps written before stay whole: the run dir is resumable.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -27,6 +35,97 @@ log = logging.getLogger(__name__)
 class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was required."""
     label = "checkpoint error"
+
+
+# tensorstore reports an OS error as a status whose payload carries the errno: `... [os_error_code='28']`
+_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+def os_error_code(exc: BaseException | None) -> int | None:
+    """The errno of the file-system failure behind `exc` (searched along its cause/context chain): an OSError's
+    own, or the `os_error_code` payload of the status tensorstore raised; None if there is none."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        if type(exc) is ValueError:  # tensorstore raises its statuses as plain ValueError
+            match = _TENSORSTORE_OS_ERROR.search(str(exc))
+            if match:
+                return int(match.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _is_write_noise(exc: BaseException | None) -> bool:
+    """What Orbax's background work reports around a failed write: the file-system error itself, and the
+    RuntimeErrors of its writes still in flight that find their event loop or executor gone."""
+    return exc is not None and (os_error_code(exc) is not None or isinstance(exc, RuntimeError))
+
+
+class _WriteNoise(logging.Filter):
+    """Orbax logs a failed write from each of its background threads (and asyncio each task whose failure nobody
+    awaited), with the traceback, before or after the failure reaches the caller, which reports it once: drop
+    those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _is_write_noise(record.exc_info[1]))
+
+
+_NOISY_LOGGERS = ("absl", "asyncio")
+_noise = _WriteNoise()  # kept once a write has failed
+
+
+def _quiet_unraisable() -> Callable[[], None]:
+    """Drop the write noise that reaches `sys.unraisablehook` (tensorstore callbacks into a closed event loop, one
+    traceback each); returns the undo."""
+    hook = sys.unraisablehook
+
+    def unraisable(unraisable) -> None:
+        if not _is_write_noise(unraisable.exc_value):
+            hook(unraisable)
+
+    sys.unraisablehook = unraisable
+
+    def undo() -> None:
+        if sys.unraisablehook is unraisable:
+            sys.unraisablehook = hook
+    return undo
+
+
+_silenced = False
+
+
+def _silence_leftovers() -> None:
+    """After a failed write, the tensorstore writes still in flight go on failing up to the end of the process
+    (the run stops with one line): keep their noise out for good."""
+    global _silenced
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).addFilter(_noise)
+    if not _silenced:
+        _silenced = True
+        _quiet_unraisable()
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A checkpoint write: a file-system failure at any layer becomes OSError(errno, strerror, path)."""
+    loggers, during = [logging.getLogger(name) for name in _NOISY_LOGGERS], _WriteNoise()
+    for logger in loggers:
+        logger.addFilter(during)
+    undo = _quiet_unraisable()
+    try:
+        yield
+    except Exception as e:
+        code = os_error_code(e)
+        if code is None:
+            raise
+        _silence_leftovers()
+        raise OSError(code, os.strerror(code), str(path)) from e
+    finally:
+        undo()
+        for logger in loggers:
+            logger.removeFilter(during)
 
 
 def _manager(directory: Path, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -59,12 +158,13 @@ class CheckpointStore:
         """Write `step` to best (when `best`) and then to latest; returns only once both are on disk and listed."""
         managers = ([self.best] if best else []) + ([self.latest] if self.latest is not None else [])
         for manager in managers:
-            if step in manager.all_steps():
-                manager.delete(step)  # an epoch redone after a crash: the new state replaces the old
             args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
-            manager.save(step, args=args, force=True)
-            manager.wait_until_finished()
-            manager.reload()
+            with _writing(Path(manager.directory) / str(step)):
+                if step in manager.all_steps():
+                    manager.delete(step)  # an epoch redone after a crash: the new state replaces the old
+                manager.save(step, args=args, force=True)
+                manager.wait_until_finished()
+                manager.reload()
             if step not in manager.all_steps():
                 raise CheckpointError(f"{manager.directory}: step {step} was not written completely")
 

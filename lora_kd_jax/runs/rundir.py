@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -207,11 +208,25 @@ def attach_log(run_dir: Path) -> None:
     root = logging.getLogger()
     path = str((run_dir / LOG_FILE).absolute())
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in root.handlers):
-        handler = logging.FileHandler(path)
+        handler = _RunLog(path)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
+
+
+class _RunLog(logging.FileHandler):
+    """log.txt of a run. When the file system refuses a write (full, read-only) the failure that stops the run is
+    reported once, as one line; the log records that cannot be written then are on the console only, not followed
+    by a traceback each."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # flushing the last records onto a full disk
+            super().close()
 
 
 def detach_log(run_dir: Path) -> None:
@@ -226,8 +241,15 @@ def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Atomically replace metrics.json (write a temp file, then rename)."""
     path = Path(run_dir) / METRICS_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk fails the write without naming the file: name it
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
     return path
 
 
