@@ -1,4 +1,4 @@
-"""`lora-kd-jax evaluate` / `predict` and `lora_kd_jax.classify` on tiny trained runs of every kind.
+"""`lora-kd-jax evaluate` / `predict` and `lora_kd_jax.commands.evaluation` on tiny trained runs of every kind.
 
 The runs train on the first 256 rows of CoLA's training file (a CoLA dir of their own) but validate on the full
 in-domain dev file (527 rows) and report the full out-of-domain one (516), byte-identical copies of the packaged
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_kd_jax.commands import classify
+from lora_kd_jax.commands import evaluation
 from lora_kd_jax.commands import cli
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
@@ -74,10 +74,10 @@ _classifiers: dict = {}
 
 @pytest.fixture
 def clf(request):
-    """One Classifier per run and module (compiled once)."""
+    """One Predictor per run and module (compiled once)."""
     name = request.param
     if name not in _classifiers:
-        _classifiers[name] = classify.Classifier.from_run(request.getfixturevalue(name))
+        _classifiers[name] = evaluation.Predictor.from_run(request.getfixturevalue(name))
     return _classifiers[name]
 
 
@@ -118,7 +118,7 @@ def test_glue_is_both_dev_sets_together(clf):
     assert glue.rows == 1043 and glue.files == inside.files + outside.files
     assert {k: glue.confusion[k] for k in glue.confusion} == {
         k: inside.confusion[k] + outside.confusion[k] for k in inside.confusion}
-    assert glue.mcc == pytest.approx(classify.combined_mcc([inside.confusion, outside.confusion]), abs=1e-12)
+    assert glue.mcc == pytest.approx(evaluation.combined_mcc([inside.confusion, outside.confusion]), abs=1e-12)
     np.testing.assert_allclose(glue.logits, np.concatenate([inside.logits, outside.logits]), atol=1e-5)
 
 
@@ -162,7 +162,7 @@ def test_students_match_the_flax_student_applied_directly(clf):
     report = clf.evaluate("out_of_domain")
     np.testing.assert_allclose(report.logits, direct, atol=1e-5, rtol=0)
     assert report.accuracy == float(np.mean(direct.argmax(-1) == rows.labels))
-    print(f"{run.kind}: |classify - flax apply| = {np.abs(report.logits - direct).max():.1e}")
+    print(f"{run.kind}: |evaluation - flax apply| = {np.abs(report.logits - direct).max():.1e}")
 
 
 @pytest.mark.parametrize("clf", ["lora_run"], indirect=True)
@@ -192,12 +192,12 @@ def test_lora_out_of_domain_matches_pytorch_on_the_merged_export(clf, tmp_path):
 def test_latest_checkpoint_gives_back_the_last_epoch(lora_run):
     record = _summary(lora_run)
     last = record["epochs"][-1]
-    report = classify.Classifier.from_run(lora_run, "latest").evaluate("in_domain")
+    report = evaluation.Predictor.from_run(lora_run, "latest").evaluate("in_domain")
     assert (report.accuracy, report.mcc) == (last["val"]["accuracy"], last["val"]["mcc"])
 
 
 def test_a_tsv_file_and_a_limit(rnn_run, tmp_path):
-    clf = classify.Classifier.from_run(rnn_run)
+    clf = evaluation.Predictor.from_run(rnn_run)
     full = clf.evaluate("in_domain")
     lines = (COLA_DIR / "in_domain_dev.tsv").read_text().splitlines()[:40]
     path = tmp_path / "mine.tsv"
@@ -209,8 +209,8 @@ def test_a_tsv_file_and_a_limit(rnn_run, tmp_path):
 
 
 def test_the_batch_size_changes_no_number(rnn_run):
-    default = classify.Classifier.from_run(rnn_run).evaluate("out_of_domain")
-    odd = classify.Classifier.from_run(rnn_run, batch_size=7).evaluate("out_of_domain")
+    default = evaluation.Predictor.from_run(rnn_run).evaluate("out_of_domain")
+    odd = evaluation.Predictor.from_run(rnn_run, batch_size=7).evaluate("out_of_domain")
     assert odd.confusion == default.confusion
     np.testing.assert_allclose(odd.logits, default.logits, atol=1e-5, rtol=0)
 
@@ -317,14 +317,14 @@ def test_bad_inputs_end_in_one_line_and_write_nothing(argv, start, rnn_run, bad_
 
 
 def test_the_python_api_raises_user_errors(rnn_run, tmp_path):
-    clf = classify.Classifier.from_run(rnn_run)
+    clf = evaluation.Predictor.from_run(rnn_run)
     for bad, match in (([], "no sentences"), ([""], "sentence 1 is empty"), (["ok", 3], "sentence 2 is a int"),
                        ("\t", "sentence 1 is empty")):
-        with pytest.raises(classify.InputError, match=match):
+        with pytest.raises(evaluation.InputError, match=match):
             clf.predict(bad)
-    with pytest.raises(classify.InputError, match="unknown evaluation set"):
+    with pytest.raises(evaluation.InputError, match="unknown evaluation set"):
         clf.evaluate("dev")
     with pytest.raises(runs.RunError, match="is not a run directory"):
-        classify.Classifier.from_run(tmp_path)
+        evaluation.Predictor.from_run(tmp_path)
     with pytest.raises(runs.RunError, match="has no best checkpoint"):
-        classify.Classifier.from_run(config_only_run(rnn_run, tmp_path / "untrained"))
+        evaluation.Predictor.from_run(config_only_run(rnn_run, tmp_path / "untrained"))

@@ -126,7 +126,7 @@ def test_scripts_are_thin_wrappers_with_help(script):
 
 
 def test_table_scores_come_from_the_best_checkpoint(study):
-    """In-domain and out-of-domain numbers scored again by `classify` are the run's own validation numbers; the
+    """In-domain and out-of-domain numbers scored again by `commands.evaluation` are the run's own validation numbers; the
     GLUE-dev MCC is the MCC of both sets' confusion counts summed."""
     from lora_kd_jax.core.metrics import matthews
 

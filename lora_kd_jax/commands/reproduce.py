@@ -106,10 +106,6 @@ def study_configs(overrides: Sequence[str] = (), *, tiny: bool = False, configs_
     return root, out
 
 
-def _has_steps(directory: Path) -> bool:
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
 def finished(cfg: Config) -> dict | None:
     """metrics.json of a run in cfg.run.dir that has the same settings and covers every epoch, else None."""
     run_dir = Path(cfg.run.dir)
@@ -148,7 +144,7 @@ def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir:
         bar.set_postfix_str(exp.name)
         record = finished(cfg)
         if record is None:
-            resume = _has_steps(Path(cfg.run.dir) / "checkpoints" / "latest") and not cfg.run.overwrite
+            resume = rundir.holds_step(Path(cfg.run.dir) / "checkpoints" / "latest") and not cfg.run.overwrite
             log.info("=== %s: %s -> %s%s", exp.label, exp.config, cfg.run.dir, " (resuming)" if resume else "")
             _runner(exp.kind)(cfg, resume=resume, progress=progress)
             record = json.loads((Path(cfg.run.dir) / "metrics.json").read_text())
@@ -190,11 +186,11 @@ def seeded_scores(run_dir: Path, limit: int = 0) -> dict:
 def checkpoint_scores(run_dir: Path, limit: int = 0) -> dict:
     """The best checkpoint on the in-domain and out-of-domain dev sets (each cut to its first `limit` rows, as the
     run's data.limit cut them) and on both together (GLUE's CoLA dev set: its MCC from the summed confusion counts),
-    scored by `lora_kd_jax.classify`. Kept in RUN_DIR/evaluation.json, which is reused while it is newer than the
+    scored by `lora_kd_jax.commands.evaluation`. Kept in RUN_DIR/evaluation.json, which is reused while it is newer than the
     run's metrics.json and covers the same sets and limit."""
-    from lora_kd_jax.commands import classify
+    from lora_kd_jax.commands import evaluation
 
-    cached = run_dir / classify.EVALUATION_FILE
+    cached = run_dir / evaluation.EVALUATION_FILE
     record = None
     if cached.is_file() and cached.stat().st_mtime >= (run_dir / rundir.METRICS_FILE).stat().st_mtime:
         try:
@@ -206,12 +202,12 @@ def checkpoint_scores(run_dir: Path, limit: int = 0) -> dict:
                 or any(sets.get(name, {}).get("limit") != limit for name in SCORED_SETS)):
             record = None
     if record is None:
-        clf, reports = classify.evaluate_run(run_dir, SCORED_SETS, which="best", limit=limit)
-        record = classify.evaluation_record(clf, reports)
-        classify.write_evaluation(run_dir, record)
+        clf, reports = evaluation.evaluate_run(run_dir, SCORED_SETS, which="best", limit=limit)
+        record = evaluation.evaluation_record(clf, reports)
+        evaluation.write_evaluation(run_dir, record)
     sets = record["sets"]
     out = {f"{name}_{m}": sets[name][m] for name in SCORED_SETS for m in ("accuracy", "mcc")}
-    out["glue_mcc"] = classify.combined_mcc([sets[name]["confusion"] for name in SCORED_SETS])
+    out["glue_mcc"] = evaluation.combined_mcc([sets[name]["confusion"] for name in SCORED_SETS])
     out["glue_rows"] = sum(sets[name]["rows"] for name in SCORED_SETS)
     out["limit"] = limit
     return out
@@ -258,31 +254,13 @@ def _time(seconds: float) -> str:
 
 
 def _reduction(o: Outcome) -> str:
+    """What the run saves: trainable parameters (LoRA) or size against its teacher (a distilled student)."""
     s = o.summary
-    if o.experiment.kind == "lora":
-        return f"{100 * s['reduction']:.2f}% fewer trainable"
-    if o.experiment.kind == "distill" and s.get("teacher_total_params"):
+    if s.get("teacher_total_params"):
         return f"{100 * (1 - s['total_params'] / s['teacher_total_params']):.2f}% smaller than its teacher"
+    if s.get("reduction"):
+        return f"{100 * s['reduction']:.2f}% fewer trainable"
     return "—"
-
-
-def results_table(outcomes: Sequence[Outcome]) -> str:
-    if any("seed_stats" in o.summary for o in outcomes):
-        return seeded_results_table(outcomes)
-    head = ("| experiment | epochs | best val acc | reference | train acc at best | reference | val MCC | "
-            "out-of-domain acc | out-of-domain MCC | GLUE-dev MCC | trainable / total params | reference | reduction | "
-            "wall time |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for o in outcomes:
-        s, e = o.summary, o.experiment
-        lines.append(
-            f"| {e.label} | {s['best_epoch']}/{s['epochs_run']} | {_pct(s['best_val_accuracy'])} | {_pct(e.ref_val)} | "
-            f"{_pct(s['train_accuracy_at_best'])} | {_pct(e.ref_train)} | {s['val_mcc_at_best']:.4f} | "
-            f"{_pct(s.get('out_of_domain_accuracy_at_best'))} | {_mcc(s.get('out_of_domain_mcc_at_best'))} | "
-            f"{_mcc(o.scores.get('glue_mcc'))} | "
-            f"{_millions(s['trainable_params'])} / {_millions(s['total_params'])} | {e.ref_params} | "
-            f"{_reduction(o)} | {_time(s.get('wall_time_s', 0.0))}{' (reused)' if o.reused else ''} |")
-    return "\n".join(lines)
 
 
 def _stat(s: dict | None, scale: float = 100.0, digits: int = 2) -> str:
@@ -292,24 +270,61 @@ def _stat(s: dict | None, scale: float = 100.0, digits: int = 2) -> str:
     return "—" if not s else format_stat(s, scale, digits)
 
 
-def seeded_results_table(outcomes: Sequence[Outcome]) -> str:
-    """The table of a seeded study: every score as mean ± std (min–max) over the seeds (accuracies in %, MCC x100),
-    beside the reference's single numbers."""
-    head = ("| experiment | seeds | best val acc (%) | reference | train acc at best (%) | reference | val MCC (x100) | "
-            "out-of-domain acc (%) | out-of-domain MCC (x100) | GLUE-dev MCC (x100) | best epoch | "
-            "trainable / total params | reference | reduction | wall time (all seeds) |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for o in outcomes:
-        s, e = o.summary, o.experiment
-        agg = s.get("seed_stats", {})
-        lines.append(
-            f"| {e.label} | {len(s.get('seeds', [])) or 1} | {_stat(agg.get('best_val_accuracy'))} | {_pct(e.ref_val)} | "
-            f"{_stat(agg.get('train_accuracy_at_best'))} | {_pct(e.ref_train)} | {_stat(agg.get('val_mcc_at_best'))} | "
-            f"{_stat(agg.get('out_of_domain_accuracy_at_best'))} | {_stat(agg.get('out_of_domain_mcc_at_best'))} | "
-            f"{_stat(o.scores.get('glue_mcc'))} | {_stat(agg.get('best_epoch'), 1.0, 1)} | "
-            f"{_millions(s['trainable_params'])} / {_millions(s['total_params'])} | {e.ref_params} | "
-            f"{_reduction(o)} | {_time(s.get('wall_time_s', 0.0))}{' (reused)' if o.reused else ''} |")
+Column = tuple[str, Callable[[Outcome], str]]
+# cells every table shares: the parameter counts, the reduction, the wall time
+_PARAMS: list[Column] = [
+    ("trainable / total params", lambda o: f"{_millions(o.summary['trainable_params'])} / "
+                                           f"{_millions(o.summary['total_params'])}"),
+    ("reference", lambda o: o.experiment.ref_params),
+    ("reduction", _reduction),
+]
+
+
+def _wall(o: Outcome) -> str:
+    return f"{_time(o.summary.get('wall_time_s', 0.0))}{' (reused)' if o.reused else ''}"
+
+
+def _single_columns() -> list[Column]:
+    return [("experiment", lambda o: o.experiment.label),
+            ("epochs", lambda o: f"{o.summary['best_epoch']}/{o.summary['epochs_run']}"),
+            ("best val acc", lambda o: _pct(o.summary["best_val_accuracy"])),
+            ("reference", lambda o: _pct(o.experiment.ref_val)),
+            ("train acc at best", lambda o: _pct(o.summary["train_accuracy_at_best"])),
+            ("reference", lambda o: _pct(o.experiment.ref_train)),
+            ("val MCC", lambda o: f"{o.summary['val_mcc_at_best']:.4f}"),
+            ("out-of-domain acc", lambda o: _pct(o.summary.get("out_of_domain_accuracy_at_best"))),
+            ("out-of-domain MCC", lambda o: _mcc(o.summary.get("out_of_domain_mcc_at_best"))),
+            ("GLUE-dev MCC", lambda o: _mcc(o.scores.get("glue_mcc"))),
+            *_PARAMS, ("wall time", _wall)]
+
+
+def _seeded_columns() -> list[Column]:
+    agg = lambda o, key: o.summary.get("seed_stats", {}).get(key)  # noqa: E731
+    return [("experiment", lambda o: o.experiment.label),
+            ("seeds", lambda o: str(len(o.summary.get("seeds", [])) or 1)),
+            ("best val acc (%)", lambda o: _stat(agg(o, "best_val_accuracy"))),
+            ("reference", lambda o: _pct(o.experiment.ref_val)),
+            ("train acc at best (%)", lambda o: _stat(agg(o, "train_accuracy_at_best"))),
+            ("reference", lambda o: _pct(o.experiment.ref_train)),
+            ("val MCC (x100)", lambda o: _stat(agg(o, "val_mcc_at_best"))),
+            ("out-of-domain acc (%)", lambda o: _stat(agg(o, "out_of_domain_accuracy_at_best"))),
+            ("out-of-domain MCC (x100)", lambda o: _stat(agg(o, "out_of_domain_mcc_at_best"))),
+            ("GLUE-dev MCC (x100)", lambda o: _stat(o.scores.get("glue_mcc"))),
+            ("best epoch", lambda o: _stat(agg(o, "best_epoch"), 1.0, 1)),
+            *_PARAMS, ("wall time (all seeds)", _wall)]
+
+
+def _markdown(columns: list[Column], outcomes: Sequence[Outcome]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(o) for _, cell in columns) + " |" for o in outcomes]
     return "\n".join(lines)
+
+
+def results_table(outcomes: Sequence[Outcome]) -> str:
+    """The study's table; a seeded study's gives every score as mean ± std (min–max) over the seeds (accuracies in
+    %, MCC x100), beside the reference's single numbers."""
+    seeded = any("seed_stats" in o.summary for o in outcomes)
+    return _markdown(_seeded_columns() if seeded else _single_columns(), outcomes)
 
 
 def write_results(root: str | Path, outcomes: Sequence[Outcome], *, tiny: bool, overrides: Sequence[str],

@@ -25,3 +25,10 @@ def read_json_object(path: Path, error: type[UserError]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries such as `datasets` and transformers raise long,
+    multi-line ones), or its type's name when it has none."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

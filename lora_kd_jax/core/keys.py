@@ -3,6 +3,7 @@ drawn from a key named here, so builders and restores cannot drift apart."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
@@ -47,9 +48,19 @@ def data_order_key(seed: int, epoch: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), epoch)
 
 
-def classifier_base_key(cfg) -> jax.Array:
-    """The key of a random-init GPT-2 base for a run's config: that of `seeds.base_seed(cfg)` (train.seed for a
-    single run unless model.base_seed is set)."""
-    from lora_kd_jax.training.seeds import base_seed
+def seed_list(cfg: Any) -> list[int]:
+    """The seeds a run trains: train.seeds, or [train.seed] for a single run."""
+    return list(cfg.train.seeds) or [cfg.train.seed]
 
+
+def base_seed(cfg: Any) -> int:
+    """The seed whose key draws a random-init GPT-2 base: model.base_seed, else the first seed of the run. All seeds
+    of a run share one frozen base, so a single run equal to seed k of a seeded random-init run needs
+    `train.seed=k model.base_seed=<this>` (with pretrained weights the base is the same whatever the seed)."""
+    return cfg.model.base_seed if cfg.model.base_seed >= 0 else seed_list(cfg)[0]
+
+
+def classifier_base_key(cfg) -> jax.Array:
+    """The key of a random-init GPT-2 base for a run's config: that of `base_seed(cfg)` (train.seed for a
+    single run unless model.base_seed is set)."""
     return run_keys(base_seed(cfg)).classifier.base

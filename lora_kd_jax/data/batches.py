@@ -1,6 +1,6 @@
 """The one batch builder: each epoch's row order, length grouping, fixed-shape batches, buckets, seed stacking.
 
-Why one builder: training, evaluation, distillation and `classify` must see exactly the same examples in the
+Why one builder: training, evaluation, distillation and `evaluation` must see exactly the same examples in the
 same order, with the same padding rows, so every batch in the toolkit comes from `batch_iterator`.
 """
 

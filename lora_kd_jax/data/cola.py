@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lora_kd_jax.assets import COLA_DIR
-from lora_kd_jax.data.errors import DataError, first_line, listing
+from lora_kd_jax.core.errors import first_line
+from lora_kd_jax.data.errors import DataError, listing
 
 if TYPE_CHECKING:  # heavy import stays lazy so `import lora_kd_jax.data` is cheap
     import datasets

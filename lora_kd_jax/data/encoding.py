@@ -1,6 +1,6 @@
 """The GPT-2 tokenizer and encoding: sentences -> fixed-width, right-padded int32 arrays (`EncodedSplit`).
 
-Why here and only here: the teacher, the student and `classify` must cut and pad a sentence the same way, and
+Why here and only here: the teacher, the student and `evaluation` must cut and pad a sentence the same way, and
 every cut is counted (`n_truncated`, `truncated_rows`), never guessed.
 """
 
@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lora_kd_jax.assets import TOKENIZER_DIR
-from lora_kd_jax.data.errors import DataError, first_line, listing
+from lora_kd_jax.core.errors import first_line
+from lora_kd_jax.data.errors import DataError, listing
 from lora_kd_jax.models.gpt2_layout import PAD_ID  # GPT-2 eos, used as pad (`data.PAD_ID` stays importable)
 
 if TYPE_CHECKING:  # heavy import stays lazy so `import lora_kd_jax.data` is cheap

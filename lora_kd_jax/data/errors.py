@@ -1,4 +1,4 @@
-"""`DataError` and the two helpers that word its messages.
+"""`DataError` and the helper that words its messages.
 
 Why a module of its own: the CoLA reader, the tokenizer loader and the batch builder all raise `DataError`, and
 the first two name what a dir holds or what a library said in the same way; keeping them here lets each of those
@@ -24,9 +24,3 @@ def listing(d: Path, limit: int = 20) -> str:
         return "nothing"
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (libraries such as `datasets` raise long, multi-line ones)."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else "no message"

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision
 from lora_kd_jax.core.config import Config
+from lora_kd_jax.core.keys import seed_list
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.runs import rundir
@@ -78,19 +79,19 @@ def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
     return info
 
 
-def teacher_dirs(cfg: Config) -> dict[int, str]:
-    """Which teacher run teaches each student seed, checked before anything is built: a single-seed teacher teaches
-    every seed; a seeded teacher (train.seeds) gives student seed k its own seed k, and must have the student's
-    seed list. Every teacher dir passes `check_teacher`."""
+def teacher_runs(cfg: Config) -> dict[int, runs.RunInfo]:
+    """Which teacher run teaches each student seed, checked (once: `check_teacher`) before anything is built: a
+    single-seed teacher teaches every seed; a seeded teacher (train.seeds) gives student seed k its own seed k, and
+    must have the student's seed list."""
     path = cfg.distill.teacher
-    student_seeds = seeds_lib.seed_list(cfg)
+    student_seeds = seed_list(cfg)
     try:
         teacher_seeds = runs.run_seeds(path) if path else []
     except runs.RunError as e:
         raise runs.RunError(f"distill.teacher: {e}") from None
     if not teacher_seeds:
-        check_teacher(path, cfg)
-        return {seed: path for seed in student_seeds}
+        info = check_teacher(path, cfg)
+        return {seed: info for seed in student_seeds}
     if teacher_seeds != list(cfg.train.seeds):
         mine = f"train.seeds={cfg.train.seeds}" if cfg.train.seeds else f"one seed (train.seed={cfg.train.seed})"
         raise runs.RunError(f"distill.teacher={path} trained seeds {teacher_seeds}, this student trains {mine}: a "
@@ -101,18 +102,16 @@ def teacher_dirs(cfg: Config) -> dict[int, str]:
         raise runs.RunError(f"distill.teacher={path} is seeded and distill.cache_teacher_logits=false: running "
                             f"{len(teacher_seeds)} GPT-2 teachers in every step would hold each of them in memory; "
                             "use the cached teacher logits (distill.cache_teacher_logits=true, the default)")
-    out = {seed: str(seeds_lib.seed_dir(path, seed)) for seed in student_seeds}
-    for teacher in out.values():
-        check_teacher(teacher, cfg)
-    return out
+    return {seed: check_teacher(str(seeds_lib.seed_dir(path, seed)), cfg) for seed in student_seeds}
 
 
-def restore_teacher(path: str, cfg: Config) -> Teacher:
+def restore_teacher(path: str | runs.RunInfo, cfg: Config) -> Teacher:
     """The teacher as its run left it (`runs.open_run`: the same model and frozen base, the trained parameters from
-    checkpoints/best), LoRA merged into the kernels, placed on this run's mesh (Orbax restores onto any mesh)."""
-    info = check_teacher(path, cfg)
+    checkpoints/best), LoRA merged into the kernels, placed on this run's mesh (Orbax restores onto any mesh).
+    `path` may be the `RunInfo` that `check_teacher` returned."""
+    info = path if isinstance(path, runs.RunInfo) else check_teacher(path, cfg)
     try:
-        run = runs.open_run(info.path, kind="lora", which="best")
+        run = runs.open_run(info, kind="lora", which="best")
     except runs.RunError as e:
         raise runs.RunError(f"distill.teacher: {e}") from None
     teacher_cfg = run.config
@@ -140,8 +139,8 @@ def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_siz
     return teacher.placement.state(jnp.asarray(out))
 
 
-def restore_teachers(dirs: dict[int, str], cfg: Config) -> Teacher | dict[int, Teacher]:
-    """One Teacher when every seed has the same teacher dir, else {seed: Teacher}."""
-    if len(set(dirs.values())) == 1:
-        return restore_teacher(next(iter(dirs.values())), cfg)
-    return {seed: restore_teacher(path, cfg) for seed, path in dirs.items()}
+def restore_teachers(infos: dict[int, runs.RunInfo], cfg: Config) -> Teacher | dict[int, Teacher]:
+    """One Teacher when every seed has the same teacher run, else {seed: Teacher}."""
+    if len({info.path for info in infos.values()}) == 1:
+        return restore_teacher(next(iter(infos.values())), cfg)
+    return {seed: restore_teacher(info, cfg) for seed, info in infos.items()}

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision, runtime
 from lora_kd_jax.core.config import Config
-from lora_kd_jax.core.keys import run_keys
+from lora_kd_jax.core.keys import run_keys, seed_list
 from lora_kd_jax.distill.losses import teacher_objective
-from lora_kd_jax.distill.teacher import Teacher, restore_teachers, teacher_dirs, teacher_logits_for
+from lora_kd_jax.distill.teacher import Teacher, restore_teachers, teacher_logits_for, teacher_runs
 from lora_kd_jax.models.student import StudentClassifier, build_student
 from lora_kd_jax.training import loop
 from lora_kd_jax.training import mesh as mesh_lib
@@ -28,15 +28,15 @@ log = logging.getLogger(__name__)
 
 def _student_setup(cfg: Config) -> tuple[StudentClassifier, TrainSetup, int]:
     """The student and its (seed-stacked, with train.seeds) state from the one state recipe."""
-    seed_list = seeds_lib.seed_list(cfg)
-    student, _ = build_student(cfg.student, run_keys(seed_list[0]).model, shapes_only=True)
-    setup = seed_states(student, cfg.train.lr, seed_list, stacked=seeds_lib.is_seeded(cfg))
+    seeds = seed_list(cfg)
+    student, _ = build_student(cfg.student, run_keys(seeds[0]).model, shapes_only=True)
+    setup = seed_states(student, cfg.train.lr, seeds, stacked=seeds_lib.is_seeded(cfg))
     n = param_report(setup.params, setup.labels).total
     sc = cfg.student
     log.info("student: %s%s, embed %d, hidden %d, pooling %s, computing in %s: %.2fM params (%d), all trainable%s",
              sc.cell, " bidirectional" if sc.bidirectional else "", sc.embed_dim, sc.hidden_dim, sc.pooling,
              precision.student_dtype(sc), n / 1e6, n,
-             f"; {len(seed_list)} seeds {cfg.train.seeds} in one program" if seeds_lib.is_seeded(cfg) else "")
+             f"; {len(seeds)} seeds {cfg.train.seeds} in one program" if seeds_lib.is_seeded(cfg) else "")
     return student, setup, n
 
 
@@ -107,8 +107,8 @@ def build_rnn_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Tas
 def distill(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """The whole distillation run into cfg.run.dir; the teacher is checked before anything is built or written."""
     runtime.setup(cfg)
-    dirs = teacher_dirs(cfg)
-    return loop.train_and_evaluate(cfg, lambda splits: build_distill_task(cfg, splits, restore_teachers(dirs, cfg)),
+    infos = teacher_runs(cfg)
+    return loop.train_and_evaluate(cfg, lambda splits: build_distill_task(cfg, splits, restore_teachers(infos, cfg)),
                                    resume=resume, progress=progress)
 
 

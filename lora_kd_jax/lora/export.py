@@ -129,7 +129,7 @@ def export_peft(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, which
                           "rebuild: pass --save-base to write it beside the adapter, --base-model NAME_OR_DIR naming "
                           "a copy of it, or use `merge` for a self-contained checkpoint")
     _check_out_dir(Path(out_dir), [ADAPTER_CONFIG, ADAPTER_WEIGHTS], overwrite)
-    run = runs.open_run(run_dir, kind="lora", which=which)
+    run = runs.open_run(info, kind="lora", which=which)
     return write_peft_adapter(run.config, run.model, run.params, out_dir, base_model=base_model, save_base=save_base,
                               overwrite=overwrite)
 
@@ -258,7 +258,7 @@ def save_merged(model: Any, params: Params, out_dir: str | os.PathLike, *, overw
 def merge_and_save(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, which: str = "best",
                    overwrite: bool = False) -> Path:
     """A LoRA run's `which` checkpoint -> merged plain checkpoint in out_dir."""
-    runs.inspect_run(run_dir, kind="lora", which=which)
+    info = runs.inspect_run(run_dir, kind="lora", which=which)
     _check_out_dir(Path(out_dir), [HF_CONFIG, FLAX_WEIGHTS, TORCH_WEIGHTS], overwrite)
-    run = runs.open_run(run_dir, kind="lora", which=which)
+    run = runs.open_run(info, kind="lora", which=which)
     return save_merged(run.model, run.params, out_dir, overwrite=overwrite)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lora_kd_jax.core import precision
 from lora_kd_jax.core.config import ModelConfig, resolved_size
-from lora_kd_jax.core.errors import UserError
+from lora_kd_jax.core.errors import UserError, first_line
 from lora_kd_jax.models.gpt2_layout import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,10 @@ def load_pretrained(cfg: ModelConfig) -> tuple[Any, Params]:
     except Exception as e:  # hub and file errors come in many types; each is the user's to fix
         if cfg.path:
             raise ModelLoadError(f"model.path={cfg.path}: the checkpoint does not load ({type(e).__name__}: "
-                                 f"{_first_line(e)}); write it again with save_pretrained") from None
+                                 f"{first_line(e)}); write it again with save_pretrained") from None
         raise ModelLoadError(
             f"model.name={cfg.name}: the pretrained weights could not be loaded from the Hugging Face hub (no network, "
-            f"or not cached: {_first_line(e)}); set model.path=DIR to a save_pretrained checkpoint, or "
+            f"or not cached: {first_line(e)}); set model.path=DIR to a save_pretrained checkpoint, or "
             "model.init=random for a pipeline check without pretrained weights") from None
     hf_config = model.config
     if hf_config.vocab_size != cfg.vocab_size:
@@ -110,11 +110,6 @@ def load_pretrained(cfg: ModelConfig) -> tuple[Any, Params]:
     params = jax.tree.map(jnp.asarray, model.params)
     log.info("loaded GPT-2 weights from %s (%d layers, width %d)", source, hf_config.n_layer, hf_config.n_embd)
     return build_module(cfg, hf_config), params
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 @contextlib.contextmanager

@@ -66,8 +66,7 @@ def find_run_dir(path: str | Path) -> Path:
 
 
 def has_checkpoint(run_dir: Path, which: str) -> bool:
-    directory = run_dir / "checkpoints" / which
-    return directory.is_dir() and any(c.name.isdigit() for c in directory.iterdir())
+    return rundir.holds_step(run_dir / "checkpoints" / which)
 
 
 def inspect_run(path: str | Path, *, kind: str | None = None, which: str = "best") -> RunInfo:
@@ -153,14 +152,15 @@ def one_run_dir(path: str | Path, seed: int | None = None) -> tuple[Path, str]:
                         f"seeds {sorted(dirs)}; --seed K picks another")
 
 
-def open_run(path: str | Path, *, kind: str | None = None, which: str = "best") -> Run:
+def open_run(path: str | Path | RunInfo, *, kind: str | None = None, which: str = "best") -> Run:
     """A run restored from `checkpoints/<which>`: the model is rebuilt from the run's config.yaml with the run's own
     keys (so a random-init base is the same base), then the trained parameters are restored onto it. The frozen
-    GPT-2 base comes back in float32, as loaded (model.base_dtype is a storage choice of training)."""
+    GPT-2 base comes back in float32, as loaded (model.base_dtype is a storage choice of training). `path` may be
+    the `RunInfo` an earlier `inspect_run(path, kind=kind, which=which)` returned: its checks are not repeated."""
     from lora_kd_jax.core import metrics as metrics_lib
     from lora_kd_jax.runs.checkpoint import CheckpointError, CheckpointStore
 
-    info = inspect_run(path, kind=kind, which=which)
+    info = path if isinstance(path, RunInfo) else inspect_run(path, kind=kind, which=which)
     model, frozen, state = _rebuild(info.config, kind or info.kind or "lora")
     store = CheckpointStore(info.path / "checkpoints", read_only=True)
     try:

@@ -141,8 +141,7 @@ def claim(cfg: Config, *, resume: bool = False) -> Iterator[Path]:
 
 def _has_results(run_dir: Path) -> bool:
     checkpoints = run_dir / "checkpoints"
-    saved = checkpoints.is_dir() and any(p.is_dir() and any(c.name.isdigit() for c in p.iterdir())
-                                         for p in checkpoints.iterdir())
+    saved = checkpoints.is_dir() and any(holds_step(p) for p in checkpoints.iterdir())
     return saved or (run_dir / METRICS_FILE).exists()
 
 
@@ -237,12 +236,13 @@ def detach_log(run_dir: Path) -> None:
         h.close()
 
 
-def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """Atomically replace metrics.json (write a temp file, then rename)."""
-    path = Path(run_dir) / METRICS_FILE
-    tmp = path.with_suffix(".json.tmp")
+def write_json(path: str | os.PathLike, record: Any) -> Path:
+    """Write `record` as JSON whole or not at all (a temporary file renamed over `path`); a failed write names the
+    file and leaves no temporary behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(record, indent=2))
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
     except OSError as e:  # a full disk fails the write without naming the file: name it
         with contextlib.suppress(OSError):
@@ -251,6 +251,17 @@ def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from e
     return path
+
+
+def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Atomically replace metrics.json."""
+    return write_json(Path(run_dir) / METRICS_FILE, record)
+
+
+def holds_step(directory: str | os.PathLike) -> bool:
+    """Whether a checkpoint directory (checkpoints/best or checkpoints/latest) holds a saved step."""
+    directory = Path(directory)
+    return directory.is_dir() and any(c.name.isdigit() for c in directory.iterdir())
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:

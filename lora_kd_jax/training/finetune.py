@@ -8,7 +8,7 @@ import jax
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision, runtime
 from lora_kd_jax.core.config import Config
-from lora_kd_jax.core.keys import classifier_base_key, run_keys
+from lora_kd_jax.core.keys import classifier_base_key, run_keys, seed_list
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.classifier import build_classifier
 from lora_kd_jax.training import loop
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def dry_run(cfg: Config) -> ParamReport:
     """Parameter report from shapes alone: no weights are loaded or allocated."""
     cfg = gpt2.with_checkpoint_size(cfg)
-    model, shapes = build_classifier(cfg, run_keys(seeds_lib.seed_list(cfg)[0]).model, shapes_only=True)
+    model, shapes = build_classifier(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
     return param_report(shapes, model.param_labels(shapes))
 
 
@@ -32,16 +32,16 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     """Model, optimizer, state and batch sources for a LoRA run. With train.seeds the state stacks one trainable
     state per seed (its own adapters, head and dropout key) over one frozen base."""
     place = mesh_lib.run_placement(cfg)
-    seed_list = seeds_lib.seed_list(cfg)
+    seeds = seed_list(cfg)
     seeded = Seeded(consts_axes=None) if seeds_lib.is_seeded(cfg) else None
-    model, _ = build_classifier(cfg, run_keys(seed_list[0]).model, base_key=classifier_base_key(cfg))
-    setup = seed_states(model, cfg.train.lr, seed_list, stacked=seeded is not None)
+    model, _ = build_classifier(cfg, run_keys(seeds[0]).model, base_key=classifier_base_key(cfg))
+    setup = seed_states(model, cfg.train.lr, seeds, stacked=seeded is not None)
     report = param_report(setup.params, setup.labels)
     compute, base = precision.compute_dtype(cfg.model), precision.base_dtype(cfg.model)
     frozen = place.frozen(cast_frozen(setup.frozen, base))
     log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)%s",
              cfg.model.name, compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend(),
-             f"; {len(seed_list)} seeds {seed_list} in one program, one shared base" if seeded else "")
+             f"; {len(seeds)} seeds {seeds} in one program, one shared base" if seeded else "")
     batches = data_lib.batch_sources(splits, cfg)
     return Task(
         kind="lora", state=place.state(setup.state), consts={"frozen": frozen},

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lora_kd_jax.core.keys import base_seed
+
 SEED_DIR_PREFIX = "seed_"
 STATS = ("mean", "std", "min", "max")
 
@@ -24,18 +26,6 @@ STATS = ("mean", "std", "min", "max")
 def is_seeded(cfg: Any) -> bool:
     """True when the config asks for many seeds at once (train.seeds non-empty)."""
     return bool(cfg.train.seeds)
-
-
-def seed_list(cfg: Any) -> list[int]:
-    """The seeds a run trains: train.seeds, or [train.seed] for a single run."""
-    return list(cfg.train.seeds) or [cfg.train.seed]
-
-
-def base_seed(cfg: Any) -> int:
-    """The seed whose key draws a random-init GPT-2 base: model.base_seed, else the first seed of the run. All seeds
-    of a run share one frozen base, so a single run equal to seed k of a seeded random-init run needs
-    `train.seed=k model.base_seed=<this>` (with pretrained weights the base is the same whatever the seed)."""
-    return cfg.model.base_seed if cfg.model.base_seed >= 0 else seed_list(cfg)[0]
 
 
 def seed_dir(run_dir: str | os.PathLike, seed: int) -> Path:

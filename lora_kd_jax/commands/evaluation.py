@@ -1,7 +1,7 @@
 """Score a finished run on any CoLA set and classify new sentences: the code behind `lora-kd-jax evaluate` and
 `lora-kd-jax predict`.
 
-    clf = Classifier.from_run("runs/lora_gpt2")            # best checkpoint; which="latest" for the last epoch
+    clf = Predictor.from_run("runs/lora_gpt2")            # best checkpoint; which="latest" for the last epoch
     clf.predict(["The cat sat on the mat.", "Cat the mat on sat."])
     # [Prediction(label='acceptable', probability=0.93, truncated=False), ...]
     report = clf.evaluate("out_of_domain")                 # in_domain | out_of_domain | glue | a CoLA TSV path
@@ -20,7 +20,6 @@ raw TSV layout (source, label, annotation, sentence), read strictly by `data.rea
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -203,7 +202,7 @@ def combined_mcc(confusions: Sequence[dict[str, int]]) -> float:
 # ------------------------------------------------------------------------------------------ classifier
 
 
-class Classifier:
+class Predictor:
     """A restored run as a sentence classifier (`from_run`): `predict`, `logits` and `evaluate`."""
 
     def __init__(self, run: Any, *, batch_size: int | None = None):
@@ -239,7 +238,7 @@ class Classifier:
 
     @classmethod
     def from_run(cls, path: str | os.PathLike, which: str = "best", *, kind: str | None = None,
-                 batch_size: int | None = None) -> "Classifier":
+                 batch_size: int | None = None) -> "Predictor":
         """The run in `path` (a run dir or its checkpoints/ dir) at its `which` checkpoint (best | latest)."""
         from lora_kd_jax.runs import reader as runs
 
@@ -333,20 +332,20 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------ the commands' core
 
 
-def evaluate_run(path: str | os.PathLike, data: Sequence[str] = DEFAULT_SETS, *, which: str = "best",
-                 limit: int = 0, batch_size: int | None = None) -> tuple[Classifier, list[Report]]:
+def evaluate_run(path: str | os.PathLike | Any, data: Sequence[str] = DEFAULT_SETS, *, which: str = "best",
+                 limit: int = 0, batch_size: int | None = None) -> tuple[Predictor, list[Report]]:
     """Score a run on each set of `data`. Every cheap check (the run dir, its checkpoint, each set's rows) comes
-    before any weights are restored."""
+    before any weights are restored (`path` may be a `runs.reader.RunInfo` already inspected)."""
     from lora_kd_jax.runs import reader as runs
 
-    runs.inspect_run(path, which=which)
+    info = path if isinstance(path, runs.RunInfo) else runs.inspect_run(path, which=which)
     names = list(dict.fromkeys(os.fspath(d) for d in data)) or list(DEFAULT_SETS)
     sets = [load_eval_set(name, limit) for name in names]
-    clf = Classifier.from_run(path, which, batch_size=batch_size)
+    clf = Predictor(runs.open_run(info, which=which), batch_size=batch_size)
     return clf, [clf.evaluate(s) for s in sets]
 
 
-def evaluation_record(clf: Classifier, reports: Sequence[Report]) -> dict[str, Any]:
+def evaluation_record(clf: Predictor, reports: Sequence[Report]) -> dict[str, Any]:
     """What `evaluate --json` prints and RUN_DIR/evaluation.json holds."""
     cfg = clf.run.config
     return {"run": str(clf.run.path), "kind": clf.kind, "which": clf.run.which, "epoch": clf.epoch,
@@ -384,17 +383,12 @@ def format_seed_reports(record: dict[str, Any]) -> str:
 
 def write_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
     """RUN_DIR/evaluation.json, written whole or not at all (a temporary file renamed over it)."""
-    path = Path(run_dir) / EVALUATION_FILE
-    tmp = path.with_name(f".{EVALUATION_FILE}.tmp")
-    try:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    from lora_kd_jax.runs import rundir
+
+    return rundir.write_json(Path(run_dir) / EVALUATION_FILE, record)
 
 
-def format_reports(clf: Classifier, reports: Sequence[Report]) -> str:
+def format_reports(clf: Predictor, reports: Sequence[Report]) -> str:
     """The terminal table: one row per set, then each set's confusion matrix and accuracy per source."""
     lines = [f"run: {clf.describe()}", "",
              f"{'set':<16}{'rows':>6}{'trunc':>7}{'accuracy':>10}{'MCC':>9}{'loss':>9}"]
