@@ -22,6 +22,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402  (test helpers live in tests/tiny.py)
 
+def pytest_report_header(config):
+    """Which lora_kd_jax the suite tests: the installed package (CI: PYTHONSAFEPATH=1) or the source tree."""
+    import lora_kd_jax
+
+    return f"lora_kd_jax under test: {os.path.dirname(lora_kd_jax.__file__)}"
+
+
 def pytest_runtest_setup(item):
     """torch (a test extra, imported only by the tests that need it) computes in fp32 in every test."""
     torch = sys.modules.get("torch")

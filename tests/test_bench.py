@@ -162,7 +162,9 @@ def test_default_paths_are_the_packaged_assets():
     data_dir, tokenizer = bench.default_paths()
     assert (data_dir, tokenizer) == (str(COLA_DIR), str(TOKENIZER_DIR))
     assert Path(data_dir, "in_domain_train.tsv").is_file() and Path(tokenizer, "vocab.json").is_file()
-    assert Path(data_dir).is_relative_to(REPO / "lora_kd_jax")  # inside the repository, not beside it
+    import lora_kd_jax
+
+    assert Path(data_dir).is_relative_to(Path(lora_kd_jax.__file__).parent)  # inside the package, wherever installed
 
 
 def test_importing_the_bench_imports_no_datasets():
