@@ -81,7 +81,7 @@ def sync(device: torch.device) -> None:
 
 
 def peer_batch(batch: int, seq: int, device: torch.device) -> Batch:
-    """Right-padded random rows; the draw order (ids, lengths, labels) is the contract with lora_kd_jax.bench."""
+    """Right-padded random rows; the draw order (ids, lengths, labels) is the contract with lora_kd_jax.commands.bench."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB - 1, (batch, seq), generator=g)
     lengths = torch.randint(5, seq // 2 + 8, (batch,), generator=g).clamp(max=seq)

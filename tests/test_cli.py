@@ -83,7 +83,7 @@ def test_an_empty_compilation_cache_setting_turns_off_a_cache_from_the_environme
     """run.compilation_cache="" disables JAX's persistent cache even when JAX_COMPILATION_CACHE_DIR set one (and a
     directory given afterwards turns it on again there)."""
     env_cache, own_cache = tmp_path / "from_env", tmp_path / "own"
-    code = ("import jax, jax.numpy as jnp, sys; from pathlib import Path; from lora_kd_jax.core import runtime\n"
+    code = ("import jax, jax.numpy as jnp, sys; from pathlib import Path; from lora_kd_jax.training import runtime\n"
             "runtime.enable_compilation_cache('')\n"
             "jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()\n"
             "print(len(list(Path(sys.argv[1]).glob('*'))))\n"

@@ -190,7 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import json
 
     from lora_kd_jax.commands import evaluation
-    from lora_kd_jax.core import runtime
+    from lora_kd_jax.training import runtime
     from lora_kd_jax.runs import reader as runs
 
     _quiet_checkpoint_reader()
@@ -228,7 +228,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import json
 
     from lora_kd_jax.commands import evaluation
-    from lora_kd_jax.core import runtime
+    from lora_kd_jax.training import runtime
     from lora_kd_jax.runs import reader as runs
 
     _quiet_checkpoint_reader()

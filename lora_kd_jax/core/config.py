@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import yaml
 
 from lora_kd_jax.core.errors import UserError
-from lora_kd_jax.models.gpt2_layout import CONV1D_MODULES, GPT2_SIZES
+from lora_kd_jax.core.gpt2_layout import CONV1D_MODULES, GPT2_SIZES
 
 DEFAULT_LORA_TARGETS = CONV1D_MODULES  # every Conv1D of every block
 

@@ -15,7 +15,7 @@ import numpy as np
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.data.encoding import EncodedSplit
 from lora_kd_jax.data.errors import DataError
-from lora_kd_jax.models.gpt2_layout import PAD_ID
+from lora_kd_jax.core.gpt2_layout import PAD_ID
 
 
 def num_batches(n: int, batch_size: int) -> int:

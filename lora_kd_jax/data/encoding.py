@@ -17,7 +17,7 @@ import numpy as np
 from lora_kd_jax.assets import TOKENIZER_DIR
 from lora_kd_jax.core.errors import first_line
 from lora_kd_jax.data.errors import DataError, listing
-from lora_kd_jax.models.gpt2_layout import PAD_ID  # GPT-2 eos, used as pad (`data.PAD_ID` stays importable)
+from lora_kd_jax.core.gpt2_layout import PAD_ID  # GPT-2 eos, used as pad (`data.PAD_ID` stays importable)
 
 if TYPE_CHECKING:  # heavy import stays lazy so `import lora_kd_jax.data` is cheap
     import transformers

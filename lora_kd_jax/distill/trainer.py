@@ -10,7 +10,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from lora_kd_jax import data as data_lib
-from lora_kd_jax.core import precision, runtime
+from lora_kd_jax.core import precision
+from lora_kd_jax.training import runtime
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.core.keys import run_keys, seed_list
 from lora_kd_jax.distill.losses import teacher_objective

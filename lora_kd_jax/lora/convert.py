@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from lora_kd_jax.core.errors import UserError
-from lora_kd_jax.models.gpt2_layout import BLOCK_LAYER_NORMS, CONV1D_MODULES, FINAL_LAYER_NORM, conv1d_in_out
+from lora_kd_jax.core.gpt2_layout import BLOCK_LAYER_NORMS, CONV1D_MODULES, FINAL_LAYER_NORM, conv1d_in_out
 
 Params = dict[str, Any]
 StateDict = dict[str, np.ndarray]

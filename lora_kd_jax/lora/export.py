@@ -35,7 +35,7 @@ from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.core.config import Config, ConfigError, validate
 from lora_kd_jax.lora.convert import TRANSFORMER_PREFIX
 from lora_kd_jax.core.keys import classifier_base_key, run_keys
-from lora_kd_jax.models.gpt2_layout import PAD_ID
+from lora_kd_jax.core.gpt2_layout import PAD_ID
 from lora_kd_jax.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportError
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from lora_kd_jax.lora import convert
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.lora.convert import PEFT_PREFIX, SCORE_KEY, TRANSFORMER_PREFIX
 from lora_kd_jax.core.errors import UserError, read_json_object
-from lora_kd_jax.models.gpt2_layout import (BLOCK_LAYER_NORMS, CONV1D_MODULES, FINAL_LAYER_NORM, LAYER_NORMS,
+from lora_kd_jax.core.gpt2_layout import (BLOCK_LAYER_NORMS, CONV1D_MODULES, FINAL_LAYER_NORM, LAYER_NORMS,
                                             conv1d_in_out)
 
 Params = dict[str, Any]

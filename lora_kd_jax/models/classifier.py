@@ -17,7 +17,7 @@ from flax import traverse_util
 from lora_kd_jax.lora import transform as lora_lib
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.models import gpt2
-from lora_kd_jax.models.gpt2_layout import KERNEL_LAYOUT
+from lora_kd_jax.core.gpt2_layout import KERNEL_LAYOUT
 from lora_kd_jax.models.interface import FROZEN, HEAD, LORA, NORM, Labels, last_token_index
 
 Params = dict[str, Any]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from lora_kd_jax.core import precision
 from lora_kd_jax.core.config import ModelConfig, resolved_size
 from lora_kd_jax.core.errors import UserError, first_line
-from lora_kd_jax.models.gpt2_layout import PAD_ID
+from lora_kd_jax.core.gpt2_layout import PAD_ID
 
 log = logging.getLogger(__name__)
 

@@ -109,19 +109,19 @@ class HoistedTorchRNN(nn.Module):
         return jnp.swapaxes(hs, 0, 1)  # [B, L, H]
 
 
-def make_cell(kind: str, features: int, dtype: Any = None, name: str | None = None) -> nn.RNNCellBase:
-    if kind == "rnn":
+def make_cell(cell: str, features: int, dtype: Any = None, name: str | None = None) -> nn.RNNCellBase:
+    if cell == "rnn":
         return TorchRNNCell(features, dtype=dtype, name=name)
     init = torch_uniform(features)
     # the carry has the compute dtype (Flax's default uses param_dtype, which breaks the scan under bfloat16)
     carry_init = lambda key, shape, _dtype: jnp.zeros(shape, dtype or jnp.float32)  # noqa: E731
     kwargs = dict(kernel_init=init, recurrent_kernel_init=init, bias_init=init, carry_init=carry_init, dtype=dtype,
                   name=name)
-    if kind == "gru":
+    if cell == "gru":
         return nn.GRUCell(features, **kwargs)
-    if kind == "lstm":
+    if cell == "lstm":
         return nn.OptimizedLSTMCell(features, **kwargs)
-    raise ValueError(f"student.cell: unknown cell {kind!r}; expected rnn, gru or lstm")
+    raise ValueError(f"student.cell: unknown cell {cell!r}; expected rnn, gru or lstm")
 
 
 class RNNStudent(nn.Module):

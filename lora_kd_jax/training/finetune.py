@@ -6,7 +6,8 @@ import logging
 import jax
 
 from lora_kd_jax import data as data_lib
-from lora_kd_jax.core import precision, runtime
+from lora_kd_jax.core import precision
+from lora_kd_jax.training import runtime
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.core.keys import classifier_base_key, run_keys, seed_list
 from lora_kd_jax.models import gpt2
