@@ -254,7 +254,7 @@ def seeded_batch(args: BenchArgs, n: int) -> dict[str, np.ndarray]:
 
 def first_seeds(setup: TrainSetup, n: int) -> Any:
     """Seeds 0..n-1 of a stacked state (a copy: the step donates it)."""
-    return jax.tree.map(lambda x: x[:n], setup.state)
+    return jax.tree.map(lambda x: jnp.copy(x[:n]), setup.state)
 
 
 def bench_seeded(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
