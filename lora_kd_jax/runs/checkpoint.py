@@ -57,10 +57,18 @@ def os_error_code(exc: BaseException | None) -> int | None:
     return None
 
 
+# what a write still in flight says when the failed save has already shut its event loop or executor down
+_GONE = ("event loop is closed", "after shutdown", "interpreter shutdown")
+
+
 def _is_write_noise(exc: BaseException | None) -> bool:
     """What Orbax's background work reports around a failed write: the file-system error itself, and the
-    RuntimeErrors of its writes still in flight that find their event loop or executor gone."""
-    return exc is not None and (os_error_code(exc) is not None or isinstance(exc, RuntimeError))
+    RuntimeErrors of its writes still in flight that find their event loop or executor gone. Nothing else."""
+    if exc is None:
+        return False
+    if os_error_code(exc) is not None:
+        return True
+    return isinstance(exc, RuntimeError) and any(g in str(exc).lower() for g in _GONE)
 
 
 class _WriteNoise(logging.Filter):
