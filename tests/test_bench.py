@@ -98,7 +98,7 @@ def test_seeded_benches_report_per_seed_time_and_memory():
     from lora_kd_jax.models.classifier import build_classifier
     from lora_kd_jax.training.state import seed_states
 
-    benches = ["lora_train_step", "student_step"]  # distill_step_cached is the student step plus a gather
+    benches = ["lora_train_step", "distill_step_cached", "student_step"]
     args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=benches, batch=8, seq=32,
                            steps=1, warmup=0, trim=False, seeds=[1, 2])
     records = bench.run(args)
@@ -118,6 +118,7 @@ def test_seeded_benches_report_per_seed_time_and_memory():
 
     cfg = bench.variant_config("tiny", "fp32")  # shapes only: what the bench built, without building it again
     model, _ = build_classifier(cfg, jax.random.key(0))
+
     def state_and_frozen():  # seed 0's as the bench builds it (the one state recipe)
         setup = seed_states(model, 1e-3, [0], stacked=False)
         return setup.state, setup.frozen
@@ -131,6 +132,12 @@ def test_seeded_benches_report_per_seed_time_and_memory():
     assert extra < frozen_bytes  # the base is not stacked
     assert extra == state_bytes + batch_bytes
     assert arg[("lora_train_step", 1)] == frozen_bytes + state_bytes + batch_bytes
+    # the cached distillation step reads, per seed, its own teacher's logits for the batch's rows ([B, 2] float32)
+    # and the rows' index (int32 [B]); everything else is the RNN baseline's step, seed for seed
+    for n in (1, 2):
+        assert arg[("distill_step_cached", n)] - arg[("student_step", n)] == n * 8 * (2 * 4 + 4)
+    student_extra = arg[("student_step", 2)] - arg[("student_step", 1)]
+    assert student_extra == arg[("student_step", 1)]  # a student has no frozen part: every byte is per seed
 
 
 @pytest.mark.parametrize("value", ["0", "1,1", "two", "1,,2", "-1"])
