@@ -373,3 +373,16 @@ def test_a_missing_best_of_the_latest_step_is_rewritten_on_resume(tmp_path, capl
     best = CheckpointStore(run / "checkpoints", read_only=True).restore_best()
     assert best[2] == summary["best_epoch"] * 3  # the best the run reports is the best on disk
     assert not list((run / "checkpoints").rglob("*orbax-checkpoint-tmp*"))
+
+
+def test_a_plot_on_a_full_disk_names_its_file(small_fs):
+    """matplotlib's own ENOSPC names no file; the one-line error must say which PNG could not be written."""
+    from disk_fault import fill
+
+    from lora_kd_jax.runs import plots
+
+    history = [{"epoch": 1, "train": {"accuracy": 0.5, "loss": 1.0}, "val": {"accuracy": 0.5, "loss": 1.0}}]
+    fill(small_fs, 0)
+    with pytest.raises(OSError) as e:
+        plots.plot_curves(history, small_fs)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(small_fs / "accuracy.png")

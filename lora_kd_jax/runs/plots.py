@@ -33,9 +33,21 @@ def _save(fig, ax, ylabel: str, title: str, path: Path, fontsize: int | None = N
     ax.set_title(title, fontsize=fontsize)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=fontsize and fontsize - 1)
+    return _write_png(fig, path)
+
+
+def _write_png(fig, path: str | os.PathLike) -> Path:
+    """Save and close the figure; a file-system error names the PNG (matplotlib's does not always)."""
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -85,7 +97,4 @@ def plot_val_accuracy(runs: Mapping[str, Sequence[Mapping]], path: str | os.Path
     ax.set_ylabel("val accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _write_png(fig, path)
