@@ -19,7 +19,6 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import jax
@@ -332,15 +331,9 @@ def bench_epoch(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
 
 
 def epoch_splits(cfg: Config) -> dict[str, data_lib.EncodedSplit]:
-    """The training split as `data.load_splits` encodes it, read without the `datasets` package (absent on the GPU
-    image): strict TSV reader, GPT-2 tokenizer, `encode`. Only training batches are drawn, so the training split
-    also stands in for the validation split that `finetune.build_task` expects."""
-    sentences, labels = data_lib.read_cola_tsv(Path(cfg.data.dir) / data_lib.RAW_LAYOUT[0])
-    if cfg.data.limit:
-        sentences, labels = sentences[:cfg.data.limit], labels[:cfg.data.limit]
-    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
-    split = data_lib.encode(sentences, labels, tokenizer, cfg.data.max_length)
-    return {"train": split, "validation": split}
+    """The splits exactly as training reads and encodes them (`data.load_splits`: from local files it needs no
+    `datasets` package, which the GPU image lacks). Only training batches are drawn."""
+    return data_lib.load_splits(cfg).encoded
 
 
 def _bench_epoch(args: BenchArgs, variant: str, mode: str, buckets: list[int], group_window: int
