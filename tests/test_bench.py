@@ -181,6 +181,20 @@ def test_importing_the_bench_imports_no_datasets():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_the_epoch_bench_reads_its_data_without_datasets():
+    """The GPU image has no `datasets`: the epoch bench's reader (data.load_splits from local files) must not need
+    it. Importing it is made to fail, as it fails there."""
+    code = ("import sys; sys.modules['datasets'] = None\n"
+            "from lora_kd_jax.commands import bench\n"
+            "from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR\n"
+            "cfg = bench.variant_config('tiny', 'fp32', f'data.dir={COLA_DIR}', f'data.tokenizer={TOKENIZER_DIR}',"
+            " 'data.limit=12')\n"
+            "print(sorted((k, len(v)) for k, v in bench.epoch_splits(cfg).items()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[('out_of_domain', 12), ('train', 12), ('validation', 12)]"
+
+
 def test_epoch_splits_match_the_training_pipeline():
     """What the bench encodes is what training encodes: the first `limit` rows of the training file, same tokens."""
     from lora_kd_jax import data as data_lib
