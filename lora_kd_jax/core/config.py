@@ -71,6 +71,10 @@ class TrainConfig:
     seed: int = 0
     seeds: list[int] = dataclasses.field(default_factory=list)  # N seeds trained at once in one program; [] = train.seed
     on_nonfinite: str = "stop"  # a NaN/Inf loss: stop (naming step and epoch) | skip (drop that batch's update)
+    schedule: str = "constant"  # learning rate over the run: constant | linear (decay to 0) | cosine (decay to 0)
+    warmup: float = 0.0  # linear warm-up from 0: a number of steps (>= 1), or a fraction of all steps (< 1)
+    weight_decay: float = 0.0  # decoupled (AdamW); never on LayerNorms or biases
+    max_grad_norm: float = 0.0  # clip the global norm of the trainable gradients to this; 0 = no clipping
 
     @property
     def eval_batch(self) -> int:
@@ -139,6 +143,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.base_dtype": ("auto", "float32", "bfloat16"),
     "lora.init": ("seed", "standard"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.schedule": ("constant", "linear", "cosine"),
     "student.cell": ("rnn", "gru", "lstm"),
     "student.pooling": ("last_token", "last_step"),
     "student.dtype": ("auto", "float32", "bfloat16"),
@@ -150,7 +155,7 @@ POSITIVE: tuple[str, ...] = (
     "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head", "mesh.fsdp",
 )
 NON_NEGATIVE: tuple[str, ...] = ("data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
-                                 "model.dropout")
+                                 "model.dropout", "train.warmup", "train.weight_decay", "train.max_grad_norm")
 PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout")
 
 
@@ -292,6 +297,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.buckets and cfg.student.pooling == "last_step":
         raise ConfigError("data.buckets with student.pooling=last_step: that pooling reads the last padded position, "
                           "which bucketing moves; use student.pooling=last_token or data.buckets=[]")
+    w = cfg.train.warmup
+    if w >= 1 and w != int(w):
+        raise ConfigError(f"train.warmup={w}: give whole steps (e.g. 100) or a fraction of all steps below 1 (e.g. 0.1)")
     if not cfg.lora.targets:
         raise ConfigError("lora.targets: needs at least one target pattern")
     _validate_seeds(cfg)

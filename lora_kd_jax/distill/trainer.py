@@ -27,11 +27,12 @@ from lora_kd_jax.training.steps import Objective, Seeded, cross_entropy_objectiv
 log = logging.getLogger(__name__)
 
 
-def _student_setup(cfg: Config) -> tuple[StudentClassifier, TrainSetup, int]:
-    """The student and its (seed-stacked, with train.seeds) state from the one state recipe."""
+def _student_setup(cfg: Config, total_steps: int) -> tuple[StudentClassifier, TrainSetup, int]:
+    """The student and its (seed-stacked, with train.seeds) state from the one state recipe (the learning rate
+    schedule spans `total_steps`)."""
     seeds = seed_list(cfg)
     student, _ = build_student(cfg.student, run_keys(seeds[0]).model, shapes_only=True)
-    setup = seed_states(student, cfg.train.lr, seeds, stacked=seeds_lib.is_seeded(cfg))
+    setup = seed_states(student, cfg.train, seeds, stacked=seeds_lib.is_seeded(cfg), total_steps=total_steps)
     n = param_report(setup.params, setup.labels).total
     sc = cfg.student
     log.info("student: %s%s, embed %d, hidden %d, pooling %s, computing in %s: %.2fM params (%d), all trainable%s",
@@ -45,8 +46,8 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
           info: dict, title: str, place: mesh_lib.Placement | None = None, consts_axes: Any = None,
           seed_info: dict[int, dict] | None = None) -> Task:
     place = place or mesh_lib.run_placement(cfg)
-    student, setup, n = _student_setup(cfg)
     batches = data_lib.batch_sources(splits, cfg)
+    student, setup, n = _student_setup(cfg, cfg.train.epochs * batches.n_train_batches)
     seeded = Seeded(consts_axes) if seeds_lib.is_seeded(cfg) else None
     return Task(
         kind=kind, state=place.state(setup.state), consts={"frozen": {}, **consts},

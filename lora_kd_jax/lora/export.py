@@ -202,7 +202,7 @@ def write_imported_run(cfg: Config, model: Any, params: Params, run_dir: str | o
         raise ExportError(f"{run} already holds checkpoints; choose a new --out directory")
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=os.fspath(run_dir)))
     rundir.prepare(cfg)
-    state = train_state(model, params, cfg.train.lr, run_keys(cfg.train.seed).dropout).state
+    state = train_state(model, params, cfg.train, run_keys(cfg.train.seed).dropout).state
     store = CheckpointStore(ckpt)
     try:
         store.save(0, {"state": state, "train_sums": metrics_lib.zeros()},

@@ -189,5 +189,5 @@ def _rebuild(cfg: Config, kind: str) -> tuple[Any, Params, Any]:
 
     keys = run_keys(cfg.train.seed)
     model = build_model(cfg, kind)
-    setup = train_state(model, model.init(keys.model), cfg.train.lr, keys.dropout)
+    setup = train_state(model, model.init(keys.model), cfg.train, keys.dropout)  # the run's optimizer's tree
     return model, setup.frozen, setup.state

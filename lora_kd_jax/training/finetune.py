@@ -36,14 +36,15 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     seeds = seed_list(cfg)
     seeded = Seeded(consts_axes=None) if seeds_lib.is_seeded(cfg) else None
     model, _ = build_classifier(cfg, run_keys(seeds[0]).model, base_key=classifier_base_key(cfg))
-    setup = seed_states(model, cfg.train.lr, seeds, stacked=seeded is not None)
+    batches = data_lib.batch_sources(splits, cfg)
+    setup = seed_states(model, cfg.train, seeds, stacked=seeded is not None,
+                        total_steps=cfg.train.epochs * batches.n_train_batches)
     report = param_report(setup.params, setup.labels)
     compute, base = precision.compute_dtype(cfg.model), precision.base_dtype(cfg.model)
     frozen = place.frozen(cast_frozen(setup.frozen, base))
     log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)%s",
              cfg.model.name, compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend(),
              f"; {len(seeds)} seeds {seeds} in one program, one shared base" if seeded else "")
-    batches = data_lib.batch_sources(splits, cfg)
     return Task(
         kind="lora", state=place.state(setup.state), consts={"frozen": frozen},
         train_step=make_train_step(model, setup.tx, cross_entropy_objective, seeded),

@@ -1,33 +1,88 @@
 """The one optimizer: `optax.multi_transform` over the model's parameter labels.
 
 Every leaf carries a group label from its model (`models.interface`): the LoRA classifier's 'lora', 'norm', 'head'
-and 'frozen'; a student's 'student'. Each trained group gets its own transform (`group_transform`: Adam with the
-original's torch.optim.Adam defaults today; where a per-group learning rate or weight decay plugs in), and 'frozen'
-gets `optax.set_to_zero`: the optimizer sees the whole tree, and frozen leaves receive zero updates through it.
+and 'frozen'; a student's 'student'. Each trained group gets its own transform (`group_transform`: Adam with
+torch.optim.Adam's defaults at the run's learning rate schedule, AdamW's decoupled decay where train.weight_decay
+asks and the group decays), and 'frozen' gets `optax.set_to_zero`: the optimizer sees the whole tree, and frozen
+leaves receive zero updates through it. `train.max_grad_norm` clips the global norm of the trainable gradients
+first (frozen gradients are zeroed before the norm is taken, so they never count).
+
+With the defaults (constant rate, no warm-up, no decay, no clipping) the optimizer is exactly the original's Adam.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import optax
 
-from lora_kd_jax.models.interface import FROZEN, GROUPS, Labels
+from lora_kd_jax.core.config import TrainConfig
+from lora_kd_jax.models.interface import FROZEN, GROUPS, NORM, Labels
+
+NO_DECAY_GROUPS = (NORM,)  # LayerNorm scales and biases keep their values under weight decay
+NO_DECAY_LEAVES = ("bias",)  # nor does any bias
 
 
-def adam(lr: float) -> optax.GradientTransformation:
-    """Adam with torch.optim.Adam's defaults (the original's optimizer for every run)."""
+def adam(lr: float | optax.Schedule, weight_decay: float = 0.0, decay_mask: Any = None
+         ) -> optax.GradientTransformation:
+    """Adam with torch.optim.Adam's defaults (the original's optimizer for every run); AdamW when `weight_decay`."""
+    if weight_decay:
+        return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
     return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
 
 
-def group_transform(group: str, lr: float) -> optax.GradientTransformation:
-    """The transform of one trained group (every group: Adam at train.lr, as the original)."""
+def warmup_steps(train: TrainConfig, total_steps: int) -> int:
+    """train.warmup in steps: whole steps as given, or a fraction of all `total_steps`."""
+    w = train.warmup
+    return int(w) if w >= 1 else int(round(w * total_steps))
+
+
+def learning_rate(train: TrainConfig, total_steps: int) -> float | optax.Schedule:
+    """train.lr as the run's schedule over `total_steps` optimizer steps: a plain float for a constant rate without
+    warm-up (the original), else an optax schedule (linear warm-up from 0, then constant, linear or cosine decay
+    to 0 at the last step)."""
+    lr, warm = train.lr, warmup_steps(train, total_steps)
+    if train.schedule == "constant" and warm == 0:
+        return lr
+    decay_steps = max(total_steps - warm, 1)
+    after = {"constant": optax.constant_schedule(lr),
+             "linear": optax.linear_schedule(lr, 0.0, decay_steps),
+             "cosine": optax.cosine_decay_schedule(lr, decay_steps)}[train.schedule]
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+
+
+def _decays(path: tuple, _leaf: Any) -> bool:
+    return getattr(path[-1], "key", None) not in NO_DECAY_LEAVES
+
+
+def group_transform(group: str, train: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """The transform of one trained group: Adam (AdamW with train.weight_decay, except for LayerNorms and biases) at
+    the run's learning rate schedule."""
     if group not in GROUPS:
         raise ValueError(f"unknown parameter group {group!r}: expected one of {', '.join(GROUPS)} or {FROZEN}")
-    return adam(lr)
+    decay = 0.0 if group in NO_DECAY_GROUPS else train.weight_decay
+    mask = (lambda params: jax.tree_util.tree_map_with_path(_decays, params)) if decay else None
+    return adam(learning_rate(train, total_steps), decay, mask)
 
 
-def make_optimizer(lr: float, labels: Labels) -> optax.GradientTransformation:
+def clip_trainable(max_norm: float, labels: Labels) -> optax.GradientTransformation:
+    """Zero the frozen gradients, then clip the global norm of what is left (the trainable ones) to `max_norm`."""
+    present = set(jax.tree.leaves(labels))
+    keep = {g: optax.set_to_zero() if g == FROZEN else optax.identity() for g in present}
+    return optax.chain(optax.multi_transform(keep, labels), optax.clip_by_global_norm(max_norm))
+
+
+def make_optimizer(train: TrainConfig | float, labels: Labels, total_steps: int = 1) -> optax.GradientTransformation:
     """multi_transform over `labels` (a tree of group names shaped like the parameters it will be given): one
-    transform per group present, `set_to_zero` for frozen leaves."""
+    transform per group present, `set_to_zero` for frozen leaves. `train` is the run's TrainConfig (its schedule
+    spans `total_steps` optimizer steps), or a learning rate alone (constant-rate Adam: the bench, the tests)."""
+    if not isinstance(train, TrainConfig):
+        train = TrainConfig(lr=float(train))
     present = sorted(set(jax.tree.leaves(labels)), key=lambda g: (g == FROZEN, g))
-    transforms = {g: optax.set_to_zero() if g == FROZEN else group_transform(g, lr) for g in present}
-    return optax.multi_transform(transforms, labels)
+    transforms = {g: optax.set_to_zero() if g == FROZEN else group_transform(g, train, total_steps) for g in present}
+    tx = optax.multi_transform(transforms, labels)
+    if train.max_grad_norm:
+        return optax.chain(clip_trainable(train.max_grad_norm, labels), tx)
+    return tx

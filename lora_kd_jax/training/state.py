@@ -1,4 +1,4 @@
-"""The one state recipe: (model, learning rate, seeds) -> the train state every trainer, resume, the run reader,
+"""The one state recipe: (model, training settings, seeds) -> the train state every trainer, resume, the run reader,
 import and the bench use, so a checkpoint always restores into the tree that wrote it.
 
 A model's parameters split by its labels into the trainable partition (in the state: donated, updated in place,
@@ -18,6 +18,7 @@ import optax
 from flax import traverse_util
 
 from lora_kd_jax.core import precision
+from lora_kd_jax.core.config import TrainConfig
 from lora_kd_jax.core.keys import run_keys
 from lora_kd_jax.models.interface import FROZEN, ClassifierModel, Labels
 from lora_kd_jax.training import seeds as seeds_lib
@@ -74,26 +75,29 @@ class TrainSetup:
     params: Params  # the first seed's full tree (its parameter report; the reader's frozen base)
 
 
-def train_state(model: ClassifierModel, params: Params, lr: float, dropout_key: jax.Array,
-                tx: optax.GradientTransformation | None = None) -> TrainSetup:
+def train_state(model: ClassifierModel, params: Params, train: TrainConfig | float, dropout_key: jax.Array,
+                tx: optax.GradientTransformation | None = None, total_steps: int = 1) -> TrainSetup:
     """The state of one seed from its full parameter tree: step 0, the trainable partition, the optimizer state
-    of the whole tree, the dropout key."""
+    of the whole tree, the dropout key. `train` is the run's TrainConfig (its learning rate schedule spans
+    `total_steps`; a reader that only restores may leave it at 1: the state's structure does not depend on it), or
+    a learning rate alone (constant-rate Adam)."""
     labels = model.param_labels(params)
-    tx = tx or make_optimizer(lr, labels)
+    tx = tx or make_optimizer(train, labels, total_steps)
     trainable, frozen = partition(params, labels)
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(params),
                        rng=jax.random.key_data(dropout_key))
     return TrainSetup(tx=tx, state=state, frozen=frozen, labels=labels, params=params)
 
 
-def seed_states(model: ClassifierModel, lr: float, seeds: Sequence[int], *, stacked: bool) -> TrainSetup:
+def seed_states(model: ClassifierModel, train: TrainConfig | float, seeds: Sequence[int], *, stacked: bool,
+                total_steps: int = 1) -> TrainSetup:
     """Every seed's state, each drawn from its own named keys (`run_keys(seed)`: model and dropout), over one
     frozen partition; `stacked` puts them on a leading seed axis (many seeds in one program)."""
     setups = []
     for seed in seeds:
         keys = run_keys(seed)
         tx = setups[0].tx if setups else None
-        setups.append(train_state(model, model.init(keys.model), lr, keys.dropout, tx))
+        setups.append(train_state(model, model.init(keys.model), train, keys.dropout, tx, total_steps))
     state = seeds_lib.stack([s.state for s in setups]) if stacked else setups[0].state
     return dataclasses.replace(setups[0], state=state)
 
