@@ -6,7 +6,7 @@ when a name that needs it is touched):
     import lora_kd_jax as lkj
 
     cfg = lkj.load_config("configs/smoke.yaml", ["run.dir=runs/smoke"])   # typed config, key=value overrides
-    summary = lkj.train_lora(cfg)                                       # or lkj.distill(cfg), lkj.train_rnn(cfg)
+    summary = lkj.train_lora(cfg)                              # or lkj.distill_student(cfg), lkj.train_rnn(cfg)
     clf = lkj.Predictor.from_run("runs/smoke")                          # any finished run
     clf.predict(["The cat sat on the mat."])                            # [Prediction(label=..., ...)]
     clf.evaluate("out_of_domain").mcc
@@ -24,7 +24,7 @@ _API = {
     "ConfigError": ("lora_kd_jax.core.config", "ConfigError"),
     "UserError": ("lora_kd_jax.core.errors", "UserError"),
     "train_lora": ("lora_kd_jax.training.finetune", "train_lora"),
-    "distill": ("lora_kd_jax.distill.trainer", "distill"),
+    "distill_student": ("lora_kd_jax.distill.trainer", "distill"),
     "train_rnn": ("lora_kd_jax.distill.trainer", "train_rnn"),
     "run_study": ("lora_kd_jax.commands.reproduce", "run_study"),
     "Predictor": ("lora_kd_jax.commands.evaluation", "Predictor"),

@@ -25,8 +25,21 @@ def test_every_public_name_resolves_and_importing_the_package_loads_no_jax():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout) == len(lora_kd_jax.__all__) >= 10
-    assert {"load_config", "train_lora", "distill", "train_rnn", "Predictor", "export_peft", "merge"} <= set(
+    assert {"load_config", "train_lora", "distill_student", "train_rnn", "Predictor", "export_peft", "merge"} <= set(
         lora_kd_jax.__all__)
+
+
+def test_public_names_do_not_depend_on_what_was_imported_before():
+    """A public name that is also a subpackage (lora_kd_jax.distill) would be replaced by the module once any of its
+    modules is imported: every public name resolves to the same object whatever was imported first."""
+    code = ("import importlib, pkgutil, lora_kd_jax as lkj\n"
+            "for m in pkgutil.walk_packages(lkj.__path__, 'lora_kd_jax.'):\n    m.name.endswith('__main__') or importlib.import_module(m.name)\n"
+            "import types\n"
+            "bad = [n for n in lkj.__all__ if isinstance(getattr(lkj, n), types.ModuleType)]\n"
+            "assert not bad, bad\n"
+            "assert callable(lkj.distill_student) and lkj.distill_student.__module__ == 'lora_kd_jax.distill.trainer'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_an_unknown_name_lists_the_public_api():

@@ -110,3 +110,31 @@ def test_the_kit_trains_a_tiny_run_end_to_end(tmp_path):
 def test_bad_kit_settings_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 0.1, 0.4, 2])
+def test_the_optimizer_state_tree_does_not_depend_on_the_number_of_steps(schedule, warmup):
+    """A reader rebuilds the restore target without knowing the run's steps (total_steps=1): the state tree must be
+    the one training wrote whatever its length (a fractional warm-up rounds to 0 steps of 1)."""
+    train = TrainConfig(lr=LR, schedule=schedule, warmup=warmup)
+    short, long = (make_optimizer(train, LABELS, n).init(PARAMS) for n in (1, 1000))
+    assert jax.tree.structure(short) == jax.tree.structure(long)
+
+
+@pytest.mark.parametrize("kit, refused", [([], False), (["train.warmup=10"], False),
+                                          (["train.schedule=cosine"], True), (["train.warmup=0.1"], True)])
+def test_resume_may_add_epochs_only_when_no_schedule_spans_the_run(kit, refused, tmp_path):
+    """More epochs on --resume is allowed for a constant rate (whole-step warm-up included); a decay or a fractional
+    warm-up is laid over all the steps, so it would change the rate of steps already taken: refused by name."""
+    from lora_kd_jax.runs import rundir
+
+    rundir.prepare(load_config(None, [*kit, "train.epochs=2", f"run.dir={tmp_path}"]))
+    rundir.detach_log(tmp_path)
+    longer = load_config(None, [*kit, "train.epochs=4", f"run.dir={tmp_path}"])
+    if refused:
+        with pytest.raises(rundir.RunDirError, match=r"config differs in train\.epochs"):
+            rundir.prepare(longer, resume=True)
+    else:
+        rundir.prepare(longer, resume=True)
+        rundir.detach_log(tmp_path)

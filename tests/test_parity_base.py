@@ -1,6 +1,6 @@
 """Parity of the GPT-2 base and the classifier head with transformers' PyTorch GPT2Model (fp32, CPU).
 
-Weights are created on one side and moved with lora_kd_jax.convert: tiny model Flax -> torch, gpt2-size
+Weights are created on one side and moved with lora_kd_jax.lora.convert: tiny model Flax -> torch, gpt2-size
 torch -> Flax. A perturbation test proves the tolerance bites.
 """
 from __future__ import annotations

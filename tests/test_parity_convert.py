@@ -1,4 +1,4 @@
-"""lora_kd_jax.convert: exact round trips, real transformers / PEFT layouts, and errors that name the problem."""
+"""lora_kd_jax.lora.convert: exact round trips, real transformers / PEFT layouts, and errors that name the problem."""
 from __future__ import annotations
 
 import dataclasses

@@ -177,3 +177,21 @@ def test_nan_batches_can_be_skipped(tmp_path):
         assert epoch["train"]["nonfinite"] == 1 and epoch["train"]["count"] == 64 - 16
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(task.state.trainable))
     assert np.isfinite(summary["best_val_accuracy"])
+
+
+def test_a_whole_step_of_another_layout_is_refused_not_moved_aside(tmp_path):
+    """A run dir from another model or optimizer layout (e.g. an older lora_kd_jax) is not corrupt: resuming says
+    so in one error and leaves every step where it was (only an unreadable step is moved to corrupt/)."""
+    import jax.numpy as jnp
+
+    from lora_kd_jax.runs.checkpoint import CheckpointError
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save(1, {"state": {"a": jnp.ones(3), "b": jnp.ones(2)}}, {"kind": "lora"})
+    store.close()
+    store = CheckpointStore(tmp_path / "checkpoints")  # writable, as on --resume
+    for other in ({"state": {"a": jnp.ones(3)}}, {"state": {"a": jnp.ones(4), "b": jnp.ones(2)}}):
+        with pytest.raises(CheckpointError, match=r"step 1 holds a state of another layout.*nothing was moved"):
+            store.restore_latest(other)
+    store.close()
+    assert (tmp_path / "checkpoints" / "latest" / "1").is_dir() and not (tmp_path / "checkpoints" / "corrupt").exists()

@@ -386,3 +386,21 @@ def test_a_plot_on_a_full_disk_names_its_file(small_fs):
     with pytest.raises(OSError) as e:
         plots.plot_curves(history, small_fs)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(small_fs / "accuracy.png")
+
+
+def test_a_bug_raised_while_handling_a_file_error_is_not_called_a_file_system_error():
+    """Only an explicit `raise ... from` chain (or the error itself) counts: a TypeError that happens while Orbax
+    handles a FileNotFoundError is a bug and keeps its type and traceback."""
+    from lora_kd_jax.runs.checkpoint import os_error_code
+
+    try:
+        try:
+            raise FileNotFoundError(2, "No such file or directory", "/probe")
+        except FileNotFoundError:
+            raise TypeError("unsupported leaf")
+    except TypeError as e:
+        assert os_error_code(e) is None
+    try:
+        raise RuntimeError("write failed") from ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")
+    except RuntimeError as e:
+        assert os_error_code(e) == errno.ENOSPC

@@ -6,7 +6,7 @@
   output = conv(x) + dropout(x, p) @ U @ V.T, no scaling.
 - `add_peft_lora`: the `standard` init through PEFT itself (LoraConfig with fan_in_fan_out=True on Conv1D).
 - Trainable set: LoRA factors, every LayerNorm weight and bias, `score`; everything else frozen.
-Weights move between the two sides only through `lora_kd_jax.convert`, plus two layouts only tests need, kept
+Weights move between the two sides only through `lora_kd_jax.lora.convert`, plus two layouts only tests need, kept
 here on top of it: the original's U/V factors (`seed_lora_to_torch` / `seed_lora_from_torch`) and a whole
 GPT2ForSequenceClassification state dict (`flax_classifier_to_torch` / `torch_classifier_to_flax`).
 """

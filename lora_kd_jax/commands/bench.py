@@ -299,7 +299,7 @@ def bench_lora_seeded(args: BenchArgs, variant: str, mode: str, cfg: Config, bat
 def bench_student_seeded(args: BenchArgs, variant: str, mode: str, batches: dict[int, dict], name: str,
                          student: ClassifierModel, setup: TrainSetup, student_dtype: str) -> Iterable[dict]:
     """The student's step with N seeds (the first N of `states`): distill_step_cached reads each seed's own cached
-    teacher logits ({'teacher_logits': [N, B, 2]}, consts_axes {'teacher_logits': 0}: a seeded teacher teaching its
+    teacher logits ({'teacher_logits': [N, B, 2]}, consts_axes {'frozen': None, 'teacher_logits': 0}: a seeded teacher teaching its
     own seed), student_step is the RNN baseline (cross-entropy on the labels, no constants)."""
     if name == "distill_step_cached":
         objective, seeded = teacher_objective(2.0, 0.0), Seeded({"frozen": None, "teacher_logits": 0})

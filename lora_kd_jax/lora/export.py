@@ -210,7 +210,7 @@ def write_imported_run(cfg: Config, model: Any, params: Params, run_dir: str | o
                     "imported_from": os.fspath(source) if source is not None else None})
     finally:
         store.close()
-    log.info("wrote imported run to %s (checkpoints/latest step 0): continue with scripts/train_lora.py "
+    log.info("wrote imported run to %s (checkpoints/latest step 0): continue with lora-kd-jax train-lora "
              "%s --resume", run, run / rundir.CONFIG_FILE)
     return run
 

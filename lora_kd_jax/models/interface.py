@@ -1,6 +1,7 @@
 """The one interface of every model that classifies (GPT-2 + LoRA + head, the RNN student, the families to come).
 
-Trainers, the state recipe, the run reader, evaluation, export and the bench call only this:
+The trainers, the state recipe, the run reader and evaluation call only this (GPT-2's extras, `merged` and
+`module.config`, serve the teacher, export and the bench):
 
     params = model.init(key)                                  # the full tree, drawn from one named key
     labels = model.param_labels(params)                       # a group name at every leaf: which leaves train, how

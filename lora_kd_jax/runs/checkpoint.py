@@ -42,8 +42,9 @@ _TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='?(\d+)'?\]")
 
 
 def os_error_code(exc: BaseException | None) -> int | None:
-    """The errno of the file-system failure behind `exc` (searched along its cause/context chain): an OSError's
-    own, or the `os_error_code` payload of the status tensorstore raised; None if there is none."""
+    """The errno of the file-system failure behind `exc` (searched along its explicit `raise ... from` chain only: an
+    unrelated error raised while an OSError was being handled is a bug, not a full disk): an OSError's own, or the
+    `os_error_code` payload of the status tensorstore raised; None if there is none."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -53,7 +54,7 @@ def os_error_code(exc: BaseException | None) -> int | None:
             match = _TENSORSTORE_OS_ERROR.search(str(exc))
             if match:
                 return int(match.group(1))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return None
 
 
@@ -136,6 +137,14 @@ def _writing(path: Path) -> Iterator[None]:
             logger.removeFilter(during)
 
 
+# what Orbax says when a step is whole but its tree or shapes are not the restore target's
+_LAYOUT_MISMATCH = ("tree structures do not match", "is not compatible with the stored shape")
+
+
+def _layout_mismatch(exc: BaseException) -> bool:
+    return isinstance(exc, ValueError) and any(m in str(exc) for m in _LAYOUT_MISMATCH)
+
+
 def _manager(directory: Path, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=False)
@@ -195,6 +204,11 @@ class CheckpointStore:
                     log.warning("restored step %d after newer steps failed: %s", s, "; ".join(errors))
                 return out["state"], dict(out["record"]), s
             except Exception as e:  # a corrupted or incomplete step: fall back to the previous one
+                if _layout_mismatch(e):  # whole, but of another tree: moving it aside would lose a good run
+                    raise CheckpointError(
+                        f"{manager.directory}: step {s} holds a state of another layout than this run builds "
+                        f"({str(e).splitlines()[0]}): it was written by another model, optimizer or lora_kd_jax "
+                        "version; start again with run.overwrite=true or another run.dir (nothing was moved)") from None
                 errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 if not self.read_only:
                     self._move_aside(manager, s)

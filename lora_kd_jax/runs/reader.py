@@ -1,7 +1,7 @@
 """The one run reader: a run directory (LoRA, distilled student or RNN baseline) back as config, model and weights.
 
-Distillation's teacher, export, merge, import and evaluation all read runs through `inspect_run` (cheap checks, no
-weights) and `open_run` (restores a checkpoint), so a directory that is not a usable run fails the same way
+Distillation's teacher, export, merge and evaluation read runs through `inspect_run` (cheap checks, no weights) and
+`open_run` (restores a checkpoint; it takes the RunInfo an earlier inspect_run returned), so a directory that is not a usable run fails the same way
 everywhere: one `RunError` saying what is wrong with it.
 """
 from __future__ import annotations

@@ -185,11 +185,19 @@ def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _comparable(d: dict) -> dict:
     """Settings that change results. run.* (where and how to write), mesh.* and distributed.* (where it runs)
-    and train.epochs (a resume may extend a run) may differ between a run and its continuation."""
+    and train.epochs (a resume may extend a run) may differ between a run and its continuation; train.epochs not
+    when the learning rate follows a schedule or a fractional warm-up (both span all the run's steps)."""
     out = {k: v for k, v in d.items() if k not in ("run", "mesh", "distributed")}
-    if isinstance(out.get("train"), dict):
-        out["train"] = {k: v for k, v in out["train"].items() if k != "epochs"}
+    train = out.get("train")
+    if isinstance(train, dict) and not _schedule_spans_the_run(train):
+        out["train"] = {k: v for k, v in train.items() if k != "epochs"}
     return out
+
+
+def _schedule_spans_the_run(train: dict) -> bool:
+    """A decaying schedule or a fractional warm-up is laid out over all the run's steps: more epochs would change
+    the learning rate of steps already taken."""
+    return train.get("schedule", "constant") != "constant" or 0 < train.get("warmup", 0) < 1
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

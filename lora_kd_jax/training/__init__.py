@@ -1,1 +1,1 @@
-"""Training: the train-state recipe and optimizer, the jitted steps, the epoch loop, many seeds, devices, dtypes."""
+"""Training: the train-state recipe and optimizer, the jitted steps, the epoch loop, many seeds, devices and hosts."""

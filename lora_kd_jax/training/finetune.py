@@ -1,6 +1,7 @@
 """LoRA fine-tuning of a GPT-2 classifier: its task for the epoch loop, and `finetune(cfg)`."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -40,6 +41,7 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     setup = seed_states(model, cfg.train, seeds, stacked=seeded is not None,
                         total_steps=cfg.train.epochs * batches.n_train_batches)
     report = param_report(setup.params, setup.labels)
+    model = dataclasses.replace(model, base=None)  # the jitted steps keep `model`: not the fp32 base beside `frozen`
     compute, base = precision.compute_dtype(cfg.model), precision.base_dtype(cfg.model)
     frozen = place.frozen(cast_frozen(setup.frozen, base))
     log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)%s",

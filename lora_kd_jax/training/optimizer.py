@@ -42,8 +42,8 @@ def learning_rate(train: TrainConfig, total_steps: int) -> float | optax.Schedul
     warm-up (the original), else an optax schedule (linear warm-up from 0, then constant, linear or cosine decay
     to 0 at the last step)."""
     lr, warm = train.lr, warmup_steps(train, total_steps)
-    if train.schedule == "constant" and warm == 0:
-        return lr
+    if train.schedule == "constant" and train.warmup == 0:  # decided by the config alone: the optimizer state's
+        return lr  # tree must not depend on total_steps (a reader rebuilds it without knowing them)
     decay_steps = max(total_steps - warm, 1)
     after = {"constant": optax.constant_schedule(lr),
              "linear": optax.linear_schedule(lr, 0.0, decay_steps),
