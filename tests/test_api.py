@@ -1,13 +1,11 @@
 """The public API (`lora_kd_jax.__all__`) and the README's Python example, run as a user would run it."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import lora_kd_jax
+from tiny import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,8 +20,7 @@ def readme_example() -> str:
 def test_every_public_name_resolves_and_importing_the_package_loads_no_jax():
     code = ("import sys, lora_kd_jax; assert 'jax' not in sys.modules, 'jax imported'; "
             "[getattr(lora_kd_jax, n) for n in lora_kd_jax.__all__]; print(len(lora_kd_jax.__all__))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_python(code)
     assert int(done.stdout) == len(lora_kd_jax.__all__) >= 10
     assert {"load_config", "train_lora", "distill_student", "train_rnn", "Predictor", "export_peft", "merge"} <= set(
         lora_kd_jax.__all__)
@@ -33,13 +30,13 @@ def test_public_names_do_not_depend_on_what_was_imported_before():
     """A public name that is also a subpackage (lora_kd_jax.distill) would be replaced by the module once any of its
     modules is imported: every public name resolves to the same object whatever was imported first."""
     code = ("import importlib, pkgutil, lora_kd_jax as lkj\n"
-            "for m in pkgutil.walk_packages(lkj.__path__, 'lora_kd_jax.'):\n    m.name.endswith('__main__') or importlib.import_module(m.name)\n"
+            "for m in pkgutil.walk_packages(lkj.__path__, 'lora_kd_jax.'):\n"
+            "    m.name.endswith('__main__') or importlib.import_module(m.name)\n"
             "import types\n"
             "bad = [n for n in lkj.__all__ if isinstance(getattr(lkj, n), types.ModuleType)]\n"
             "assert not bad, bad\n"
             "assert callable(lkj.distill_student) and lkj.distill_student.__module__ == 'lora_kd_jax.distill.trainer'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_python(code)
 
 
 def test_an_unknown_name_lists_the_public_api():
@@ -54,9 +51,7 @@ def test_an_unknown_name_lists_the_public_api():
 def test_the_readme_python_example_runs(tmp_path):
     """The example verbatim, from a directory holding only the study's configs (as a clone has them)."""
     (tmp_path / "configs").symlink_to(REPO / "configs")
-    done = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ))
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python(readme_example(), timeout=600, cwd=tmp_path)
     assert (tmp_path / "runs" / "smoke" / "metrics.json").is_file()
     assert (tmp_path / "exports" / "smoke_adapter" / "adapter_config.json").is_file()
     assert "acceptable" in done.stdout  # the printed prediction carries a label name

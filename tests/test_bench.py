@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from lora_kd_jax.commands import bench
 from lora_kd_jax.assets import COLA_DIR, TOKENIZER_DIR
 from lora_kd_jax.commands.cli import main_bench
+from tiny import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,8 +177,7 @@ def test_default_paths_are_the_packaged_assets():
 def test_importing_the_bench_imports_no_datasets():
     code = ("import sys, lora_kd_jax.commands.bench, lora_kd_jax.commands.cli\n"
             "sys.exit('datasets imported' if 'datasets' in sys.modules else None)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_python(code, cwd=REPO)
 
 
 def test_the_epoch_bench_reads_its_data_without_datasets():
@@ -190,8 +189,7 @@ def test_the_epoch_bench_reads_its_data_without_datasets():
             "cfg = bench.variant_config('tiny', 'fp32', f'data.dir={COLA_DIR}', f'data.tokenizer={TOKENIZER_DIR}',"
             " 'data.limit=12')\n"
             "print(sorted((k, len(v)) for k, v in bench.epoch_splits(cfg).items()))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_python(code, timeout=120)
     assert done.stdout.strip() == "[('out_of_domain', 12), ('train', 12), ('validation', 12)]"
 
 

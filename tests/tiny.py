@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -75,3 +77,11 @@ def make_mixed_length_batch(lengths: Sequence[int], seq_len: int = 20, *, seed: 
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": rng.integers(0, n_labels, b).astype(np.int32),
             "weights": np.ones(b, np.float32)}
+
+
+def run_python(code: str, *, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`python -c code` in a fresh process (what an import or an absent package does there, not here); fails the
+    test with the end of its stderr unless it exits 0."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
