@@ -60,6 +60,8 @@ def _training_command(sub, name: str, handler: Callable, help_: str, example: st
     p.add_argument("--dry-run", action="store_true", help=dry_run)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="write a jax.profiler trace of STEPS "
+                   "training steps, after the first (compiling) one, into RUN_DIR/profile")
     p.set_defaults(handler=handler)
 
 

@@ -51,7 +51,8 @@ def cmd_train_lora(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(finetune.dry_run(cfg))
         return
-    report(finetune.train_lora(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
+    report(finetune.train_lora(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile),
+           cfg.run.dir)
 
 
 def _student_report(cfg: Config) -> str:
@@ -76,7 +77,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
                  "teachers: " + ", ".join(f"seed {k} <- {info.path}" for k, info in infos.items()))
         print(f"{which} (LoRA {name})\n{_student_report(cfg)}")
         return
-    report(trainer.distill(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
+    report(trainer.distill(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile),
+           cfg.run.dir)
 
 
 def cmd_train_rnn(args: argparse.Namespace) -> None:
@@ -86,7 +88,8 @@ def cmd_train_rnn(args: argparse.Namespace) -> None:
         return
     from lora_kd_jax.distill import trainer as distill
 
-    report(distill.train_rnn(cfg, resume=args.resume, progress=not args.no_progress), cfg.run.dir)
+    report(distill.train_rnn(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile),
+           cfg.run.dir)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:

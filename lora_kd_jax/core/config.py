@@ -75,6 +75,9 @@ class TrainConfig:
     warmup: float = 0.0  # linear warm-up from 0: a number of steps (>= 1), or a fraction of all steps (< 1)
     weight_decay: float = 0.0  # decoupled (AdamW); never on LayerNorms or biases
     max_grad_norm: float = 0.0  # clip the global norm of the trainable gradients to this; 0 = no clipping
+    accumulate: int = 1  # split each batch of batch_size into K micro-batches, one optimizer step (less memory)
+    patience: int = 0  # stop after P epochs without a better validation score; 0 = off
+    max_steps: int = 0  # stop after N optimizer steps (the schedule then spans N); 0 = off
 
     @property
     def eval_batch(self) -> int:
@@ -121,6 +124,7 @@ class RunConfig:
     dir: str = "runs/default"
     overwrite: bool = False  # allow writing into a run dir that holds a different run
     compilation_cache: str = "~/.cache/lora_kd_jax/xla"  # "" disables the persistent compilation cache
+    wandb: str = ""  # a Weights & Biases project to log to (needs `pip install wandb`); "" = off
 
 
 @dataclasses.dataclass
@@ -152,10 +156,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE: tuple[str, ...] = (
     "model.vocab_size", "model.n_positions", "data.max_length", "lora.rank", "lora.alpha", "train.batch_size",
     "train.lr", "train.epochs", "student.vocab_size", "student.embed_dim", "student.hidden_dim",
-    "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head", "mesh.fsdp",
+    "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head", "mesh.fsdp", "train.accumulate",
 )
 NON_NEGATIVE: tuple[str, ...] = ("data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
-                                 "model.dropout", "train.warmup", "train.weight_decay", "train.max_grad_norm")
+                                 "model.dropout", "train.warmup", "train.weight_decay", "train.max_grad_norm",
+                                 "train.patience", "train.max_steps")
 PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout")
 
 
@@ -300,6 +305,10 @@ def validate(cfg: Config) -> None:
     w = cfg.train.warmup
     if w >= 1 and w != int(w):
         raise ConfigError(f"train.warmup={w}: give whole steps (e.g. 100) or a fraction of all steps below 1 (e.g. 0.1)")
+    t = cfg.train
+    if t.batch_size % t.accumulate:
+        raise ConfigError(f"train.accumulate={t.accumulate} does not divide train.batch_size={t.batch_size}: the "
+                          "batch is split into that many equal micro-batches; choose a divisor")
     if not cfg.lora.targets:
         raise ConfigError("lora.targets: needs at least one target pattern")
     _validate_seeds(cfg)

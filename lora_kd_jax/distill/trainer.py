@@ -21,6 +21,7 @@ from lora_kd_jax.training import loop
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.training import seeds as seeds_lib
 from lora_kd_jax.training.loop import Task
+from lora_kd_jax.training.optimizer import learning_rate, total_steps
 from lora_kd_jax.training.state import TrainSetup, param_report, seed_states
 from lora_kd_jax.training.steps import Objective, Seeded, cross_entropy_objective, make_eval_step, make_train_step
 
@@ -47,11 +48,14 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
           seed_info: dict[int, dict] | None = None) -> Task:
     place = place or mesh_lib.run_placement(cfg)
     batches = data_lib.batch_sources(splits, cfg)
-    student, setup, n = _student_setup(cfg, cfg.train.epochs * batches.n_train_batches)
+    steps = total_steps(cfg.train, batches.n_train_batches)
+    student, setup, n = _student_setup(cfg, steps)
     seeded = Seeded(consts_axes) if seeds_lib.is_seeded(cfg) else None
     return Task(
         kind=kind, state=place.state(setup.state), consts={"frozen": {}, **consts},
-        train_step=make_train_step(student, setup.tx, objective, seeded), eval_step=make_eval_step(student, seeded),
+        train_step=make_train_step(student, setup.tx, objective, seeded, accumulate=cfg.train.accumulate,
+                                   lr=learning_rate(cfg.train, steps)),
+        eval_step=make_eval_step(student, seeded),
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
         epochs=cfg.train.epochs, reported_batches=batches.reported,
         info={"total_params": n, "trainable_params": n, "reduction": 0.0,
@@ -106,16 +110,16 @@ def build_rnn_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Tas
                  info={"train_loss": "CE", "val_loss": "CE"}, title="RNN from scratch")
 
 
-def distill(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
+def distill(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
     """The whole distillation run into cfg.run.dir; the teacher is checked before anything is built or written."""
     runtime.setup(cfg)
     infos = teacher_runs(cfg)
     return loop.train_and_evaluate(cfg, lambda splits: build_distill_task(cfg, splits, restore_teachers(infos, cfg)),
-                                   resume=resume, progress=progress)
+                                   resume=resume, progress=progress, profile=profile)
 
 
-def train_rnn(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
+def train_rnn(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
     """The RNN baseline (cross-entropy from scratch) into cfg.run.dir."""
     runtime.setup(cfg)
     return loop.train_and_evaluate(cfg, lambda splits: build_rnn_task(cfg, splits), resume=resume,
-                                   progress=progress)
+                                   progress=progress, profile=profile)

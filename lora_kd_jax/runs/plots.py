@@ -1,4 +1,5 @@
-"""Per-epoch accuracy and loss curves (train and val), written as PNGs into the run dir."""
+"""Per-epoch accuracy and loss curves (train and val), and the learning rate and gradient norm, written as PNGs
+into the run dir."""
 from __future__ import annotations
 
 import os
@@ -25,6 +26,26 @@ def plot_curves(history: Sequence[Mapping], run_dir: str | os.PathLike, title: s
                     label=name.replace("_", "-"))
         out.append(_save(fig, ax, ylabel, f"{title} {metric}".strip(), Path(run_dir) / f"{metric}.png"))
     return out
+
+
+def plot_optimizer(histories: Mapping[str, Sequence[Mapping]], run_dir: str | os.PathLike, title: str = ""
+                   ) -> Path | None:
+    """optimizer.png: per epoch the learning rate of its last step and the mean global gradient norm of the
+    trainable leaves (one line per lane: a seeded run draws each seed); None when the history holds neither
+    (a run written before they were recorded)."""
+    runs = {name: h for name, h in histories.items() if h and "grad_norm" in h[0]["train"]}
+    if not runs:
+        return None
+    fig, (lr_ax, norm_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, history in runs.items():
+        epochs = [h["epoch"] for h in history]
+        lr_ax.plot(epochs, [h["train"]["lr"] for h in history], marker="o", label=name)
+        norm_ax.plot(epochs, [h["train"]["grad_norm"] for h in history], marker="o", label=name)
+    lr_ax.set_xlabel("epoch")
+    lr_ax.set_ylabel("learning rate (last step)")
+    lr_ax.grid(alpha=0.3)
+    return _save(fig, norm_ax, "gradient norm (epoch mean)", f"{title} optimizer".strip(),
+                 Path(run_dir) / "optimizer.png", fontsize=9)
 
 
 def _save(fig, ax, ylabel: str, title: str, path: Path, fontsize: int | None = None) -> Path:

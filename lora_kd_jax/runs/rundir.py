@@ -18,7 +18,9 @@ from lora_kd_jax.core.precision import resolved_config
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
 LOCK_FILE = ".lock"
-RUN_OUTPUTS = ("checkpoints", METRICS_FILE, LOG_FILE, "accuracy.png", "loss.png")  # what a run writes besides config
+# what a run writes besides config (TensorBoard's event files in tensorboard/, a --profile trace in profile/)
+RUN_OUTPUTS = ("checkpoints", METRICS_FILE, LOG_FILE, "accuracy.png", "loss.png", "optimizer.png", "tensorboard",
+               "profile")
 
 
 class RunDirError(UserError, RuntimeError):

@@ -17,6 +17,7 @@ from lora_kd_jax.training import loop
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.training import seeds as seeds_lib
 from lora_kd_jax.training.loop import Task
+from lora_kd_jax.training.optimizer import learning_rate, total_steps
 from lora_kd_jax.training.state import ParamReport, cast_frozen, param_report, seed_states
 from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_eval_step, make_train_step
 
@@ -38,8 +39,8 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     seeded = Seeded(consts_axes=None) if seeds_lib.is_seeded(cfg) else None
     model, _ = build_classifier(cfg, run_keys(seeds[0]).model, base_key=classifier_base_key(cfg))
     batches = data_lib.batch_sources(splits, cfg)
-    setup = seed_states(model, cfg.train, seeds, stacked=seeded is not None,
-                        total_steps=cfg.train.epochs * batches.n_train_batches)
+    steps = total_steps(cfg.train, batches.n_train_batches)
+    setup = seed_states(model, cfg.train, seeds, stacked=seeded is not None, total_steps=steps)
     report = param_report(setup.params, setup.labels)
     model = dataclasses.replace(model, base=None)  # the jitted steps keep `model`: not the fp32 base beside `frozen`
     compute, base = precision.compute_dtype(cfg.model), precision.base_dtype(cfg.model)
@@ -49,7 +50,8 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
              f"; {len(seeds)} seeds {seeds} in one program, one shared base" if seeded else "")
     return Task(
         kind="lora", state=place.state(setup.state), consts={"frozen": frozen},
-        train_step=make_train_step(model, setup.tx, cross_entropy_objective, seeded),
+        train_step=make_train_step(model, setup.tx, cross_entropy_objective, seeded, accumulate=cfg.train.accumulate,
+                                   lr=learning_rate(cfg.train, steps)),
         eval_step=make_eval_step(model, seeded),
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
         epochs=cfg.train.epochs, reported_batches=batches.reported,
@@ -60,9 +62,10 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
         seeds=tuple(cfg.train.seeds))
 
 
-def train_lora(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
+def train_lora(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
     """The whole LoRA run into cfg.run.dir; returns the summary written to metrics.json."""
     runtime.setup(cfg)
     cfg = gpt2.with_checkpoint_size(cfg)  # model.path decides the architecture, and config.yaml records it
     log.info("%s", dry_run(cfg))  # shapes only: a bad model size or LoRA target fails here, before any data or compute
-    return loop.train_and_evaluate(cfg, lambda splits: build_task(cfg, splits), resume=resume, progress=progress)
+    return loop.train_and_evaluate(cfg, lambda splits: build_task(cfg, splits), resume=resume, progress=progress,
+                                   profile=profile)

@@ -7,8 +7,14 @@ The loop keeps metrics on device during an epoch (one host sync per epoch), chec
 
 `run_epochs` composes the pieces: `restore` (a fresh start, or the latest checkpoint and a repair of a best
 checkpoint cut off), then per epoch `train_one_epoch` (the steps; a stop signal saves and ends the run) and
-`end_of_epoch` (scores, best per lane, log lines, best-then-latest saves, metrics.json and plots). A single run and
-many seeds go through the same pieces; `progress.Lanes` holds what differs.
+`end_of_epoch` (scores, best per lane, log lines, early stopping, best-then-latest saves, metrics.json, plots and
+TensorBoard). A single run and many seeds go through the same pieces; `progress.Lanes` holds what differs.
+
+Early stopping (`RunOptions`): train.patience=P ends the run after P epochs in a row without a better validation
+accuracy; in a seeded run each seed counts its own epochs and the run (one program) stops when every seed has run
+out (a seed that ran out trains on with the others; its best checkpoint stays its best epoch's). train.max_steps=N
+ends it after N optimizer steps, mid-epoch if need be (that epoch is scored on the steps it ran). The counts and the
+stop are in the checkpoint record: a resumed run goes on counting, and a stopped run stays stopped.
 """
 from __future__ import annotations
 
@@ -26,11 +32,13 @@ from tqdm.auto import tqdm
 from lora_kd_jax.core import metrics as metrics_lib
 from lora_kd_jax.runs import plots
 from lora_kd_jax.runs import rundir
+from lora_kd_jax.runs.tensorboard import EventLog, check_wandb
 from lora_kd_jax.training import seeds as seeds_lib
 from lora_kd_jax.runs.checkpoint import CheckpointError
 from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.training.mesh import is_main_process
 from lora_kd_jax.training.progress import Lanes, RunProgress
+from lora_kd_jax.training.trace import ProfileWindow, StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,51 @@ class Task:
     # many seeds at once (seeds.py): state, train batches and step sums carry a leading seed axis; () = one run
     seeds: tuple[int, ...] = ()
     seed_info: dict[int, dict] = dataclasses.field(default_factory=dict)  # per-seed summary entries (its teacher)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a run may stop early and what it records besides its metrics (cfg.train, cfg.run, the CLI's flags)."""
+    patience: int = 0  # train.patience: epochs without a better validation score before the run stops; 0 = off
+    max_steps: int = 0  # train.max_steps: optimizer steps after which the run stops; 0 = off
+    profile: int = 0  # --profile: steps traced by jax.profiler into RUN_DIR/profile after the first one
+    wandb: str = ""  # run.wandb: a W&B project beside TensorBoard
+    config: dict | None = None  # the run's settings, for W&B
+
+    @staticmethod
+    def of(cfg: Any, profile: int = 0) -> RunOptions:
+        from lora_kd_jax.core.config import to_dict
+
+        return RunOptions(cfg.train.patience, cfg.train.max_steps, profile, cfg.run.wandb, to_dict(cfg))
+
+
+@dataclasses.dataclass
+class Recording:
+    """What watches the steps: their scalars (on device until the epoch's end), the event files (process 0; None
+    elsewhere), the profiler window; `t0` is when the current epoch began."""
+    trace: StepTrace
+    events: EventLog | None
+    window: ProfileWindow
+    t0: float = 0.0
+
+    def collect(self, run: RunProgress) -> None:
+        """Fetch the buffered steps (one transfer) for their tags and keep the epoch's sums in `run`."""
+        self._steps = self.trace.collect()
+        run.step_stats = self.trace.state()
+
+    def write(self, entries: list[dict] | None = None, step: int = 0) -> None:
+        """The collected steps' tags, and with `entries` the epoch's (written once the epoch is saved, so a run
+        stopped by a NaN before its first save leaves no event file behind)."""
+        if self.events is None:
+            return
+        self.events.steps(self._steps)
+        if entries is not None:
+            self.events.epoch(entries, step, time.perf_counter() - self.t0)
+
+    def close(self) -> None:
+        self.window.stop(None)  # a run that failed inside the window: end the trace, without waiting on the state
+        if self.events is not None:
+            self.events.close()
 
 
 class TrainingInterrupted(UserError, RuntimeError):
@@ -116,17 +169,19 @@ def _summary(history: list[dict]) -> dict:
     return out
 
 
-def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool = False, progress: bool = True
-                       ) -> dict:
+def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool = False, progress: bool = True,
+                       profile: int = 0) -> dict:
     """Any trainer's whole run into cfg.run.dir: lock and prepare the run dir, read the data, `build(splits)` the
-    task, run its epochs; returns the summary written to metrics.json."""
+    task, run its epochs (`profile`: steps to trace); returns the summary written to metrics.json."""
     from lora_kd_jax import data as data_lib
 
+    check_wandb(cfg.run.wandb)
     with rundir.claim(cfg, resume=resume) as run_dir:
+        log.info("curves: tensorboard --logdir %s", run_dir)
         splits = data_lib.load_splits(cfg)
         task = build(splits.encoded)
         task.info["data"] = splits.report()
-        summary = run_epochs(task, run_dir, resume=resume, progress=progress)
+        summary = run_epochs(task, run_dir, resume=resume, progress=progress, options=RunOptions.of(cfg, profile))
         if task.seeds:
             agg = summary["seed_stats"]
             log.info("%d seeds: best val accuracy %s, val MCC %s (mean ± std (min–max), %%)", len(task.seeds),
@@ -139,20 +194,36 @@ def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool =
     return summary
 
 
-def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train task.epochs epochs (continuing a checkpointed run if `resume`); return the summary."""
+def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+               options: RunOptions = RunOptions()) -> dict:
+    """Train task.epochs epochs (continuing a checkpointed run if `resume`), or until `options` stop the run;
+    return the summary."""
     run_dir = Path(run_dir)
     lanes = Lanes.of(task, run_dir)
     run = restore(task, lanes, resume=resume)
     run.last_plot = time.perf_counter()
-    with _StopFlag() as stop:
-        for epoch in range(run.start_epoch, task.epochs):
-            train_one_epoch(task, lanes, run, epoch, stop, progress=progress)
-            end_of_epoch(task, lanes, run, epoch)
+    trace = StepTrace(lanes.n)
+    trace.load(run.step_stats if run.start_batch else None)
+    events = EventLog(run_dir, seeds=lanes.seeds, wandb_project=options.wandb,
+                      config=options.config) if is_main_process() else None
+    rec = Recording(trace, events, ProfileWindow(options.profile, run_dir / "profile"))
+    if run.stopped:
+        log.info("the run had stopped at epoch %d: %s; nothing to resume", run.stopped["epoch"],
+                 run.stopped["message"])
+    try:
+        with _StopFlag() as stop:
+            for epoch in range(run.start_epoch, task.epochs):
+                if run.stopped:
+                    break
+                train_one_epoch(task, lanes, run, epoch, stop, rec, options, progress=progress)
+                end_of_epoch(task, lanes, run, epoch, rec, options)
+        rec.window.stop(task.state)
+    finally:
+        rec.close()
     lanes.close()
     if not run.histories[0]:
         raise ValueError("no epochs were run (train.epochs is already reached by the checkpoint?)")
-    return write_metrics(task, lanes, run.histories, run.wall(), plot=True)
+    return write_metrics(task, lanes, run, plot=True)
 
 
 def _tree(task: Task, run: RunProgress) -> dict:
@@ -163,7 +234,8 @@ def _tree(task: Task, run: RunProgress) -> dict:
 def restore(task: Task, lanes: Lanes, *, resume: bool) -> RunProgress:
     """A fresh run's progress, or with `resume` the latest checkpoint's: its state goes into task.state, and a best
     checkpoint whose save was cut off is rewritten from it."""
-    run = RunProgress(histories=[[] for _ in range(lanes.n)], best_steps=[None] * lanes.n, train_sums=lanes.zeros())
+    run = RunProgress(histories=[[] for _ in range(lanes.n)], best_steps=[None] * lanes.n, train_sums=lanes.zeros(),
+                      waits=[0] * lanes.n)
     if resume and lanes.store.has_latest():
         restored, record, step = lanes.store.restore_latest(_tree(task, run))
         lanes.read_record(record, run)
@@ -192,46 +264,83 @@ def _repair_best(task: Task, lanes: Lanes, run: RunProgress, step: int) -> None:
                     lanes.labels[i], step)
 
 
-def train_one_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int, stop: _StopFlag, *, progress: bool
-                    ) -> None:
-    """The training steps of `epoch` (from the resumed batch), metrics summed on device. A stop signal between
-    steps saves the latest checkpoint at the batch reached and raises TrainingInterrupted."""
+def train_one_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int, stop: _StopFlag, rec: Recording,
+                    options: RunOptions, *, progress: bool) -> None:
+    """The training steps of `epoch` (from the resumed batch; up to train.max_steps), metrics summed and step
+    scalars kept on device. A stop signal between steps saves the latest checkpoint at the batch reached and raises
+    TrainingInterrupted."""
     first = run.start_batch if epoch == run.start_epoch else 0
     if first == 0:
         run.train_sums = lanes.zeros()
+        rec.trace.reset()
+    rec.t0 = time.perf_counter()
     bar = tqdm(total=task.n_train_batches, initial=first, desc=f"{task.title} epoch {epoch + 1}/{task.epochs}",
                disable=not (progress and is_main_process()), leave=False, mininterval=1.0)
     batch_index = first
     for batch in prefetch(task.train_batches(epoch, first), task.put_batch):
+        rec.window.before_step()
         task.state, sums = task.train_step(task.state, task.consts, batch)
+        rec.window.after_step(task.state)
         run.train_sums = metrics_lib.add(run.train_sums, sums)
         batch_index += 1
+        step = epoch * task.n_train_batches + batch_index  # the state's step, counted on the host
+        rec.trace.add(step, sums)
         bar.update(1)
+        if options.max_steps and step >= options.max_steps:
+            break
         if stop.signal is not None:
             bar.close()
+            rec.collect(run)
             lanes.store.save(lanes.step(task.state), _tree(task, run), lanes.record(run, epoch, batch_index))
             lanes.close()
+            rec.write()
             raise TrainingInterrupted(f"signal {stop.signal} at epoch {epoch + 1}, batch {batch_index}: "
                                       f"checkpoint saved in {lanes.store.directory}; continue with --resume")
     bar.close()
 
 
-def end_of_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int) -> None:
-    """Score the epoch (training sums, validation, reported sets), append it to each lane's history, log it, save
-    each improved lane's best and then the latest checkpoint, and write metrics.json (plots when due)."""
+def end_of_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int, rec: Recording, options: RunOptions
+                 ) -> None:
+    """Score the epoch (training sums, validation, reported sets, the steps' gradient norm and rate), append it to
+    each lane's history, log it, decide an early stop, save each improved lane's best and then the latest
+    checkpoint, write metrics.json (plots when due) and the epoch's TensorBoard tags."""
+    rec.collect(run)
     entries = _score_epoch(task, lanes, run, epoch)
     step = lanes.step(task.state)
     for i, entry in enumerate(entries):
+        entry["train"].update(rec.trace.epoch_stats(i))
         run.histories[i].append(entry)
         is_best = entry["val"]["accuracy"] > max((h["val"]["accuracy"] for h in run.histories[i][:-1]), default=-1.0)
+        run.waits[i] = 0 if is_best else run.waits[i] + 1
         if is_best:
             run.best_steps[i] = step
             lanes.save_best(i, step, _tree(task, run), run, epoch + 1)
         _log_epoch(lanes.labels[i], task.epochs, entry, is_best)
+    run.stopped = _early_stop(task, lanes, run, epoch, step, options)
+    run.step_stats = None  # the epoch is complete: a resume starts the next one from zero
     lanes.save_latest(step, _tree(task, run), run, epoch + 1)
-    due = time.perf_counter() - run.last_plot >= PLOT_INTERVAL_S
-    write_metrics(task, lanes, run.histories, run.wall(), plot=due)
+    due = time.perf_counter() - run.last_plot >= PLOT_INTERVAL_S or run.stopped is not None
+    write_metrics(task, lanes, run, plot=due)
     run.last_plot = time.perf_counter() if due else run.last_plot
+    rec.write(entries, step)
+
+
+def _early_stop(task: Task, lanes: Lanes, run: RunProgress, epoch: int, step: int, options: RunOptions
+                ) -> dict | None:
+    """The stop record when train.max_steps is reached or every lane has run out of train.patience before
+    train.epochs; None to go on."""
+    if options.max_steps and options.max_steps <= step < task.epochs * task.n_train_batches:
+        message = f"train.max_steps={options.max_steps} reached at step {step}"
+        reason = "max_steps"
+    elif options.patience and epoch + 1 < task.epochs and all(w >= options.patience for w in run.waits):
+        who = "every seed's" if lanes.seeded else "the"
+        message = (f"train.patience={options.patience}: {who} validation accuracy has not improved for "
+                   f"{options.patience} epoch(s)")
+        reason = "patience"
+    else:
+        return None
+    log.info("early stop after epoch %d of %d: %s", epoch + 1, task.epochs, message)
+    return {"reason": reason, "epoch": epoch + 1, "step": step, "message": message}
 
 
 def _score_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int) -> list[dict]:
@@ -282,27 +391,32 @@ def _log_epoch(label: str, epochs: int, entry: dict, is_best: bool) -> None:
 PLOT_INTERVAL_S = 30.0
 
 
-def write_metrics(task: Task, lanes: Lanes, histories: list[list[dict]], wall: float, *, plot: bool) -> dict:
+def write_metrics(task: Task, lanes: Lanes, run: RunProgress, *, plot: bool) -> dict:
     """metrics.json (and, when `plot`, the plots) of each lane in its dir, then of a seeded run's aggregate in the
-    run dir; returns the run's summary (a single run's, or the aggregate)."""
+    run dir; returns the run's summary (a single run's, or the aggregate). An early stop is in every summary."""
+    histories, wall = run.histories, run.wall()
+    stopped = {"stopped": run.stopped} if run.stopped else {}
     summaries = []
     for lane_dir, title, extra, history in zip(lanes.dirs, lanes.titles, lanes.summary_extras, histories):
-        summaries.append({**_summary(history), **task.info, **extra, "wall_time_s": wall})
+        summaries.append({**_summary(history), **task.info, **extra, **stopped, "wall_time_s": wall})
         if is_main_process():
             rundir.write_metrics(lane_dir, {"kind": task.kind, "epochs": history, "summary": summaries[-1]})
             if plot:
                 plots.plot_curves(history, lane_dir, title)
+                plots.plot_optimizer({"train": history}, lane_dir, title)
     if not lanes.seeded:
         return summaries[0]
     per_seed = dict(zip(lanes.seeds, summaries))
     summary = {"seeds": lanes.seeds, "seed_stats": seeds_lib.aggregate(per_seed, SEED_STAT_KEYS),
                "per_seed": {str(k): {key: s[key] for key in SEED_STAT_KEYS if key in s} for k, s in per_seed.items()},
-               **task.info, "wall_time_s": wall}
+               **task.info, **stopped, "wall_time_s": wall}
     if is_main_process():
         rundir.write_metrics(lanes.run_dir, {"kind": task.kind, "seeds": lanes.seeds,
                                              "epochs": seeds_lib.epoch_stats(histories), "summary": summary})
         if plot:
             plots.plot_seed_curves(dict(zip(lanes.seeds, histories)), lanes.run_dir, task.title)
+            plots.plot_optimizer({f"seed {k}": h for k, h in zip(lanes.seeds, histories)}, lanes.run_dir,
+                                 task.title)
     return summary
 
 

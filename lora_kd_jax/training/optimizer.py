@@ -37,6 +37,12 @@ def warmup_steps(train: TrainConfig, total_steps: int) -> int:
     return int(w) if w >= 1 else int(round(w * total_steps))
 
 
+def total_steps(train: TrainConfig, n_batches: int) -> int:
+    """The run's optimizer steps: train.epochs epochs of `n_batches`, or train.max_steps where that stops sooner."""
+    steps = train.epochs * n_batches
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
 def learning_rate(train: TrainConfig, total_steps: int) -> float | optax.Schedule:
     """train.lr as the run's schedule over `total_steps` optimizer steps: a plain float for a constant rate without
     warm-up (the original), else an optax schedule (linear warm-up from 0, then constant, linear or cosine decay

@@ -32,6 +32,9 @@ class RunProgress:
     wall_before: float = 0.0  # training time of the runs this one resumes
     t0: float = dataclasses.field(default_factory=time.perf_counter)  # when this run started
     last_plot: float = 0.0  # when the plots were last drawn (the loop starts this clock once restored)
+    waits: list[int] = dataclasses.field(default_factory=list)  # per lane: epochs since its best (train.patience)
+    stopped: dict | None = None  # why the run stopped before train.epochs: {'reason', 'epoch', 'step', 'message'}
+    step_stats: dict | None = None  # the epoch's running gradient-norm and rate sums (trace.StepTrace.state)
 
     def wall(self) -> float:
         """Training time so far, resumed runs included."""
@@ -106,6 +109,11 @@ class Lanes:
         return {"kind": self.kind, "epoch": epoch, "next_batch": next_batch, "history": run.histories[i],
                 "best_step": run.best_steps[i], "wall_time_s": run.wall()}
 
+    @staticmethod
+    def stopping_record(run: RunProgress) -> dict:
+        """What every latest record adds: the patience counts, a stop and its reason, the epoch's step sums."""
+        return {"waits": run.waits, "stopped": run.stopped, "step_stats": run.step_stats}
+
     def read_record(self, record: dict, run: RunProgress) -> None:
         """Check a restored latest record against the task and take its progress into `run`."""
         if record.get("kind") != self.kind:
@@ -113,6 +121,8 @@ class Lanes:
         run.histories, run.best_steps = self._lanes_progress(record)
         run.start_epoch, run.start_batch = record["epoch"], record["next_batch"]
         run.wall_before = record.get("wall_time_s", 0.0)
+        run.waits = record.get("waits") or [0] * self.n  # records written before train.patience: no wait yet
+        run.stopped, run.step_stats = record.get("stopped"), record.get("step_stats")
 
     def _lanes_progress(self, record: dict) -> tuple[list[list[dict]], list[int | None]]:
         raise NotImplementedError
@@ -143,7 +153,7 @@ class OneRun(Lanes):
 
     def record(self, run: RunProgress, epoch: int, next_batch: int) -> dict:
         return {"kind": self.kind, "epoch": epoch, "next_batch": next_batch, "wall_time_s": run.wall(),
-                "history": run.histories[0], "best_step": run.best_steps[0]}
+                "history": run.histories[0], "best_step": run.best_steps[0], **self.stopping_record(run)}
 
     def _lanes_progress(self, record: dict) -> tuple[list[list[dict]], list[int | None]]:
         return [record["history"]], [record.get("best_step")]
@@ -176,7 +186,8 @@ class SeedLanes(Lanes):
 
     def record(self, run: RunProgress, epoch: int, next_batch: int) -> dict:
         return {"kind": self.kind, "epoch": epoch, "next_batch": next_batch, "wall_time_s": run.wall(),
-                "seeds": self.seeds, "seed_histories": run.histories, "best_steps": run.best_steps}
+                "seeds": self.seeds, "seed_histories": run.histories, "best_steps": run.best_steps,
+                **self.stopping_record(run)}
 
     def _lanes_progress(self, record: dict) -> tuple[list[list[dict]], list[int | None]]:
         if record.get("seeds") != self.seeds:

@@ -68,13 +68,60 @@ def loss_and_sums(model: ClassifierModel, params: Params, consts: Any, batch: Ba
     return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
 
 
+def step_scalars(grads: Params, step: jax.Array, lr: float | optax.Schedule | None) -> dict:
+    """A step's learning rate (the schedule at this step; the optimizer's own count only lags it after a skipped
+    non-finite batch) and the global norm of its trainable gradients (before any clipping): on device, read by the
+    loop with the epoch's metrics (training.trace)."""
+    rate = lr(step) if callable(lr) else (lr if lr is not None else jnp.nan)
+    return {"lr": jnp.asarray(rate, jnp.float32), "grad_norm": optax.tree.norm(grads).astype(jnp.float32)}
+
+
+def micro_batches(batch: Batch, k: int) -> Batch:
+    """The batch as [k, B/k, ...]: micro-batch i holds rows i, i+k, i+2k, ... (strided, so the rows of each device
+    of a data-parallel batch stay on it)."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
+
+
+def accumulated_grads(model: ClassifierModel, objective: Objective, k: int, trainable: Params, consts: Any,
+                      batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict, Params]:
+    """(full-batch mean objective, metric sums, trainable gradients) of `batch` from `k` micro-batches run one after
+    another under `lax.scan`: each differentiates its objective *sum* over the full batch's weight total, so the
+    summed gradients are the full-batch mean's whatever the padding (a partial last batch's zero-weight rows count
+    in no micro-batch's sum nor in the divisor). Only one micro-batch's activations live at a time. Micro-batch i
+    draws its dropout from fold_in(rng, i)."""
+    frozen = consts["frozen"]
+    denom = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+
+    def micro_loss(p: Params, mb: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
+        logits = model.logits(combine(p, frozen), mb["input_ids"], mb["attention_mask"], deterministic=False,
+                              rng=key)
+        _, total = objective(logits, consts, mb)
+        return total / denom, metrics_lib.batch_sums(logits, mb["labels"], mb["weights"], total)
+
+    def body(carry, xs):
+        mb, i = xs
+        (loss, sums), grads = jax.value_and_grad(micro_loss, has_aux=True)(trainable, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    zeros = (zero, {key: zero for key in metrics_lib.SUM_KEYS}, jax.tree.map(jnp.zeros_like, trainable))
+    (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro_batches(batch, k), jnp.arange(k)))
+    return loss, sums, grads
+
+
 def make_train_step(model: ClassifierModel, tx: optax.GradientTransformation, objective: Objective,
-                    seeded: Seeded | None = None) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
+                    seeded: Seeded | None = None, *, accumulate: int = 1, lr: float | optax.Schedule | None = None
+                    ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
     """The one jitted train step: the model's logits in train mode (dropout key from `step_key`),
     `objective(logits, consts, batch)`, gradients of the whole tree, the optimizer update of the trainable leaves;
     a NaN/Inf loss skips the update (and is reported in the sums); the state is donated, so parameters and
     optimizer state are updated in place. With `seeded`, the same step runs under `jax.vmap` over the seed axis
-    (compiled once for all seeds; the shared constants are not copied)."""
+    (compiled once for all seeds; the shared constants are not copied).
+
+    `accumulate` = K > 1 splits the batch into K micro-batches whose gradients are summed (`accumulated_grads`)
+    before the one optimizer update: the same update as the whole batch, with a K-th of its activation memory.
+    The sums also carry the step's `step_scalars` (`lr`: the run's rate or schedule, from optimizer.learning_rate).
+    """
 
     def train_step(state: TrainState, consts: Any, batch: Batch) -> tuple[TrainState, dict]:
         def loss_fn(trainable: Params, frozen: Params) -> tuple[jax.Array, dict]:
@@ -82,10 +129,16 @@ def make_train_step(model: ClassifierModel, tx: optax.GradientTransformation, ob
                                  rng=step_key(state))
 
         frozen = consts["frozen"]
-        (loss, sums), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.trainable, frozen)
+        if accumulate == 1:
+            (loss, sums), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.trainable, frozen)
+        else:  # the frozen gradients only reach set_to_zero: zeros, not K summed gradients of the base
+            loss, sums, g_train = accumulated_grads(model, objective, accumulate, state.trainable, consts, batch,
+                                                    step_key(state))
+            grads = (g_train, jax.tree.map(jnp.zeros_like, frozen))
         trainable, opt_state = apply_if_finite(tx, loss, grads, state.opt_state, state.trainable, frozen)
         return (state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state),
-                metrics_lib.guarded_step_sums(loss, state.step, sums))
+                {**metrics_lib.guarded_step_sums(loss, state.step, sums), "loss": loss,
+                 **step_scalars(grads[0], state.step, lr)})
 
     if seeded is not None:
         train_step = jax.vmap(train_step, in_axes=(0, seeded.consts_axes, 0))

@@ -1,0 +1,135 @@
+"""The training kit around the loop: early stopping (train.patience, train.max_steps) that a resume remembers, the
+learning rate and gradient norm per epoch in metrics.json, TensorBoard event files read back by tensorboard's own
+reader, the --profile trace, W&B refused in one line when it is not installed."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_kd_jax.distill import trainer as distill
+from lora_kd_jax.runs.tensorboard import read_scalars
+from lora_kd_jax.training import finetune
+from tiny import tiny_config
+
+# the RNN baseline at its smallest: 32 rows in batches of 16 (2 steps an epoch); a rate too small to change a
+# prediction, so the first epoch stays the best and every later one counts against the patience
+STALL = ("data.limit=32", "train.batch_size=16", "train.lr=1e-9", "student.embed_dim=16", "student.hidden_dim=16")
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("seeds", [[], [0, 1]])
+def test_patience_stops_after_that_many_epochs_without_a_better_score(seeds, tmp_path, caplog):
+    """Best at epoch 1, then epochs 2, 3, 4 without a better one: stopped after epoch 4 of 8 (a seeded run when
+    every seed has run out, here all at once)."""
+    with caplog.at_level("INFO", logger="lora_kd_jax.training.loop"):
+        summary = distill.train_rnn(tiny_config(*STALL, "train.epochs=8", "train.patience=3", f"train.seeds={seeds}",
+                                                f"run.dir={tmp_path}"), progress=False)
+    who = "every seed's" if seeds else "the"
+    message = f"train.patience=3: {who} validation accuracy has not improved for 3 epoch(s)"
+    for lane in [tmp_path / f"seed_{k}" for k in seeds] or [tmp_path]:
+        record = metrics(lane)
+        assert [e["val"]["accuracy"] for e in record["epochs"]] == [record["epochs"][0]["val"]["accuracy"]] * 4
+        assert record["summary"]["epochs_run"] == 4
+        assert record["summary"]["stopped"] == {"reason": "patience", "epoch": 4, "step": 8, "message": message}
+    assert summary["stopped"]["epoch"] == 4
+    assert f"early stop after epoch 4 of 8: {message}" in caplog.messages
+
+
+def test_a_resumed_run_continues_the_patience_count_and_a_stopped_run_stays_stopped(tmp_path, caplog):
+    """Two epochs (one without improvement), then --resume with more epochs: one epoch of patience was used
+    already, so the run stops after epoch 4 as the uninterrupted run does (a count restarted at the resume would
+    run to epoch 5). A second --resume trains nothing."""
+    distill.train_rnn(tiny_config(*STALL, "train.epochs=2", "train.patience=3", f"run.dir={tmp_path}"),
+                      progress=False)
+    longer = tiny_config(*STALL, "train.epochs=8", "train.patience=3", f"run.dir={tmp_path}")
+    distill.train_rnn(longer, resume=True, progress=False)
+    assert metrics(tmp_path)["summary"]["stopped"]["epoch"] == 4
+    assert len(metrics(tmp_path)["epochs"]) == 4
+    with caplog.at_level("INFO", logger="lora_kd_jax.training.loop"):
+        again = distill.train_rnn(longer, resume=True, progress=False)
+    assert again["epochs_run"] == 4 and again["stopped"]["reason"] == "patience"
+    assert any(m.startswith("the run had stopped at epoch 4") for m in caplog.messages)
+
+
+def test_max_steps_stops_mid_epoch_and_the_schedule_spans_those_steps(tmp_path):
+    """3 steps of 2-step epochs: the second epoch is scored on its one step; a linear decay reaches 0 at step 3."""
+    summary = distill.train_rnn(tiny_config(*STALL, "train.lr=1e-3", "train.epochs=5", "train.max_steps=3",
+                                            "train.schedule=linear", f"run.dir={tmp_path}"), progress=False)
+    record = metrics(tmp_path)
+    assert [e["train"]["count"] for e in record["epochs"]] == [32, 16]
+    assert summary["stopped"] == {"reason": "max_steps", "epoch": 2, "step": 3,
+                                  "message": "train.max_steps=3 reached at step 3"}
+    # the last step (the third) used the rate of optax's linear schedule over 3 steps at count 2: lr * 1/3
+    assert record["epochs"][-1]["train"]["lr"] == pytest.approx(1e-3 / 3, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """3 epochs of 2 steps, a linear decay after one warm-up step, 2 steps profiled."""
+    run_dir = tmp_path_factory.mktemp("kit") / "run"
+    cfg = tiny_config("data.limit=32", "train.batch_size=16", "train.epochs=3", "train.schedule=linear",
+                      "train.warmup=1", f"run.dir={run_dir}")
+    finetune.train_lora(cfg, progress=False, profile=2)
+    return run_dir
+
+
+def test_tensorboard_holds_every_step_and_every_epoch_metric(lora_run):
+    scalars = read_scalars(lora_run)
+    history = metrics(lora_run)["epochs"]
+    for tag in ("step/loss", "step/lr", "step/grad_norm", "step/time_s"):
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3, 4, 5, 6], tag
+    # the rate of each update: warm-up 0 at the first, then linear from 1e-3 to 0 over the 5 steps after it
+    np.testing.assert_allclose([v for _, v in scalars["step/lr"]], [0, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4], rtol=1e-6,
+                               atol=1e-12)
+    losses = [v for _, v in scalars["step/loss"]]
+    for e, entry in enumerate(history):  # the epoch's loss is its two (full) batches' mean
+        assert entry["train"]["loss"] == pytest.approx(np.mean(losses[2 * e:2 * e + 2]), rel=1e-6)
+        norms = [v for _, v in scalars["step/grad_norm"]][2 * e:2 * e + 2]
+        assert entry["train"]["grad_norm"] == pytest.approx(np.mean(norms), rel=1e-6)
+        assert entry["train"]["lr"] == pytest.approx(scalars["step/lr"][2 * e + 1][1], rel=1e-6, abs=1e-12)
+    for split in ("train", "val", "out_of_domain"):
+        for metric in ("loss", "accuracy", "mcc"):
+            got = scalars[f"epoch/{split}/{metric}"]
+            assert [s for s, _ in got] == [2, 4, 6]
+            want = [(h["reported"][split] if split == "out_of_domain" else h[split])[metric] for h in history]
+            np.testing.assert_allclose([v for _, v in got], want, rtol=1e-6)
+    assert all(math.isfinite(v) and v > 0 for _, v in scalars["step/grad_norm"])
+    assert (lora_run / "optimizer.png").is_file()
+
+
+def test_the_profile_trace_is_written(lora_run):
+    traces = [p for p in (lora_run / "profile").rglob("*") if p.is_file()]
+    assert traces and all(p.stat().st_size > 0 for p in traces)
+    assert any(p.name.endswith(".xplane.pb") for p in traces)
+
+
+def test_a_seeded_run_writes_each_seed_and_the_mean(tmp_path):
+    distill.train_rnn(tiny_config(*STALL, "train.lr=1e-3", "train.epochs=1", "train.seeds=[0,1]",
+                                  f"run.dir={tmp_path}"), progress=False)
+    scalars = read_scalars(tmp_path)
+    for tag in ("step/loss", "step/grad_norm", "epoch/val/accuracy", "epoch/train/grad_norm"):
+        seeds = [scalars[f"{tag}/seed_{k}"][-1][1] for k in (0, 1)]
+        assert scalars[f"{tag}/mean"][-1][1] == pytest.approx(np.mean(seeds), rel=1e-6), tag
+    for k in (0, 1):
+        entry = metrics(tmp_path / f"seed_{k}")["epochs"][0]
+        assert scalars[f"epoch/val/accuracy/seed_{k}"][0][1] == pytest.approx(entry["val"]["accuracy"])
+        assert scalars[f"epoch/train/grad_norm/seed_{k}"][0][1] == pytest.approx(entry["train"]["grad_norm"])
+    assert scalars["step/loss/seed_0"] != scalars["step/loss/seed_1"]
+
+
+def test_wandb_without_the_package_is_one_line_before_any_compute(tmp_path):
+    pytest.importorskip("importlib")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: the message for its absence cannot be shown")
+    from lora_kd_jax.runs.tensorboard import WandbMissing
+
+    with pytest.raises(WandbMissing, match=r"run\.wandb=proj: the wandb package is not installed"):
+        distill.train_rnn(tiny_config(*STALL, "run.wandb=proj", f"run.dir={tmp_path / 'r'}"), progress=False)
+    assert not (tmp_path / "r").exists()
