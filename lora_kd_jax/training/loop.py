@@ -92,6 +92,7 @@ class Recording:
     events: EventLog | None
     window: ProfileWindow
     t0: float = 0.0
+    _steps: dict = dataclasses.field(default_factory=dict)  # the last `collect`ed steps, until `write`
 
     def collect(self, run: RunProgress) -> None:
         """Fetch the buffered steps (one transfer) for their tags and keep the epoch's sums in `run`."""
@@ -104,6 +105,7 @@ class Recording:
         if self.events is None:
             return
         self.events.steps(self._steps)
+        self._steps = {}
         if entries is not None:
             self.events.epoch(entries, step, time.perf_counter() - self.t0)
 
