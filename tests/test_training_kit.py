@@ -123,7 +123,6 @@ def test_a_seeded_run_writes_each_seed_and_the_mean(tmp_path):
 
 
 def test_wandb_without_the_package_is_one_line_before_any_compute(tmp_path):
-    pytest.importorskip("importlib")
     import importlib.util
 
     if importlib.util.find_spec("wandb") is not None:
@@ -133,3 +132,35 @@ def test_wandb_without_the_package_is_one_line_before_any_compute(tmp_path):
     with pytest.raises(WandbMissing, match=r"run\.wandb=proj: the wandb package is not installed"):
         distill.train_rnn(tiny_config(*STALL, "run.wandb=proj", f"run.dir={tmp_path / 'r'}"), progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_with_run_wandb_every_scalar_also_goes_to_wandb(tmp_path, monkeypatch):
+    """The W&B wiring, against a stand-in module (wandb itself is not installed here): the run is named after the
+    run dir and keeps its files there, and each scalar arrives with its step."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from lora_kd_jax.runs.tensorboard import EventLog
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", values, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    events = EventLog(tmp_path, seeds=[3, 4], wandb_project="proj", config={"train": {"lr": 1e-3}})
+    events.lanes("epoch/val/accuracy", [0.5, 0.7], step=6)
+    events.close()
+    assert calls == [("init", {"project": "proj", "name": tmp_path.name, "dir": str(tmp_path),
+                               "config": {"train": {"lr": 1e-3}}}),
+                     ("log", {"epoch/val/accuracy/seed_3": 0.5, "epoch/val/accuracy/seed_4": 0.7,
+                              "epoch/val/accuracy/mean": pytest.approx(0.6)}, 6), ("finish",)]
+    assert read_scalars(tmp_path)["epoch/val/accuracy/mean"] == [(6, pytest.approx(0.6))]
