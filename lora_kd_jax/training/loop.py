@@ -276,6 +276,7 @@ def train_one_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int, stop
         run.train_sums = lanes.zeros()
         rec.trace.reset()
     rec.t0 = time.perf_counter()
+    rec.trace.start_clock()
     bar = tqdm(total=task.n_train_batches, initial=first, desc=f"{task.title} epoch {epoch + 1}/{task.epochs}",
                disable=not (progress and is_main_process()), leave=False, mininterval=1.0)
     batch_index = first

@@ -39,6 +39,10 @@ class StepTrace:
         self.finite_steps = np.zeros(self.n_lanes)
         self.last_lr = np.full(self.n_lanes, np.nan)
 
+    def start_clock(self) -> None:
+        """The epoch's steps begin: the next step's time is counted from now (not from the last evaluation)."""
+        self._last = time.perf_counter()
+
     def add(self, step: int, sums: dict) -> None:
         """Step number `step` returned `sums` (device arrays, untouched here: no sync)."""
         now = time.perf_counter()
