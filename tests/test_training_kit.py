@@ -164,3 +164,22 @@ def test_with_run_wandb_every_scalar_also_goes_to_wandb(tmp_path, monkeypatch):
                      ("log", {"epoch/val/accuracy/seed_3": 0.5, "epoch/val/accuracy/seed_4": 0.7,
                               "epoch/val/accuracy/mean": pytest.approx(0.6)}, 6), ("finish",)]
     assert read_scalars(tmp_path)["epoch/val/accuracy/mean"] == [(6, pytest.approx(0.6))]
+
+
+def test_the_bench_profiles_its_steps_after_the_timed_ones(tmp_path):
+    from lora_kd_jax.commands import bench
+
+    args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=["distill_step_cached"], batch=4, seq=16,
+                           steps=1, warmup=0, profile=2, profile_dir=str(tmp_path))
+    bench.run(args)
+    traces = list(tmp_path.rglob("*.xplane.pb"))
+    assert traces and all(p.stat().st_size > 0 for p in traces)
+    assert {p.relative_to(tmp_path).parts[0] for p in traces} == {"distill_step_cached_tiny_fp32_auto"}
+
+
+def test_a_negative_profile_is_refused():
+    from lora_kd_jax.commands.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train-rnn", "configs/smoke.yaml", "--profile", "-2"])
+    assert e.value.code == 2

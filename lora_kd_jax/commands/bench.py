@@ -19,6 +19,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import jax
@@ -72,6 +73,14 @@ class BenchArgs:
     tokenizer: str = ""  # '' = the packaged GPT-2 tokenizer
     seeds: list[int] = dataclasses.field(default_factory=list)  # seed counts N: the seeded benches instead; [] = none
     out: str | None = None
+    profile: int = 0  # a jax.profiler trace of this many more steps of each step bench, after its timed steps
+    profile_dir: str = "bench_profile"  # where: one subdir per bench, variant, mode (and seed count / dtype)
+
+    def profiling(self, *name: Any) -> tuple[int, str]:
+        """(steps, directory) of this bench's trace; (0, '') when --profile is off."""
+        if not self.profile:
+            return 0, ""
+        return self.profile, str(Path(self.profile_dir) / "_".join(map(str, name)))
 
 
 def device_name() -> str:
@@ -150,10 +159,11 @@ def argument_bytes(compiled: Any) -> int | None:
         return None
 
 
-def bench_step(jitted: Any, state: Any, *rest: Any, steps: int, warmup: int
+def bench_step(jitted: Any, state: Any, *rest: Any, steps: int, warmup: int, profile: tuple[int, str] = (0, "")
                ) -> tuple[float, float, float, float, int | None]:
     """A step `jitted(state, *rest) -> (state, sums)` that donates its state: (first step s incl. compile,
-    compile s, median ms, FLOPs, argument bytes). The state is threaded through, never reused after donation."""
+    compile s, median ms, FLOPs, argument bytes). The state is threaded through, never reused after donation.
+    `profile` = (n, dir): then n more steps, after the timed ones, traced by jax.profiler into dir."""
     compiled, compile_s, flops = compile_once(jitted, state, *rest)
     arg_bytes = argument_bytes(compiled)
     holder = {"state": state}
@@ -163,6 +173,9 @@ def bench_step(jitted: Any, state: Any, *rest: Any, steps: int, warmup: int
         return sums["loss_sum"]
 
     first, ms = timed(run, steps, warmup)
+    if profile[0]:
+        with jax.profiler.trace(profile[1]):
+            jax.block_until_ready([run() for _ in range(profile[0])])
     return compile_s + first, compile_s, ms, flops, arg_bytes
 
 
@@ -210,7 +223,8 @@ def bench_gpt2(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Confi
         state = jax.tree.map(jnp.copy, setup.state)  # donated by the step; `params` stays usable
         step = make_train_step(model, setup.tx, cross_entropy_objective)
         first, compile_s, ms, flops, _ = bench_step(step, state, {"frozen": frozen}, dev_batch, steps=args.steps,
-                                                    warmup=args.warmup)
+                                                    warmup=args.warmup,
+                                                    profile=args.profiling("lora_train_step", variant, mode))
         yield record(args, "lora_train_step", variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2))
     if "teacher_forward" in args.benches or "distill_step" in args.benches:
         fwd = jax.jit(lambda p, ids, mask: plain.logits(p, ids, mask, deterministic=True))
@@ -233,9 +247,10 @@ def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Co
         student, params = build_student(sc, jax.random.key(2))
         setup = train_state(student, params, 1e-3, jax.random.key(3))
         step = make_train_step(student, setup.tx, teacher_objective(2.0, 0.0, teacher))
-        first, compile_s, ms, flops, _ = bench_step(step, setup.state, {"frozen": setup.frozen, **consts},
-                                                    jax.device_put(batch), steps=args.steps, warmup=args.warmup)
         name = "distill_step" if teacher is not None else "distill_step_cached"
+        first, compile_s, ms, flops, _ = bench_step(step, setup.state, {"frozen": setup.frozen, **consts},
+                                                    jax.device_put(batch), steps=args.steps, warmup=args.warmup,
+                                                    profile=args.profiling(name, variant, mode, student_dtype))
         yield record(args, name, variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2),
                      student_dtype=precision.student_dtype(sc))
 
@@ -292,7 +307,8 @@ def bench_lora_seeded(args: BenchArgs, variant: str, mode: str, cfg: Config, bat
     step = make_train_step(model, setup.tx, cross_entropy_objective, Seeded(None))
     for n, batch in batches.items():
         timing = bench_step(step, first_seeds(setup, n), {"frozen": frozen}, jax.device_put(batch),
-                            steps=args.steps, warmup=args.warmup)
+                            steps=args.steps, warmup=args.warmup,
+                            profile=args.profiling("lora_train_step", variant, mode, f"{n}seeds"))
         yield seeded_record(args, "lora_train_step", variant, mode, batch, timing)
 
 
@@ -312,7 +328,8 @@ def bench_student_seeded(args: BenchArgs, variant: str, mode: str, batches: dict
             rows = batch["input_ids"].shape[1]
             consts["teacher_logits"] = jax.random.normal(jax.random.key(4), (n, rows, 2), jnp.float32)
         timing = bench_step(step, first_seeds(setup, n), consts, jax.device_put(batch), steps=args.steps,
-                            warmup=args.warmup)
+                            warmup=args.warmup,
+                            profile=args.profiling(name, variant, mode, student_dtype, f"{n}seeds"))
         yield seeded_record(args, name, variant, mode, batch, timing, student_dtype=student_dtype)
 
 

@@ -52,6 +52,13 @@ def _debug_flag() -> argparse.ArgumentParser:
     return common
 
 
+def _steps(text: str) -> int:
+    """--profile's value: a number of steps, 0 = off."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of steps >= 0, got {text!r}")
+    return int(text)
+
+
 def _training_command(sub, name: str, handler: Callable, help_: str, example: str, dry_run: str) -> None:
     p = sub.add_parser(name, help=help_, description=help_, epilog=f"example: {PROG} {name} {example}",
                        parents=[_debug_flag()])
@@ -60,7 +67,7 @@ def _training_command(sub, name: str, handler: Callable, help_: str, example: st
     p.add_argument("--dry-run", action="store_true", help=dry_run)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="write a jax.profiler trace of STEPS "
+    p.add_argument("--profile", type=_steps, default=0, metavar="STEPS", help="write a jax.profiler trace of STEPS "
                    "training steps, after the first (compiling) one, into RUN_DIR/profile")
     p.set_defaults(handler=handler)
 
@@ -149,6 +156,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "packaged one)")
     b.add_argument("--limit", type=int, default=0, help="epoch bench: first N training sentences (0 = all 8,551)")
     b.add_argument("--out", default=None)
+    b.add_argument("--profile", type=_steps, default=0, metavar="STEPS", help="after each step bench's timed steps, a "
+                   "jax.profiler trace of STEPS more into --profile-dir/<bench>_<variant>_<mode>...")
+    b.add_argument("--profile-dir", default="bench_profile")
     b.set_defaults(handler=cmd_bench)
     v = sub.add_parser("evaluate", help="score a run (LoRA, distilled student, RNN baseline) on CoLA dev sets or a "
                        "TSV file", parents=[_debug_flag()],

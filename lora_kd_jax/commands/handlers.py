@@ -167,7 +167,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     bench.run(bench.BenchArgs(variants=split(args.variants), modes=split(args.modes), benches=split(benches),
                               batch=args.batch, seq=args.seq, steps=args.steps, peak_tflops=args.peak_tflops,
                               trim=not args.no_trim, data_dir=args.data_dir, tokenizer=args.tokenizer, out=args.out,
-                              limit=args.limit, student_dtypes=split(args.student_dtypes), seeds=seeds))
+                              limit=args.limit, student_dtypes=split(args.student_dtypes), seeds=seeds,
+                              profile=args.profile, profile_dir=args.profile_dir))
 
 
 def _seed_counts(value: str) -> list[int]:
