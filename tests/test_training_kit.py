@@ -70,10 +70,11 @@ def test_max_steps_stops_mid_epoch_and_the_schedule_spans_those_steps(tmp_path):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """3 epochs of 2 steps, a linear decay after one warm-up step, 2 steps profiled."""
+    """3 epochs of 2 steps, a linear decay after one warm-up step, each batch as 2 micro-batches, 2 steps
+    profiled."""
     run_dir = tmp_path_factory.mktemp("kit") / "run"
     cfg = tiny_config("data.limit=32", "train.batch_size=16", "train.epochs=3", "train.schedule=linear",
-                      "train.warmup=1", f"run.dir={run_dir}")
+                      "train.warmup=1", "train.accumulate=2", f"run.dir={run_dir}")
     finetune.train_lora(cfg, progress=False, profile=2)
     return run_dir
 
