@@ -61,19 +61,23 @@ class EvalSet:
     files: tuple[str, ...]
     sources: list[str]
     sentences: list[str]
-    labels: np.ndarray  # int32 [N]
+    labels: np.ndarray  # int32 [N] (float32 for a regression run's table)
     limit: int = 0  # > 0: only the first `limit` rows of each file
+    encoded: data_lib.EncodedSplit | None = None  # a table run's rows, encoded as the run encodes them
 
     def __len__(self) -> int:
         return len(self.sentences)
 
 
-def load_eval_set(name_or_path: str | os.PathLike, limit: int = 0) -> EvalSet:
+def load_eval_set(name_or_path: str | os.PathLike, limit: int = 0, cfg: Any = None) -> EvalSet:
     """A named set (in_domain, out_of_domain, glue) or a CoLA TSV file; `limit` > 0 keeps the first `limit` rows of
-    each file, as `data.limit` cuts a run's validation set."""
+    each file, as `data.limit` cuts a run's validation set. For a run on table files (`cfg`, its config): the names
+    train, validation and its reported sets, or any table file with the run's columns (`load_table_set`)."""
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         raise InputError(f"limit={limit!r}: expected an int >= 0 (0 keeps every row)")
     name = os.fspath(name_or_path)
+    if cfg is not None and data_lib.is_table_run(cfg):
+        return load_table_set(name, cfg, limit)
     if name in SETS:
         paths = [COLA_DIR / f for f in SETS[name]]
     elif _looks_like_file(name):
@@ -91,6 +95,19 @@ def load_eval_set(name_or_path: str | os.PathLike, limit: int = 0) -> EvalSet:
         sentences += rows.sentences[keep]
         labels.append(rows.labels[keep])
     return EvalSet(name, tuple(str(p) for p in paths), sources, sentences, np.concatenate(labels), limit)
+
+
+def load_table_set(name: str, cfg: Any, limit: int = 0) -> EvalSet:
+    """A table run's named set or a table file, read with the run's columns and label set (a label the run never
+    saw is an error naming its row), encoded as the run encodes its rows."""
+    files = data_lib.table_files(cfg)
+    if name not in files and not _looks_like_file(name):
+        raise InputError(f"unknown evaluation set '{name}': expected one of {', '.join(files)} (this run's sets) or "
+                         "the path of a table file with the run's columns")
+    table = data_lib.read_table(files.get(name, name))
+    split = data_lib.encode_table(table, cfg, data_lib.load_tokenizer(cfg.data.tokenizer), limit)
+    texts = table.columns[cfg.data.text][:len(split)]
+    return EvalSet(name, (table.path,), [], [str(t) for t in texts], split.labels, limit, split)
 
 
 def _looks_like_file(text: str) -> bool:
@@ -149,11 +166,13 @@ def check_sentences(sentences: str | Sequence[str]) -> list[str]:
 
 class Prediction(NamedTuple):
     """One sentence's answer: the label the run gives it, that label's probability, and whether the sentence was
-    longer than the run's `data.max_length` (only its first max_length tokens were read)."""
+    longer than the run's `data.max_length` (only its first max_length tokens were read). A regression run's answer
+    is its predicted value: `score`, also as the label's text; probability NaN."""
 
-    label: str  # acceptable | unacceptable
+    label: str  # the run's label name: acceptable | unacceptable for CoLA
     probability: float
     truncated: bool
+    score: float | None = None  # a regression run's predicted value
 
     @property
     def label_id(self) -> int:
@@ -174,7 +193,8 @@ class Report:
     confusion: dict[str, int]
     per_source: dict[str, dict[str, float]]  # source code -> {'rows', 'correct', 'accuracy'}
     limit: int = 0
-    logits: np.ndarray = dataclasses.field(default=None, repr=False)  # float32 [rows, 2], file order
+    logits: np.ndarray = dataclasses.field(default=None, repr=False)  # float32 [rows, n_labels], file order
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)  # every metric (metrics.summarize; spearman)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "logits"}
@@ -215,6 +235,7 @@ class Predictor:
         self.run = run
         cfg = run.config
         self.tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+        self.labels = data_lib.label_names(cfg)  # by id; () for a regression run
         self.max_length = cfg.data.max_length
         self.buckets = list(cfg.data.buckets)
         n = jax.device_count()
@@ -274,19 +295,26 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------- scoring
 
-    def encode(self, sentences: Sequence[str], labels: np.ndarray | None = None) -> data_lib.EncodedSplit:
+    def encode(self, sentences: Sequence[str], labels: np.ndarray | None = None,
+               pairs: Sequence[str] | None = None) -> data_lib.EncodedSplit:
+        """Sentences (and the second texts of pairs) as the run encodes them."""
         labels = np.zeros(len(sentences), np.int32) if labels is None else labels
+        if pairs is not None:
+            if len(pairs) != len(sentences):
+                raise InputError(f"{len(sentences)} first texts but {len(pairs)} second texts; expected pairs")
+            return data_lib.encode_pairs(sentences, check_sentences(pairs), labels, self.tokenizer, self.max_length)
         return data_lib.encode(sentences, labels, self.tokenizer, self.max_length)
 
     def score(self, split: data_lib.EncodedSplit) -> tuple[np.ndarray, dict]:
         """(logits float32 [N, 2] in row order, summed metrics.batch_sums) over `split`, batched as the runs
         evaluate (eval batch size, data.buckets, file order)."""
         from lora_kd_jax.core import metrics as metrics_lib
+        from lora_kd_jax.core.config import n_outputs
         from lora_kd_jax.training.scoring import score_rows
 
         out, batch_sums = score_rows(split, self.batch_size, lambda b: self._step(self.params, b),
                                      self.placement.put_batch, lengths=self.buckets)
-        sums = metrics_lib.zeros()
+        sums = metrics_lib.zeros(n_outputs(self.run.config))
         for s in batch_sums:
             sums = metrics_lib.add(sums, s)
         return out, sums
@@ -295,13 +323,17 @@ class Predictor:
         """Logits float32 [N, 2] (index 1 = acceptable) for `sentences`, in order."""
         return self.score(self.encode(check_sentences(sentences)))[0]
 
-    def predict(self, sentences: str | Sequence[str]) -> list[Prediction]:
-        """One `Prediction` per sentence, in input order."""
-        split = self.encode(check_sentences(sentences))
+    def predict(self, sentences: str | Sequence[str], pairs: Sequence[str] | None = None) -> list[Prediction]:
+        """One `Prediction` per sentence (or pair: `pairs` holds the second texts), in input order, labelled with
+        the run's label names."""
+        split = self.encode(check_sentences(sentences), pairs=pairs)
         logits, _ = self.score(split)
+        if not self.labels:  # regression: one output, the predicted value
+            return [Prediction(f"{v:.4f}", math.nan, bool(t), float(v))
+                    for v, t in zip(logits[:, 0], split.truncated_rows)]
         probs = _softmax(logits)
         labels = logits.argmax(axis=-1)
-        return [Prediction(LABELS[k], float(p[k]), bool(t))
+        return [Prediction(self.labels[k], float(p[k]), bool(t))
                 for k, p, t in zip(labels, probs, split.truncated_rows)]
 
     def evaluate(self, data: str | os.PathLike | EvalSet = "in_domain", *, limit: int = 0) -> Report:
@@ -311,16 +343,22 @@ class Predictor:
 
         from lora_kd_jax.core import metrics as metrics_lib
 
-        eval_set = data if isinstance(data, EvalSet) else load_eval_set(data, limit)
-        split = self.encode(eval_set.sentences, eval_set.labels)
+        eval_set = data if isinstance(data, EvalSet) else load_eval_set(data, limit, self.run.config)
+        split = eval_set.encoded or self.encode(eval_set.sentences, eval_set.labels)
         logits, sums = self.score(split)
         summary = metrics_lib.summarize(sums)
-        counts = {k: int(round(float(jax.device_get(sums[k])))) for k in ("tp", "fp", "tn", "fn")}
+        scores = {k: v for k, v in summary.items() if k != "count"}
+        if "confusion" in sums:  # more than two classes: the matrix [gold, predicted]
+            counts = {"matrix": np.rint(np.asarray(jax.device_get(sums["confusion"]))).astype(int).tolist()}
+        elif "tp" in sums:
+            counts = {k: int(round(float(jax.device_get(sums[k])))) for k in ("tp", "fp", "tn", "fn")}
+        else:  # regression: Spearman's rho from the ranks of every prediction (host-side, see metrics.spearman)
+            counts, scores["spearman"] = {}, metrics_lib.spearman(split.labels, logits[:, 0])
         correct = logits.argmax(axis=-1) == eval_set.labels
         return Report(name=eval_set.name, files=eval_set.files, rows=len(eval_set), truncated=split.n_truncated,
-                      accuracy=summary["accuracy"], mcc=summary["mcc"], loss=summary["loss"], confusion=counts,
-                      per_source=per_source_accuracy(eval_set.sources, correct), limit=eval_set.limit,
-                      logits=logits)
+                      accuracy=summary.get("accuracy", math.nan), mcc=summary.get("mcc", math.nan),
+                      loss=summary["loss"], confusion=counts, per_source=per_source_accuracy(eval_set.sources, correct),
+                      limit=eval_set.limit, logits=logits, scores=scores)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -340,7 +378,9 @@ def evaluate_run(path: str | os.PathLike | Any, data: Sequence[str] = DEFAULT_SE
 
     info = path if isinstance(path, runs.RunInfo) else runs.inspect_run(path, which=which)
     names = list(dict.fromkeys(os.fspath(d) for d in data)) or list(DEFAULT_SETS)
-    sets = [load_eval_set(name, limit) for name in names]
+    if data_lib.is_table_run(info.config) and names == list(DEFAULT_SETS):  # a table run: its own sets
+        names = [n for n in data_lib.table_files(info.config) if n != "train"]
+    sets = [load_eval_set(name, limit, info.config) for name in names]
     clf = Predictor(runs.open_run(info, which=which), batch_size=batch_size)
     return clf, [clf.evaluate(s) for s in sets]
 
@@ -388,8 +428,28 @@ def write_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path
     return rundir.write_json(Path(run_dir) / EVALUATION_FILE, record)
 
 
+def format_table_reports(clf: Predictor, reports: Sequence[Report]) -> str:
+    """The terminal table of a run on table files: one row per set with every metric of the run's kind (and the
+    confusion matrix of a classifier, labelled with the run's label names)."""
+    metrics = [m for m in ("accuracy", "mcc", "f1", "macro_f1", "mse", "pearson", "spearman", "loss")
+               if m in reports[0].scores]
+    lines = [f"run: {clf.describe()}", "", f"{'set':<16}{'rows':>6}{'trunc':>7}" + "".join(f"{m:>10}" for m in metrics)]
+    for r in reports:
+        lines.append(f"{_short(r.name):<16}{r.rows:>6}{r.truncated:>7}" + "".join(f"{r.scores[m]:>10.4f}" for m in metrics))
+    for r in reports:
+        if not r.confusion:
+            continue
+        matrix = r.confusion.get("matrix") or [[r.confusion["tn"], r.confusion["fp"]], [r.confusion["fn"], r.confusion["tp"]]]
+        lines += ["", f"{_short(r.name)}: {', '.join(r.files)} (rows gold, columns predicted)",
+                  f"  {'':<16}" + "".join(f"{name[:12]:>13}" for name in clf.labels)]
+        lines += [f"  {name[:16]:<16}" + "".join(f"{v:>13}" for v in row) for name, row in zip(clf.labels, matrix)]
+    return "\n".join(lines)
+
+
 def format_reports(clf: Predictor, reports: Sequence[Report]) -> str:
     """The terminal table: one row per set, then each set's confusion matrix and accuracy per source."""
+    if data_lib.is_table_run(clf.run.config):
+        return format_table_reports(clf, reports)
     lines = [f"run: {clf.describe()}", "",
              f"{'set':<16}{'rows':>6}{'trunc':>7}{'accuracy':>10}{'MCC':>9}{'loss':>9}"]
     for r in reports:

@@ -29,6 +29,11 @@ def report(summary: dict, run_dir: str) -> None:
             line += f"; out-of-domain accuracy {format_stat(agg['out_of_domain_accuracy_at_best'], 100)}%"
         print(f"{line} (mean ± std (min–max)) -> {run_dir}")
         return
+    if summary.get("select", "accuracy") != "accuracy":  # another metric picked the best epoch (train.select)
+        from lora_kd_jax.core.selection import headline
+
+        print(f"{headline(summary)} -> {run_dir}")
+        return
     line = (f"best val accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}, train accuracy "
             f"{summary['train_accuracy_at_best']:.4f}, val MCC {summary['val_mcc_at_best']:.4f}")
     if "out_of_domain_accuracy_at_best" in summary:
@@ -59,7 +64,7 @@ def _student_report(cfg: Config) -> str:
 
     from lora_kd_jax.models.student import build_student, count_params
 
-    _, shapes = build_student(cfg.student, jax.random.key(0), shapes_only=True)
+    _, shapes = build_student(cfg, jax.random.key(0), shapes_only=True)
     n = count_params(shapes)
     return f"student params: {n / 1e6:.2f}M ({n:,}), all trainable"
 

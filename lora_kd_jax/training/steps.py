@@ -22,8 +22,9 @@ Objective = Callable[[jax.Array, Any, Batch], tuple[jax.Array, jax.Array]]
 
 
 def cross_entropy_objective(logits: jax.Array, consts: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Cross-entropy on the gold labels: the LoRA runs' and the RNN baseline's training loss."""
-    return metrics_lib.cross_entropy(logits, batch["labels"], batch["weights"])
+    """Cross-entropy on the gold labels (a one-output regression head: squared error, `supervised_loss`): the LoRA
+    runs' and the RNN baseline's training loss."""
+    return metrics_lib.supervised_loss(logits, batch["labels"], batch["weights"])
 
 
 @dataclasses.dataclass(frozen=True)
