@@ -171,6 +171,10 @@ def test_a_distilled_student_over_three_classes_and_over_a_regression(files, lor
         assert record["kind"] == "distill"
         report = evaluation.Predictor.from_run(run).evaluate("validation")
         assert report.logits.shape[1] == EXPECTED[shape][0]
+    with pytest.raises(SystemExit, match=r"the teacher in .* learned the labels neg, neu, pos \(3 outputs\), this "
+                       r"student's data has regression \(1 outputs\)"):
+        _train("distill", "distil_rnn_gpt2.yaml", tmp_path / "mismatch", f"distill.teacher={lora_runs('three')}",
+               *_data(files, "stsb"))
         assert {k: report.scores[k] for k in best["val"] if k != "count"} == {
             k: v for k, v in best["val"].items() if k != "count"}
 
@@ -191,14 +195,37 @@ def test_the_pipeline_reads_a_merge_export_alone(files, lora_runs, tmp_path):
         theirs = pipeline("text-classification", model=str(out), device="cpu")(sentences)
         assert [t["label"] for t in theirs] == [p.label for p in ours]
         np.testing.assert_allclose([t["score"] for t in theirs], [p.probability for p in ours], atol=1e-5)
-    assert {p.label for p in clf.predict(["x"] * 1)} <= {"acceptable", "unacceptable"}
+    config = json.loads((tmp_path / "merged_cola" / "config.json").read_text())
+    assert config["id2label"] == {"0": "unacceptable", "1": "acceptable"}  # CoLA: 1 = acceptable
+    assert config["problem_type"] == "single_label_classification"
 
 
-def test_predict_on_pairs_names_the_labels(lora_runs):
-    clf = evaluation.Predictor.from_run(lora_runs("pairs"))
+def test_predict_and_evaluate_commands_on_table_runs(lora_runs, files, tmp_path, capsys):
+    run = lora_runs("pairs")
+    clf = evaluation.Predictor.from_run(run)
     out = clf.predict(["The cat sat.", "A dog ran."], pairs=["The cat is sitting.", "Nothing moved."])
     assert [p.label in ("contradiction", "entailment") for p in out] == [True, True]
     assert all(0.5 <= p.probability <= 1 for p in out)
+    capsys.readouterr()
+    cli.main(["predict", str(run), "--pair", "The cat sat.", "The cat is sitting.", "--pair", "A dog ran.",
+              "Nothing moved.", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert [(p["sentence"], p["pair"], p["label"]) for p in printed] == [
+        ("The cat sat.", "The cat is sitting.", out[0].label), ("A dog ran.", "Nothing moved.", out[1].label)]
+    assert [p["probability"] for p in printed] == [p.probability for p in out]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("The cat sat.\tThe cat is sitting.\nno tab here\n")
+    with pytest.raises(SystemExit, match=r"pairs.txt:2: expected two non-blank texts separated by one tab"):
+        cli.main(["predict", str(run), "--file", str(pairs)])
+    with pytest.raises(SystemExit, match=r"trained on sentence pairs .*--pair FIRST SECOND"):
+        cli.main(["predict", str(run), "The cat sat."])
+    cli.main(["evaluate", str(lora_runs("three")), "--json"])
+    record = json.loads(capsys.readouterr().out)["sets"]["validation"]
+    _, best = _best(lora_runs("three"))
+    assert record["scores"]["macro_f1"] == best["val"]["macro_f1"] and len(record["confusion"]["matrix"]) == 3
+    cli.main(["evaluate", str(lora_runs("stsb")), "--data", str(files["stsb"]["train"])])
+    table = capsys.readouterr().out
+    assert "pearson" in table and "spearman" in table and "stsb_train" in table
 
 
 # ----------------------------------------------------------------------------------------- GLUE presets

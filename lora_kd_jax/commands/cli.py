@@ -168,7 +168,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "train.eval_batch_size, which gives back its recorded validation numbers exactly)")
     v.add_argument("--json", action="store_true", help="print the results as JSON on stdout (no table, no file)")
     v.set_defaults(handler=cmd_evaluate)
-    pr = sub.add_parser("predict", help="label sentences (acceptable / unacceptable) with a run",
+    pr = sub.add_parser("predict", help="label sentences or sentence pairs with a run (CoLA: acceptable / unacceptable)",
                         parents=[_debug_flag()],
                         description="The label a run gives each sentence and its probability, in input order; a "
                         "sentence longer than the run's data.max_length is flagged (only its first max_length tokens "
@@ -178,6 +178,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     pr.add_argument("sentences", nargs="*", help="sentences to label (quote each)")
     pr.add_argument("--file", default=None,
                     help="a UTF-8 text file with one sentence per line (instead of SENTENCES)")
+    pr.add_argument("--pair", nargs=2, action="append", metavar=("FIRST", "SECOND"), default=None,
+                    help="a sentence pair, for a run on pairs (data.text_pair); repeat for more (with --file: "
+                    "one pair per line, the two texts separated by a tab)")
     pr.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to use (default: best)")
     pr.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     pr.add_argument("--json", action="store_true", help="print a JSON list (sentence, label, probability, truncated)")

@@ -146,6 +146,19 @@ def read_sentence_file(path: str | os.PathLike) -> list[str]:
     return out
 
 
+def split_pairs(lines: Sequence[str], path: str) -> list[str]:
+    """The second texts of a file of tab-separated sentence pairs (`read_sentence_file`'s lines); a line without
+    exactly one tab is an error naming path:line."""
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        fields = line.split("\t")
+        if len(fields) != 2 or not all(f.strip() for f in fields):
+            raise InputError(f"{path}:{lineno}: expected two non-blank texts separated by one tab (a sentence pair), "
+                             f"found {len(fields)} field(s)")
+        out.append(fields[1])
+    return out
+
+
 def check_sentences(sentences: str | Sequence[str]) -> list[str]:
     """The sentences as a list (a single string is one sentence); none may be empty or blank."""
     if isinstance(sentences, str):

@@ -334,6 +334,9 @@ def _validate_data(cfg: Config) -> None:
     if regression and cfg.model.num_labels not in (0, 1):
         raise ConfigError(f"model.num_labels={cfg.model.num_labels} with data.problem=regression: a regression head "
                           "has one output; drop model.num_labels")
+    if regression and cfg.train.seeds:
+        raise ConfigError("train.seeds with a regression run (data.problem=regression): the many-seeds aggregate "
+                          "reports classification metrics only; train one seed per run (train.seed)")
     if d.labels and cfg.model.num_labels and cfg.model.num_labels < len(d.labels):
         raise ConfigError(f"model.num_labels={cfg.model.num_labels} is fewer than the {len(d.labels)} names in "
                           "data.labels")
