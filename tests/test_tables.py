@@ -153,7 +153,7 @@ def test_pytorch_on_the_merge_export_gives_the_same_logits(shape, lora_runs, tmp
     assert [model.config.id2label[i] for i in range(n)] == (names or ["score"])
     clf = evaluation.Predictor.from_run(run)
     report = clf.evaluate("validation")
-    split = clf.run.config and evaluation.load_eval_set("validation", 0, clf.run.config).encoded
+    split = evaluation.load_eval_set("validation", 0, clf.run.config).encoded
     with torch.no_grad():
         theirs = model(input_ids=torch.from_numpy(split.input_ids.astype(np.int64)),
                        attention_mask=torch.from_numpy(split.attention_mask.astype(np.int64))).logits.numpy()
@@ -247,6 +247,7 @@ def test_glue_presets_map_the_columns_of_files_in_glues_layout(tmp_path):
     assert list(splits) == ["train", "validation", "dev_mismatched"]  # matched picks, mismatched is reported
     np.testing.assert_array_equal(splits["validation"].labels, [0, 2, 1])
     assert cfg.train.select == "accuracy"
+    assert data_lib.resolve_task(cfg).data.report == cfg.data.report  # a resolved config resolves to itself
 
     stsb = tmp_path / "stsb"
     stsb.mkdir()
@@ -332,7 +333,7 @@ def _sums(logits: np.ndarray, labels: np.ndarray, batch: int = 5) -> dict:
 
 
 @pytest.mark.parametrize("n_classes", [2, 3, 5])
-@pytest.mark.parametrize("case", ["random", "one_class_predicted", "one_class_gold"])
+@pytest.mark.parametrize("case", ["random", "one_class_predicted", "one_class_gold", "absent_class"])
 def test_classification_metrics_match_sklearn(n_classes, case):
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
@@ -343,6 +344,9 @@ def test_classification_metrics_match_sklearn(n_classes, case):
         logits[:, 1] += 100.0
     if case == "one_class_gold":
         labels[:] = 0
+    if case == "absent_class":  # classes 3.. neither gold nor predicted: not in the macro mean, as sklearn
+        labels %= 3
+        logits[:, 3:] -= 100.0
     pred = logits.argmax(-1)
     got = _sums(logits, labels)
     assert got["accuracy"] == pytest.approx(accuracy_score(labels, pred), abs=1e-6)

@@ -82,7 +82,7 @@ def apply_preset(cfg: Config) -> Config:
                               f"{', '.join(preset.dev)}) or data.dir=hub for {HUB_GLUE}")
         root = Path(d.dir).expanduser()
         files = {"train": str(root / "train.tsv"), "validation": str(root / preset.dev[0]),
-                 "report": [str(root / f) for f in preset.dev[1:]] + list(d.report)}
+                 "report": list(dict.fromkeys([str(root / f) for f in preset.dev[1:]] + list(d.report)))}
     text, pair = (preset.hub_text if d.dir == HUB else (preset.text, preset.text_pair))
     data = dataclasses.replace(d, **files, text=text, text_pair=pair, label="label" if d.dir == HUB else preset.label,
                                labels=list(preset.names), problem=preset.problem)
