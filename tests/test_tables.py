@@ -162,7 +162,31 @@ def test_pytorch_on_the_merge_export_gives_the_same_logits(shape, lora_runs, tmp
     assert err < 1e-4
 
 
-def test_a_distilled_student_over_three_classes_and_over_a_regression(files, lora_runs, tmp_path):
+def test_export_peft_carries_the_label_set_and_the_tokenizer(lora_runs, tmp_path):
+    """A three-class run's PEFT adapter with its base: PEFT on GPT2ForSequenceClassification gives the run's logits,
+    the base's config.json names the labels, the tokenizer files lie beside the adapter."""
+    torch = pytest.importorskip("torch")
+    from peft import PeftModel
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+
+    run = lora_runs("three")
+    out = tmp_path / "peft"
+    cli.main(["export-peft", str(run), str(out), "--save-base"])
+    base = GPT2ForSequenceClassification.from_pretrained(str(out / "base"))
+    assert base.config.id2label == {0: "neg", 1: "neu", 2: "pos"} and base.config.num_labels == 3
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    clf = evaluation.Predictor.from_run(run)
+    report = clf.evaluate("validation")
+    split = evaluation.load_eval_set("validation", 0, clf.run.config).encoded
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(split.input_ids.astype(np.int64)),
+                       attention_mask=torch.from_numpy(split.attention_mask.astype(np.int64))).logits.numpy()
+    assert float(np.abs(theirs - report.logits).max()) < 1e-4
+    assert AutoTokenizer.from_pretrained(str(out))("The cat sat.")["input_ids"] == clf.tokenizer("The cat sat.")[
+        "input_ids"]
+
+
+def test_a_distilled_student_over_three_classes_and_over_a_regression_and_the_rnn_baseline(files, lora_runs, tmp_path):
     for shape in ("three", "stsb"):
         run = _train("distill", "distil_rnn_gpt2.yaml", tmp_path / shape, f"distill.teacher={lora_runs(shape)}",
                      *_data(files, shape), "student.embed_dim=16", "student.hidden_dim=16",
@@ -171,6 +195,10 @@ def test_a_distilled_student_over_three_classes_and_over_a_regression(files, lor
         assert record["kind"] == "distill"
         report = evaluation.Predictor.from_run(run).evaluate("validation")
         assert report.logits.shape[1] == EXPECTED[shape][0]
+    rnn = _train("train-rnn", "rnn_scratch.yaml", tmp_path / "rnn", *_data(files, "three"), "student.embed_dim=16",
+                 "student.hidden_dim=16")  # the RNN baseline over three classes
+    _, best = _best(rnn)
+    assert evaluation.Predictor.from_run(rnn).evaluate("validation").scores["macro_f1"] == best["val"]["macro_f1"]
     with pytest.raises(SystemExit, match=r"the teacher in .* learned the labels neg, neu, pos \(3 outputs\), this "
                        r"student's data has regression \(1 outputs\)"):
         _train("distill", "distil_rnn_gpt2.yaml", tmp_path / "mismatch", f"distill.teacher={lora_runs('three')}",
