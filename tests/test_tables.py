@@ -247,11 +247,13 @@ def test_predict_and_evaluate_commands_on_table_runs(lora_runs, files, tmp_path,
         cli.main(["predict", str(run), "--file", str(pairs)])
     with pytest.raises(SystemExit, match=r"trained on sentence pairs .*--pair FIRST SECOND"):
         cli.main(["predict", str(run), "The cat sat."])
-    cli.main(["evaluate", str(lora_runs("three")), "--json"])
+    three, stsb = lora_runs("three"), lora_runs("stsb")  # trained (and their lines printed) before the commands
+    capsys.readouterr()
+    cli.main(["evaluate", str(three), "--json"])
     record = json.loads(capsys.readouterr().out)["sets"]["validation"]
     _, best = _best(lora_runs("three"))
     assert record["scores"]["macro_f1"] == best["val"]["macro_f1"] and len(record["confusion"]["matrix"]) == 3
-    cli.main(["evaluate", str(lora_runs("stsb")), "--data", str(files["stsb"]["train"])])
+    cli.main(["evaluate", str(stsb), "--data", str(files["stsb"]["train"])])
     table = capsys.readouterr().out
     assert "pearson" in table and "spearman" in table and "stsb_train" in table
 
