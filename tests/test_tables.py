@@ -138,9 +138,22 @@ def test_a_lora_run_on_each_shape_and_evaluate_gives_back_its_best_epoch(shape, 
         assert report.scores["spearman"] == pytest.approx(spearmanr(labels, report.logits[:, 0])[0], abs=1e-6)
 
 
+def _torch_vs_evaluate(model, run: Path) -> tuple[evaluation.Predictor, float]:
+    """(the run's Predictor, max |logit difference| between a PyTorch model and `evaluate` on its validation rows)."""
+    import torch
+
+    clf = evaluation.Predictor.from_run(run)
+    report = clf.evaluate("validation")
+    split = evaluation.load_eval_set("validation", 0, clf.run.config).encoded
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(split.input_ids.astype(np.int64)),
+                       attention_mask=torch.from_numpy(split.attention_mask.astype(np.int64))).logits.numpy()
+    return clf, float(np.abs(theirs - report.logits).max())
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_pytorch_on_the_merge_export_gives_the_same_logits(shape, lora_runs, tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from transformers import GPT2ForSequenceClassification
 
     run = lora_runs(shape)
@@ -151,13 +164,7 @@ def test_pytorch_on_the_merge_export_gives_the_same_logits(shape, lora_runs, tmp
     assert model.config.num_labels == n
     assert model.config.problem_type == ("regression" if n == 1 else "single_label_classification")
     assert [model.config.id2label[i] for i in range(n)] == (names or ["score"])
-    clf = evaluation.Predictor.from_run(run)
-    report = clf.evaluate("validation")
-    split = evaluation.load_eval_set("validation", 0, clf.run.config).encoded
-    with torch.no_grad():
-        theirs = model(input_ids=torch.from_numpy(split.input_ids.astype(np.int64)),
-                       attention_mask=torch.from_numpy(split.attention_mask.astype(np.int64))).logits.numpy()
-    err = float(np.abs(theirs - report.logits).max())
+    clf, err = _torch_vs_evaluate(model, run)
     print(f"{shape}: PyTorch vs evaluate, max |logit diff| {err:.1e}")
     assert err < 1e-4
 
@@ -165,7 +172,7 @@ def test_pytorch_on_the_merge_export_gives_the_same_logits(shape, lora_runs, tmp
 def test_export_peft_carries_the_label_set_and_the_tokenizer(lora_runs, tmp_path):
     """A three-class run's PEFT adapter with its base: PEFT on GPT2ForSequenceClassification gives the run's logits,
     the base's config.json names the labels, the tokenizer files lie beside the adapter."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from peft import PeftModel
     from transformers import AutoTokenizer, GPT2ForSequenceClassification
 
@@ -175,13 +182,8 @@ def test_export_peft_carries_the_label_set_and_the_tokenizer(lora_runs, tmp_path
     base = GPT2ForSequenceClassification.from_pretrained(str(out / "base"))
     assert base.config.id2label == {0: "neg", 1: "neu", 2: "pos"} and base.config.num_labels == 3
     model = PeftModel.from_pretrained(base, str(out)).eval()
-    clf = evaluation.Predictor.from_run(run)
-    report = clf.evaluate("validation")
-    split = evaluation.load_eval_set("validation", 0, clf.run.config).encoded
-    with torch.no_grad():
-        theirs = model(input_ids=torch.from_numpy(split.input_ids.astype(np.int64)),
-                       attention_mask=torch.from_numpy(split.attention_mask.astype(np.int64))).logits.numpy()
-    assert float(np.abs(theirs - report.logits).max()) < 1e-4
+    clf, err = _torch_vs_evaluate(model, run)
+    assert err < 1e-4
     assert AutoTokenizer.from_pretrained(str(out))("The cat sat.")["input_ids"] == clf.tokenizer("The cat sat.")[
         "input_ids"]
 
