@@ -303,6 +303,19 @@ def test_glue_presets_map_the_columns_of_files_in_glues_layout(tmp_path):
     assert cola.train.select == "mcc" and not data_lib.is_table_run(cola)  # the CoLA reader, GLUE's metric
 
 
+def test_parquet_reads_like_the_others_and_cola_needs_no_datasets(files, tmp_path, monkeypatch):
+    import pandas as pd
+
+    rows = _rows("three", 6, 0)
+    pd.DataFrame(rows).to_parquet(tmp_path / "t.parquet")
+    jsonl = _write(tmp_path / "t.jsonl", rows, "jsonl")
+    assert data_lib.read_table(tmp_path / "t.parquet").columns == data_lib.read_table(jsonl).columns
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # `import datasets` now raises ImportError
+    cfg = data_lib.resolve_task(load_config(None, ["data.limit=8"]))  # the packaged CoLA: no table, no datasets
+    assert cfg.data.labels == [] and list(data_lib.load_splits(cfg).encoded) == ["train", "validation",
+                                                                                "out_of_domain"]
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
