@@ -83,7 +83,7 @@ def files(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 
 def _train(command: str, config: str, run_dir: Path, *overrides: str) -> Path:
-    cli.main([command, str(REPO / "configs" / config), *overrides, f"run.dir={run_dir}", *TRAIN])
+    cli.main([command, str(REPO / "configs" / config), f"run.dir={run_dir}", *TRAIN, *overrides])
     rundir.detach_log(run_dir)
     return run_dir
 
@@ -207,6 +207,17 @@ def test_a_distilled_student_over_three_classes_and_over_a_regression_and_the_rn
                *_data(files, "stsb"))
         assert {k: report.scores[k] for k in best["val"] if k != "count"} == {
             k: v for k, v in best["val"].items() if k != "count"}
+
+
+def test_many_seeds_over_three_classes(files, tmp_path):
+    """train.seeds on a three-class file: one program, the aggregate over seeds, each seed dir a run of its own."""
+    run = _train("train-lora", "smoke.yaml", tmp_path / "seeded", *_data(files, "three"), "train.seeds=0,1",
+                 "train.epochs=1")
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["seeds"] == [0, 1] and set(record["summary"]["seed_stats"]["best_val_accuracy"]) >= {"mean", "std"}
+    seed1 = run / "seed_1"
+    _, best = _best(seed1)
+    assert evaluation.Predictor.from_run(seed1).evaluate("validation").scores["macro_f1"] == best["val"]["macro_f1"]
 
 
 def test_the_pipeline_reads_a_merge_export_alone(files, lora_runs, tmp_path):

@@ -161,7 +161,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "(default: every seed, each written to its seed dir, and their mean ± std)")
     v.add_argument("--data", nargs="+", metavar="SET", default=None,
                    help="in_domain (527 rows), out_of_domain (516), glue (both: 1,043, GLUE's CoLA dev) or the "
-                   "path of a CoLA TSV file (source, label, annotation, sentence); several allowed")
+                   "path of a CoLA TSV file (source, label, annotation, sentence); for a run on your own table files: "
+                   "validation, train, a data.report file's name, or any table file with the run's columns "
+                   "(default: validation and the reported files); several allowed")
     v.add_argument("--limit", type=int, default=0, help="score only the first N rows of each file (as data.limit "
                    "cuts a run's validation set; 0 = all)")
     v.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the run's "
