@@ -170,7 +170,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "train.eval_batch_size, which gives back its recorded validation numbers exactly)")
     v.add_argument("--json", action="store_true", help="print the results as JSON on stdout (no table, no file)")
     v.set_defaults(handler=cmd_evaluate)
-    pr = sub.add_parser("predict", help="label sentences or sentence pairs with a run (CoLA: acceptable / unacceptable)",
+    pr = sub.add_parser("predict", help="label sentences or pairs with a run (CoLA: acceptable / unacceptable)",
                         parents=[_debug_flag()],
                         description="The label a run gives each sentence and its probability, in input order; a "
                         "sentence longer than the run's data.max_length is flagged (only its first max_length tokens "

@@ -321,11 +321,13 @@ def format_table_reports(clf: Predictor, reports: Sequence[Report]) -> str:
                if m in reports[0].scores]
     lines = [f"run: {clf.describe()}", "", f"{'set':<16}{'rows':>6}{'trunc':>7}" + "".join(f"{m:>10}" for m in metrics)]
     for r in reports:
-        lines.append(f"{_short(r.name):<16}{r.rows:>6}{r.truncated:>7}" + "".join(f"{r.scores[m]:>10.4f}" for m in metrics))
+        lines.append(f"{_short(r.name):<16}{r.rows:>6}{r.truncated:>7}"
+                     + "".join(f"{r.scores[m]:>10.4f}" for m in metrics))
     for r in reports:
         if not r.confusion:
             continue
-        matrix = r.confusion.get("matrix") or [[r.confusion["tn"], r.confusion["fp"]], [r.confusion["fn"], r.confusion["tp"]]]
+        c = r.confusion
+        matrix = c.get("matrix") or [[c["tn"], c["fp"]], [c["fn"], c["tp"]]]
         lines += ["", f"{_short(r.name)}: {', '.join(r.files)} (rows gold, columns predicted)",
                   f"  {'':<16}" + "".join(f"{name[:12]:>13}" for name in clf.labels)]
         lines += [f"  {name[:16]:<16}" + "".join(f"{v:>13}" for v in row) for name, row in zip(clf.labels, matrix)]

@@ -52,7 +52,7 @@ class DataConfig:
     limit: int = 0  # keep only the first N examples of each split; 0 = all
     buckets: list[int] = dataclasses.field(default_factory=list)  # length-aware batching: padded lengths; [] = off
     group_window: int = 0  # with buckets: group training rows by length within windows of N batches; 0 = off
-    task: str = ""  # a GLUE preset (cola | sst2 | mrpc | qqp | stsb | mnli | qnli | rte | wnli): columns, labels, metric
+    task: str = ""  # a GLUE preset: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli (columns, labels, metric)
     train: str = ""  # a table file (.tsv/.csv/.jsonl/.json/.parquet) to train on; "" = CoLA from data.dir
     validation: str = ""  # the table file that picks the best epoch (needed with data.train)
     report: list[str] = dataclasses.field(default_factory=list)  # further table files scored every epoch
@@ -168,7 +168,8 @@ POSITIVE: tuple[str, ...] = (
     "train.lr", "train.epochs", "student.vocab_size", "student.embed_dim", "student.hidden_dim",
     "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head", "mesh.fsdp",
 )
-NON_NEGATIVE: tuple[str, ...] = ("model.num_labels", "data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
+NON_NEGATIVE: tuple[str, ...] = ("model.num_labels",
+                                 "data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
                                  "model.dropout", "train.warmup", "train.weight_decay", "train.max_grad_norm")
 PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout")
 

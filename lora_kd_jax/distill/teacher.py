@@ -58,7 +58,8 @@ class Teacher:
 
 def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
     """Cheap checks before any data is read or weights are built: `path` holds a LoRA run with a best checkpoint
-    whose vocabulary and label set match the student's. An unfinished teacher is used, with a warning naming its epochs."""
+    whose vocabulary and label set match the student's. An unfinished teacher is used, with a warning naming its
+    epochs."""
     if not path:
         raise runs.RunError("distill.teacher is empty: pass distill.teacher=PATH, the run dir of a finished LoRA run "
                             "(lora-kd-jax train-lora) or its checkpoints/ dir")

@@ -272,8 +272,8 @@ def _check_finite(task: Task, lanes: Lanes, trains: list[dict], epoch: int) -> N
 def _log_epoch(label: str, epochs: int, entry: dict, is_best: bool, select: str = "accuracy") -> None:
     train, val, rep = entry["train"], entry["val"], entry.get("reported", {})
     scores = lambda m: selection.format_scores(m, select)  # noqa: E731
-    log.info("%sepoch %d/%d  train loss %.4f %s | val loss %.4f %s%s%s",
-             label, entry["epoch"], epochs, train["loss"], selection.format_scores(train, select, brief=True), val["loss"], scores(val),
+    log.info("%sepoch %d/%d  train loss %.4f %s | val loss %.4f %s%s%s", label, entry["epoch"], epochs,
+             train["loss"], selection.format_scores(train, select, brief=True), val["loss"], scores(val),
              "".join(f" | {name} {scores(m)}" for name, m in rep.items()), "  (best)" if is_best else "")
 
 
