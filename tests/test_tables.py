@@ -327,6 +327,29 @@ def test_parquet_reads_like_the_others_and_cola_needs_no_datasets(files, tmp_pat
                                                                                 "out_of_domain"]
 
 
+def test_a_glue_task_from_the_hub_maps_its_columns(monkeypatch):
+    """data.dir=hub data.task=mnli reads nyu-mll/glue's columns (premise, hypothesis, ClassLabel ids) and both
+    validation sets; the hub itself is out of reach offline, so `datasets.load_dataset` answers with a copy in
+    memory of the hub's layout."""
+    import datasets
+
+    part = {"premise": ["The cat sat.", "A dog ran."], "hypothesis": ["A cat sat.", "Nothing ran."], "label": [0, 2]}
+    asked = []
+
+    def fake_load(name, config):
+        asked.append((name, config))
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(part) for s in
+                                     ("train", "validation_matched", "validation_mismatched")})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    cfg = data_lib.resolve_task(load_config(None, ["data.dir=hub", "data.task=mnli"]))
+    assert (cfg.data.text, cfg.data.text_pair, cfg.data.labels) == ("premise", "hypothesis",
+                                                                    ["entailment", "neutral", "contradiction"])
+    splits = data_lib.load_splits(cfg).encoded
+    assert asked == [("nyu-mll/glue", "mnli")] and list(splits) == ["train", "validation", "validation_mismatched"]
+    assert splits["validation"].labels.tolist() == [0, 2]
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
