@@ -370,6 +370,8 @@ def test_bad_input_is_one_line_naming_file_line_and_column(tmp_path):
     assert "a.tsv: no column 'text' (data.text); the file has columns 'sentence', 'label'" in msg
     msg = _error(tmp_path, "b.csv", "sentence,label\nfine,1\n   ,0\n")
     assert "b.csv:3 (column 'sentence'): empty text" in msg
+    msg = _error(tmp_path, "b2.tsv", "sentence\tlabel\nfine\t1\n\nok\t0\n\t\n", validation="sentence\tlabel\n\nx\t7\n")
+    assert "val_b2.tsv:3 (column 'label'): label 7 is outside" in msg  # blank lines skipped, lines still counted
     msg = _error(tmp_path, "c.csv", "sentence,label\nfine,pos\nok,neg\n", validation="sentence,label\nhm,meh\n")
     assert "val_c.csv:2 (column 'label'): label 'meh' is not in the training label set (neg, pos)" in msg
     msg = _error(tmp_path, "d.csv", "sentence,label\na,pos\nb,neg\nc,1\n")

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 # file suffix -> (datasets builder, its options)
 FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".tsv": ("csv", {"delimiter": "\t", "quoting": 3, "keep_default_na": False}),  # 3 = csv.QUOTE_NONE
-    ".csv": ("csv", {"keep_default_na": False}),
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": 3, "keep_default_na": False, "skip_blank_lines": False}),
+    ".csv": ("csv", {"keep_default_na": False, "skip_blank_lines": False}),  # quoting 3 = csv.QUOTE_NONE
     ".jsonl": ("json", {}),
     ".json": ("json", {}),
     ".parquet": ("parquet", {}),
@@ -44,13 +44,15 @@ class Table:
     path: str
     columns: dict[str, list]
     first_line: int
+    lines: tuple[int, ...] = ()  # the file line of each row, when blank lines were skipped
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values()))) if self.columns else 0
 
     def where(self, row: int, column: str) -> str:
         """'file:line (column C)' of a row, for error messages."""
-        return f"{self.path}:{self.first_line + row} (column {column!r})"
+        line = self.lines[row] if self.lines else self.first_line + row
+        return f"{self.path}:{line} (column {column!r})"
 
     def column(self, name: str, key: str) -> list:
         if name not in self.columns:
@@ -88,9 +90,18 @@ def _read_table(path: str, _size: int, _mtime: int) -> Table:
     finally:
         datasets.utils.logging.set_verbosity(quiet)
         datasets.enable_progress_bars()
-    if len(ds) == 0:
+    columns = {c: list(ds[c]) for c in ds.column_names}
+    first = 2 if builder == "csv" else 1
+    blank = [i for i, row in enumerate(zip(*columns.values())) if all(v is None or v == "" for v in row)]
+    lines: tuple[int, ...] = ()
+    if blank:  # skipped, counted and logged, as the CoLA reader does
+        keep = sorted(set(range(len(ds))) - set(blank))
+        columns = {c: [v[i] for i in keep] for c, v in columns.items()}
+        lines = tuple(first + i for i in keep)
+        logger.warning("%s: skipped %d blank line(s)", path, len(blank))
+    if not columns or not next(iter(columns.values())):
         raise DataError(f"{path}: no data rows; expected a header line and at least one row")
-    return Table(path, {c: list(ds[c]) for c in ds.column_names}, 2 if builder == "csv" else 1)
+    return Table(path, columns, first, lines)
 
 
 def texts(table: Table, column: str, key: str) -> list[str]:
