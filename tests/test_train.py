@@ -113,7 +113,7 @@ def test_smoke_run_leaves_the_run_directory(tmp_path):
     assert record["kind"] == "lora" and len(record["epochs"]) == 2
     for e in record["epochs"]:
         assert e["train"]["count"] == 64 and e["val"]["count"] == 64
-        assert set(e["val"]) == {"loss", "accuracy", "mcc", "count"}
+        assert set(e["val"]) == {"loss", "accuracy", "mcc", "f1", "macro_f1", "count"}
     best = max(record["epochs"], key=lambda e: e["val"]["accuracy"])
     assert summary["best_val_accuracy"] == best["val"]["accuracy"]
     assert summary["train_accuracy_at_best"] == best["train"]["accuracy"]

@@ -173,14 +173,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "(default: every seed, each written to its seed dir, and their mean ± std)")
     v.add_argument("--data", nargs="+", metavar="SET", default=None,
                    help="in_domain (527 rows), out_of_domain (516), glue (both: 1,043, GLUE's CoLA dev) or the "
-                   "path of a CoLA TSV file (source, label, annotation, sentence); several allowed")
+                   "path of a CoLA TSV file (source, label, annotation, sentence); for a run on your own table files: "
+                   "validation, train, a data.report file's name, or any table file with the run's columns "
+                   "(default: validation and the reported files); several allowed")
     v.add_argument("--limit", type=int, default=0, help="score only the first N rows of each file (as data.limit "
                    "cuts a run's validation set; 0 = all)")
     v.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the run's "
                    "train.eval_batch_size, which gives back its recorded validation numbers exactly)")
     v.add_argument("--json", action="store_true", help="print the results as JSON on stdout (no table, no file)")
     v.set_defaults(handler=cmd_evaluate)
-    pr = sub.add_parser("predict", help="label sentences (acceptable / unacceptable) with a run",
+    pr = sub.add_parser("predict", help="label sentences or pairs with a run (CoLA: acceptable / unacceptable)",
                         parents=[_debug_flag()],
                         description="The label a run gives each sentence and its probability, in input order; a "
                         "sentence longer than the run's data.max_length is flagged (only its first max_length tokens "
@@ -190,6 +192,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     pr.add_argument("sentences", nargs="*", help="sentences to label (quote each)")
     pr.add_argument("--file", default=None,
                     help="a UTF-8 text file with one sentence per line (instead of SENTENCES)")
+    pr.add_argument("--pair", nargs=2, action="append", metavar=("FIRST", "SECOND"), default=None,
+                    help="a sentence pair, for a run on pairs (data.text_pair); repeat for more (with --file: "
+                    "one pair per line, the two texts separated by a tab)")
     pr.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to use (default: best)")
     pr.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     pr.add_argument("--json", action="store_true", help="print a JSON list (sentence, label, probability, truncated)")

@@ -16,6 +16,11 @@ Batches are split over every device present (the run's `mesh.fsdp` is kept where
 The named sets are the CoLA v1.1 dev files this package ships: `in_domain` (527 rows, the study's validation set),
 `out_of_domain` (516) and `glue` (both, 1,043 rows: the usual GLUE CoLA dev set). A path names any file in CoLA's
 raw TSV layout (source, label, annotation, sentence), read strictly by `data.read_cola_rows`.
+
+A run on your own table files (data.train) is scored on its own sets (`validation`, its data.report files, `train`)
+or any file with its columns: every metric of its kind (accuracy, MCC, F1, macro-F1; MSE, Pearson and Spearman for a
+regression) in `Report.scores`, with the run's label names; `predict` takes sentence pairs (`pairs=`). Inputs are
+read in `eval_inputs` (its names are importable from here too).
 """
 from __future__ import annotations
 
@@ -30,118 +35,16 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from lora_kd_jax import data as data_lib
-from lora_kd_jax.assets import COLA_DIR
-from lora_kd_jax.core.errors import UserError
+from lora_kd_jax.commands.eval_inputs import (DEFAULT_SETS, EVALUATION_FILE, LABELS, SETS, EvalSet, InputError,
+                                             check_sentences, load_eval_set, load_table_set, read_sentence_file,
+                                             split_pairs)
 
 log = logging.getLogger(__name__)
 
-SETS: dict[str, tuple[str, ...]] = {
-    "in_domain": ("in_domain_dev.tsv",),
-    "out_of_domain": ("out_of_domain_dev.tsv",),
-    "glue": ("in_domain_dev.tsv", "out_of_domain_dev.tsv"),
-}
-DEFAULT_SETS = ("in_domain", "out_of_domain")
-LABELS = data_lib.LABEL_NAMES  # index = label id: 0 unacceptable, 1 acceptable
-EVALUATION_FILE = "evaluation.json"
-
-
-class InputError(UserError, ValueError):
-    """A sentence, sentence file or evaluation set that cannot be classified; the message says which and why."""
-    label = "input error"
-
-
-# --------------------------------------------------------------------------------------------- inputs
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class EvalSet:
-    """Labelled sentences to score: a named CoLA dev set or a TSV file, in file order."""
-
-    name: str
-    files: tuple[str, ...]
-    sources: list[str]
-    sentences: list[str]
-    labels: np.ndarray  # int32 [N]
-    limit: int = 0  # > 0: only the first `limit` rows of each file
-
-    def __len__(self) -> int:
-        return len(self.sentences)
-
-
-def load_eval_set(name_or_path: str | os.PathLike, limit: int = 0) -> EvalSet:
-    """A named set (in_domain, out_of_domain, glue) or a CoLA TSV file; `limit` > 0 keeps the first `limit` rows of
-    each file, as `data.limit` cuts a run's validation set."""
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise InputError(f"limit={limit!r}: expected an int >= 0 (0 keeps every row)")
-    name = os.fspath(name_or_path)
-    if name in SETS:
-        paths = [COLA_DIR / f for f in SETS[name]]
-    elif _looks_like_file(name):
-        paths = [Path(name).expanduser()]
-    else:
-        raise InputError(f"unknown evaluation set '{name}': expected one of {', '.join(SETS)} or the path of a CoLA "
-                         "TSV file (source, label, annotation, sentence)")
-    sources: list[str] = []
-    sentences: list[str] = []
-    labels: list[np.ndarray] = []
-    for path in paths:
-        rows = data_lib.read_cola_rows(path)  # DataError naming path:line for a row that does not parse
-        keep = slice(None, limit or None)
-        sources += rows.sources[keep]
-        sentences += rows.sentences[keep]
-        labels.append(rows.labels[keep])
-    return EvalSet(name, tuple(str(p) for p in paths), sources, sentences, np.concatenate(labels), limit)
-
-
-def _looks_like_file(text: str) -> bool:
-    return Path(text).expanduser().exists() or os.sep in text or "/" in text or text.endswith((".tsv", ".txt"))
-
-
-def read_sentence_file(path: str | os.PathLike) -> list[str]:
-    """One sentence per line (UTF-8; CRLF and a BOM accepted). A blank line is an error naming path:line, as is a
-    file with no sentences: each line's answer is printed in file order, so no line is skipped."""
-    name = os.fspath(path)
-    try:
-        raw = Path(name).expanduser().read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{name}: file not found (expected a text file with one sentence per line)") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a directory (expected a text file with one sentence per line)") from None
-    except OSError as e:
-        raise InputError(f"{name}: cannot read file: {e.strerror or e}") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the final newline ends the last line
-    out = []
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            text = line.removesuffix(b"\r").decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{name}:{lineno}: invalid UTF-8 byte(s) {line[e.start:e.end]!r}; the file must be "
-                             "UTF-8") from None
-        if not text.strip():
-            raise InputError(f"{name}:{lineno}: empty line (expected one sentence per line, no blank lines)")
-        out.append(text)
-    if not out:
-        raise InputError(f"{name}: no sentences (the file is empty; expected one sentence per line)")
-    return out
-
-
-def check_sentences(sentences: str | Sequence[str]) -> list[str]:
-    """The sentences as a list (a single string is one sentence); none may be empty or blank."""
-    if isinstance(sentences, str):
-        sentences = [sentences]
-    sentences = list(sentences)
-    if not sentences:
-        raise InputError("no sentences given (expected at least one)")
-    for i, s in enumerate(sentences, start=1):
-        if not isinstance(s, str):
-            raise InputError(f"sentence {i} is a {type(s).__name__}, not a string")
-        if not s.strip():
-            raise InputError(f"sentence {i} is empty ({s!r}); expected non-blank text")
-    return sentences
+__all__ = ["DEFAULT_SETS", "EVALUATION_FILE", "LABELS", "SETS", "EvalSet", "InputError", "Prediction", "Predictor",
+           "Report", "check_sentences", "combined_mcc", "evaluate_run", "evaluation_record", "format_predictions",
+           "format_reports", "format_seed_reports", "format_table_reports", "load_eval_set", "load_table_set",
+           "per_source_accuracy", "read_sentence_file", "seeds_record", "split_pairs", "write_evaluation"]
 
 
 # -------------------------------------------------------------------------------------------- results
@@ -149,11 +52,13 @@ def check_sentences(sentences: str | Sequence[str]) -> list[str]:
 
 class Prediction(NamedTuple):
     """One sentence's answer: the label the run gives it, that label's probability, and whether the sentence was
-    longer than the run's `data.max_length` (only its first max_length tokens were read)."""
+    longer than the run's `data.max_length` (only its first max_length tokens were read). A regression run's answer
+    is its predicted value: `score`, also as the label's text; probability NaN."""
 
-    label: str  # acceptable | unacceptable
+    label: str  # the run's label name: acceptable | unacceptable for CoLA
     probability: float
     truncated: bool
+    score: float | None = None  # a regression run's predicted value
 
     @property
     def label_id(self) -> int:
@@ -174,7 +79,8 @@ class Report:
     confusion: dict[str, int]
     per_source: dict[str, dict[str, float]]  # source code -> {'rows', 'correct', 'accuracy'}
     limit: int = 0
-    logits: np.ndarray = dataclasses.field(default=None, repr=False)  # float32 [rows, 2], file order
+    logits: np.ndarray = dataclasses.field(default=None, repr=False)  # float32 [rows, n_labels], file order
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)  # every metric (metrics.summarize; spearman)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "logits"}
@@ -215,6 +121,7 @@ class Predictor:
         self.run = run
         cfg = run.config
         self.tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+        self.labels = data_lib.label_names(cfg)  # by id; () for a regression run
         self.max_length = cfg.data.max_length
         self.buckets = list(cfg.data.buckets)
         n = jax.device_count()
@@ -274,19 +181,26 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------- scoring
 
-    def encode(self, sentences: Sequence[str], labels: np.ndarray | None = None) -> data_lib.EncodedSplit:
+    def encode(self, sentences: Sequence[str], labels: np.ndarray | None = None,
+               pairs: Sequence[str] | None = None) -> data_lib.EncodedSplit:
+        """Sentences (and the second texts of pairs) as the run encodes them."""
         labels = np.zeros(len(sentences), np.int32) if labels is None else labels
+        if pairs is not None:
+            if len(pairs) != len(sentences):
+                raise InputError(f"{len(sentences)} first texts but {len(pairs)} second texts; expected pairs")
+            return data_lib.encode_pairs(sentences, check_sentences(pairs), labels, self.tokenizer, self.max_length)
         return data_lib.encode(sentences, labels, self.tokenizer, self.max_length)
 
     def score(self, split: data_lib.EncodedSplit) -> tuple[np.ndarray, dict]:
         """(logits float32 [N, 2] in row order, summed metrics.batch_sums) over `split`, batched as the runs
         evaluate (eval batch size, data.buckets, file order)."""
         from lora_kd_jax.core import metrics as metrics_lib
+        from lora_kd_jax.core.config import n_outputs
         from lora_kd_jax.training.scoring import score_rows
 
         out, batch_sums = score_rows(split, self.batch_size, lambda b: self._step(self.params, b),
                                      self.placement.put_batch, lengths=self.buckets)
-        sums = metrics_lib.zeros()
+        sums = metrics_lib.zeros(n_outputs(self.run.config))
         for s in batch_sums:
             sums = metrics_lib.add(sums, s)
         return out, sums
@@ -295,13 +209,17 @@ class Predictor:
         """Logits float32 [N, 2] (index 1 = acceptable) for `sentences`, in order."""
         return self.score(self.encode(check_sentences(sentences)))[0]
 
-    def predict(self, sentences: str | Sequence[str]) -> list[Prediction]:
-        """One `Prediction` per sentence, in input order."""
-        split = self.encode(check_sentences(sentences))
+    def predict(self, sentences: str | Sequence[str], pairs: Sequence[str] | None = None) -> list[Prediction]:
+        """One `Prediction` per sentence (or pair: `pairs` holds the second texts), in input order, labelled with
+        the run's label names."""
+        split = self.encode(check_sentences(sentences), pairs=pairs)
         logits, _ = self.score(split)
+        if not self.labels:  # regression: one output, the predicted value
+            return [Prediction(f"{v:.4f}", math.nan, bool(t), float(v))
+                    for v, t in zip(logits[:, 0], split.truncated_rows)]
         probs = _softmax(logits)
         labels = logits.argmax(axis=-1)
-        return [Prediction(LABELS[k], float(p[k]), bool(t))
+        return [Prediction(self.labels[k], float(p[k]), bool(t))
                 for k, p, t in zip(labels, probs, split.truncated_rows)]
 
     def evaluate(self, data: str | os.PathLike | EvalSet = "in_domain", *, limit: int = 0) -> Report:
@@ -311,16 +229,22 @@ class Predictor:
 
         from lora_kd_jax.core import metrics as metrics_lib
 
-        eval_set = data if isinstance(data, EvalSet) else load_eval_set(data, limit)
-        split = self.encode(eval_set.sentences, eval_set.labels)
+        eval_set = data if isinstance(data, EvalSet) else load_eval_set(data, limit, self.run.config)
+        split = eval_set.encoded or self.encode(eval_set.sentences, eval_set.labels)
         logits, sums = self.score(split)
         summary = metrics_lib.summarize(sums)
-        counts = {k: int(round(float(jax.device_get(sums[k])))) for k in ("tp", "fp", "tn", "fn")}
+        scores = {k: v for k, v in summary.items() if k != "count"}
+        if "confusion" in sums:  # more than two classes: the matrix [gold, predicted]
+            counts = {"matrix": np.rint(np.asarray(jax.device_get(sums["confusion"]))).astype(int).tolist()}
+        elif "tp" in sums:
+            counts = {k: int(round(float(jax.device_get(sums[k])))) for k in ("tp", "fp", "tn", "fn")}
+        else:  # regression: Spearman's rho from the ranks of every prediction (host-side, see metrics.spearman)
+            counts, scores["spearman"] = {}, metrics_lib.spearman(split.labels, logits[:, 0])
         correct = logits.argmax(axis=-1) == eval_set.labels
         return Report(name=eval_set.name, files=eval_set.files, rows=len(eval_set), truncated=split.n_truncated,
-                      accuracy=summary["accuracy"], mcc=summary["mcc"], loss=summary["loss"], confusion=counts,
-                      per_source=per_source_accuracy(eval_set.sources, correct), limit=eval_set.limit,
-                      logits=logits)
+                      accuracy=summary.get("accuracy", math.nan), mcc=summary.get("mcc", math.nan),
+                      loss=summary["loss"], confusion=counts, per_source=per_source_accuracy(eval_set.sources, correct),
+                      limit=eval_set.limit, logits=logits, scores=scores)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -340,7 +264,9 @@ def evaluate_run(path: str | os.PathLike | Any, data: Sequence[str] = DEFAULT_SE
 
     info = path if isinstance(path, runs.RunInfo) else runs.inspect_run(path, which=which)
     names = list(dict.fromkeys(os.fspath(d) for d in data)) or list(DEFAULT_SETS)
-    sets = [load_eval_set(name, limit) for name in names]
+    if data_lib.is_table_run(info.config) and names == list(DEFAULT_SETS):  # a table run: its own sets
+        names = [n for n in data_lib.table_files(info.config) if n != "train"]
+    sets = [load_eval_set(name, limit, info.config) for name in names]
     clf = Predictor(runs.open_run(info, which=which), batch_size=batch_size)
     return clf, [clf.evaluate(s) for s in sets]
 
@@ -388,8 +314,30 @@ def write_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path
     return rundir.write_json(Path(run_dir) / EVALUATION_FILE, record)
 
 
+def format_table_reports(clf: Predictor, reports: Sequence[Report]) -> str:
+    """The terminal table of a run on table files: one row per set with every metric of the run's kind (and the
+    confusion matrix of a classifier, labelled with the run's label names)."""
+    metrics = [m for m in ("accuracy", "mcc", "f1", "macro_f1", "mse", "pearson", "spearman", "loss")
+               if m in reports[0].scores]
+    lines = [f"run: {clf.describe()}", "", f"{'set':<16}{'rows':>6}{'trunc':>7}" + "".join(f"{m:>10}" for m in metrics)]
+    for r in reports:
+        lines.append(f"{_short(r.name):<16}{r.rows:>6}{r.truncated:>7}"
+                     + "".join(f"{r.scores[m]:>10.4f}" for m in metrics))
+    for r in reports:
+        if not r.confusion:
+            continue
+        c = r.confusion
+        matrix = c.get("matrix") or [[c["tn"], c["fp"]], [c["fn"], c["tp"]]]
+        lines += ["", f"{_short(r.name)}: {', '.join(r.files)} (rows gold, columns predicted)",
+                  f"  {'':<16}" + "".join(f"{name[:12]:>13}" for name in clf.labels)]
+        lines += [f"  {name[:16]:<16}" + "".join(f"{v:>13}" for v in row) for name, row in zip(clf.labels, matrix)]
+    return "\n".join(lines)
+
+
 def format_reports(clf: Predictor, reports: Sequence[Report]) -> str:
     """The terminal table: one row per set, then each set's confusion matrix and accuracy per source."""
+    if data_lib.is_table_run(clf.run.config):
+        return format_table_reports(clf, reports)
     lines = [f"run: {clf.describe()}", "",
              f"{'set':<16}{'rows':>6}{'trunc':>7}{'accuracy':>10}{'MCC':>9}{'loss':>9}"]
     for r in reports:

@@ -29,6 +29,11 @@ def report(summary: dict, run_dir: str) -> None:
             line += f"; out-of-domain accuracy {format_stat(agg['out_of_domain_accuracy_at_best'], 100)}%"
         print(f"{line} (mean ± std (min–max)) -> {run_dir}")
         return
+    if summary.get("select", "accuracy") != "accuracy":  # another metric picked the best epoch (train.select)
+        from lora_kd_jax.core.selection import headline
+
+        print(f"{headline(summary)} -> {run_dir}")
+        return
     line = (f"best val accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}, train accuracy "
             f"{summary['train_accuracy_at_best']:.4f}, val MCC {summary['val_mcc_at_best']:.4f}")
     if "out_of_domain_accuracy_at_best" in summary:
@@ -60,7 +65,7 @@ def _student_report(cfg: Config) -> str:
 
     from lora_kd_jax.models.student import build_student, count_params
 
-    _, shapes = build_student(cfg.student, jax.random.key(0), shapes_only=True)
+    _, shapes = build_student(cfg, jax.random.key(0), shapes_only=True)
     n = count_params(shapes)
     return f"student params: {n / 1e6:.2f}M ({n:,}), all trainable"
 
@@ -236,18 +241,34 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from lora_kd_jax.runs import reader as runs
 
     _quiet_checkpoint_reader()
-    if bool(args.sentences) == bool(args.file):
-        raise UsageError("give the sentences on the command line or --file FILE (one sentence per line), not both"
-                         if args.sentences else "no sentences: give them on the command line or --file FILE")
-    sentences = evaluation.check_sentences(args.sentences) if args.sentences else evaluation.read_sentence_file(args.file)
+    given = [bool(args.sentences), bool(args.file), bool(args.pair)]
+    if sum(given) != 1:
+        raise UsageError("give the sentences on the command line, --pair FIRST SECOND, or --file FILE (one per line), "
+                         "one of them" if any(given) else "no sentences: give them on the command line, --pair FIRST "
+                         "SECOND or --file FILE")
     info = runs.inspect_run(_one_run(args), which=args.which)
+    on_pairs = bool(info.config.data.text_pair)
+    if args.pair:
+        sentences, pairs = evaluation.check_sentences([a for a, _ in args.pair]), [b for _, b in args.pair]
+    else:
+        sentences = evaluation.check_sentences(args.sentences) if args.sentences else evaluation.read_sentence_file(
+            args.file)
+        pairs = evaluation.split_pairs(sentences, args.file) if on_pairs and args.file else None
+        sentences = [s.split("\t")[0] for s in sentences] if pairs else sentences
+    if on_pairs != (pairs is not None):
+        raise UsageError(f"{info.path} was trained on sentence pairs (data.text_pair={info.config.data.text_pair}): "
+                         "give --pair FIRST SECOND or a --file of tab-separated pairs" if on_pairs else
+                         f"{info.path} was trained on single sentences: give sentences, not --pair")
     runtime.enable_compilation_cache(info.config.run.compilation_cache)
     clf = evaluation.Predictor(runs.open_run(info, which=args.which))
-    predictions = clf.predict(sentences)
+    predictions = clf.predict(sentences, pairs)
+    shown = [f"{s} ||| {b}" for s, b in zip(sentences, pairs)] if pairs else sentences
     if args.json:
-        print(json.dumps([{"sentence": s, **p._asdict()} for s, p in zip(sentences, predictions)], indent=2))
+        print(json.dumps([{"sentence": s, **({"pair": b} if pairs else {}),
+                           **{k: v for k, v in p._asdict().items() if k != "score" or v is not None}}
+                          for s, b, p in zip(sentences, pairs or sentences, predictions)], indent=2))
     else:
-        print(evaluation.format_predictions(sentences, predictions, clf.max_length))
+        print(evaluation.format_predictions(shown, predictions, clf.max_length))
 
 
 class UsageError(UserError):

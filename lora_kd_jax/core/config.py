@@ -41,6 +41,7 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype: auto (per backend, see precision.py) | float32 | bfloat16
     base_dtype: str = "auto"  # storage dtype of the frozen base weights: auto | float32 | bfloat16
     base_seed: int = -1  # the seed whose key draws a random-init base; -1 = train.seed (train.seeds: its first seed)
+    num_labels: int = 0  # outputs of the head; 0 = from the data (CoLA: 2; regression: 1)
 
 
 @dataclasses.dataclass
@@ -51,6 +52,15 @@ class DataConfig:
     limit: int = 0  # keep only the first N examples of each split; 0 = all
     buckets: list[int] = dataclasses.field(default_factory=list)  # length-aware batching: padded lengths; [] = off
     group_window: int = 0  # with buckets: group training rows by length within windows of N batches; 0 = off
+    task: str = ""  # a GLUE preset: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli (columns, labels, metric)
+    train: str = ""  # a table file (.tsv/.csv/.jsonl/.json/.parquet) to train on; "" = CoLA from data.dir
+    validation: str = ""  # the table file that picks the best epoch (needed with data.train)
+    report: list[str] = dataclasses.field(default_factory=list)  # further table files scored every epoch
+    text: str = "sentence"  # column of the text (tables only)
+    text_pair: str = ""  # column of the second text of a sentence pair; "" = single sentences
+    label: str = "label"  # column of the label: integers, strings (ids in sorted order) or real numbers (regression)
+    labels: list[str] = dataclasses.field(default_factory=list)  # label names by id; [] = from the training file
+    problem: str = "auto"  # auto (real-valued labels = regression) | classification | regression
 
 
 @dataclasses.dataclass
@@ -66,6 +76,7 @@ class LoraConfig:
 class TrainConfig:
     batch_size: int = 128
     eval_batch_size: int = 0  # 0 = same as batch_size
+    select: str = ""  # the validation metric that picks the best epoch; "" = accuracy (regression: pearson)
     lr: float = 1e-3
     epochs: int = 10
     seed: int = 0
@@ -148,6 +159,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lora.init": ("seed", "standard"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.schedule": ("constant", "linear", "cosine"),
+    "train.select": ("", "accuracy", "mcc", "f1", "macro_f1", "pearson"),
+    "data.problem": ("auto", "classification", "regression"),
+    "data.task": ("", "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"),
     "student.cell": ("rnn", "gru", "lstm"),
     "student.pooling": ("last_token", "last_step"),
     "student.dtype": ("auto", "float32", "bfloat16"),
@@ -158,7 +172,8 @@ POSITIVE: tuple[str, ...] = (
     "train.lr", "train.epochs", "student.vocab_size", "student.embed_dim", "student.hidden_dim",
     "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head", "mesh.fsdp", "train.accumulate",
 )
-NON_NEGATIVE: tuple[str, ...] = ("data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
+NON_NEGATIVE: tuple[str, ...] = ("model.num_labels",
+                                 "data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
                                  "model.dropout", "train.warmup", "train.weight_decay", "train.max_grad_norm",
                                  "train.patience", "train.max_steps")
 PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout")
@@ -311,7 +326,30 @@ def validate(cfg: Config) -> None:
                           "batch is split into that many equal micro-batches; choose a divisor")
     if not cfg.lora.targets:
         raise ConfigError("lora.targets: needs at least one target pattern")
+    _validate_data(cfg)
     _validate_seeds(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.train and not d.validation:
+        raise ConfigError(f"data.train={d.train} without data.validation: a run needs a validation file to pick its "
+                          "best epoch; set data.validation=FILE")
+    if d.validation and not (d.train or d.task):
+        raise ConfigError(f"data.validation={d.validation} without data.train: set data.train=FILE too")
+    regression = d.problem == "regression"
+    if cfg.train.select and d.problem != "auto" and (cfg.train.select in REGRESSION_METRICS) != regression:
+        raise ConfigError(f"train.select={cfg.train.select} does not fit a {d.problem} run; use "
+                          f"{'pearson' if regression else 'accuracy, mcc, f1 or macro_f1'}")
+    if regression and cfg.model.num_labels not in (0, 1):
+        raise ConfigError(f"model.num_labels={cfg.model.num_labels} with data.problem=regression: a regression head "
+                          "has one output; drop model.num_labels")
+    if regression and cfg.train.seeds:
+        raise ConfigError("train.seeds with a regression run (data.problem=regression): the many-seeds aggregate "
+                          "reports classification metrics only; train one seed per run (train.seed)")
+    if d.labels and cfg.model.num_labels and cfg.model.num_labels < len(d.labels):
+        raise ConfigError(f"model.num_labels={cfg.model.num_labels} is fewer than the {len(d.labels)} names in "
+                          "data.labels")
 
 
 def _validate_seeds(cfg: Config) -> None:
@@ -326,6 +364,21 @@ def _validate_seeds(cfg: Config) -> None:
                           "seed is one run, so list each once")
     if cfg.model.base_seed < -1:
         raise ConfigError(f"model.base_seed: must be -1 (train.seed) or >= 0, got {cfg.model.base_seed}")
+
+
+REGRESSION_METRICS = ("pearson",)  # what train.select may name for a regression run (the rest: classification)
+
+
+def n_outputs(cfg: Config) -> int:
+    """Outputs of a run's head: 1 for regression, else model.num_labels, the number of data.labels, or CoLA's 2."""
+    if cfg.data.problem == "regression":
+        return 1
+    return cfg.model.num_labels or len(cfg.data.labels) or 2
+
+
+def select_metric(cfg: Config) -> str:
+    """The validation metric that picks the best epoch: train.select, else accuracy (regression: pearson)."""
+    return cfg.train.select or ("pearson" if cfg.data.problem == "regression" else "accuracy")
 
 
 def resolved_size(m: ModelConfig) -> tuple[int, int, int]:

@@ -1,8 +1,12 @@
-"""Classification metrics as summable on-device counts, turned into numbers once per epoch.
+"""Metrics as summable on-device counts, turned into numbers once per epoch.
 
-Steps return sums (loss sum, confusion counts), never means, so that batches with padding rows, epochs and
-devices combine exactly; `summarize` divides once at the end. Accuracy and Matthews correlation (the standard
-CoLA metric, which exposes a classifier that predicts one class) come from the same confusion counts.
+Steps return sums (loss sum, confusion counts, moments), never means, so that batches with padding rows, epochs and
+devices combine exactly; `summarize` divides once at the end. Which sums a batch gives follows from the width of
+the logits (static under jit): two classes -> tp/fp/tn/fn (class 1 positive; the CoLA study's sums), more ->
+a confusion matrix [gold, predicted], one output (regression) -> the moments of labels and predictions.
+Accuracy, Matthews correlation (the standard CoLA metric, which exposes a classifier that predicts one class),
+F1 (binary) and macro-F1 come from the confusion counts, Pearson's r from the moments. Spearman's rho needs ranks,
+which do not sum: `spearman` computes it on the host from all predictions (`evaluate` reports it).
 """
 from __future__ import annotations
 
@@ -11,9 +15,12 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-SUM_KEYS = ("loss_sum", "count", "tp", "fp", "tn", "fn")
+SUM_KEYS = ("loss_sum", "count", "tp", "fp", "tn", "fn")  # two classes (the CoLA study)
+MULTICLASS_KEYS = ("loss_sum", "count", "confusion")  # confusion [gold, predicted], more than two classes
+REGRESSION_KEYS = ("loss_sum", "count", "sum_y", "sum_p", "sum_yy", "sum_pp", "sum_yp")  # one output
 # Training steps also report non-finite losses: how many, and the first step (min over batches) where one was seen.
 FAULT_KEYS = ("nonfinite", "first_nonfinite_step")
 NO_STEP = float(2**31)
@@ -26,10 +33,36 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> t
     return total / jnp.maximum(jnp.sum(weights), 1.0), total
 
 
+def squared_error(outputs: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(weighted mean, weighted sum) of the squared error of one-output logits [B, 1] against real targets [B]."""
+    per_row = jnp.square(outputs[..., 0].astype(jnp.float32) - targets.astype(jnp.float32))
+    total = jnp.sum(per_row * weights)
+    return total / jnp.maximum(jnp.sum(weights), 1.0), total
+
+
+def supervised_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The loss against the gold labels: mean squared error for a one-output (regression) head, as transformers'
+    problem_type=regression; cross-entropy otherwise."""
+    if logits.shape[-1] == 1:
+        return squared_error(logits, labels, weights)
+    return cross_entropy(logits, labels, weights)
+
+
 def batch_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array, loss_sum: jax.Array) -> dict:
-    """Confusion counts (positive class = 1) and loss sum for one batch, as float32 scalars."""
-    pred = jnp.argmax(logits, axis=-1)
+    """The summable metric counts of one batch and its loss sum, as float32: confusion counts (two classes:
+    tp/fp/tn/fn with class 1 positive; more: a confusion matrix), or the moments of a regression."""
     w = weights.astype(jnp.float32)
+    n_outputs = logits.shape[-1]
+    if n_outputs == 1:
+        y, p = labels.astype(jnp.float32), logits[..., 0].astype(jnp.float32)
+        return {"loss_sum": loss_sum.astype(jnp.float32), "count": jnp.sum(w), "sum_y": jnp.sum(w * y),
+                "sum_p": jnp.sum(w * p), "sum_yy": jnp.sum(w * y * y), "sum_pp": jnp.sum(w * p * p),
+                "sum_yp": jnp.sum(w * y * p)}
+    pred = jnp.argmax(logits, axis=-1)
+    if n_outputs > 2:
+        gold = jax.nn.one_hot(labels, n_outputs, dtype=jnp.float32) * w[:, None]
+        return {"loss_sum": loss_sum.astype(jnp.float32), "count": jnp.sum(w),
+                "confusion": gold.T @ jax.nn.one_hot(pred, n_outputs, dtype=jnp.float32)}
     pos, neg = (labels == 1), (labels == 0)
     return {
         "loss_sum": loss_sum.astype(jnp.float32),
@@ -42,13 +75,20 @@ def batch_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array, loss_su
 
 
 def eval_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
-    """`batch_sums` with the cross-entropy against the gold labels: what every evaluation sums."""
-    _, total = cross_entropy(logits, batch["labels"], batch["weights"])
+    """`batch_sums` with the loss against the gold labels (`supervised_loss`): what every evaluation sums."""
+    _, total = supervised_loss(logits, batch["labels"], batch["weights"])
     return batch_sums(logits, batch["labels"], batch["weights"], total)
 
 
-def zeros() -> dict:
-    out = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+def zeros(n_outputs: int = 2) -> dict:
+    """Empty sums for a head of `n_outputs` (the keys `batch_sums` gives for it), with the fault record."""
+    if n_outputs == 1:
+        out = {k: jnp.zeros((), jnp.float32) for k in REGRESSION_KEYS}
+    elif n_outputs > 2:
+        out = {"loss_sum": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32),
+               "confusion": jnp.zeros((n_outputs, n_outputs), jnp.float32)}
+    else:
+        out = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
     out["nonfinite"] = jnp.zeros((), jnp.float32)
     out["first_nonfinite_step"] = jnp.asarray(NO_STEP, jnp.float32)
     return out
@@ -56,7 +96,7 @@ def zeros() -> dict:
 
 def add(a: Mapping, b: Mapping) -> dict:
     """Accumulate batch sums `b` into `a` (a from `zeros()`); fault keys are optional in `b`."""
-    out = {k: a[k] + b[k] for k in SUM_KEYS}
+    out = {k: a[k] + b[k] for k in a if k not in FAULT_KEYS}
     out["nonfinite"] = a["nonfinite"] + b.get("nonfinite", 0.0)
     out["first_nonfinite_step"] = jnp.minimum(a["first_nonfinite_step"], b.get("first_nonfinite_step", NO_STEP))
     return out
@@ -87,20 +127,68 @@ def matthews(tp: float, fp: float, tn: float, fn: float) -> float:
     return 0.0 if denom == 0 else (tp * tn - fp * fn) / denom
 
 
+def f1(tp: float, fp: float, fn: float) -> float:
+    """F1 of one class; 0 when it is neither predicted nor present (sklearn's zero_division=0)."""
+    return 0.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def confusion_scores(confusion: np.ndarray) -> dict[str, float]:
+    """accuracy, multi-class MCC (Gorodkin's R_K, as sklearn's matthews_corrcoef; 0 when a marginal is a single
+    class) and macro-F1 (mean F1 over the classes present in gold or predictions, as sklearn's f1_score with
+    average='macro') from a confusion matrix [gold, predicted]."""
+    c = np.asarray(confusion, np.float64)
+    n, correct = c.sum(), np.trace(c)
+    gold, pred = c.sum(axis=1), c.sum(axis=0)
+    denom = math.sqrt((n * n - pred @ pred) * (n * n - gold @ gold))
+    present = (gold + pred) > 0
+    per_class = [f1(c[k, k], pred[k] - c[k, k], gold[k] - c[k, k]) for k in np.flatnonzero(present)]
+    return {"accuracy": correct / n if n else float("nan"),
+            "mcc": 0.0 if denom == 0 else (correct * n - pred @ gold) / denom,
+            "macro_f1": float(np.mean(per_class)) if per_class else 0.0}
+
+
+def pearson(n: float, sum_y: float, sum_p: float, sum_yy: float, sum_pp: float, sum_yp: float) -> float:
+    """Pearson's r from summed moments; 0 when either side is constant (no correlation to speak of)."""
+    cov = sum_yp - sum_y * sum_p / n if n else 0.0
+    var_y, var_p = (sum_yy - sum_y ** 2 / n, sum_pp - sum_p ** 2 / n) if n else (0.0, 0.0)
+    return 0.0 if var_y <= 0 or var_p <= 0 else cov / math.sqrt(var_y * var_p)
+
+
+def spearman(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Spearman's rho (Pearson's r of the average ranks, ties sharing theirs, as scipy); 0 when either side is
+    constant. Host-side, from all predictions: ranks cannot be summed over batches."""
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x), np.float64)
+        r[order] = np.arange(1, len(x) + 1)
+        _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+        sums = np.bincount(inverse, weights=r)
+        return (sums / counts)[inverse]
+
+    y, p = ranks(np.asarray(labels, np.float64)), ranks(np.asarray(predictions, np.float64))
+    return pearson(len(y), y.sum(), p.sum(), y @ y, p @ p, y @ p)
+
+
 def summarize(sums: Mapping) -> dict[str, float]:
-    """Host-side: loss, accuracy, mcc, count from accumulated sums (one device->host transfer).
+    """Host-side numbers from accumulated sums (one device->host transfer): loss and count, then accuracy, mcc, f1
+    (two classes: of class 1) and macro_f1 for a classifier, or mse and pearson for a regression.
 
     The loss is over finite batches; `nonfinite` (and `first_nonfinite_step`) appear when a batch was not."""
-    s = {k: float(v) for k, v in jax.device_get(dict(sums)).items()}
+    host = jax.device_get(dict(sums))
+    s = {k: float(v) for k, v in host.items() if k != "confusion"}
     n = s["count"]
     faults = {}
     if s.get("nonfinite", 0.0) > 0:
         faults = {"nonfinite": int(s["nonfinite"]), "first_nonfinite_step": int(s["first_nonfinite_step"])}
-    return {
-        "loss": s["loss_sum"] / n if n else float("nan"),
-        "accuracy": (s["tp"] + s["tn"]) / n if n else float("nan"),
-        "mcc": matthews(s["tp"], s["fp"], s["tn"], s["fn"]),
-        "count": int(round(n)),
-        **faults,
-    }
+    loss = s["loss_sum"] / n if n else float("nan")
+    if "sum_y" in s:
+        scores = {"mse": loss, "pearson": pearson(n, s["sum_y"], s["sum_p"], s["sum_yy"], s["sum_pp"], s["sum_yp"])}
+    elif "confusion" in host:
+        scores = confusion_scores(host["confusion"])
+    else:
+        scores = {"accuracy": (s["tp"] + s["tn"]) / n if n else float("nan"),
+                  "mcc": matthews(s["tp"], s["fp"], s["tn"], s["fn"]),
+                  "f1": f1(s["tp"], s["fp"], s["fn"]),
+                  "macro_f1": confusion_scores([[s["tn"], s["fp"]], [s["fn"], s["tp"]]])["macro_f1"]}
+    return {"loss": loss, **scores, "count": int(round(n)), **faults}
 

@@ -101,7 +101,7 @@ def batch_iterator(
         k = len(idx)
         input_ids = np.full((batch_size, seq_len), PAD_ID, dtype=np.int32)
         attention_mask = np.zeros((batch_size, seq_len), dtype=np.int32)
-        labels = np.zeros((batch_size,), dtype=np.int32)
+        labels = np.zeros((batch_size,), dtype=split.labels.dtype)  # int32 ids, float32 regression targets
         weights = np.zeros((batch_size,), dtype=np.float32)
         index = np.zeros((batch_size,), dtype=np.int32)
         index[:k] = idx
@@ -120,15 +120,15 @@ def batch_iterator(
 @dataclasses.dataclass(frozen=True)
 class BatchSources:
     """What a training loop iterates: train(epoch, start_batch) and eval() each return a fresh batch iterator;
-    `reported` holds further evaluation sets (the out-of-domain dev set) that are scored every epoch and reported
-    beside validation, never used to choose the best epoch."""
+    `reported` holds further evaluation sets (CoLA's out-of-domain dev set, data.report's files) that are scored
+    every epoch and reported beside validation, never used to choose the best epoch."""
     train: Callable[[int, int], Iterator[dict[str, np.ndarray]]]
     eval: Callable[[], Iterator[dict[str, np.ndarray]]]
     n_train_batches: int
     reported: dict[str, Callable[[], Iterator[dict[str, np.ndarray]]]] = dataclasses.field(default_factory=dict)
 
 
-REPORTED_SPLITS = ("out_of_domain",)  # evaluated every epoch when the data has them; never pick the best epoch
+REPORTED_SPLITS = ("out_of_domain",)  # CoLA's: evaluated every epoch when the data has them; never pick the best epoch
 
 
 def batch_sources(splits: dict[str, EncodedSplit], cfg: Config) -> BatchSources:
@@ -162,7 +162,7 @@ def batch_sources(splits: dict[str, EncodedSplit], cfg: Config) -> BatchSources:
         train=train_batches,
         eval=eval_of(val),
         n_train_batches=num_batches(len(train), bs),
-        reported={name: eval_of(splits[name]) for name in REPORTED_SPLITS if name in splits})
+        reported={name: eval_of(split) for name, split in splits.items() if name not in ("train", "validation")})
 
 
 def stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

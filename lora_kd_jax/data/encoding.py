@@ -87,8 +87,8 @@ class EncodedSplit:
 
     input_ids: np.ndarray  # int32 [N, max_length], right padded with PAD_ID
     attention_mask: np.ndarray  # int32 [N, max_length], 1 on real tokens
-    labels: np.ndarray  # int32 [N]
-    n_truncated: int  # sentences longer than max_length that were cut
+    labels: np.ndarray  # int32 [N] class ids, or float32 [N] targets of a regression run
+    n_truncated: int  # sentences (or pairs) longer than max_length that were cut
     truncated_rows: np.ndarray | None = None  # bool [N]: which rows were cut (set by `encode`)
 
     def __post_init__(self) -> None:
@@ -98,9 +98,12 @@ class EncodedSplit:
                 f"EncodedSplit: inconsistent shapes input_ids {ids.shape}, attention_mask {mask.shape}, "
                 f"labels {labels.shape}; expected [N, L], [N, L], [N]"
             )
-        for field, arr in (("input_ids", ids), ("attention_mask", mask), ("labels", labels)):
+        for field, arr in (("input_ids", ids), ("attention_mask", mask)):
             if arr.dtype != np.int32:
                 raise DataError(f"EncodedSplit: {field} has dtype {arr.dtype}; expected int32")
+        if labels.dtype not in (np.int32, np.float32):
+            raise DataError(f"EncodedSplit: labels have dtype {labels.dtype}; expected int32 (classes) or float32 "
+                            "(regression)")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -159,7 +162,56 @@ def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: 
     n_truncated = int(truncated.sum())
     if n_truncated:
         logger.info("truncated %d of %d sentences to %d tokens", n_truncated, n, max_length)
-    return EncodedSplit(input_ids, attention_mask, labels.astype(np.int32), n_truncated, truncated)
+    return EncodedSplit(input_ids, attention_mask, _label_array(labels), n_truncated, truncated)
+
+
+def _label_array(labels: np.ndarray) -> np.ndarray:
+    """Class ids as int32, regression targets (a float array) as float32."""
+    return labels.astype(np.float32 if labels.dtype.kind == "f" else np.int32)
+
+
+def fair_split(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """Tokens kept of each text of a pair within `budget`: both whole when they fit; else the shorter is kept whole
+    when it fits in half the budget and the longer gets the rest, otherwise each gets half (the first the odd one)."""
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    keep_a = min(len_a, max(budget - len_b, budget - budget // 2))
+    return keep_a, min(len_b, budget - keep_a)
+
+
+def encode_pairs(first: Sequence[str], second: Sequence[str], labels: np.ndarray, tokenizer,
+                 max_length: int) -> EncodedSplit:
+    """Sentence pairs as one GPT-2 sequence: first text, GPT-2's end-of-text token (id 50256) as the separator,
+    second text; right padded. GPT-2 has no separator token: <|endoftext|> is the one special token it knows (it
+    sat between documents in pretraining), and a new token would need a new, untrained embedding row. Each text is
+    tokenized on its own (as transformers' tokenizers encode a pair); when the two do not fit, `fair_split` spends
+    the max_length - 1 tokens between them, cutting each at its end. Cut pairs are counted and logged."""
+    first, second, labels = list(first), list(second), np.asarray(labels)
+    n = len(first)
+    if not isinstance(max_length, int) or max_length < 3:
+        raise DataError(f"max_length={max_length!r}: a sentence pair needs at least 3 tokens (one of each text and "
+                        "the separator)")
+    if len(second) != n or labels.shape != (n,):
+        raise DataError(f"encode_pairs: {n} first texts, {len(second)} second texts and labels of shape "
+                        f"{labels.shape}; expected the same number of each")
+    ids = np.full((n, max_length), PAD_ID, np.int32)
+    mask = np.zeros((n, max_length), np.int32)
+    truncated = np.zeros((n,), bool)
+    tokens_a = tokenizer(first, truncation=False)["input_ids"] if n else []
+    tokens_b = tokenizer(second, truncation=False)["input_ids"] if n else []
+    for i, (a, b) in enumerate(zip(tokens_a, tokens_b)):
+        if not a or not b:
+            raise DataError(f"encode_pairs: pair {i} ({first[i]!r}, {second[i]!r}) has a text of 0 tokens")
+        keep_a, keep_b = fair_split(len(a), len(b), max_length - 1)
+        row = [*a[:keep_a], PAD_ID, *b[:keep_b]]
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+        truncated[i] = keep_a < len(a) or keep_b < len(b)
+    n_truncated = int(truncated.sum())
+    if n_truncated:
+        logger.info("truncated %d of %d sentence pairs to %d tokens (the budget split fairly between the two texts)",
+                    n_truncated, n, max_length)
+    return EncodedSplit(ids, mask, _label_array(labels), n_truncated, truncated)
 
 
 def encode_splits(ds: Mapping[str, Any], tokenizer, max_length: int) -> dict[str, EncodedSplit]:

@@ -35,10 +35,15 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
 
 def kd_objective(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
                       weights: jax.Array, temperature: float, alpha: float) -> tuple[jax.Array, jax.Array]:
-    """(mean, sum) of kd_loss + alpha · cross-entropy on the hard labels (alpha=0: the original, KL only)."""
-    mean, total = kd_loss(student_logits, teacher_logits, temperature, weights)
+    """(mean, sum) of kd_loss + alpha · cross-entropy on the hard labels (alpha=0: the original, KL only). A
+    regression (one output): the squared error between student and teacher outputs (no temperature) + alpha · the
+    squared error against the gold targets."""
+    if student_logits.shape[-1] == 1:
+        mean, total = metrics_lib.squared_error(student_logits, teacher_logits[..., 0], weights)
+    else:
+        mean, total = kd_loss(student_logits, teacher_logits, temperature, weights)
     if alpha:
-        ce_mean, ce_total = metrics_lib.cross_entropy(student_logits, labels, weights)
+        ce_mean, ce_total = metrics_lib.supervised_loss(student_logits, labels, weights)
         mean, total = mean + alpha * ce_mean, total + alpha * ce_total
     return mean, total
 

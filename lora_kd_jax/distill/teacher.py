@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision
-from lora_kd_jax.core.config import Config
+from lora_kd_jax.core.config import Config, n_outputs
+from lora_kd_jax.data.tasks import label_names
 from lora_kd_jax.core.keys import seed_list
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.runs import reader as runs
@@ -57,7 +58,8 @@ class Teacher:
 
 def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
     """Cheap checks before any data is read or weights are built: `path` holds a LoRA run with a best checkpoint
-    whose vocabulary matches the student's. An unfinished teacher is used, with a warning naming its epochs."""
+    whose vocabulary and label set match the student's. An unfinished teacher is used, with a warning naming its
+    epochs."""
     if not path:
         raise runs.RunError("distill.teacher is empty: pass distill.teacher=PATH, the run dir of a finished LoRA run "
                             "(lora-kd-jax train-lora) or its checkpoints/ dir")
@@ -73,6 +75,11 @@ def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
         raise runs.RunError(f"distill.teacher: vocabulary size differs: the teacher in {info.path} has "
                             f"model.vocab_size={t_vocab}, the student has student.vocab_size={s_vocab}; they must "
                             "read the same token ids")
+    theirs, ours = (label_names(c) or ("regression",) for c in (info.config, cfg))
+    if (n_outputs(info.config), theirs) != (n_outputs(cfg), ours):
+        raise runs.RunError(f"distill.teacher: the teacher in {info.path} learned the labels {', '.join(theirs)} "
+                            f"({n_outputs(info.config)} outputs), this student's data has {', '.join(ours)} "
+                            f"({n_outputs(cfg)} outputs); distil on the teacher's task (its data.* settings)")
     if info.epochs_done < info.config.train.epochs:
         log.warning("distill.teacher: %s finished %d of its %d epochs; distilling from its best epoch so far",
                     info.path, info.epochs_done, info.config.train.epochs)

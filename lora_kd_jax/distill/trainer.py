@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision
 from lora_kd_jax.training import runtime
-from lora_kd_jax.core.config import Config
+from lora_kd_jax.core.config import Config, n_outputs, select_metric
 from lora_kd_jax.core.keys import run_keys, seed_list
 from lora_kd_jax.distill.losses import teacher_objective
 from lora_kd_jax.distill.teacher import Teacher, restore_teachers, teacher_logits_for, teacher_runs
@@ -32,7 +32,7 @@ def _student_setup(cfg: Config, total_steps: int) -> tuple[StudentClassifier, Tr
     """The student and its (seed-stacked, with train.seeds) state from the one state recipe (the learning rate
     schedule spans `total_steps`)."""
     seeds = seed_list(cfg)
-    student, _ = build_student(cfg.student, run_keys(seeds[0]).model, shapes_only=True)
+    student, _ = build_student(cfg, run_keys(seeds[0]).model, shapes_only=True)
     setup = seed_states(student, cfg.train, seeds, stacked=seeds_lib.is_seeded(cfg), total_steps=total_steps)
     n = param_report(setup.params, setup.labels).total
     sc = cfg.student
@@ -61,7 +61,8 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
         info={"total_params": n, "trainable_params": n, "reduction": 0.0,
               "student_dtype": precision.student_dtype(cfg.student), **info}, title=title,
         put_batch=place.put_seeded_batch if seeded else place.put_batch, put_eval_batch=place.put_batch,
-        on_nonfinite=cfg.train.on_nonfinite, seeds=tuple(cfg.train.seeds), seed_info=seed_info or {})
+        on_nonfinite=cfg.train.on_nonfinite, seeds=tuple(cfg.train.seeds), seed_info=seed_info or {},
+        select=select_metric(cfg), n_outputs=n_outputs(cfg))
 
 
 def _teacher_info(teacher: Teacher) -> dict:
@@ -113,6 +114,7 @@ def build_rnn_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Tas
 def distill(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
     """The whole distillation run into cfg.run.dir; the teacher is checked before anything is built or written."""
     runtime.setup(cfg)
+    cfg = data_lib.resolve_task(cfg)
     infos = teacher_runs(cfg)
     return loop.train_and_evaluate(cfg, lambda splits: build_distill_task(cfg, splits, restore_teachers(infos, cfg)),
                                    resume=resume, progress=progress, profile=profile)
@@ -121,5 +123,6 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, profile
 def train_rnn(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
     """The RNN baseline (cross-entropy from scratch) into cfg.run.dir."""
     runtime.setup(cfg)
+    cfg = data_lib.resolve_task(cfg)
     return loop.train_and_evaluate(cfg, lambda splits: build_rnn_task(cfg, splits), resume=resume,
                                    progress=progress, profile=profile)

@@ -31,8 +31,9 @@ import numpy as np
 
 from lora_kd_jax.lora import convert
 from lora_kd_jax.lora import peft_format
+from lora_kd_jax.data import hf_files
 from lora_kd_jax.runs import reader as runs
-from lora_kd_jax.core.config import Config, ConfigError, validate
+from lora_kd_jax.core.config import Config, ConfigError, n_outputs, validate
 from lora_kd_jax.lora.convert import TRANSFORMER_PREFIX
 from lora_kd_jax.core.keys import classifier_base_key, run_keys
 from lora_kd_jax.core.gpt2_layout import PAD_ID
@@ -130,8 +131,12 @@ def export_peft(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, which
                           "a copy of it, or use `merge` for a self-contained checkpoint")
     _check_out_dir(Path(out_dir), [ADAPTER_CONFIG, ADAPTER_WEIGHTS], overwrite)
     run = runs.open_run(info, kind="lora", which=which)
-    return write_peft_adapter(run.config, run.model, run.params, out_dir, base_model=base_model, save_base=save_base,
-                              overwrite=overwrite)
+    out = write_peft_adapter(run.config, run.model, run.params, out_dir, base_model=base_model, save_base=save_base,
+                             overwrite=overwrite)
+    hf_files.add_run_files(out, run.config)  # the tokenizer beside the adapter
+    if save_base:
+        hf_files.add_run_files(out / "base", run.config)  # the base's config.json: the run's head and label names
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -205,7 +210,7 @@ def write_imported_run(cfg: Config, model: Any, params: Params, run_dir: str | o
     state = train_state(model, params, cfg.train, run_keys(cfg.train.seed).dropout).state
     store = CheckpointStore(ckpt)
     try:
-        store.save(0, {"state": state, "train_sums": metrics_lib.zeros()},
+        store.save(0, {"state": state, "train_sums": metrics_lib.zeros(n_outputs(cfg))},
                    {"kind": "lora", "epoch": 0, "next_batch": 0, "history": [], "wall_time_s": 0.0,
                     "imported_from": os.fspath(source) if source is not None else None})
     finally:
@@ -261,4 +266,6 @@ def merge_and_save(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, wh
     info = runs.inspect_run(run_dir, kind="lora", which=which)
     _check_out_dir(Path(out_dir), [HF_CONFIG, FLAX_WEIGHTS, TORCH_WEIGHTS], overwrite)
     run = runs.open_run(info, kind="lora", which=which)
-    return save_merged(run.model, run.params, out_dir, overwrite=overwrite)
+    out = save_merged(run.model, run.params, out_dir, overwrite=overwrite)
+    hf_files.add_run_files(out, run.config)  # label names, problem type and tokenizer: usable on its own
+    return out

@@ -1,4 +1,4 @@
-"""GPT-2 sequence classifier: base hidden states -> last real token -> bias-free Dense(n_embd -> 2).
+"""GPT-2 sequence classifier: base hidden states -> last real token -> bias-free Dense(n_embd -> n_labels).
 
 The parameter tree is {'gpt2': base, 'lora': factors (optional), 'head': {'kernel': (n_embd, n_labels)}}. It stands
 behind the one model interface (`models.interface`): `init(key)` draws adapters and head over the base it holds,
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_kd_jax.lora import transform as lora_lib
-from lora_kd_jax.core.config import Config
+from lora_kd_jax.core.config import Config, n_outputs
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.core.gpt2_layout import KERNEL_LAYOUT
 from lora_kd_jax.models.interface import FROZEN, HEAD, LORA, NORM, Labels, last_token_index
@@ -58,6 +58,7 @@ class GPT2Classifier:
     spec: lora_lib.LoraSpec | None = None
     base: Params | None = dataclasses.field(default=None, repr=False)
     name: str = "gpt2"
+    n_labels: int = 2  # outputs of the head: the run's classes, 1 for regression (`config.n_outputs`)
 
     def init(self, key: jax.Array) -> Params:
         """{'gpt2': the held base, 'lora': factors, 'head': ...}, adapters and head drawn from `key`."""
@@ -114,7 +115,7 @@ def build_classifier(cfg: Config, key: jax.Array, *, base_key: jax.Array | None 
         lc = cfg.lora
         spec = lora_lib.make_spec(base, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
                                   init=lc.init, kernel_layout=KERNEL_LAYOUT)
-    model = GPT2Classifier(module, spec, None if shapes_only else base, cfg.model.name)
+    model = GPT2Classifier(module, spec, None if shapes_only else base, cfg.model.name, n_outputs(cfg))
     return model, init_adapters(model, base, key, shapes_only=shapes_only)
 
 
@@ -127,6 +128,6 @@ def init_adapters(model: GPT2Classifier, base: Params, key: jax.Array, *, shapes
     if model.spec is not None:
         init = functools.partial(lora_lib.init_lora, model.spec)
         params["lora"] = jax.eval_shape(init, k_lora) if shapes_only else init(k_lora)
-    head = functools.partial(init_head, n_embd=n_embd)
+    head = functools.partial(init_head, n_embd=n_embd, n_labels=model.n_labels)
     params["head"] = jax.eval_shape(head, k_head) if shapes_only else head(k_head)
     return params

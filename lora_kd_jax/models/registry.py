@@ -22,7 +22,7 @@ def _student(cfg: Config) -> ClassifierModel:
 
     from lora_kd_jax.models.student import build_student
 
-    return build_student(cfg.student, jax.random.key(0), shapes_only=True)[0]
+    return build_student(cfg, jax.random.key(0), shapes_only=True)[0]
 
 
 # run kind (metrics.json's `kind`) -> the model it trains

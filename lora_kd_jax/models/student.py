@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_kd_jax.core import precision
-from lora_kd_jax.core.config import Config, StudentConfig
+from lora_kd_jax.core.config import Config, StudentConfig, n_outputs
 from lora_kd_jax.models.interface import STUDENT, Labels, last_token_index
 
 Params = dict[str, Any]
@@ -132,10 +132,11 @@ class RNNStudent(nn.Module):
     bidirectional: bool = False
     pooling: str = "last_token"
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    n_labels: int = N_LABELS  # outputs of the head (1 for a regression run)
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """[B, L] ids and mask -> float32 logits [B, 2]."""
+        """[B, L] ids and mask -> float32 logits [B, n_labels]."""
         x = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=nn.initializers.normal(1.0), dtype=self.dtype,
                      name="embed")(input_ids)
         last = last_token_index(attention_mask)
@@ -159,16 +160,20 @@ class RNNStudent(nn.Module):
                 backward = backward_rnn(x, seq_lengths=last + 1, reverse=True, keep_order=True)[:, 0]
             pooled = jnp.concatenate([pooled, backward], axis=-1)
         fan_in = pooled.shape[-1]
-        logits = nn.Dense(N_LABELS, kernel_init=torch_linear_kernel(), bias_init=torch_uniform(fan_in),
+        logits = nn.Dense(self.n_labels, kernel_init=torch_linear_kernel(), bias_init=torch_uniform(fan_in),
                           dtype=self.dtype, name="head")(pooled)
         return logits.astype(jnp.float32)
 
 
 def make_student(sc: StudentConfig | Config) -> RNNStudent:
+    """The student of a run's config (its head as wide as the run's label set: `config.n_outputs`), or of a
+    student section alone (CoLA's two labels)."""
+    n_labels = N_LABELS
     if isinstance(sc, Config):
-        sc = sc.student
+        sc, n_labels = sc.student, n_outputs(sc)
     return RNNStudent(vocab_size=sc.vocab_size, embed_dim=sc.embed_dim, hidden_dim=sc.hidden_dim, cell=sc.cell,
-                      bidirectional=sc.bidirectional, pooling=sc.pooling, dtype=precision.dtype(sc.dtype, "student"))
+                      bidirectional=sc.bidirectional, pooling=sc.pooling, dtype=precision.dtype(sc.dtype, "student"),
+                      n_labels=n_labels)
 
 
 def _example(length: int = 4) -> tuple[jax.Array, jax.Array]:

@@ -17,7 +17,8 @@ def plot_curves(history: Sequence[Mapping], run_dir: str | os.PathLike, title: s
     (reported sets such as out_of_domain are drawn dashed: they are shown, not used to choose the best epoch)."""
     out = []
     epochs = [h["epoch"] for h in history]
-    for metric, ylabel in (("accuracy", "accuracy"), ("loss", "loss")):
+    score = "accuracy" if not history or "accuracy" in history[0]["val"] else "pearson"  # a regression: pearson.png
+    for metric, ylabel in ((score, score), ("loss", "loss")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for split in ("train", "val"):
             ax.plot(epochs, [h[split][metric] for h in history], marker="o", label=split)

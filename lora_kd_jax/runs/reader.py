@@ -158,13 +158,14 @@ def open_run(path: str | Path | RunInfo, *, kind: str | None = None, which: str 
     GPT-2 base comes back in float32, as loaded (model.base_dtype is a storage choice of training). `path` may be
     the `RunInfo` an earlier `inspect_run(path, kind=kind, which=which)` returned: its checks are not repeated."""
     from lora_kd_jax.core import metrics as metrics_lib
+    from lora_kd_jax.core.config import n_outputs
     from lora_kd_jax.runs.checkpoint import CheckpointError, CheckpointStore
 
     info = path if isinstance(path, RunInfo) else inspect_run(path, kind=kind, which=which)
     model, frozen, state = _rebuild(info.config, kind or info.kind or "lora")
     store = CheckpointStore(info.path / "checkpoints", read_only=True)
     try:
-        target = {"state": state, "train_sums": metrics_lib.zeros()}
+        target = {"state": state, "train_sums": metrics_lib.zeros(n_outputs(info.config))}
         tree, record, _ = store.restore_best(target) if which == "best" else store.restore_latest(target)
     except CheckpointError as e:
         raise RunError(f"{info.path}: the {which} checkpoint does not restore into the model its "

@@ -9,7 +9,7 @@ import jax
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision
 from lora_kd_jax.training import runtime
-from lora_kd_jax.core.config import Config
+from lora_kd_jax.core.config import Config, n_outputs, select_metric
 from lora_kd_jax.core.keys import classifier_base_key, run_keys, seed_list
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.models.classifier import build_classifier
@@ -59,13 +59,14 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
               "compute_dtype": compute, "base_dtype": base},
         title=f"LoRA {cfg.model.name}", put_batch=place.put_seeded_batch if seeded else place.put_batch,
         put_eval_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite,
-        seeds=tuple(cfg.train.seeds))
+        seeds=tuple(cfg.train.seeds), select=select_metric(cfg), n_outputs=n_outputs(cfg))
 
 
 def train_lora(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
     """The whole LoRA run into cfg.run.dir; returns the summary written to metrics.json."""
     runtime.setup(cfg)
     cfg = gpt2.with_checkpoint_size(cfg)  # model.path decides the architecture, and config.yaml records it
+    cfg = data_lib.resolve_task(cfg)  # the label set of the training file (the head's size) goes into config.yaml
     log.info("%s", dry_run(cfg))  # shapes only: a bad model size or LoRA target fails here, before any data or compute
     return loop.train_and_evaluate(cfg, lambda splits: build_task(cfg, splits), resume=resume, progress=progress,
                                    profile=profile)

@@ -30,6 +30,7 @@ import jax
 from tqdm.auto import tqdm
 
 from lora_kd_jax.core import metrics as metrics_lib
+from lora_kd_jax.core import selection
 from lora_kd_jax.runs import plots
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs.tensorboard import EventLog, check_wandb
@@ -66,6 +67,8 @@ class Task:
     # many seeds at once (seeds.py): state, train batches and step sums carry a leading seed axis; () = one run
     seeds: tuple[int, ...] = ()
     seed_info: dict[int, dict] = dataclasses.field(default_factory=dict)  # per-seed summary entries (its teacher)
+    select: str = "accuracy"  # the validation metric that picks the best epoch (train.select, `config.select_metric`)
+    n_outputs: int = 2  # the head's outputs: which metric sums its steps give (`metrics.zeros`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,15 +163,10 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _summary(history: list[dict]) -> dict:
-    """A run's summary from its history: the metrics at its best epoch."""
-    best = max(history, key=lambda h: h["val"]["accuracy"])  # validation alone decides; first epoch wins ties
-    out = {"best_epoch": best["epoch"], "best_val_accuracy": best["val"]["accuracy"],
-           "train_accuracy_at_best": best["train"]["accuracy"], "val_mcc_at_best": best["val"]["mcc"],
-           "val_loss_at_best": best["val"]["loss"], "epochs_run": len(history)}
-    for name, m in best.get("reported", {}).items():
-        out[f"{name}_accuracy_at_best"], out[f"{name}_mcc_at_best"] = m["accuracy"], m["mcc"]
-    return out
+def _summary(history: list[dict], select: str = "accuracy") -> dict:
+    """A run's summary from its history: the metrics at its best epoch (validation `select` alone decides; the
+    first epoch wins ties)."""
+    return selection.summary(history, select)
 
 
 def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool = False, progress: bool = True,
@@ -189,6 +187,8 @@ def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool =
             log.info("%d seeds: best val accuracy %s, val MCC %s (mean ± std (min–max), %%)", len(task.seeds),
                      seeds_lib.format_stat(agg["best_val_accuracy"], 100),
                      seeds_lib.format_stat(agg["val_mcc_at_best"], 100))
+        elif task.select != "accuracy":
+            log.info("%s", selection.headline(summary))
         else:
             log.info("best val accuracy %.4f at epoch %d (train accuracy %.4f, val MCC %.4f)",
                      summary["best_val_accuracy"], summary["best_epoch"], summary["train_accuracy_at_best"],
@@ -313,12 +313,12 @@ def end_of_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int, rec: Re
     for i, entry in enumerate(entries):
         entry["train"].update(rec.trace.epoch_stats(i))
         run.histories[i].append(entry)
-        is_best = entry["val"]["accuracy"] > max((h["val"]["accuracy"] for h in run.histories[i][:-1]), default=-1.0)
+        is_best = selection.improves(entry, run.histories[i][:-1], task.select)
         run.waits[i] = 0 if is_best else run.waits[i] + 1
         if is_best:
             run.best_steps[i] = step
             lanes.save_best(i, step, _tree(task, run), run, epoch + 1)
-        _log_epoch(lanes.labels[i], task.epochs, entry, is_best)
+        _log_epoch(lanes.labels[i], task.epochs, entry, is_best, task.select)
     run.stopped = _early_stop(task, lanes, run, epoch, step, options)
     run.step_stats = None  # the epoch is complete: a resume starts the next one from zero
     lanes.save_latest(step, _tree(task, run), run, epoch + 1)
@@ -337,7 +337,7 @@ def _early_stop(task: Task, lanes: Lanes, run: RunProgress, epoch: int, step: in
         reason = "max_steps"
     elif options.patience and epoch + 1 < task.epochs and all(w >= options.patience for w in run.waits):
         who = "every seed's" if lanes.seeded else "the"
-        message = (f"train.patience={options.patience}: {who} validation accuracy has not improved for "
+        message = (f"train.patience={options.patience}: {who} validation {task.select} has not improved for "
                    f"{options.patience} epoch(s)")
         reason = "patience"
     else:
@@ -381,12 +381,12 @@ def _check_finite(task: Task, lanes: Lanes, trains: list[dict], epoch: int) -> N
         log.warning("%s; their updates were skipped (train.on_nonfinite=skip)", where)
 
 
-def _log_epoch(label: str, epochs: int, entry: dict, is_best: bool) -> None:
+def _log_epoch(label: str, epochs: int, entry: dict, is_best: bool, select: str = "accuracy") -> None:
     train, val, rep = entry["train"], entry["val"], entry.get("reported", {})
-    log.info("%sepoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f mcc %.4f%s%s",
-             label, entry["epoch"], epochs, train["loss"], train["accuracy"], val["loss"], val["accuracy"], val["mcc"],
-             "".join(f" | {name} acc {m['accuracy']:.4f} mcc {m['mcc']:.4f}" for name, m in rep.items()),
-             "  (best)" if is_best else "")
+    scores = lambda m: selection.format_scores(m, select)  # noqa: E731
+    log.info("%sepoch %d/%d  train loss %.4f %s | val loss %.4f %s%s%s", label, entry["epoch"], epochs,
+             train["loss"], selection.format_scores(train, select, brief=True), val["loss"], scores(val),
+             "".join(f" | {name} {scores(m)}" for name, m in rep.items()), "  (best)" if is_best else "")
 
 
 # accuracy.png and loss.png are redrawn after an epoch at most this often, and always at the end of a run (drawing
@@ -401,7 +401,7 @@ def write_metrics(task: Task, lanes: Lanes, run: RunProgress, *, plot: bool) -> 
     stopped = {"stopped": run.stopped} if run.stopped else {}
     summaries = []
     for lane_dir, title, extra, history in zip(lanes.dirs, lanes.titles, lanes.summary_extras, histories):
-        summaries.append({**_summary(history), **task.info, **extra, **stopped, "wall_time_s": wall})
+        summaries.append({**_summary(history, task.select), **task.info, **extra, **stopped, "wall_time_s": wall})
         if is_main_process():
             rundir.write_metrics(lane_dir, {"kind": task.kind, "epochs": history, "summary": summaries[-1]})
             if plot:

@@ -63,6 +63,7 @@ class Lanes:
 
     def __init__(self, task: Any, run_dir: Path):
         self.kind, self.run_dir, self.seeds = task.kind, run_dir, list(task.seeds)
+        self.n_outputs = task.n_outputs  # which metric sums the steps give
         self.store = CheckpointStore(run_dir / "checkpoints", with_best=not self.seeded)
 
     @property
@@ -146,7 +147,7 @@ class OneRun(Lanes):
         self.best_stores = [self.store]
 
     def zeros(self) -> dict:
-        return metrics_lib.zeros()
+        return metrics_lib.zeros(self.n_outputs)
 
     def take(self, tree: Any, i: int) -> Any:
         return tree
@@ -179,7 +180,7 @@ class SeedLanes(Lanes):
         self.best_stores = [CheckpointStore(d / "checkpoints", with_latest=False) for d in self.dirs]
 
     def zeros(self) -> dict:
-        return seeds_lib.stack([metrics_lib.zeros()] * self.n)
+        return seeds_lib.stack([metrics_lib.zeros(self.n_outputs)] * self.n)
 
     def take(self, tree: Any, i: int) -> Any:
         return seeds_lib.take(tree, i)

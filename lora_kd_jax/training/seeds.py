@@ -75,8 +75,8 @@ def aggregate(summaries: Mapping[int, Mapping[str, Any]], keys: Sequence[str] | 
     first = next(iter(summaries.values()))
     keys = keys or [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                     and all(isinstance(s.get(k), (int, float)) for s in summaries.values())]
-    return {k: stats([s[k] for s in summaries.values()]) for k in keys
-            if all(math.isfinite(float(s[k])) for s in summaries.values())}
+    return {k: stats([s[k] for s in summaries.values()]) for k in keys  # a key a run lacks (no out-of-domain set)
+            if all(k in s and math.isfinite(float(s[k])) for s in summaries.values())}  # is left out
 
 
 def epoch_stats(histories: Sequence[Sequence[Mapping]]) -> list[dict]:

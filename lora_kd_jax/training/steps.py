@@ -22,8 +22,9 @@ Objective = Callable[[jax.Array, Any, Batch], tuple[jax.Array, jax.Array]]
 
 
 def cross_entropy_objective(logits: jax.Array, consts: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Cross-entropy on the gold labels: the LoRA runs' and the RNN baseline's training loss."""
-    return metrics_lib.cross_entropy(logits, batch["labels"], batch["weights"])
+    """Cross-entropy on the gold labels (a one-output regression head: squared error, `supervised_loss`): the LoRA
+    runs' and the RNN baseline's training loss."""
+    return metrics_lib.supervised_loss(logits, batch["labels"], batch["weights"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +104,12 @@ def accumulated_grads(model: ClassifierModel, objective: Objective, k: int, trai
         (loss, sums), grads = jax.value_and_grad(micro_loss, has_aux=True)(trainable, mb, jax.random.fold_in(rng, i))
         return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    zeros = (zero, {key: zero for key in metrics_lib.SUM_KEYS}, jax.tree.map(jnp.zeros_like, trainable))
-    (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro_batches(batch, k), jnp.arange(k)))
+    micro = micro_batches(batch, k)
+    # the sums' keys follow the head (two classes, N classes, regression: metrics.batch_sums): shaped, not listed
+    sums_shape = jax.eval_shape(lambda: micro_loss(trainable, jax.tree.map(lambda x: x[0], micro), rng)[1])
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+             jax.tree.map(jnp.zeros_like, trainable))
+    (loss, sums, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
     return loss, sums, grads
 
 
