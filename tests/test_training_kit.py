@@ -94,7 +94,7 @@ def test_tensorboard_holds_every_step_and_every_epoch_metric(lora_run):
         assert entry["train"]["grad_norm"] == pytest.approx(np.mean(norms), rel=1e-6)
         assert entry["train"]["lr"] == pytest.approx(scalars["step/lr"][2 * e + 1][1], rel=1e-6, abs=1e-12)
     for split in ("train", "val", "out_of_domain"):
-        for metric in ("loss", "accuracy", "mcc"):
+        for metric in ("loss", "accuracy", "mcc", "f1", "macro_f1"):  # every metric metrics.json holds
             got = scalars[f"epoch/{split}/{metric}"]
             assert [s for s, _ in got] == [2, 4, 6]
             want = [(h["reported"][split] if split == "out_of_domain" else h[split])[metric] for h in history]

@@ -8,7 +8,8 @@ as the mean over seeds, `.../mean`):
 - per step: `step/loss`, `step/lr`, `step/grad_norm`, `step/time_s` (host time between two steps' dispatch; no
   device wait is added, so one step's value can be low or high; over an epoch they add up to about its time);
 - per epoch, at the epoch's last step: `epoch/<set>/<metric>` for set train, val and every reported set (e.g.
-  out_of_domain) and metric loss, accuracy, mcc; `epoch/train/grad_norm` (mean over the epoch's steps),
+  out_of_domain) and every metric the head gives (loss and core.selection.SCORES: accuracy, mcc, f1, macro_f1 for a
+  classifier; mse, pearson for a regression); `epoch/train/grad_norm` (mean over the epoch's steps),
   `epoch/train/lr` (its last step's); `epoch/time_s` (wall time of the epoch, evaluation and checkpoint saves included).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lora_kd_jax.core.errors import UserError
+from lora_kd_jax.core.selection import SCORES
 
 TB_DIR = "tensorboard"
 
@@ -78,7 +80,7 @@ class EventLog:
         sets = {"train": lambda e: e["train"], "val": lambda e: e["val"]}
         sets.update({name: (lambda e, name=name: e["reported"][name]) for name in first.get("reported", {})})
         for name, get in sets.items():
-            for metric in ("loss", "accuracy", "mcc", "grad_norm", "lr"):
+            for metric in ("loss", *SCORES, "grad_norm", "lr"):
                 if metric in get(first):
                     self.lanes(f"epoch/{name}/{metric}", [get(e)[metric] for e in entries], step)
         self.scalars({"epoch/time_s": wall_s}, step)
