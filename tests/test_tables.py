@@ -209,15 +209,22 @@ def test_a_distilled_student_over_three_classes_and_over_a_regression_and_the_rn
             k: v for k, v in best["val"].items() if k != "count"}
 
 
-def test_many_seeds_over_three_classes(files, tmp_path):
-    """train.seeds on a three-class file: one program, the aggregate over seeds, each seed dir a run of its own."""
-    run = _train("train-lora", "smoke.yaml", tmp_path / "seeded", *_data(files, "three"), "train.seeds=0,1",
+@pytest.mark.parametrize("shape", ["three", "stsb"])
+def test_many_seeds_over_three_classes_and_over_a_regression(shape, files, tmp_path):
+    """train.seeds on a three-class file and on a regression: one program, the aggregate over seeds (the selected
+    metric's), each seed dir a run of its own whose recorded epoch `evaluate` gives back (Spearman's rho included:
+    recorded per epoch from the eval step's rows)."""
+    run = _train("train-lora", "smoke.yaml", tmp_path / "seeded", *_data(files, shape), "train.seeds=0,1",
                  "train.epochs=1")
     record = json.loads((run / "metrics.json").read_text())
-    assert record["seeds"] == [0, 1] and set(record["summary"]["seed_stats"]["best_val_accuracy"]) >= {"mean", "std"}
+    select = EXPECTED[shape][1]
+    assert record["seeds"] == [0, 1] and set(record["summary"]["seed_stats"][f"best_val_{select}"]) >= {"mean", "std"}
     seed1 = run / "seed_1"
     _, best = _best(seed1)
-    assert evaluation.Predictor.from_run(seed1).evaluate("validation").scores["macro_f1"] == best["val"]["macro_f1"]
+    report = evaluation.Predictor.from_run(seed1).evaluate("validation")
+    metric = "macro_f1" if shape == "three" else "spearman"
+    assert report.scores[metric] == best["val"][metric]
+    assert record["epochs"][0]["val"][metric]["max"] >= best["val"][metric] >= record["epochs"][0]["val"][metric]["min"]
 
 
 def test_the_pipeline_reads_a_merge_export_alone(files, lora_runs, tmp_path):
@@ -401,16 +408,19 @@ def test_pairs_share_the_length_budget_fairly_and_count_cuts():
 
 
 def _sums(logits: np.ndarray, labels: np.ndarray, batch: int = 5) -> dict:
-    """Summed on-device counts over batches of `batch` rows, padded with weight-0 rows as the loop does."""
-    sums = metrics_lib.zeros(logits.shape[1])
+    """Summed on-device counts over batches of `batch` rows, padded with weight-0 rows as the loop does (and a
+    regression's Spearman's rho from the batches' rows, as the loop computes it per epoch)."""
+    sums, ranked = metrics_lib.zeros(logits.shape[1]), []
     for i in range(0, len(labels), batch):
         lg, lb = logits[i:i + batch], labels[i:i + batch]
         w = np.ones(batch, np.float32)
         w[len(lb):] = 0
         lg = np.pad(lg, ((0, batch - len(lg)), (0, 0)))
         lb = np.pad(lb, (0, batch - len(lb)))
-        sums = metrics_lib.add(sums, metrics_lib.eval_sums(lg, {"labels": lb, "weights": w}))
-    return metrics_lib.summarize(sums)
+        out = metrics_lib.eval_sums(lg, {"labels": lb, "weights": w})
+        ranked += [out[metrics_lib.RANKED]] if metrics_lib.RANKED in out else []
+        sums = metrics_lib.add(sums, out)
+    return {**metrics_lib.summarize(sums), **({"spearman": metrics_lib.ranked_spearman(ranked)} if ranked else {})}
 
 
 @pytest.mark.parametrize("n_classes", [2, 3, 5])
@@ -453,6 +463,7 @@ def test_regression_metrics_match_scipy(case):
     got = _sums(out[:, None], labels)
     assert got["mse"] == pytest.approx(float(np.mean((out - labels) ** 2)), rel=1e-5)
     rho = metrics_lib.spearman(labels, out)
+    assert got["spearman"] == rho  # per epoch from the eval step's rows (the padding rows left out) = evaluate's
     if case == "constant_output":  # scipy says NaN (no variance); we define both as 0
         assert got["pearson"] == 0.0 and rho == 0.0
     else:

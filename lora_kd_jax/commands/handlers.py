@@ -20,11 +20,11 @@ def setup_logging() -> None:
 def report(summary: dict, run_dir: str) -> None:
     """The one line a finished training command prints (for a seeded run: mean ± std (min–max) over its seeds)."""
     if "seed_stats" in summary:
+        from lora_kd_jax.core.selection import seed_headline
         from lora_kd_jax.training.seeds import format_stat
 
         agg = summary["seed_stats"]
-        line = (f"{len(summary['seeds'])} seeds {summary['seeds']}: best val accuracy "
-                f"{format_stat(agg['best_val_accuracy'], 100)}%, val MCC {format_stat(agg['val_mcc_at_best'], 100)}")
+        line = f"{len(summary['seeds'])} seeds {summary['seeds']}: {seed_headline(agg, summary.get('select', 'accuracy'))}"
         if "out_of_domain_accuracy_at_best" in agg:
             line += f"; out-of-domain accuracy {format_stat(agg['out_of_domain_accuracy_at_best'], 100)}%"
         print(f"{line} (mean ± std (min–max)) -> {run_dir}")

@@ -159,7 +159,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lora.init": ("seed", "standard"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.schedule": ("constant", "linear", "cosine"),
-    "train.select": ("", "accuracy", "mcc", "f1", "macro_f1", "pearson"),
+    "train.select": ("", "accuracy", "mcc", "f1", "macro_f1", "pearson", "spearman"),
     "data.problem": ("auto", "classification", "regression"),
     "data.task": ("", "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"),
     "student.cell": ("rnn", "gru", "lstm"),
@@ -340,13 +340,10 @@ def _validate_data(cfg: Config) -> None:
     regression = d.problem == "regression"
     if cfg.train.select and d.problem != "auto" and (cfg.train.select in REGRESSION_METRICS) != regression:
         raise ConfigError(f"train.select={cfg.train.select} does not fit a {d.problem} run; use "
-                          f"{'pearson' if regression else 'accuracy, mcc, f1 or macro_f1'}")
+                          f"{'pearson or spearman' if regression else 'accuracy, mcc, f1 or macro_f1'}")
     if regression and cfg.model.num_labels not in (0, 1):
         raise ConfigError(f"model.num_labels={cfg.model.num_labels} with data.problem=regression: a regression head "
                           "has one output; drop model.num_labels")
-    if regression and cfg.train.seeds:
-        raise ConfigError("train.seeds with a regression run (data.problem=regression): the many-seeds aggregate "
-                          "reports classification metrics only; train one seed per run (train.seed)")
     if d.labels and cfg.model.num_labels and cfg.model.num_labels < len(d.labels):
         raise ConfigError(f"model.num_labels={cfg.model.num_labels} is fewer than the {len(d.labels)} names in "
                           "data.labels")
@@ -366,7 +363,7 @@ def _validate_seeds(cfg: Config) -> None:
         raise ConfigError(f"model.base_seed: must be -1 (train.seed) or >= 0, got {cfg.model.base_seed}")
 
 
-REGRESSION_METRICS = ("pearson",)  # what train.select may name for a regression run (the rest: classification)
+REGRESSION_METRICS = ("pearson", "spearman")  # what train.select may name for a regression run (the rest: a classifier)
 
 
 def n_outputs(cfg: Config) -> int:

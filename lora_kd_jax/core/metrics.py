@@ -6,7 +6,8 @@ the logits (static under jit): two classes -> tp/fp/tn/fn (class 1 positive; the
 a confusion matrix [gold, predicted], one output (regression) -> the moments of labels and predictions.
 Accuracy, Matthews correlation (the standard CoLA metric, which exposes a classifier that predicts one class),
 F1 (binary) and macro-F1 come from the confusion counts, Pearson's r from the moments. Spearman's rho needs ranks,
-which do not sum: `spearman` computes it on the host from all predictions (`evaluate` reports it).
+which do not sum: a regression's eval step also hands back its rows (`RANKED`: label, prediction, weight), which
+`add` leaves out and `ranked_spearman` turns into Spearman's rho on the host once per epoch.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ REGRESSION_KEYS = ("loss_sum", "count", "sum_y", "sum_p", "sum_yy", "sum_pp", "s
 # Training steps also report non-finite losses: how many, and the first step (min over batches) where one was seen.
 FAULT_KEYS = ("nonfinite", "first_nonfinite_step")
 NO_STEP = float(2**31)
+RANKED = "ranked"  # a regression eval step's rows {label, prediction, weight}: Spearman's rho needs them all
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -75,9 +77,14 @@ def batch_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array, loss_su
 
 
 def eval_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict:
-    """`batch_sums` with the loss against the gold labels (`supervised_loss`): what every evaluation sums."""
+    """`batch_sums` with the loss against the gold labels (`supervised_loss`): what every evaluation sums; a
+    regression's also carry the batch's rows under `RANKED` (ranks do not sum; `add` drops them)."""
     _, total = supervised_loss(logits, batch["labels"], batch["weights"])
-    return batch_sums(logits, batch["labels"], batch["weights"], total)
+    sums = batch_sums(logits, batch["labels"], batch["weights"], total)
+    if logits.shape[-1] == 1:
+        sums[RANKED] = {"label": batch["labels"].astype(jnp.float32),
+                        "prediction": logits[..., 0].astype(jnp.float32), "weight": batch["weights"]}
+    return sums
 
 
 def zeros(n_outputs: int = 2) -> dict:
@@ -169,12 +176,19 @@ def spearman(labels: np.ndarray, predictions: np.ndarray) -> float:
     return pearson(len(y), y.sum(), p.sum(), y @ y, p @ p, y @ p)
 
 
+def ranked_spearman(rows: list[Mapping[str, np.ndarray]]) -> float:
+    """Spearman's rho over the real rows (weight > 0) of every batch's `RANKED` rows (on the host)."""
+    cat = {k: np.concatenate([np.asarray(r[k]).reshape(-1) for r in rows]) for k in ("label", "prediction", "weight")}
+    real = cat["weight"] > 0
+    return spearman(cat["label"][real], cat["prediction"][real])
+
+
 def summarize(sums: Mapping) -> dict[str, float]:
     """Host-side numbers from accumulated sums (one device->host transfer): loss and count, then accuracy, mcc, f1
     (two classes: of class 1) and macro_f1 for a classifier, or mse and pearson for a regression.
 
     The loss is over finite batches; `nonfinite` (and `first_nonfinite_step`) appear when a batch was not."""
-    host = jax.device_get(dict(sums))
+    host = jax.device_get({k: v for k, v in sums.items() if k != RANKED})
     s = {k: float(v) for k, v in host.items() if k != "confusion"}
     n = s["count"]
     faults = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-SCORES = ("accuracy", "mcc", "f1", "macro_f1", "mse", "pearson")  # what an epoch's entry may hold, in log order
+SCORES = ("accuracy", "mcc", "f1", "macro_f1", "mse", "pearson", "spearman")  # what an epoch's entry may hold, in log order
 
 
 def score(metrics: Mapping[str, float], select: str) -> float:
@@ -54,10 +54,33 @@ def headline(summary: Mapping) -> str:
 def format_scores(metrics: Mapping[str, float], select: str = "accuracy", *, brief: bool = False) -> str:
     """One set's metrics for an epoch's log line: 'acc 0.8123 mcc 0.4012' for a classifier (the selected metric
     after them when it is another), 'mse 0.5012 pearson 0.8100' for a regression; `brief`: the first only."""
-    names = {"accuracy": "acc", "mcc": "mcc", "f1": "f1", "macro_f1": "macro-f1", "mse": "mse", "pearson": "pearson"}
-    shown = [m for m in ("accuracy", "mcc", "mse", "pearson") if m in metrics]
+    names = {"accuracy": "acc", "mcc": "mcc", "f1": "f1", "macro_f1": "macro-f1", "mse": "mse", "pearson": "pearson",
+             "spearman": "spearman"}
+    shown = [m for m in ("accuracy", "mcc", "mse", "pearson", "spearman") if m in metrics]
     if select not in shown and select in metrics:
         shown.append(select)
     if brief:
         shown = shown[:1]
     return " ".join(f"{names[m]} {metrics[m]:.4f}" for m in shown)
+
+
+def stat_keys(summary: Mapping) -> list[str]:
+    """The keys of a run's summary that describe its best epoch (best_epoch, best_val_*, *_at_best): what the
+    aggregate of a seeded run reports over its seeds, whatever the head and the selected metric."""
+    return [k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (k == "best_epoch" or k.startswith("best_val_") or k.endswith("_at_best"))]
+
+
+def seed_headline(stats: Mapping[str, Mapping[str, float]], select: str = "accuracy") -> str:
+    """A seeded run's aggregate in words: the selected metric (and MCC for a classifier) as mean ± std (min–max),
+    in % for the classification metrics."""
+    from lora_kd_jax.training.seeds import format_stat
+
+    shown = [select] + (["mcc"] if select != "mcc" and "val_mcc_at_best" in stats else [])
+    parts = []
+    for m in shown:
+        s = stats[f"best_val_{m}"] if m == select else stats[f"val_{m}_at_best"]
+        pct = m not in ("mse", "pearson", "spearman")
+        parts.append(f"{'best ' if m == select else ''}val {m} {format_stat(s, 100 if pct else 1, 2 if pct else 4)}"
+                     f"{'%' if pct else ''}")
+    return ", ".join(parts)

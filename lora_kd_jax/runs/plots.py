@@ -17,8 +17,7 @@ def plot_curves(history: Sequence[Mapping], run_dir: str | os.PathLike, title: s
     (reported sets such as out_of_domain are drawn dashed: they are shown, not used to choose the best epoch)."""
     out = []
     epochs = [h["epoch"] for h in history]
-    score = "accuracy" if not history or "accuracy" in history[0]["val"] else "pearson"  # a regression: pearson.png
-    for metric, ylabel in ((score, score), ("loss", "loss")):
+    for metric, ylabel in ((_score(history), _score(history)), ("loss", "loss")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for split in ("train", "val"):
             ax.plot(epochs, [h[split][metric] for h in history], marker="o", label=split)
@@ -27,6 +26,11 @@ def plot_curves(history: Sequence[Mapping], run_dir: str | os.PathLike, title: s
                     label=name.replace("_", "-"))
         out.append(_save(fig, ax, ylabel, f"{title} {metric}".strip(), Path(run_dir) / f"{metric}.png"))
     return out
+
+
+def _score(history: Sequence[Mapping]) -> str:
+    """The score a run's curves show: accuracy, or pearson for a regression (pearson.png)."""
+    return "accuracy" if not history or "accuracy" in history[0]["val"] else "pearson"
 
 
 def plot_optimizer(histories: Mapping[str, Sequence[Mapping]], run_dir: str | os.PathLike, title: str = ""
@@ -75,7 +79,7 @@ def _write_png(fig, path: str | os.PathLike) -> Path:
 
 def plot_seed_curves(histories: Mapping[int, Sequence[Mapping]], run_dir: str | os.PathLike,
                      title: str = "") -> list[Path]:
-    """accuracy.png and loss.png of a seeded run: per split the mean over seeds, a band from the lowest to the highest
+    """accuracy.png (a regression: pearson.png) and loss.png of a seeded run: per split the mean over seeds, a band from the lowest to the highest
     seed, and every seed faintly (reported sets dashed, as in `plot_curves`)."""
     import numpy as np
 
@@ -85,7 +89,7 @@ def plot_seed_curves(histories: Mapping[int, Sequence[Mapping]], run_dir: str | 
     n = min(len(h) for h in runs)
     splits = [(s, lambda h, s=s: h[s], "-") for s in ("train", "val")]
     splits += [(name, lambda h, name=name: h["reported"][name], "--") for name in runs[0][0].get("reported", {})]
-    for metric, ylabel in (("accuracy", "accuracy"), ("loss", "loss")):
+    for metric, ylabel in ((_score(runs[0]), _score(runs[0])), ("loss", "loss")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for split, get, style in splits:
             values = np.array([[get(h)[metric] for h in run[:n]] for run in runs])

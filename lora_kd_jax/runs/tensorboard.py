@@ -9,7 +9,8 @@ as the mean over seeds, `.../mean`):
   device wait is added, so one step's value can be low or high; over an epoch they add up to about its time);
 - per epoch, at the epoch's last step: `epoch/<set>/<metric>` for set train, val and every reported set (e.g.
   out_of_domain) and every metric the head gives (loss and core.selection.SCORES: accuracy, mcc, f1, macro_f1 for a
-  classifier; mse, pearson for a regression); `epoch/train/grad_norm` (mean over the epoch's steps),
+  classifier; mse, pearson, and spearman on the evaluated sets, for a regression); `epoch/train/grad_norm` (mean
+  over the epoch's steps),
   `epoch/train/lr` (its last step's); `epoch/time_s` (wall time of the epoch, evaluation and checkpoint saves included).
 """
 from __future__ import annotations

@@ -183,10 +183,8 @@ def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool =
         task.info["data"] = splits.report()
         summary = run_epochs(task, run_dir, resume=resume, progress=progress, options=RunOptions.of(cfg, profile))
         if task.seeds:
-            agg = summary["seed_stats"]
-            log.info("%d seeds: best val accuracy %s, val MCC %s (mean ± std (min–max), %%)", len(task.seeds),
-                     seeds_lib.format_stat(agg["best_val_accuracy"], 100),
-                     seeds_lib.format_stat(agg["val_mcc_at_best"], 100))
+            log.info("%d seeds: %s (mean ± std (min–max))", len(task.seeds),
+                     selection.seed_headline(summary["seed_stats"], task.select))
         elif task.select != "accuracy":
             log.info("%s", selection.headline(summary))
         else:
@@ -351,8 +349,8 @@ def _score_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int) -> list
     reported sets."""
     trains = lanes.summarize(run.train_sums)
     _check_finite(task, lanes, trains, epoch)
-    vals = lanes.summarize(_eval_sums(task, lanes))
-    reported = {name: lanes.summarize(_eval_sums(task, lanes, batches))
+    vals = lanes.summarize(*_eval_sums(task, lanes))
+    reported = {name: lanes.summarize(*_eval_sums(task, lanes, batches))
                 for name, batches in task.reported_batches.items()}
     entries = []
     for i in range(lanes.n):
@@ -361,11 +359,16 @@ def _score_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int) -> list
     return entries
 
 
-def _eval_sums(task: Task, lanes: Lanes, batches: Callable[[], Iterable[Batch]] | None = None) -> dict:
-    sums = lanes.zeros()
+def _eval_sums(task: Task, lanes: Lanes, batches: Callable[[], Iterable[Batch]] | None = None
+               ) -> tuple[dict, list[dict]]:
+    """(the set's metric sums, a regression's per-batch rows for Spearman's rho; [] for a classifier), on device."""
+    sums, ranked = lanes.zeros(), []
     for batch in prefetch((batches or task.eval_batches)(), task.put_eval_batch or task.put_batch):
-        sums = metrics_lib.add(sums, task.eval_step(task.state, task.consts, batch))
-    return sums
+        out = task.eval_step(task.state, task.consts, batch)
+        if metrics_lib.RANKED in out:
+            ranked.append(out[metrics_lib.RANKED])
+        sums = metrics_lib.add(sums, out)
+    return sums, ranked
 
 
 def _check_finite(task: Task, lanes: Lanes, trains: list[dict], epoch: int) -> None:
@@ -410,8 +413,9 @@ def write_metrics(task: Task, lanes: Lanes, run: RunProgress, *, plot: bool) -> 
     if not lanes.seeded:
         return summaries[0]
     per_seed = dict(zip(lanes.seeds, summaries))
-    summary = {"seeds": lanes.seeds, "seed_stats": seeds_lib.aggregate(per_seed, SEED_STAT_KEYS),
-               "per_seed": {str(k): {key: s[key] for key in SEED_STAT_KEYS if key in s} for k, s in per_seed.items()},
+    keys = selection.stat_keys(summaries[0])
+    summary = {"seeds": lanes.seeds, "select": task.select, "seed_stats": seeds_lib.aggregate(per_seed, keys),
+               "per_seed": {str(k): {key: s[key] for key in keys if key in s} for k, s in per_seed.items()},
                **task.info, **stopped, "wall_time_s": wall}
     if is_main_process():
         rundir.write_metrics(lanes.run_dir, {"kind": task.kind, "seeds": lanes.seeds,
@@ -421,8 +425,3 @@ def write_metrics(task: Task, lanes: Lanes, run: RunProgress, *, plot: bool) -> 
             plots.plot_optimizer({f"seed {k}": h for k, h in zip(lanes.seeds, histories)}, lanes.run_dir,
                                  task.title)
     return summary
-
-
-# what the aggregate of a seeded run reports (mean, std, min, max over seeds); out-of-domain keys where present
-SEED_STAT_KEYS = ("best_val_accuracy", "val_mcc_at_best", "train_accuracy_at_best", "val_loss_at_best", "best_epoch",
-                  "out_of_domain_accuracy_at_best", "out_of_domain_mcc_at_best")

@@ -87,10 +87,15 @@ class Lanes:
         """Lane i's part of the task's pytree."""
         raise NotImplementedError
 
-    def summarize(self, sums: dict) -> list[dict]:
-        """Per-lane metrics from the task's sums: one device->host transfer for all lanes."""
-        host = jax.device_get(sums)
-        return [metrics_lib.summarize(self.take(host, i)) for i in range(self.n)]
+    def summarize(self, sums: dict, ranked: list[dict] = ()) -> list[dict]:
+        """Per-lane metrics from the task's sums (and a regression's spearman from its eval `ranked` rows): one
+        device->host transfer for all lanes."""
+        host, rows = jax.device_get((sums, list(ranked)))
+        out = [metrics_lib.summarize(self.take(host, i)) for i in range(self.n)]
+        if rows:
+            for i, metrics in enumerate(out):
+                metrics["spearman"] = metrics_lib.ranked_spearman([self.take(r, i) for r in rows])
+        return out
 
     @staticmethod
     def step(state: Any) -> int:

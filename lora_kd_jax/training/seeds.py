@@ -80,17 +80,22 @@ def aggregate(summaries: Mapping[int, Mapping[str, Any]], keys: Sequence[str] | 
 
 
 def epoch_stats(histories: Sequence[Sequence[Mapping]]) -> list[dict]:
-    """Per epoch, stats over seeds of each split's accuracy, loss and MCC: [{'epoch', 'train': {'accuracy': stats,
-    ...}, 'val': ..., 'reported': {name: ...}}] (the aggregate metrics.json of a seeded run)."""
+    """Per epoch, stats over seeds of each split's loss and scores (accuracy, MCC, ...; a regression's mse, pearson,
+    spearman): [{'epoch', 'train': {'accuracy': stats, ...}, 'val': ..., 'reported': {name: ...}}] (the aggregate
+    metrics.json of a seeded run)."""
+    from lora_kd_jax.core.selection import SCORES
+
+    def split_stats(per_seed: Sequence[Mapping]) -> dict:
+        return {m: stats([r[m] for r in per_seed]) for m in ("loss", *SCORES) if all(m in r for r in per_seed)}
+
     out = []
     for rows in zip(*histories):
         entry: dict[str, Any] = {"epoch": rows[0]["epoch"]}
         for split in ("train", "val"):
-            entry[split] = {m: stats([r[split][m] for r in rows]) for m in ("accuracy", "loss", "mcc")}
+            entry[split] = split_stats([r[split] for r in rows])
         names = rows[0].get("reported", {})
         if names:
-            entry["reported"] = {n: {m: stats([r["reported"][n][m] for r in rows]) for m in ("accuracy", "loss", "mcc")}
-                                 for n in names}
+            entry["reported"] = {n: split_stats([r["reported"][n] for r in rows]) for n in names}
         out.append(entry)
     return out
 
