@@ -94,10 +94,10 @@ def word_classes(sentences: Sequence[str], n_classes: int = N_CLASSES, n_context
     k = min(n_classes, len(vocab))
     centres = profile[[index[w] for w in ranked[:k]]].copy()
     assign = np.zeros(len(vocab), np.int64)
-    for _ in range(KMEANS_ITERATIONS):
+    for iteration in range(KMEANS_ITERATIONS):
         distance = (profile ** 2).sum(1)[:, None] - 2 * profile @ centres.T + (centres ** 2).sum(1)[None, :]
         new = np.argmin(distance, axis=1)
-        if _ and np.array_equal(new, assign):
+        if iteration and np.array_equal(new, assign):
             break
         assign = new
         for c in range(k):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from lora_kd_jax.core.config import Config
@@ -93,7 +94,9 @@ def _truncated_rows(train: EncodedSplit, new: EncodedSplit) -> np.ndarray | None
 
 def teacher_labels(transfer: TransferSet, logits: Any) -> np.ndarray:
     """The transfer set's hard labels: gold on the training rows, the teacher's prediction on the others (its
-    argmax; a regression teacher's output)."""
+    argmax; a regression teacher's output). `logits` may be the replicated device array: any one copy is read."""
+    if isinstance(logits, jax.Array) and not logits.is_fully_addressable:  # several hosts: this host's copy
+        logits = logits.addressable_data(0)
     logits = np.asarray(logits)
     labels = transfer.split.labels.copy()
     rest = logits[transfer.n_train:]
