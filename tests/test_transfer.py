@@ -16,7 +16,7 @@ from lora_kd_jax.data import batch_sources, load_splits, load_tokenizer
 from lora_kd_jax.distill import losses
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.distill import transfer
-from lora_kd_jax.distill.teacher import restore_teacher
+from lora_kd_jax.distill.teacher import logits_fingerprint, restore_teacher
 from lora_kd_jax.training import finetune
 
 from tiny import PAD_ID, tiny_config
@@ -185,9 +185,11 @@ AUGMENT = ("distill.augment=2", "distill.augment_seed=5")
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    """A tiny LoRA teacher on the first 48 CoLA sentences (one epoch: what it knows does not matter here)."""
+    """Tiny LoRA teachers (one layer), seeds 0 and 1, on the first 48 CoLA sentences (one epoch: what they know
+    does not matter here): student seed k learns from teacher seed k, each labelling the transfer set itself."""
     run = tmp_path_factory.mktemp("teacher")
-    finetune.train_lora(tiny_config(*COMMON, f"run.dir={run}"), progress=False)
+    finetune.train_lora(tiny_config(*COMMON, "model.n_layer=1", "lora.targets=attn.c_attn", "train.seeds=[0,1]",
+                                    f"run.dir={run}"), progress=False)
     return run
 
 
@@ -200,15 +202,14 @@ def unlabeled(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, teacher_dir, unlabeled):
-    """Seeds [0, 1] at once, seed 1 alone, and seed 1 resumed for a second epoch; all on the augmented set."""
+    """Seeds [0, 1] at once on the augmented set, one epoch, then resumed for a second."""
     root = tmp_path_factory.mktemp("students")
-    extra = (*COMMON, *AUGMENT, f"distill.unlabeled={unlabeled}", f"distill.teacher={teacher_dir}")
-    seeded = distill.distill(tiny_config(*extra, "train.seeds=[0,1]", f"run.dir={root / 'seeded'}"), progress=False)
-    single = distill.distill(tiny_config(*extra, "train.seed=1", f"run.dir={root / 'single'}"), progress=False)
-    first = json.loads((root / "single" / "metrics.json").read_text())
-    resumed = distill.distill(tiny_config(*extra, "train.seed=1", "train.epochs=2", f"run.dir={root / 'single'}"),
-                              resume=True, progress=False)
-    return {"root": root, "seeded": seeded, "single": single, "first": first, "resumed": resumed, "extra": extra}
+    extra = (*COMMON, *AUGMENT, f"distill.unlabeled={unlabeled}", f"distill.teacher={teacher_dir}", "train.seeds=[0,1]")
+    seeded = distill.distill(tiny_config(*extra, f"run.dir={root / 'seeded'}"), progress=False)
+    first = json.loads((root / "seeded" / "metrics.json").read_text())
+    first_seed1 = json.loads((root / "seeded" / "seed_1" / "metrics.json").read_text())
+    distill.distill(tiny_config(*extra, "train.epochs=2", f"run.dir={root / 'seeded'}"), resume=True, progress=False)
+    return {"root": root, "seeded": seeded, "first": first, "first_seed1": first_seed1, "extra": extra}
 
 
 def test_transfer_set_is_the_training_rows_then_their_copies_then_the_file(teacher_dir, unlabeled, runs):
@@ -233,35 +234,66 @@ def test_transfer_set_is_the_training_rows_then_their_copies_then_the_file(teach
 def test_cached_teacher_logits_equal_the_teacher_on_each_sentence(teacher_dir, runs):
     cfg = tiny_config(*runs["extra"])
     t = transfer.build_transfer_set(cfg, load_splits(cfg).encoded["train"])
-    files = sorted((runs["root"] / "single" / transfer.LOGITS_DIR).glob("*.npy"))
-    assert len(files) == 1
+    labelling = runs["seeded"]["transfer_set"]["teacher_labelling"]
+    assert len({labelling[f"seed_{k}"]["file"] for k in (0, 1)}) == 2  # one file per teacher
+    files = [Path(labelling["seed_1"]["file"])]
     cached = np.load(files[0])
-    teacher = restore_teacher(str(teacher_dir), cfg)
+    teacher = restore_teacher(str(teacher_dir / "seed_1"), cfg)
     one_by_one = np.concatenate([np.asarray(teacher.logits(t.split.input_ids[i:i + 1], t.split.attention_mask[i:i + 1]))
                                  for i in range(len(t.split))])
     print(f"cached vs one sentence at a time: max |d| {np.max(np.abs(cached - one_by_one)):.1e} over {len(cached)} rows")
     np.testing.assert_allclose(cached, one_by_one, atol=5e-6)
+    assert files[0].stem == logits_fingerprint(teacher, t.split, 16)
+    other = transfer.build_transfer_set(tiny_config(*runs["extra"], "distill.augment_seed=6"), t.split)
+    assert len({logits_fingerprint(teacher, t.split, 16), logits_fingerprint(teacher, t.split, 8),
+                logits_fingerprint(teacher, other.split, 16)}) == 3  # other rows, other batches: never served stale
     labels = transfer.teacher_labels(t, cached)
     assert (labels[48:] == np.argmax(cached[48:], -1)).all() and (labels[:48] == t.split.labels[:48]).all()
 
 
-def test_seed_k_on_the_augmented_set_is_the_single_run_and_resume_reuses_the_logits(runs):
-    root = runs["root"]
-    seeded = json.loads((root / "seeded" / "seed_1" / "metrics.json").read_text())["epochs"]
-    first = runs["first"]["epochs"]
-    for split in ("train", "val"):
-        np.testing.assert_allclose(seeded[0][split]["loss"], first[0][split]["loss"], rtol=1e-5)
-        assert seeded[0][split]["accuracy"] == first[0][split]["accuracy"]
-    assert seeded[0]["train"]["count"] == 146  # the whole transfer set, every seed
+def test_one_transfer_set_for_every_seed_and_a_resume_reuses_its_logits(runs):
+    """The set never depends on train.seed (so seed k of a seeded run, which is the single run with train.seed=k:
+    tests/test_seeds.py, sees the single run's set); a resume rebuilds it and reads its logits back."""
+    cfg = tiny_config(*runs["extra"])
+    train = load_splits(cfg).encoded["train"]
+    sets = [transfer.build_transfer_set(tiny_config(*runs["extra"], f"train.seed={k}", "train.seeds=[]"), train)
+            for k in (0, 1, 7)]
+    for other in sets[1:]:
+        np.testing.assert_array_equal(other.split.input_ids, sets[0].split.input_ids)
+    root = runs["root"] / "seeded"
+    for k in (0, 1):
+        assert json.loads((root / f"seed_{k}" / "metrics.json").read_text())["epochs"][0]["train"]["count"] == 146
     made = runs["first"]["summary"]["transfer_set"]
-    assert made["teacher_labelling"]["teacher"]["reused"] is False
-    resumed = json.loads((root / "single" / "metrics.json").read_text())
+    resumed = json.loads((root / "metrics.json").read_text())
     after = resumed["summary"]["transfer_set"]
-    assert after["teacher_labelling"]["teacher"]["reused"] is True  # read back, not recomputed
-    assert after["teacher_labelling"]["teacher"]["file"] == made["teacher_labelling"]["teacher"]["file"]
+    for k in ("seed_0", "seed_1"):
+        assert made["teacher_labelling"][k]["reused"] is False
+        assert after["teacher_labelling"][k]["reused"] is True  # read back, not recomputed
+        assert after["teacher_labelling"][k]["file"] == made["teacher_labelling"][k]["file"]
     assert {k: v for k, v in after.items() if k not in ("build_seconds", "teacher_labelling")} == {
         k: v for k, v in made.items() if k not in ("build_seconds", "teacher_labelling")}
-    assert len(resumed["epochs"]) == 2 and resumed["epochs"][0] == runs["first"]["epochs"][0]
+    seed1 = json.loads((root / "seed_1" / "metrics.json").read_text())["epochs"]
+    assert len(seed1) == 2 and seed1[0] == runs["first_seed1"]["epochs"][0]
+    assert seed1[1]["train"]["loss"] != seed1[0]["train"]["loss"]  # the second epoch trained on
+
+
+def test_each_student_seed_trains_on_its_own_teachers_labels(runs, teacher_dir):
+    """The task a seeded teacher builds: seed k's batch labels are gold on training rows and teacher k's argmax on
+    the added rows (the logits read from the run's cache)."""
+    cfg = tiny_config(*runs["extra"], f"run.dir={runs['root'] / 'seeded'}")
+    splits = load_splits(cfg).encoded
+    teachers = {k: restore_teacher(str(teacher_dir / f"seed_{k}"), cfg) for k in (0, 1)}
+    task = distill.build_distill_task(cfg, splits, teachers)
+    assert all(v["reused"] for v in task.info["transfer_set"]["teacher_labelling"].values())
+    logits = np.asarray(task.consts["teacher_logits"])  # [seed, row, class]
+    batch = next(iter(task.train_batches(0, 0)))
+    for k in (0, 1):
+        index = batch["index"][k]
+        expected = np.where(index < 48, splits["train"].labels[np.minimum(index, 47)],
+                            np.argmax(logits[k][index], -1))
+        np.testing.assert_array_equal(batch["labels"][k], expected)
+    added = np.arange(48, 146)
+    assert (np.argmax(logits[0][added], -1) != np.argmax(logits[1][added], -1)).any()  # two teachers, two labellings
 
 
 def test_each_seed_may_get_its_own_training_labels():
@@ -279,4 +311,4 @@ def test_metrics_json_reports_how_the_transfer_set_was_made(runs):
     made = s["transfer_set"]
     assert (made["size"], made["train"], made["augmented"], made["unlabeled"]) == (146, 48, 96, 2)
     assert made["augment"] == 2 and made["augment_seed"] == 5 and made["mask_token"] == A.MASK
-    assert Path(made["teacher_labelling"]["teacher"]["file"]).parent == runs["root"] / "seeded" / transfer.LOGITS_DIR
+    assert Path(made["teacher_labelling"]["seed_0"]["file"]).parent == runs["root"] / "seeded" / transfer.LOGITS_DIR
