@@ -17,6 +17,7 @@ from lora_kd_jax.distill import losses
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.distill import transfer
 from lora_kd_jax.distill.teacher import logits_fingerprint, restore_teacher
+from lora_kd_jax.models.student import build_student
 from lora_kd_jax.training import finetune
 
 from tiny import PAD_ID, tiny_config
@@ -180,7 +181,7 @@ def test_bad_transfer_settings_fail_in_one_line(overrides, message):
 
 COMMON = ("data.limit=48", "data.max_length=16", "model.n_positions=64", "train.batch_size=16", "train.epochs=1",
           "student.embed_dim=16", "student.hidden_dim=16")
-AUGMENT = ("distill.augment=2", "distill.augment_seed=5")
+AUGMENT = ("distill.augment=2", "distill.augment_seed=5", "distill.loss=mse")
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +280,7 @@ def test_one_transfer_set_for_every_seed_and_a_resume_reuses_its_logits(runs):
 
 def test_each_student_seed_trains_on_its_own_teachers_labels(runs, teacher_dir):
     """The task a seeded teacher builds: seed k's batch labels are gold on training rows and teacher k's argmax on
-    the added rows (the logits read from the run's cache)."""
+    the added rows (the logits read from the run's cache), and its step's loss is distill.loss=mse's."""
     cfg = tiny_config(*runs["extra"], f"run.dir={runs['root'] / 'seeded'}")
     splits = load_splits(cfg).encoded
     teachers = {k: restore_teacher(str(teacher_dir / f"seed_{k}"), cfg) for k in (0, 1)}
@@ -294,6 +295,15 @@ def test_each_student_seed_trains_on_its_own_teachers_labels(runs, teacher_dir):
         np.testing.assert_array_equal(batch["labels"][k], expected)
     added = np.arange(48, 146)
     assert (np.argmax(logits[0][added], -1) != np.argmax(logits[1][added], -1)).any()  # two teachers, two labellings
+    # the step minimises distill.loss=mse: each seed's loss sum is the squared logit distance of its rows
+    student, _ = build_student(cfg, jax.random.key(0), shapes_only=True)
+    params = jax.tree.map(np.array, task.state.trainable)  # host copy: the step donates the state
+    _, sums = task.train_step(task.state, task.consts, task.put_batch(batch))
+    for k in (0, 1):
+        s = np.asarray(student.logits(jax.tree.map(lambda x: x[k], params), batch["input_ids"][k],
+                                      batch["attention_mask"][k], deterministic=True))
+        expected = np.sum(batch["weights"][k][:, None] * (s - logits[k][batch["index"][k]]) ** 2)
+        np.testing.assert_allclose(np.asarray(sums["loss_sum"])[k], expected, rtol=1e-5)
 
 
 def test_each_seed_may_get_its_own_training_labels():
