@@ -113,6 +113,14 @@ class DistillConfig:
     temperature: float = 2.0
     alpha: float = 0.0  # weight of the hard-label cross-entropy; 0 reproduces the original (KL only)
     cache_teacher_logits: bool = True
+    loss: str = "kl"  # kl (T²·KL, the original) | mse (Tang et al. 2019: squared distance of the logits, no T)
+    augment: int = 0  # transfer set: N augmented copies of each training sentence (Tang et al.); 0 = none
+    p_mask: float = 0.1  # augmentation: a word becomes the mask token
+    p_swap: float = 0.1  # augmentation: a word is swapped for one of its class
+    p_ngram: float = 0.25  # augmentation: the copy is cut to a random n-gram (n in 1..5)
+    augment_seed: int = 0  # the augmentation's seed (one transfer set for every train.seed)
+    unlabeled: str = ""  # a text file, one sentence per line, added to the transfer set
+    logits_cache: str = ""  # where the transfer set's teacher logits are kept; "" = RUN_DIR/teacher_logits
 
 
 @dataclasses.dataclass
@@ -165,6 +173,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student.cell": ("rnn", "gru", "lstm"),
     "student.pooling": ("last_token", "last_step"),
     "student.dtype": ("auto", "float32", "bfloat16"),
+    "distill.loss": ("kl", "mse"),
     "distributed.cpu_collectives": ("gloo", "mpi", "none"),
 }
 POSITIVE: tuple[str, ...] = (
@@ -175,8 +184,9 @@ POSITIVE: tuple[str, ...] = (
 NON_NEGATIVE: tuple[str, ...] = ("model.num_labels",
                                  "data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
                                  "model.dropout", "train.warmup", "train.weight_decay", "train.max_grad_norm",
-                                 "train.patience", "train.max_steps")
-PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout")
+                                 "train.patience", "train.max_steps", "distill.augment", "distill.augment_seed")
+PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout", "distill.p_mask", "distill.p_swap",
+                                "distill.p_ngram")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -328,6 +338,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError("lora.targets: needs at least one target pattern")
     _validate_data(cfg)
     _validate_seeds(cfg)
+    _validate_transfer(cfg)
+
+
+def _validate_transfer(cfg: Config) -> None:
+    d = cfg.distill
+    if d.p_mask + d.p_swap > 1:
+        raise ConfigError(f"distill.p_mask={d.p_mask} + distill.p_swap={d.p_swap} exceeds 1: each word is masked, "
+                          "swapped or kept by one draw; make the two sum to at most 1")
+    if not (d.augment or d.unlabeled):
+        return
+    made = f"distill.augment={d.augment}" if d.augment else f"distill.unlabeled={d.unlabeled}"
+    if cfg.data.text_pair:
+        raise ConfigError(f"{made} with data.text_pair={cfg.data.text_pair}: the transfer set is made of single "
+                          "sentences; drop data.text_pair or distill.augment/distill.unlabeled")
+    if not d.cache_teacher_logits:
+        raise ConfigError(f"{made} with distill.cache_teacher_logits=false: the teacher labels the transfer set "
+                          "once and its logits are cached; set distill.cache_teacher_logits=true")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -131,9 +131,11 @@ class BatchSources:
 REPORTED_SPLITS = ("out_of_domain",)  # CoLA's: evaluated every epoch when the data has them; never pick the best epoch
 
 
-def batch_sources(splits: dict[str, EncodedSplit], cfg: Config) -> BatchSources:
+def batch_sources(splits: dict[str, EncodedSplit], cfg: Config,
+                  seed_labels: dict[int, np.ndarray] | None = None) -> BatchSources:
     """The train and evaluation batches a run's config asks for (batch sizes, seed, buckets, length grouping):
-    the LoRA and the student trainers both take theirs from here."""
+    the LoRA and the student trainers both take theirs from here. `seed_labels` gives each seed of train.seeds its
+    own training labels (a transfer set labelled by each seed's teacher); the rows and their order are unchanged."""
     train, val = splits["train"], splits["validation"]
     bs, ebs = cfg.train.batch_size, cfg.train.eval_batch
     buckets = cfg.data.buckets
@@ -148,7 +150,8 @@ def batch_sources(splits: dict[str, EncodedSplit], cfg: Config) -> BatchSources:
         return lambda: batch_iterator(split, ebs, shuffle=False, lengths=buckets)
 
     def train_of(seed: int) -> Callable[[int, int], Iterator[dict[str, np.ndarray]]]:
-        return lambda epoch, start: batch_iterator(train, bs, shuffle=True, seed=seed, epoch=epoch, start_batch=start,
+        rows = dataclasses.replace(train, labels=seed_labels[seed]) if seed_labels else train
+        return lambda epoch, start: batch_iterator(rows, bs, shuffle=True, seed=seed, epoch=epoch, start_batch=start,
                                                    lengths=buckets, group_window=cfg.data.group_window)
 
     if cfg.train.seeds:  # one batch per seed, stacked: seed k sees the batches of a single run with train.seed=k

@@ -1,6 +1,7 @@
 """The distillation losses: T²·KL(softmax(t/T) ‖ softmax(s/T)) (batch mean) + alpha·CE(s, labels); alpha=0 is the
 original's `kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T*T`. The README explains the default
-T=2. `teacher_objective` is the objective the student's train step minimises (`training.steps.Objective`).
+T=2. `distill.loss=mse` swaps the KL term for Tang et al.'s (2019) squared distance between the logits (no
+temperature). `teacher_objective` is the objective the student's train step minimises (`training.steps.Objective`).
 """
 from __future__ import annotations
 
@@ -33,13 +34,28 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     return total / jnp.maximum(jnp.sum(weights), 1.0), total
 
 
+def logit_mse(student_logits: jax.Array, teacher_logits: jax.Array,
+              weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(weighted batch mean, weighted sum) of ‖t − s‖² per row, Tang et al.'s distillation loss on logits: summed
+    over the classes (torch: `mse_loss(s, t, reduction="sum") / B`); padding rows (weight 0) count nowhere."""
+    diff = student_logits.astype(jnp.float32) - teacher_logits.astype(jnp.float32)
+    per_row = jnp.sum(jnp.square(diff), axis=-1)
+    if weights is None:
+        weights = jnp.ones(per_row.shape, jnp.float32)
+    total = jnp.sum(per_row * weights)
+    return total / jnp.maximum(jnp.sum(weights), 1.0), total
+
+
 def kd_objective(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
-                      weights: jax.Array, temperature: float, alpha: float) -> tuple[jax.Array, jax.Array]:
-    """(mean, sum) of kd_loss + alpha · cross-entropy on the hard labels (alpha=0: the original, KL only). A
-    regression (one output): the squared error between student and teacher outputs (no temperature) + alpha · the
-    squared error against the gold targets."""
+                 weights: jax.Array, temperature: float, alpha: float, loss: str = "kl") -> tuple[jax.Array, jax.Array]:
+    """(mean, sum) of the distillation term (`loss`: kl = kd_loss, mse = logit_mse) + alpha · cross-entropy on the
+    hard labels (alpha=0: the original, KL only). A regression (one output) has one loss whichever is named: the
+    squared error between student and teacher outputs (no temperature) + alpha · the squared error against the
+    targets."""
     if student_logits.shape[-1] == 1:
         mean, total = metrics_lib.squared_error(student_logits, teacher_logits[..., 0], weights)
+    elif loss == "mse":
+        mean, total = logit_mse(student_logits, teacher_logits, weights)
     else:
         mean, total = kd_loss(student_logits, teacher_logits, temperature, weights)
     if alpha:
@@ -48,7 +64,8 @@ def kd_objective(student_logits: jax.Array, teacher_logits: jax.Array, labels: j
     return mean, total
 
 
-def teacher_objective(temperature: float, alpha: float, teacher: ClassifierModel | None = None) -> Objective:
+def teacher_objective(temperature: float, alpha: float, teacher: ClassifierModel | None = None,
+                      loss: str = "kl") -> Objective:
     """The KD objective reading teacher logits from consts: the cached array {'teacher_logits': [N, 2]} gathered
     by batch['index'] (teacher=None), or a teacher forward pass on {'teacher': merged params}."""
 
@@ -58,6 +75,6 @@ def teacher_objective(temperature: float, alpha: float, teacher: ClassifierModel
         else:
             t = teacher.logits(consts["teacher"], batch["input_ids"], batch["attention_mask"], deterministic=True)
         return kd_objective(logits, jax.lax.stop_gradient(t), batch["labels"], batch["weights"],
-                                 temperature, alpha)
+                            temperature, alpha, loss)
 
     return objective

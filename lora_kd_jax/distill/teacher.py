@@ -2,18 +2,24 @@
 weights, frozen and run in eval mode; which teacher teaches which student seed; its logits for a whole split.
 
 The teacher is frozen and deterministic, so by default its logits for the training split are computed once and
-gathered per batch on device (`distill.cache_teacher_logits`).
+gathered per batch on device (`distill.cache_teacher_logits`). A transfer set (distill.augment, distill.unlabeled)
+is many times the training set: its logits are also kept on disk (`teacher_logits_for(cache_dir=...)`), so a resume
+or another student reads them back instead of running the teacher again.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision
@@ -137,13 +143,54 @@ def restore_teacher(path: str | runs.RunInfo, cfg: Config) -> Teacher:
     return teacher
 
 
-def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_size: int) -> jax.Array:
+def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_size: int,
+                       cache_dir: str | os.PathLike | None = None, report: dict | None = None) -> jax.Array:
     """The teacher's logits for every row of `split`, float32 [N, 2], replicated on the mesh (row i = example i).
 
-    Computed with the same fixed-shape batches the training uses (file order), so each row sees the same program."""
-    out, _ = score_rows(split, batch_size, lambda b: (teacher.logits(b["input_ids"], b["attention_mask"]), None),
-                        teacher.placement.put_batch)
+    Computed with the same fixed-shape batches the training uses (file order), so each row sees the same program.
+    With `cache_dir`, they are kept there as `<fingerprint>.npy` (`logits_fingerprint`: the rows, the batch size and
+    the teacher) and read back when that file exists; `report` receives the file, whether it was reused, and the
+    seconds spent."""
+    t0 = time.perf_counter()
+    path = Path(cache_dir) / f"{logits_fingerprint(teacher, split, batch_size)}.npy" if cache_dir is not None else None
+    reused = path is not None and path.is_file()
+    if reused:
+        out = np.load(path)
+        log.info("teacher logits for %d rows read from %s", len(split), path)
+    else:
+        out, _ = score_rows(split, batch_size, lambda b: (teacher.logits(b["input_ids"], b["attention_mask"]), None),
+                            teacher.placement.put_batch)
+        if path is not None and mesh_lib.is_main_process():
+            _save_npy(path, out)
+            log.info("teacher logits for %d rows computed in %.1f s, kept in %s", len(split),
+                     time.perf_counter() - t0, path)
+    if report is not None:
+        report.update({"file": str(path) if path else None, "reused": reused,
+                       "seconds": round(time.perf_counter() - t0, 3)})
     return teacher.placement.state(jnp.asarray(out))
+
+
+def logits_fingerprint(teacher: Teacher, split: data_lib.EncodedSplit, batch_size: int) -> str:
+    """What the cached logits depend on, hashed: the rows' ids and mask, the batch size (the batch's program), the
+    teacher's run dir, its metrics.json (rewritten by every epoch it trains, so a retrained teacher is new) and
+    its compute dtype."""
+    h = hashlib.sha256()
+    for arr in (split.input_ids, split.attention_mask):
+        h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(str(arr.shape).encode())
+    h.update(f"{batch_size}|{teacher.run_dir.resolve()}|{precision.compute_dtype(teacher.config.model)}".encode())
+    metrics = teacher.run_dir / rundir.METRICS_FILE
+    h.update(metrics.read_bytes() if metrics.is_file() else b"")
+    return h.hexdigest()[:24]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Write whole or not at all (a temporary renamed over `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
 
 
 def restore_teachers(infos: dict[int, runs.RunInfo], cfg: Config) -> Teacher | dict[int, Teacher]:

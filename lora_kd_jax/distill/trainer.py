@@ -4,6 +4,7 @@ on the gold labels, as for every run of the study.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -14,6 +15,7 @@ from lora_kd_jax.core import precision
 from lora_kd_jax.training import runtime
 from lora_kd_jax.core.config import Config, n_outputs, select_metric
 from lora_kd_jax.core.keys import run_keys, seed_list
+from lora_kd_jax.distill import transfer as transfer_lib
 from lora_kd_jax.distill.losses import teacher_objective
 from lora_kd_jax.distill.teacher import Teacher, restore_teachers, teacher_logits_for, teacher_runs
 from lora_kd_jax.models.student import StudentClassifier, build_student
@@ -45,9 +47,9 @@ def _student_setup(cfg: Config, total_steps: int) -> tuple[StudentClassifier, Tr
 
 def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, consts: Any, objective: Objective,
           info: dict, title: str, place: mesh_lib.Placement | None = None, consts_axes: Any = None,
-          seed_info: dict[int, dict] | None = None) -> Task:
+          seed_info: dict[int, dict] | None = None, seed_labels: dict | None = None) -> Task:
     place = place or mesh_lib.run_placement(cfg)
-    batches = data_lib.batch_sources(splits, cfg)
+    batches = data_lib.batch_sources(splits, cfg, seed_labels)
     steps = total_steps(cfg.train, batches.n_train_batches)
     student, setup, n = _student_setup(cfg, steps)
     seeded = Seeded(consts_axes) if seeds_lib.is_seeded(cfg) else None
@@ -76,14 +78,23 @@ def _teacher_info(teacher: Teacher) -> dict:
 def build_distill_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], teacher: Teacher | dict[int, Teacher]
                        ) -> Task:
     """The distillation task; `teacher` is one teacher for every seed, or {seed: teacher} (cached logits stacked
-    per seed, so student seed k learns from teacher seed k)."""
+    per seed, so student seed k learns from teacher seed k). With distill.augment or distill.unlabeled the student
+    trains on the transfer set (`transfer.build_transfer_set`), its teacher logits kept on disk."""
     d = cfg.distill
     seed_info: dict[int, dict] = {}
+    transfer = transfer_lib.build_transfer_set(cfg, splits["train"]) if transfer_lib.wanted(cfg) else None
+    cache_dir = transfer_lib.logits_cache_dir(cfg) if transfer else None
+    labelling: dict[str, dict] = {}
+    if transfer:
+        splits = {**splits, "train": transfer.split}
+    seed_labels = None
     if isinstance(teacher, dict):
-        logits = [teacher_logits_for(teacher[seed], splits["train"], cfg.train.batch_size)
-                  for seed in cfg.train.seeds]
+        logits = [teacher_logits_for(teacher[seed], splits["train"], cfg.train.batch_size, cache_dir,
+                                     labelling.setdefault(f"seed_{seed}", {})) for seed in cfg.train.seeds]
+        if transfer:
+            seed_labels = {seed: transfer_lib.teacher_labels(transfer, t) for seed, t in zip(cfg.train.seeds, logits)}
         consts, consts_axes = {"teacher_logits": jnp.stack(logits)}, {"frozen": None, "teacher_logits": 0}
-        objective = teacher_objective(d.temperature, d.alpha)
+        objective = teacher_objective(d.temperature, d.alpha, loss=d.loss)
         seed_info = {seed: _teacher_info(t) for seed, t in teacher.items()}
         first = teacher[cfg.train.seeds[0]]
         info = {**_teacher_info(first), "teacher": str(first.run_dir.parent), "teacher_per_seed": True}
@@ -92,18 +103,26 @@ def build_distill_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], te
         consts = place.state(consts)
     else:
         if d.cache_teacher_logits:
-            consts = {"teacher_logits": teacher_logits_for(teacher, splits["train"], cfg.train.batch_size)}
-            objective = teacher_objective(d.temperature, d.alpha)
+            consts = {"teacher_logits": teacher_logits_for(teacher, splits["train"], cfg.train.batch_size, cache_dir,
+                                                           labelling.setdefault("teacher", {}))}
+            if transfer:
+                labels = transfer_lib.teacher_labels(transfer, consts["teacher_logits"])
+                splits = {**splits, "train": dataclasses.replace(transfer.split, labels=labels)}
+            objective = teacher_objective(d.temperature, d.alpha, loss=d.loss)
         else:
             consts = {"teacher": teacher.params}
-            objective = teacher_objective(d.temperature, d.alpha, teacher.model)
+            objective = teacher_objective(d.temperature, d.alpha, teacher.model, loss=d.loss)
         consts_axes, info, place = None, _teacher_info(teacher), teacher.placement
         first = teacher
-    info.update({"temperature": d.temperature, "alpha": d.alpha,
-                 "train_loss": "T^2 KL(teacher||student) + alpha CE", "val_loss": "CE"})
+    term = "||teacher - student||^2 (logits)" if d.loss == "mse" else "T^2 KL(teacher||student)"
+    info.update({"temperature": d.temperature, "alpha": d.alpha, "train_loss": f"{term} + alpha CE", "val_loss": "CE"})
+    if d.loss != "kl":
+        info["distill_loss"] = d.loss
+    if transfer:
+        info["transfer_set"] = {**transfer.report, "teacher_labelling": labelling}
     return _task(cfg, splits, kind="distill", consts=consts, objective=objective, info=info,
                  title=f"DistilRNN ({first.config.model.name} teacher)", place=place, consts_axes=consts_axes,
-                 seed_info=seed_info)
+                 seed_info=seed_info, seed_labels=seed_labels)
 
 
 def build_rnn_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
