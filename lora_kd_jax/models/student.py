@@ -32,6 +32,7 @@ alike. `student.embeddings=teacher` hands the classifier a start table for 'embe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -209,8 +210,13 @@ class StudentClassifier:
     module: nn.Module
     embedding: Any = dataclasses.field(default=None, compare=False, repr=False)
 
+    @functools.cached_property
+    def _init(self) -> Any:
+        """The jitted draw, built once per classifier: each seed's init reuses one compiled program."""
+        return jax.jit(lambda k: self.module.init(k, *_example())["params"])
+
     def init(self, key: jax.Array) -> Params:
-        params = jax.jit(lambda k: self.module.init(k, *_example())["params"])(key)
+        params = self._init(key)
         if self.embedding is None:
             return params
         expected = params["embed"]["embedding"].shape
