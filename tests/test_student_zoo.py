@@ -14,7 +14,7 @@ import pytest
 
 from lora_kd_jax.commands import evaluation
 from lora_kd_jax.core.config import ConfigError, StudentConfig, load_config
-from lora_kd_jax.data import PAD_ID, load_splits
+from lora_kd_jax.data import load_splits
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.distill.embeddings import pca_projection, student_embedding
 from lora_kd_jax.distill.teacher import restore_teacher
