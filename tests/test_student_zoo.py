@@ -5,7 +5,6 @@ and the teacher's wte copied or PCA-projected exactly as documented."""
 from __future__ import annotations
 
 import json
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ from lora_kd_jax.training import finetune, loop
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import cross_entropy_objective, make_train_step
 
-from tiny import tiny_config
+from tiny import sigterm_at_batch, tiny_config
 
 torch = pytest.importorskip("torch")
 
@@ -231,16 +230,8 @@ def test_each_student_trains_two_seeds_at_once_and_evaluates(zoo_runs, arch):
 def test_a_killed_cnn_run_resumes_to_the_uninterrupted_result(zoo_runs, tmp_path, monkeypatch):
     """SIGTERM after the first batch (dropout on, two seeds): --resume ends where the uninterrupted run ended."""
     cfg = tiny_config(*TRAIN, "student.arch=cnn", f"run.dir={tmp_path / 'resumed'}")
-    original, seen = loop.prefetch, {"n": 0}
-
-    def interrupting(batches, put=jax.device_put, size=2):
-        for item in original(batches, put, size):
-            seen["n"] += 1
-            if seen["n"] == 1:
-                signal.raise_signal(signal.SIGTERM)
-            yield item
-
-    monkeypatch.setattr(loop, "prefetch", interrupting)
+    original = loop.prefetch
+    monkeypatch.setattr(loop, "prefetch", sigterm_at_batch(loop, 1))
     with pytest.raises(loop.TrainingInterrupted):
         distill.train_rnn(cfg, progress=False)
     monkeypatch.setattr(loop, "prefetch", original)
@@ -254,9 +245,9 @@ def test_a_killed_cnn_run_resumes_to_the_uninterrupted_result(zoo_runs, tmp_path
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """A one-epoch LoRA run of the tiny 64-wide random GPT-2 and its restored teacher."""
+    """A one-step LoRA run of a one-layer 64-wide random GPT-2 (only its wte matters here) and its teacher."""
     run_dir = tmp_path_factory.mktemp("teacher")
-    finetune.train_lora(tiny_config("data.limit=16", "train.batch_size=16", "train.epochs=1",
+    finetune.train_lora(tiny_config("model.n_layer=1", "data.limit=16", "train.batch_size=16", "train.epochs=1",
                                     f"run.dir={run_dir}"), progress=False)
     rundir.detach_log(run_dir)
     cfg = tiny_config(f"distill.teacher={run_dir}")
