@@ -122,6 +122,15 @@ class TorchCNN(torch.nn.Module):
 
 
 TORCH = {"bilstm": TorchBiLSTM, "cnn": TorchCNN}
+_built: dict = {}
+
+
+def built(arch: str, n_labels: int = 2) -> tuple[StudentClassifier, dict]:
+    """One student and its drawn parameters per (arch, n_labels) for the module (each init compiles once)."""
+    if (arch, n_labels) not in _built:
+        student = zoo_student(arch, n_labels)
+        _built[arch, n_labels] = student, jax.tree.map(np.array, student.init(jax.random.key(0)))
+    return _built[arch, n_labels]
 
 
 def max_err(a, b) -> float:
@@ -133,8 +142,8 @@ def max_err(a, b) -> float:
 @pytest.mark.parametrize("arch,n_labels", [("bilstm", 2), ("cnn", 3)])
 def test_logits_grads_and_one_adam_step_match_torch(arch, n_labels):
     """Forward, cross-entropy gradients and the real train step (Adam, lr 1e-2) against torch.optim.Adam."""
-    student, b = zoo_student(arch, n_labels), batch(1, n_labels)
-    params = student.init(jax.random.key(0))
+    (student, host), b = built(arch, n_labels), batch(1, n_labels)
+    params = jax.tree.map(jnp.asarray, host)  # a fresh copy: the train step donates it
     tm = TORCH[arch](params, n_labels)
     ids, mask = torch.tensor(b["input_ids"], dtype=torch.long), torch.tensor(b["attention_mask"], dtype=torch.long)
     t_logits = tm(ids, mask)
@@ -146,7 +155,6 @@ def test_logits_grads_and_one_adam_step_match_torch(arch, n_labels):
 
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     err_logits, err_grads = max_err(logits, t_logits.detach().numpy()), max_err(grads, tm.flax_grads())
-    initial = jax.tree.map(np.array, params)  # host copy: the train step donates the state
     setup = train_state(student, params, LR, jax.random.key(1))
     state, _ = make_train_step(student, setup.tx, cross_entropy_objective)(setup.state, {"frozen": {}}, b)
     opt = torch.optim.Adam(tm.parameters(), lr=LR)
@@ -155,14 +163,13 @@ def test_logits_grads_and_one_adam_step_match_torch(arch, n_labels):
     err_step = max(float((a - c).detach().abs().max()) for a, c in zip(tm.parameters(), moved.parameters()))
     print(f"{arch}: logits max err {err_logits:.1e}, grads {err_grads:.1e}, after one Adam step {err_step:.1e}")
     assert err_logits < TOL and err_grads < TOL and err_step < TOL
-    assert max_err(state.trainable, initial) > 0.5 * LR  # the step moved the weights
+    assert max_err(state.trainable, host) > 0.5 * LR  # the step moved the weights
 
 
 @pytest.mark.parametrize("arch", ["bilstm", "cnn"])
 def test_padding_never_reaches_the_logits(arch):
     """Other token ids under the padding, and six more padded positions: the same logits."""
-    student, b = zoo_student(arch), batch(2)
-    params = student.init(jax.random.key(0))
+    (student, params), b = built(arch), batch(2)
     logits = jax.jit(student.logits)
     ids, mask = b["input_ids"], b["attention_mask"]
     rng = np.random.default_rng(5)
@@ -176,14 +183,14 @@ def test_padding_never_reaches_the_logits(arch):
 
 
 def test_dropout_draws_from_the_step_key_and_eval_is_deterministic():
-    student, b = zoo_student("cnn", dropout=0.5), batch(3)
-    params = student.init(jax.random.key(0))
+    (plain, params), b = built("cnn"), batch(3)
+    student = zoo_student("cnn", dropout=0.5)
     ids, mask = b["input_ids"], b["attention_mask"]
     dropped = jax.jit(lambda p, k: student.logits(p, ids, mask, deterministic=False, rng=k))
     train = [dropped(params, jax.random.key(k)) for k in (1, 1, 2)]
     np.testing.assert_array_equal(train[0], train[1])
     assert float(jnp.max(jnp.abs(train[0] - train[2]))) > 1e-4
-    np.testing.assert_array_equal(student.logits(params, ids, mask), zoo_student("cnn").logits(params, ids, mask))
+    np.testing.assert_array_equal(student.logits(params, ids, mask), plain.logits(params, ids, mask))
 
 
 def test_the_rnn_keys_are_refused_for_other_architectures():
@@ -297,3 +304,12 @@ def test_teacher_embeddings_fail_in_one_line_when_they_cannot_apply(teacher, tmp
         distill.train_rnn(tiny_config("student.embeddings=teacher", f"run.dir={tmp_path / 'a'}"), progress=False)
     with pytest.raises(ConfigError, match="student.embed_dim=128, wider than the teacher's 64"):
         student_embedding(tiny_config("student.embeddings=teacher", "student.embed_dim=128"), restored)
+
+
+def test_the_bench_refuses_a_student_flag_that_is_not_a_student_setting():
+    """(`bench --student student.arch=cnn` times that student's step: run by hand for each arch, README.)"""
+    from lora_kd_jax.commands import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--variants", "tiny", "--student", "arch=cnn"])
+    assert "--student arch=cnn: expected a student.* setting" in str(e.value.code)
