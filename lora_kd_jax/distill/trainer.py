@@ -129,11 +129,16 @@ def train_rnn(cfg: Config, *, resume: bool = False, progress: bool = True, profi
     table from distill.teacher, which is otherwise unused here."""
     runtime.setup(cfg)
     cfg = data_lib.resolve_task(cfg)
-    embedding = None
-    if cfg.student.embeddings == "teacher":
+    infos = None
+    if cfg.student.embeddings == "teacher":  # the teacher is checked here, restored (and the table logged) in the run
         if not cfg.distill.teacher:
             raise ConfigError("student.embeddings=teacher needs distill.teacher=RUN_DIR: the LoRA run whose token "
                               "embeddings (wte) the student starts from")
-        embedding = student_embedding(cfg, restore_teachers(teacher_runs(cfg), cfg))
-    return loop.train_and_evaluate(cfg, lambda splits: build_rnn_task(cfg, splits, embedding), resume=resume,
+        infos = teacher_runs(cfg)
+
+    def build(splits: dict[str, data_lib.EncodedSplit]) -> Task:
+        embedding = student_embedding(cfg, restore_teachers(infos, cfg)) if infos else None
+        return build_rnn_task(cfg, splits, embedding)
+
+    return loop.train_and_evaluate(cfg, build, resume=resume,
                                    progress=progress, profile=profile)
