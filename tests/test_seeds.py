@@ -3,10 +3,8 @@ distillation and the RNN baseline; resume is exact for all seeds; the seed dirs 
 predict and export; bad seed lists fail in one line before any compute. (That the frozen base is one argument of
 the compiled step, whatever the number of seeds, is measured in tests/test_bench.py.)"""
 import json
-import signal
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -18,7 +16,7 @@ from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import ConfigError
-from tiny import XLA_CACHE, random_batch, tiny_config
+from tiny import XLA_CACHE, random_batch, sigterm_at_batch, tiny_config
 
 SEEDS = [0, 1, 2]
 # 96 rows, batches of 32: 3 steps per epoch, 2 epochs; LoRA dropout on, so each seed's dropout keys matter
@@ -237,16 +235,7 @@ def test_a_killed_seeded_run_resumes_to_the_uninterrupted_result(rnn_runs, tmp_p
     run ended, every seed's metrics and final state bit for bit."""
     cfg = tiny_config(*COMMON, *BUCKETS, SEEDED, f"run.dir={tmp_path / 'resumed'}")
     original = loop.prefetch
-    seen = {"n": 0}
-
-    def interrupting(batches, put=jax.device_put, size=2):
-        for batch in original(batches, put, size):
-            seen["n"] += 1
-            if seen["n"] == 2:
-                signal.raise_signal(signal.SIGTERM)
-            yield batch
-
-    monkeypatch.setattr(loop, "prefetch", interrupting)
+    monkeypatch.setattr(loop, "prefetch", sigterm_at_batch(loop, 2))
     with pytest.raises(loop.TrainingInterrupted, match="epoch 1, batch 2"):
         distill.train_rnn(cfg, progress=False)
     monkeypatch.setattr(loop, "prefetch", original)

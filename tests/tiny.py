@@ -85,3 +85,20 @@ def run_python(code: str, *, timeout: int = 300, **kwargs) -> subprocess.Complet
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, **kwargs)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def sigterm_at_batch(loop_module, n: int):
+    """A stand-in for `loop_module.prefetch` that raises SIGTERM as batch `n` (1-based, counted over the process)
+    is handed to the step: the run checkpoints and stops there (monkeypatch it in, then restore the original)."""
+    import signal
+
+    original, seen = loop_module.prefetch, {"n": 0}
+
+    def interrupting(batches, put=jax.device_put, size=2):
+        for batch in original(batches, put, size):
+            seen["n"] += 1
+            if seen["n"] == n:
+                signal.raise_signal(signal.SIGTERM)
+            yield batch
+
+    return interrupting

@@ -75,6 +75,7 @@ class BenchArgs:
     out: str | None = None
     profile: int = 0  # a jax.profiler trace of this many more steps of each step bench, after its timed steps
     profile_dir: str = "bench_profile"  # where: one subdir per bench, variant, mode (and seed count / dtype)
+    student: list[str] = dataclasses.field(default_factory=list)  # student.* overrides, e.g. student.arch=cnn
 
     def profiling(self, *name: Any) -> tuple[int, str]:
         """(steps, directory) of this bench's trace; (0, '') when --profile is off."""
@@ -203,7 +204,7 @@ def record(args: BenchArgs, bench: str, variant: str, mode: str, batch: dict, fi
 
 def bench_steps(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterable[dict]:
     """Every per-step bench asked for; GPT-2 is built only for those that run it."""
-    cfg = variant_config(variant, mode)
+    cfg = variant_config(variant, mode, *args.student)
     if not {"lora_train_step", "teacher_forward", "distill_step"}.isdisjoint(args.benches):
         yield from bench_gpt2(args, variant, mode, batch, cfg)
     if "distill_step_cached" in args.benches:  # what training runs: teacher logits computed once per dataset
@@ -252,7 +253,7 @@ def bench_distill(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Co
                                                     jax.device_put(batch), steps=args.steps, warmup=args.warmup,
                                                     profile=args.profiling(name, variant, mode, student_dtype))
         yield record(args, name, variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2),
-                     student_dtype=precision.student_dtype(sc))
+                     student_dtype=precision.student_dtype(sc), student=student.describe())
 
 
 # ------------------------------------------------------------------------------------------- many seeds at once
@@ -274,7 +275,7 @@ def first_seeds(setup: TrainSetup, n: int) -> Any:
 def bench_seeded(args: BenchArgs, variant: str, mode: str) -> Iterable[dict]:
     """The SEEDED_BENCHES asked for, each once per seed count in `args.seeds` (and per student dtype for the
     student's two); GPT-2 is built only for the LoRA step."""
-    cfg = variant_config(variant, mode)
+    cfg = variant_config(variant, mode, *args.student)
     batches = {n: seeded_batch(args, n) for n in args.seeds}
     if "lora_train_step" in args.benches:
         yield from bench_lora_seeded(args, variant, mode, cfg, batches)
@@ -330,7 +331,8 @@ def bench_student_seeded(args: BenchArgs, variant: str, mode: str, batches: dict
         timing = bench_step(step, first_seeds(setup, n), consts, jax.device_put(batch), steps=args.steps,
                             warmup=args.warmup,
                             profile=args.profiling(name, variant, mode, student_dtype, f"{n}seeds"))
-        yield seeded_record(args, name, variant, mode, batch, timing, student_dtype=student_dtype)
+        yield seeded_record(args, name, variant, mode, batch, timing, student_dtype=student_dtype,
+                            student=student.describe())
 
 
 # (data.buckets, data.group_window): padded to data.max_length (20) always; length-aware (rows grouped by length
@@ -358,7 +360,7 @@ def _bench_epoch(args: BenchArgs, variant: str, mode: str, buckets: list[int], g
     cfg = variant_config(variant, mode, f"data.dir={args.data_dir}", f"data.limit={args.limit}",
                          f"data.tokenizer={args.tokenizer or TOKENIZER_DIR}",
                          f"data.buckets={','.join(map(str, buckets))}", f"data.group_window={group_window}",
-                         f"train.batch_size={args.batch}", "train.epochs=1")
+                         f"train.batch_size={args.batch}", "train.epochs=1", *args.student)
     splits = epoch_splits(cfg)
     task = finetune.build_task(cfg, splits)
 

@@ -147,6 +147,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "N seeds in one program (train.seeds: vmapped, frozen base shared), each N in turn")
     b.add_argument("--student-dtypes", default="auto", help="comma list of auto, float32, bfloat16: the distillation "
                    "benches run the student once in each (auto = this backend's choice, precision.py)")
+    b.add_argument("--student", action="append", default=[], metavar="student.KEY=VALUE", help="a student.* "
+                   "setting for the student benches (repeatable), e.g. --student student.arch=cnn")
     b.add_argument("--steps", type=int, default=30, help="timed steps after warm-up (median reported)")
     b.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16)")
     b.add_argument("--no-trim", action="store_true", help="keep all-padding columns (no length-aware trimming)")

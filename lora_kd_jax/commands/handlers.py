@@ -167,13 +167,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.steps < 1 or args.limit < 0 or not split(args.student_dtypes):
         raise UsageError(f"--steps {args.steps}, --limit {args.limit}, --student-dtypes '{args.student_dtypes}': "
                          "expected --steps >= 1, --limit >= 0 and at least one student dtype")
+    for setting in args.student:
+        if not setting.startswith("student."):
+            raise UsageError(f"--student {setting}: expected a student.* setting, e.g. --student student.arch=cnn")
     if args.steps < 20:
         print("note: --steps below 20 gives a noisy median", file=sys.stderr)
     bench.run(bench.BenchArgs(variants=split(args.variants), modes=split(args.modes), benches=split(benches),
                               batch=args.batch, seq=args.seq, steps=args.steps, peak_tflops=args.peak_tflops,
                               trim=not args.no_trim, data_dir=args.data_dir, tokenizer=args.tokenizer, out=args.out,
                               limit=args.limit, student_dtypes=split(args.student_dtypes), seeds=seeds,
-                              profile=args.profile, profile_dir=args.profile_dir))
+                              profile=args.profile, profile_dir=args.profile_dir, student=args.student))
 
 
 def _seed_counts(value: str) -> list[int]:

@@ -105,6 +105,12 @@ class StudentConfig:
     bidirectional: bool = False
     pooling: str = "last_token"  # last_token (last real token) | last_step (original: last padded position)
     dtype: str = "auto"  # compute dtype: auto (float32 on every measured backend) | float32 | bfloat16
+    arch: str = "rnn"  # rnn (the study's: cell, bidirectional, pooling) | bilstm (Tang et al. 2019) | cnn (Kim 2014)
+    relu_dim: int = 0  # bilstm: width of the ReLU layer before the output; 0 = student.hidden_dim
+    cnn_widths: list[int] = dataclasses.field(default_factory=lambda: [3, 4, 5])  # cnn: n-gram widths of the filters
+    cnn_filters: int = 100  # cnn: filters per width (Kim: 100)
+    dropout: float = 0.0  # bilstm, cnn: dropout before the output layer (Kim: 0.5)
+    embeddings: str = "random"  # random (N(0, 1)) | teacher (distill.teacher's wte, PCA-projected when narrower)
 
 
 @dataclasses.dataclass
@@ -174,19 +180,23 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student.pooling": ("last_token", "last_step"),
     "student.dtype": ("auto", "float32", "bfloat16"),
     "distill.loss": ("kl", "mse"),
+    "student.arch": ("rnn", "bilstm", "cnn"),
+    "student.embeddings": ("random", "teacher"),
     "distributed.cpu_collectives": ("gloo", "mpi", "none"),
 }
 POSITIVE: tuple[str, ...] = (
     "model.vocab_size", "model.n_positions", "data.max_length", "lora.rank", "lora.alpha", "train.batch_size",
     "train.lr", "train.epochs", "student.vocab_size", "student.embed_dim", "student.hidden_dim",
     "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head", "mesh.fsdp", "train.accumulate",
+    "student.cnn_filters",
 )
 NON_NEGATIVE: tuple[str, ...] = ("model.num_labels",
                                  "data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
                                  "model.dropout", "train.warmup", "train.weight_decay", "train.max_grad_norm",
-                                 "train.patience", "train.max_steps", "distill.augment", "distill.augment_seed")
+                                 "train.patience", "train.max_steps", "distill.augment", "distill.augment_seed",
+                                 "student.relu_dim")
 PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout", "distill.p_mask", "distill.p_swap",
-                                "distill.p_ngram")
+                                "distill.p_ngram", "student.dropout")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -336,6 +346,7 @@ def validate(cfg: Config) -> None:
                           "batch is split into that many equal micro-batches; choose a divisor")
     if not cfg.lora.targets:
         raise ConfigError("lora.targets: needs at least one target pattern")
+    _validate_student(cfg)
     _validate_data(cfg)
     _validate_seeds(cfg)
     _validate_transfer(cfg)
@@ -355,6 +366,21 @@ def _validate_transfer(cfg: Config) -> None:
     if not d.cache_teacher_logits:
         raise ConfigError(f"{made} with distill.cache_teacher_logits=false: the teacher labels the transfer set "
                           "once and its logits are cached; set distill.cache_teacher_logits=true")
+
+
+def _validate_student(cfg: Config) -> None:
+    """The RNN's own keys (cell, bidirectional, the original's last_step pooling) mean nothing to the other
+    architectures: refused rather than ignored."""
+    s = cfg.student
+    if not s.cnn_widths or any(w <= 0 for w in s.cnn_widths):
+        raise ConfigError(f"student.cnn_widths: needs one or more widths > 0, got {s.cnn_widths}")
+    if s.arch == "rnn":
+        return
+    for key, value, default in (("cell", s.cell, "rnn"), ("bidirectional", s.bidirectional, False),
+                                ("pooling", s.pooling, "last_token")):
+        if value != default:
+            raise ConfigError(f"student.{key}={value} with student.arch={s.arch}: only the rnn student reads it "
+                              f"(the {s.arch} student has its own fixed shape); drop it or set student.arch=rnn")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision
 from lora_kd_jax.training import runtime
-from lora_kd_jax.core.config import Config, n_outputs, select_metric
+from lora_kd_jax.core.config import Config, ConfigError, n_outputs, select_metric
 from lora_kd_jax.core.keys import run_keys, seed_list
 from lora_kd_jax.distill import transfer as transfer_lib
+from lora_kd_jax.distill.embeddings import student_embedding
 from lora_kd_jax.distill.losses import teacher_objective
 from lora_kd_jax.distill.teacher import Teacher, restore_teachers, teacher_logits_for, teacher_runs
 from lora_kd_jax.models.student import StudentClassifier, build_student
@@ -30,28 +31,28 @@ from lora_kd_jax.training.steps import Objective, Seeded, cross_entropy_objectiv
 log = logging.getLogger(__name__)
 
 
-def _student_setup(cfg: Config, total_steps: int) -> tuple[StudentClassifier, TrainSetup, int]:
+def _student_setup(cfg: Config, total_steps: int, embedding: Any = None
+                   ) -> tuple[StudentClassifier, TrainSetup, int]:
     """The student and its (seed-stacked, with train.seeds) state from the one state recipe (the learning rate
-    schedule spans `total_steps`)."""
+    schedule spans `total_steps`); `embedding`: the table its 'embed' starts from (student.embeddings=teacher)."""
     seeds = seed_list(cfg)
-    student, _ = build_student(cfg, run_keys(seeds[0]).model, shapes_only=True)
+    student, _ = build_student(cfg, run_keys(seeds[0]).model, shapes_only=True, embedding=embedding)
     setup = seed_states(student, cfg.train, seeds, stacked=seeds_lib.is_seeded(cfg), total_steps=total_steps)
     n = param_report(setup.params, setup.labels).total
     sc = cfg.student
-    log.info("student: %s%s, embed %d, hidden %d, pooling %s, computing in %s: %.2fM params (%d), all trainable%s",
-             sc.cell, " bidirectional" if sc.bidirectional else "", sc.embed_dim, sc.hidden_dim, sc.pooling,
-             precision.student_dtype(sc), n / 1e6, n,
+    log.info("student: %s, %s embeddings, computing in %s: %.2fM params (%d), all trainable%s",
+             student.module.describe(), sc.embeddings, precision.student_dtype(sc), n / 1e6, n,
              f"; {len(seeds)} seeds {cfg.train.seeds} in one program" if seeds_lib.is_seeded(cfg) else "")
     return student, setup, n
 
 
 def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, consts: Any, objective: Objective,
           info: dict, title: str, place: mesh_lib.Placement | None = None, consts_axes: Any = None,
-          seed_info: dict[int, dict] | None = None, seed_labels: dict | None = None) -> Task:
+          seed_info: dict[int, dict] | None = None, seed_labels: dict | None = None, embedding: Any = None) -> Task:
     place = place or mesh_lib.run_placement(cfg)
     batches = data_lib.batch_sources(splits, cfg, seed_labels)
     steps = total_steps(cfg.train, batches.n_train_batches)
-    student, setup, n = _student_setup(cfg, steps)
+    student, setup, n = _student_setup(cfg, steps, embedding)
     seeded = Seeded(consts_axes) if seeds_lib.is_seeded(cfg) else None
     return Task(
         kind=kind, state=place.state(setup.state), consts={"frozen": {}, **consts},
@@ -61,7 +62,8 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
         epochs=cfg.train.epochs, reported_batches=batches.reported,
         info={"total_params": n, "trainable_params": n, "reduction": 0.0,
-              "student_dtype": precision.student_dtype(cfg.student), **info}, title=title,
+              "student_dtype": precision.student_dtype(cfg.student),
+              "student_arch": cfg.student.arch, "student_embeddings": cfg.student.embeddings, **info}, title=title,
         put_batch=place.put_seeded_batch if seeded else place.put_batch, put_eval_batch=place.put_batch,
         on_nonfinite=cfg.train.on_nonfinite, seeds=tuple(cfg.train.seeds), seed_info=seed_info or {},
         select=select_metric(cfg), n_outputs=n_outputs(cfg))
@@ -122,12 +124,14 @@ def build_distill_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], te
         info["transfer_set"] = {**transfer.report, "teacher_labelling": labelling}
     return _task(cfg, splits, kind="distill", consts=consts, objective=objective, info=info,
                  title=f"DistilRNN ({first.config.model.name} teacher)", place=place, consts_axes=consts_axes,
-                 seed_info=seed_info, seed_labels=seed_labels)
+                 seed_info=seed_info, seed_labels=seed_labels, embedding=student_embedding(cfg, teacher))
 
 
-def build_rnn_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
+def build_rnn_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], embedding: Any = None) -> Task:
+    """The baseline: the student (any student.arch) on the labels alone; `embedding` as `_student_setup`'s."""
     return _task(cfg, splits, kind="rnn", consts={}, objective=cross_entropy_objective,
-                 info={"train_loss": "CE", "val_loss": "CE"}, title="RNN from scratch")
+                 info={"train_loss": "CE", "val_loss": "CE"}, title=f"{cfg.student.arch.upper()} from scratch",
+                 embedding=embedding)
 
 
 def distill(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
@@ -140,8 +144,20 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, profile
 
 
 def train_rnn(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
-    """The RNN baseline (cross-entropy from scratch) into cfg.run.dir."""
+    """The student baseline (cross-entropy from scratch) into cfg.run.dir; student.embeddings=teacher reads its
+    table from distill.teacher, which is otherwise unused here."""
     runtime.setup(cfg)
     cfg = data_lib.resolve_task(cfg)
-    return loop.train_and_evaluate(cfg, lambda splits: build_rnn_task(cfg, splits), resume=resume,
+    infos = None
+    if cfg.student.embeddings == "teacher":  # the teacher is checked here, restored (and the table logged) in the run
+        if not cfg.distill.teacher:
+            raise ConfigError("student.embeddings=teacher needs distill.teacher=RUN_DIR: the LoRA run whose token "
+                              "embeddings (wte) the student starts from")
+        infos = teacher_runs(cfg)
+
+    def build(splits: dict[str, data_lib.EncodedSplit]) -> Task:
+        embedding = student_embedding(cfg, restore_teachers(infos, cfg)) if infos else None
+        return build_rnn_task(cfg, splits, embedding)
+
+    return loop.train_and_evaluate(cfg, build, resume=resume,
                                    progress=progress, profile=profile)

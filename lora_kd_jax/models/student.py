@@ -24,10 +24,15 @@ Pooling:
 - `last_token` (default): the output at the last real token (attention_mask.sum - 1). Bidirectional: the forward
   output there, concatenated with the backward output at position 0 (the backward pass reads only the real tokens,
   so both halves summarise exactly the sentence; padding never reaches the logits).
+
+`student.arch` picks this RNN (the default, the study's) or one of `student_zoo`'s students (bilstm, cnn); every
+one sits behind the same `StudentClassifier`, so training, many seeds, resume, evaluation and the bench treat them
+alike. `student.embeddings=teacher` hands the classifier a start table for 'embed' (`distill.embeddings`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -164,16 +169,30 @@ class RNNStudent(nn.Module):
                           dtype=self.dtype, name="head")(pooled)
         return logits.astype(jnp.float32)
 
+    def describe(self) -> str:
+        return (f"{self.cell}{' bidirectional' if self.bidirectional else ''} {self.embed_dim}/{self.hidden_dim}, "
+                f"pooling {self.pooling}")
 
-def make_student(sc: StudentConfig | Config) -> RNNStudent:
+
+def make_student(sc: StudentConfig | Config) -> nn.Module:
     """The student of a run's config (its head as wide as the run's label set: `config.n_outputs`), or of a
-    student section alone (CoLA's two labels)."""
+    student section alone (CoLA's two labels): `student.arch` picks the module."""
+    from lora_kd_jax.models.student_zoo import BiLSTMStudent, CNNStudent  # the zoo builds on this module's inits
+
     n_labels = N_LABELS
     if isinstance(sc, Config):
         sc, n_labels = sc.student, n_outputs(sc)
+    dtype = precision.dtype(sc.dtype, "student")
+    if sc.arch == "bilstm":
+        return BiLSTMStudent(vocab_size=sc.vocab_size, embed_dim=sc.embed_dim, hidden_dim=sc.hidden_dim,
+                             relu_dim=sc.relu_dim or sc.hidden_dim, dropout=sc.dropout, dtype=dtype, n_labels=n_labels)
+    if sc.arch == "cnn":
+        return CNNStudent(vocab_size=sc.vocab_size, embed_dim=sc.embed_dim, widths=tuple(sc.cnn_widths),
+                          filters=sc.cnn_filters, dropout=sc.dropout, dtype=dtype, n_labels=n_labels)
+    if sc.arch != "rnn":
+        raise ValueError(f"student.arch: unknown architecture {sc.arch!r}; expected rnn, bilstm or cnn")
     return RNNStudent(vocab_size=sc.vocab_size, embed_dim=sc.embed_dim, hidden_dim=sc.hidden_dim, cell=sc.cell,
-                      bidirectional=sc.bidirectional, pooling=sc.pooling, dtype=precision.dtype(sc.dtype, "student"),
-                      n_labels=n_labels)
+                      bidirectional=sc.bidirectional, pooling=sc.pooling, dtype=dtype, n_labels=n_labels)
 
 
 def _example(length: int = 4) -> tuple[jax.Array, jax.Array]:
@@ -183,31 +202,49 @@ def _example(length: int = 4) -> tuple[jax.Array, jax.Array]:
 
 @dataclasses.dataclass(frozen=True)
 class StudentClassifier:
-    """The student behind the one model interface (`models.interface`): every leaf trains (label 'student'),
-    no dropout (`deterministic` and `rng` are accepted and unused)."""
+    """A student behind the one model interface (`models.interface`): every leaf trains (label 'student').
+    Dropout (bilstm, cnn) draws from `rng` when not `deterministic`; the RNN has none and ignores both.
+    `embedding`, when given, is the [vocab, embed] table 'embed' starts from instead of its random draw (every seed
+    starts from it; the other leaves still come from each seed's key)."""
 
-    module: RNNStudent
+    module: nn.Module
+    embedding: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    @functools.cached_property
+    def _init(self) -> Any:
+        """The jitted draw, built once per classifier: each seed's init reuses one compiled program."""
+        return jax.jit(lambda k: self.module.init(k, *_example())["params"])
 
     def init(self, key: jax.Array) -> Params:
-        return jax.jit(lambda k: self.module.init(k, *_example())["params"])(key)
+        params = self._init(key)
+        if self.embedding is None:
+            return params
+        expected = params["embed"]["embedding"].shape
+        if tuple(self.embedding.shape) != tuple(expected):
+            raise ValueError(f"student embedding table {tuple(self.embedding.shape)} does not fit the student's "
+                             f"{tuple(expected)}")
+        return {**params, "embed": {"embedding": jnp.asarray(self.embedding, jnp.float32)}}
 
     def param_labels(self, params: Params) -> Labels:
         return jax.tree.map(lambda _: STUDENT, params)
 
     def logits(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
                deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
-        return self.module.apply({"params": params}, input_ids, attention_mask)
+        if isinstance(self.module, RNNStudent):
+            return self.module.apply({"params": params}, input_ids, attention_mask)
+        rngs = {} if deterministic or rng is None else {"dropout": rng}
+        return self.module.apply({"params": params}, input_ids, attention_mask, deterministic=deterministic,
+                                 rngs=rngs)
 
     def describe(self) -> str:
-        m = self.module
-        return (f"{m.cell}{' bidirectional' if m.bidirectional else ''} {m.embed_dim}/{m.hidden_dim}, pooling "
-                f"{m.pooling}, {jnp.dtype(m.dtype).name}")
+        return f"{self.module.describe()}, {jnp.dtype(self.module.dtype).name}"
 
 
-def build_student(sc: StudentConfig | Config, key: jax.Array, *, shapes_only: bool = False
-                  ) -> tuple[StudentClassifier, Params]:
-    """The student and its parameters from config (`shapes_only`: ShapeDtypeStructs, nothing allocated)."""
-    model = StudentClassifier(make_student(sc))
+def build_student(sc: StudentConfig | Config, key: jax.Array, *, shapes_only: bool = False,
+                  embedding: Any = None) -> tuple[StudentClassifier, Params]:
+    """The student and its parameters from config (`shapes_only`: ShapeDtypeStructs, nothing allocated);
+    `embedding`: the table 'embed' starts from (student.embeddings=teacher), else drawn at random."""
+    model = StudentClassifier(make_student(sc), embedding)
     params = jax.eval_shape(model.init, key) if shapes_only else model.init(key)
     return model, params
 
