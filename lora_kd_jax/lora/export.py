@@ -96,6 +96,11 @@ def write_peft_adapter(cfg: Config, model: Any, params: Params, out_dir: str | o
     """Write (cfg, model, params) as a PEFT adapter dir. `base_model` goes into base_model_name_or_path (default:
     the run's model.path, absolute, or its hub name). `save_base` also writes the frozen base as a plain
     Hugging Face checkpoint in OUT_DIR/base and points base_model_name_or_path at it (for random-init bases)."""
+    if getattr(model, "family", None) is not None:  # BERT, RoBERTa: their own format
+        from lora_kd_jax.lora import encoder_interop
+
+        return encoder_interop.write_adapter(cfg, model, params, out_dir, base_model=base_model, save_base=save_base,
+                                             overwrite=overwrite)
     if model.spec is None or "lora" not in params:
         raise ExportError("the model has no LoRA adapters to export")
     out = Path(out_dir)
@@ -163,11 +168,17 @@ def import_peft(peft_dir: str | os.PathLike, cfg: Config) -> tuple[Config, Any, 
     ExportError / ConversionError naming what is missing or mismatched: another architecture (keys that are not
     GPT-2's), another rank layout (rank_pattern, alpha_pattern, factors of other ranks), keys that the adapter's
     own config promises but the weights lack, shapes that do not fit the base."""
+    from lora_kd_jax.models import families
     from lora_kd_jax.models.classifier import build_classifier
 
     if cfg.train.seeds:
         raise ExportError(f"import-peft writes one run from one adapter; drop train.seeds={cfg.train.seeds} (set "
                           "train.seed) and train seeds from it one run at a time")
+    cfg = families.with_checkpoint(cfg)
+    if cfg.model.type != "gpt2":  # BERT, RoBERTa: their own format
+        from lora_kd_jax.lora import encoder_interop
+
+        return encoder_interop.import_peft(peft_dir, cfg)
     adapter = peft_format.read_adapter(peft_dir)
     if cfg.model.init != "pretrained":
         log.warning("import-peft: model.init=%s: the adapter is applied to a random base, not the one it was "
@@ -251,6 +262,10 @@ def _save_hf_checkpoint(module_config: Any, params: Params, out_dir: Path) -> No
 
 def save_merged(model: Any, params: Params, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Fold the LoRA factors into the kernels and write a plain Hugging Face checkpoint (see the module doc)."""
+    if getattr(model, "family", None) is not None:  # BERT, RoBERTa: their own format
+        from lora_kd_jax.lora import encoder_interop
+
+        return encoder_interop.save_merged(model, params, out_dir, overwrite=overwrite)
     out = Path(out_dir)
     _check_out_dir(out, [HF_CONFIG, FLAX_WEIGHTS, TORCH_WEIGHTS], overwrite)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,227 @@
+"""BERT and RoBERTa: parity with PyTorch / PEFT on tiny random checkpoints the tests save themselves.
+
+Per family (a 2-layer, 64-wide *ForSequenceClassification and a tokenizer trained on CoLA, `tiny_families`):
+the JAX logits against transformers' PyTorch classifier (with and without LoRA), the gradients of every trainable
+leaf against PEFT, a 30-step Adam trajectory, and the three round trips (export-peft -> PeftModel.from_pretrained,
+a PEFT adapter -> import-peft, merge -> AutoModelForSequenceClassification / Flax). Tolerances are the GPT-2
+parity tests' (test_parity_lora, test_parity_train).
+"""
+from __future__ import annotations
+
+import copy
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+import torch_reference as ref_lib  # noqa: E402
+from tiny import XLA_CACHE  # noqa: E402
+from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
+
+from lora_kd_jax.core.config import load_config  # noqa: E402
+from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator, encode, num_batches  # noqa: E402
+from lora_kd_jax.lora import encoder_format, export  # noqa: E402
+from lora_kd_jax.models import families  # noqa: E402
+from lora_kd_jax.training.state import combine, partition, train_state  # noqa: E402
+from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums, make_train_step  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
+OUTPUT_RTOL = GRAD_RTOL = 5e-6  # test_parity_lora's: relative to each leaf's largest entry
+LOSS_RTOL, PARAM_ATOL, FORWARD_ATOL = 1e-4, 1e-5, 5e-6  # test_parity_train's
+ROUND_TRIP_ATOL = 1e-4  # logits after a trip through files and PyTorch
+RANK, ALPHA = 4, 8.0  # alpha != rank: a missing alpha / r scale cannot pass
+STEPS, LR, BATCH, N_EXAMPLES = 30, 1e-3, 8, 20
+
+
+def _config(path, *overrides):
+    cfg = load_config(None, [f"model.path={path}", "lora.init=standard", f"lora.rank={RANK}", f"lora.alpha={ALPHA}",
+                             "lora.dropout=0.0", "data.max_length=20", f"train.batch_size={BATCH}", f"train.lr={LR}",
+                             XLA_CACHE, *overrides])
+    return families.with_checkpoint(cfg)
+
+
+def _peft(torch_model, seed: int):
+    """PEFT LoRA on query/value with random (non-zero) B and a head moved off the checkpoint's, so that the B path,
+    the alpha/r scale and the saved head all show."""
+    model = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(
+        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["query", "value"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name or (".modules_to_save." in name and name.endswith("weight")):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _head_of(named: dict, like: dict) -> dict:
+    """The flax head from PEFT's trained copy of it (`classifier.modules_to_save.default.*`)."""
+    sd = {n.split("base_model.model.", 1)[1].replace("modules_to_save.default.", ""): v for n, v in named.items()
+          if ".modules_to_save." in n}
+    return encoder_format.head_from_torch(sd, like, "PEFT")
+
+
+def _from_peft(peft_model, like: dict, *, grads: bool = False) -> dict:
+    """The trainable leaves of a PEFT model (values or gradients) as our {'lora', 'head'} tree."""
+    named = {n: (p.grad if grads else p).detach().numpy() for n, p in peft_model.named_parameters()
+             if p.requires_grad}
+    family = like["family"]
+    return {"lora": encoder_format.lora_from_peft(named, family), "head": _head_of(named, like["head"])}
+
+
+@pytest.fixture(scope="module", params=["bert", "roberta"])
+def fam(request, tmp_path_factory):
+    """One family's saved checkpoint, its tokenizer, the JAX model over it and a PEFT twin with the same weights."""
+    d = tmp_path_factory.mktemp(request.param)
+    torch_model, tok = save_checkpoint(request.param, d)
+    cfg = _config(d)
+    assert cfg.model.type == request.param and cfg.model.n_layer == 2 and cfg.model.n_embd == 64
+    model, params = families.build(cfg, jax.random.key(0))
+    twin = _peft(torch_model, seed=1)
+    from_twin = _from_peft(twin, {"family": model.family, "head": params["head"]})
+    params = {**params, **jax.tree.map(jnp.asarray, from_twin)}
+    sentences = cola_sentences()[:12]
+    split = encode(sentences, np.arange(12) % 2, tok, 20)
+    return types.SimpleNamespace(name=request.param, dir=d, tok=tok, torch=torch_model, cfg=cfg, model=model,
+                                 params=params, twin=twin, split=split, sentences=sentences)
+
+
+def _jax_batch(split: EncodedSplit) -> dict:
+    """The batcher's layout: padding positions hold GPT-2's PAD_ID, not the family's pad id (the model must not
+    care)."""
+    ids = np.where(split.attention_mask == 1, split.input_ids, PAD_ID).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": split.attention_mask, "labels": split.labels,
+            "weights": np.ones(len(split), np.float32)}
+
+
+def _torch_logits(model, split: EncodedSplit) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(split.input_ids.astype(np.int64)),
+                     attention_mask=torch.from_numpy(split.attention_mask.astype(np.int64))).logits.numpy()
+
+
+def _jax_logits(model, params, split: EncodedSplit) -> np.ndarray:
+    b = _jax_batch(split)
+    return np.asarray(jax.jit(model.logits)(params, b["input_ids"], b["attention_mask"]))
+
+
+def test_tokenizer_encodes_as_pytorch(fam):
+    """Special tokens, right padding with the family's pad id: what the PyTorch tokenizer call gives."""
+    want = fam.tok(fam.sentences, padding="max_length", truncation=True, max_length=20)
+    np.testing.assert_array_equal(fam.split.input_ids, np.asarray(want["input_ids"]))
+    np.testing.assert_array_equal(fam.split.attention_mask, np.asarray(want["attention_mask"]))
+    first = fam.tok.cls_token_id if fam.name == "bert" else fam.tok.bos_token_id
+    assert (fam.split.input_ids[:, 0] == first).all() and fam.tok.pad_token_id == fam.model.pad_id
+    assert (fam.split.attention_mask[:, -1] == 0).any()  # some rows are padded
+
+
+def test_forward_matches_pytorch(fam):
+    """Logits of the plain classifier (head included) vs AutoModelForSequenceClassification, and with LoRA vs PEFT."""
+    plain = {k: v for k, v in fam.params.items() if k != "lora"}
+    plain["head"] = encoder_format.head_from_torch(
+        {k: v.numpy() for k, v in fam.torch.state_dict().items() if k.startswith("classifier.")}, plain["head"], "t")
+    err_plain = ref_lib.max_rel_err(_jax_logits(fam.model, plain, fam.split), _torch_logits(fam.torch, fam.split))
+    err_lora = ref_lib.max_rel_err(_jax_logits(fam.model, fam.params, fam.split), _torch_logits(fam.twin, fam.split))
+    assert err_plain <= OUTPUT_RTOL and err_lora <= OUTPUT_RTOL, (err_plain, err_lora)
+
+
+def test_gradients_match_peft(fam):
+    """d(mean CE)/d(every trainable leaf): the LoRA factors and the head, and only those, as PEFT's autograd."""
+    model, batch = fam.model, _jax_batch(fam.split)
+    trainable, frozen = partition(fam.params, model.param_labels(fam.params))
+
+    def loss(t):
+        return loss_and_sums(model, combine(t, frozen), {}, batch, cross_entropy_objective, deterministic=True,
+                             rng=None)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
+    twin = copy.deepcopy(fam.twin)
+    logits = twin(input_ids=torch.from_numpy(fam.split.input_ids.astype(np.int64)),
+                  attention_mask=torch.from_numpy(fam.split.attention_mask.astype(np.int64))).logits
+    t_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(fam.split.labels.astype(np.int64)))
+    t_loss.backward()
+    want = _from_peft(twin, {"family": model.family, "head": fam.params["head"]}, grads=True)
+    assert abs(float(value) - t_loss.item()) <= OUTPUT_RTOL * t_loss.item()
+    errs = ref_lib.tree_rel_errs(jax.tree.map(np.asarray, grads), want)  # same leaves on both sides, or it fails
+    assert sum(k.startswith("lora/") for k in errs) == 2 * 2 * 2  # 2 layers x (query, value) x (a, b)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= GRAD_RTOL, f"{worst}: gradient rel err {errs[worst]:.3g} > {GRAD_RTOL}"
+
+
+def test_thirty_adam_steps_match_peft(fam):
+    """The project's train step and state recipe for 30 steps against torch.optim.Adam on the PEFT twin."""
+    model = fam.model
+    twin = copy.deepcopy(fam.twin).train()  # dropout is 0 everywhere: train mode changes nothing but the mode
+    setup = train_state(model, jax.tree.map(jnp.array, fam.params), LR, jax.random.key(14))  # a copy: the step donates
+    state, frozen = setup.state, setup.frozen
+    step = make_train_step(model, setup.tx, cross_entropy_objective)
+    opt = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=LR)
+    sentences = cola_sentences()[100:100 + N_EXAMPLES]
+    split = encode(sentences, np.random.default_rng(3).integers(0, 2, N_EXAMPLES), fam.tok, 20)
+    jl, tl = [], []
+    for epoch in range(STEPS // num_batches(len(split), BATCH)):
+        for batch in batch_iterator(split, BATCH, shuffle=True, seed=0, epoch=epoch):
+            jax_batch = {**batch, "input_ids": np.where(batch["attention_mask"] == 1, batch["input_ids"], PAD_ID)}
+            state, sums = step(state, {"frozen": frozen}, jax_batch)
+            jl.append(float(sums["loss_sum"] / sums["count"]))
+            keep = batch["weights"] > 0
+            opt.zero_grad(set_to_none=True)
+            logits = twin(input_ids=torch.from_numpy(batch["input_ids"][keep].astype(np.int64)),
+                          attention_mask=torch.from_numpy(batch["attention_mask"][keep].astype(np.int64))).logits
+            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["labels"][keep].astype(np.int64)))
+            loss.backward()
+            opt.step()
+            tl.append(loss.item())
+    assert len(jl) == STEPS
+    loss_err = np.abs(np.array(jl) - np.array(tl)) / np.abs(np.array(tl))
+    assert loss_err.max() <= LOSS_RTOL, (int(loss_err.argmax()), loss_err.max())
+    assert np.mean(tl[-3:]) < np.mean(tl[:3])  # it trained
+    want = _from_peft(twin, {"family": model.family, "head": fam.params["head"]})
+    errs = ref_lib.tree_abs_errs(jax.tree.map(np.asarray, state.trainable), want)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= PARAM_ATOL, f"{worst}: |dparam| {errs[worst]:.3g} > {PARAM_ATOL}"
+    trained = combine(state.trainable, frozen)
+    fwd = float(np.abs(_jax_logits(model, trained, split) - _torch_logits(twin.eval(), split)).max())
+    assert fwd <= FORWARD_ATOL, fwd
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(frozen), jax.tree.leaves(partition(fam.params, setup.labels)[1])))
+
+
+def test_export_peft_loads_in_pytorch(fam, tmp_path):
+    """export-peft -> PeftModel.from_pretrained on the family's AutoModelForSequenceClassification: same logits,
+    the head coming from the adapter (modules_to_save), not from the checkpoint."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = export.write_peft_adapter(fam.cfg, fam.model, fam.params, tmp_path / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(fam.dir).eval()
+    loaded = peft.PeftModel.from_pretrained(base, out).eval()
+    err = np.abs(_torch_logits(loaded, fam.split) - _jax_logits(fam.model, fam.params, fam.split)).max()
+    assert err <= ROUND_TRIP_ATOL, err
+    before = np.abs(_torch_logits(fam.torch, fam.split) - _jax_logits(fam.model, fam.params, fam.split)).max()
+    assert before > 100 * ROUND_TRIP_ATOL  # without the adapter's factors and head the logits differ
+
+
+def test_peft_adapter_imports(fam, tmp_path):
+    """A PEFT adapter (non-zero B, a trained head) -> import-peft -> the logits PyTorch gives with it."""
+    fam.twin.save_pretrained(tmp_path / "peft")
+    cfg, model, params = export.import_peft(tmp_path / "peft", _config(fam.dir))
+    assert list(cfg.lora.targets) == ["query", "value"] and cfg.lora.rank == RANK and model.spec.scale == ALPHA / RANK
+    err = np.abs(_jax_logits(model, params, fam.split) - _torch_logits(fam.twin, fam.split)).max()
+    assert err <= ROUND_TRIP_ATOL, err
+
+
+def test_merge_loads_in_pytorch_and_flax(fam, tmp_path):
+    """merge -> a plain checkpoint: AutoModelForSequenceClassification and its Flax twin give our logits."""
+    from transformers import AutoModelForSequenceClassification, FlaxAutoModelForSequenceClassification
+
+    out = export.save_merged(fam.model, fam.params, tmp_path / "merged")
+    want = _jax_logits(fam.model, fam.params, fam.split)
+    torch_model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert np.abs(_torch_logits(torch_model, fam.split) - want).max() <= ROUND_TRIP_ATOL
+    flax_model = FlaxAutoModelForSequenceClassification.from_pretrained(out)
+    got = np.asarray(flax_model(fam.split.input_ids, attention_mask=fam.split.attention_mask).logits)
+    assert np.abs(got - want).max() <= ROUND_TRIP_ATOL
