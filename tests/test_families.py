@@ -216,12 +216,43 @@ def test_peft_adapter_imports(fam, tmp_path):
 
 def test_merge_loads_in_pytorch_and_flax(fam, tmp_path):
     """merge -> a plain checkpoint: AutoModelForSequenceClassification and its Flax twin give our logits."""
-    from transformers import AutoModelForSequenceClassification, FlaxAutoModelForSequenceClassification
+    import transformers
+    from transformers import AutoModelForSequenceClassification
 
     out = export.save_merged(fam.model, fam.params, tmp_path / "merged")
     want = _jax_logits(fam.model, fam.params, fam.split)
     torch_model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert np.abs(_torch_logits(torch_model, fam.split) - want).max() <= ROUND_TRIP_ATOL
-    flax_model = FlaxAutoModelForSequenceClassification.from_pretrained(out)
+    flax_model = getattr(transformers, f"Flax{fam.model.family.torch_class}").from_pretrained(out)
     got = np.asarray(flax_model(fam.split.input_ids, attention_mask=fam.split.attention_mask).logits)
     assert np.abs(got - want).max() <= ROUND_TRIP_ATOL
+
+
+@pytest.mark.parametrize("fam", ["roberta"], indirect=True)
+def test_train_lora_resumes_with_seeds_and_a_bf16_base(fam, tmp_path):
+    """train-lora on a checkpoint dir (family from its config.json): two seeds over one bf16 base, dropout on in
+    the base, the adapters and the head; 1 epoch + --resume equals 2 epochs, metric for metric; the run reads back
+    (evaluation's model) and exports."""
+    import json
+
+    from lora_kd_jax.runs import reader
+    from lora_kd_jax.training import finetune
+    from lora_kd_jax.training.seeds import seed_dir
+
+    def cfg(run, *extra):
+        return _config(fam.dir, "data.limit=48", "train.batch_size=16", "train.epochs=2", "train.seeds=[0,1]",
+                       "lora.dropout=0.1", "model.dropout=0.1", "model.base_dtype=bfloat16", f"run.dir={run}", *extra)
+
+    finetune.train_lora(cfg(tmp_path / "a"), progress=False)
+    finetune.train_lora(cfg(tmp_path / "b", "train.epochs=1"), progress=False)
+    finetune.train_lora(cfg(tmp_path / "b"), resume=True, progress=False)
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text())["epochs"] for r in "ab")
+    assert len(a) == 2 and a == b
+    run = reader.open_run(seed_dir(tmp_path / "b", 1), kind="lora")
+    assert run.config.model.type == "roberta" and run.model.describe() == f"{fam.dir}, LoRA rank {RANK}"
+    logits = _jax_logits(run.model, run.params, fam.split)
+    out = export.write_peft_adapter(run.config, run.model, run.params, tmp_path / "adapter")
+    from transformers import AutoModelForSequenceClassification
+
+    loaded = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(fam.dir), out).eval()
+    assert np.abs(_torch_logits(loaded, fam.split) - logits).max() <= ROUND_TRIP_ATOL
