@@ -256,3 +256,75 @@ def test_train_lora_resumes_with_seeds_and_a_bf16_base(fam, tmp_path):
 
     loaded = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(fam.dir), out).eval()
     assert np.abs(_torch_logits(loaded, fam.split) - logits).max() <= ROUND_TRIP_ATOL
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+def _torch_targeted(family: str, targets, to_save=None, device: str = "cpu", **sizes):
+    """(PEFT's adapted module names without the family prefix, get_nb_trainable_parameters) on the family's
+    PyTorch classifier of these sizes, built on `device` ('meta': shapes only, no weights)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    with torch.device(device):
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(family, **sizes))
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=RANK, target_modules=targets,
+                                                             modules_to_save=to_save))
+    prefix = f"base_model.model.{family}."
+    names = sorted({n[len(prefix):].split(".lora_A")[0] for n, _ in wrapped.named_parameters() if ".lora_A." in n})
+    n_lora = sum(p.numel() for n, p in wrapped.named_parameters() if ".lora_" in n)
+    return names, (*wrapped.get_nb_trainable_parameters(), n_lora)
+
+
+@pytest.mark.parametrize("form,ours,theirs", [
+    ("names", "query,attention.output.dense", ["query", "attention.output.dense"]),
+    ("regex", r"re:.*layer\.1\..*(key|intermediate\.dense)", r".*layer\.1\..*(key|intermediate\.dense)"),
+    ("all-linear", "all-linear", "all-linear"),
+])
+def test_targets_adapt_what_peft_adapts(fam, form, ours, theirs):
+    """Each target form adapts exactly the modules PEFT adapts with the same target_modules on the same model."""
+    cfg = _config(fam.dir, f"lora.targets={ours}")
+    model, _ = families.build(cfg, jax.random.key(0), shapes_only=True)
+    got = sorted(".".join(p) for p in model.spec.paths)
+    want, _ = _torch_targeted(fam.name, theirs, vocab_size=len(fam.tok), **{
+        k: v for k, v in fam.torch.config.to_dict().items() if k in ("hidden_size", "num_hidden_layers",
+                                                                       "num_attention_heads", "intermediate_size")})
+    assert got == want and got, (got, want)
+    if form == "all-linear":
+        assert ("pooler.dense" in got) == (fam.name == "bert")  # RoBERTa's classifier has no pooler
+
+
+def test_target_matching_nothing_names_the_module_paths(fam):
+    from lora_kd_jax.lora.transform import LoraTargetError
+
+    for bad in ("q_proj", r"re:.*\.q_proj"):
+        with pytest.raises(LoraTargetError, match=r"matches no linear layer.*encoder\.layer\.\{i\}\.attention\.self"
+                                                  r"\.query, .*\(or write all-linear\)"):
+            families.build(_config(fam.dir, f"lora.targets={bad}"), jax.random.key(0), shapes_only=True)
+
+
+BASE_SIZES = {"bert": dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2),
+              "roberta": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("targets,to_save", [("query,value", None), ("all-linear", ["LayerNorm"])])
+def test_dry_run_counts_equal_peft_for_base_sizes(family, targets, to_save):
+    """bert-base / roberta-base shapes (jax.eval_shape here, torch's meta device there: no weights): --dry-run's
+    trainable and total counts are PEFT's get_nb_trainable_parameters (whose total counts each modules_to_save
+    module twice, the original and the trained copy)."""
+    from lora_kd_jax.training.finetune import dry_run_plan  # what train-lora --dry-run prints
+
+    sizes = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    overrides = [f"model.type={family}", "model.name=custom", "model.init=random", "model.n_layer=12",
+                 "model.n_embd=768", "model.n_head=12", "model.n_positions=512",
+                 f"model.vocab_size={BASE_SIZES[family]['vocab_size']}", f"lora.targets={targets}", f"lora.rank={RANK}",
+                 *([f"lora.modules_to_save={','.join(to_save)}"] if to_save else [])]
+    line = dry_run_plan(load_config(None, overrides)).splitlines()[0]
+    total, trainable = (int(line.split(f"{w} ")[1].split("(")[1].split(")")[0].replace(",", ""))
+                        for w in ("total", "trainable"))
+    _, (peft_trainable, peft_all, peft_lora) = _torch_targeted(family, "all-linear" if targets == "all-linear"
+                                                    else targets.split(","), to_save, device="meta",
+                                                    **sizes, **BASE_SIZES[family])
+    copies = peft_trainable - peft_lora  # the head and every modules_to_save module, counted twice by PEFT
+    assert (trainable, total) == (peft_trainable, peft_all - copies), line

@@ -113,7 +113,9 @@ def build_classifier(cfg: Config, key: jax.Array, *, base_key: jax.Array | None 
     spec = None
     if with_lora:
         lc = cfg.lora
-        spec = lora_lib.make_spec(base, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
+        from lora_kd_jax.lora.targets import select
+
+        spec = lora_lib.make_spec(base, select(lc.targets, "gpt2", base), rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
                                   init=lc.init, kernel_layout=KERNEL_LAYOUT)
     model = GPT2Classifier(module, spec, None if shapes_only else base, cfg.model.name, n_outputs(cfg))
     return model, init_adapters(model, base, key, shapes_only=shapes_only)

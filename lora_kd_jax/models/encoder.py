@@ -259,7 +259,7 @@ def build_encoder(cfg: Config, family_name: str, key: jax.Array, *, base_key: ja
     spec = None
     if with_lora:
         lc = cfg.lora
-        patterns = targets_lib.resolve(lc.targets, family.name)
+        patterns = targets_lib.select(lc.targets, family.name, base)
         spec = lora_lib.make_spec(base, patterns, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, init=lc.init,
                                   kernel_layout=KERNEL_LAYOUT)
     to_save = tuple(targets_lib.modules_to_save(cfg.lora.modules_to_save, family, shapes))

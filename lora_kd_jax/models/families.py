@@ -54,6 +54,37 @@ def title(cfg: Config) -> str:
     return cfg.model.name if cfg.model.type == GPT2 else cfg.model.type
 
 
+def plan(model: Any, params: dict, report: Any) -> str:
+    """What --dry-run prints: the parameter counts, the family and its pooling, the adapted modules (layer indices
+    folded) with their (in, out) and count, and what else trains in full."""
+    import re
+
+    import numpy as np
+    from flax import traverse_util
+
+    from lora_kd_jax.models.interface import FROZEN
+
+    family = getattr(model, "family", None)
+    lines = [str(report), f"model: {family.name} ({family.torch_class}): {family.pools}" if family is not None else
+             "model: gpt2 (GPT2ForSequenceClassification): last real token -> score"]
+    if model.spec is not None:
+        groups: dict[tuple[str, tuple[int, int]], list[str]] = {}
+        for path, shape in zip(model.spec.paths, model.spec.shapes):
+            name = re.sub(r"\.\d+\.", ".{i}.", ".".join(path))
+            groups.setdefault((name, shape), []).append(".".join(path))
+        n = sum(model.spec.rank * (a + b) for a, b in model.spec.shapes)
+        lines.append(f"LoRA rank {model.spec.rank} on {len(model.spec.paths)} modules ({n:,} params):")
+        lines += [f"  {name if len(ps) > 1 else ps[0]} ({a} -> {b}) x{len(ps)}" for (name, (a, b)), ps in groups.items()]
+    labels = traverse_util.flatten_dict(model.param_labels(params))
+    full: dict[str, int] = {}
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        if labels[path] not in (FROZEN, "lora"):
+            name = "head" if path[0] == "head" else re.sub(r"\.\d+\.", ".{i}.", ".".join(path[1:-1]))
+            full[name] = full.get(name, 0) + int(np.prod(leaf.shape))
+    lines.append("trained in full: " + ", ".join(f"{k} ({v:,} params)" for k, v in full.items()))
+    return "\n".join(lines)
+
+
 def build(cfg: Config, key: jax.Array, *, base_key: jax.Array | None = None, with_lora: bool = True,
           shapes_only: bool = False) -> tuple[Any, dict]:
     """(model, params) of a LoRA classifier of cfg's family; `cfg` should have passed `with_checkpoint`."""

@@ -30,6 +30,13 @@ def dry_run(cfg: Config) -> ParamReport:
     return param_report(shapes, model.param_labels(shapes))
 
 
+def dry_run_plan(cfg: Config) -> str:
+    """--dry-run's printout (`families.plan`), from shapes alone: the adapted modules and the parameter counts."""
+    cfg = families.with_checkpoint(cfg)
+    model, shapes = families.build(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
+    return families.plan(model, shapes, param_report(shapes, model.param_labels(shapes)))
+
+
 def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     """Model, optimizer, state and batch sources for a LoRA run. With train.seeds the state stacks one trainable
     state per seed (its own adapters, head and dropout key) over one frozen base."""
