@@ -21,25 +21,11 @@ from lora_kd_jax.core.errors import read_json_object
 from lora_kd_jax.core.families import ENCODERS, Family
 from lora_kd_jax.lora import convert, encoder_format, peft_format
 from lora_kd_jax.lora.convert import PEFT_PREFIX
+from lora_kd_jax.lora.export import _check_out_dir, _save_safetensors  # export's own file helpers
 from lora_kd_jax.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportError
 
 log = logging.getLogger(__name__)
 Params = dict[str, Any]
-
-
-def _save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, os.fspath(path),
-              metadata={"format": "pt"})
-
-
-def _check_out(out: Path, files: list[str], overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory")
-    clash = [f for f in files if (out / f).exists()]
-    if clash and not overwrite:
-        raise ExportError(f"{out} already holds {', '.join(clash)}; choose another directory or pass --overwrite")
 
 
 def target_modules(model: Any) -> list[str]:
@@ -68,14 +54,10 @@ def adapter_state_dict(model: Any, params: Params) -> dict[str, np.ndarray]:
     return out
 
 
-def write_adapter(cfg: Config, model: Any, params: Params, out_dir: str | os.PathLike, *,
-                  base_model: str | None = None, save_base: bool = False, overwrite: bool = False) -> Path:
-    """A PEFT adapter dir for the family's AutoModelForSequenceClassification (see the module doc)."""
-    if model.spec is None or "lora" not in params:
-        raise ExportError("the model has no LoRA adapters to export")
-    out = Path(out_dir)
-    _check_out(out, [ADAPTER_CONFIG, ADAPTER_WEIGHTS] + (["base"] if save_base else []), overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+def write_adapter(cfg: Config, model: Any, params: Params, out: Path, *, base_model: str | None = None,
+                  save_base: bool = False) -> Path:
+    """A PEFT adapter for the family's AutoModelForSequenceClassification into `out` (see the module doc);
+    `export.write_peft_adapter` calls it once the model has adapters and `out` is free."""
     if save_base:
         if model.base is None:
             raise ExportError("--save-base: the model holds no base weights")
@@ -216,7 +198,7 @@ def save_checkpoint(model: Any, params: Params, out_dir: str | os.PathLike) -> P
 
 def save_merged(model: Any, params: Params, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     out = Path(out_dir)
-    _check_out(out, ["config.json", "model.safetensors", "flax_model.msgpack"], overwrite)
+    _check_out_dir(out, ["config.json", "model.safetensors", "flax_model.msgpack"], overwrite)
     save_checkpoint(model, model.merged(params), out)
     log.info("wrote merged %s checkpoint (PyTorch safetensors with the head, Flax msgpack) to %s",
              model.family.torch_class, out)

@@ -96,16 +96,15 @@ def write_peft_adapter(cfg: Config, model: Any, params: Params, out_dir: str | o
     """Write (cfg, model, params) as a PEFT adapter dir. `base_model` goes into base_model_name_or_path (default:
     the run's model.path, absolute, or its hub name). `save_base` also writes the frozen base as a plain
     Hugging Face checkpoint in OUT_DIR/base and points base_model_name_or_path at it (for random-init bases)."""
-    if getattr(model, "family", None) is not None:  # BERT, RoBERTa: their own format
-        from lora_kd_jax.lora import encoder_interop
-
-        return encoder_interop.write_adapter(cfg, model, params, out_dir, base_model=base_model, save_base=save_base,
-                                             overwrite=overwrite)
     if model.spec is None or "lora" not in params:
         raise ExportError("the model has no LoRA adapters to export")
     out = Path(out_dir)
     _check_out_dir(out, [ADAPTER_CONFIG, ADAPTER_WEIGHTS] + (["base"] if save_base else []), overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(model, "family", None) is not None:  # BERT, RoBERTa: their own format
+        from lora_kd_jax.lora import encoder_interop
+
+        return encoder_interop.write_adapter(cfg, model, params, out, base_model=base_model, save_base=save_base)
     if save_base:
         base_dir = out / "base"
         base_dir.mkdir(exist_ok=True)
