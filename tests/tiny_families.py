@@ -1,6 +1,6 @@
-"""Tiny BERT / RoBERTa checkpoints and tokenizers the family tests build themselves (no hub).
+"""Tiny BERT / RoBERTa / Llama checkpoints and tokenizers the family tests build themselves (no hub).
 
-A WordPiece tokenizer (BERT) or a byte-level BPE one (RoBERTa) is trained with the `tokenizers` library on the
+A WordPiece tokenizer (BERT), a byte-level BPE one (RoBERTa) or a SentencePiece-style BPE one (Llama) is trained with the `tokenizers` library on the
 packaged CoLA training sentences, wrapped as transformers' fast tokenizer of the family and saved; a 2-layer,
 64-wide PyTorch *ForSequenceClassification with that vocabulary is saved beside it with save_pretrained.
 """
@@ -23,7 +23,7 @@ def cola_sentences() -> list[str]:
 def train_tokenizer(family: str, out_dir: Path):
     """The family's fast tokenizer, trained on CoLA and saved to out_dir (tokenizer.json + its config)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizerFast, RobertaTokenizerFast
+    from transformers import BertTokenizerFast, LlamaTokenizerFast, RobertaTokenizerFast
 
     if family == "bert":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -37,6 +37,16 @@ def train_tokenizer(family: str, out_dir: Path):
         tok.decoder = decoders.WordPiece()
         fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                  sep_token="[SEP]", mask_token="[MASK]")
+    elif family == "llama":  # SentencePiece-style BPE: a metaspace (▁) marks word starts, <s> opens every text
+        tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        special = ["<unk>", "<s>", "</s>", "<pad>"]
+        tok.train_from_iterator(cola_sentences(), trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", add_bos_token=True, add_eos_token=False)
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -59,10 +69,14 @@ def save_checkpoint(family: str, out_dir: Path, seed: int = 0):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     tok = train_tokenizer(family, out_dir)
-    extra = {"max_position_embeddings": 66, "type_vocab_size": 1} if family == "roberta" else \
-        {"max_position_embeddings": 64}
-    config = AutoConfig.for_model(family, vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=2,
-                                  **SIZES, **extra)
+    if family == "llama":  # grouped-query attention (2 key/value heads for 4 query heads), as Llama 2/3 use
+        sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    else:
+        sizes = {**SIZES, "max_position_embeddings": 66 if family == "roberta" else 64,
+                 **({"type_vocab_size": 1} if family == "roberta" else {})}
+    config = AutoConfig.for_model(family, vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=2, **sizes)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config).eval()
     model.save_pretrained(str(out_dir), safe_serialization=True)

@@ -28,13 +28,19 @@ BERT = Family("bert", "bert", ("query", "value"), ("classifier",),
 ROBERTA = Family("roberta", "roberta", ("query", "value"), ("classifier",),
                  "<s> (first token) -> dropout -> dense + tanh -> dropout -> out_proj",
                  "RobertaForSequenceClassification")
-ENCODERS: dict[str, Family] = {f.name: f for f in (BERT, ROBERTA)}
+LLAMA = Family("llama", "model", ("q_proj", "v_proj"), ("score",), "last real token -> score (no bias)",
+               "LlamaForSequenceClassification")
+ENCODERS: dict[str, Family] = {f.name: f for f in (BERT, ROBERTA, LLAMA)}  # the families of `models.encoder`
 TYPES: tuple[str, ...] = (GPT2, *ENCODERS)  # model.type's choices
 
 
 def config_sizes(family: str, hf: dict) -> dict[str, int | None]:
-    """model.n_layer/n_embd/n_head/n_positions/vocab_size from a checkpoint's config.json of an encoder family.
+    """model.n_layer/n_embd/n_head/n_positions/vocab_size from a checkpoint's config.json of a non-GPT-2 family.
     n_positions counts usable positions: RoBERTa spends pad_token_id + 1 of its position table on the offset."""
+    if family == LLAMA.name:
+        return {"n_layer": hf.get("num_hidden_layers"), "n_embd": hf.get("hidden_size"),
+                "n_head": hf.get("num_attention_heads"), "n_positions": hf.get("max_position_embeddings"),
+                "vocab_size": hf.get("vocab_size")}
     positions = hf.get("max_position_embeddings")
     if family == ROBERTA.name and isinstance(positions, int):
         positions -= int(hf.get("pad_token_id", 1)) + 1

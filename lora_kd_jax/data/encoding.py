@@ -82,9 +82,10 @@ def load_tokenizer(name_or_dir: str) -> transformers.PreTrainedTokenizerFast:
 
 
 def load_family_tokenizer(name_or_dir: str, family: str) -> transformers.PreTrainedTokenizerFast:
-    """An encoder family's fast tokenizer (WordPiece for BERT, byte-level BPE for RoBERTa) from a save_pretrained dir
-    (tokenizer.json) or a hub name, with the special tokens, right padding and pad id PyTorch's classifier expects:
-    [CLS] ... [SEP] / <s> ... </s> added by the tokenizer itself, padding with its own pad token."""
+    """A BERT / RoBERTa / Llama fast tokenizer (WordPiece, byte-level BPE, SentencePiece-converted) from a
+    save_pretrained dir (tokenizer.json) or a hub name, with the special tokens, right padding and pad id PyTorch's
+    classifier expects: [CLS] ... [SEP] / <s> ... </s> / <s> ... added by the tokenizer itself, padding with its own
+    pad token (a Llama tokenizer without one: give it one, and the checkpoint's config the same pad_token_id)."""
     import transformers
 
     p = Path(name_or_dir).expanduser()
@@ -102,7 +103,8 @@ def load_family_tokenizer(name_or_dir: str, family: str) -> transformers.PreTrai
                         f"({type(e).__name__}: {first_line(e)}); expected a dir written by save_pretrained") from None
     if not isinstance(tok, transformers.PreTrainedTokenizerFast):
         raise DataError(f"{name_or_dir}: got {type(tok).__name__}; expected a fast (Rust) tokenizer")
-    needed = {"bert": ("cls_token", "sep_token", "pad_token"), "roberta": ("bos_token", "eos_token", "pad_token")}
+    needed = {"bert": ("cls_token", "sep_token", "pad_token"), "roberta": ("bos_token", "eos_token", "pad_token"),
+              "llama": ("bos_token", "pad_token")}
     lacking = [t for t in needed.get(family, ("pad_token",)) if getattr(tok, t) is None]
     if lacking:
         raise DataError(f"data.tokenizer={name_or_dir}: a {family} tokenizer needs {', '.join(lacking)}; this one "

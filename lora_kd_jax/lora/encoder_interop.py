@@ -1,8 +1,9 @@
-"""export-peft, import-peft and merge for the encoder families (BERT, RoBERTa): `export` hands these the runs whose
-model.type is not GPT-2. The adapter is what PEFT writes for the family's *ForSequenceClassification with
+"""export-peft, import-peft and merge for BERT, RoBERTa and Llama: `export` hands these the runs whose model.type is
+not GPT-2. The adapter is what PEFT writes for the family's *ForSequenceClassification with
 task_type SEQ_CLS (`encoder_format` spells the keys): the factors (fan_in_fan_out false), the head as
-modules_to_save `classifier`, and the base modules lora.modules_to_save trained. The merged checkpoint is
-config.json + model.safetensors (PyTorch names, head included) + flax_model.msgpack (Flax*ForSequenceClassification).
+modules_to_save (`classifier`, Llama's `score`), and the base modules lora.modules_to_save trained. The merged
+checkpoint is config.json + model.safetensors (PyTorch names, head included) + flax_model.msgpack
+(Flax*ForSequenceClassification; for Llama, which transformers has no Flax classifier of, FlaxLlamaModel's base).
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def _split(weights: dict[str, np.ndarray], family: Family, where: str) -> tuple[
     for k, v in weights.items():
         if ".lora_A." in k or ".lora_B." in k:
             lora[k] = v
-        elif k.startswith(PEFT_PREFIX + encoder_format.HEAD_PREFIX):
+        elif k.startswith(PEFT_PREFIX) and encoder_format.is_head_key(k[len(PEFT_PREFIX):]):
             head[k[len(PEFT_PREFIX):]] = v
         elif k.startswith(base_prefix):
             saved[k[len(base_prefix):]] = v
@@ -131,7 +132,7 @@ def _targets(lora: dict, family: Family, n_layer: int) -> list[str]:
         by_name.setdefault(m.split(".")[-1], []).append(m)
     out = []
     for name, ms in sorted(by_name.items()):
-        out += [name] if len(ms) == n_layer and all(m.startswith("encoder.layer.") for m in ms) else ms
+        out += [name] if len(ms) == n_layer else ms
     return out
 
 
@@ -191,7 +192,10 @@ def save_checkpoint(model: Any, params: Params, out_dir: str | os.PathLike) -> P
     sd = encoder_format.base_to_torch(base, fam)
     sd.update(encoder_format.head_to_torch(head))
     _save_safetensors(sd, out / "model.safetensors")
-    flax_tree = {fam.prefix: base, **head} if "classifier" in head else {fam.prefix: base, "classifier": head}
+    if fam.name == "llama":  # transformers has no Flax Llama classifier: the base alone, as FlaxLlamaModel's
+        flax_tree = base
+    else:
+        flax_tree = {fam.prefix: base, **head} if "classifier" in head else {fam.prefix: base, "classifier": head}
     (out / "flax_model.msgpack").write_bytes(serialization.to_bytes(flax_tree))
     return out
 

@@ -1,9 +1,10 @@
-"""BERT and RoBERTa sequence classifiers: transformers' Flax encoder + LoRA + the head PyTorch puts on it.
+"""BERT, RoBERTa and Llama sequence classifiers: transformers' Flax base + LoRA + the head PyTorch puts on it.
 
-The tree is {<family prefix>: base, 'lora': factors, 'head': ...} ('bert' / 'roberta', the PyTorch attribute
-names). The head computes exactly what transformers' PyTorch classes do (`core.families` spells it):
+The tree is {<family prefix>: base, 'lora': factors, 'head': ...} ('bert' / 'roberta' / 'model', the PyTorch
+attribute names). The head computes exactly what transformers' PyTorch classes do (`core.families` spells it):
 BertForSequenceClassification pools [CLS] through the base's pooler (dense + tanh), then dropout, `classifier`;
-RobertaForSequenceClassification takes <s> (no pooler), dropout, dense + tanh, dropout, `out_proj`.
+RobertaForSequenceClassification takes <s> (no pooler), dropout, dense + tanh, dropout, `out_proj`;
+LlamaForSequenceClassification takes the last real token, bias-free `score`, no dropout.
 What trains: the LoRA factors and the head (PEFT's default for SEQ_CLS), and every base module that
 `lora.modules_to_save` names; the rest of the base is frozen and held once (`training.state`).
 Padding: positions outside the attention mask (and ids beyond the vocabulary: the batcher fills a last partial batch
@@ -30,7 +31,7 @@ from lora_kd_jax.core.families import ENCODERS, Family
 from lora_kd_jax.lora import encoder_format
 from lora_kd_jax.lora import transform as lora_lib
 from lora_kd_jax.models.gpt2 import ModelLoadError
-from lora_kd_jax.models.interface import FROZEN, HEAD, LORA, NORM, Labels
+from lora_kd_jax.models.interface import FROZEN, HEAD, LORA, NORM, Labels, last_token_index
 
 log = logging.getLogger(__name__)
 Params = dict[str, Any]
@@ -45,9 +46,12 @@ def _transformers(family: str):
         if family == "bert":
             from transformers import BertConfig as C
             from transformers.models.bert.modeling_flax_bert import FlaxBertModule as M
-        else:
+        elif family == "roberta":
             from transformers import RobertaConfig as C
             from transformers.models.roberta.modeling_flax_roberta import FlaxRobertaModule as M
+        else:
+            from transformers import LlamaConfig as C
+            from transformers.models.llama.modeling_flax_llama import FlaxLlamaModule as M
     return C, M
 
 
@@ -58,13 +62,20 @@ def hf_config(cfg: Config, family: Family) -> Any:
     m = cfg.model
     if m.init == "pretrained" and m.path:
         c = HFConfig.from_pretrained(os.fspath(Path(m.path).expanduser()))
+    elif family.name == "llama":
+        c = HFConfig(vocab_size=m.vocab_size, hidden_size=m.n_embd, num_hidden_layers=m.n_layer,
+                     num_attention_heads=m.n_head, num_key_value_heads=m.n_head, intermediate_size=4 * m.n_embd,
+                     max_position_embeddings=m.n_positions, pad_token_id=0, tie_word_embeddings=False)
     else:
         pad = 1 if family.name == "roberta" else 0
         c = HFConfig(vocab_size=m.vocab_size, hidden_size=m.n_embd, num_hidden_layers=m.n_layer,
                      num_attention_heads=m.n_head, intermediate_size=4 * m.n_embd, pad_token_id=pad,
                      max_position_embeddings=m.n_positions + (pad + 1 if family.name == "roberta" else 0),
                      type_vocab_size=1 if family.name == "roberta" else 2)
-    c.hidden_dropout_prob = c.attention_probs_dropout_prob = m.dropout
+    if family.name == "llama":
+        c.attention_dropout = m.dropout  # Llama's only dropout
+    else:
+        c.hidden_dropout_prob = c.attention_probs_dropout_prob = m.dropout
     c.num_labels = n_outputs(cfg)
     return c
 
@@ -72,12 +83,22 @@ def hf_config(cfg: Config, family: Family) -> Any:
 def build_module(config: Any, family: Family, dtype: str = "float32") -> Any:
     """The linen base module (no transformers wrapper); RoBERTa's classifier has no pooler, BERT's uses it."""
     _, Module = _transformers(family.name)
+    if family.name == "llama":
+        return Module(config, dtype=precision.dtype(dtype, "compute"))
     return Module(config, dtype=precision.dtype(dtype, "compute"), add_pooling_layer=family.name == "bert")
+
+
+def _inputs(module: Any, ids: jax.Array, mask: jax.Array, positions: jax.Array) -> tuple:
+    """The positional arguments of the base module: Llama's are (ids, mask, positions), the encoders' have token
+    types (all 0: single sentences) before the positions."""
+    if "Llama" in type(module).__name__:
+        return ids, mask, positions
+    return ids, mask, jnp.zeros_like(ids), positions
 
 
 def _example(module: Any) -> tuple:
     ids = jnp.zeros((1, 4), jnp.int32)
-    return ids, jnp.ones_like(ids), jnp.zeros_like(ids), jnp.arange(4, dtype=jnp.int32)[None] + 2
+    return _inputs(module, ids, jnp.ones_like(ids), jnp.arange(4, dtype=jnp.int32)[None] + 2)
 
 
 def param_shapes(module: Any) -> Params:
@@ -86,7 +107,7 @@ def param_shapes(module: Any) -> Params:
 
 
 def random_params(module: Any, key: jax.Array) -> Params:
-    """transformers' own initialisers (normal(initializer_range), zero biases, unit LayerNorms)."""
+    """transformers' own initialisers (normal(initializer_range), zero biases, unit norms)."""
     return jax.jit(lambda k: module.init(k, *_example(module), return_dict=False)["params"])(key)
 
 
@@ -124,6 +145,8 @@ def init_head(key: jax.Array, family: Family, n_embd: int, n_labels: int, std: f
     def dense(k, n_in, n_out):
         return {"kernel": std * jax.random.normal(k, (n_in, n_out), jnp.float32), "bias": jnp.zeros((n_out,))}
 
+    if family.name == "llama":  # `score`: no bias
+        return {"score": {"kernel": std * jax.random.normal(k1, (n_embd, n_labels), jnp.float32)}}
     if family.name == "bert":
         return {"classifier": dense(k1, n_embd, n_labels)}
     return {"dense": dense(k1, n_embd, n_embd), "out_proj": dense(k2, n_embd, n_labels)}
@@ -156,7 +179,8 @@ class EncoderClassifier:
 
     @property
     def pad_id(self) -> int:
-        return int(self.module.config.pad_token_id)
+        pad = self.module.config.pad_token_id
+        return int(pad) if pad is not None else 0  # Llama checkpoints may name none: padding is masked anyway
 
     def init(self, key: jax.Array) -> Params:
         if self.base is None:
@@ -169,7 +193,7 @@ class EncoderClassifier:
         if path[0] == "head":
             return HEAD
         if self.to_save and _matches(".".join(path[1:-1]), self.to_save):
-            return NORM if "LayerNorm" in path else HEAD
+            return NORM if any("norm" in p.lower() for p in path) else HEAD
         return FROZEN
 
     def param_labels(self, params: Params) -> Labels:
@@ -191,12 +215,13 @@ class EncoderClassifier:
         if self.family.name == "roberta":  # PyTorch: cumsum(ids != pad) * (ids != pad) + pad
             real = (ids != pad).astype(jnp.int32)
             positions = jnp.cumsum(real, axis=1) * real + pad
-        else:
+        else:  # BERT, and Llama (right padding: real tokens sit at 0..n-1, as PyTorch's cache positions)
             positions = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
 
         def run():
-            return self.module.apply({"params": params[self.family.prefix]}, ids, attention_mask,
-                                     jnp.zeros_like(ids), positions, deterministic=deterministic,
+            return self.module.apply({"params": params[self.family.prefix]},
+                                     *_inputs(self.module, ids, attention_mask, positions),
+                                     deterministic=deterministic,
                                      rngs={"dropout": base_rng} if base_rng is not None else None,
                                      return_dict=False)
 
@@ -205,9 +230,13 @@ class EncoderClassifier:
                 out = run()
         else:
             out = run()
-        return self.head(params["head"], out, head_rng)
+        return self.head(params["head"], out, head_rng, attention_mask)
 
-    def head(self, head: Params, out: tuple, rng: jax.Array | None) -> jax.Array:
+    def head(self, head: Params, out: tuple, rng: jax.Array | None, attention_mask: jax.Array) -> jax.Array:
+        if self.family.name == "llama":  # the last real token (PyTorch: the rightmost non-pad one), no dropout
+            idx = last_token_index(attention_mask)
+            pooled = jnp.take_along_axis(out[0], idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+            return pooled @ head["score"]["kernel"]
         c = self.module.config
         rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         k1, k2 = jax.random.split(rng) if rng is not None else (None, None)
@@ -243,7 +272,7 @@ def init_params(model: EncoderClassifier, base: Params, key: jax.Array, *, shape
 
 def build_encoder(cfg: Config, family_name: str, key: jax.Array, *, base_key: jax.Array | None = None,
                   with_lora: bool = True, shapes_only: bool = False) -> tuple[EncoderClassifier, Params]:
-    """Model and full tree for a BERT / RoBERTa config (as `classifier.build_classifier` for GPT-2)."""
+    """Model and full tree for a BERT / RoBERTa / Llama config (as `classifier.build_classifier` for GPT-2)."""
     from lora_kd_jax.lora import targets as targets_lib
 
     family = ENCODERS[family_name]
