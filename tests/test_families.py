@@ -90,7 +90,8 @@ def fam(request, tmp_path_factory):
     params = {**params, **jax.tree.map(jnp.asarray, from_twin)}
     sentences = cola_sentences()[:12]
     split = encode(sentences, np.arange(12) % 2, tok, 20)
-    return types.SimpleNamespace(name=request.param, dir=d, tok=tok, saved_tok=saved_tok, torch=torch_model, cfg=cfg, model=model,
+    return types.SimpleNamespace(name=request.param, dir=d, tok=tok, saved_tok=saved_tok, torch=torch_model, cfg=cfg,
+                                 model=model,
                                  params=params, twin=twin, split=split, sentences=sentences)
 
 
@@ -325,7 +326,8 @@ def test_targets_adapt_what_peft_adapts(fam, form):
 def test_target_matching_nothing_names_the_module_paths(fam):
     from lora_kd_jax.lora.transform import LoraTargetError
 
-    named = r"layers\.\{i\}\.self_attn\.k_proj" if fam.name == "llama" else r"encoder\.layer\.\{i\}\.attention\.self\.query"
+    named = (r"layers\.\{i\}\.self_attn\.k_proj" if fam.name == "llama"
+             else r"encoder\.layer\.\{i\}\.attention\.self\.query")
     for bad in ("c_attn", r"re:.*\.c_attn"):
         with pytest.raises(LoraTargetError, match=rf"matches no linear layer.*{named}, .*\(or write all-linear\)"):
             families.build(_config(fam.dir, f"lora.targets={bad}"), jax.random.key(0), shapes_only=True)

@@ -1,8 +1,9 @@
 """Tiny BERT / RoBERTa / Llama checkpoints and tokenizers the family tests build themselves (no hub).
 
-A WordPiece tokenizer (BERT), a byte-level BPE one (RoBERTa) or a SentencePiece-style BPE one (Llama) is trained with the `tokenizers` library on the
-packaged CoLA training sentences, wrapped as transformers' fast tokenizer of the family and saved; a 2-layer,
-64-wide PyTorch *ForSequenceClassification with that vocabulary is saved beside it with save_pretrained.
+A WordPiece tokenizer (BERT), a byte-level BPE one (RoBERTa) or a SentencePiece-style BPE one (Llama) is trained
+with the `tokenizers` library on the packaged CoLA training sentences, wrapped as transformers' fast tokenizer of the
+family and saved; a 2-layer, 64-wide PyTorch *ForSequenceClassification with that vocabulary is saved beside it with
+save_pretrained.
 """
 from __future__ import annotations
 

@@ -234,9 +234,10 @@ def encode_pairs(first: Sequence[str], second: Sequence[str], labels: np.ndarray
         raise DataError(f"encode_pairs: {n} first texts, {len(second)} second texts and labels of shape "
                         f"{labels.shape}; expected the same number of each")
     if tokenizer.pad_token_id != PAD_ID:
-        raise DataError(f"encode_pairs: a sentence pair is encoded GPT-2's way (its <|endoftext|>, id {PAD_ID}, between "
-                        f"the texts), but this tokenizer pads with id {tokenizer.pad_token_id}: pairs are not supported "
-                        "for model.type bert / roberta yet; use single sentences (drop data.text_pair)")
+        raise DataError(f"encode_pairs: a sentence pair is encoded GPT-2's way (its <|endoftext|>, id {PAD_ID}, "
+                        f"between the texts), but this tokenizer pads with id {tokenizer.pad_token_id}: pairs are not "
+                        "supported for model.type bert / roberta / llama yet; use single sentences (drop "
+                        "data.text_pair)")
     ids = np.full((n, max_length), PAD_ID, np.int32)
     mask = np.zeros((n, max_length), np.int32)
     truncated = np.zeros((n,), bool)

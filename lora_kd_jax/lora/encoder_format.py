@@ -89,8 +89,7 @@ def base_from_torch(state_dict: Mapping[str, Any], family: Family, like: Params,
     else:
         sd, outside = dict(state_dict), []
     tree, skipped = from_torch(sd, like, f"{family.torch_class} state dict", allow_missing=allow_missing)
-    return tree, sorted(k for k in [*outside, *skipped] if k.rsplit(".", 1)[-1] not in _BUFFERS
-                        and not k.endswith(_BUFFERS))
+    return tree, sorted(k for k in [*outside, *skipped] if not k.endswith(_BUFFERS))
 
 
 def _own_names(head: Params) -> bool:

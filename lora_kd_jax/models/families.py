@@ -74,7 +74,8 @@ def plan(model: Any, params: dict, report: Any) -> str:
             groups.setdefault((name, shape), []).append(".".join(path))
         n = sum(model.spec.rank * (a + b) for a, b in model.spec.shapes)
         lines.append(f"LoRA rank {model.spec.rank} on {len(model.spec.paths)} modules ({n:,} params):")
-        lines += [f"  {name if len(ps) > 1 else ps[0]} ({a} -> {b}) x{len(ps)}" for (name, (a, b)), ps in groups.items()]
+        lines += [f"  {name if len(ps) > 1 else ps[0]} ({a} -> {b}) x{len(ps)}"
+                  for (name, (a, b)), ps in groups.items()]
     labels = traverse_util.flatten_dict(model.param_labels(params))
     full: dict[str, int] = {}
     for path, leaf in traverse_util.flatten_dict(params).items():
