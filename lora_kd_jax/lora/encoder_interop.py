@@ -22,7 +22,7 @@ from lora_kd_jax.core.errors import read_json_object
 from lora_kd_jax.core.families import ENCODERS, Family
 from lora_kd_jax.lora import convert, encoder_format, peft_format
 from lora_kd_jax.lora.convert import PEFT_PREFIX
-from lora_kd_jax.lora.export import _check_out_dir, _save_safetensors  # export's own file helpers
+from lora_kd_jax.lora.files import check_out_dir, save_safetensors
 from lora_kd_jax.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportError
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def write_adapter(cfg: Config, model: Any, params: Params, out: Path, *, base_mo
     config = peft_format.adapter_config(cfg, model.spec, 0, base_model)
     config.update(fan_in_fan_out=False, target_modules=target_modules(model),
                   modules_to_save=[*model.family.head_modules, *model.to_save])
-    _save_safetensors(adapter_state_dict(model, params), out / ADAPTER_WEIGHTS)
+    save_safetensors(adapter_state_dict(model, params), out / ADAPTER_WEIGHTS)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     log.info("wrote PEFT adapter (%s, r=%d, %d adapted layers) to %s", model.family.torch_class, model.spec.rank,
              len(model.spec.paths), out)
@@ -191,7 +191,7 @@ def save_checkpoint(model: Any, params: Params, out_dir: str | os.PathLike) -> P
     head = jax.tree.map(lambda x: np.asarray(x, np.float32), params["head"])
     sd = encoder_format.base_to_torch(base, fam)
     sd.update(encoder_format.head_to_torch(head))
-    _save_safetensors(sd, out / "model.safetensors")
+    save_safetensors(sd, out / "model.safetensors")
     if fam.name == "llama":  # transformers has no Flax Llama classifier: the base alone, as FlaxLlamaModel's
         flax_tree = base
     else:
@@ -202,7 +202,7 @@ def save_checkpoint(model: Any, params: Params, out_dir: str | os.PathLike) -> P
 
 def save_merged(model: Any, params: Params, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     out = Path(out_dir)
-    _check_out_dir(out, ["config.json", "model.safetensors", "flax_model.msgpack"], overwrite)
+    check_out_dir(out, ["config.json", "model.safetensors", "flax_model.msgpack"], overwrite)
     save_checkpoint(model, model.merged(params), out)
     log.info("wrote merged %s checkpoint (PyTorch safetensors with the head, Flax msgpack) to %s",
              model.family.torch_class, out)

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,6 +37,7 @@ from lora_kd_jax.core.config import Config, ConfigError, n_outputs, validate
 from lora_kd_jax.lora.convert import TRANSFORMER_PREFIX
 from lora_kd_jax.core.keys import classifier_base_key, run_keys
 from lora_kd_jax.core.gpt2_layout import PAD_ID
+from lora_kd_jax.lora.files import check_out_dir as _check_out_dir, save_safetensors as _save_safetensors
 from lora_kd_jax.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportError
 
 log = logging.getLogger(__name__)
@@ -46,22 +47,6 @@ Params = dict[str, Any]
 HF_CONFIG = "config.json"
 FLAX_WEIGHTS = "flax_model.msgpack"
 TORCH_WEIGHTS = "model.safetensors"
-
-
-def _save_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
-    from safetensors.numpy import save_file
-
-    # "format": "pt" is what transformers / PEFT write for PyTorch weights (transformers' Flax loader reads it too)
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, os.fspath(path),
-              metadata={"format": "pt"})
-
-
-def _check_out_dir(out_dir: Path, files: Sequence[str], overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
-    clash = [f for f in files if (out_dir / f).exists()]
-    if clash and not overwrite:
-        raise ExportError(f"{out_dir} already holds {', '.join(clash)}; choose another directory or pass --overwrite")
 
 
 # ---------------------------------------------------------------------------------------------- export
