@@ -120,7 +120,7 @@ class Predictor:
 
         self.run = run
         cfg = run.config
-        self.tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = data_lib.tokenizer_for(cfg)
         self.labels = data_lib.label_names(cfg)  # by id; () for a regression run
         self.max_length = cfg.data.max_length
         self.buckets = list(cfg.data.buckets)

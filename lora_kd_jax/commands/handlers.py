@@ -54,7 +54,7 @@ def cmd_train_lora(args: argparse.Namespace) -> None:
     from lora_kd_jax.training import finetune  # imports jax: after the config is known to be valid
 
     if args.dry_run:
-        print(finetune.dry_run(cfg))
+        print(finetune.dry_run_plan(cfg))
         return
     report(finetune.train_lora(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile),
            cfg.run.dir)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import yaml
 
 from lora_kd_jax.core.errors import UserError
+from lora_kd_jax.core.families import TYPES as FAMILY_TYPES
 from lora_kd_jax.core.gpt2_layout import CONV1D_MODULES, GPT2_SIZES
 
 DEFAULT_LORA_TARGETS = CONV1D_MODULES  # every Conv1D of every block
@@ -42,6 +43,7 @@ class ModelConfig:
     base_dtype: str = "auto"  # storage dtype of the frozen base weights: auto | float32 | bfloat16
     base_seed: int = -1  # the seed whose key draws a random-init base; -1 = train.seed (train.seeds: its first seed)
     num_labels: int = 0  # outputs of the head; 0 = from the data (CoLA: 2; regression: 1)
+    type: str = "gpt2"  # architecture family: gpt2 | bert | roberta (model.path: read from its config.json)
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class LoraConfig:
     dropout: float = 0.1  # dropout on the adapter input
     init: str = "seed"  # seed (U, V Xavier-uniform, no scaling) | standard (A random, B zero, as PEFT)
     targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    modules_to_save: list[str] = dataclasses.field(default_factory=list)  # base modules trained fully (encoders)
 
 
 @dataclasses.dataclass
@@ -168,6 +171,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": (*GPT2_SIZES, "custom"),
     "model.init": ("pretrained", "random"),
+    "model.type": FAMILY_TYPES,
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.base_dtype": ("auto", "float32", "bfloat16"),
     "lora.init": ("seed", "standard"),

@@ -81,6 +81,46 @@ def load_tokenizer(name_or_dir: str) -> transformers.PreTrainedTokenizerFast:
     return tok
 
 
+def load_family_tokenizer(name_or_dir: str, family: str) -> transformers.PreTrainedTokenizerFast:
+    """A BERT / RoBERTa / Llama fast tokenizer (WordPiece, byte-level BPE, SentencePiece-converted) from a
+    save_pretrained dir (tokenizer.json) or a hub name, with the special tokens, right padding and pad id PyTorch's
+    classifier expects: [CLS] ... [SEP] / <s> ... </s> / <s> ... added by the tokenizer itself, padding with its own
+    pad token (a Llama tokenizer without one: give it one, and the checkpoint's config the same pad_token_id)."""
+    import transformers
+
+    p = Path(name_or_dir).expanduser()
+    if not name_or_dir:
+        raise DataError(f"data.tokenizer is empty and model.type={family}: the packaged tokenizer is GPT-2's; set "
+                        "data.tokenizer to the model's tokenizer dir (or keep it beside model.path)")
+    if p.exists() and not p.is_dir():
+        raise DataError(f"data.tokenizer={name_or_dir}: is a file; expected a tokenizer dir (tokenizer.json)")
+    if not p.is_dir() and _looks_like_path(name_or_dir):
+        raise DataError(f"data.tokenizer={name_or_dir}: no such directory")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(p) if p.is_dir() else name_or_dir, use_fast=True)
+    except Exception as e:  # a dir without tokenizer files, no network for a hub name
+        raise DataError(f"data.tokenizer={name_or_dir}: the {family} tokenizer does not load "
+                        f"({type(e).__name__}: {first_line(e)}); expected a dir written by save_pretrained") from None
+    if not isinstance(tok, transformers.PreTrainedTokenizerFast):
+        raise DataError(f"{name_or_dir}: got {type(tok).__name__}; expected a fast (Rust) tokenizer")
+    needed = {"bert": ("cls_token", "sep_token", "pad_token"), "roberta": ("bos_token", "eos_token", "pad_token"),
+              "llama": ("bos_token", "pad_token")}
+    lacking = [t for t in needed.get(family, ("pad_token",)) if getattr(tok, t) is None]
+    if lacking:
+        raise DataError(f"data.tokenizer={name_or_dir}: a {family} tokenizer needs {', '.join(lacking)}; this one "
+                        "has none")
+    tok.padding_side = tok.truncation_side = "right"  # what the classifiers expect (their pooling reads token 0)
+    return tok
+
+
+def tokenizer_for(cfg: Any) -> transformers.PreTrainedTokenizerFast:
+    """The run's tokenizer: GPT-2's (`load_tokenizer`), or the encoder family's, defaulting to model.path's dir."""
+    family = getattr(cfg.model, "type", "gpt2")
+    if family == "gpt2":
+        return load_tokenizer(cfg.data.tokenizer)
+    return load_family_tokenizer(cfg.data.tokenizer or cfg.model.path, family)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EncodedSplit:
     """One tokenized split as fixed-width int32 arrays (eq=False: arrays have no single truth value)."""
@@ -125,10 +165,9 @@ def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: 
             f"encode: {len(sentences)} sentences but labels of shape {labels.shape}; expected shape "
             f"({len(sentences)},)"
         )
-    if tokenizer.pad_token_id != PAD_ID:
-        raise DataError(
-            f"encode: tokenizer pad id is {tokenizer.pad_token_id}; expected {PAD_ID} (use load_tokenizer)"
-        )
+    pad_id = tokenizer.pad_token_id  # GPT-2's: its eos (PAD_ID); an encoder family's: its own [PAD] / <pad>
+    if pad_id is None:
+        raise DataError(f"encode: the tokenizer has no pad token; expected {PAD_ID} for GPT-2 (use load_tokenizer)")
     n = len(sentences)
     if n == 0:
         empty = np.zeros((0, max_length), np.int32)
@@ -155,8 +194,8 @@ def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: 
             f"(padding_side={tokenizer.padding_side!r}, truncation_side={tokenizer.truncation_side!r}); "
             "expected 'right' for both"
         )
-    if not (input_ids[attention_mask == 0] == PAD_ID).all():
-        raise DataError(f"encode: padding positions hold ids other than PAD_ID={PAD_ID}")
+    if not (input_ids[attention_mask == 0] == pad_id).all():
+        raise DataError(f"encode: padding positions hold ids other than the pad id {pad_id}")
 
     truncated = full_lengths > max_length
     n_truncated = int(truncated.sum())
@@ -194,6 +233,11 @@ def encode_pairs(first: Sequence[str], second: Sequence[str], labels: np.ndarray
     if len(second) != n or labels.shape != (n,):
         raise DataError(f"encode_pairs: {n} first texts, {len(second)} second texts and labels of shape "
                         f"{labels.shape}; expected the same number of each")
+    if tokenizer.pad_token_id != PAD_ID:
+        raise DataError(f"encode_pairs: a sentence pair is encoded GPT-2's way (its <|endoftext|>, id {PAD_ID}, "
+                        f"between the texts), but this tokenizer pads with id {tokenizer.pad_token_id}: pairs are not "
+                        "supported for model.type bert / roberta / llama yet; use single sentences (drop "
+                        "data.text_pair)")
     ids = np.full((n, max_length), PAD_ID, np.int32)
     mask = np.zeros((n, max_length), np.int32)
     truncated = np.zeros((n,), bool)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_kd_jax.core.config import Config, n_outputs
-from lora_kd_jax.data.encoding import load_tokenizer
+from lora_kd_jax.data.encoding import tokenizer_for
 from lora_kd_jax.data.tasks import label_names
 
 
@@ -36,4 +36,4 @@ def add_run_files(out_dir: str | os.PathLike, cfg: Config, config_file: str = "c
         config = json.loads(path.read_text())
         config.update(label_config(cfg))
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    load_tokenizer(cfg.data.tokenizer).save_pretrained(os.fspath(out))
+    tokenizer_for(cfg).save_pretrained(os.fspath(out))

@@ -76,6 +76,9 @@ def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
     if info.kind is None:
         raise runs.RunError(f"distill.teacher: {info.path} has no {rundir.METRICS_FILE}: that run never finished an "
                             "epoch, so it has no best checkpoint to distil from")
+    if info.config.model.type != "gpt2":  # the student's data is tokenized GPT-2's way; other teachers: not yet
+        raise runs.RunError(f"distill.teacher: the teacher in {info.path} is a {info.config.model.type} run; "
+                            "distillation takes GPT-2 teachers (model.type=gpt2) for now")
     t_vocab, s_vocab = info.config.model.vocab_size, cfg.student.vocab_size
     if t_vocab != s_vocab:
         raise runs.RunError(f"distill.teacher: vocabulary size differs: the teacher in {info.path} has "

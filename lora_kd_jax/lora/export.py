@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,6 +37,7 @@ from lora_kd_jax.core.config import Config, ConfigError, n_outputs, validate
 from lora_kd_jax.lora.convert import TRANSFORMER_PREFIX
 from lora_kd_jax.core.keys import classifier_base_key, run_keys
 from lora_kd_jax.core.gpt2_layout import PAD_ID
+from lora_kd_jax.lora.files import check_out_dir as _check_out_dir, save_safetensors as _save_safetensors
 from lora_kd_jax.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportError
 
 log = logging.getLogger(__name__)
@@ -46,22 +47,6 @@ Params = dict[str, Any]
 HF_CONFIG = "config.json"
 FLAX_WEIGHTS = "flax_model.msgpack"
 TORCH_WEIGHTS = "model.safetensors"
-
-
-def _save_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
-    from safetensors.numpy import save_file
-
-    # "format": "pt" is what transformers / PEFT write for PyTorch weights (transformers' Flax loader reads it too)
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, os.fspath(path),
-              metadata={"format": "pt"})
-
-
-def _check_out_dir(out_dir: Path, files: Sequence[str], overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
-    clash = [f for f in files if (out_dir / f).exists()]
-    if clash and not overwrite:
-        raise ExportError(f"{out_dir} already holds {', '.join(clash)}; choose another directory or pass --overwrite")
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -101,6 +86,10 @@ def write_peft_adapter(cfg: Config, model: Any, params: Params, out_dir: str | o
     out = Path(out_dir)
     _check_out_dir(out, [ADAPTER_CONFIG, ADAPTER_WEIGHTS] + (["base"] if save_base else []), overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(model, "family", None) is not None:  # BERT, RoBERTa: their own format
+        from lora_kd_jax.lora import encoder_interop
+
+        return encoder_interop.write_adapter(cfg, model, params, out, base_model=base_model, save_base=save_base)
     if save_base:
         base_dir = out / "base"
         base_dir.mkdir(exist_ok=True)
@@ -163,11 +152,17 @@ def import_peft(peft_dir: str | os.PathLike, cfg: Config) -> tuple[Config, Any, 
     ExportError / ConversionError naming what is missing or mismatched: another architecture (keys that are not
     GPT-2's), another rank layout (rank_pattern, alpha_pattern, factors of other ranks), keys that the adapter's
     own config promises but the weights lack, shapes that do not fit the base."""
+    from lora_kd_jax.models import families
     from lora_kd_jax.models.classifier import build_classifier
 
     if cfg.train.seeds:
         raise ExportError(f"import-peft writes one run from one adapter; drop train.seeds={cfg.train.seeds} (set "
                           "train.seed) and train seeds from it one run at a time")
+    cfg = families.with_checkpoint(cfg)
+    if cfg.model.type != "gpt2":  # BERT, RoBERTa: their own format
+        from lora_kd_jax.lora import encoder_interop
+
+        return encoder_interop.import_peft(peft_dir, cfg)
     adapter = peft_format.read_adapter(peft_dir)
     if cfg.model.init != "pretrained":
         log.warning("import-peft: model.init=%s: the adapter is applied to a random base, not the one it was "
@@ -251,6 +246,10 @@ def _save_hf_checkpoint(module_config: Any, params: Params, out_dir: Path) -> No
 
 def save_merged(model: Any, params: Params, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Fold the LoRA factors into the kernels and write a plain Hugging Face checkpoint (see the module doc)."""
+    if getattr(model, "family", None) is not None:  # BERT, RoBERTa: their own format
+        from lora_kd_jax.lora import encoder_interop
+
+        return encoder_interop.save_merged(model, params, out_dir, overwrite=overwrite)
     out = Path(out_dir)
     _check_out_dir(out, [HF_CONFIG, FLAX_WEIGHTS, TORCH_WEIGHTS], overwrite)
     out.mkdir(parents=True, exist_ok=True)

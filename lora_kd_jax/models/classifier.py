@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_kd_jax.lora import transform as lora_lib
+from lora_kd_jax.lora.targets import select as select_targets
 from lora_kd_jax.core.config import Config, n_outputs
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.core.gpt2_layout import KERNEL_LAYOUT
@@ -113,8 +114,8 @@ def build_classifier(cfg: Config, key: jax.Array, *, base_key: jax.Array | None 
     spec = None
     if with_lora:
         lc = cfg.lora
-        spec = lora_lib.make_spec(base, lc.targets, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
-                                  init=lc.init, kernel_layout=KERNEL_LAYOUT)
+        spec = lora_lib.make_spec(base, select_targets(lc.targets, "gpt2", base), rank=lc.rank, alpha=lc.alpha,
+                                  dropout=lc.dropout, init=lc.init, kernel_layout=KERNEL_LAYOUT)
     model = GPT2Classifier(module, spec, None if shapes_only else base, cfg.model.name, n_outputs(cfg))
     return model, init_adapters(model, base, key, shapes_only=shapes_only)
 

@@ -9,12 +9,12 @@ from lora_kd_jax.models.interface import ClassifierModel
 
 
 def _lora_classifier(cfg: Config) -> ClassifierModel:
-    """GPT-2 (as model.path / model.name / model.init say) + LoRA + head; a random-init base from the run's base
-    key, so a reader rebuilds the very base the run trained over."""
+    """GPT-2, BERT or RoBERTa (model.type; as model.path / model.name / model.init say) + LoRA + head; a
+    random-init base from the run's base key, so a reader rebuilds the very base the run trained over."""
     from lora_kd_jax.core.keys import classifier_base_key, run_keys
-    from lora_kd_jax.models.classifier import build_classifier
+    from lora_kd_jax.models.families import build
 
-    return build_classifier(cfg, run_keys(cfg.train.seed).model, base_key=classifier_base_key(cfg))[0]
+    return build(cfg, run_keys(cfg.train.seed).model, base_key=classifier_base_key(cfg))[0]
 
 
 def _student(cfg: Config) -> ClassifierModel:

@@ -11,8 +11,7 @@ from lora_kd_jax.core import precision
 from lora_kd_jax.training import runtime
 from lora_kd_jax.core.config import Config, n_outputs, select_metric
 from lora_kd_jax.core.keys import classifier_base_key, run_keys, seed_list
-from lora_kd_jax.models import gpt2
-from lora_kd_jax.models.classifier import build_classifier
+from lora_kd_jax.models import families
 from lora_kd_jax.training import loop
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.training import seeds as seeds_lib
@@ -26,9 +25,16 @@ log = logging.getLogger(__name__)
 
 def dry_run(cfg: Config) -> ParamReport:
     """Parameter report from shapes alone: no weights are loaded or allocated."""
-    cfg = gpt2.with_checkpoint_size(cfg)
-    model, shapes = build_classifier(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
+    cfg = families.with_checkpoint(cfg)
+    model, shapes = families.build(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
     return param_report(shapes, model.param_labels(shapes))
+
+
+def dry_run_plan(cfg: Config) -> str:
+    """--dry-run's printout (`families.plan`), from shapes alone: the adapted modules and the parameter counts."""
+    cfg = families.with_checkpoint(cfg)
+    model, shapes = families.build(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
+    return families.plan(model, shapes, param_report(shapes, model.param_labels(shapes)))
 
 
 def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
@@ -37,7 +43,7 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     place = mesh_lib.run_placement(cfg)
     seeds = seed_list(cfg)
     seeded = Seeded(consts_axes=None) if seeds_lib.is_seeded(cfg) else None
-    model, _ = build_classifier(cfg, run_keys(seeds[0]).model, base_key=classifier_base_key(cfg))
+    model, _ = families.build(cfg, run_keys(seeds[0]).model, base_key=classifier_base_key(cfg))
     batches = data_lib.batch_sources(splits, cfg)
     steps = total_steps(cfg.train, batches.n_train_batches)
     setup = seed_states(model, cfg.train, seeds, stacked=seeded is not None, total_steps=steps)
@@ -46,7 +52,7 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     compute, base = precision.compute_dtype(cfg.model), precision.base_dtype(cfg.model)
     frozen = place.frozen(cast_frozen(setup.frozen, base))
     log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)%s",
-             cfg.model.name, compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend(),
+             families.title(cfg), compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend(),
              f"; {len(seeds)} seeds {seeds} in one program, one shared base" if seeded else "")
     return Task(
         kind="lora", state=place.state(setup.state), consts={"frozen": frozen},
@@ -57,7 +63,7 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
         epochs=cfg.train.epochs, reported_batches=batches.reported,
         info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction,
               "compute_dtype": compute, "base_dtype": base},
-        title=f"LoRA {cfg.model.name}", put_batch=place.put_seeded_batch if seeded else place.put_batch,
+        title=f"LoRA {families.title(cfg)}", put_batch=place.put_seeded_batch if seeded else place.put_batch,
         put_eval_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite,
         seeds=tuple(cfg.train.seeds), select=select_metric(cfg), n_outputs=n_outputs(cfg))
 
@@ -65,7 +71,7 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
 def train_lora(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
     """The whole LoRA run into cfg.run.dir; returns the summary written to metrics.json."""
     runtime.setup(cfg)
-    cfg = gpt2.with_checkpoint_size(cfg)  # model.path decides the architecture, and config.yaml records it
+    cfg = families.with_checkpoint(cfg)  # model.path decides the architecture, and config.yaml records it
     cfg = data_lib.resolve_task(cfg)  # the label set of the training file (the head's size) goes into config.yaml
     log.info("%s", dry_run(cfg))  # shapes only: a bad model size or LoRA target fails here, before any data or compute
     return loop.train_and_evaluate(cfg, lambda splits: build_task(cfg, splits), resume=resume, progress=progress,

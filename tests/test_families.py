@@ -1,0 +1,360 @@
+"""BERT and RoBERTa: parity with PyTorch / PEFT on tiny random checkpoints the tests save themselves.
+
+Per family (a 2-layer, 64-wide *ForSequenceClassification and a tokenizer trained on CoLA, `tiny_families`):
+the JAX logits against transformers' PyTorch classifier (with and without LoRA), the gradients of every trainable
+leaf against PEFT, a 30-step Adam trajectory, and the three round trips (export-peft -> PeftModel.from_pretrained,
+a PEFT adapter -> import-peft, merge -> AutoModelForSequenceClassification / Flax). Tolerances are the GPT-2
+parity tests' (test_parity_lora, test_parity_train).
+"""
+from __future__ import annotations
+
+import copy
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+import torch_reference as ref_lib  # noqa: E402
+from tiny import XLA_CACHE  # noqa: E402
+from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
+
+from lora_kd_jax.core.config import load_config  # noqa: E402
+from lora_kd_jax.core.families import ENCODERS as FAMILIES  # noqa: E402
+from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator, encode, num_batches  # noqa: E402
+from lora_kd_jax.data.encoding import load_family_tokenizer  # noqa: E402
+from lora_kd_jax.lora import encoder_format, export  # noqa: E402
+from lora_kd_jax.models import families  # noqa: E402
+from lora_kd_jax.training.state import combine, partition, train_state  # noqa: E402
+from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums, make_train_step  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
+OUTPUT_RTOL = GRAD_RTOL = 5e-6  # test_parity_lora's: relative to each leaf's largest entry
+LOSS_RTOL, PARAM_ATOL, FORWARD_ATOL = 1e-4, 1e-5, 5e-6  # test_parity_train's
+ROUND_TRIP_ATOL = 1e-4  # logits after a trip through files and PyTorch
+RANK, ALPHA = 4, 8.0  # alpha != rank: a missing alpha / r scale cannot pass
+STEPS, LR, BATCH, N_EXAMPLES = 30, 1e-3, 8, 20
+
+
+def _config(path, *overrides):
+    cfg = load_config(None, [f"model.path={path}", "lora.init=standard", f"lora.rank={RANK}", f"lora.alpha={ALPHA}",
+                             "lora.dropout=0.0", "data.max_length=20", f"train.batch_size={BATCH}", f"train.lr={LR}",
+                             XLA_CACHE, *overrides])
+    return families.with_checkpoint(cfg)
+
+
+def _peft(torch_model, seed: int):
+    """PEFT LoRA on query/value with random (non-zero) B and a head moved off the checkpoint's, so that the B path,
+    the alpha/r scale and the saved head all show."""
+    model = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(
+        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+        target_modules=list(FAMILIES[torch_model.config.model_type].default_targets)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name or (".modules_to_save." in name and name.endswith("weight")):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _head_of(named: dict, like: dict) -> dict:
+    """The flax head from PEFT's trained copy of it (`classifier.modules_to_save.default.*`)."""
+    sd = {n.split("base_model.model.", 1)[1].replace("modules_to_save.default.", ""): v for n, v in named.items()
+          if ".modules_to_save." in n}
+    return encoder_format.head_from_torch(sd, like, "PEFT")
+
+
+def _from_peft(peft_model, like: dict, *, grads: bool = False) -> dict:
+    """The trainable leaves of a PEFT model (values or gradients) as our {'lora', 'head'} tree."""
+    named = {n: (p.grad if grads else p).detach().numpy() for n, p in peft_model.named_parameters()
+             if p.requires_grad}
+    family = like["family"]
+    return {"lora": encoder_format.lora_from_peft(named, family), "head": _head_of(named, like["head"])}
+
+
+@pytest.fixture(scope="module", params=["bert", "roberta", "llama"])
+def fam(request, tmp_path_factory):
+    """One family's saved checkpoint, its tokenizer, the JAX model over it and a PEFT twin with the same weights."""
+    d = tmp_path_factory.mktemp(request.param)
+    torch_model, saved_tok = save_checkpoint(request.param, d)
+    tok = load_family_tokenizer(str(d), request.param)  # as a run loads it (data.tokenizer="" -> model.path)
+    cfg = _config(d)
+    assert cfg.model.type == request.param and cfg.model.n_layer == 2 and cfg.model.n_embd == 64
+    model, params = families.build(cfg, jax.random.key(0))
+    twin = _peft(torch_model, seed=1)
+    from_twin = _from_peft(twin, {"family": model.family, "head": params["head"]})
+    params = {**params, **jax.tree.map(jnp.asarray, from_twin)}
+    sentences = cola_sentences()[:12]
+    split = encode(sentences, np.arange(12) % 2, tok, 20)
+    return types.SimpleNamespace(name=request.param, dir=d, tok=tok, saved_tok=saved_tok, torch=torch_model, cfg=cfg,
+                                 model=model,
+                                 params=params, twin=twin, split=split, sentences=sentences)
+
+
+def _jax_batch(split: EncodedSplit) -> dict:
+    """The batcher's layout: padding positions hold GPT-2's PAD_ID, not the family's pad id (the model must not
+    care)."""
+    ids = np.where(split.attention_mask == 1, split.input_ids, PAD_ID).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": split.attention_mask, "labels": split.labels,
+            "weights": np.ones(len(split), np.float32)}
+
+
+def _torch_logits(model, split: EncodedSplit) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(split.input_ids.astype(np.int64)),
+                     attention_mask=torch.from_numpy(split.attention_mask.astype(np.int64))).logits.numpy()
+
+
+def _jax_logits(model, params, split: EncodedSplit) -> np.ndarray:
+    b = _jax_batch(split)
+    return np.asarray(jax.jit(model.logits)(params, b["input_ids"], b["attention_mask"]))
+
+
+def test_tokenizer_encodes_as_pytorch(fam):
+    """Special tokens, right padding with the family's pad id: what the PyTorch tokenizer call gives."""
+    fam.saved_tok.padding_side = "right"  # Llama's tokenizer pads left by default; its classifier reads either way
+    want = fam.saved_tok(fam.sentences, padding="max_length", truncation=True, max_length=20)
+    np.testing.assert_array_equal(fam.split.input_ids, np.asarray(want["input_ids"]))
+    np.testing.assert_array_equal(fam.split.attention_mask, np.asarray(want["attention_mask"]))
+    first = fam.tok.cls_token_id if fam.name == "bert" else fam.tok.bos_token_id  # [CLS] or <s>
+    assert (fam.split.input_ids[:, 0] == first).all() and fam.tok.pad_token_id == fam.model.pad_id
+    assert (fam.split.attention_mask[:, -1] == 0).any()  # some rows are padded
+
+
+def test_forward_matches_pytorch(fam):
+    """Logits of the plain classifier (head included) vs AutoModelForSequenceClassification, and with LoRA vs PEFT."""
+    plain = {k: v for k, v in fam.params.items() if k != "lora"}
+    plain["head"] = encoder_format.head_from_torch(
+        {k: v.numpy() for k, v in fam.torch.state_dict().items() if encoder_format.is_head_key(k)}, plain["head"],
+        "torch")
+    err_plain = ref_lib.max_rel_err(_jax_logits(fam.model, plain, fam.split), _torch_logits(fam.torch, fam.split))
+    err_lora = ref_lib.max_rel_err(_jax_logits(fam.model, fam.params, fam.split), _torch_logits(fam.twin, fam.split))
+    assert err_plain <= OUTPUT_RTOL and err_lora <= OUTPUT_RTOL, (err_plain, err_lora)
+
+
+def test_gradients_match_peft(fam):
+    """d(mean CE)/d(every trainable leaf): the LoRA factors and the head, and only those, as PEFT's autograd."""
+    model, batch = fam.model, _jax_batch(fam.split)
+    trainable, frozen = partition(fam.params, model.param_labels(fam.params))
+
+    def loss(t):
+        return loss_and_sums(model, combine(t, frozen), {}, batch, cross_entropy_objective, deterministic=True,
+                             rng=None)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
+    twin = copy.deepcopy(fam.twin)
+    logits = twin(input_ids=torch.from_numpy(fam.split.input_ids.astype(np.int64)),
+                  attention_mask=torch.from_numpy(fam.split.attention_mask.astype(np.int64))).logits
+    t_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(fam.split.labels.astype(np.int64)))
+    t_loss.backward()
+    want = _from_peft(twin, {"family": model.family, "head": fam.params["head"]}, grads=True)
+    assert abs(float(value) - t_loss.item()) <= OUTPUT_RTOL * t_loss.item()
+    errs = ref_lib.tree_rel_errs(jax.tree.map(np.asarray, grads), want)  # same leaves on both sides, or it fails
+    assert sum(k.startswith("lora/") for k in errs) == 2 * 2 * 2  # 2 layers x (query, value) x (a, b)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= GRAD_RTOL, f"{worst}: gradient rel err {errs[worst]:.3g} > {GRAD_RTOL}"
+
+
+def test_thirty_adam_steps_match_peft(fam):
+    """The project's train step and state recipe for 30 steps against torch.optim.Adam on the PEFT twin."""
+    model = fam.model
+    twin = copy.deepcopy(fam.twin).train()  # dropout is 0 everywhere: train mode changes nothing but the mode
+    setup = train_state(model, jax.tree.map(jnp.array, fam.params), LR, jax.random.key(14))  # a copy: the step donates
+    state, frozen = setup.state, setup.frozen
+    step = make_train_step(model, setup.tx, cross_entropy_objective)
+    opt = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=LR)
+    sentences = cola_sentences()[100:100 + N_EXAMPLES]
+    split = encode(sentences, np.random.default_rng(3).integers(0, 2, N_EXAMPLES), fam.tok, 20)
+    jl, tl = [], []
+    for epoch in range(STEPS // num_batches(len(split), BATCH)):
+        for batch in batch_iterator(split, BATCH, shuffle=True, seed=0, epoch=epoch):
+            jax_batch = {**batch, "input_ids": np.where(batch["attention_mask"] == 1, batch["input_ids"], PAD_ID)}
+            state, sums = step(state, {"frozen": frozen}, jax_batch)
+            jl.append(float(sums["loss_sum"] / sums["count"]))
+            keep = batch["weights"] > 0
+            opt.zero_grad(set_to_none=True)
+            logits = twin(input_ids=torch.from_numpy(batch["input_ids"][keep].astype(np.int64)),
+                          attention_mask=torch.from_numpy(batch["attention_mask"][keep].astype(np.int64))).logits
+            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["labels"][keep].astype(np.int64)))
+            loss.backward()
+            opt.step()
+            tl.append(loss.item())
+    assert len(jl) == STEPS
+    loss_err = np.abs(np.array(jl) - np.array(tl)) / np.abs(np.array(tl))
+    assert loss_err.max() <= LOSS_RTOL, (int(loss_err.argmax()), loss_err.max())
+    assert np.mean(tl[-3:]) < np.mean(tl[:3])  # it trained
+    want = _from_peft(twin, {"family": model.family, "head": fam.params["head"]})
+    errs = ref_lib.tree_abs_errs(jax.tree.map(np.asarray, state.trainable), want)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= PARAM_ATOL, f"{worst}: |dparam| {errs[worst]:.3g} > {PARAM_ATOL}"
+    # the forward on PyTorch's final weights agrees too: the gaps above are drift, not a forward error
+    final = {**combine(state.trainable, frozen), **jax.tree.map(jnp.asarray, want)}
+    fwd = float(np.abs(_jax_logits(model, final, split) - _torch_logits(twin.eval(), split)).max())
+    assert fwd <= FORWARD_ATOL, fwd
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(frozen), jax.tree.leaves(partition(fam.params, setup.labels)[1])))
+
+
+def test_export_peft_loads_in_pytorch(fam, tmp_path):
+    """export-peft -> PeftModel.from_pretrained on the family's AutoModelForSequenceClassification: same logits,
+    the head coming from the adapter (modules_to_save), not from the checkpoint."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = export.write_peft_adapter(fam.cfg, fam.model, fam.params, tmp_path / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(fam.dir).eval()
+    loaded = peft.PeftModel.from_pretrained(base, out).eval()
+    err = np.abs(_torch_logits(loaded, fam.split) - _jax_logits(fam.model, fam.params, fam.split)).max()
+    assert err <= ROUND_TRIP_ATOL, err
+    before = np.abs(_torch_logits(fam.torch, fam.split) - _jax_logits(fam.model, fam.params, fam.split)).max()
+    assert before > 100 * ROUND_TRIP_ATOL  # without the adapter's factors and head the logits differ
+
+
+def test_peft_adapter_imports(fam, tmp_path):
+    """A PEFT adapter (non-zero B, a trained head) -> import-peft -> the logits PyTorch gives with it."""
+    fam.twin.save_pretrained(tmp_path / "peft")
+    cfg, model, params = export.import_peft(tmp_path / "peft", _config(fam.dir))
+    assert list(cfg.lora.targets) == list(model.family.default_targets) and cfg.lora.rank == RANK
+    assert model.spec.scale == ALPHA / RANK
+    err = np.abs(_jax_logits(model, params, fam.split) - _torch_logits(fam.twin, fam.split)).max()
+    assert err <= ROUND_TRIP_ATOL, err
+
+
+def test_merge_loads_in_pytorch_and_flax(fam, tmp_path):
+    """merge -> a plain checkpoint: AutoModelForSequenceClassification and its Flax twin give our logits."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    out = export.save_merged(fam.model, fam.params, tmp_path / "merged")
+    want = _jax_logits(fam.model, fam.params, fam.split)
+    torch_model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert np.abs(_torch_logits(torch_model, fam.split) - want).max() <= ROUND_TRIP_ATOL
+    if fam.name == "llama":  # no Flax Llama classifier in transformers: the msgpack is FlaxLlamaModel's base
+        flax_model = transformers.FlaxLlamaModel.from_pretrained(out)
+        hidden = flax_model(fam.split.input_ids, attention_mask=fam.split.attention_mask).last_hidden_state
+        with torch.no_grad():
+            ids, mask = (torch.from_numpy(a.astype(np.int64)) for a in (fam.split.input_ids, fam.split.attention_mask))
+            want_hidden = torch_model.model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+        real = fam.split.attention_mask == 1
+        assert np.abs(np.asarray(hidden)[real] - want_hidden[real]).max() <= ROUND_TRIP_ATOL
+        return
+    flax_model = getattr(transformers, f"Flax{fam.model.family.torch_class}").from_pretrained(out)
+    got = np.asarray(flax_model(fam.split.input_ids, attention_mask=fam.split.attention_mask).logits)
+    assert np.abs(got - want).max() <= ROUND_TRIP_ATOL
+
+
+@pytest.mark.parametrize("fam", ["roberta"], indirect=True)
+def test_train_lora_resumes_with_seeds_and_a_bf16_base(fam, tmp_path):
+    """train-lora on a checkpoint dir (family from its config.json): two seeds over one bf16 base, dropout on in
+    the base, the adapters and the head; 1 epoch + --resume equals 2 epochs, metric for metric; the run reads back
+    (evaluation's model) and exports; distillation refuses it as a teacher by name."""
+    import json
+
+    from lora_kd_jax.runs import reader
+    from lora_kd_jax.training import finetune
+    from lora_kd_jax.training.seeds import seed_dir
+
+    def cfg(run, *extra):
+        return _config(fam.dir, "data.limit=48", "train.batch_size=16", "train.epochs=2", "train.seeds=[0,1]",
+                       "lora.dropout=0.1", "model.dropout=0.1", "model.base_dtype=bfloat16", f"run.dir={run}", *extra)
+
+    finetune.train_lora(cfg(tmp_path / "a"), progress=False)
+    finetune.train_lora(cfg(tmp_path / "b", "train.epochs=1"), progress=False)
+    finetune.train_lora(cfg(tmp_path / "b"), resume=True, progress=False)
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text())["epochs"] for r in "ab")
+    assert len(a) == 2 and a == b
+    run = reader.open_run(seed_dir(tmp_path / "b", 1), kind="lora")
+    assert run.config.model.type == "roberta" and run.model.describe() == f"{fam.dir}, LoRA rank {RANK}"
+    logits = _jax_logits(run.model, run.params, fam.split)
+    out = export.write_peft_adapter(run.config, run.model, run.params, tmp_path / "adapter")
+    from transformers import AutoModelForSequenceClassification
+
+    loaded = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(fam.dir), out).eval()
+    assert np.abs(_torch_logits(loaded, fam.split) - logits).max() <= ROUND_TRIP_ATOL
+    from lora_kd_jax.distill.teacher import check_teacher  # not yet a teacher: one line saying so
+
+    with pytest.raises(reader.RunError, match="is a roberta run; distillation takes GPT-2 teachers"):
+        check_teacher(str(seed_dir(tmp_path / "b", 1)), load_config(None, []))
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+def _torch_targeted(family: str, targets, to_save=None, device: str = "cpu", **sizes):
+    """(PEFT's adapted module names without the family prefix, get_nb_trainable_parameters) on the family's
+    PyTorch classifier of these sizes, built on `device` ('meta': shapes only, no weights)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    with torch.device(device):
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(family, **sizes))
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=RANK, target_modules=targets,
+                                                             modules_to_save=to_save))
+    prefix = f"base_model.model.{FAMILIES[family].prefix}."
+    names = sorted({n[len(prefix):].split(".lora_A")[0] for n, _ in wrapped.named_parameters() if ".lora_A." in n})
+    n_lora = sum(p.numel() for n, p in wrapped.named_parameters() if ".lora_" in n)
+    return names, (*wrapped.get_nb_trainable_parameters(), n_lora)
+
+
+TARGET_FORMS = {  # form -> family -> (lora.targets, PEFT's target_modules)
+    "names": {"llama": ("q_proj,mlp.down_proj", ["q_proj", "mlp.down_proj"]),
+              None: ("query,attention.output.dense", ["query", "attention.output.dense"])},
+    "regex": {"llama": (r"re:.*layers\.1\..*(k_proj|gate_proj)", r".*layers\.1\..*(k_proj|gate_proj)"),
+              None: (r"re:.*layer\.1\..*(key|intermediate\.dense)", r".*layer\.1\..*(key|intermediate\.dense)")},
+    "all-linear": {None: ("all-linear", "all-linear")},
+}
+
+
+@pytest.mark.parametrize("form", list(TARGET_FORMS))
+def test_targets_adapt_what_peft_adapts(fam, form):
+    """Each target form adapts exactly the modules PEFT adapts with the same target_modules on the same model."""
+    ours, theirs = TARGET_FORMS[form].get(fam.name, TARGET_FORMS[form][None])
+    cfg = _config(fam.dir, f"lora.targets={ours}")
+    model, _ = families.build(cfg, jax.random.key(0), shapes_only=True)
+    got = sorted(".".join(p) for p in model.spec.paths)
+    want, _ = _torch_targeted(fam.name, theirs, vocab_size=len(fam.tok), **{
+        k: v for k, v in fam.torch.config.to_dict().items() if k in ("hidden_size", "num_hidden_layers",
+                                                                       "num_attention_heads", "intermediate_size",
+                                                                       "num_key_value_heads")})
+    assert got == want and got, (got, want)
+    if form == "all-linear":
+        assert ("pooler.dense" in got) == (fam.name == "bert")  # RoBERTa's classifier has no pooler
+
+
+def test_target_matching_nothing_names_the_module_paths(fam):
+    from lora_kd_jax.lora.transform import LoraTargetError
+
+    named = (r"layers\.\{i\}\.self_attn\.k_proj" if fam.name == "llama"
+             else r"encoder\.layer\.\{i\}\.attention\.self\.query")
+    for bad in ("c_attn", r"re:.*\.c_attn"):
+        with pytest.raises(LoraTargetError, match=rf"matches no linear layer.*{named}, .*\(or write all-linear\)"):
+            families.build(_config(fam.dir, f"lora.targets={bad}"), jax.random.key(0), shapes_only=True)
+
+
+BASE_SIZES = {"bert": dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2),
+              "roberta": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("targets,to_save", [("query,value", None), ("all-linear", ["LayerNorm"])])
+def test_dry_run_counts_equal_peft_for_base_sizes(family, targets, to_save):
+    """bert-base / roberta-base shapes (jax.eval_shape here, torch's meta device there: no weights): --dry-run's
+    trainable and total counts are PEFT's get_nb_trainable_parameters (whose total counts each modules_to_save
+    module twice, the original and the trained copy)."""
+    from lora_kd_jax.training.finetune import dry_run_plan  # what train-lora --dry-run prints
+
+    sizes = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    overrides = [f"model.type={family}", "model.name=custom", "model.init=random", "model.n_layer=12",
+                 "model.n_embd=768", "model.n_head=12", "model.n_positions=512",
+                 f"model.vocab_size={BASE_SIZES[family]['vocab_size']}", f"lora.targets={targets}", f"lora.rank={RANK}",
+                 *([f"lora.modules_to_save={','.join(to_save)}"] if to_save else [])]
+    line = dry_run_plan(load_config(None, overrides)).splitlines()[0]
+    total, trainable = (int(line.split(f"{w} ")[1].split("(")[1].split(")")[0].replace(",", ""))
+                        for w in ("total", "trainable"))
+    _, (peft_trainable, peft_all, peft_lora) = _torch_targeted(family, "all-linear" if targets == "all-linear"
+                                                    else targets.split(","), to_save, device="meta",
+                                                    **sizes, **BASE_SIZES[family])
+    copies = peft_trainable - peft_lora  # the head and every modules_to_save module, counted twice by PEFT
+    assert (trainable, total) == (peft_trainable, peft_all - copies), line

@@ -1,0 +1,84 @@
+"""Tiny BERT / RoBERTa / Llama checkpoints and tokenizers the family tests build themselves (no hub).
+
+A WordPiece tokenizer (BERT), a byte-level BPE one (RoBERTa) or a SentencePiece-style BPE one (Llama) is trained
+with the `tokenizers` library on the packaged CoLA training sentences, wrapped as transformers' fast tokenizer of the
+family and saved; a 2-layer, 64-wide PyTorch *ForSequenceClassification with that vocabulary is saved beside it with
+save_pretrained.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_kd_jax.assets import COLA_DIR
+from lora_kd_jax.data.cola import read_cola_tsv
+
+VOCAB = 400
+SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def cola_sentences() -> list[str]:
+    return read_cola_tsv(COLA_DIR / "in_domain_train.tsv")[0]
+
+
+def train_tokenizer(family: str, out_dir: Path):
+    """The family's fast tokenizer, trained on CoLA and saved to out_dir (tokenizer.json + its config)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast, LlamaTokenizerFast, RobertaTokenizerFast
+
+    if family == "bert":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok.train_from_iterator(cola_sentences(), trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=special))
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        tok.decoder = decoders.WordPiece()
+        fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                 sep_token="[SEP]", mask_token="[MASK]")
+    elif family == "llama":  # SentencePiece-style BPE: a metaspace (▁) marks word starts, <s> opens every text
+        tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        special = ["<unk>", "<s>", "</s>", "<pad>"]
+        tok.train_from_iterator(cola_sentences(), trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", add_bos_token=True, add_eos_token=False)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        tok.train_from_iterator(cola_sentences(), trainers.BpeTrainer(
+            vocab_size=VOCAB, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                          ("<s>", tok.token_to_id("<s>")))
+        tok.decoder = decoders.ByteLevel()
+        fast = RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                    cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def save_checkpoint(family: str, out_dir: Path, seed: int = 0):
+    """A random 2-layer, 64-wide PyTorch *ForSequenceClassification with a trained tokenizer, saved to out_dir
+    (config.json, model.safetensors, the tokenizer files). Returns (torch model, tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    tok = train_tokenizer(family, out_dir)
+    if family == "llama":  # grouped-query attention (2 key/value heads for 4 query heads), as Llama 2/3 use
+        sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    else:
+        sizes = {**SIZES, "max_position_embeddings": 66 if family == "roberta" else 64,
+                 **({"type_vocab_size": 1} if family == "roberta" else {})}
+    config = AutoConfig.for_model(family, vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=2, **sizes)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return model, tok
