@@ -118,7 +118,7 @@ def write_peft_adapter(cfg: Config, model: Any, params: Params, out_dir: str | o
     config = peft_format.adapter_config(cfg, model.spec, len(params["gpt2"]["h"]), base_model)
     _save_safetensors(peft_format.adapter_state_dict(params, model.start), out / ADAPTER_WEIGHTS)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    log.info("wrote PEFT adapter (r=%d, lora_alpha=%s, %d adapted layers) to %s", model.spec.rank,
+    log.info("wrote PEFT adapter (r=%d, lora_alpha=%s, %d adapted layers) to %s", config["r"],
              config["lora_alpha"], len(model.spec.paths), out)
     return out
 

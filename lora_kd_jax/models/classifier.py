@@ -154,8 +154,8 @@ def init_adapters(model: GPT2Classifier, base: Params, key: jax.Array, *, shapes
     n_embd = model.module.config.n_embd
     params: Params = {"gpt2": base}
     if model.spec is not None:
-        params["lora"] = jax.eval_shape(init_factors, model, base, k_lora) if shapes_only else \
-            init_factors(model, base, k_lora)
+        init = functools.partial(init_factors, model)
+        params["lora"] = jax.eval_shape(init, base, k_lora) if shapes_only else init(base, k_lora)
     head = functools.partial(init_head, n_embd=n_embd, n_labels=model.n_labels)
     params["head"] = jax.eval_shape(head, k_head) if shapes_only else head(k_head)
     return params
