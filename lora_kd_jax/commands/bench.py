@@ -222,16 +222,38 @@ def bench_steps(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterab
         yield from bench_distill(args, variant, mode, batch, cfg, consts={"teacher_logits": t_logits}, teacher=None)
 
 
-def bench_lora_variants(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterable[dict]:
-    """The LoRA train step of each of `args.lora_variants` (plain LoRA first, always), records tagged with
-    `lora_variant` and `ratio_vs_lora` (this step's median over plain LoRA's)."""
-    plain_ms = None
-    for name in ["lora", *(n for n in args.lora_variants if n != "lora")]:
+def bench_lora_variants(args: BenchArgs, variant: str, mode: str, batch: dict, rounds: int = 5) -> Iterable[dict]:
+    """The LoRA train step of each of `args.lora_variants` beside plain LoRA (standard init), records tagged with
+    `lora_variant` and `ratio_vs_lora`. Every step is compiled first, then the variants are timed round-robin,
+    `rounds` rounds of steps/rounds steps each, and each reports the median over its rounds' medians, so a change in
+    the machine's load falls on every variant alike."""
+    names = ["lora", *(n for n in args.lora_variants if n != "lora")]
+    runs, flops, compile_s = {}, {}, {}
+    dev_batch = jax.device_put(batch)
+    for name in names:
         cfg = variant_config(variant, mode, *LORA_VARIANTS[name])
-        sub = dataclasses.replace(args, benches=["lora_train_step"])
-        for rec in bench_gpt2(sub, variant, mode, batch, cfg):
-            plain_ms = plain_ms or rec["ms_per_step"]
-            yield {**rec, "lora_variant": name, "ratio_vs_lora": round(rec["ms_per_step"] / plain_ms, 3)}
+        model, params = build_classifier(cfg, jax.random.key(0))
+        setup = train_state(model, params, 1e-3, jax.random.key(1))
+        frozen = {"frozen": cast_frozen(setup.frozen, precision.base_dtype(cfg.model))}
+        step = make_train_step(model, setup.tx, cross_entropy_objective)
+        compiled, compile_s[name], flops[name] = compile_once(step, setup.state, frozen, dev_batch)
+        holder = {"state": setup.state}
+
+        def run(compiled=compiled, holder=holder, frozen=frozen):
+            holder["state"], sums = compiled(holder["state"], frozen, dev_batch)
+            return sums["loss_sum"]
+
+        runs[name] = run
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for name in names:
+            medians[name].append(timed(runs[name], max(args.steps // rounds, 1), args.warmup)[1])
+    plain = statistics.median(medians["lora"])
+    for name in names:
+        ms = statistics.median(medians[name])
+        yield record(args, "lora_train_step", variant, mode, batch, None, ms, flops[name],
+                     compile_s=round(compile_s[name], 2), lora_variant=name, ratio_vs_lora=round(ms / plain, 3),
+                     round_ms=[round(m, 3) for m in medians[name]])
 
 
 def bench_gpt2(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Config) -> Iterable[dict]:
