@@ -19,7 +19,7 @@ draws ids in [0, 50256), lengths in [5, seq/2 + 8) capped at seq, then labels; r
 Timing: `WARMUP` untimed calls, then the mean of --steps calls between two device synchronisations.
 
 usage: benchmarks/peer_torch.py [--tiny] [--variants gpt2,gpt2-medium] [--modes fp32,bf16,compile-bf16]
-                                [--batch 128] [--seq 64] [--steps 30] [--out results.jsonl]
+                                [--batch 128] [--seq 64] [--steps 30] [--out results.jsonl] [--lora-variant dora]
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=30, help="timed calls after warm-up (mean reported)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--lora-variant", default="lora", choices=("lora", "dora"), help="PEFT's LoRA or DoRA (use_dora)")
     a = p.parse_args(argv)
     a.variants = ["tiny"] if a.tiny else [v for v in a.variants.split(",") if v]
     a.modes = [m for m in a.modes.split(",") if m]
@@ -91,11 +92,11 @@ def peer_batch(batch: int, seq: int, device: torch.device) -> Batch:
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def lora_classifier(variant: str, device: torch.device) -> torch.nn.Module:
+def lora_classifier(variant: str, device: torch.device, use_dora: bool = False) -> torch.nn.Module:
     """GPT-2 classifier (random init) with PEFT LoRA; LayerNorms trainable as well as the adapters and the head."""
     base = GPT2ForSequenceClassification(GPT2Config(**SIZES[variant], num_labels=2, pad_token_id=PAD_ID))
     lora = LoraConfig(r=4, lora_alpha=4, lora_dropout=0.1, target_modules=["c_attn", "c_proj", "c_fc"],
-                      fan_in_fan_out=True, modules_to_save=["score"])  # GPT-2's Conv1D stores weights [in, out]
+                      fan_in_fan_out=True, modules_to_save=["score"], use_dora=use_dora)  # GPT-2's Conv1D stores weights [in, out]
     model = get_peft_model(base, lora)
     for name, param in model.named_parameters():
         if ".ln_" in name or "ln_f" in name:
@@ -133,7 +134,8 @@ def timing_fields(seconds: float, batch: int) -> dict:
     return {"ms_per_step": round(seconds * 1e3, 3), "seq_per_s": round(batch / seconds, 1)}
 
 
-def bench_mode(variant: str, mode: str, data: Batch, steps: int, device: torch.device) -> Iterable[dict]:
+def bench_mode(variant: str, mode: str, data: Batch, steps: int, device: torch.device, use_dora: bool = False
+               ) -> Iterable[dict]:
     """The three steps in one mode; yields records without the common fields (run() adds those)."""
     ids, mask, labels = data
     compiled, amp = mode.startswith("compile"), mode.endswith("bf16")
@@ -142,7 +144,7 @@ def bench_mode(variant: str, mode: str, data: Batch, steps: int, device: torch.d
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
     torch.manual_seed(0)
-    model = lora_classifier(variant, device)
+    model = lora_classifier(variant, device, use_dora)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=1e-3)
@@ -208,8 +210,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     for variant in args.variants:
         data = peer_batch(args.batch, args.seq, device)
         for mode in args.modes:
-            for rec in bench_mode(variant, mode, data, args.steps, device):
+            for rec in bench_mode(variant, mode, data, args.steps, device, args.lora_variant == "dora"):
                 rec = {"bench": rec.pop("bench"), "impl": IMPL, "variant": variant, "mode": mode,
+                       "lora_variant": args.lora_variant,
                        "batch": args.batch, "seq": args.seq, **rec, "device": device_name(device)}
                 emit(rec, args.out)
                 records.append(rec)

@@ -60,7 +60,8 @@ def test_every_bench_reports_the_documented_fields(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flag, value", [("--modes", "compile-bf16"), ("--variants", "gpt3"),
-                                         ("--benches", "epochs"), ("--student-dtypes", "fp16")])
+                                         ("--benches", "epochs"), ("--student-dtypes", "fp16"),
+                                         ("--lora-variants", "vera")])
 def test_unknown_flag_values_are_refused_by_name(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         main_bench([flag, value, "--variants" if flag != "--variants" else "--modes",
@@ -73,6 +74,16 @@ def test_out_of_range_counts_are_refused(flags):
     with pytest.raises(SystemExit) as e:
         main_bench(["--variants", "tiny", *flags])
     assert "expected --steps >= 1, --limit >= 0 and at least one student dtype" in str(e.value.code)
+
+
+def test_lora_variants_bench_times_each_variant_beside_plain_lora():
+    """--lora-variants: plain LoRA first (ratio 1), then each variant's real train step, with its ratio."""
+    args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=[], batch=4, seq=16, steps=2, warmup=0,
+                           lora_variants=["dora"])
+    recs = bench.run(args)
+    assert [r["lora_variant"] for r in recs] == ["lora", "dora"] and recs[0]["ratio_vs_lora"] == 1.0
+    assert all(REQUIRED <= set(r) and r["bench"] == "lora_train_step" and len(r["round_ms"]) == 5 for r in recs)
+    assert recs[1]["ratio_vs_lora"] == pytest.approx(recs[1]["ms_per_step"] / recs[0]["ms_per_step"], rel=1e-2)
 
 
 def test_cached_distillation_alone_builds_no_gpt2(monkeypatch):

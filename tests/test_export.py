@@ -317,7 +317,7 @@ P = "base_model.model.transformer."
     ("no head", r"missing keys: base_model\.model\.score\.weight"),
     ("rank_pattern", r"another rank layout: rank_pattern=\{'c_fc': 8\}"),
     ("odd rank", r"another rank layout: .*r=4 but transformer\.h\.1\.attn\.c_proj\.lora_A has rank 2"),
-    ("dora", r"use_dora=True is not supported"),
+    ("dora", r"missing keys: .*lora_magnitude_vector"),
     ("causal lm", r"task_type is 'CAUSAL_LM', expected 'SEQ_CLS'"),
     ("not peft", r"missing adapter_config\.json"),
 ])

@@ -196,7 +196,7 @@ def add_peft_lora(model: ReferenceClassifier, rank: int, alpha: float, dropout: 
 
 def is_trainable(name: str) -> bool:
     parts = _plain_name(name).split(".")
-    return (parts[-1] in ("U", "V") or "lora_A" in parts or "lora_B" in parts
+    return (parts[-1] in ("U", "V") or "lora_A" in parts or "lora_B" in parts or "lora_magnitude_vector" in parts
             or any(p.startswith("ln_") for p in parts) or parts[0] == "score")
 
 

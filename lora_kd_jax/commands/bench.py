@@ -47,6 +47,16 @@ BENCHES = ("lora_train_step", "teacher_forward", "distill_step", "distill_step_c
 # with seeds: the LoRA step, the cached-logits distillation step and the RNN baseline step, N seeds in one program
 SEEDED_BENCHES = ("lora_train_step", "distill_step_cached", "student_step")
 MODES = {"fp32": "float32", "bf16": "bfloat16"}  # the teacher's compute and frozen-base dtype
+# --lora-variants: the LoRA train step of each, beside plain LoRA (standard init, same rank, dropout, batch)
+LORA_VARIANTS = {
+    "lora": ["lora.init=standard"],
+    "rslora": ["lora.init=standard", "lora.scaling=rslora"],
+    "dora": ["lora.init=standard", "lora.variant=dora"],
+    "lora_plus": ["lora.init=standard", "lora.plus_ratio=16"],
+    "pissa": ["lora.init=pissa"],
+    "olora": ["lora.init=olora"],
+    "dora_rslora_plus": ["lora.init=standard", "lora.variant=dora", "lora.scaling=rslora", "lora.plus_ratio=16"],
+}
 
 
 def default_benches(variants: list[str]) -> list[str]:
@@ -72,6 +82,7 @@ class BenchArgs:
     limit: int = 0  # epoch bench: first N CoLA training sentences (data.limit); 0 = the full 8,551
     tokenizer: str = ""  # '' = the packaged GPT-2 tokenizer
     seeds: list[int] = dataclasses.field(default_factory=list)  # seed counts N: the seeded benches instead; [] = none
+    lora_variants: list[str] = dataclasses.field(default_factory=list)  # LORA_VARIANTS to time instead; [] = none
     out: str | None = None
     profile: int = 0  # a jax.profiler trace of this many more steps of each step bench, after its timed steps
     profile_dir: str = "bench_profile"  # where: one subdir per bench, variant, mode (and seed count / dtype)
@@ -210,6 +221,40 @@ def bench_steps(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterab
     if "distill_step_cached" in args.benches:  # what training runs: teacher logits computed once per dataset
         t_logits = jnp.zeros((batch["input_ids"].shape[0], 2), jnp.float32)
         yield from bench_distill(args, variant, mode, batch, cfg, consts={"teacher_logits": t_logits}, teacher=None)
+
+
+def bench_lora_variants(args: BenchArgs, variant: str, mode: str, batch: dict, rounds: int = 5) -> Iterable[dict]:
+    """The LoRA train step of each of `args.lora_variants` beside plain LoRA (standard init), records tagged with
+    `lora_variant` and `ratio_vs_lora`. Every step is compiled first, then the variants are timed round-robin,
+    `rounds` rounds of steps/rounds steps each, and each reports the median over its rounds' medians, so a change in
+    the machine's load falls on every variant alike."""
+    names = ["lora", *(n for n in args.lora_variants if n != "lora")]
+    runs, flops, compile_s = {}, {}, {}
+    dev_batch = jax.device_put(batch)
+    for name in names:
+        cfg = variant_config(variant, mode, *LORA_VARIANTS[name])
+        model, params = build_classifier(cfg, jax.random.key(0))
+        setup = train_state(model, params, 1e-3, jax.random.key(1))
+        frozen = {"frozen": cast_frozen(setup.frozen, precision.base_dtype(cfg.model))}
+        step = make_train_step(model, setup.tx, cross_entropy_objective)
+        compiled, compile_s[name], flops[name] = compile_once(step, setup.state, frozen, dev_batch)
+        holder = {"state": setup.state}
+
+        def run(compiled=compiled, holder=holder, frozen=frozen):
+            holder["state"], sums = compiled(holder["state"], frozen, dev_batch)
+            return sums["loss_sum"]
+
+        runs[name] = run
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for name in names:
+            medians[name].append(timed(runs[name], max(args.steps // rounds, 1), args.warmup)[1])
+    plain = statistics.median(medians["lora"])
+    for name in names:
+        ms = statistics.median(medians[name])
+        yield record(args, "lora_train_step", variant, mode, batch, None, ms, flops[name],
+                     compile_s=round(compile_s[name], 2), lora_variant=name, ratio_vs_lora=round(ms / plain, 3),
+                     round_ms=[round(m, 3) for m in medians[name]])
 
 
 def bench_gpt2(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Config) -> Iterable[dict]:
@@ -416,6 +461,10 @@ def run(args: BenchArgs) -> list[dict]:
         for mode in args.modes:
             if args.seeds:  # the seeded benches instead of the single-seed ones
                 for rec in bench_seeded(args, variant, mode):
+                    emit(rec)
+                continue
+            if args.lora_variants:  # the LoRA variants' train steps instead
+                for rec in bench_lora_variants(args, variant, mode, batch):
                     emit(rec)
                 continue
             for rec in bench_steps(args, variant, mode, batch):

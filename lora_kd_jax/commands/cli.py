@@ -145,6 +145,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     b.add_argument("--seeds", default="", help="comma list of seed counts N, e.g. 1,2,4,8: instead of the "
                    "single-seed benches, time the LoRA, cached-distillation and RNN-baseline (student_step) steps of "
                    "N seeds in one program (train.seeds: vmapped, frozen base shared), each N in turn")
+    b.add_argument("--lora-variants", default="", help="comma list of lora, rslora, dora, lora_plus, pissa, olora, "
+                   "dora_rslora_plus: instead of the other benches, the LoRA train step of each beside plain LoRA "
+                   "(records add lora_variant and ratio_vs_lora)")
     b.add_argument("--student-dtypes", default="auto", help="comma list of auto, float32, bfloat16: the distillation "
                    "benches run the student once in each (auto = this backend's choice, precision.py)")
     b.add_argument("--student", action="append", default=[], metavar="student.KEY=VALUE", help="a student.* "

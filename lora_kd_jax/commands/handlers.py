@@ -160,6 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         benches = args.benches or ",".join(bench.default_benches(split(args.variants)))
     for flag, values, known in ((bench_flag, benches, known_benches), ("--modes", args.modes, bench.MODES),
                                 ("--variants", args.variants, bench.VARIANTS),
+                                ("--lora-variants", args.lora_variants, bench.LORA_VARIANTS),
                                 ("--student-dtypes", args.student_dtypes, ("auto", *precision.DTYPES))):
         for name in split(values):
             if name not in known:
@@ -176,7 +177,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                               batch=args.batch, seq=args.seq, steps=args.steps, peak_tflops=args.peak_tflops,
                               trim=not args.no_trim, data_dir=args.data_dir, tokenizer=args.tokenizer, out=args.out,
                               limit=args.limit, student_dtypes=split(args.student_dtypes), seeds=seeds,
-                              profile=args.profile, profile_dir=args.profile_dir, student=args.student))
+                              profile=args.profile, profile_dir=args.profile_dir, student=args.student,
+                              lora_variants=split(args.lora_variants)))
 
 
 def _seed_counts(value: str) -> list[int]:

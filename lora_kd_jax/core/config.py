@@ -68,9 +68,13 @@ class DataConfig:
 @dataclasses.dataclass
 class LoraConfig:
     rank: int = 4
-    alpha: float = 4.0  # used by init=standard only (scale alpha/rank); seed init has no scaling
+    alpha: float = 4.0  # scale alpha/rank (rsLoRA: alpha/sqrt(rank)); seed init has no scaling
     dropout: float = 0.1  # dropout on the adapter input
-    init: str = "seed"  # seed (U, V Xavier-uniform, no scaling) | standard (A random, B zero, as PEFT)
+    init: str = "seed"  # seed (U, V Xavier-uniform, no scaling) | standard (A random, B zero, as PEFT) | pissa (SVD
+    # of the frozen weight) | olora (QR of it): both keep the residual as the base
+    scaling: str = "standard"  # standard (alpha/rank) | rslora (alpha/sqrt(rank))
+    variant: str = "lora"  # lora | dora (a trained magnitude per output feature times the normalised direction)
+    plus_ratio: float = 1.0  # LoRA+: B's (and every 1-D trained leaf's) learning rate = plus_ratio x the rate
     targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     modules_to_save: list[str] = dataclasses.field(default_factory=list)  # base modules trained fully (encoders)
 
@@ -174,7 +178,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.type": FAMILY_TYPES,
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.base_dtype": ("auto", "float32", "bfloat16"),
-    "lora.init": ("seed", "standard"),
+    "lora.init": ("seed", "standard", "pissa", "olora"),
+    "lora.scaling": ("standard", "rslora"),
+    "lora.variant": ("lora", "dora"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.schedule": ("constant", "linear", "cosine"),
     "train.select": ("", "accuracy", "mcc", "f1", "macro_f1", "pearson", "spearman"),
@@ -192,7 +198,7 @@ POSITIVE: tuple[str, ...] = (
     "model.vocab_size", "model.n_positions", "data.max_length", "lora.rank", "lora.alpha", "train.batch_size",
     "train.lr", "train.epochs", "student.vocab_size", "student.embed_dim", "student.hidden_dim",
     "distill.temperature", "model.n_layer", "model.n_embd", "model.n_head", "mesh.fsdp", "train.accumulate",
-    "student.cnn_filters",
+    "student.cnn_filters", "lora.plus_ratio",
 )
 NON_NEGATIVE: tuple[str, ...] = ("model.num_labels",
                                  "data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
@@ -350,6 +356,7 @@ def validate(cfg: Config) -> None:
                           "batch is split into that many equal micro-batches; choose a divisor")
     if not cfg.lora.targets:
         raise ConfigError("lora.targets: needs at least one target pattern")
+    _validate_lora(cfg)
     _validate_student(cfg)
     _validate_data(cfg)
     _validate_seeds(cfg)
@@ -404,6 +411,14 @@ def _validate_data(cfg: Config) -> None:
     if d.labels and cfg.model.num_labels and cfg.model.num_labels < len(d.labels):
         raise ConfigError(f"model.num_labels={cfg.model.num_labels} is fewer than the {len(d.labels)} names in "
                           "data.labels")
+
+
+def _validate_lora(cfg: Config) -> None:
+    """Combinations of the LoRA variants that make no sense (README: LoRA variants)."""
+    lc = cfg.lora
+    if lc.init == "seed" and lc.scaling != "standard":
+        raise ConfigError(f"lora.scaling={lc.scaling} with lora.init=seed: the seed init has no alpha scaling (scale "
+                          "1) for rsLoRA to change; use lora.init=standard (or pissa, olora) or lora.scaling=standard")
 
 
 def _validate_seeds(cfg: Config) -> None:

@@ -288,13 +288,14 @@ def flax_head_to_torch(head: Params, *, key: str = SCORE_KEY) -> StateDict:
 # ------------------------------------------------------------------------------------------------- LoRA
 
 
-def _factor_items(factors: Params, what: str) -> list[tuple[Path, np.ndarray, np.ndarray]]:
-    """[(module path, a (in, r), b (r, out))] of a flax factor tree, validated."""
+def _factor_items(factors: Params, what: str) -> list[tuple[Path, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """[(module path, a (in, r), b (r, out), DoRA's magnitude m (out,) or None)] of a flax factor tree, validated."""
     flat = flatten(factors)
     modules: dict[Path, dict[str, np.ndarray]] = {}
     for path, v in flat.items():
-        if path[-1] not in ("a", "b"):
-            raise ConversionError(f"{what}: unexpected leaf {'/'.join(path)} (factor leaves are 'a' and 'b')")
+        if path[-1] not in ("a", "b", "m"):
+            raise ConversionError(f"{what}: unexpected leaf {'/'.join(path)} (factor leaves are 'a', 'b' and, for "
+                                  "DoRA, 'm')")
         modules.setdefault(path[:-1], {})[path[-1]] = to_numpy(v)
     if not modules:
         raise ConversionError(f"{what}: no LoRA factors")
@@ -302,13 +303,15 @@ def _factor_items(factors: Params, what: str) -> list[tuple[Path, np.ndarray, np
     for mod in sorted(modules, key=".".join):
         f = modules[mod]
         name = "/".join(mod)
-        if set(f) != {"a", "b"}:
+        if not {"a", "b"} <= set(f):
             raise ConversionError(f"{what}: missing keys: {name}/{({'a', 'b'} - set(f)).pop()}")
-        a, b = f["a"], f["b"]
+        a, b, m = f["a"], f["b"], f.get("m")
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
             raise ConversionError(f"{what}: {name}: a {tuple(a.shape)} and b {tuple(b.shape)} are not "
                                   "(in, r) and (r, out)")
-        items.append((mod, a, b))
+        if m is not None and m.shape != (b.shape[1],):
+            raise ConversionError(f"{what}: {name}: m {tuple(m.shape)} is not (out,) = ({b.shape[1]},)")
+        items.append((mod, a, b, m))
     return items
 
 
@@ -335,11 +338,15 @@ def check_spec_shapes(path: Path, a: np.ndarray, b: np.ndarray, spec: Any, what:
 
 
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# DoRA's magnitude: `<module>.lora_magnitude_vector` as saved, `...lora_magnitude_vector.<adapter>.weight` in a model
+PEFT_MAGNITUDE = "lora_magnitude_vector"
+_PEFT_MAG_KEY = re.compile(rf"^(?P<module>.+)\.{PEFT_MAGNITUDE}(?:\.(?P<adapter>[^.]+)\.weight)?$")
 
 
 def flax_lora_to_peft(factors: Params, *, prefix: str = PEFT_PREFIX + TRANSFORMER_PREFIX,
                       adapter_name: str | None = None) -> StateDict:
-    """Flax factors -> PEFT keys `<prefix><path>.lora_A[.<adapter>].weight` (r, in) and lora_B (out, r).
+    """Flax factors -> PEFT keys `<prefix><path>.lora_A[.<adapter>].weight` (r, in) and lora_B (out, r), and
+    DoRA's magnitude m as `<prefix><path>.lora_magnitude_vector[.<adapter>.weight]` (out,).
 
     The default prefix is that of `get_peft_model_state_dict` for a PEFT-wrapped GPT2ForSequenceClassification
     (no adapter name); pass adapter_name="default" for `PeftModel.state_dict()` keys. PEFT's alpha/r scaling is
@@ -347,10 +354,12 @@ def flax_lora_to_peft(factors: Params, *, prefix: str = PEFT_PREFIX + TRANSFORME
     """
     out: StateDict = {}
     tag = f".{adapter_name}" if adapter_name else ""
-    for path, a, b in _factor_items(factors, "flax LoRA factors"):
+    for path, a, b, m in _factor_items(factors, "flax LoRA factors"):
         key = prefix + ".".join(path)
         out[f"{key}.lora_A{tag}.weight"] = _owned(a.T)
         out[f"{key}.lora_B{tag}.weight"] = _owned(b.T)
+        if m is not None:
+            out[f"{key}.{PEFT_MAGNITUDE}{tag}" + (".weight" if tag else "")] = _owned(m)
     return out
 
 
@@ -368,7 +377,7 @@ def peft_lora_to_flax(peft_state_dict: Mapping[str, Any], *, spec: Any = None,
     adapters = set()
     entries = []
     for key, v in peft_state_dict.items():
-        m = _PEFT_KEY.match(key)
+        m = _PEFT_KEY.match(key) or _PEFT_MAG_KEY.match(key)
         if m is None:
             continue
         adapters.add(m.group("adapter"))
@@ -388,8 +397,14 @@ def peft_lora_to_flax(peft_state_dict: Mapping[str, Any], *, spec: Any = None,
         module = m.group("module")
         for p in (PEFT_PREFIX, TRANSFORMER_PREFIX):
             module = module[len(p):] if module.startswith(p) else module
-        found.setdefault(tuple(module.split(".")), {})[m.group("which")] = to_numpy(v)
+        which = m.group("which") if m.re is _PEFT_KEY else "m"
+        found.setdefault(tuple(module.split(".")), {})[which] = to_numpy(v)
     missing = [".".join(mod) + f".lora_{w}.weight" for mod, f in found.items() for w in "AB" if w not in f]
+    if spec is not None and spec.variant == "dora":
+        missing += [".".join(mod) + f".{PEFT_MAGNITUDE}" for mod, f in found.items() if "m" not in f]
+    elif spec is not None and any("m" in f for f in found.values()):
+        raise ConversionError(f"PEFT state dict: DoRA magnitudes ({PEFT_MAGNITUDE}) for a plain LoRA spec "
+                              "(lora.variant=lora); use lora.variant=dora")
     if missing:
         raise ConversionError(_key_report(missing, (), "PEFT state dict"))
     check_spec_modules(found, spec, "PEFT state dict")
@@ -402,4 +417,9 @@ def peft_lora_to_flax(peft_state_dict: Mapping[str, Any], *, spec: Any = None,
         check_spec_shapes(mod, A.T, B.T, spec, "PEFT state dict", ("lora_A", "lora_B"))
         flat[mod + ("a",)] = _owned(A.T)
         flat[mod + ("b",)] = _owned(B.T)
+        if "m" in f:
+            if f["m"].shape != (B.shape[0],):
+                raise ConversionError(f"PEFT state dict: {'.'.join(mod)}: {PEFT_MAGNITUDE} {tuple(f['m'].shape)} is not "
+                                      f"(out,) = ({B.shape[0]},)")
+            flat[mod + ("m",)] = _owned(f["m"])
     return unflatten(flat)

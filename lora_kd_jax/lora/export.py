@@ -58,15 +58,18 @@ def _default_base_model(cfg: Config) -> str | None:
     return os.fspath(Path(cfg.model.path).absolute()) if cfg.model.path else cfg.model.name
 
 
-def original_base(cfg: Config, params: Params) -> Params:
+def original_base(cfg: Config, params: Params, spec: Any = None) -> Params:
     """The frozen base as the run loaded it, with its own (untrained) LayerNorms: rebuilt from the config with the
-    key `build_classifier` uses for the run, and checked against the frozen leaves of `params`."""
+    key `build_classifier` uses for the run, and checked against the frozen leaves of `params` (a PiSSA / OLoRA run's
+    hold the residual of the base under the LoRA `spec`; the original is returned)."""
+    from lora_kd_jax.lora.decompose import decompose
     from lora_kd_jax.models import gpt2
-    from lora_kd_jax.models.classifier import param_labels
+    from lora_kd_jax.models.classifier import DECOMPOSED, param_labels
     from lora_kd_jax.training.state import partition
 
     _, base = gpt2.load_base(cfg.model, classifier_base_key(cfg))
-    _, frozen_rebuilt = partition({"gpt2": base}, param_labels({"gpt2": base}))
+    held = decompose(base, spec)[0] if spec is not None and spec.init in DECOMPOSED else base
+    _, frozen_rebuilt = partition({"gpt2": held}, param_labels({"gpt2": held}))
     _, frozen = partition({"gpt2": params["gpt2"]}, param_labels({"gpt2": params["gpt2"]}))
     a, b = convert.flatten(frozen_rebuilt, "/"), convert.flatten(frozen, "/")
     differ = sorted(k for k in a if k not in b or not np.array_equal(np.asarray(a[k]), np.asarray(b[k])))
@@ -93,7 +96,7 @@ def write_peft_adapter(cfg: Config, model: Any, params: Params, out_dir: str | o
     if save_base:
         base_dir = out / "base"
         base_dir.mkdir(exist_ok=True)
-        _save_hf_checkpoint(model.module.config, {"gpt2": original_base(cfg, params)}, base_dir)
+        _save_hf_checkpoint(model.module.config, {"gpt2": original_base(cfg, params, model.spec)}, base_dir)
         base_model = os.fspath(base_dir.absolute())
     elif base_model is None:
         base_model = _default_base_model(cfg)
@@ -102,9 +105,9 @@ def write_peft_adapter(cfg: Config, model: Any, params: Params, out_dir: str | o
                               "pass --save-base to write it beside the adapter, --base-model NAME_OR_DIR naming a "
                               "copy of it, or use `merge` for a self-contained checkpoint")
     config = peft_format.adapter_config(cfg, model.spec, len(params["gpt2"]["h"]), base_model)
-    _save_safetensors(peft_format.adapter_state_dict(params), out / ADAPTER_WEIGHTS)
+    _save_safetensors(peft_format.adapter_state_dict(params, model.start), out / ADAPTER_WEIGHTS)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    log.info("wrote PEFT adapter (r=%d, lora_alpha=%s, %d adapted layers) to %s", model.spec.rank,
+    log.info("wrote PEFT adapter (r=%d, lora_alpha=%s, %d adapted layers) to %s", config["r"],
              config["lora_alpha"], len(model.spec.paths), out)
     return out
 

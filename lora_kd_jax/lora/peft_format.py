@@ -5,10 +5,16 @@ An adapter dir holds `adapter_config.json` (PEFT's LoraConfig) and `adapter_mode
 `base_model.model.transformer.h.{i}.<Conv1D>.lora_A.weight` (r, in) / `.lora_B.weight` (out, r) with
 fan_in_fan_out=true (GPT-2's Conv1D), and the trained LayerNorms and the head as `modules_to_save`
 (`base_model.model.transformer.h.0.ln_1.weight`, `base_model.model.score.weight`), the keys PEFT itself writes.
-PEFT computes x @ A^T @ B^T * lora_alpha / r, so both inits convert exactly: `standard` keeps lora_alpha =
-lora.alpha, and `seed` (U V^T, no scaling) is written as A = U^T, B = V with lora_alpha = r (scaling exactly 1).
-Read back, the adapter decides lora.rank, lora.alpha (alpha / rank = PEFT's scaling, rsLoRA included),
-lora.dropout and lora.targets, and lora.init becomes `standard`.
+PEFT computes x @ A^T @ B^T * lora_alpha / r (use_rslora: / sqrt(r)), so every init converts exactly: `standard`
+keeps lora_alpha = lora.alpha (use_rslora = lora.scaling=rslora), and `seed` (U V^T, no scaling) is written as
+A = U^T, B = V with lora_alpha = r (scaling exactly 1). DoRA (use_dora) adds `<module>.lora_magnitude_vector` (out,).
+PiSSA / OLoRA runs train on a residual base; they are written in PEFT's converted plain-LoRA form against the
+original base (its `path_initial_model_for_weight_conversion`): rank 2r, A' = [A; A0], B' = [B, -B0] (A0, B0 the
+factors at init), lora_alpha doubled (x sqrt 2 with rsLoRA), init_lora_weights true: B'A' = BA - B0A0, so on the
+original W = W_res + scale B0A0 it is the trained W_res + scale BA again, and DoRA's norm is unchanged.
+Read back, the adapter decides lora.rank, lora.alpha, lora.scaling, lora.variant, lora.dropout and lora.targets;
+lora.init becomes `standard`, or `pissa` for an adapter in PEFT's own PiSSA form (init_lora_weights "pissa": PEFT
+factorises the base again when it loads one, and so does import-peft).
 
 Here lives everything that knows the format (key names, config fields, PEFT's matching rules, the checks that
 name what an adapter lacks); `export` runs the operations. Numpy only: weights go through `convert`.
@@ -41,6 +47,7 @@ _PEFT_CLASSIFIER_NAMES = ("classifier", "score")
 # What PEFT writes for task_type SEQ_CLS with modules_to_save=["ln_1", "ln_2", "ln_f"]: it appends its classifier names.
 MODULES_TO_SAVE = [*LAYER_NORMS, *_PEFT_CLASSIFIER_NAMES]
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_MAG_KEY = re.compile(rf"^(?P<module>.+)\.{convert.PEFT_MAGNITUDE}$")  # DoRA: (out,)
 _CONV_MODULE = re.compile(rf"^{re.escape(TRANSFORMER_PREFIX)}h\.(?P<layer>\d+)\."
                           rf"(?P<suffix>{'|'.join(map(re.escape, CONV1D_MODULES))})$")
 _LN_KEY = re.compile(rf"^{re.escape(TRANSFORMER_PREFIX)}(?:h\.\d+\.(?:{'|'.join(BLOCK_LAYER_NORMS)})|"
@@ -84,21 +91,29 @@ def target_modules(paths: Sequence[tuple[str, ...]], n_layer: int) -> list[str]:
     return sorted(chosen)
 
 
+DECOMPOSED = ("pissa", "olora")  # inits exported in PEFT's converted plain-LoRA form (rank 2r)
+
+
 def lora_alpha(cfg: Config, spec: Any) -> int | float:
-    """lora_alpha such that PEFT's scaling lora_alpha / r equals our scale exactly: r for `seed` (scale 1),
-    lora.alpha for `standard` (scale alpha / rank)."""
+    """lora_alpha such that PEFT's scaling lora_alpha / r (rsLoRA: / sqrt r) equals our scale exactly: r for `seed`
+    (scale 1), lora.alpha otherwise."""
     if spec.init == "seed":
         if spec.scale != 1.0:
             raise ExportError(f"seed-init LoRA with scale {spec.scale}: expected 1")
         return spec.rank
     alpha = cfg.lora.alpha
-    if alpha / spec.rank != spec.scale:
-        raise ExportError(f"lora.alpha {alpha} / lora.rank {spec.rank} != the model's LoRA scale {spec.scale}")
+    rs = cfg.lora.scaling == "rslora"
+    if alpha / (math.sqrt(spec.rank) if rs else spec.rank) != spec.scale:
+        raise ExportError(f"lora.alpha {alpha} / lora.rank {spec.rank} ({cfg.lora.scaling} scaling) != the model's "
+                          f"LoRA scale {spec.scale}")
     return _number(alpha)
 
 
 def adapter_config(cfg: Config, spec: Any, n_layer: int, base_model: str | None) -> dict:
     """adapter_config.json for PEFT's LoraConfig (the fields PEFT 0.21 writes that matter here, at its values)."""
+    rank, alpha, rs = spec.rank, lora_alpha(cfg, spec), spec.init != "seed" and cfg.lora.scaling == "rslora"
+    if spec.init in DECOMPOSED:  # the converted form: rank 2r at the same scaling
+        rank, alpha = 2 * rank, _number(alpha * (math.sqrt(2) if rs else 2))
     return {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
@@ -106,15 +121,15 @@ def adapter_config(cfg: Config, spec: Any, n_layer: int, base_model: str | None)
         "base_model_name_or_path": base_model,
         "revision": None,
         "inference_mode": True,
-        "r": spec.rank,
-        "lora_alpha": lora_alpha(cfg, spec),
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": float(spec.dropout),
         "target_modules": target_modules(spec.paths, n_layer),
         "exclude_modules": None,
         "fan_in_fan_out": True,  # GPT-2's Conv1D stores (in, out)
         "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": rs,
+        "use_dora": spec.variant == "dora",
         "lora_bias": False,
         "modules_to_save": list(MODULES_TO_SAVE),
         "init_lora_weights": True,
@@ -132,13 +147,29 @@ def _layer_norms(base: Params) -> Params:
     return convert.unflatten({p: v for p, v in flat.items() if any(s in LAYER_NORMS for s in p)})
 
 
-def adapter_state_dict(params: Params) -> StateDict:
-    """LoRA factors, every LayerNorm and the head under the keys PEFT's `save_pretrained` writes for a
-    GPT2ForSequenceClassification (`base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`,
-    `base_model.model.transformer.h.0.ln_1.weight`, `base_model.model.score.weight`)."""
+def converted_factors(factors: Params, start: Params) -> Params:
+    """PEFT's PiSSA/OLoRA -> LoRA conversion: a' = [a, a0] (in, 2r), b' = [b; -b0] (2r, out), magnitudes kept."""
+    flat, flat0 = convert.flatten(factors), convert.flatten(start)
+    out = {}
+    for path, v in flat.items():
+        v = np.asarray(v)
+        if path[-1] == "a":
+            v = np.concatenate([v, np.asarray(flat0[path])], axis=1)
+        elif path[-1] == "b":
+            v = np.concatenate([v, -np.asarray(flat0[path])], axis=0)
+        out[path] = v
+    return convert.unflatten(out)
+
+
+def adapter_state_dict(params: Params, start: Params | None = None) -> StateDict:
+    """LoRA factors (DoRA magnitudes too), every LayerNorm and the head under the keys PEFT's `save_pretrained`
+    writes for a GPT2ForSequenceClassification (`base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`,
+    `base_model.model.transformer.h.0.ln_1.weight`, `base_model.model.score.weight`). `start`, the factors at init of
+    a PiSSA / OLoRA run, asks for the converted plain-LoRA form."""
     if "lora" not in params:
         raise ExportError("params hold no LoRA factors ('lora' subtree)")
-    out = convert.flax_lora_to_peft(params["lora"], prefix=PEFT_PREFIX + TRANSFORMER_PREFIX)
+    factors = params["lora"] if start is None else converted_factors(params["lora"], start)
+    out = convert.flax_lora_to_peft(factors, prefix=PEFT_PREFIX + TRANSFORMER_PREFIX)
     out.update(convert.flax_gpt2_to_torch(_layer_norms(params["gpt2"]), prefix=PEFT_PREFIX + TRANSFORMER_PREFIX,
                                           allow_missing=True))
     out.update(convert.flax_head_to_torch(params["head"], key=PEFT_PREFIX + SCORE_KEY))
@@ -154,7 +185,7 @@ class Adapter:
 
     where: str  # "PEFT adapter DIR", for messages
     config: dict  # adapter_config.json
-    lora: StateDict  # lora_A / lora_B weights under their full PEFT keys
+    lora: StateDict  # lora_A / lora_B weights (and DoRA magnitudes) under their full PEFT keys
     norms: StateDict  # LayerNorm weights, keys without `base_model.model.`
     score: np.ndarray  # the head, (n_labels, n_embd)
     modules: frozenset[str]  # the adapted Conv1D modules (GPT2ForSequenceClassification names)
@@ -199,7 +230,7 @@ def _check_config(config: dict, where: str) -> None:
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
             raise bad(f"{key} is {config.get(key)!r}, expected a positive number")
-    unsupported = {"use_dora": False, "lora_bias": False, "bias": "none"}
+    unsupported = {"lora_bias": False, "bias": "none"}
     for key, want in unsupported.items():
         if config.get(key, want) != want:
             raise bad(f"{key}={config[key]!r} is not supported (this project's LoRA layer is x @ A^T @ B^T * "
@@ -209,6 +240,13 @@ def _check_config(config: dict, where: str) -> None:
             raise bad(f"another rank layout: {key}={config[key]} gives some layers their own rank or alpha; this "
                       f"project holds one rank and one scale for all adapted layers (r={config['r']}, "
                       f"lora_alpha={config['lora_alpha']})")
+    init = config.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian", "pissa"):
+        why = ("PEFT's olora_init ignores fan_in_fan_out and cannot run on GPT-2's Conv1D" if init == "olora" else
+               "PEFT would rebuild its base from a randomised or data-dependent decomposition this project cannot "
+               "repeat")
+        raise bad(f"init_lora_weights={init!r} is not supported ({why}); save the adapter in PEFT's converted "
+                  "plain-LoRA form (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     if config.get("layer_replication"):
         raise bad(f"layer_replication={config['layer_replication']} is not supported")
 
@@ -221,7 +259,7 @@ def _split_weights(config: dict, weights: StateDict, where: str) -> tuple[StateD
     lora, norms, unexpected, score = {}, {}, [], None
     for key, v in weights.items():
         k = key[len(PEFT_PREFIX):]
-        m = _LORA_KEY.match(k)
+        m = _LORA_KEY.match(k) or _MAG_KEY.match(k)
         if m and _CONV_MODULE.match(m.group("module")):
             lora[key] = v
         elif _LN_KEY.match(k):
@@ -251,15 +289,18 @@ def _settings(config: dict, lora: StateDict, where: str) -> dict:
     ranks = {}
     for key, v in lora.items():
         m = _LORA_KEY.match(key[len(PEFT_PREFIX):])
+        if m is None:  # a DoRA magnitude
+            continue
         ranks[f"{m.group('module')}.lora_{m.group('which')}"] = v.shape[0] if m.group("which") == "A" else v.shape[-1]
     off = {k: n for k, n in ranks.items() if n != r}
     if off:
         raise ExportError(f"{where}: another rank layout: adapter_config.json says r={r} but "
                           + ", ".join(f"{k} has rank {n}" for k, n in sorted(off.items())[:8]))
-    alpha = float(config["lora_alpha"])
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return {"rank": int(r), "alpha": alpha if not config.get("use_rslora") else scaling * r,
-            "dropout": float(config.get("lora_dropout") or 0.0), "init": "standard"}
+    return {"rank": int(r), "alpha": float(config["lora_alpha"]),
+            "scaling": "rslora" if config.get("use_rslora") else "standard",
+            "variant": "dora" if config.get("use_dora") else "lora",
+            "dropout": float(config.get("lora_dropout") or 0.0),
+            "init": "pissa" if config.get("init_lora_weights") == "pissa" else "standard"}
 
 
 def read_adapter(peft_dir: str | os.PathLike) -> Adapter:
@@ -271,8 +312,12 @@ def read_adapter(peft_dir: str | os.PathLike) -> Adapter:
     lora, norms, score = _split_weights(config, weights, where)
     settings = _settings(config, lora, where)
     modules = frozenset(m.group("module") for k in lora if (m := _LORA_KEY.match(k[len(PEFT_PREFIX):])))
-    half = [f"{PEFT_PREFIX}{m}.lora_{w}.weight" for m in modules for w in "AB"
-            if f"{PEFT_PREFIX}{m}.lora_{w}.weight" not in lora]
+    parts = [f".lora_{w}.weight" for w in "AB"] + ([f".{convert.PEFT_MAGNITUDE}"] if config.get("use_dora") else [])
+    half = [f"{PEFT_PREFIX}{m}{p}" for m in modules for p in parts if f"{PEFT_PREFIX}{m}{p}" not in lora]
+    stray = [k for k in lora if _MAG_KEY.match(k[len(PEFT_PREFIX):])] if not config.get("use_dora") else []
+    if stray:
+        raise ExportError(f"{where}: DoRA magnitudes without use_dora=true in {ADAPTER_CONFIG}: "
+                          f"{_and_more(stray, 4)}")
     if half:
         raise ExportError(f"{where}: missing keys: {', '.join(convert.sorted_keys(half))}")
     return Adapter(where, config, lora, norms, score, modules, settings)
@@ -322,11 +367,16 @@ def _check_dims(adapter: Adapter, dims: tuple[int, int, int], base: str) -> None
     in_out = conv1d_in_out(e, inner)
     problems, beyond = [], set()
     for key, v in adapter.lora.items():
-        m = _CONV_MODULE.match(_LORA_KEY.match(key[len(PEFT_PREFIX):]).group("module"))
+        k = key[len(PEFT_PREFIX):]
+        m = _CONV_MODULE.match((_LORA_KEY.match(k) or _MAG_KEY.match(k)).group("module"))
         if int(m.group("layer")) >= n_layer:
-            beyond.add(key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0])
+            beyond.add(k.rsplit(".lora_", 1)[0])
             continue
         d_in, d_out = in_out[m.group("suffix")]
+        if _MAG_KEY.match(k):
+            if tuple(v.shape) != (d_out,):
+                problems.append(f"{key}: shape {tuple(v.shape)}, the base wants ({d_out},)")
+            continue
         got_in_out = v.shape[1] if ".lora_A." in key else v.shape[0]
         want = d_in if ".lora_A." in key else d_out
         if v.ndim != 2 or got_in_out != want:

@@ -5,9 +5,12 @@
 `scale * dropout(x) @ a @ b` to its frozen output (no dense W + dW is ever formed, so no dense weight gradient
 either); `merge` folds the factors into plain weights for inference and export.
 
-Factor convention (both inits): `a` is (in, rank), `b` is (rank, out), delta(x) = scale * x @ a @ b.
+Factor convention (every init): `a` is (in, rank), `b` is (rank, out), delta(x) = scale * x @ a @ b.
   seed init (the original): a = U (in, r), b = V^T with V (out, r), both Xavier-uniform, scale 1.
-  standard init (PEFT):     a = A^T, b = B^T, A Kaiming-uniform(a=sqrt 5), B zero, scale alpha / rank.
+  standard init (PEFT):     a = A^T, b = B^T, A Kaiming-uniform(a=sqrt 5), B zero, scale alpha / rank
+                            (lora.scaling=rslora: alpha / sqrt(rank)).
+  pissa / olora init:       factors of the frozen weight itself (`decompose`), which then holds the residual.
+The DoRA variant (`dora`) adds a magnitude `m` (out,) per adapted layer.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_kd_jax.core.errors import UserError
+from lora_kd_jax.lora import dora
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -42,7 +46,9 @@ class LoraSpec:
     rank: int
     scale: float
     dropout: float
-    init: str  # seed | standard
+    init: str  # seed | standard | pissa | olora
+    variant: str = "lora"  # lora | dora (then each layer's factors hold a magnitude 'm' too)
+    kernel_layout: str = "out_in"  # how the adapted kernels are stored: (out, in) or (in, out)
 
     def index(self, path: Path) -> int | None:
         try:
@@ -57,7 +63,8 @@ def _matches(dotted: str, pattern: str) -> bool:
 
 
 def make_spec(base_params: Params, targets: Sequence[str], *, rank: int, alpha: float = 4.0,
-              dropout: float = 0.0, init: str = "seed", kernel_layout: str = "out_in") -> LoraSpec:
+              dropout: float = 0.0, init: str = "seed", kernel_layout: str = "out_in", scaling: str = "standard",
+              variant: str = "lora") -> LoraSpec:
     """Select every 2-D `kernel` whose module path matches one of `targets`; fail on a pattern that matches none."""
     flat = traverse_util.flatten_dict(base_params)
     kernels = {k[:-1]: v.shape for k, v in flat.items() if k[-1] == "kernel" and len(v.shape) == 2}
@@ -74,9 +81,9 @@ def make_spec(base_params: Params, targets: Sequence[str], *, rank: int, alpha: 
             out_dim, in_dim = kernels[p] if kernel_layout == "out_in" else kernels[p][::-1]
             chosen[p] = (in_dim, out_dim)
     order = sorted(chosen, key=lambda p: tuple((0, int(s)) if s.isdigit() else (1, s) for s in p))
-    scale = 1.0 if init == "seed" else alpha / rank
+    scale = 1.0 if init == "seed" else alpha / (math.sqrt(rank) if scaling == "rslora" else rank)
     return LoraSpec(paths=tuple(order), shapes=tuple(chosen[p] for p in order), rank=rank, scale=scale,
-                    dropout=dropout, init=init)
+                    dropout=dropout, init=init, variant=variant, kernel_layout=kernel_layout)
 
 
 def _xavier_uniform(key: jax.Array, shape: tuple[int, int], fan_sum: int) -> jax.Array:
@@ -116,14 +123,20 @@ def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tu
     return (halves < threshold).reshape(shape), threshold / 65536.0
 
 
-def lora_delta(spec: LoraSpec, factors: Params, x: jax.Array, *, rng: jax.Array | None, deterministic: bool,
-               dtype: Any) -> jax.Array:
-    """scale * dropout(x) @ a @ b, computed factored in the layer's compute dtype."""
+def adapter_input(spec: LoraSpec, x: jax.Array, *, rng: jax.Array | None, deterministic: bool) -> jax.Array:
+    """dropout(x) when training with lora.dropout, else x itself."""
     if not deterministic and spec.dropout > 0.0:
         if rng is None:
             raise ValueError("LoRA dropout is on (deterministic=False) but no rng was given")
         keep, keep_prob = dropout_keep_mask(rng, spec.dropout, x.shape)
         x = jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
+    return x
+
+
+def lora_delta(spec: LoraSpec, factors: Params, x: jax.Array, *, rng: jax.Array | None, deterministic: bool,
+               dtype: Any) -> jax.Array:
+    """scale * dropout(x) @ a @ b, computed factored in the layer's compute dtype."""
+    x = adapter_input(spec, x, rng=rng, deterministic=deterministic)
     # Flattened to 2-D: XLA:CPU runs the rank-r gradient dots (x^T dh) about twice as fast as on [B, L, in].
     x2 = x.reshape(-1, x.shape[-1]).astype(dtype)
     out = (x2 @ factors["a"].astype(dtype)) @ factors["b"].astype(dtype)
@@ -154,7 +167,14 @@ def lora_context(spec: LoraSpec, factors: Params, *, rng: jax.Array | None = Non
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         key = None if rng is None else jax.random.fold_in(rng, i)
-        delta = lora_delta(spec, _subtree(factors, spec.paths[i]), args[0], rng=key,
+        f = _subtree(factors, spec.paths[i])
+        if spec.variant == "dora":
+            x_d = adapter_input(spec, args[0], rng=key, deterministic=deterministic)
+            m = context.module
+            bias = m.get_variable("params", "bias") if m.has_variable("params", "bias") else None
+            return dora.output(spec, f, x_d, y, m.get_variable("params", "kernel"), bias,
+                               dropped=x_d is not args[0], dtype=y.dtype)
+        delta = lora_delta(spec, f, args[0], rng=key,
                            deterministic=deterministic, dtype=y.dtype)
         return y + delta
 
@@ -163,10 +183,14 @@ def lora_context(spec: LoraSpec, factors: Params, *, rng: jax.Array | None = Non
 
 
 def merge(base_params: Params, spec: LoraSpec, factors: Params, kernel_layout: str = "out_in") -> Params:
-    """Plain weights: kernel + scale * a @ b (transposed for out_in layouts). The result has no LoRA."""
+    """Plain weights: kernel + scale * a @ b (transposed for out_in layouts), DoRA's m / norm * (that) for the
+    dora variant. The result has no LoRA."""
     flat = dict(traverse_util.flatten_dict(base_params))
     for path in spec.paths:
         f = _subtree(factors, path)
+        if spec.variant == "dora":
+            flat[path + ("kernel",)] = dora.merged_kernel(flat[path + ("kernel",)], f, spec.scale, kernel_layout)
+            continue
         delta = spec.scale * (f["a"].astype(jnp.float32) @ f["b"].astype(jnp.float32))  # (in, out)
         kernel = flat[path + ("kernel",)]
         update = delta.T if kernel_layout == "out_in" else delta
@@ -175,4 +199,4 @@ def merge(base_params: Params, spec: LoraSpec, factors: Params, kernel_layout: s
 
 
 def count(spec: LoraSpec) -> int:
-    return sum(spec.rank * (d_in + d_out) for d_in, d_out in spec.shapes)
+    return sum(spec.rank * (d_in + d_out) + (d_out if spec.variant == "dora" else 0) for d_in, d_out in spec.shapes)

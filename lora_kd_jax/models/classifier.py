@@ -16,12 +16,15 @@ from flax import traverse_util
 
 from lora_kd_jax.lora import transform as lora_lib
 from lora_kd_jax.lora.targets import select as select_targets
-from lora_kd_jax.core.config import Config, n_outputs
+from lora_kd_jax.core.config import Config, ConfigError, n_outputs
+from lora_kd_jax.lora import dora
+from lora_kd_jax.lora.decompose import decompose
 from lora_kd_jax.models import gpt2
 from lora_kd_jax.core.gpt2_layout import KERNEL_LAYOUT
-from lora_kd_jax.models.interface import FROZEN, HEAD, LORA, NORM, Labels, last_token_index
+from lora_kd_jax.models.interface import FROZEN, HEAD, LORA, LORA_B, NORM, Labels, last_token_index
 
 Params = dict[str, Any]
+DECOMPOSED = ("pissa", "olora")  # the inits that factorise the frozen weight (`lora.decompose`)
 
 
 def pool_last_token(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -34,20 +37,21 @@ def init_head(key: jax.Array, n_embd: int, n_labels: int = 2) -> Params:
     return {"kernel": 0.02 * jax.random.normal(key, (n_embd, n_labels), jnp.float32)}
 
 
-def label_of(path: tuple[str, ...]) -> str:
-    """The group of one leaf of a GPT-2 classifier tree: LoRA factors, the head, LayerNorms (GPT-2 names them
-    ln_1, ln_2, ln_f) train; every other leaf is frozen base."""
+def label_of(path: tuple[str, ...], plus: bool = False) -> str:
+    """The group of one leaf of a GPT-2 classifier tree: LoRA factors (and DoRA magnitudes), the head, LayerNorms
+    (GPT-2 names them ln_1, ln_2, ln_f) train; every other leaf is frozen base. With LoRA+ (`plus`), B and the
+    magnitudes form their own group (PEFT's create_loraplus_optimizer: lora_B and every 1-D leaf)."""
     if path[0] == "lora":
-        return LORA
+        return LORA_B if plus and path[-1] in ("b", "m") else LORA
     if path[0] == "head":
         return HEAD
     return NORM if any(p.startswith("ln_") for p in path) else FROZEN
 
 
-def param_labels(params: Params) -> Labels:
+def param_labels(params: Params, plus: bool = False) -> Labels:
     """`label_of` at every leaf of a GPT-2 classifier tree (or any subtree that keeps its paths, e.g. {'gpt2': ...})."""
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: label_of(k) for k in flat})
+    return traverse_util.unflatten_dict({k: label_of(k, plus) for k in flat})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,6 +64,13 @@ class GPT2Classifier:
     base: Params | None = dataclasses.field(default=None, repr=False)
     name: str = "gpt2"
     n_labels: int = 2  # outputs of the head: the run's classes, 1 for regression (`config.n_outputs`)
+    start: Params | None = dataclasses.field(default=None, repr=False)  # pissa/olora: the factors of the base
+    plus_ratio: float = 1.0  # LoRA+ (lora.plus_ratio): the learning rate of B, magnitudes and LayerNorms / A's
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """Learning rate multipliers by group (training.optimizer): LoRA+ scales B and PEFT's 1-D leaves."""
+        return {LORA_B: self.plus_ratio, NORM: self.plus_ratio} if self.plus_ratio != 1.0 else {}
 
     def init(self, key: jax.Array) -> Params:
         """{'gpt2': the held base, 'lora': factors, 'head': ...}, adapters and head drawn from `key`."""
@@ -68,7 +79,7 @@ class GPT2Classifier:
         return init_adapters(self, self.base, key)
 
     def param_labels(self, params: Params) -> Labels:
-        return param_labels(params)
+        return param_labels(params, plus=self.plus_ratio != 1.0)
 
     def describe(self) -> str:
         rank = f", LoRA rank {self.spec.rank}" if self.spec is not None else ""
@@ -115,9 +126,27 @@ def build_classifier(cfg: Config, key: jax.Array, *, base_key: jax.Array | None 
     if with_lora:
         lc = cfg.lora
         spec = lora_lib.make_spec(base, select_targets(lc.targets, "gpt2", base), rank=lc.rank, alpha=lc.alpha,
-                                  dropout=lc.dropout, init=lc.init, kernel_layout=KERNEL_LAYOUT)
-    model = GPT2Classifier(module, spec, None if shapes_only else base, cfg.model.name, n_outputs(cfg))
+                                  dropout=lc.dropout, init=lc.init, kernel_layout=KERNEL_LAYOUT, scaling=lc.scaling,
+                                  variant=lc.variant)
+    start = None
+    if spec is not None and spec.init in DECOMPOSED:
+        small = min(min(s) for s in spec.shapes)
+        if lc.rank > small:
+            raise ConfigError(f"lora.rank={lc.rank} with lora.init={lc.init}: the rank cannot exceed the smallest "
+                              f"adapted layer's width ({small})")
+        if not shapes_only:
+            base, start = decompose(base, spec)
+    model = GPT2Classifier(module, spec, None if shapes_only else base, cfg.model.name, n_outputs(cfg), start,
+                           cfg.lora.plus_ratio if with_lora else 1.0)
     return model, init_adapters(model, base, key, shapes_only=shapes_only)
+
+
+def init_factors(model: GPT2Classifier, base: Params, key: jax.Array) -> Params:
+    """The LoRA tree of one seed: factors drawn from `key` (or the base's own, pissa/olora) and, for DoRA, the
+    magnitudes that make the adapted layers start as the frozen ones."""
+    spec = model.spec
+    factors = jax.tree.map(jnp.asarray, model.start) if model.start is not None else lora_lib.init_lora(spec, key)
+    return dora.add_magnitudes(base, spec, factors) if spec.variant == "dora" else factors
 
 
 def init_adapters(model: GPT2Classifier, base: Params, key: jax.Array, *, shapes_only: bool = False) -> Params:
@@ -127,8 +156,8 @@ def init_adapters(model: GPT2Classifier, base: Params, key: jax.Array, *, shapes
     n_embd = model.module.config.n_embd
     params: Params = {"gpt2": base}
     if model.spec is not None:
-        init = functools.partial(lora_lib.init_lora, model.spec)
-        params["lora"] = jax.eval_shape(init, k_lora) if shapes_only else init(k_lora)
+        init = functools.partial(init_factors, model)
+        params["lora"] = jax.eval_shape(init, base, k_lora) if shapes_only else init(base, k_lora)
     head = functools.partial(init_head, n_embd=n_embd, n_labels=model.n_labels)
     params["head"] = jax.eval_shape(head, k_head) if shapes_only else head(k_head)
     return params

@@ -23,8 +23,9 @@ Labels = dict[str, Any]  # the tree of `params` with a group name (str) at every
 
 FROZEN = "frozen"  # held once, never updated (optax.set_to_zero)
 LORA, NORM, HEAD = "lora", "norm", "head"  # the LoRA classifier's trained groups: factors, LayerNorms, the head
+LORA_B = "lora_b"  # LoRA+ only: B and the DoRA magnitudes, at their own learning rate
 STUDENT = "student"  # every leaf of a student trains
-GROUPS = (LORA, NORM, HEAD, STUDENT)  # the trained groups, in the order the optimizer lists them
+GROUPS = (LORA, LORA_B, NORM, HEAD, STUDENT)  # the trained groups, in the order the optimizer lists them
 
 
 @runtime_checkable
@@ -37,6 +38,12 @@ class ClassifierModel(Protocol):
                deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array: ...
 
     def describe(self) -> str: ...
+
+
+def lr_scales(model: object) -> dict[str, float]:
+    """A model's learning rate multipliers by group ({} = every group at the run's rate): optional, since only a
+    model that knows its variants has them (the LoRA classifier's `lr_scales`, LoRA+)."""
+    return dict(getattr(model, "lr_scales", None) or {})
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:

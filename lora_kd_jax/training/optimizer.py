@@ -8,10 +8,13 @@ leaves receive zero updates through it. `train.max_grad_norm` clips the global n
 first (frozen gradients are zeroed before the norm is taken, so they never count).
 
 With the defaults (constant rate, no warm-up, no decay, no clipping) the optimizer is exactly the original's Adam.
+
+LoRA+ (`lr_scales`, from the model: `interface.lr_scales`) multiplies some groups' rates; its runs then hold every
+trained group's learning rate in the optimizer state (`optax.inject_hyperparams`), where a reader can see it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import optax
@@ -23,9 +26,15 @@ NO_DECAY_GROUPS = (NORM,)  # LayerNorm scales and biases keep their values under
 NO_DECAY_LEAVES = ("bias",)  # nor does any bias
 
 
-def adam(lr: float | optax.Schedule, weight_decay: float = 0.0, decay_mask: Any = None
+def adam(lr: float | optax.Schedule, weight_decay: float = 0.0, decay_mask: Any = None, *, visible: bool = False
          ) -> optax.GradientTransformation:
-    """Adam with torch.optim.Adam's defaults (the original's optimizer for every run); AdamW when `weight_decay`."""
+    """Adam with torch.optim.Adam's defaults (the original's optimizer for every run); AdamW when `weight_decay`.
+    `visible` keeps the learning rate in the state (state.hyperparams['learning_rate'])."""
+    if visible:
+        if weight_decay:
+            return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+                lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
+        return optax.inject_hyperparams(optax.adam)(lr, b1=0.9, b2=0.999, eps=1e-8)
     if weight_decay:
         return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
     return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
@@ -63,14 +72,21 @@ def _decays(path: tuple, _leaf: Any) -> bool:
     return getattr(path[-1], "key", None) not in NO_DECAY_LEAVES
 
 
-def group_transform(group: str, train: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+def _scaled(lr: float | optax.Schedule, factor: float) -> float | optax.Schedule:
+    if factor == 1.0:
+        return lr
+    return (lambda count: factor * lr(count)) if callable(lr) else factor * lr
+
+
+def group_transform(group: str, train: TrainConfig, total_steps: int, lr_scale: float = 1.0, *,
+                    visible: bool = False) -> optax.GradientTransformation:
     """The transform of one trained group: Adam (AdamW with train.weight_decay, except for LayerNorms and biases) at
-    the run's learning rate schedule."""
+    the run's learning rate schedule times `lr_scale`."""
     if group not in GROUPS:
         raise ValueError(f"unknown parameter group {group!r}: expected one of {', '.join(GROUPS)} or {FROZEN}")
     decay = 0.0 if group in NO_DECAY_GROUPS else train.weight_decay
     mask = (lambda params: jax.tree_util.tree_map_with_path(_decays, params)) if decay else None
-    return adam(learning_rate(train, total_steps), decay, mask)
+    return adam(_scaled(learning_rate(train, total_steps), lr_scale), decay, mask, visible=visible)
 
 
 def clip_trainable(max_norm: float, labels: Labels) -> optax.GradientTransformation:
@@ -80,14 +96,18 @@ def clip_trainable(max_norm: float, labels: Labels) -> optax.GradientTransformat
     return optax.chain(optax.multi_transform(keep, labels), optax.clip_by_global_norm(max_norm))
 
 
-def make_optimizer(train: TrainConfig | float, labels: Labels, total_steps: int = 1) -> optax.GradientTransformation:
+def make_optimizer(train: TrainConfig | float, labels: Labels, total_steps: int = 1,
+                   lr_scales: Mapping[str, float] | None = None) -> optax.GradientTransformation:
     """multi_transform over `labels` (a tree of group names shaped like the parameters it will be given): one
     transform per group present, `set_to_zero` for frozen leaves. `train` is the run's TrainConfig (its schedule
-    spans `total_steps` optimizer steps), or a learning rate alone (constant-rate Adam: the bench, the tests)."""
+    spans `total_steps` optimizer steps), or a learning rate alone (constant-rate Adam: the bench, the tests).
+    `lr_scales` multiplies named groups' rates (LoRA+); then every group's rate is kept in the state."""
     if not isinstance(train, TrainConfig):
         train = TrainConfig(lr=float(train))
+    scales = dict(lr_scales or {})
     present = sorted(set(jax.tree.leaves(labels)), key=lambda g: (g == FROZEN, g))
-    transforms = {g: optax.set_to_zero() if g == FROZEN else group_transform(g, train, total_steps) for g in present}
+    transforms = {g: optax.set_to_zero() if g == FROZEN else
+                  group_transform(g, train, total_steps, scales.get(g, 1.0), visible=bool(scales)) for g in present}
     tx = optax.multi_transform(transforms, labels)
     if train.max_grad_norm:
         return optax.chain(clip_trainable(train.max_grad_norm, labels), tx)

@@ -20,7 +20,7 @@ from flax import traverse_util
 from lora_kd_jax.core import precision
 from lora_kd_jax.core.config import TrainConfig
 from lora_kd_jax.core.keys import run_keys
-from lora_kd_jax.models.interface import FROZEN, ClassifierModel, Labels
+from lora_kd_jax.models.interface import FROZEN, ClassifierModel, Labels, lr_scales
 from lora_kd_jax.training import seeds as seeds_lib
 from lora_kd_jax.training.optimizer import make_optimizer
 
@@ -82,7 +82,7 @@ def train_state(model: ClassifierModel, params: Params, train: TrainConfig | flo
     `total_steps`; a reader that only restores may leave it at 1: the state's structure does not depend on it), or
     a learning rate alone (constant-rate Adam)."""
     labels = model.param_labels(params)
-    tx = tx or make_optimizer(train, labels, total_steps)
+    tx = tx or make_optimizer(train, labels, total_steps, lr_scales(model))
     trainable, frozen = partition(params, labels)
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(params),
                        rng=jax.random.key_data(dropout_key))
