@@ -73,6 +73,20 @@ def test_weight_decay_spares_layer_norms_biases_and_the_frozen_base():
         assert float(jnp.abs(masked).max()) == 0.0
 
 
+@pytest.mark.parametrize("plus_ratio", [1.0, 4.0])
+def test_weight_decay_spares_the_dora_magnitude_in_either_group(plus_ratio):
+    """A DoRA layer's magnitude m keeps its value under weight decay, with or without LoRA+ (which moves it to
+    the lora_b group); the factors beside it decay."""
+    params = {"lora": {"a": jnp.full((2, 3), 0.5), "b": jnp.full((3, 2), 0.5), "m": jnp.full((2,), 0.5)}}
+    b_group = "lora_b" if plus_ratio != 1.0 else "lora"
+    labels = {"lora": {"a": "lora", "b": b_group, "m": b_group}}
+    tx = make_optimizer(TrainConfig(lr=LR, weight_decay=0.1), labels, TOTAL, {"lora_b": plus_ratio})
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["lora"]["a"], -LR * 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(updates["lora"]["b"], -LR * plus_ratio * 0.1 * 0.5, rtol=1e-6)
+    assert float(jnp.abs(updates["lora"]["m"]).max()) == 0.0
+
+
 def test_clipping_bounds_the_global_norm_of_the_trainable_gradients_only():
     """Huge frozen gradients neither count in the norm nor come out: the trainable ones (norm 8) are scaled to 2."""
     grads = jax.tree.map(jnp.zeros_like, PARAMS)

@@ -23,7 +23,7 @@ from lora_kd_jax.core.config import TrainConfig
 from lora_kd_jax.models.interface import FROZEN, GROUPS, NORM, Labels
 
 NO_DECAY_GROUPS = (NORM,)  # LayerNorm scales and biases keep their values under weight decay
-NO_DECAY_LEAVES = ("bias",)  # nor does any bias
+NO_DECAY_LEAVES = ("bias", "m")  # nor does any bias, nor a DoRA magnitude (lora.variant=dora: its "m")
 
 
 def adam(lr: float | optax.Schedule, weight_decay: float = 0.0, decay_mask: Any = None, *, visible: bool = False
