@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_kd_jax.core import precision
-from lora_kd_jax.core.config import Config, n_outputs
+from lora_kd_jax.core.config import Config, ConfigError, n_outputs
 from lora_kd_jax.core.families import ENCODERS, Family
 from lora_kd_jax.lora import encoder_format
 from lora_kd_jax.lora import transform as lora_lib
@@ -270,6 +270,23 @@ def init_params(model: EncoderClassifier, base: Params, key: jax.Array, *, shape
     return params
 
 
+UNSUPPORTED = {"lora.variant": "lora", "lora.scaling": "standard", "lora.plus_ratio": 1.0}  # key: the only value
+UNSUPPORTED_INITS = ("pissa", "olora")  # lora.init values the encoder families do not decompose
+
+
+def refuse_variants(cfg: Config, family: Family) -> None:
+    """A LoRA variant key the encoder families do not honour is an error, never silently ignored."""
+    lc = cfg.lora
+    values = {"lora.variant": lc.variant, "lora.scaling": lc.scaling, "lora.plus_ratio": lc.plus_ratio}
+    for key, only in UNSUPPORTED.items():
+        if values[key] != only:
+            raise ConfigError(f"{key}={values[key]} is not supported for model.type={family.name} (only GPT-2 has "
+                              f"it); drop the key or set {key}={only}")
+    if lc.init in UNSUPPORTED_INITS:
+        raise ConfigError(f"lora.init={lc.init} is not supported for model.type={family.name} (only GPT-2 has it); "
+                          "use lora.init=standard or seed")
+
+
 def build_encoder(cfg: Config, family_name: str, key: jax.Array, *, base_key: jax.Array | None = None,
                   with_lora: bool = True, shapes_only: bool = False) -> tuple[EncoderClassifier, Params]:
     """Model and full tree for a BERT / RoBERTa / Llama config (as `classifier.build_classifier` for GPT-2)."""
@@ -288,6 +305,7 @@ def build_encoder(cfg: Config, family_name: str, key: jax.Array, *, base_key: ja
     spec = None
     if with_lora:
         lc = cfg.lora
+        refuse_variants(cfg, family)
         patterns = targets_lib.select(lc.targets, family.name, base)
         spec = lora_lib.make_spec(base, patterns, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, init=lc.init,
                                   kernel_layout=KERNEL_LAYOUT)
