@@ -109,7 +109,8 @@ def test_dora_rslora_round_trips(bert, tmp_path):
 
 def test_lora_plus_groups_are_peft_loraplus_groups(bert):
     """With lora.plus_ratio each trained leaf's learning rate is the one create_loraplus_optimizer gives it (B, the
-    magnitudes and the head's bias at ratio x lr; A and the head's kernel at lr)."""
+    magnitudes and the head's bias at ratio x lr; A and the head's kernel at lr); --dry-run still counts B and m as
+    LoRA."""
     from peft.optimizers import create_loraplus_optimizer
 
     lr, ratio = 1e-3, 16.0
@@ -127,6 +128,8 @@ def test_lora_plus_groups_are_peft_loraplus_groups(bert):
                                         for k, v in traverse_util.flatten_dict(trained).items()})
     errs = ref_lib.tree_abs_errs(got, want)  # the same trained leaves on both sides, or it fails
     assert max(errs.values()) == 0.0, {k: e for k, e in errs.items() if e}
+    plan = families.plan(model, params, "").splitlines()  # --dry-run: B and m are LoRA, not modules trained in full
+    assert plan[-1] == "trained in full: head (130 params)" and "2,304 params, DoRA magnitudes included" in plan[2]
 
 
 def test_pissa_init_is_peft_pissa_and_exports_on_the_original_base(bert, tmp_path):
