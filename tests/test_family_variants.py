@@ -20,16 +20,16 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 import torch_reference as ref_lib  # noqa: E402
 from test_families import (ALPHA, GRAD_RTOL, OUTPUT_RTOL, RANK, ROUND_TRIP_ATOL, _config, _from_peft,  # noqa: E402
-                           _jax_batch, _jax_logits, _torch_logits)
+                           _jax_logits, _torch_logits, grad_errs_vs_peft)
 from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
 
+from lora_kd_jax.core.config import ConfigError  # noqa: E402
 from lora_kd_jax.core.families import BERT  # noqa: E402
 from lora_kd_jax.data import encode  # noqa: E402
 from lora_kd_jax.data.encoding import load_family_tokenizer  # noqa: E402
 from lora_kd_jax.lora import encoder_format, export  # noqa: E402
 from lora_kd_jax.models import families  # noqa: E402
-from lora_kd_jax.training.state import combine, partition  # noqa: E402
-from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums  # noqa: E402
+from lora_kd_jax.training.state import partition  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 VARIANT = ("lora.variant=dora", "lora.scaling=rslora")
@@ -65,25 +65,11 @@ def bert(tmp_path_factory):
 
 def test_dora_rslora_forward_and_gradients_match_peft(bert):
     """Logits and d(mean CE)/d(every trainable leaf: a, b, m, head) against PEFT with use_dora and use_rslora."""
-    model, batch = bert.model, _jax_batch(bert.split)
+    model = bert.model
     assert model.spec.variant == "dora" and model.spec.scale == ALPHA / RANK ** 0.5
     err = ref_lib.max_rel_err(_jax_logits(model, bert.params, bert.split), _torch_logits(bert.twin, bert.split))
     assert err <= OUTPUT_RTOL, err
-    trainable, frozen = partition(bert.params, model.param_labels(bert.params))
-
-    def loss(t):
-        return loss_and_sums(model, combine(t, frozen), {}, batch, cross_entropy_objective, deterministic=True,
-                             rng=None)[0]
-
-    value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
-    twin = copy.deepcopy(bert.twin)
-    logits = twin(input_ids=torch.from_numpy(bert.split.input_ids.astype(np.int64)),
-                  attention_mask=torch.from_numpy(bert.split.attention_mask.astype(np.int64))).logits
-    t_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(bert.split.labels.astype(np.int64)))
-    t_loss.backward()
-    want = _from_peft(twin, {"family": BERT, "head": bert.params["head"]}, grads=True)
-    assert abs(float(value) - t_loss.item()) <= OUTPUT_RTOL * t_loss.item()
-    errs = ref_lib.tree_rel_errs(jax.tree.map(np.asarray, grads), want)
+    errs = grad_errs_vs_peft(model, bert.params, bert.twin, bert.split)
     assert sum(k.startswith("lora/") for k in errs) == 2 * 2 * 3  # 2 layers x (query, value) x (a, b, m)
     worst = max(errs, key=errs.get)
     assert errs[worst] <= GRAD_RTOL, f"{worst}: gradient rel err {errs[worst]:.3g} > {GRAD_RTOL}"
@@ -128,6 +114,9 @@ def test_lora_plus_groups_are_peft_loraplus_groups(bert):
                                         for k, v in traverse_util.flatten_dict(trained).items()})
     errs = ref_lib.tree_abs_errs(got, want)  # the same trained leaves on both sides, or it fails
     assert max(errs.values()) == 0.0, {k: e for k, e in errs.items() if e}
+    with pytest.raises(ConfigError, match="lora.plus_ratio=16.0 with lora.modules_to_save .*word_embeddings"):
+        families.build(_config(bert.dir, f"lora.plus_ratio={ratio}", "lora.modules_to_save=word_embeddings"),
+                       jax.random.key(0), shapes_only=True)
     plan = families.plan(model, params, "").splitlines()  # --dry-run: B and m are LoRA, not modules trained in full
     assert plan[-1] == "trained in full: head (130 params)" and "2,304 params, DoRA magnitudes included" in plan[2]
 

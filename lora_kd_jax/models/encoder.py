@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_kd_jax.core import precision
-from lora_kd_jax.core.config import Config, n_outputs
+from lora_kd_jax.core.config import Config, ConfigError, n_outputs
 from lora_kd_jax.core.families import ENCODERS, Family
 from lora_kd_jax.lora import encoder_format
 from lora_kd_jax.lora import transform as lora_lib
@@ -308,6 +308,12 @@ def build_encoder(cfg: Config, family_name: str, key: jax.Array, *, base_key: ja
                                   kernel_layout=KERNEL_LAYOUT, scaling=lc.scaling, variant=lc.variant)
     base, start = classifier.decompose_base(base, spec, shapes_only=shapes_only)
     to_save = tuple(targets_lib.modules_to_save(cfg.lora.modules_to_save, family, shapes))
+    embeddings = [".".join(k[:-1]) for k in traverse_util.flatten_dict(shapes)
+                  if k[-1] == "embedding" and _matches(".".join(k[:-1]), to_save)]
+    if with_lora and cfg.lora.plus_ratio != 1.0 and embeddings:
+        raise ConfigError(f"lora.plus_ratio={cfg.lora.plus_ratio} with lora.modules_to_save training embeddings "
+                          f"({', '.join(embeddings)}): PEFT's LoRA+ gives embeddings their own rate "
+                          "(loraplus_lr_embedding), which this project does not hold; drop one of the two")
     model = EncoderClassifier(module, family, spec, None if shapes_only else base, n_outputs(cfg), to_save,
                               cfg.model.path or family.name, start, cfg.lora.plus_ratio if with_lora else 1.0)
     return model, init_params(model, base, key, shapes_only=shapes_only)
