@@ -136,24 +136,30 @@ def test_forward_matches_pytorch(fam):
     assert err_plain <= OUTPUT_RTOL and err_lora <= OUTPUT_RTOL, (err_plain, err_lora)
 
 
-def test_gradients_match_peft(fam):
-    """d(mean CE)/d(every trainable leaf): the LoRA factors and the head, and only those, as PEFT's autograd."""
-    model, batch = fam.model, _jax_batch(fam.split)
-    trainable, frozen = partition(fam.params, model.param_labels(fam.params))
+def grad_errs_vs_peft(model, params: dict, twin, split: EncodedSplit) -> dict[str, float]:
+    """Relative error of d(mean CE)/d(each trainable leaf) against PEFT's autograd on `twin` (the same leaves on
+    both sides, or it fails); the losses must agree first."""
+    batch = _jax_batch(split)
+    trainable, frozen = partition(params, model.param_labels(params))
 
     def loss(t):
         return loss_and_sums(model, combine(t, frozen), {}, batch, cross_entropy_objective, deterministic=True,
                              rng=None)[0]
 
     value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
-    twin = copy.deepcopy(fam.twin)
-    logits = twin(input_ids=torch.from_numpy(fam.split.input_ids.astype(np.int64)),
-                  attention_mask=torch.from_numpy(fam.split.attention_mask.astype(np.int64))).logits
-    t_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(fam.split.labels.astype(np.int64)))
+    twin = copy.deepcopy(twin)
+    logits = twin(input_ids=torch.from_numpy(split.input_ids.astype(np.int64)),
+                  attention_mask=torch.from_numpy(split.attention_mask.astype(np.int64))).logits
+    t_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(split.labels.astype(np.int64)))
     t_loss.backward()
-    want = _from_peft(twin, {"family": model.family, "head": fam.params["head"]}, grads=True)
+    want = _from_peft(twin, {"family": model.family, "head": params["head"]}, grads=True)
     assert abs(float(value) - t_loss.item()) <= OUTPUT_RTOL * t_loss.item()
-    errs = ref_lib.tree_rel_errs(jax.tree.map(np.asarray, grads), want)  # same leaves on both sides, or it fails
+    return ref_lib.tree_rel_errs(jax.tree.map(np.asarray, grads), want)
+
+
+def test_gradients_match_peft(fam):
+    """d(mean CE)/d(every trainable leaf): the LoRA factors and the head, and only those, as PEFT's autograd."""
+    errs = grad_errs_vs_peft(fam.model, fam.params, fam.twin, fam.split)
     assert sum(k.startswith("lora/") for k in errs) == 2 * 2 * 2  # 2 layers x (query, value) x (a, b)
     worst = max(errs, key=errs.get)
     assert errs[worst] <= GRAD_RTOL, f"{worst}: gradient rel err {errs[worst]:.3g} > {GRAD_RTOL}"

@@ -48,11 +48,27 @@ def _saved_modules(model: Any, base: Params) -> Params:
 
 
 def adapter_state_dict(model: Any, params: Params) -> dict[str, np.ndarray]:
+    """The factors (DoRA magnitudes too; a PiSSA / OLoRA run's in PEFT's converted rank-2r form, as GPT-2's), the
+    head and the modules_to_save under PEFT's keys."""
     fam = model.family
-    out = encoder_format.lora_to_peft(params["lora"], fam)
+    start = getattr(model, "start", None)
+    factors = params["lora"] if start is None else peft_format.converted_factors(params["lora"], start)
+    out = encoder_format.lora_to_peft(factors, fam)
     out.update(encoder_format.head_to_torch(params["head"], prefix=PEFT_PREFIX))
     out.update(encoder_format.to_torch(_saved_modules(model, params[fam.prefix]), PEFT_PREFIX + fam.prefix + "."))
     return out
+
+
+def original_base(cfg: Config, model: Any) -> Params:
+    """The base as the run loaded it: the held one, or for PiSSA / OLoRA (which hold the residual) the base
+    rebuilt from the config with the run's base key (PEFT's converted form applies to the original)."""
+    if getattr(model, "start", None) is None:
+        return model.base
+    from lora_kd_jax.core.keys import classifier_base_key
+    from lora_kd_jax.models import families
+
+    plain, _ = families.build(cfg, classifier_base_key(cfg), base_key=classifier_base_key(cfg), with_lora=False)
+    return plain.base
 
 
 def write_adapter(cfg: Config, model: Any, params: Params, out: Path, *, base_model: str | None = None,
@@ -62,7 +78,8 @@ def write_adapter(cfg: Config, model: Any, params: Params, out: Path, *, base_mo
     if save_base:
         if model.base is None:
             raise ExportError("--save-base: the model holds no base weights")
-        save_checkpoint(model, {model.family.prefix: model.base, "head": params["head"]}, out / "base")
+        save_checkpoint(model, {model.family.prefix: original_base(cfg, model), "head": params["head"]},
+                        out / "base")
         base_model = os.fspath((out / "base").absolute())
     elif base_model is None:
         if cfg.model.init != "pretrained":
@@ -93,12 +110,15 @@ def _read(peft_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _check(config: dict, where: str) -> None:
-    wrong = {k: config.get(k) for k, want in (("peft_type", "LORA"), ("task_type", "SEQ_CLS"), ("use_dora", False),
+    wrong = {k: config.get(k) for k, want in (("peft_type", "LORA"), ("task_type", "SEQ_CLS"),
                                               ("fan_in_fan_out", False), ("bias", "none"))
              if config.get(k, want) != want}
+    if config.get("init_lora_weights", True) not in (True, False, "gaussian", "pissa"):
+        wrong["init_lora_weights"] = config["init_lora_weights"]
     if wrong:
         raise ExportError(f"{where}: not supported here: {', '.join(f'{k}={v!r}' for k, v in wrong.items())} "
-                          "(expected a plain LoRA adapter for sequence classification)")
+                          "(expected a LoRA or DoRA adapter for sequence classification, nn.Linear layout, "
+                          "init_lora_weights true, false, gaussian or pissa)")
     for key in ("rank_pattern", "alpha_pattern", "layer_replication"):
         if config.get(key):
             raise ExportError(f"{where}: {key}={config[key]} is not supported (one rank and one scale for all layers)")
@@ -109,7 +129,7 @@ def _split(weights: dict[str, np.ndarray], family: Family, where: str) -> tuple[
     lora, head, saved, stray = {}, {}, {}, []
     base_prefix = PEFT_PREFIX + family.prefix + "."
     for k, v in weights.items():
-        if ".lora_A." in k or ".lora_B." in k:
+        if ".lora_A." in k or ".lora_B." in k or k.endswith("." + convert.PEFT_MAGNITUDE):
             lora[k] = v
         elif k.startswith(PEFT_PREFIX) and encoder_format.is_head_key(k[len(PEFT_PREFIX):]):
             head[k[len(PEFT_PREFIX):]] = v

@@ -128,22 +128,28 @@ def build_classifier(cfg: Config, key: jax.Array, *, base_key: jax.Array | None 
         spec = lora_lib.make_spec(base, select_targets(lc.targets, "gpt2", base), rank=lc.rank, alpha=lc.alpha,
                                   dropout=lc.dropout, init=lc.init, kernel_layout=KERNEL_LAYOUT, scaling=lc.scaling,
                                   variant=lc.variant)
-    start = None
-    if spec is not None and spec.init in DECOMPOSED:
-        small = min(min(s) for s in spec.shapes)
-        if lc.rank > small:
-            raise ConfigError(f"lora.rank={lc.rank} with lora.init={lc.init}: the rank cannot exceed the smallest "
-                              f"adapted layer's width ({small})")
-        if not shapes_only:
-            base, start = decompose(base, spec)
+    base, start = decompose_base(base, spec, shapes_only=shapes_only)
     model = GPT2Classifier(module, spec, None if shapes_only else base, cfg.model.name, n_outputs(cfg), start,
                            cfg.lora.plus_ratio if with_lora else 1.0)
     return model, init_adapters(model, base, key, shapes_only=shapes_only)
 
 
-def init_factors(model: GPT2Classifier, base: Params, key: jax.Array) -> Params:
-    """The LoRA tree of one seed: factors drawn from `key` (or the base's own, pissa/olora) and, for DoRA, the
-    magnitudes that make the adapted layers start as the frozen ones."""
+def decompose_base(base: Params, spec: lora_lib.LoraSpec | None, *, shapes_only: bool = False
+                   ) -> tuple[Params, Params | None]:
+    """(the base the run trains on, the factors at init) for pissa / olora (`lora.decompose`, in the spec's kernel
+    layout: every family's builder calls this); (base, None) for the other inits."""
+    if spec is None or spec.init not in DECOMPOSED:
+        return base, None
+    small = min(min(s) for s in spec.shapes)
+    if spec.rank > small:
+        raise ConfigError(f"lora.rank={spec.rank} with lora.init={spec.init}: the rank cannot exceed the smallest "
+                          f"adapted layer's width ({small})")
+    return (base, None) if shapes_only else decompose(base, spec)
+
+
+def init_factors(model: Any, base: Params, key: jax.Array) -> Params:
+    """The LoRA tree of one seed of any LoRA classifier (its `spec`, its `start`): factors drawn from `key` (or the
+    base's own, pissa/olora) and, for DoRA, the magnitudes that make the adapted layers start as the frozen ones."""
     spec = model.spec
     factors = jax.tree.map(jnp.asarray, model.start) if model.start is not None else lora_lib.init_lora(spec, key)
     return dora.add_magnitudes(base, spec, factors) if spec.variant == "dora" else factors

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_kd_jax.core import precision
-from lora_kd_jax.core.config import Config, n_outputs
+from lora_kd_jax.core.config import Config, ConfigError, n_outputs
 from lora_kd_jax.core.families import ENCODERS, Family
 from lora_kd_jax.lora import encoder_format
 from lora_kd_jax.lora import transform as lora_lib
 from lora_kd_jax.models.gpt2 import ModelLoadError
-from lora_kd_jax.models.interface import FROZEN, HEAD, LORA, NORM, Labels, last_token_index
+from lora_kd_jax.models import classifier
+from lora_kd_jax.models.interface import FROZEN, HEAD, LORA, LORA_B, NORM, Labels, last_token_index
 
 log = logging.getLogger(__name__)
 Params = dict[str, Any]
@@ -176,6 +177,14 @@ class EncoderClassifier:
     n_labels: int = 2
     to_save: tuple[str, ...] = ()  # base modules trained fully (lora.modules_to_save), PyTorch names sans prefix
     name: str = ""
+    start: Params | None = dataclasses.field(default=None, repr=False)  # pissa/olora: the factors of the base
+    plus_ratio: float = 1.0  # LoRA+ (lora.plus_ratio): the learning rate of B, magnitudes and 1-D leaves / A's
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """LoRA+ (training.optimizer): B, the DoRA magnitudes and every trained 1-D leaf at plus_ratio x the rate,
+        PEFT's create_loraplus_optimizer groups (its groupB: lora_B and ndim == 1)."""
+        return {LORA_B: self.plus_ratio, NORM: self.plus_ratio} if self.plus_ratio != 1.0 else {}
 
     @property
     def pad_id(self) -> int:
@@ -187,18 +196,24 @@ class EncoderClassifier:
             raise ValueError("this EncoderClassifier holds no base weights (built with shapes_only)")
         return init_params(self, self.base, key)
 
-    def label_of(self, path: tuple[str, ...]) -> str:
+    def label_of(self, path: tuple[str, ...], ndim: int = 2) -> str:
+        """The group of one leaf; with LoRA+ B, the magnitudes and every trained 1-D leaf (`ndim`: biases, norms)
+        form the scaled groups (LORA_B; norms stay NORM, which LoRA+ scales too)."""
+        plus = self.plus_ratio != 1.0
         if path[0] == "lora":
-            return LORA
+            return LORA_B if plus and path[-1] in ("b", "m") else LORA
         if path[0] == "head":
-            return HEAD
+            return LORA_B if plus and ndim == 1 else HEAD
         if self.to_save and _matches(".".join(path[1:-1]), self.to_save):
-            return NORM if any("norm" in p.lower() for p in path) else HEAD
+            if any("norm" in p.lower() for p in path):
+                return NORM
+            return LORA_B if plus and ndim == 1 else HEAD
         return FROZEN
 
     def param_labels(self, params: Params) -> Labels:
         flat = traverse_util.flatten_dict(params)
-        return traverse_util.unflatten_dict({k: self.label_of(k) for k in flat})
+        return traverse_util.unflatten_dict({k: self.label_of(k, len(getattr(v, "shape", ())))
+                                             for k, v in flat.items()})
 
     def describe(self) -> str:
         rank = f", LoRA rank {self.spec.rank}" if self.spec is not None else ""
@@ -262,8 +277,8 @@ def init_params(model: EncoderClassifier, base: Params, key: jax.Array, *, shape
     c = model.module.config
     params: Params = {model.family.prefix: base}
     if model.spec is not None:
-        init = functools.partial(lora_lib.init_lora, model.spec)
-        params["lora"] = jax.eval_shape(init, k_lora) if shapes_only else init(k_lora)
+        init = functools.partial(classifier.init_factors, model)
+        params["lora"] = jax.eval_shape(init, base, k_lora) if shapes_only else init(base, k_lora)
     head = functools.partial(init_head, family=model.family, n_embd=c.hidden_size, n_labels=model.n_labels,
                              std=c.initializer_range)
     params["head"] = jax.eval_shape(head, k_head) if shapes_only else head(k_head)
@@ -290,9 +305,16 @@ def build_encoder(cfg: Config, family_name: str, key: jax.Array, *, base_key: ja
         lc = cfg.lora
         patterns = targets_lib.select(lc.targets, family.name, base)
         spec = lora_lib.make_spec(base, patterns, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, init=lc.init,
-                                  kernel_layout=KERNEL_LAYOUT)
+                                  kernel_layout=KERNEL_LAYOUT, scaling=lc.scaling, variant=lc.variant)
+    base, start = classifier.decompose_base(base, spec, shapes_only=shapes_only)
     to_save = tuple(targets_lib.modules_to_save(cfg.lora.modules_to_save, family, shapes))
+    embeddings = [".".join(k[:-1]) for k in traverse_util.flatten_dict(shapes)
+                  if k[-1] == "embedding" and _matches(".".join(k[:-1]), to_save)]
+    if with_lora and cfg.lora.plus_ratio != 1.0 and embeddings:
+        raise ConfigError(f"lora.plus_ratio={cfg.lora.plus_ratio} with lora.modules_to_save training embeddings "
+                          f"({', '.join(embeddings)}): PEFT's LoRA+ gives embeddings their own rate "
+                          "(loraplus_lr_embedding), which this project does not hold; drop one of the two")
     model = EncoderClassifier(module, family, spec, None if shapes_only else base, n_outputs(cfg), to_save,
-                              cfg.model.path or family.name)
+                              cfg.model.path or family.name, start, cfg.lora.plus_ratio if with_lora else 1.0)
     return model, init_params(model, base, key, shapes_only=shapes_only)
 

@@ -72,14 +72,17 @@ def plan(model: Any, params: dict, report: Any) -> str:
         for path, shape in zip(model.spec.paths, model.spec.shapes):
             name = re.sub(r"\.\d+\.", ".{i}.", ".".join(path))
             groups.setdefault((name, shape), []).append(".".join(path))
-        n = sum(model.spec.rank * (a + b) for a, b in model.spec.shapes)
-        lines.append(f"LoRA rank {model.spec.rank} on {len(model.spec.paths)} modules ({n:,} params):")
+        from lora_kd_jax.lora.transform import count
+
+        dora = ", DoRA magnitudes included" if model.spec.variant == "dora" else ""
+        lines.append(f"LoRA rank {model.spec.rank} on {len(model.spec.paths)} modules ({count(model.spec):,} params"
+                     f"{dora}):")
         lines += [f"  {name if len(ps) > 1 else ps[0]} ({a} -> {b}) x{len(ps)}"
                   for (name, (a, b)), ps in groups.items()]
     labels = traverse_util.flatten_dict(model.param_labels(params))
     full: dict[str, int] = {}
     for path, leaf in traverse_util.flatten_dict(params).items():
-        if labels[path] not in (FROZEN, "lora"):
+        if labels[path] != FROZEN and path[0] != "lora":  # the factors (LoRA+: B, magnitudes too) are counted above
             name = "head" if path[0] == "head" else re.sub(r"\.\d+\.", ".{i}.", ".".join(path[1:-1]))
             full[name] = full.get(name, 0) + int(np.prod(leaf.shape))
     lines.append("trained in full: " + ", ".join(f"{k} ({v:,} params)" for k, v in full.items()))

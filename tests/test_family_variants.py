@@ -1,0 +1,154 @@
+"""The LoRA variants on an encoder family (BERT): DoRA + rsLoRA against PEFT (use_dora, use_rslora) on the same
+weights, LoRA+'s optimizer groups against PEFT's create_loraplus_optimizer, PiSSA's init against PEFT's.
+
+One tiny saved BertForSequenceClassification (`tiny_families`) and one PEFT twin with non-zero B, magnitudes moved
+off the weight norms and a moved head, so that every term of the variant shows. The layout and interop code is the
+families' (`models.encoder`, `lora.encoder_interop`), shared by RoBERTa and Llama; tolerances are test_families'.
+"""
+from __future__ import annotations
+
+import copy
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+import torch_reference as ref_lib  # noqa: E402
+from test_families import (ALPHA, GRAD_RTOL, OUTPUT_RTOL, RANK, ROUND_TRIP_ATOL, _config, _from_peft,  # noqa: E402
+                           _jax_logits, _torch_logits, grad_errs_vs_peft)
+from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
+
+from lora_kd_jax.core.config import ConfigError  # noqa: E402
+from lora_kd_jax.core.families import BERT  # noqa: E402
+from lora_kd_jax.data import encode  # noqa: E402
+from lora_kd_jax.data.encoding import load_family_tokenizer  # noqa: E402
+from lora_kd_jax.lora import encoder_format, export  # noqa: E402
+from lora_kd_jax.models import families  # noqa: E402
+from lora_kd_jax.training.state import partition  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("highest_precision")
+VARIANT = ("lora.variant=dora", "lora.scaling=rslora")
+
+
+def _twin(torch_model, **variant):
+    """PEFT on query/value with the variant, B non-zero, DoRA magnitudes and the head moved (seeded)."""
+    model = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(
+        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(BERT.default_targets),
+        **variant))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name or (".modules_to_save." in name and name.endswith("weight")):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.2 * torch.rand_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    torch_model, _ = save_checkpoint("bert", d)
+    cfg = _config(d, *VARIANT)
+    model, params = families.build(cfg, jax.random.key(0))
+    twin = _twin(torch_model, use_dora=True, use_rslora=True)
+    params = {**params, **jax.tree.map(jnp.asarray, _from_peft(twin, {"family": BERT, "head": params["head"]}))}
+    split = encode(cola_sentences()[:12], np.arange(12) % 2, load_family_tokenizer(str(d), "bert"), 20)
+    return types.SimpleNamespace(dir=d, torch=torch_model, cfg=cfg, model=model, params=params, twin=twin,
+                                 split=split)
+
+
+def test_dora_rslora_forward_and_gradients_match_peft(bert):
+    """Logits and d(mean CE)/d(every trainable leaf: a, b, m, head) against PEFT with use_dora and use_rslora."""
+    model = bert.model
+    assert model.spec.variant == "dora" and model.spec.scale == ALPHA / RANK ** 0.5
+    err = ref_lib.max_rel_err(_jax_logits(model, bert.params, bert.split), _torch_logits(bert.twin, bert.split))
+    assert err <= OUTPUT_RTOL, err
+    errs = grad_errs_vs_peft(model, bert.params, bert.twin, bert.split)
+    assert sum(k.startswith("lora/") for k in errs) == 2 * 2 * 3  # 2 layers x (query, value) x (a, b, m)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= GRAD_RTOL, f"{worst}: gradient rel err {errs[worst]:.3g} > {GRAD_RTOL}"
+
+
+def test_dora_rslora_round_trips(bert, tmp_path):
+    """export-peft -> PeftModel.from_pretrained (use_dora, use_rslora, magnitudes) gives our logits; that adapter
+    -> import-peft gives them again; merge -> AutoModelForSequenceClassification too."""
+    from transformers import AutoModelForSequenceClassification
+
+    want = _jax_logits(bert.model, bert.params, bert.split)
+    out = export.write_peft_adapter(bert.cfg, bert.model, bert.params, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(bert.dir), out).eval()
+    assert (loaded.peft_config["default"].use_dora, loaded.peft_config["default"].use_rslora) == (True, True)
+    assert np.abs(_torch_logits(loaded, bert.split) - want).max() <= ROUND_TRIP_ATOL
+    cfg, model, params = export.import_peft(out, _config(bert.dir))
+    assert (cfg.lora.variant, cfg.lora.scaling) == ("dora", "rslora")
+    assert np.abs(_jax_logits(model, params, bert.split) - want).max() <= ROUND_TRIP_ATOL
+    merged = AutoModelForSequenceClassification.from_pretrained(
+        export.save_merged(bert.model, bert.params, tmp_path / "merged")).eval()
+    assert np.abs(_torch_logits(merged, bert.split) - want).max() <= ROUND_TRIP_ATOL
+
+
+def test_lora_plus_groups_are_peft_loraplus_groups(bert):
+    """With lora.plus_ratio each trained leaf's learning rate is the one create_loraplus_optimizer gives it (B, the
+    magnitudes and the head's bias at ratio x lr; A and the head's kernel at lr); --dry-run still counts B and m as
+    LoRA."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    lr, ratio = 1e-3, 16.0
+    model, params = families.build(_config(bert.dir, *VARIANT, f"lora.plus_ratio={ratio}"), jax.random.key(0))
+    opt = create_loraplus_optimizer(bert.twin, optimizer_cls=torch.optim.Adam, lr=lr, loraplus_lr_ratio=ratio)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = {n: torch.full_like(p, lr_of[id(p)]) for n, p in bert.twin.named_parameters() if p.requires_grad}
+    saved = types.SimpleNamespace(named_parameters=lambda: [(n, torch.nn.Parameter(v)) for n, v in named.items()])
+    want = _from_peft(saved, {"family": BERT, "head": params["head"]})
+    labels = model.param_labels(params)
+    trained, _ = partition(params, labels)
+    flat_labels = traverse_util.flatten_dict(labels)
+    rate = {k: lr * model.lr_scales.get(flat_labels[k], 1.0) for k in flat_labels}
+    got = traverse_util.unflatten_dict({k: np.full(np.shape(v), rate[k], np.float32)
+                                        for k, v in traverse_util.flatten_dict(trained).items()})
+    errs = ref_lib.tree_abs_errs(got, want)  # the same trained leaves on both sides, or it fails
+    assert max(errs.values()) == 0.0, {k: e for k, e in errs.items() if e}
+    with pytest.raises(ConfigError, match="lora.plus_ratio=16.0 with lora.modules_to_save .*word_embeddings"):
+        families.build(_config(bert.dir, f"lora.plus_ratio={ratio}", "lora.modules_to_save=word_embeddings"),
+                       jax.random.key(0), shapes_only=True)
+    plan = families.plan(model, params, "").splitlines()  # --dry-run: B and m are LoRA, not modules trained in full
+    assert plan[-1] == "trained in full: head (130 params)" and "2,304 params, DoRA magnitudes included" in plan[2]
+
+
+def test_pissa_init_is_peft_pissa_and_exports_on_the_original_base(bert, tmp_path):
+    """lora.init=pissa on BERT's nn.Linear-layout kernels: B·A and the residual equal PEFT's
+    init_lora_weights="pissa" on the same checkpoint; export-peft --save-base writes the original base and the
+    converted rank-2r adapter, which PeftModel.from_pretrained loads to our logits (factors moved off their init)."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = _config(bert.dir, "lora.init=pissa")
+    model, params = families.build(cfg, jax.random.key(0))
+    twin = peft.get_peft_model(copy.deepcopy(bert.torch), peft.LoraConfig(
+        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(BERT.default_targets),
+        init_lora_weights="pissa"))
+    theirs = {k: v.detach().numpy() for k, v in twin.named_parameters()}
+    ours = encoder_format.lora_to_peft(model.start, BERT)
+    for key in (k for k in ours if ".lora_A." in k):  # B A: each singular pair's sign is LAPACK's choice
+        kb = key.replace(".lora_A.", ".lora_B.")
+        want = theirs[kb.replace(".weight", ".default.weight")] @ theirs[key.replace(".weight", ".default.weight")]
+        np.testing.assert_allclose(ours[kb] @ ours[key], want, atol=2e-5, err_msg=key)  # test_variants' bound
+    residual = encoder_format.base_to_torch(jax.tree.map(np.asarray, model.base), BERT)
+    adapted = [k for k in residual if k.endswith(("query.weight", "value.weight"))]
+    assert len(adapted) == 2 * 2
+    for key in adapted:
+        got = theirs["base_model.model." + key.replace(".weight", ".base_layer.weight")]
+        np.testing.assert_allclose(residual[key], got, atol=2e-5, err_msg=key)
+    moved = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(3), v.shape), params["lora"])
+    params = {**params, "lora": moved}
+    out = export.write_peft_adapter(cfg, model, params, tmp_path / "adapter", save_base=True)
+    loaded = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(out / "base"),
+                                            out).eval()
+    assert loaded.peft_config["default"].r == 2 * RANK
+    err = np.abs(_torch_logits(loaded, bert.split) - _jax_logits(model, params, bert.split)).max()
+    assert err <= ROUND_TRIP_ATOL, err
