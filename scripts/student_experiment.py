@@ -8,7 +8,7 @@ trained on those labels alone, distilled on that subset, or distilled on Tang et
 made from that subset (KL and MSE each). Held-out accuracy and agreement with the teacher (the fraction of
 held-out rows where the student's argmax is the teacher's) are reported as mean ± std over the student seeds.
 
-usage: scripts/student_experiment.py OUT_DIR [--seeds 0,1,2,3,4] [--student-rows 64] [--augment 20] [--quick]
+usage: scripts/student_experiment.py OUT_DIR [--seeds 0,1,2,3,4] [--student-rows 64] [--augment 20] [--student-epochs 30]
 
 Writes OUT_DIR/data/*.tsv, the runs under OUT_DIR/runs/, OUT_DIR/results.json, and prints a markdown table.
 """
