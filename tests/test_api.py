@@ -55,3 +55,15 @@ def test_the_readme_python_example_runs(tmp_path):
     assert (tmp_path / "runs" / "smoke" / "metrics.json").is_file()
     assert (tmp_path / "exports" / "smoke_adapter" / "adapter_config.json").is_file()
     assert "acceptable" in done.stdout  # the printed prediction carries a label name
+
+
+def test_every_test_the_readme_names_exists():
+    """A guarantee in the README names the test that proves it: each `tests/test_x.py::test_y` (and each bare
+    `::test_y` beside one) must be a test function that exists, whole (not cut at a line end)."""
+    text = (REPO / "README.md").read_text()
+    sources = {p.name: p.read_text() for p in (REPO / "tests").glob("test_*.py")}
+    named = re.findall(r"tests/(test_\w+\.py)::(test_\w+)", text)
+    missing = [f"{f}::{n}" for f, n in named if not re.search(rf"def {n}\b", sources.get(f, ""))]
+    bare = set(re.findall(r"(?<![\w./])::(test_\w+)", text))
+    missing += [f"::{n}" for n in sorted(bare) if not any(re.search(rf"def {n}\b", src) for src in sources.values())]
+    assert len(named) >= 10 and not missing, f"README names tests that do not exist: {missing}"
