@@ -323,3 +323,31 @@ def test_refusals_name_the_combination(base_dir):
     with pytest.raises(ConfigError, match="lora.plus_ratio: must be > 0"):
         parity_config("lora.plus_ratio=0")
     assert dataclasses.asdict(parity_config().lora)["plus_ratio"] == 1.0
+
+
+def test_every_variant_at_once_trains_two_seeds_and_resumes(tmp_path):
+    """PiSSA + DoRA + rsLoRA + LoRA+ with adapter dropout, two seeds at once through the real trainer: 1 epoch +
+    --resume equals 2 epochs, metric for metric; each seed's best checkpoint evaluates to its recorded epoch."""
+    import json
+
+    from tiny import tiny_config
+
+    from lora_kd_jax.commands import evaluation
+    from lora_kd_jax.training import finetune
+
+    every = ("lora.init=pissa", "lora.variant=dora", "lora.scaling=rslora", "lora.plus_ratio=4", "lora.dropout=0.1",
+             "train.seeds=[0,1]", "data.limit=48", "train.batch_size=16")
+
+    def cfg(run, epochs):
+        return tiny_config(*every, f"train.epochs={epochs}", f"run.dir={run}")
+
+    finetune.train_lora(cfg(tmp_path / "a", 2), progress=False)
+    finetune.train_lora(cfg(tmp_path / "b", 1), progress=False)
+    finetune.train_lora(cfg(tmp_path / "b", 2), resume=True, progress=False)
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text())["epochs"] for r in "ab")
+    assert len(a) == 2 and a == b
+    for seed in (0, 1):
+        record = json.loads((tmp_path / "b" / f"seed_{seed}" / "metrics.json").read_text())
+        best = record["epochs"][record["summary"]["best_epoch"] - 1]["val"]
+        report = evaluation.Predictor.from_run(tmp_path / "b" / f"seed_{seed}").evaluate("in_domain", limit=48)
+        assert (report.accuracy, report.mcc, report.loss) == (best["accuracy"], best["mcc"], best["loss"])
