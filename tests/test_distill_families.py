@@ -84,3 +84,21 @@ def test_bert_teacher_refuses_augment_in_one_line(bert_kd):
     cfg = replace(cfg, distill=replace(cfg.distill, augment=2, unlabeled=""))
     with pytest.raises(ConfigError, match="distill.augment=2 with a bert teacher"):
         in_teacher_vocabulary(cfg, teacher_runs(cfg))
+
+
+def test_embeddings_teacher_takes_the_bert_word_embeddings(bert_kd):
+    """student.embeddings=teacher starts from BERT's embeddings.word_embeddings (copied at the teacher's width)."""
+    from dataclasses import replace
+
+    from safetensors.numpy import load_file
+
+    from lora_kd_jax.distill.embeddings import student_embedding
+    from lora_kd_jax.distill.teacher import in_teacher_vocabulary, restore_teachers, teacher_runs
+
+    cfg = bert_kd.student_cfg
+    cfg = replace(cfg, student=replace(cfg.student, embeddings="teacher", embed_dim=64))
+    infos = teacher_runs(cfg)
+    cfg = in_teacher_vocabulary(cfg, infos)
+    table = student_embedding(cfg, restore_teachers(infos, cfg))
+    saved = load_file(str(bert_kd.dir / "ckpt" / "model.safetensors"))["bert.embeddings.word_embeddings.weight"]
+    np.testing.assert_array_equal(table, saved)
