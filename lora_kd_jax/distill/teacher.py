@@ -146,7 +146,7 @@ def teacher_runs(cfg: Config) -> dict[int, runs.RunInfo]:
                             f"distill.teacher={seeds_lib.seed_dir(path, teacher_seeds[0])}")
     if not cfg.distill.cache_teacher_logits:
         raise runs.RunError(f"distill.teacher={path} is seeded and distill.cache_teacher_logits=false: running "
-                            f"{len(teacher_seeds)} GPT-2 teachers in every step would hold each of them in memory; "
+                            f"{len(teacher_seeds)} teachers in every step would hold each of them in memory; "
                             "use the cached teacher logits (distill.cache_teacher_logits=true, the default)")
     return {seed: check_teacher(str(seeds_lib.seed_dir(path, seed)), cfg) for seed in student_seeds}
 
