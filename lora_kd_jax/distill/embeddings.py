@@ -1,4 +1,5 @@
-"""`student.embeddings=teacher`: the student's token embedding starts from its teacher's (GPT-2's wte).
+"""`student.embeddings=teacher`: the student's token embedding starts from its teacher's (GPT-2's wte, or the word
+embedding table of a BERT / RoBERTa / Llama teacher).
 
 A LoRA teacher never trains wte, so its table is the base model's. When the student is as wide as the teacher the
 table is copied unchanged. When it is narrower, the table is projected onto its top `student.embed_dim` principal
@@ -35,11 +36,22 @@ def teacher_wte(teacher) -> np.ndarray:
     """The teacher's token embedding table [V, D] (float32 on the host); `teacher` is a restored Teacher or
     {seed: Teacher}, whose tables must then be one table (a pretrained or one random-init base: they are)."""
     teachers = list(teacher.values()) if isinstance(teacher, dict) else [teacher]
-    tables = [np.asarray(jax.device_get(t.params["gpt2"]["wte"]["embedding"]), np.float32) for t in teachers]
+    tables = [np.asarray(jax.device_get(_token_table(t)), np.float32) for t in teachers]
     if any(not np.array_equal(tables[0], t) for t in tables[1:]):
         raise ConfigError("student.embeddings=teacher: the per-seed teachers have different token embeddings, so "
                           "there is no one table to start from; use student.embeddings=random or one teacher dir")
     return tables[0]
+
+
+def _token_table(teacher) -> jax.Array:
+    """GPT-2's wte, BERT / RoBERTa's embeddings.word_embeddings or Llama's embed_tokens (transformers' names)."""
+    from lora_kd_jax.distill.teacher import base_key
+
+    base = teacher.params[base_key(teacher.model)]
+    if "wte" in base:
+        return base["wte"]["embedding"]
+    table = base["embed_tokens"] if "embed_tokens" in base else base["embeddings"]["word_embeddings"]
+    return table["embedding"]
 
 
 def student_embedding(cfg: Config, teacher) -> np.ndarray | None:

@@ -1,4 +1,5 @@
-"""The teacher of a distillation: a finished LoRA run (read through `runs.reader.open_run`), merged into plain GPT-2
+"""The teacher of a distillation: a finished LoRA run (read through `runs.reader.open_run`) of any family (GPT-2,
+BERT, RoBERTa, Llama: the student then reads that teacher's tokenizer and vocabulary), merged into plain base
 weights, frozen and run in eval mode; which teacher teaches which student seed; its logits for a whole split.
 
 The teacher is frozen and deterministic, so by default its logits for the training split are computed once and
@@ -23,9 +24,10 @@ import numpy as np
 
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision
-from lora_kd_jax.core.config import Config, n_outputs
+from lora_kd_jax.core.config import Config, ConfigError, n_outputs
 from lora_kd_jax.data.tasks import label_names
 from lora_kd_jax.core.keys import seed_list
+from lora_kd_jax.models import families
 from lora_kd_jax.models.classifier import GPT2Classifier
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.runs import rundir
@@ -43,8 +45,8 @@ Params = dict[str, Any]
 class Teacher:
     """A restored, merged, frozen LoRA teacher."""
 
-    model: GPT2Classifier  # no LoRA spec: params are merged plain weights
-    params: Params  # {'gpt2': merged base, 'head': ...}, placed like a frozen base
+    model: GPT2Classifier | Any  # GPT2Classifier or EncoderClassifier; no LoRA spec: params are merged plain weights
+    params: Params  # {'gpt2' (or the family's prefix): merged base, 'head': ...}, placed like a frozen base
     config: Config  # the teacher run's own config
     run_dir: Path
     total_params: int
@@ -76,14 +78,12 @@ def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
     if info.kind is None:
         raise runs.RunError(f"distill.teacher: {info.path} has no {rundir.METRICS_FILE}: that run never finished an "
                             "epoch, so it has no best checkpoint to distil from")
-    if info.config.model.type != "gpt2":  # the student's data is tokenized GPT-2's way; other teachers: not yet
-        raise runs.RunError(f"distill.teacher: the teacher in {info.path} is a {info.config.model.type} run; "
-                            "distillation takes GPT-2 teachers (model.type=gpt2) for now")
-    t_vocab, s_vocab = info.config.model.vocab_size, cfg.student.vocab_size
-    if t_vocab != s_vocab:
-        raise runs.RunError(f"distill.teacher: vocabulary size differs: the teacher in {info.path} has "
-                            f"model.vocab_size={t_vocab}, the student has student.vocab_size={s_vocab}; they must "
-                            "read the same token ids")
+    if info.config.model.type == "gpt2":  # another family's teacher sets the student's vocabulary (`in_teacher_vocab`)
+        t_vocab, s_vocab = info.config.model.vocab_size, cfg.student.vocab_size
+        if t_vocab != s_vocab:
+            raise runs.RunError(f"distill.teacher: vocabulary size differs: the teacher in {info.path} has "
+                                f"model.vocab_size={t_vocab}, the student has student.vocab_size={s_vocab}; they "
+                                "must read the same token ids")
     theirs, ours = (label_names(c) or ("regression",) for c in (info.config, cfg))
     if (n_outputs(info.config), theirs) != (n_outputs(cfg), ours):
         raise runs.RunError(f"distill.teacher: the teacher in {info.path} learned the labels {', '.join(theirs)} "
@@ -93,6 +93,36 @@ def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
         log.warning("distill.teacher: %s finished %d of its %d epochs; distilling from its best epoch so far",
                     info.path, info.epochs_done, info.config.train.epochs)
     return info
+
+
+def in_teacher_vocabulary(cfg: Config, infos: dict[int, runs.RunInfo]) -> Config:
+    """`cfg` reading its data as a BERT / RoBERTa / Llama teacher does: the teacher run's model section (so
+    `tokenizer_for` gives its tokenizer, and the student's config.yaml names it for `evaluate`), its tokenizer dir as
+    data.tokenizer, and student.vocab_size = the teacher's model.vocab_size (another value is overridden, with a
+    warning naming both). GPT-2 teachers: `cfg` unchanged (`check_teacher` compares the vocabularies)."""
+    seen = {(i.config.model.type, i.config.model.path, i.config.data.tokenizer, i.config.model.vocab_size)
+            for i in infos.values()}
+    first = next(iter(infos.values()))
+    t = first.config
+    if t.model.type == "gpt2":
+        return cfg
+    if len(seen) > 1:
+        raise ConfigError(f"distill.teacher={cfg.distill.teacher}: its seeds read different checkpoints or "
+                          f"tokenizers ({sorted(map(str, seen))}); a student reads one vocabulary")
+    if cfg.distill.augment:
+        raise ConfigError(f"distill.augment={cfg.distill.augment} with a {t.model.type} teacher: the transfer-set "
+                          "augmentation masks with GPT-2's <|endoftext|> and decodes GPT-2's byte-level BPE; set "
+                          "distill.augment=0 (distill.unlabeled works with every family)")
+    if cfg.data.max_length > t.model.n_positions:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the {t.model.n_positions} positions of the "
+                          f"{t.model.type} teacher in {first.path}; set data.max_length <= {t.model.n_positions}")
+    vocab = t.model.vocab_size
+    if cfg.student.vocab_size != vocab:
+        log.warning("student.vocab_size=%d overridden by the %s teacher's vocabulary: %d (the student reads the "
+                    "teacher's token ids)", cfg.student.vocab_size, t.model.type, vocab)
+    return dataclasses.replace(cfg, model=t.model,
+                               data=dataclasses.replace(cfg.data, tokenizer=t.data.tokenizer or t.model.path),
+                               student=dataclasses.replace(cfg.student, vocab_size=vocab))
 
 
 def teacher_runs(cfg: Config) -> dict[int, runs.RunInfo]:
@@ -116,7 +146,7 @@ def teacher_runs(cfg: Config) -> dict[int, runs.RunInfo]:
                             f"distill.teacher={seeds_lib.seed_dir(path, teacher_seeds[0])}")
     if not cfg.distill.cache_teacher_logits:
         raise runs.RunError(f"distill.teacher={path} is seeded and distill.cache_teacher_logits=false: running "
-                            f"{len(teacher_seeds)} GPT-2 teachers in every step would hold each of them in memory; "
+                            f"{len(teacher_seeds)} teachers in every step would hold each of them in memory; "
                             "use the cached teacher logits (distill.cache_teacher_logits=true, the default)")
     return {seed: check_teacher(str(seeds_lib.seed_dir(path, seed)), cfg) for seed in student_seeds}
 
@@ -133,7 +163,8 @@ def restore_teacher(path: str | runs.RunInfo, cfg: Config) -> Teacher:
     teacher_cfg = run.config
     report = param_report(run.params, run.model.param_labels(run.params))
     merged = run.model.merged(run.params)
-    merged["gpt2"] = cast_frozen(merged["gpt2"], precision.base_dtype(teacher_cfg.model))
+    base = base_key(run.model)
+    merged[base] = cast_frozen(merged[base], precision.base_dtype(teacher_cfg.model))
     place = mesh_lib.run_placement(cfg)
     params = place.frozen(merged)
     teacher = Teacher(model=dataclasses.replace(run.model, spec=None, base=None), params=params, config=teacher_cfg,
@@ -141,9 +172,15 @@ def restore_teacher(path: str | runs.RunInfo, cfg: Config) -> Teacher:
                       best_epoch=int(run.summary.get("best_epoch", 0)),
                       val_accuracy=float(run.summary.get("best_val_accuracy", math.nan)), placement=place)
     log.info("teacher %s (%s): best checkpoint, epoch %d, val accuracy %.4f; computes in %s, base stored in %s",
-             run.path, teacher_cfg.model.name, teacher.best_epoch, teacher.val_accuracy,
+             run.path, families.title(teacher_cfg), teacher.best_epoch, teacher.val_accuracy,
              precision.compute_dtype(teacher_cfg.model), precision.base_dtype(teacher_cfg.model))
     return teacher
+
+
+def base_key(model: Any) -> str:
+    """Where a classifier's params keep its base: 'gpt2', or the family's prefix ('bert', 'roberta', 'model')."""
+    family = getattr(model, "family", None)
+    return family.prefix if family is not None else "gpt2"
 
 
 def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_size: int,

@@ -18,7 +18,9 @@ from lora_kd_jax.core.keys import run_keys, seed_list
 from lora_kd_jax.distill import transfer as transfer_lib
 from lora_kd_jax.distill.embeddings import student_embedding
 from lora_kd_jax.distill.losses import teacher_objective
-from lora_kd_jax.distill.teacher import Teacher, restore_teachers, teacher_logits_for, teacher_runs
+from lora_kd_jax.distill.teacher import (Teacher, in_teacher_vocabulary, restore_teachers, teacher_logits_for,
+                                         teacher_runs)
+from lora_kd_jax.models import families
 from lora_kd_jax.models.student import StudentClassifier, build_student
 from lora_kd_jax.training import loop
 from lora_kd_jax.training import mesh as mesh_lib
@@ -70,7 +72,7 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
 
 
 def _teacher_info(teacher: Teacher) -> dict:
-    return {"teacher": str(teacher.run_dir), "teacher_model": teacher.config.model.name,
+    return {"teacher": str(teacher.run_dir), "teacher_model": families.title(teacher.config),
             "teacher_total_params": teacher.total_params, "teacher_trainable_params": teacher.trainable_params,
             "teacher_val_accuracy": teacher.val_accuracy,
             "teacher_compute_dtype": precision.compute_dtype(teacher.config.model),
@@ -123,7 +125,7 @@ def build_distill_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], te
     if transfer:
         info["transfer_set"] = {**transfer.report, "teacher_labelling": labelling}
     return _task(cfg, splits, kind="distill", consts=consts, objective=objective, info=info,
-                 title=f"DistilRNN ({first.config.model.name} teacher)", place=place, consts_axes=consts_axes,
+                 title=f"DistilRNN ({families.title(first.config)} teacher)", place=place, consts_axes=consts_axes,
                  seed_info=seed_info, seed_labels=seed_labels, embedding=student_embedding(cfg, teacher))
 
 
@@ -139,6 +141,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, profile
     runtime.setup(cfg)
     cfg = data_lib.resolve_task(cfg)
     infos = teacher_runs(cfg)
+    cfg = in_teacher_vocabulary(cfg, infos)  # a BERT / RoBERTa / Llama teacher: its tokenizer and vocabulary
     return loop.train_and_evaluate(cfg, lambda splits: build_distill_task(cfg, splits, restore_teachers(infos, cfg)),
                                    resume=resume, progress=progress, profile=profile)
 
@@ -154,6 +157,7 @@ def train_rnn(cfg: Config, *, resume: bool = False, progress: bool = True, profi
             raise ConfigError("student.embeddings=teacher needs distill.teacher=RUN_DIR: the LoRA run whose token "
                               "embeddings (wte) the student starts from")
         infos = teacher_runs(cfg)
+        cfg = in_teacher_vocabulary(cfg, infos)
 
     def build(splits: dict[str, data_lib.EncodedSplit]) -> Task:
         embedding = student_embedding(cfg, restore_teachers(infos, cfg)) if infos else None

@@ -23,7 +23,7 @@ import numpy as np
 
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.data import augment as augment_lib
-from lora_kd_jax.data.encoding import EncodedSplit, encode, load_tokenizer
+from lora_kd_jax.data.encoding import EncodedSplit, encode, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def build_transfer_set(cfg: Config, train: EncodedSplit) -> TransferSet:
     """The training split, its augmented copies and the unlabeled file's sentences, encoded as the run encodes."""
     d = cfg.distill
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = tokenizer_for(cfg)  # GPT-2's, or the teacher family's (`teacher.in_teacher_vocabulary`)
     made: list[str] = []
     report: dict[str, Any] = {"train": len(train), "augment": d.augment}
     if d.augment:

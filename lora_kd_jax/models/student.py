@@ -230,6 +230,9 @@ class StudentClassifier:
 
     def logits(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
                deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+        # the batcher's fill rows carry GPT-2's pad id (weight 0): past a smaller (BERT / RoBERTa / Llama teacher's)
+        # vocabulary it would read NaN rows of the table, so any id beyond it reads row 0
+        input_ids = jnp.where(input_ids < self.module.vocab_size, input_ids, 0)
         if isinstance(self.module, RNNStudent):
             return self.module.apply({"params": params}, input_ids, attention_mask)
         rngs = {} if deterministic or rng is None else {"dropout": rng}
