@@ -75,9 +75,9 @@ def batch_iterator(
     Yields dicts with 'input_ids' int32 [B,L], 'attention_mask' int32 [B,L], 'labels' int32 [B] and
     'weights' float32 [B] (1.0 real row, 0.0 padding row) and 'index' int32 [B] (row in `split`, 0 on padding
     rows; lets a step gather per-example arrays such as cached teacher logits on device), and 'token_type_ids'
-    int32 [B,L] when the split has them (BERT's sentence pairs; `models.interface.token_inputs` passes them on). The last partial batch
-    is kept and filled with padding rows: weights 0, input_ids PAD_ID, attention_mask with a single 1 at position 0
-    (so "last real token" indexing stays in range), label 0. Order: when shuffle, jax.random.permutation of N keyed by
+    int32 [B,L] when the split has them (BERT's sentence pairs; `models.interface.token_inputs` passes them on).
+    The last partial batch is kept and filled with padding rows: weights 0, input_ids PAD_ID, attention_mask with a
+    single 1 at position 0 (so "last real token" indexing stays in range), token types and label 0. Order: when shuffle, jax.random.permutation of N keyed by
     fold_in(key(seed), epoch); else file order. start_batch skips the first k batches of that epoch's order,
     so a resumed run sees exactly the batches it had not yet seen.
 
