@@ -143,22 +143,23 @@ def test_forward_matches_pytorch(fam):
     assert err_plain <= OUTPUT_RTOL and err_lora <= OUTPUT_RTOL, (err_plain, err_lora)
 
 
-@pytest.mark.parametrize("fam", ["bert", "roberta"], indirect=True)
 def test_pairs_encode_and_classify_as_pytorch(fam):
     """Sentence pairs: the ids, mask (and BERT's token types) the PyTorch tokenizer gives for (text, text_pair) with
     truncation="longest_first", cut pairs counted; the logits through the batcher equal PyTorch's classifier's."""
+    fam.saved_tok.padding_side = "right"  # Llama's pads left by default; the library's pads right
     s = cola_sentences()
     longest = sorted(s[:300], key=len)[-2:]
     first, second = [s[0], s[2], longest[0], longest[1]], [s[1], s[3], longest[1], "Yes."]
-    width = 48 if fam.name == "bert" else 60  # cuts rows 0, 2, 3 (3: only its long first text), not row 1
+    width = {"bert": 48, "roberta": 60, "llama": 60}[fam.name]  # cuts rows 0, 2, 3 (3: only its long first text), not row 1
     split = encode_pairs(first, second, np.array([0, 1, 1, 0]), fam.tok, width)
     want = fam.saved_tok(first, second, padding="max_length", truncation="longest_first", max_length=width)
     np.testing.assert_array_equal(split.input_ids, np.asarray(want["input_ids"]))
     np.testing.assert_array_equal(split.attention_mask, np.asarray(want["attention_mask"]))
     full = [len(ids) for ids in fam.saved_tok(first, second)["input_ids"]]
     assert split.truncated_rows.tolist() == [n > width for n in full] == [True, False, True, True], full
-    sep = fam.tok.sep_token_id
-    assert ((split.input_ids == sep).sum(axis=1) == (2 if fam.name == "bert" else 3)).all()  # <s> a </s></s> b </s>
+    seps = {"bert": (fam.tok.sep_token_id, 2), "roberta": (fam.tok.sep_token_id, 3), "llama": (fam.tok.bos_token_id, 2)}
+    sep, count = seps[fam.name]  # [CLS] a [SEP] b [SEP]; <s> a </s></s> b </s>; this tokenizer's <s> a <s> b
+    assert ((split.input_ids == sep).sum(axis=1) == count).all()
     if fam.name == "bert":
         np.testing.assert_array_equal(split.token_type_ids, np.asarray(want["token_type_ids"]))
         assert (split.token_type_ids == 1).any(axis=1).all()
