@@ -75,15 +75,20 @@ def test_student_reads_the_bert_teachers_token_ids_and_evaluates(bert_kd):
     assert report.rows == 8 and np.isfinite(report.loss)
 
 
-def test_bert_teacher_refuses_augment_in_one_line(bert_kd):
+def test_bert_teacher_refuses_augment_and_pairs_in_one_line(bert_kd):
+    """Refused, not run wrong: augmentation (GPT-2's mask token) and sentence pairs (the teacher would not get
+    BERT's token_type_ids)."""
     from dataclasses import replace
 
     from lora_kd_jax.distill.teacher import in_teacher_vocabulary, teacher_runs
 
     cfg = bert_kd.student_cfg
-    cfg = replace(cfg, distill=replace(cfg.distill, augment=2, unlabeled=""))
+    augmented = replace(cfg, distill=replace(cfg.distill, augment=2, unlabeled=""))
     with pytest.raises(ConfigError, match="distill.augment=2 with a bert teacher"):
-        in_teacher_vocabulary(cfg, teacher_runs(cfg))
+        in_teacher_vocabulary(augmented, teacher_runs(augmented))
+    pairs = replace(cfg, data=replace(cfg.data, text_pair="sentence2"))
+    with pytest.raises(ConfigError, match="data.text_pair=sentence2 with a bert teacher"):
+        in_teacher_vocabulary(pairs, teacher_runs(pairs))
 
 
 def test_embeddings_teacher_takes_the_bert_word_embeddings(bert_kd):

@@ -24,10 +24,11 @@ from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
 
 from lora_kd_jax.core.config import load_config  # noqa: E402
 from lora_kd_jax.core.families import ENCODERS as FAMILIES  # noqa: E402
-from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator, encode, num_batches  # noqa: E402
+from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator, encode, encode_pairs, num_batches  # noqa: E402
 from lora_kd_jax.data.encoding import load_family_tokenizer  # noqa: E402
 from lora_kd_jax.lora import encoder_format, export  # noqa: E402
 from lora_kd_jax.models import families  # noqa: E402
+from lora_kd_jax.models.interface import token_inputs  # noqa: E402
 from lora_kd_jax.training.state import combine, partition, train_state  # noqa: E402
 from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums, make_train_step  # noqa: E402
 
@@ -125,15 +126,53 @@ def test_tokenizer_encodes_as_pytorch(fam):
     assert (fam.split.attention_mask[:, -1] == 0).any()  # some rows are padded
 
 
-def test_forward_matches_pytorch(fam):
-    """Logits of the plain classifier (head included) vs AutoModelForSequenceClassification, and with LoRA vs PEFT."""
+def _plain_params(fam) -> dict:
+    """The checkpoint's own classifier (no LoRA, the PyTorch head): what AutoModelForSequenceClassification holds."""
     plain = {k: v for k, v in fam.params.items() if k != "lora"}
     plain["head"] = encoder_format.head_from_torch(
         {k: v.numpy() for k, v in fam.torch.state_dict().items() if encoder_format.is_head_key(k)}, plain["head"],
         "torch")
+    return plain
+
+
+def test_forward_matches_pytorch(fam):
+    """Logits of the plain classifier (head included) vs AutoModelForSequenceClassification, and with LoRA vs PEFT."""
+    plain = _plain_params(fam)
     err_plain = ref_lib.max_rel_err(_jax_logits(fam.model, plain, fam.split), _torch_logits(fam.torch, fam.split))
     err_lora = ref_lib.max_rel_err(_jax_logits(fam.model, fam.params, fam.split), _torch_logits(fam.twin, fam.split))
     assert err_plain <= OUTPUT_RTOL and err_lora <= OUTPUT_RTOL, (err_plain, err_lora)
+
+
+def test_pairs_encode_and_classify_as_pytorch(fam):
+    """Sentence pairs: the ids, mask (and BERT's token types) the PyTorch tokenizer gives for (text, text_pair) with
+    truncation="longest_first", cut pairs counted; the logits through the batcher equal PyTorch's classifier's."""
+    fam.saved_tok.padding_side = "right"  # Llama's pads left by default; the library's pads right
+    s = cola_sentences()
+    longest = sorted(s[:300], key=len)[-2:]
+    first, second = [s[0], s[2], longest[0], longest[1]], [s[1], s[3], longest[1], "Yes."]
+    width = {"bert": 48, "roberta": 60, "llama": 60}[fam.name]  # cuts rows 0, 2, 3 (3: only its long first text), not row 1
+    split = encode_pairs(first, second, np.array([0, 1, 1, 0]), fam.tok, width)
+    want = fam.saved_tok(first, second, padding="max_length", truncation="longest_first", max_length=width)
+    np.testing.assert_array_equal(split.input_ids, np.asarray(want["input_ids"]))
+    np.testing.assert_array_equal(split.attention_mask, np.asarray(want["attention_mask"]))
+    full = [len(ids) for ids in fam.saved_tok(first, second)["input_ids"]]
+    assert split.truncated_rows.tolist() == [n > width for n in full] == [True, False, True, True], full
+    seps = {"bert": (fam.tok.sep_token_id, 2), "roberta": (fam.tok.sep_token_id, 3), "llama": (fam.tok.bos_token_id, 2)}
+    sep, count = seps[fam.name]  # [CLS] a [SEP] b [SEP]; <s> a </s></s> b </s>; this tokenizer's <s> a <s> b
+    assert ((split.input_ids == sep).sum(axis=1) == count).all()
+    if fam.name == "bert":
+        np.testing.assert_array_equal(split.token_type_ids, np.asarray(want["token_type_ids"]))
+        assert (split.token_type_ids == 1).any(axis=1).all()
+    else:
+        assert split.token_type_ids is None
+    batch = next(batch_iterator(split, 6, shuffle=False))  # two weight-0 fill rows, as a last partial batch
+    assert ("token_type_ids" in batch) == (fam.name == "bert")
+    got = np.asarray(jax.jit(fam.model.logits)(_plain_params(fam), batch["input_ids"], batch["attention_mask"],
+                                               **token_inputs(batch)))[:4]
+    with torch.no_grad():
+        want_logits = fam.torch(**{k: torch.tensor(np.asarray(v), dtype=torch.int64) for k, v in want.items()}).logits
+    err = ref_lib.max_rel_err(got, want_logits.numpy())
+    assert err <= OUTPUT_RTOL, err
 
 
 def grad_errs_vs_peft(model, params: dict, twin, split: EncodedSplit) -> dict[str, float]:

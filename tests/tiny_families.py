@@ -33,7 +33,7 @@ def train_tokenizer(family: str, out_dir: Path):
         special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok.train_from_iterator(cola_sentences(), trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=special))
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
         tok.decoder = decoders.WordPiece()
         fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",

@@ -116,6 +116,7 @@ class Predictor:
 
         from lora_kd_jax.core import metrics as metrics_lib
         from lora_kd_jax.training import mesh as mesh_lib
+        from lora_kd_jax.models.interface import token_inputs
         from lora_kd_jax.core.config import DistributedConfig, MeshConfig
 
         self.run = run
@@ -137,7 +138,7 @@ class Predictor:
         model = run.model
 
         def step(params: Any, batch: dict) -> tuple[jax.Array, dict]:
-            logits = model.logits(params, batch["input_ids"], batch["attention_mask"])
+            logits = model.logits(params, batch["input_ids"], batch["attention_mask"], **token_inputs(batch))
             return logits, metrics_lib.eval_sums(logits, batch)
 
         replicated = mesh_lib.replicated(self.placement.mesh)

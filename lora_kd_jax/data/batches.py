@@ -17,6 +17,8 @@ from lora_kd_jax.data.encoding import EncodedSplit
 from lora_kd_jax.data.errors import DataError
 from lora_kd_jax.core.gpt2_layout import PAD_ID
 
+TOKEN_ARRAYS = {"input_ids": PAD_ID, "attention_mask": 0, "token_type_ids": 0}  # [B, L] arrays and their padding
+
 
 def num_batches(n: int, batch_size: int) -> int:
     """Batches per epoch: ceil(n / batch_size), because the last partial batch is kept (padded)."""
@@ -72,9 +74,10 @@ def batch_iterator(
 
     Yields dicts with 'input_ids' int32 [B,L], 'attention_mask' int32 [B,L], 'labels' int32 [B] and
     'weights' float32 [B] (1.0 real row, 0.0 padding row) and 'index' int32 [B] (row in `split`, 0 on padding
-    rows; lets a step gather per-example arrays such as cached teacher logits on device). The last partial batch
-    is kept and filled with padding rows: weights 0, input_ids PAD_ID, attention_mask with a single 1 at position 0
-    (so "last real token" indexing stays in range), label 0. Order: when shuffle, jax.random.permutation of N keyed by
+    rows; lets a step gather per-example arrays such as cached teacher logits on device), and 'token_type_ids'
+    int32 [B,L] when the split has them (BERT's sentence pairs; `models.interface.token_inputs` passes them on).
+    The last partial batch is kept and filled with padding rows: weights 0, input_ids PAD_ID, attention_mask with a
+    single 1 at position 0 (so "last real token" indexing stays in range), token types and label 0. Order: when shuffle, jax.random.permutation of N keyed by
     fold_in(key(seed), epoch); else file order. start_batch skips the first k batches of that epoch's order,
     so a resumed run sees exactly the batches it had not yet seen.
 
@@ -110,11 +113,15 @@ def batch_iterator(
         attention_mask[k:, 0] = 1
         labels[:k] = split.labels[idx]
         weights[:k] = 1.0
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights,
+                 "index": index}
+        if split.token_type_ids is not None:  # BERT's pairs: segment 0 / 1; padding rows and positions 0
+            batch["token_type_ids"] = np.zeros((batch_size, seq_len), dtype=np.int32)
+            batch["token_type_ids"][:k] = split.token_type_ids[idx]
         if lengths:
             keep = bucket_length(int(attention_mask.sum(axis=1).max()), lengths, seq_len)
-            input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
-        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights,
-               "index": index}
+            batch.update({name: batch[name][:, :keep] for name in TOKEN_ARRAYS if name in batch})
+        yield batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +184,8 @@ def stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndar
     def widen(x: np.ndarray, fill: int) -> np.ndarray:
         return np.pad(x, ((0, 0), (0, longest - x.shape[1])), constant_values=fill) if x.shape[1] < longest else x
 
-    out = {k: np.stack([b[k] for b in batches]) for k in batches[0] if k not in ("input_ids", "attention_mask")}
-    out["input_ids"] = np.stack([widen(b["input_ids"], PAD_ID) for b in batches])
-    out["attention_mask"] = np.stack([widen(b["attention_mask"], 0) for b in batches])
-    return out
+    return {k: np.stack([widen(b[k], TOKEN_ARRAYS[k]) if k in TOKEN_ARRAYS else b[k] for b in batches])
+            for k in batches[0]}
 
 
 def bucket_length(longest: int, lengths: Sequence[int], seq_len: int) -> int:

@@ -130,6 +130,7 @@ class EncodedSplit:
     labels: np.ndarray  # int32 [N] class ids, or float32 [N] targets of a regression run
     n_truncated: int  # sentences (or pairs) longer than max_length that were cut
     truncated_rows: np.ndarray | None = None  # bool [N]: which rows were cut (set by `encode`)
+    token_type_ids: np.ndarray | None = None  # int32 [N, max_length]: BERT's segment ids of a pair (0 a, 1 b)
 
     def __post_init__(self) -> None:
         ids, mask, labels = self.input_ids, self.attention_mask, self.labels
@@ -138,7 +139,10 @@ class EncodedSplit:
                 f"EncodedSplit: inconsistent shapes input_ids {ids.shape}, attention_mask {mask.shape}, "
                 f"labels {labels.shape}; expected [N, L], [N, L], [N]"
             )
-        for field, arr in (("input_ids", ids), ("attention_mask", mask)):
+        types = () if self.token_type_ids is None else (("token_type_ids", self.token_type_ids),)
+        for field, arr in (("input_ids", ids), ("attention_mask", mask), *types):
+            if arr.shape != ids.shape:
+                raise DataError(f"EncodedSplit: {field} has shape {arr.shape}; expected {ids.shape}")
             if arr.dtype != np.int32:
                 raise DataError(f"EncodedSplit: {field} has dtype {arr.dtype}; expected int32")
         if labels.dtype not in (np.int32, np.float32):
@@ -220,42 +224,79 @@ def fair_split(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
 
 def encode_pairs(first: Sequence[str], second: Sequence[str], labels: np.ndarray, tokenizer,
                  max_length: int) -> EncodedSplit:
-    """Sentence pairs as one GPT-2 sequence: first text, GPT-2's end-of-text token (id 50256) as the separator,
-    second text; right padded. GPT-2 has no separator token: <|endoftext|> is the one special token it knows (it
-    sat between documents in pretraining), and a new token would need a new, untrained embedding row. Each text is
-    tokenized on its own (as transformers' tokenizers encode a pair); when the two do not fit, `fair_split` spends
-    the max_length - 1 tokens between them, cutting each at its end. Cut pairs are counted and logged."""
+    """Sentence pairs as one right-padded sequence, the way the model's family reads them: GPT-2 (no pair template)
+    gets `_gpt2_pairs`; BERT / RoBERTa / Llama get their own tokenizer's pair template (`_template_pairs`). Cut
+    pairs are counted and logged."""
     first, second, labels = list(first), list(second), np.asarray(labels)
     n = len(first)
-    if not isinstance(max_length, int) or max_length < 3:
-        raise DataError(f"max_length={max_length!r}: a sentence pair needs at least 3 tokens (one of each text and "
-                        "the separator)")
     if len(second) != n or labels.shape != (n,):
         raise DataError(f"encode_pairs: {n} first texts, {len(second)} second texts and labels of shape "
                         f"{labels.shape}; expected the same number of each")
-    if tokenizer.pad_token_id != PAD_ID:
-        raise DataError(f"encode_pairs: a sentence pair is encoded GPT-2's way (its <|endoftext|>, id {PAD_ID}, "
-                        f"between the texts), but this tokenizer pads with id {tokenizer.pad_token_id}: pairs are not "
-                        "supported for model.type bert / roberta / llama yet; use single sentences (drop "
-                        "data.text_pair)")
-    ids = np.full((n, max_length), PAD_ID, np.int32)
-    mask = np.zeros((n, max_length), np.int32)
-    truncated = np.zeros((n,), bool)
-    tokens_a = tokenizer(first, truncation=False)["input_ids"] if n else []
-    tokens_b = tokenizer(second, truncation=False)["input_ids"] if n else []
+    if tokenizer.pad_token_id is None:
+        raise DataError("encode_pairs: the tokenizer has no pad token (load it with load_tokenizer / "
+                        "load_family_tokenizer)")
+    gpt2 = tokenizer.pad_token_id == PAD_ID and tokenizer.num_special_tokens_to_add(pair=True) == 0
+    least = 3 if gpt2 else tokenizer.num_special_tokens_to_add(pair=True) + 2
+    if not isinstance(max_length, int) or max_length < least:
+        raise DataError(f"max_length={max_length!r}: a sentence pair needs at least {least} tokens (one of each text "
+                        f"and {least - 2} the tokenizer adds)" if not gpt2 else
+                        f"max_length={max_length!r}: a sentence pair needs at least 3 tokens (one of each text and "
+                        "the separator)")
+    tokens_a, tokens_b = ([tokenizer(texts, add_special_tokens=False)["input_ids"] if n else [] for texts in
+                           (first, second)])
     for i, (a, b) in enumerate(zip(tokens_a, tokens_b)):
         if not a or not b:
             raise DataError(f"encode_pairs: pair {i} ({first[i]!r}, {second[i]!r}) has a text of 0 tokens")
+    split = (_gpt2_pairs(tokens_a, tokens_b, _label_array(labels), max_length) if gpt2 else
+             _template_pairs(first, second, _label_array(labels), tokenizer, max_length))
+    if split.n_truncated:
+        how = "split fairly" if gpt2 else "cut from the longer text first, as transformers' longest_first"
+        logger.info("truncated %d of %d sentence pairs to %d tokens (the budget %s)", split.n_truncated, n,
+                    max_length, how)
+    return split
+
+
+def _gpt2_pairs(tokens_a: list[list[int]], tokens_b: list[list[int]], labels: np.ndarray,
+                max_length: int) -> EncodedSplit:
+    """First text, GPT-2's end-of-text token (id 50256) as the separator, second text. GPT-2 has no separator token:
+    <|endoftext|> is the one special token it knows (it sat between documents in pretraining), and a new token would
+    need a new, untrained embedding row. Each text is tokenized on its own (as transformers' tokenizers encode a
+    pair); when the two do not fit, `fair_split` spends the max_length - 1 tokens between them, cutting each at its
+    end."""
+    n = len(tokens_a)
+    ids = np.full((n, max_length), PAD_ID, np.int32)
+    mask = np.zeros((n, max_length), np.int32)
+    truncated = np.zeros((n,), bool)
+    for i, (a, b) in enumerate(zip(tokens_a, tokens_b)):
         keep_a, keep_b = fair_split(len(a), len(b), max_length - 1)
         row = [*a[:keep_a], PAD_ID, *b[:keep_b]]
         ids[i, :len(row)] = row
         mask[i, :len(row)] = 1
         truncated[i] = keep_a < len(a) or keep_b < len(b)
-    n_truncated = int(truncated.sum())
-    if n_truncated:
-        logger.info("truncated %d of %d sentence pairs to %d tokens (the budget split fairly between the two texts)",
-                    n_truncated, n, max_length)
-    return EncodedSplit(ids, mask, _label_array(labels), n_truncated, truncated)
+    return EncodedSplit(ids, mask, labels, int(truncated.sum()), truncated)
+
+
+def _template_pairs(first: list[str], second: list[str], labels: np.ndarray, tokenizer,
+                    max_length: int) -> EncodedSplit:
+    """The family tokenizer called on (text, text_pair), as PyTorch code calls it: its own template ([CLS] a [SEP] b
+    [SEP] with token types 0 / 1 for BERT, <s> a </s></s> b </s> for RoBERTa, Llama's as its tokenizer gives) and
+    transformers' truncation="longest_first" (a token off the longer text at a time). Token types are kept when the
+    tokenizer returns them (BERT's; RoBERTa's and Llama's take none)."""
+    n = len(first)
+    if n == 0:
+        empty = np.zeros((0, max_length), np.int32)
+        return EncodedSplit(empty, empty.copy(), labels, 0, np.zeros((0,), bool))
+    full = np.array([len(ids) for ids in tokenizer(first, second, truncation=False)["input_ids"]], np.int64)
+    enc = tokenizer(first, second, truncation="longest_first", max_length=max_length, padding="max_length",
+                    return_tensors="np")
+    ids, mask = (np.asarray(enc[k], dtype=np.int32) for k in ("input_ids", "attention_mask"))
+    expected_mask = (np.arange(max_length)[None, :] < np.minimum(full, max_length)[:, None]).astype(np.int32)
+    if ids.shape != (n, max_length) or not np.array_equal(mask, expected_mask):
+        raise DataError("encode_pairs: tokenizer output is not right-truncated and right-padded to max_length "
+                        f"(padding_side={tokenizer.padding_side!r}); expected 'right'")
+    types = np.asarray(enc["token_type_ids"], dtype=np.int32) if "token_type_ids" in enc else None
+    truncated = full > max_length
+    return EncodedSplit(ids, mask, labels, int(truncated.sum()), truncated, types)
 
 
 def encode_splits(ds: Mapping[str, Any], tokenizer, max_length: int) -> dict[str, EncodedSplit]:

@@ -109,6 +109,10 @@ def in_teacher_vocabulary(cfg: Config, infos: dict[int, runs.RunInfo]) -> Config
     if len(seen) > 1:
         raise ConfigError(f"distill.teacher={cfg.distill.teacher}: its seeds read different checkpoints or "
                           f"tokenizers ({sorted(map(str, seen))}); a student reads one vocabulary")
+    if cfg.data.text_pair and t.model.type == "bert":
+        raise ConfigError(f"data.text_pair={cfg.data.text_pair} with a bert teacher: distillation does not yet pass "
+                          "BERT's token_type_ids to the teacher (its pair logits would read every token as the first "
+                          "text's); distil single sentences, or train the student on its labels (train-rnn)")
     if cfg.distill.augment:
         raise ConfigError(f"distill.augment={cfg.distill.augment} with a {t.model.type} teacher: the transfer-set "
                           "augmentation masks with GPT-2's <|endoftext|> and decodes GPT-2's byte-level BPE; set "

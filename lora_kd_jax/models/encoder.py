@@ -89,12 +89,13 @@ def build_module(config: Any, family: Family, dtype: str = "float32") -> Any:
     return Module(config, dtype=precision.dtype(dtype, "compute"), add_pooling_layer=family.name == "bert")
 
 
-def _inputs(module: Any, ids: jax.Array, mask: jax.Array, positions: jax.Array) -> tuple:
+def _inputs(module: Any, ids: jax.Array, mask: jax.Array, positions: jax.Array,
+            token_types: jax.Array | None = None) -> tuple:
     """The positional arguments of the base module: Llama's are (ids, mask, positions), the encoders' have token
-    types (all 0: single sentences) before the positions."""
+    types (BERT's pairs: 0 / 1; None: all 0, single sentences and RoBERTa) before the positions."""
     if "Llama" in type(module).__name__:
         return ids, mask, positions
-    return ids, mask, jnp.zeros_like(ids), positions
+    return ids, mask, jnp.zeros_like(ids) if token_types is None else token_types, positions
 
 
 def _example(module: Any) -> tuple:
@@ -220,7 +221,12 @@ class EncoderClassifier:
         return f"{self.name or self.family.name}{rank}"
 
     def logits(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
-               deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+               deterministic: bool = True, rng: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None) -> jax.Array:
+        """`token_type_ids`: BERT's segment ids of a sentence pair (0 first text, 1 second; padding 0); None = all 0.
+        Llama takes none (an error if given) and RoBERTa's single type makes them all 0."""
+        if token_type_ids is not None and self.family.name == "llama":
+            raise ValueError("token_type_ids given to a llama classifier: Llama has no token types")
         base_rng = lora_rng = head_rng = None
         if rng is not None and not deterministic:
             base_rng, lora_rng, head_rng = jax.random.split(rng, 3)
@@ -235,7 +241,7 @@ class EncoderClassifier:
 
         def run():
             return self.module.apply({"params": params[self.family.prefix]},
-                                     *_inputs(self.module, ids, attention_mask, positions),
+                                     *_inputs(self.module, ids, attention_mask, positions, token_type_ids),
                                      deterministic=deterministic,
                                      rngs={"dropout": base_rng} if base_rng is not None else None,
                                      return_dict=False)

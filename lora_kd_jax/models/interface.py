@@ -8,6 +8,10 @@ The trainers, the state recipe, the run reader and evaluation call only this (GP
     logits = model.logits(params, input_ids, attention_mask,  # float32 [B, n_labels]
                           deterministic=True, rng=None)
 
+A batch of BERT sentence pairs also carries 'token_type_ids' (segment 0 / 1); `token_inputs` passes them as the
+keyword `token_type_ids=` to the models that take it (the encoder families), and passes nothing otherwise, so GPT-2's
+and the students' signature is the one above.
+
 Labels name optimizer groups (`training.optimizer` gives each group its transform): FROZEN leaves never train,
 every other label is a trained group. A model decides its own labels because only it knows its tree.
 """
@@ -44,6 +48,12 @@ def lr_scales(model: object) -> dict[str, float]:
     """A model's learning rate multipliers by group ({} = every group at the run's rate): optional, since only a
     model that knows its variants has them (the LoRA classifier's `lr_scales`, LoRA+)."""
     return dict(getattr(model, "lr_scales", None) or {})
+
+
+def token_inputs(batch: dict) -> dict:
+    """The model's keyword inputs of a batch beyond ids and mask: {'token_type_ids': ...} when the batch has them
+    (BERT's pairs, `data.batch_iterator`), else {}."""
+    return {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:

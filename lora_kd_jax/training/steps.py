@@ -12,7 +12,7 @@ import optax
 from flax import traverse_util
 
 from lora_kd_jax.core import metrics as metrics_lib
-from lora_kd_jax.models.interface import ClassifierModel
+from lora_kd_jax.models.interface import ClassifierModel, token_inputs
 from lora_kd_jax.training.state import TrainState, combine, step_key
 
 Params = dict[str, Any]
@@ -64,7 +64,8 @@ def apply_if_finite(tx: optax.GradientTransformation, loss: jax.Array, grads: tu
 def loss_and_sums(model: ClassifierModel, params: Params, consts: Any, batch: Batch, objective: Objective, *,
                   deterministic: bool, rng: jax.Array | None) -> tuple[jax.Array, dict]:
     """(mean objective, metric sums) of the model's logits on one batch: what the train step differentiates."""
-    logits = model.logits(params, batch["input_ids"], batch["attention_mask"], deterministic=deterministic, rng=rng)
+    logits = model.logits(params, batch["input_ids"], batch["attention_mask"], deterministic=deterministic, rng=rng,
+                          **token_inputs(batch))
     mean, total = objective(logits, consts, batch)
     return mean, metrics_lib.batch_sums(logits, batch["labels"], batch["weights"], total)
 
@@ -95,7 +96,7 @@ def accumulated_grads(model: ClassifierModel, objective: Objective, k: int, trai
 
     def micro_loss(p: Params, mb: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
         logits = model.logits(combine(p, frozen), mb["input_ids"], mb["attention_mask"], deterministic=False,
-                              rng=key)
+                              rng=key, **token_inputs(mb))
         _, total = objective(logits, consts, mb)
         return total / denom, metrics_lib.batch_sums(logits, mb["labels"], mb["weights"], total)
 
@@ -155,7 +156,8 @@ def make_eval_step(model: ClassifierModel, seeded: Seeded | None = None) -> Call
 
     def eval_step(state: TrainState, consts: Any, batch: Batch) -> dict:
         params = combine(state.trainable, consts["frozen"])
-        return metrics_lib.eval_sums(model.logits(params, batch["input_ids"], batch["attention_mask"]), batch)
+        logits = model.logits(params, batch["input_ids"], batch["attention_mask"], **token_inputs(batch))
+        return metrics_lib.eval_sums(logits, batch)
 
     if seeded is not None:
         eval_step = jax.vmap(eval_step, in_axes=(0, seeded.consts_axes, None))
