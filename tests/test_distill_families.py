@@ -57,7 +57,8 @@ def teacher_and_student(d, family: str, data: list[str], student: list[str], ckp
 
 def transfer_sentences(kd, copies: int, unlabeled: list[str]) -> tuple[list[str], str]:
     """The transfer set's sentences made anew from the CoLA rows with the teacher's tokenizer (`augment` on the
-    rows decoded, as the run makes them), and the mask token."""
+    rows decoded, as the run makes them), and the mask token; checks that the rows not cut decode to their CoLA
+    sentence (lowercased for BERT's uncased WordPiece) and that each mask written encodes to one mask id."""
     from lora_kd_jax.data import augment as A
     from lora_kd_jax.data.encoding import encode, load_family_tokenizer
     from lora_kd_jax.distill.transfer import decoded_texts
@@ -66,8 +67,13 @@ def transfer_sentences(kd, copies: int, unlabeled: list[str]) -> tuple[list[str]
     rows = encode(cola(), np.zeros(ROWS, np.int32), tok, MAX_LENGTH)
     d = kd.cfg.distill
     mask = A.mask_token(tok)
-    made = A.augment(decoded_texts(rows, tok), copies, d.augment_seed, p_mask=d.p_mask, p_swap=d.p_swap,
-                     p_ngram=d.p_ngram, mask=mask)
+    texts = decoded_texts(rows, tok)
+    whole = [i for i in range(ROWS) if not rows.truncated_rows[i]]
+    case = str.lower if kd.family == "bert" else str
+    assert len(whole) >= ROWS // 4 and all(texts[i].replace(" ' ", "'") == case(cola()[i]) for i in whole), texts
+    made = A.augment(texts, copies, d.augment_seed, p_mask=d.p_mask, p_swap=d.p_swap, p_ngram=d.p_ngram, mask=mask)
+    mask_id = tok.convert_tokens_to_ids(mask)
+    assert all(tok(s)["input_ids"].count(mask_id) == s.count(mask) for s in made.sentences)
     return cola() + made.sentences + unlabeled, mask
 
 
