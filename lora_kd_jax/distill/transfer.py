@@ -26,6 +26,7 @@ import numpy as np
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.data import augment as augment_lib
 from lora_kd_jax.data.encoding import EncodedSplit, encode, tokenizer_for
+from lora_kd_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ def template_sizes(tokenizer) -> tuple[int, int]:
     for start in range(len(full) - len(plain) + 1):
         if full[start:start + len(plain)] == plain:
             return start, len(full) - start - len(plain)
-    raise ValueError(f"{type(tokenizer).__name__}: {probe!r} encodes to {full} with its special tokens and to "
-                     f"{plain} without; expected the second inside the first")
+    raise DataError(f"{type(tokenizer).__name__}: {probe!r} encodes to {full} with its special tokens and to "
+                    f"{plain} without; expected the second inside the first")
 
 
 def decoded_texts(split: EncodedSplit, tokenizer) -> list[str]:
