@@ -466,3 +466,31 @@ def test_encoded_split_validates():
     with pytest.raises(DataError, match="int64"):
         EncodedSplit(ids.astype(np.int64), ids, np.zeros((3,), np.int32), 0)
 
+
+
+def test_batches_pad_with_the_splits_own_pad_id(tmp_path):
+    """A BERT-vocabulary split (its [PAD] is id 0) records its pad id, and the batcher pads with it: the fill row of
+    a last partial batch, and a seed stack's widening (`data.batch_sources` with train.seeds and buckets); never
+    GPT-2's 50256, an id past a small vocabulary (an embedding lookup beyond the table reads NaN)."""
+    from transformers import BertTokenizerFast
+
+    from lora_kd_jax.core.config import load_config
+    from lora_kd_jax.data import batch_sources
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat",
+                                                   "on", "a", "mat"]) + "\n")
+    bert = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    split = encode(["the cat sat on a mat", "a cat", "the mat"], np.array([1, 0, 1]), bert, 10)
+    assert split.pad_id == bert.pad_token_id == 0
+    assert encode(["A cat."], np.array([1]), load_tokenizer(""), 4).pad_id == PAD_ID  # GPT-2's: its eos
+    (batch,) = batch_iterator(split, 4, shuffle=False)
+    assert batch["weights"].tolist() == [1, 1, 1, 0]
+    assert batch["input_ids"][3].tolist() == [0] * 10 and batch["attention_mask"][3].tolist() == [1] + [0] * 9
+    assert batch["input_ids"][:3].tolist() == split.input_ids.tolist()
+    cfg = load_config(None, ["train.batch_size=1", "train.eval_batch_size=1", "data.buckets=4,10",
+                             "train.seeds=[0,1,2,3]"])
+    stacked = list(batch_sources({"train": split, "validation": split}, cfg).train(0, 0))  # [seed, 1, length]
+    widened = [b for b in stacked if len({int(m.sum()) > 4 for m in b["attention_mask"][:, 0]}) == 2]
+    assert widened, "no step where one seed's row is cut to 4 tokens and another's to 10"
+    for b in widened:
+        assert b["input_ids"].shape[-1] == 10 and (b["input_ids"][b["attention_mask"] == 0] == 0).all()

@@ -98,12 +98,58 @@ def test_augment_masks_or_swaps_each_word_then_samples_an_ngram_at_tangs_rates()
 
 def test_mask_is_one_gpt2_id_in_place_of_the_word():
     tok = load_tokenizer("")
+    assert A.mask_token(tok) == M and transfer.template_sizes(tok) == (0, 0)  # GPT-2 adds no special token
     words = "Our friends won't buy this analysis.".split()
     for i in range(len(words)):
         masked = [M if j == i else w for j, w in enumerate(words)]
         pieces = [tok((" " if j else "") + w)["input_ids"] for j, w in enumerate(words)]
         expected = [t for j, p in enumerate(pieces) for t in ([PAD_ID] if j == i else p)]
         assert tok(A.render(masked))["input_ids"] == expected, A.render(masked)
+
+
+@pytest.fixture(scope="module")
+def wordpiece(tmp_path_factory):
+    """BERT's kind of tokenizer: WordPiece trained on CoLA (tests/tiny_families.py), [CLS] ... [SEP] added."""
+    from tiny_families import train_tokenizer
+
+    from lora_kd_jax.data.encoding import load_family_tokenizer
+
+    d = tmp_path_factory.mktemp("wordpiece")
+    train_tokenizer("bert", d)
+    return load_family_tokenizer(str(d), "bert")
+
+
+def test_augmentation_in_a_wordpiece_vocabulary_on_fixed_inputs(wordpiece):
+    """A BERT teacher's rows: decoded with its tokenizer without [CLS] / [SEP] (lowercased, as WordPiece reads
+    them), masked with its [MASK], which encodes to one id in place of the word's pieces; mask-or-swap and whole
+    copies exact for fixed seeds."""
+    from lora_kd_jax.data import encode
+
+    tok = wordpiece
+    sentences = ["The cat sat on the mat.", "John seems to be happy.", "A dog ran on the mat."]
+    rows = encode(sentences, np.zeros(3, np.int32), tok, 20)
+    texts = transfer.decoded_texts(rows, tok)
+    assert texts == ["the cat sat on the mat.", "john seems to be happy.", "a dog ran on the mat."]
+    mask = A.mask_token(tok)
+    assert mask == "[MASK]" and transfer.template_sizes(tok) == (1, 1)
+    words = texts[0].split()
+    pieces = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
+    for i in range(len(words)):
+        masked = [mask if j == i else w for j, w in enumerate(words)]
+        expected = [t for j, p in enumerate(pieces) for t in ([tok.mask_token_id] if j == i else p)]
+        assert tok(A.render(masked, mask))["input_ids"] == [tok.cls_token_id, *expected, tok.sep_token_id]
+    cases = {1: ["the", "cat", mask, "on", "the", "mat."],  # the draws of test_mask_or_swap_on_fixed_inputs
+             6: ["the", "dog", "ran", "on", "the", "mat."],
+             20: [mask, "dog", "ran", mask, mask, "mat."]}
+    for seed, expected in cases.items():
+        assert A.mask_or_swap(words, np.random.default_rng(seed), CLASSES, 0.3, 0.3, mask) == expected, seed
+    made = A.augment(texts, 2, seed=0, p_mask=0.3, p_swap=0.3, p_ngram=0.3, classes=CLASSES, mask=mask)
+    assert made.sentences == ["the[MASK][MASK][MASK] the mat.", "the dog sat[MASK] the[MASK]", "[MASK]",
+                              "john seems to be happy.", "a dog ran on[MASK] mat.", "a cat ran on the mat."]
+    assert made.unchanged == 1
+    ids = tok(made.sentences[1])["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "the", "do", "##g", "sa", "##t", "[MASK]", "the", "[MASK]",
+                                              "[SEP]"]
 
 
 def test_word_classes_group_words_by_their_neighbours():

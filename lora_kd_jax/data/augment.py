@@ -6,11 +6,16 @@ Per word w_i of a sentence, X_i ~ U[0, 1): X_i < p_mask masks it; p_mask <= X_i 
 of its class, drawn from the class's unigram distribution (the word itself left out). Then, with p_ngram, the
 sentence is replaced by a random n-gram of it, n uniform in 1..5 (cut to the sentence's length).
 
-The mask is GPT-2's one special token, <|endoftext|> (id 50256). Tang's [MASK] is the unknown-word token of the
-student; a GPT-2-vocabulary student has neither a mask nor an unknown token, and any ordinary word would be read as
-that word. <|endoftext|> encodes to exactly one id that no text produces, and the student already knows it as "no
-word here" (it pads every row). It is glued to the word before it (`render`), so GPT-2's BPE gives one id for it,
-not a stray space token.
+The mask (`mask_token`) is one token of the vocabulary the student reads, which the tokenizer gives as one id
+in place of the word. GPT-2: its one special token, <|endoftext|> (id 50256). Tang's [MASK] is the unknown-word
+token of the student; a GPT-2-vocabulary student has neither a mask nor an unknown token, and any ordinary word would
+be read as that word. <|endoftext|> encodes to exactly one id that no text produces, and the student already knows
+it as "no word here" (it pads every row). BERT and RoBERTa: their own mask token ([MASK], <mask>), Tang's. Llama:
+no mask token, so its unknown-word token <unk>, Tang's meaning of [MASK] (an unknown word), one id that ordinary
+text does not produce (a byte-fallback tokenizer never does); its pad token would be read as "no word here", as
+GPT-2's is, but a Llama tokenizer need not have one of its own. The mask is glued to the word before it (`render`),
+so a byte-level BPE (GPT-2, RoBERTa) or a metaspace tokenizer (Llama) gives one id for it, not a stray space token;
+WordPiece (BERT) splits it off either way.
 
 Word classes (`word_classes`) stand in for Tang's part-of-speech tags: distributional classes from the training set
 itself (Schütze 1995): each word is described by which frequent words stand just before and just after it, and the
@@ -35,6 +40,21 @@ N_CLASSES = 32  # distributional word classes (about the size of the Penn Treeba
 N_CONTEXT = 64  # the most frequent words that describe a word's left and right neighbours
 KMEANS_ITERATIONS = 30
 _AFFIXES = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)  # leading punctuation, the word, trailing punctuation
+
+
+def mask_token(tokenizer) -> str:
+    """The mask the augmentation writes for `tokenizer`'s vocabulary: its mask token (BERT's [MASK], RoBERTa's
+    <mask>), else its unknown-word token (Llama's <unk>; GPT-2's is its <|endoftext|>, MASK), checked to encode to
+    exactly that one id."""
+    token = tokenizer.mask_token or tokenizer.unk_token
+    if token is None:
+        raise DataError(f"{type(tokenizer).__name__} has neither a mask nor an unknown-word token: distill.augment "
+                        "has no token to mask a word with; set distill.augment=0 (distill.unlabeled needs none)")
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if ids != [tokenizer.convert_tokens_to_ids(token)]:
+        raise DataError(f"the mask token {token!r} encodes to {ids}, not one id: distill.augment would not replace "
+                        "a word by one token; set distill.augment=0")
+    return str(token)
 
 
 def split_word(word: str) -> tuple[str, str, str]:
@@ -114,13 +134,13 @@ def word_classes(sentences: Sequence[str], n_classes: int = N_CLASSES, n_context
 
 
 def mask_or_swap(words: Sequence[str], rng: np.random.Generator, classes: WordClasses, p_mask: float,
-                 p_swap: float) -> list[str]:
-    """Tang's per-word step: one uniform draw per word; below p_mask the word becomes MASK, below p_mask + p_swap
+                 p_swap: float, mask: str = MASK) -> list[str]:
+    """Tang's per-word step: one uniform draw per word; below p_mask the word becomes `mask`, below p_mask + p_swap
     it is swapped (`swap_word`), else kept."""
     out = []
     for w in words:
         x = rng.random()
-        out.append(MASK if x < p_mask else swap_word(w, rng, classes) if x < p_mask + p_swap else w)
+        out.append(mask if x < p_mask else swap_word(w, rng, classes) if x < p_mask + p_swap else w)
     return out
 
 
@@ -152,17 +172,17 @@ def sample_ngram(words: Sequence[str], rng: np.random.Generator) -> list[str]:
 
 
 def augment_words(words: Sequence[str], rng: np.random.Generator, classes: WordClasses, p_mask: float, p_swap: float,
-                  p_ngram: float) -> list[str]:
+                  p_ngram: float, mask: str = MASK) -> list[str]:
     """One augmented copy (Tang et al.): mask-or-swap each word, then with p_ngram keep only a random n-gram."""
-    out = mask_or_swap(words, rng, classes, p_mask, p_swap)
+    out = mask_or_swap(words, rng, classes, p_mask, p_swap, mask)
     return sample_ngram(out, rng) if rng.random() < p_ngram else out
 
 
-def render(words: Sequence[str]) -> str:
-    """Words back to a sentence: joined by spaces, MASK glued to the word before it (one GPT-2 id, no space id)."""
+def render(words: Sequence[str], mask: str = MASK) -> str:
+    """Words back to a sentence: joined by spaces, `mask` glued to the word before it (one id, no space id)."""
     text = ""
     for i, w in enumerate(words):
-        text += w if (i == 0 or w == MASK) else f" {w}"
+        text += w if (i == 0 or w == mask) else f" {w}"
     return text
 
 
@@ -177,17 +197,18 @@ class Augmented:
 
 
 def augment(sentences: Sequence[str], copies: int, seed: int, *, p_mask: float, p_swap: float, p_ngram: float,
-            classes: WordClasses | None = None) -> Augmented:
+            classes: WordClasses | None = None, mask: str = MASK) -> Augmented:
     """Tang et al.'s augmentation, `copies` times per sentence, from one Generator seeded by `seed` (the same
-    sentences every time for the same inputs); the swap's classes from `sentences` unless given."""
+    sentences every time for the same inputs); the swap's classes from `sentences` unless given; `mask` the
+    tokenizer's (`mask_token`; GPT-2's by default)."""
     classes = word_classes(sentences) if classes is None else classes
     rng = np.random.default_rng(seed)
     out, source, unchanged = [], [], 0
     for i, sentence in enumerate(sentences):
         words = sentence.split()
         for _ in range(copies):
-            text = render(augment_words(words, rng, classes, p_mask, p_swap, p_ngram))
-            unchanged += text == render(words)
+            text = render(augment_words(words, rng, classes, p_mask, p_swap, p_ngram, mask), mask)
+            unchanged += text == render(words, mask)
             out.append(text if text else sentence)
             source.append(i)
     return Augmented(out, np.asarray(source, np.int64), unchanged, classes)

@@ -18,6 +18,7 @@ from lora_kd_jax.data.errors import DataError
 from lora_kd_jax.core.gpt2_layout import PAD_ID
 
 TOKEN_ARRAYS = {"input_ids": PAD_ID, "attention_mask": 0, "token_type_ids": 0}  # [B, L] arrays and their padding
+# (input_ids: GPT-2's; a split pads with its tokenizer's own `EncodedSplit.pad_id`, passed on to `stack_batches`)
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -76,8 +77,10 @@ def batch_iterator(
     'weights' float32 [B] (1.0 real row, 0.0 padding row) and 'index' int32 [B] (row in `split`, 0 on padding
     rows; lets a step gather per-example arrays such as cached teacher logits on device), and 'token_type_ids'
     int32 [B,L] when the split has them (BERT's sentence pairs; `models.interface.token_inputs` passes them on).
-    The last partial batch is kept and filled with padding rows: weights 0, input_ids PAD_ID, attention_mask with a
-    single 1 at position 0 (so "last real token" indexing stays in range), token types and label 0. Order: when shuffle, jax.random.permutation of N keyed by
+    The last partial batch is kept and filled with padding rows: weights 0, input_ids the split's own pad id
+    (`EncodedSplit.pad_id`: GPT-2's eos, BERT's [PAD], ...: an id every model of that vocabulary has a row for),
+    attention_mask with a single 1 at position 0 (so "last real token" indexing stays in range), token types and
+    label 0. Order: when shuffle, jax.random.permutation of N keyed by
     fold_in(key(seed), epoch); else file order. start_batch skips the first k batches of that epoch's order,
     so a resumed run sees exactly the batches it had not yet seen.
 
@@ -102,7 +105,7 @@ def batch_iterator(
     for b in range(start_batch, nb):
         idx = order[b * batch_size:(b + 1) * batch_size]
         k = len(idx)
-        input_ids = np.full((batch_size, seq_len), PAD_ID, dtype=np.int32)
+        input_ids = np.full((batch_size, seq_len), split.pad_id, dtype=np.int32)
         attention_mask = np.zeros((batch_size, seq_len), dtype=np.int32)
         labels = np.zeros((batch_size,), dtype=split.labels.dtype)  # int32 ids, float32 regression targets
         weights = np.zeros((batch_size,), dtype=np.float32)
@@ -165,7 +168,7 @@ def batch_sources(splits: dict[str, EncodedSplit], cfg: Config,
         per_seed = [train_of(s) for s in cfg.train.seeds]
 
         def train_batches(epoch: int, start: int) -> Iterator[dict[str, np.ndarray]]:
-            return map(stack_batches, zip(*(source(epoch, start) for source in per_seed)))
+            return (stack_batches(b, train.pad_id) for b in zip(*(source(epoch, start) for source in per_seed)))
     else:
         train_batches = train_of(cfg.train.seed)
     return BatchSources(
@@ -175,16 +178,17 @@ def batch_sources(splits: dict[str, EncodedSplit], cfg: Config,
         reported={name: eval_of(split) for name, split in splits.items() if name not in ("train", "validation")})
 
 
-def stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def stack_batches(batches: Sequence[dict[str, np.ndarray]], pad_id: int = PAD_ID) -> dict[str, np.ndarray]:
     """Batches of N seeds -> one batch with a leading seed axis [N, B, ...]. Token arrays cut to different bucket
-    lengths are right-padded to the longest (PAD_ID, mask 0): exact wherever bucketing is (the last real token is
-    read, never a padded position)."""
+    lengths are right-padded to the longest (input ids `pad_id`, the split's `EncodedSplit.pad_id`; mask 0): exact
+    wherever bucketing is (the last real token is read, never a padded position)."""
     longest = max(b["input_ids"].shape[1] for b in batches)
+    fills = {**TOKEN_ARRAYS, "input_ids": pad_id}
 
     def widen(x: np.ndarray, fill: int) -> np.ndarray:
         return np.pad(x, ((0, 0), (0, longest - x.shape[1])), constant_values=fill) if x.shape[1] < longest else x
 
-    return {k: np.stack([widen(b[k], TOKEN_ARRAYS[k]) if k in TOKEN_ARRAYS else b[k] for b in batches])
+    return {k: np.stack([widen(b[k], fills[k]) if k in fills else b[k] for b in batches])
             for k in batches[0]}
 
 

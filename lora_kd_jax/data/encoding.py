@@ -125,12 +125,13 @@ def tokenizer_for(cfg: Any) -> transformers.PreTrainedTokenizerFast:
 class EncodedSplit:
     """One tokenized split as fixed-width int32 arrays (eq=False: arrays have no single truth value)."""
 
-    input_ids: np.ndarray  # int32 [N, max_length], right padded with PAD_ID
+    input_ids: np.ndarray  # int32 [N, max_length], right padded with `pad_id`
     attention_mask: np.ndarray  # int32 [N, max_length], 1 on real tokens
     labels: np.ndarray  # int32 [N] class ids, or float32 [N] targets of a regression run
     n_truncated: int  # sentences (or pairs) longer than max_length that were cut
     truncated_rows: np.ndarray | None = None  # bool [N]: which rows were cut (set by `encode`)
     token_type_ids: np.ndarray | None = None  # int32 [N, max_length]: BERT's segment ids of a pair (0 a, 1 b)
+    pad_id: int = PAD_ID  # the tokenizer's pad id (GPT-2's eos; BERT's [PAD], ...): what the batcher pads with
 
     def __post_init__(self) -> None:
         ids, mask, labels = self.input_ids, self.attention_mask, self.labels
@@ -175,7 +176,7 @@ def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: 
     n = len(sentences)
     if n == 0:
         empty = np.zeros((0, max_length), np.int32)
-        return EncodedSplit(empty, empty.copy(), np.zeros((0,), np.int32), 0, np.zeros((0,), bool))
+        return EncodedSplit(empty, empty.copy(), np.zeros((0,), np.int32), 0, np.zeros((0,), bool), pad_id=int(pad_id))
 
     full_lengths = np.fromiter(
         (len(ids) for ids in tokenizer(sentences, truncation=False)["input_ids"]), dtype=np.int64, count=n
@@ -205,7 +206,7 @@ def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: 
     n_truncated = int(truncated.sum())
     if n_truncated:
         logger.info("truncated %d of %d sentences to %d tokens", n_truncated, n, max_length)
-    return EncodedSplit(input_ids, attention_mask, _label_array(labels), n_truncated, truncated)
+    return EncodedSplit(input_ids, attention_mask, _label_array(labels), n_truncated, truncated, pad_id=int(pad_id))
 
 
 def _label_array(labels: np.ndarray) -> np.ndarray:
@@ -285,7 +286,8 @@ def _template_pairs(first: list[str], second: list[str], labels: np.ndarray, tok
     n = len(first)
     if n == 0:
         empty = np.zeros((0, max_length), np.int32)
-        return EncodedSplit(empty, empty.copy(), labels, 0, np.zeros((0,), bool))
+        return EncodedSplit(empty, empty.copy(), labels, 0, np.zeros((0,), bool),
+                            pad_id=int(tokenizer.pad_token_id))
     full = np.array([len(ids) for ids in tokenizer(first, second, truncation=False)["input_ids"]], np.int64)
     enc = tokenizer(first, second, truncation="longest_first", max_length=max_length, padding="max_length",
                     return_tensors="np")
@@ -296,7 +298,7 @@ def _template_pairs(first: list[str], second: list[str], labels: np.ndarray, tok
                         f"(padding_side={tokenizer.padding_side!r}); expected 'right'")
     types = np.asarray(enc["token_type_ids"], dtype=np.int32) if "token_type_ids" in enc else None
     truncated = full > max_length
-    return EncodedSplit(ids, mask, labels, int(truncated.sum()), truncated, types)
+    return EncodedSplit(ids, mask, labels, int(truncated.sum()), truncated, types, int(tokenizer.pad_token_id))
 
 
 def encode_splits(ds: Mapping[str, Any], tokenizer, max_length: int) -> dict[str, EncodedSplit]:

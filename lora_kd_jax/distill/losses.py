@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_kd_jax.core import metrics as metrics_lib
-from lora_kd_jax.models.interface import ClassifierModel
+from lora_kd_jax.models.interface import ClassifierModel, token_inputs
 from lora_kd_jax.training.steps import Objective
 
 Batch = dict[str, jax.Array]
@@ -73,7 +73,8 @@ def teacher_objective(temperature: float, alpha: float, teacher: ClassifierModel
         if teacher is None:
             t = consts["teacher_logits"][batch["index"]]
         else:
-            t = teacher.logits(consts["teacher"], batch["input_ids"], batch["attention_mask"], deterministic=True)
+            t = teacher.logits(consts["teacher"], batch["input_ids"], batch["attention_mask"], deterministic=True,
+                               **token_inputs(batch))  # a BERT teacher's pairs: their segment ids
         return kd_objective(logits, jax.lax.stop_gradient(t), batch["labels"], batch["weights"],
                             temperature, alpha, loss)
 

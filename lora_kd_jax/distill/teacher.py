@@ -29,6 +29,7 @@ from lora_kd_jax.data.tasks import label_names
 from lora_kd_jax.core.keys import seed_list
 from lora_kd_jax.models import families
 from lora_kd_jax.models.classifier import GPT2Classifier
+from lora_kd_jax.models.interface import token_inputs
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.training import mesh as mesh_lib
@@ -56,12 +57,15 @@ class Teacher:
     placement: mesh_lib.Placement
 
     def __post_init__(self):
-        self._forward = jax.jit(lambda p, ids, mask: self.model.logits(p, ids, mask, deterministic=True),
+        self._forward = jax.jit(lambda p, ids, mask, types: self.model.logits(p, ids, mask, deterministic=True,
+                                                                              **token_inputs(types)),
                                 out_shardings=mesh_lib.replicated(self.placement.mesh))
 
-    def logits(self, input_ids: Any, attention_mask: Any) -> jax.Array:
-        """Eval-mode logits [B, 2] (replicated, so every process can read them)."""
-        return self._forward(self.params, input_ids, attention_mask)
+    def logits(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> jax.Array:
+        """Eval-mode logits [B, 2] (replicated, so every process can read them); `token_type_ids`: a BERT
+        teacher's segment ids of sentence pairs (the batch's, `models.interface.token_inputs`), else None."""
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self._forward(self.params, input_ids, attention_mask, types)
 
 
 def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
@@ -109,14 +113,6 @@ def in_teacher_vocabulary(cfg: Config, infos: dict[int, runs.RunInfo]) -> Config
     if len(seen) > 1:
         raise ConfigError(f"distill.teacher={cfg.distill.teacher}: its seeds read different checkpoints or "
                           f"tokenizers ({sorted(map(str, seen))}); a student reads one vocabulary")
-    if cfg.data.text_pair and t.model.type == "bert":
-        raise ConfigError(f"data.text_pair={cfg.data.text_pair} with a bert teacher: distillation does not yet pass "
-                          "BERT's token_type_ids to the teacher (its pair logits would read every token as the first "
-                          "text's); distil single sentences, or train the student on its labels (train-rnn)")
-    if cfg.distill.augment:
-        raise ConfigError(f"distill.augment={cfg.distill.augment} with a {t.model.type} teacher: the transfer-set "
-                          "augmentation masks with GPT-2's <|endoftext|> and decodes GPT-2's byte-level BPE; set "
-                          "distill.augment=0 (distill.unlabeled works with every family)")
     if cfg.data.max_length > t.model.n_positions:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the {t.model.n_positions} positions of the "
                           f"{t.model.type} teacher in {first.path}; set data.max_length <= {t.model.n_positions}")
@@ -202,7 +198,8 @@ def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_siz
         out = np.load(path)
         log.info("teacher logits for %d rows read from %s", len(split), path)
     else:
-        out, _ = score_rows(split, batch_size, lambda b: (teacher.logits(b["input_ids"], b["attention_mask"]), None),
+        out, _ = score_rows(split, batch_size, lambda b: (teacher.logits(b["input_ids"], b["attention_mask"],
+                                                                         b.get("token_type_ids")), None),
                             teacher.placement.put_batch)
         if path is not None and mesh_lib.is_main_process():
             _save_npy(path, out)
@@ -215,11 +212,12 @@ def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_siz
 
 
 def logits_fingerprint(teacher: Teacher, split: data_lib.EncodedSplit, batch_size: int) -> str:
-    """What the cached logits depend on, hashed: the rows' ids and mask, the batch size (the batch's program), the
-    teacher's run dir, its metrics.json (rewritten by every epoch it trains, so a retrained teacher is new) and
-    its compute dtype."""
+    """What the cached logits depend on, hashed: the rows' ids and mask (and token types, when a BERT pair split
+    has them), the batch size (the batch's program), the teacher's run dir, its metrics.json (rewritten by every
+    epoch it trains, so a retrained teacher is new) and its compute dtype."""
     h = hashlib.sha256()
-    for arr in (split.input_ids, split.attention_mask):
+    types = () if split.token_type_ids is None else (split.token_type_ids,)
+    for arr in (split.input_ids, split.attention_mask, *types):
         h.update(np.ascontiguousarray(arr).tobytes())
         h.update(str(arr.shape).encode())
     h.update(f"{batch_size}|{teacher.run_dir.resolve()}|{precision.compute_dtype(teacher.config.model)}".encode())

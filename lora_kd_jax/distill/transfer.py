@@ -5,8 +5,10 @@ Rows 0..n-1 are the training split itself (their gold labels kept); the augmente
 the unlabeled sentences. Their hard labels (the `distill.alpha` term, and the training accuracy) are the teacher's
 predictions, as Tang et al. label their transfer set; `teacher_labels` fills them in once the logits are known.
 
-The copies are made from the training rows as the models read them: decoded from their token ids (GPT-2's byte-level
-BPE gives the text back exactly; a row cut at data.max_length is augmented as cut). The set depends on the rows,
+The copies are made from the training rows as the models read them: decoded from their token ids with the run's
+tokenizer, the tokens its template adds left out ([CLS] ... [SEP], <s> ... </s>, <s> ...), a row cut at
+data.max_length augmented as cut. GPT-2's and RoBERTa's byte-level BPE give the text back exactly; BERT's WordPiece
+gives it as it reads it (lowercased, punctuation split off), Llama's as its pieces join. The set depends on the rows,
 `distill.augment_seed` and the p_* settings only, never on train.seed: every seed of a run, a single run of each of
 those seeds and a resume all see the same transfer set.
 """
@@ -24,6 +26,7 @@ import numpy as np
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.data import augment as augment_lib
 from lora_kd_jax.data.encoding import EncodedSplit, encode, tokenizer_for
+from lora_kd_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,25 @@ class TransferSet:
     report: dict[str, Any]  # how it was made: written to the log and metrics.json
 
 
+def template_sizes(tokenizer) -> tuple[int, int]:
+    """(tokens the tokenizer adds before a single text, tokens it adds after): BERT's [CLS] / [SEP] (1, 1),
+    RoBERTa's <s> / </s> (1, 1), Llama's <s> (1, 0), GPT-2's (0, 0); read off one encoded probe."""
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return start, len(full) - start - len(plain)
+    raise DataError(f"{type(tokenizer).__name__}: {probe!r} encodes to {full} with its special tokens and to "
+                    f"{plain} without; expected the second inside the first")
+
+
 def decoded_texts(split: EncodedSplit, tokenizer) -> list[str]:
-    """Each row's text as the model reads it (its real tokens decoded, nothing cleaned up)."""
-    return tokenizer.batch_decode([ids[mask == 1].tolist() for ids, mask in zip(split.input_ids, split.attention_mask)],
-                                  clean_up_tokenization_spaces=False)
+    """Each row's text as the model reads it: its real tokens less the template's (`template_sizes`), decoded,
+    nothing cleaned up (a special token inside the text, such as [UNK], stays as its text)."""
+    before, after = template_sizes(tokenizer)
+    rows = [ids[mask == 1].tolist() for ids, mask in zip(split.input_ids, split.attention_mask)]
+    return tokenizer.batch_decode([r[before:len(r) - after] for r in rows], clean_up_tokenization_spaces=False)
 
 
 def build_transfer_set(cfg: Config, train: EncodedSplit) -> TransferSet:
@@ -62,12 +80,13 @@ def build_transfer_set(cfg: Config, train: EncodedSplit) -> TransferSet:
     made: list[str] = []
     report: dict[str, Any] = {"train": len(train), "augment": d.augment}
     if d.augment:
+        mask = augment_lib.mask_token(tokenizer)
         aug = augment_lib.augment(decoded_texts(train, tokenizer), d.augment, d.augment_seed, p_mask=d.p_mask,
-                                  p_swap=d.p_swap, p_ngram=d.p_ngram)
+                                  p_swap=d.p_swap, p_ngram=d.p_ngram, mask=mask)
         made = aug.sentences
         report.update({"augmented": len(made), "augmented_unchanged": aug.unchanged, "p_mask": d.p_mask,
                        "p_swap": d.p_swap, "p_ngram": d.p_ngram, "augment_seed": d.augment_seed,
-                       "word_classes": aug.classes.n_classes, "mask_token": augment_lib.MASK})
+                       "word_classes": aug.classes.n_classes, "mask_token": mask})
     unlabeled, blank = augment_lib.read_unlabeled(d.unlabeled) if d.unlabeled else ([], 0)
     if d.unlabeled:
         report.update({"unlabeled": len(unlabeled), "unlabeled_file": d.unlabeled, "unlabeled_blank_lines": blank})
@@ -76,7 +95,7 @@ def build_transfer_set(cfg: Config, train: EncodedSplit) -> TransferSet:
     split = EncodedSplit(np.concatenate([train.input_ids, new.input_ids]),
                          np.concatenate([train.attention_mask, new.attention_mask]),
                          np.concatenate([train.labels, new.labels]), train.n_truncated + new.n_truncated,
-                         _truncated_rows(train, new))
+                         _truncated_rows(train, new), pad_id=train.pad_id)
     report.update({"size": len(split), "truncated_added": new.n_truncated,
                    "build_seconds": round(time.perf_counter() - t0, 3)})
     log.info("transfer set: %d rows = %d training + %d augmented (%d copies each, %d came out unchanged) + %d "

@@ -7,9 +7,9 @@ RobertaForSequenceClassification takes <s> (no pooler), dropout, dense + tanh, d
 LlamaForSequenceClassification takes the last real token, bias-free `score`, no dropout.
 What trains: the LoRA factors and the head (PEFT's default for SEQ_CLS), and every base module that
 `lora.modules_to_save` names; the rest of the base is frozen and held once (`training.state`).
-Padding: positions outside the attention mask (and ids beyond the vocabulary: the batcher fills a last partial batch
-with weight-0 rows of GPT-2's pad id) are given the family's pad id before the base runs, so a batch padded with
-another id computes exactly what PyTorch computes on the tokenizer's own padding;
+Padding: positions outside the attention mask are given the family's pad id before the base runs, so a batch padded
+with another id computes exactly what PyTorch computes on the tokenizer's own padding (the batcher pads with the
+split's own pad id, `data.EncodedSplit.pad_id`, so its fill rows hold ids of this vocabulary);
 RoBERTa's position ids count real tokens from pad_id + 1, as PyTorch's `create_position_ids_from_input_ids`.
 """
 from __future__ import annotations
@@ -231,8 +231,7 @@ class EncoderClassifier:
         if rng is not None and not deterministic:
             base_rng, lora_rng, head_rng = jax.random.split(rng, 3)
         pad = self.pad_id
-        # padding, and the batcher's fill rows (GPT-2's pad id, beyond this vocabulary, weight 0) read as the pad token
-        ids = jnp.where((attention_mask > 0) & (input_ids < self.module.config.vocab_size), input_ids, pad)
+        ids = jnp.where(attention_mask > 0, input_ids, pad)  # padding reads as the pad token, as PyTorch's does
         if self.family.name == "roberta":  # PyTorch: cumsum(ids != pad) * (ids != pad) + pad
             real = (ids != pad).astype(jnp.int32)
             positions = jnp.cumsum(real, axis=1) * real + pad

@@ -9,8 +9,10 @@ The trainers, the state recipe, the run reader and evaluation call only this (GP
                           deterministic=True, rng=None)
 
 A batch of BERT sentence pairs also carries 'token_type_ids' (segment 0 / 1); `token_inputs` passes them as the
-keyword `token_type_ids=` to the models that take it (the encoder families), and passes nothing otherwise, so GPT-2's
-and the students' signature is the one above.
+keyword `token_type_ids=` when the batch has them, and nothing otherwise. Every model that can meet such a batch
+takes the keyword: the encoder families read them, the students accept and ignore them (distilled on a BERT
+teacher's pairs, the teacher reads them: `distill.teacher`, `distill.losses`); GPT-2's batches never hold them, so
+its signature is the one above.
 
 Labels name optimizer groups (`training.optimizer` gives each group its transform): FROZEN leaves never train,
 every other label is a trained group. A model decides its own labels because only it knows its tree.

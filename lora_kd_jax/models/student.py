@@ -229,10 +229,9 @@ class StudentClassifier:
         return jax.tree.map(lambda _: STUDENT, params)
 
     def logits(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
-               deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
-        # the batcher's fill rows carry GPT-2's pad id (weight 0): past a smaller (BERT / RoBERTa / Llama teacher's)
-        # vocabulary it would read NaN rows of the table, so any id beyond it reads row 0
-        input_ids = jnp.where(input_ids < self.module.vocab_size, input_ids, 0)
+               deterministic: bool = True, rng: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None) -> jax.Array:
+        del token_type_ids  # a BERT teacher's pair batches carry them (`token_inputs`); the student reads ids only
         if isinstance(self.module, RNNStudent):
             return self.module.apply({"params": params}, input_ids, attention_mask)
         rngs = {} if deterministic or rng is None else {"dropout": rng}
