@@ -77,11 +77,20 @@ def _from_peft(peft_model, like: dict, *, grads: bool = False) -> dict:
     return {"lora": encoder_format.lora_from_peft(named, family), "head": _head_of(named, like["head"])}
 
 
+_SAVED: dict = {}  # family -> (dir, torch model, tokenizer): each tiny checkpoint saved once per session
+
+
+def saved(family: str, tmp_path_factory) -> tuple:
+    if family not in _SAVED:
+        d = tmp_path_factory.mktemp(family)
+        _SAVED[family] = (d, *save_checkpoint(family, d))
+    return _SAVED[family]
+
+
 @pytest.fixture(scope="module", params=["bert", "roberta", "llama"])
 def fam(request, tmp_path_factory):
     """One family's saved checkpoint, its tokenizer, the JAX model over it and a PEFT twin with the same weights."""
-    d = tmp_path_factory.mktemp(request.param)
-    torch_model, saved_tok = save_checkpoint(request.param, d)
+    d, torch_model, saved_tok = saved(request.param, tmp_path_factory)
     tok = load_family_tokenizer(str(d), request.param)  # as a run loads it (data.tokenizer="" -> model.path)
     cfg = _config(d)
     assert cfg.model.type == request.param and cfg.model.n_layer == 2 and cfg.model.n_embd == 64
@@ -402,3 +411,88 @@ def test_dry_run_counts_equal_peft_for_base_sizes(family, targets, to_save):
                                                     **sizes, **BASE_SIZES[family])
     copies = peft_trainable - peft_lora  # the head and every modules_to_save module, counted twice by PEFT
     assert (trainable, total) == (peft_trainable, peft_all - copies), line
+
+
+# ----------------------------------------------------------------------------------------------- hub ids
+
+
+def hub_cache(root, repo_id: str, files_from) -> None:
+    """The hub cache's own layout for `repo_id` under `root` (what HF_HUB_CACHE points at): blobs named by their
+    hash, refs/main naming a commit, snapshots/<commit>/<file> linking to the blobs."""
+    import hashlib
+    import os
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in sorted(files_from.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+
+
+HUB_CHECK = """
+import json, sys
+import jax, numpy as np
+from lora_kd_jax.core.config import load_config
+from lora_kd_jax.data.encoding import load_family_tokenizer, tokenizer_for
+from lora_kd_jax.models import families
+from lora_kd_jax.models.gpt2 import ModelLoadError
+
+out = {}
+sentences = ["the cat sat on the mat .", "colorless green ideas sleep furiously"]
+for family, local in json.loads(sys.argv[1]).items():
+    common = ["data.max_length=20", "lora.init=standard"]
+    cfg = families.with_checkpoint(load_config(None, [f"model.name=tiny-org/{family}-tiny", *common]))
+    ref = families.with_checkpoint(load_config(None, [f"model.path={local}", *common]))
+    _, hub_params = families.build(cfg, jax.random.key(0))
+    _, ref_params = families.build(ref, jax.random.key(0))
+    same = jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), hub_params,
+                                     ref_params))
+    ids = tokenizer_for(cfg)(sentences)["input_ids"]
+    out[family] = {"type": cfg.model.type, "sizes": [cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head],
+                   "name": cfg.model.name, "path": cfg.model.path, "tokenizer": cfg.data.tokenizer,
+                   "params_equal": same, "ids_equal": ids == load_family_tokenizer(local, family)(sentences)["input_ids"]}
+try:
+    families.with_checkpoint(load_config(None, ["model.name=nobody/not-cached"]))
+except ModelLoadError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_hub_ids_load_model_and_tokenizer_from_the_hub_cache_offline(tmp_path, tmp_path_factory):
+    """model.name=ORG/NAME for BERT, RoBERTa and Llama, in a fresh process with HF_HUB_CACHE at a hub cache built here
+    (the tiny checkpoints and tokenizers, save_pretrained) and HF_HUB_OFFLINE=1: the family and sizes come from the
+    cached config.json, the base weights equal those read from the same checkpoint as model.path, the tokenizer
+    (data.tokenizer defaults to the id) encodes as the saved one; an id not in the cache fails naming it and what to
+    do."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    local = {}
+    for family in FAMILIES:
+        d = saved(family, tmp_path_factory)[0]
+        hub_cache(tmp_path / "hub", f"tiny-org/{family}-tiny", d)
+        local[family] = str(d)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", HUB_CHECK, json.dumps(local)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for family in FAMILIES:
+        got = out[family]
+        assert (got["type"], got["sizes"], got["name"], got["path"], got["tokenizer"]) == (
+            family, [2, 64, 4], f"tiny-org/{family}-tiny", "", f"tiny-org/{family}-tiny"), got
+        assert got["params_equal"] and got["ids_equal"], got
+    error = out["error"]
+    assert error.startswith("model.name=nobody/not-cached: the checkpoint could not be loaded from the Hugging Face "
+                            "hub (HF_HUB_OFFLINE=1 and it is not in the hub cache"), error
+    assert "huggingface-cli download nobody/not-cached" in error and "model.path=DIR" in error, error
