@@ -386,6 +386,12 @@ def test_target_matching_nothing_names_the_module_paths(fam):
             families.build(_config(fam.dir, f"lora.targets={bad}"), jax.random.key(0), shapes_only=True)
 
 
+def _counts(line: str) -> tuple[int, int]:
+    """(total, trainable) from --dry-run's first line ('params: total 82.21M (82,209,024), trainable ...')."""
+    return tuple(int(line.split(f"{w} ")[1].split("(")[1].split(")")[0].replace(",", ""))  # type: ignore
+                 for w in ("total", "trainable"))
+
+
 BASE_SIZES = {"bert": dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2),
               "roberta": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)}
 
@@ -404,8 +410,7 @@ def test_dry_run_counts_equal_peft_for_base_sizes(family, targets, to_save):
                  f"model.vocab_size={BASE_SIZES[family]['vocab_size']}", f"lora.targets={targets}", f"lora.rank={RANK}",
                  *([f"lora.modules_to_save={','.join(to_save)}"] if to_save else [])]
     line = dry_run_plan(load_config(None, overrides)).splitlines()[0]
-    total, trainable = (int(line.split(f"{w} ")[1].split("(")[1].split(")")[0].replace(",", ""))
-                        for w in ("total", "trainable"))
+    total, trainable = _counts(line)
     _, (peft_trainable, peft_all, peft_lora) = _torch_targeted(family, "all-linear" if targets == "all-linear"
                                                     else targets.split(","), to_save, device="meta",
                                                     **sizes, **BASE_SIZES[family])
@@ -496,3 +501,44 @@ def test_hub_ids_load_model_and_tokenizer_from_the_hub_cache_offline(tmp_path, t
     assert error.startswith("model.name=nobody/not-cached: the checkpoint could not be loaded from the Hugging Face "
                             "hub (HF_HUB_OFFLINE=1 and it is not in the hub cache"), error
     assert "huggingface-cli download nobody/not-cached" in error and "model.path=DIR" in error, error
+
+
+@pytest.mark.parametrize("size", ["gpt2-xl", "distilgpt2"])
+def test_dry_run_counts_equal_peft_for_gpt2_sizes(size):
+    """GPT-2 sizes by name, from the size table alone (jax.eval_shape here, torch's meta device there: no weights):
+    --dry-run's counts are PEFT's on GPT2ForSequenceClassification with the same LoRA (every Conv1D, rank 4) and the
+    same fully trained modules (the LayerNorms; the score head, which SEQ_CLS saves)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from lora_kd_jax.core.gpt2_layout import GPT2_SIZES
+    from lora_kd_jax.training.finetune import dry_run_plan
+
+    line = dry_run_plan(load_config(None, [f"model.name={size}", "model.init=random", f"lora.rank={RANK}"]))
+    total, trainable = _counts(line.splitlines()[0])
+    n_layer, n_embd, n_head = GPT2_SIZES[size]
+    with torch.device("meta"):
+        model = GPT2ForSequenceClassification(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, num_labels=2))
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(
+            task_type="SEQ_CLS", r=RANK, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+            modules_to_save=["ln_1", "ln_2", "ln_f"]))
+    peft_trainable, peft_all = wrapped.get_nb_trainable_parameters()
+    n_lora = sum(p.numel() for n, p in wrapped.named_parameters() if ".lora_" in n)
+    copies = peft_trainable - n_lora  # each saved module counted twice in PEFT's total (original and copy)
+    assert (trainable, total) == (peft_trainable, peft_all - copies), line
+    # r (in + out) for c_attn (n, 3n), attn.c_proj (n, n), c_fc (n, 4n), mlp.c_proj (4n, n): the sizes are the table's
+    assert n_lora == n_layer * RANK * (4 + 2 + 5 + 5) * n_embd
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=bert-base"], "model.name: 'bert-base' is not one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                               "distilgpt2, custom, nor a hub id ORG/NAME"),
+    (["model.name=google-bert/bert-base-uncased", "model.init=random"],
+     "model.name=google-bert/bert-base-uncased with model.init=random: a hub id names pretrained weights"),
+])
+def test_model_name_is_a_size_or_a_hub_id(overrides, message):
+    from lora_kd_jax.core.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+    assert load_config(None, ["model.name=FacebookAI/roberta-base"]).model.name == "FacebookAI/roberta-base"
