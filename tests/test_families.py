@@ -503,8 +503,8 @@ def test_hub_ids_load_model_and_tokenizer_from_the_hub_cache_offline(tmp_path, t
     assert "huggingface-cli download nobody/not-cached" in error and "model.path=DIR" in error, error
 
 
-@pytest.mark.parametrize("size", ["gpt2-xl", "distilgpt2"])
-def test_dry_run_counts_equal_peft_for_gpt2_sizes(size):
+@pytest.mark.parametrize("size, shape", [("gpt2-xl", (48, 1600, 25)), ("distilgpt2", (6, 768, 12))])
+def test_dry_run_counts_equal_peft_for_gpt2_sizes(size, shape):
     """GPT-2 sizes by name, from the size table alone (jax.eval_shape here, torch's meta device there: no weights):
     --dry-run's counts are PEFT's on GPT2ForSequenceClassification with the same LoRA (every Conv1D, rank 4) and the
     same fully trained modules (the LayerNorms; the score head, which SEQ_CLS saves)."""
@@ -515,7 +515,8 @@ def test_dry_run_counts_equal_peft_for_gpt2_sizes(size):
 
     line = dry_run_plan(load_config(None, [f"model.name={size}", "model.init=random", f"lora.rank={RANK}"]))
     total, trainable = _counts(line.splitlines()[0])
-    n_layer, n_embd, n_head = GPT2_SIZES[size]
+    n_layer, n_embd, n_head = shape  # the released checkpoints' config.json: n_layer, n_embd, n_head
+    assert GPT2_SIZES[size] == shape
     with torch.device("meta"):
         model = GPT2ForSequenceClassification(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, num_labels=2))
         wrapped = peft.get_peft_model(model, peft.LoraConfig(
