@@ -13,6 +13,11 @@ What it times, per variant and mode (one JSON line each, printed and appended to
   teacher_forward  the same model in eval mode, no grad.
   distill_step     that teacher's forward (no grad) inside the step, then the seed's student (Embedding 50257x768,
                    one-layer tanh RNN 768, Linear 2 on the last position) forward/backward, KL at T=2, Adam lr 1e-3.
+With --family bert|roberta|llama, lora_train_step alone, of that family instead: AutoModelForSequenceClassification
+                   (random init, FAMILY_SIZES: --variants tiny,base, no dropout in the base) + PEFT LoRA (task SEQ_CLS,
+                   r=4, alpha 4, dropout 0.1, PEFT's default targets query/value or q_proj/v_proj, the head trained),
+                   as `lora-kd-jax bench --family` builds it; ids drawn below the family's vocabulary, padded with its
+                   pad id.
 Modes: fp32, bf16 (autocast), compile-fp32, compile-bf16 (torch.compile of teacher and student). Weights are random:
 step time does not depend on their values. The batch is scripts/bench.py's `peer_batch`: torch.Generator seeded 0
 draws ids in [0, 50256), lengths in [5, seq/2 + 8) capped at seq, then labels; rows are right-padded with 50256.
@@ -20,6 +25,7 @@ Timing: `WARMUP` untimed calls, then the mean of --steps calls between two devic
 
 usage: benchmarks/peer_torch.py [--tiny] [--variants gpt2,gpt2-medium] [--modes fp32,bf16,compile-bf16]
                                 [--batch 128] [--seq 64] [--steps 30] [--out results.jsonl] [--lora-variant dora]
+                                [--family bert|roberta|llama]
 """
 from __future__ import annotations
 
@@ -38,6 +44,12 @@ SIZES = {"gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12},
          "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
          "tiny": {"n_embd": 64, "n_layer": 2, "n_head": 4}}
 MODES = ("fp32", "bf16", "compile-fp32", "compile-bf16")
+# --family: lora_kd_jax.commands.bench's FAMILY_SIZES (n_layer, n_embd, n_head; feed-forward 4 x n_embd), vocabularies
+# and pad ids (bert-base-uncased's, roberta-base's, Llama 2's vocabulary)
+FAMILY_SIZES = {"tiny": (2, 64, 4), "base": (12, 768, 12)}
+FAMILY_VOCAB = {"bert": 30522, "roberta": 50265, "llama": 32000}
+FAMILY_PAD = {"bert": 0, "roberta": 1, "llama": 0}
+FAMILY_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 STUDENT_WIDTH = 768  # the seed's student, for every variant
 TEMPERATURE = 2.0
 WARMUP = 5
@@ -56,10 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed calls after warm-up (mean reported)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--lora-variant", default="lora", choices=("lora", "dora"), help="PEFT's LoRA or DoRA (use_dora)")
+    p.add_argument("--family", default="gpt2", choices=("gpt2", *FAMILY_VOCAB),
+                   help="bert, roberta, llama: the LoRA train step of that family's classifier (--variants tiny, base)")
     a = p.parse_args(argv)
+    if a.family != "gpt2" and a.variants == p.get_default("variants"):
+        a.variants = "base"
     a.variants = ["tiny"] if a.tiny else [v for v in a.variants.split(",") if v]
     a.modes = [m for m in a.modes.split(",") if m]
-    for flag, values, known in (("--variants", a.variants, SIZES), ("--modes", a.modes, MODES)):
+    sizes = SIZES if a.family == "gpt2" else FAMILY_SIZES
+    for flag, values, known in (("--variants", a.variants, sizes), ("--modes", a.modes, MODES)):
         for v in values:
             if v not in known:
                 p.error(f"{flag}: unknown value '{v}'; choose from {', '.join(known)}")
@@ -81,14 +98,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peer_batch(batch: int, seq: int, device: torch.device) -> Batch:
-    """Right-padded random rows; the draw order (ids, lengths, labels) is the contract with lora_kd_jax.commands.bench."""
+def peer_batch(batch: int, seq: int, device: torch.device, vocab: int = VOCAB, pad_id: int = PAD_ID) -> Batch:
+    """Right-padded random rows; the draw order (ids, lengths, labels) is the contract with lora_kd_jax.commands.bench
+    (a family's ids drawn below its vocabulary, padded with its pad id)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB - 1, (batch, seq), generator=g)
+    ids = torch.randint(0, vocab - 1, (batch, seq), generator=g)
     lengths = torch.randint(5, seq // 2 + 8, (batch,), generator=g).clamp(max=seq)
     labels = torch.randint(0, 2, (batch,), generator=g)
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    ids = ids.masked_fill(mask == 0, PAD_ID)
+    ids = ids.masked_fill(mask == 0, pad_id)
     return ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -102,6 +120,26 @@ def lora_classifier(variant: str, device: torch.device, use_dora: bool = False) 
         if ".ln_" in name or "ln_f" in name:
             param.requires_grad = True
     return model.to(device)
+
+
+def family_classifier(family: str, variant: str, device: torch.device, use_dora: bool = False) -> torch.nn.Module:
+    """A BERT / RoBERTa / Llama sequence classifier (random init, no dropout in the base) with PEFT LoRA at PEFT's
+    default targets; PEFT's SEQ_CLS trains the head (classifier / score) too."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    n_layer, n_embd, n_head = FAMILY_SIZES[variant]
+    sizes = dict(vocab_size=FAMILY_VOCAB[family], hidden_size=n_embd, num_hidden_layers=n_layer,
+                 num_attention_heads=n_head, intermediate_size=4 * n_embd, pad_token_id=FAMILY_PAD[family],
+                 num_labels=2)
+    if family == "llama":
+        sizes.update(num_key_value_heads=n_head, max_position_embeddings=512, tie_word_embeddings=False)
+    else:  # RoBERTa's position table holds pad_id + 1 more rows (its positions start after the pad id)
+        sizes.update(max_position_embeddings=514 if family == "roberta" else 512, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, type_vocab_size=1 if family == "roberta" else 2)
+    base = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(family, **sizes))
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=4, lora_dropout=0.1, target_modules=FAMILY_TARGETS[family],
+                      use_dora=use_dora)
+    return get_peft_model(base, lora).to(device)
 
 
 class Student(torch.nn.Module):
@@ -134,9 +172,10 @@ def timing_fields(seconds: float, batch: int) -> dict:
     return {"ms_per_step": round(seconds * 1e3, 3), "seq_per_s": round(batch / seconds, 1)}
 
 
-def bench_mode(variant: str, mode: str, data: Batch, steps: int, device: torch.device, use_dora: bool = False
-               ) -> Iterable[dict]:
-    """The three steps in one mode; yields records without the common fields (run() adds those)."""
+def bench_mode(variant: str, mode: str, data: Batch, steps: int, device: torch.device, use_dora: bool = False,
+               family: str = "gpt2") -> Iterable[dict]:
+    """The three steps in one mode (a --family: its LoRA step alone); yields records without the common fields (run()
+    adds those)."""
     ids, mask, labels = data
     compiled, amp = mode.startswith("compile"), mode.endswith("bf16")
 
@@ -144,7 +183,10 @@ def bench_mode(variant: str, mode: str, data: Batch, steps: int, device: torch.d
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
     torch.manual_seed(0)
-    model = lora_classifier(variant, device, use_dora)
+    if family != "gpt2":
+        model = family_classifier(family, variant, device, use_dora)
+    else:
+        model = lora_classifier(variant, device, use_dora)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=1e-3)
@@ -166,6 +208,8 @@ def bench_mode(variant: str, mode: str, data: Batch, steps: int, device: torch.d
     yield {"bench": "lora_train_step", "real_tokens": int(mask.sum()), **timing_fields(mean_seconds(
         train_step, steps, device), len(ids)), "first_step_s": round(first, 2),
         "trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in model.parameters())}
+    if family != "gpt2":  # the teacher and distillation steps are GPT-2's
+        return
 
     model.eval()  # from here on the model is the (frozen) teacher
 
@@ -207,12 +251,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     if device.type == "cuda":  # TF32 matmuls, torch's usual fast fp32 on GPUs (on a CPU it could mean bf16 passes)
         torch.set_float32_matmul_precision("high")
     records = []
+    family = getattr(args, "family", "gpt2")
     for variant in args.variants:
-        data = peer_batch(args.batch, args.seq, device)
+        data = (peer_batch(args.batch, args.seq, device) if family == "gpt2" else
+                peer_batch(args.batch, args.seq, device, FAMILY_VOCAB[family], FAMILY_PAD[family]))
         for mode in args.modes:
-            for rec in bench_mode(variant, mode, data, args.steps, device, args.lora_variant == "dora"):
+            for rec in bench_mode(variant, mode, data, args.steps, device, args.lora_variant == "dora", family):
                 rec = {"bench": rec.pop("bench"), "impl": IMPL, "variant": variant, "mode": mode,
-                       "lora_variant": args.lora_variant,
+                       **({"family": family} if family != "gpt2" else {}), "lora_variant": args.lora_variant,
                        "batch": args.batch, "seq": args.seq, **rec, "device": device_name(device)}
                 emit(rec, args.out)
                 records.append(rec)

@@ -1,6 +1,7 @@
 """Runs inside a subprocess that has several CPU devices (XLA_FLAGS set by the parent test).
 
-usage: mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8 and 2x4 devices; distillation and
+usage: mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8 and 2x4 devices (GPT-2 and BERT,
+                                           the sharding of the frozen base recorded); distillation and
                                            2-seed distillation (no frozen base for fsdp to split) on 1 and 8
        mesh_worker.py resume DIR OUT.json  1 epoch on 8 devices resumed on 1; vs 1 device throughout
 """
@@ -8,7 +9,9 @@ import json
 import sys
 
 import jax
+from flax import traverse_util
 
+from lora_kd_jax.models import families
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import MeshConfig
@@ -19,17 +22,34 @@ from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_tra
 from tiny import random_batch, tiny_config
 
 
-def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
-    cfg = tiny_config("train.batch_size=16")
+FAMILY_VOCAB = 1000  # a random-init encoder's vocabulary: the batch's ids are drawn below it
+
+
+def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6, family: str = "gpt2",
+                    shardings: dict | None = None) -> list[float]:
+    """Per-step losses of the LoRA step (GPT-2, or a 2-layer 64-wide random BERT / RoBERTa / Llama with LoRA dropout 0.1, so
+    the dropout masks must match across meshes too) on `mesh_cfg`; `shardings` gets {leaf path: its PartitionSpec} of the placed frozen base's largest leaves."""
+    if family == "gpt2":
+        cfg = tiny_config("train.batch_size=16")
+        model, params = build_classifier(cfg, jax.random.key(0))
+        vocab = 50257
+    else:
+        cfg = tiny_config("train.batch_size=16", f"model.type={family}", f"model.vocab_size={FAMILY_VOCAB}",
+                          "model.n_positions=64", "lora.dropout=0.1")
+        model, params = families.build(cfg, jax.random.key(0))
+        vocab = FAMILY_VOCAB
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
-    model, params = build_classifier(cfg, jax.random.key(0))
     setup = train_state(model, params, 1e-3, jax.random.key(1))
     state = place.state(setup.state)
     consts = {"frozen": place.frozen(setup.frozen)}
+    if shardings is not None:
+        flat = traverse_util.flatten_dict(consts["frozen"])
+        for path, leaf in sorted(flat.items(), key=lambda kv: -kv[1].size)[:3]:
+            shardings["/".join(path)] = [str(leaf.sharding.spec), leaf.shape, leaf.addressable_shards[0].data.shape]
     step = make_train_step(model, setup.tx, cross_entropy_objective)
     losses = []
     for i in range(steps):
-        batch = random_batch(i, batch=16)
+        batch = random_batch(i, batch=16, vocab=vocab)
         batch["weights"][-3:] = 0.0  # padding rows must not count, whatever device they land on
         state, sums = step(state, consts, place.put_batch(batch))
         losses.append(float(sums["loss_sum"]) / float(sums["count"]))
@@ -92,6 +112,11 @@ def main() -> None:
     if mode == "steps":
         meshes = {"1": MeshConfig(data=1), "8": MeshConfig(data=8), "2x4": MeshConfig(data=2, fsdp=4)}
         out = {name: per_step_losses(m) for name, m in meshes.items()}
+        # an encoder tree (BERT: the families share the placement code; Llama's run costs as much again)
+        shardings: dict = {}
+        out.update({f"bert_{name}": per_step_losses(m, 4, "bert", shardings if name == "2x4" else None)
+                    for name, m in meshes.items()})
+        out["bert_shardings"] = shardings
         out.update({f"distill_{name}": distill_losses(meshes[name]) for name in ("1", "8")})  # no frozen base to split
         out.update({f"seeded_{name}": seeded_distill_losses(meshes[name]) for name in ("1", "8")})
         json.dump(out, open(sys.argv[2], "w"))

@@ -261,3 +261,65 @@ def test_peer_refuses_bad_flags(flags):
     with pytest.raises(SystemExit) as e:
         peer.parse_args(flags)
     assert e.value.code == 2
+
+
+def test_family_bench_times_the_lora_step_and_counts_as_the_peer():
+    """--family bert: the LoRA train step of a BERT classifier, the documented fields plus family and counts; the
+    PyTorch peer's --family bert builds the same classifier (PEFT's trainable count is ours; its total holds the
+    head twice, the original and PEFT's trained copy) and times the same ids."""
+    args = bench.BenchArgs(variants=["tiny"], modes=["fp32"], benches=["lora_train_step"], batch=4, seq=16, steps=1,
+                           warmup=0, family="bert")
+    (rec,) = bench.run(args)
+    assert REQUIRED <= rec.keys() and (rec["bench"], rec["family"], rec["variant"], rec["batch"]) == (
+        "lora_train_step", "bert", "tiny", 4)
+    assert rec["ms_per_step"] > 0 and rec["gflop_per_step"] > 0
+    peer = load_peer()
+    (theirs,) = peer.run(peer.parse_args(["--family", "bert", "--variants", "tiny", "--modes", "fp32", "--batch", "4",
+                                          "--seq", "16", "--steps", "1"]))
+    assert (theirs["bench"], theirs["family"], theirs["variant"]) == ("lora_train_step", "bert", "tiny")
+    head = 64 * 2 + 2  # the classifier's kernel and bias
+    assert (rec["trainable"], rec["total"]) == (theirs["trainable"], theirs["total"] - head)
+    assert rec["real_tokens"] == theirs["real_tokens"]
+
+
+def test_peer_times_the_same_family_batch():
+    """A family's ids are drawn below its vocabulary, in the same order; the peer pads with the family's pad id, the
+    JAX batch with GPT-2's (which the encoders read as their own pad: tests/test_families.py)."""
+    import torch
+
+    peer = load_peer()
+    for family in bench.FAMILY_VOCAB:
+        ids, mask, labels = peer.peer_batch(16, 32, torch.device("cpu"), peer.FAMILY_VOCAB[family],
+                                            peer.FAMILY_PAD[family])
+        ours = bench.peer_batch(16, 32, vocab=bench.FAMILY_VOCAB[family])
+        real = ours["attention_mask"] == 1
+        np.testing.assert_array_equal(ids.numpy()[real], ours["input_ids"][real])
+        assert (ids.numpy()[~real] == peer.FAMILY_PAD[family]).all() and ids.max() < bench.FAMILY_VOCAB[family]
+        np.testing.assert_array_equal(mask.numpy(), ours["attention_mask"])
+        np.testing.assert_array_equal(labels.numpy(), ours["labels"])
+    assert (peer.FAMILY_SIZES, peer.FAMILY_VOCAB) == (bench.FAMILY_SIZES, bench.FAMILY_VOCAB)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--family", "bert", "--benches", "teacher_forward"],
+     "--benches (with --family bert): unknown value 'teacher_forward'"),
+    (["--family", "llama", "--variants", "gpt2"], "--variants: unknown value 'gpt2'; choose from tiny, base"),
+    (["--family", "roberta", "--seeds", "2"], "--family roberta times the LoRA train step alone"),
+])
+def test_family_flags_are_checked(flags, message):
+    from lora_kd_jax.commands import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *flags])
+    assert message in str(e.value.code)
+
+
+def test_family_flag_defaults_to_the_base_size(monkeypatch):
+    from lora_kd_jax.commands import cli
+
+    seen = []
+    monkeypatch.setattr(bench, "run", seen.append)
+    cli.main(["bench", "--family", "llama", "--modes", "fp32"])
+    cli.main(["bench", "--modes", "fp32"])
+    assert [(a.family, a.variants, a.benches) for a in seen][0] == ("llama", ["base"], ["lora_train_step"])
+    assert (seen[1].family, seen[1].variants) == ("gpt2", ["gpt2", "gpt2-medium"])

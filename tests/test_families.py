@@ -77,11 +77,20 @@ def _from_peft(peft_model, like: dict, *, grads: bool = False) -> dict:
     return {"lora": encoder_format.lora_from_peft(named, family), "head": _head_of(named, like["head"])}
 
 
+_SAVED: dict = {}  # family -> (dir, torch model, tokenizer): each tiny checkpoint saved once per session
+
+
+def saved(family: str, tmp_path_factory) -> tuple:
+    if family not in _SAVED:
+        d = tmp_path_factory.mktemp(family)
+        _SAVED[family] = (d, *save_checkpoint(family, d))
+    return _SAVED[family]
+
+
 @pytest.fixture(scope="module", params=["bert", "roberta", "llama"])
 def fam(request, tmp_path_factory):
     """One family's saved checkpoint, its tokenizer, the JAX model over it and a PEFT twin with the same weights."""
-    d = tmp_path_factory.mktemp(request.param)
-    torch_model, saved_tok = save_checkpoint(request.param, d)
+    d, torch_model, saved_tok = saved(request.param, tmp_path_factory)
     tok = load_family_tokenizer(str(d), request.param)  # as a run loads it (data.tokenizer="" -> model.path)
     cfg = _config(d)
     assert cfg.model.type == request.param and cfg.model.n_layer == 2 and cfg.model.n_embd == 64
@@ -377,6 +386,12 @@ def test_target_matching_nothing_names_the_module_paths(fam):
             families.build(_config(fam.dir, f"lora.targets={bad}"), jax.random.key(0), shapes_only=True)
 
 
+def _counts(line: str) -> tuple[int, int]:
+    """(total, trainable) from --dry-run's first line ('params: total 82.21M (82,209,024), trainable ...')."""
+    return tuple(int(line.split(f"{w} ")[1].split("(")[1].split(")")[0].replace(",", ""))  # type: ignore
+                 for w in ("total", "trainable"))
+
+
 BASE_SIZES = {"bert": dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2),
               "roberta": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)}
 
@@ -395,10 +410,136 @@ def test_dry_run_counts_equal_peft_for_base_sizes(family, targets, to_save):
                  f"model.vocab_size={BASE_SIZES[family]['vocab_size']}", f"lora.targets={targets}", f"lora.rank={RANK}",
                  *([f"lora.modules_to_save={','.join(to_save)}"] if to_save else [])]
     line = dry_run_plan(load_config(None, overrides)).splitlines()[0]
-    total, trainable = (int(line.split(f"{w} ")[1].split("(")[1].split(")")[0].replace(",", ""))
-                        for w in ("total", "trainable"))
+    total, trainable = _counts(line)
     _, (peft_trainable, peft_all, peft_lora) = _torch_targeted(family, "all-linear" if targets == "all-linear"
                                                     else targets.split(","), to_save, device="meta",
                                                     **sizes, **BASE_SIZES[family])
     copies = peft_trainable - peft_lora  # the head and every modules_to_save module, counted twice by PEFT
     assert (trainable, total) == (peft_trainable, peft_all - copies), line
+
+
+# ----------------------------------------------------------------------------------------------- hub ids
+
+
+def hub_cache(root, repo_id: str, files_from) -> None:
+    """The hub cache's own layout for `repo_id` under `root` (what HF_HUB_CACHE points at): blobs named by their
+    hash, refs/main naming a commit, snapshots/<commit>/<file> linking to the blobs."""
+    import hashlib
+    import os
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in sorted(files_from.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+
+
+HUB_CHECK = """
+import json, sys
+import jax, numpy as np
+from lora_kd_jax.core.config import load_config
+from lora_kd_jax.data.encoding import load_family_tokenizer, tokenizer_for
+from lora_kd_jax.models import families
+from lora_kd_jax.models.gpt2 import ModelLoadError
+
+out = {}
+sentences = ["the cat sat on the mat .", "colorless green ideas sleep furiously"]
+for family, local in json.loads(sys.argv[1]).items():
+    common = ["data.max_length=20", "lora.init=standard"]
+    cfg = families.with_checkpoint(load_config(None, [f"model.name=tiny-org/{family}-tiny", *common]))
+    ref = families.with_checkpoint(load_config(None, [f"model.path={local}", *common]))
+    _, hub_params = families.build(cfg, jax.random.key(0))
+    _, ref_params = families.build(ref, jax.random.key(0))
+    same = jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), hub_params,
+                                     ref_params))
+    ids = tokenizer_for(cfg)(sentences)["input_ids"]
+    out[family] = {"type": cfg.model.type, "sizes": [cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head],
+                   "name": cfg.model.name, "path": cfg.model.path, "tokenizer": cfg.data.tokenizer,
+                   "params_equal": same, "ids_equal": ids == load_family_tokenizer(local, family)(sentences)["input_ids"]}
+try:
+    families.with_checkpoint(load_config(None, ["model.name=nobody/not-cached"]))
+except ModelLoadError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_hub_ids_load_model_and_tokenizer_from_the_hub_cache_offline(tmp_path, tmp_path_factory):
+    """model.name=ORG/NAME for BERT, RoBERTa and Llama, in a fresh process with HF_HUB_CACHE at a hub cache built here
+    (the tiny checkpoints and tokenizers, save_pretrained) and HF_HUB_OFFLINE=1: the family and sizes come from the
+    cached config.json, the base weights equal those read from the same checkpoint as model.path, the tokenizer
+    (data.tokenizer defaults to the id) encodes as the saved one; an id not in the cache fails naming it and what to
+    do."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    local = {}
+    for family in FAMILIES:
+        d = saved(family, tmp_path_factory)[0]
+        hub_cache(tmp_path / "hub", f"tiny-org/{family}-tiny", d)
+        local[family] = str(d)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", HUB_CHECK, json.dumps(local)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for family in FAMILIES:
+        got = out[family]
+        assert (got["type"], got["sizes"], got["name"], got["path"], got["tokenizer"]) == (
+            family, [2, 64, 4], f"tiny-org/{family}-tiny", "", f"tiny-org/{family}-tiny"), got
+        assert got["params_equal"] and got["ids_equal"], got
+    error = out["error"]
+    assert error.startswith("model.name=nobody/not-cached: the checkpoint could not be loaded from the Hugging Face "
+                            "hub (HF_HUB_OFFLINE=1 and it is not in the hub cache"), error
+    assert "huggingface-cli download nobody/not-cached" in error and "model.path=DIR" in error, error
+
+
+@pytest.mark.parametrize("size, shape", [("gpt2-xl", (48, 1600, 25)), ("distilgpt2", (6, 768, 12))])
+def test_dry_run_counts_equal_peft_for_gpt2_sizes(size, shape):
+    """GPT-2 sizes by name, from the size table alone (jax.eval_shape here, torch's meta device there: no weights):
+    --dry-run's counts are PEFT's on GPT2ForSequenceClassification with the same LoRA (every Conv1D, rank 4) and the
+    same fully trained modules (the LayerNorms; the score head, which SEQ_CLS saves)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from lora_kd_jax.core.gpt2_layout import GPT2_SIZES
+    from lora_kd_jax.training.finetune import dry_run_plan
+
+    line = dry_run_plan(load_config(None, [f"model.name={size}", "model.init=random", f"lora.rank={RANK}"]))
+    total, trainable = _counts(line.splitlines()[0])
+    n_layer, n_embd, n_head = shape  # the released checkpoints' config.json: n_layer, n_embd, n_head
+    assert GPT2_SIZES[size] == shape
+    with torch.device("meta"):
+        model = GPT2ForSequenceClassification(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, num_labels=2))
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(
+            task_type="SEQ_CLS", r=RANK, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+            modules_to_save=["ln_1", "ln_2", "ln_f"]))
+    peft_trainable, peft_all = wrapped.get_nb_trainable_parameters()
+    n_lora = sum(p.numel() for n, p in wrapped.named_parameters() if ".lora_" in n)
+    copies = peft_trainable - n_lora  # each saved module counted twice in PEFT's total (original and copy)
+    assert (trainable, total) == (peft_trainable, peft_all - copies), line
+    # r (in + out) for c_attn (n, 3n), attn.c_proj (n, n), c_fc (n, 4n), mlp.c_proj (4n, n): the sizes are the table's
+    assert n_lora == n_layer * RANK * (4 + 2 + 5 + 5) * n_embd
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=bert-base"], "model.name: 'bert-base' is not one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                               "distilgpt2, custom, nor a hub id ORG/NAME"),
+    (["model.name=google-bert/bert-base-uncased", "model.init=random"],
+     "model.name=google-bert/bert-base-uncased with model.init=random: a hub id names pretrained weights"),
+])
+def test_model_name_is_a_size_or_a_hub_id(overrides, message):
+    from lora_kd_jax.core.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+    assert load_config(None, ["model.name=FacebookAI/roberta-base"]).model.name == "FacebookAI/roberta-base"

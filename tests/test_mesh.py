@@ -30,14 +30,21 @@ def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> None:
 
 
 def test_lora_and_distillation_steps_on_8_devices_match_1_device(tmp_path):
+    """GPT-2's and BERT's LoRA steps on 8 devices (data parallel) and 2x4 (FSDP: the frozen base split 4 ways) equal
+    one device's, step for step; so do the distillation steps."""
     out = tmp_path / "losses.json"
     run_worker("steps", str(out))
     losses = json.loads(out.read_text())
-    for prefix in ("", "distill_", "seeded_"):  # seeded_: two seeds at once, the seed axis not split
+    for prefix in ("", "bert_", "distill_", "seeded_"):  # seeded_: two seeds at once, the seed axis not split
         one = np.array(losses[prefix + "1"])
-        for name in ("8", "2x4") if prefix == "" else ("8",):
+        for name in ("8", "2x4") if prefix in ("", "bert_") else ("8",):
             np.testing.assert_allclose(np.array(losses[prefix + name]), one, rtol=REL, atol=0, err_msg=prefix + name)
         assert len(set(np.round(np.ravel(one), 6))) > 1  # the steps really train (losses change)
+    # FSDP really splits BERT's frozen base: its largest leaves, a quarter of each on every device of the 'fsdp' axis
+    shardings = losses["bert_shardings"]
+    assert "bert/embeddings/word_embeddings/embedding" in shardings, shardings
+    for path, (spec, shape, shard) in shardings.items():
+        assert "fsdp" in spec and int(np.prod(shard)) * 4 == int(np.prod(shape)), (path, spec, shape, shard)
     seeded = np.array(losses["seeded_1"])
     assert seeded.shape == (4, 2) and not np.allclose(seeded[:, 0], seeded[:, 1])  # two different seeds
 

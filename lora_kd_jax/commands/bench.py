@@ -11,6 +11,10 @@ a `train.seeds` run of N seeds compiles (one program, the single-seed step under
 N stacked train states and an [N, B, L] batch; the frozen GPT-2 base is one shared argument. Their records add
 `seeds`, `ms_per_seed_step` (ms_per_step / N) and `argument_bytes` (the executable's argument size: what the seed
 axis costs in memory, the shared base counted once).
+
+With `family` (`--family bert|roberta|llama`) the LoRA train step of that family's random-init classifier is timed
+instead, at FAMILY_SIZES (`--variants tiny,base`), on the same batch drawn below the family's vocabulary; its records
+add `family`, `trainable` and `total` (benchmarks/peer_torch.py --family times the same step through PEFT).
 """
 from __future__ import annotations
 
@@ -59,6 +63,14 @@ LORA_VARIANTS = {
 }
 
 
+# --family: the LoRA train step of a random-init BERT / RoBERTa / Llama sequence classifier instead of GPT-2's
+# (benchmarks/peer_torch.py --family times the same through PEFT). Sizes: (n_layer, n_embd, n_head), the feed-forward
+# 4 x n_embd wide; "base" is bert-base's and roberta-base's shape (for Llama the same shape, no released size).
+FAMILY_SIZES = {"tiny": (2, 64, 4), "base": (12, 768, 12)}
+FAMILY_VOCAB = {"bert": 30522, "roberta": 50265, "llama": 32000}  # bert-base-uncased's, roberta-base's, Llama 2's
+FAMILY_BENCHES = ("lora_train_step",)
+
+
 def default_benches(variants: list[str]) -> list[str]:
     """Everything, except a full CoLA epoch of a real-size model on a CPU (minutes per epoch there)."""
     if jax.default_backend() == "cpu" and any(v != "tiny" for v in variants):
@@ -87,6 +99,7 @@ class BenchArgs:
     profile: int = 0  # a jax.profiler trace of this many more steps of each step bench, after its timed steps
     profile_dir: str = "bench_profile"  # where: one subdir per bench, variant, mode (and seed count / dtype)
     student: list[str] = dataclasses.field(default_factory=list)  # student.* overrides, e.g. student.arch=cnn
+    family: str = "gpt2"  # bert | roberta | llama: that family's LoRA step (FAMILY_SIZES variants) instead of GPT-2's
 
     def profiling(self, *name: Any) -> tuple[int, str]:
         """(steps, directory) of this bench's trace; (0, '') when --profile is off."""
@@ -123,7 +136,8 @@ def peer_batch(batch: int, seq: int, vocab: int = 50257, seed: int = 0) -> dict[
 
 
 def trim_padding(batch: dict[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
-    """Drop trailing all-padding columns (rounded up to `multiple`): exact for right-padded causal models."""
+    """Drop trailing all-padding columns (rounded up to `multiple`): exact for right-padded causal models, and for
+    the encoders, whose attention masks padding out (and RoBERTa's positions count only real tokens)."""
     longest = int(batch["attention_mask"].sum(axis=1).max())
     keep = min(batch["input_ids"].shape[1], -(-longest // multiple) * multiple)
     return {k: (v[:, :keep] if v.ndim == 2 else v) for k, v in batch.items()}
@@ -255,6 +269,37 @@ def bench_lora_variants(args: BenchArgs, variant: str, mode: str, batch: dict, r
         yield record(args, "lora_train_step", variant, mode, batch, None, ms, flops[name],
                      compile_s=round(compile_s[name], 2), lora_variant=name, ratio_vs_lora=round(ms / plain, 3),
                      round_ms=[round(m, 3) for m in medians[name]])
+
+
+def family_config(family: str, variant: str, mode: str, seq: int) -> Config:
+    """A random-init `family` classifier of FAMILY_SIZES[variant], LoRA as the peer's PEFT config: rank 4, alpha 4,
+    dropout 0.1, PEFT's init and default targets (query/value; q_proj/v_proj), the head trained."""
+    n_layer, n_embd, n_head = FAMILY_SIZES[variant]
+    dtype = MODES[mode]
+    return load_config(None, [f"model.type={family}", "model.name=custom", "model.init=random",
+                              f"model.n_layer={n_layer}", f"model.n_embd={n_embd}", f"model.n_head={n_head}",
+                              f"model.vocab_size={FAMILY_VOCAB[family]}", f"model.n_positions={max(512, seq)}",
+                              f"model.dtype={dtype}", f"model.base_dtype={dtype}", "lora.init=standard",
+                              "lora.dropout=0.1"])
+
+
+def bench_family(args: BenchArgs, variant: str, mode: str, batch: dict) -> Iterable[dict]:
+    """The LoRA train step of args.family's classifier (`models.families.build`, the step training jits); records
+    add `family` and the parameter counts (PEFT's trainable / total, the peer's fields)."""
+    from lora_kd_jax.models import families
+    from lora_kd_jax.training.state import param_report
+
+    cfg = family_config(args.family, variant, mode, args.seq)
+    model, params = families.build(cfg, jax.random.key(0))
+    setup = train_state(model, params, 1e-3, jax.random.key(1))
+    report = param_report(params, setup.labels)
+    frozen = cast_frozen(setup.frozen, precision.base_dtype(cfg.model))
+    step = make_train_step(model, setup.tx, cross_entropy_objective)
+    first, compile_s, ms, flops, _ = bench_step(step, setup.state, {"frozen": frozen}, jax.device_put(batch),
+                                                steps=args.steps, warmup=args.warmup,
+                                                profile=args.profiling("lora_train_step", args.family, variant, mode))
+    yield record(args, "lora_train_step", variant, mode, batch, first, ms, flops, compile_s=round(compile_s, 2),
+                 family=args.family, trainable=report.trainable, total=report.total)
 
 
 def bench_gpt2(args: BenchArgs, variant: str, mode: str, batch: dict, cfg: Config) -> Iterable[dict]:
@@ -456,9 +501,14 @@ def run(args: BenchArgs) -> list[dict]:
         results.append(rec)
 
     for variant in args.variants:
-        full = peer_batch(args.batch, args.seq)
+        full = peer_batch(args.batch, args.seq, **({"vocab": FAMILY_VOCAB[args.family]} if args.family != "gpt2"
+                                                   else {}))
         batch = trim_padding(full) if args.trim else full
         for mode in args.modes:
+            if args.family != "gpt2":  # that family's LoRA step instead of GPT-2's benches
+                for rec in bench_family(args, variant, mode, batch):
+                    emit(rec)
+                continue
             if args.seeds:  # the seeded benches instead of the single-seed ones
                 for rec in bench_seeded(args, variant, mode):
                     emit(rec)

@@ -135,7 +135,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     b = sub.add_parser("bench", help="step-time benchmarks (JSON lines on stdout, appended to --out)", parents=[_debug_flag()],
                        epilog=f"example: {PROG} bench --variants tiny --modes fp32 --steps 20")
-    b.add_argument("--variants", default="gpt2,gpt2-medium", help="comma list of gpt2, gpt2-medium, tiny")
+    b.add_argument("--variants", default=None, help="comma list of gpt2, gpt2-medium, tiny (default: gpt2,gpt2-medium); "
+                   "with --family, of tiny, base (default: base)")
+    b.add_argument("--family", default="gpt2", choices=("gpt2", "bert", "roberta", "llama"),
+                   help="bert, roberta, llama: time the LoRA train step of that family's classifier (random init, "
+                   "--variants sizes) instead of GPT-2's benches")
     b.add_argument("--batch", type=int, default=128)
     b.add_argument("--seq", type=int, default=64)
     b.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")

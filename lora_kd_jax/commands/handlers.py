@@ -152,14 +152,21 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     seeds = _seed_counts(args.seeds)
-    if seeds:  # the seeded benches instead of the single-seed ones; --benches picks among them
+    family = args.family != "gpt2"  # --family: that family's LoRA step alone, at bench.FAMILY_SIZES
+    args.variants = args.variants or ("base" if family else "gpt2,gpt2-medium")
+    if family and (seeds or args.lora_variants):
+        raise UsageError(f"--family {args.family} times the LoRA train step alone: drop --seeds / --lora-variants")
+    if family:
+        bench_flag, known_benches = f"--benches (with --family {args.family})", bench.FAMILY_BENCHES
+        benches = args.benches or ",".join(bench.FAMILY_BENCHES)
+    elif seeds:  # the seeded benches instead of the single-seed ones; --benches picks among them
         bench_flag, known_benches = "--benches (with --seeds)", bench.SEEDED_BENCHES
         benches = args.benches or ",".join(bench.SEEDED_BENCHES)
     else:
         bench_flag, known_benches = "--benches", bench.BENCHES
         benches = args.benches or ",".join(bench.default_benches(split(args.variants)))
     for flag, values, known in ((bench_flag, benches, known_benches), ("--modes", args.modes, bench.MODES),
-                                ("--variants", args.variants, bench.VARIANTS),
+                                ("--variants", args.variants, bench.FAMILY_SIZES if family else bench.VARIANTS),
                                 ("--lora-variants", args.lora_variants, bench.LORA_VARIANTS),
                                 ("--student-dtypes", args.student_dtypes, ("auto", *precision.DTYPES))):
         for name in split(values):
@@ -178,7 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                               trim=not args.no_trim, data_dir=args.data_dir, tokenizer=args.tokenizer, out=args.out,
                               limit=args.limit, student_dtypes=split(args.student_dtypes), seeds=seeds,
                               profile=args.profile, profile_dir=args.profile_dir, student=args.student,
-                              lora_variants=split(args.lora_variants)))
+                              lora_variants=split(args.lora_variants), family=args.family))
 
 
 def _seed_counts(value: str) -> list[int]:

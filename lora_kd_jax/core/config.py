@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -30,7 +31,8 @@ class ConfigError(UserError, ValueError):
 
 @dataclasses.dataclass
 class ModelConfig:
-    name: str = "gpt2"  # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | custom (needs n_layer/n_embd/n_head)
+    name: str = "gpt2"  # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | distilgpt2 | custom (needs n_layer/n_embd/
+    # n_head) | a hub id ORG/NAME of any family (e.g. google-bert/bert-base-uncased: its config.json decides model.type)
     init: str = "pretrained"  # pretrained (hub name or model.path) | random (init by size)
     path: str = ""  # local dir written by save_pretrained; takes precedence over the hub name
     n_layer: int | None = None  # override the named size (random init only)
@@ -43,7 +45,8 @@ class ModelConfig:
     base_dtype: str = "auto"  # storage dtype of the frozen base weights: auto | float32 | bfloat16
     base_seed: int = -1  # the seed whose key draws a random-init base; -1 = train.seed (train.seeds: its first seed)
     num_labels: int = 0  # outputs of the head; 0 = from the data (CoLA: 2; regression: 1)
-    type: str = "gpt2"  # architecture family: gpt2 | bert | roberta (model.path: read from its config.json)
+    type: str = "gpt2"  # architecture family: gpt2 | bert | roberta | llama (model.path or a hub id in model.name:
+    # read from its config.json)
 
 
 @dataclasses.dataclass
@@ -173,7 +176,6 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.name": (*GPT2_SIZES, "custom"),
     "model.init": ("pretrained", "random"),
     "model.type": FAMILY_TYPES,
     "model.dtype": ("auto", "float32", "bfloat16"),
@@ -321,6 +323,7 @@ def validate(cfg: Config) -> None:
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{key}: must be a finite number, got {v}")
     m = cfg.model
+    _validate_model_name(m)
     if m.path and m.init == "random":
         raise ConfigError(f"model.path={m.path} with model.init=random: a random init reads no checkpoint; set "
                           "model.init=pretrained to load it, or drop model.path")
@@ -330,7 +333,7 @@ def validate(cfg: Config) -> None:
     sizes = (m.n_layer, m.n_embd, m.n_head)
     if m.name == "custom" and None in sizes:
         raise ConfigError("model.name=custom needs model.n_layer, model.n_embd and model.n_head")
-    if any(s is not None for s in sizes) and m.init == "pretrained" and not m.path:
+    if any(s is not None for s in sizes) and m.init == "pretrained" and not m.path and not is_hub_id(m.name):
         raise ConfigError("model.n_layer/n_embd/n_head override the size, which has no pretrained weights: "
                           "set model.init=random (or model.path to a checkpoint of that size)")
     n_embd, n_head = resolved_size(m)[1:]
@@ -361,6 +364,27 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg)
     _validate_seeds(cfg)
     _validate_transfer(cfg)
+
+
+MODEL_NAMES: tuple[str, ...] = (*GPT2_SIZES, "custom")  # model.name's own values; anything else is a hub id
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # ORG/NAME, as the hub spells repository ids
+
+
+def is_hub_id(name: str) -> bool:
+    """model.name names a hub repository (ORG/NAME), not one of GPT-2's sizes or custom."""
+    return name not in MODEL_NAMES and HUB_ID.fullmatch(name) is not None and ".." not in name
+
+
+def _validate_model_name(m: ModelConfig) -> None:
+    """model.name: a GPT-2 size, custom, or a hub id ORG/NAME; a hub id names pretrained weights, so it needs
+    model.init=pretrained."""
+    if m.name not in MODEL_NAMES and not is_hub_id(m.name):
+        raise ConfigError(f"model.name: {m.name!r} is not one of {', '.join(MODEL_NAMES)}, nor a hub id ORG/NAME "
+                          "(e.g. google-bert/bert-base-uncased, FacebookAI/roberta-base)")
+    if is_hub_id(m.name) and m.init == "random":
+        raise ConfigError(f"model.name={m.name} with model.init=random: a hub id names pretrained weights, which a "
+                          "random init does not read; set model.init=pretrained, or model.name=custom with "
+                          "model.type and model.n_layer/n_embd/n_head for a random model")
 
 
 def _validate_transfer(cfg: Config) -> None:

@@ -11,6 +11,7 @@ GPT2_SIZES: dict[str, tuple[int, int, int]] = {  # name -> (n_layer, n_embd, n_h
     "gpt2-medium": (24, 1024, 16),
     "gpt2-large": (36, 1280, 20),
     "gpt2-xl": (48, 1600, 25),
+    "distilgpt2": (6, 768, 12),  # GPT-2's width and heads, half the blocks (distilled from gpt2)
 }
 
 # The Conv1D (dense) modules of every block `h.{i}`: what LoRA adapts by default and what PEFT's target_modules

@@ -57,12 +57,15 @@ def _transformers(family: str):
 
 
 def hf_config(cfg: Config, family: Family) -> Any:
-    """The transformers config: read from model.path, or built from model.* sizes (intermediate 4 x width); the
+    """The transformers config: read from the checkpoint (model.path or model.name's hub id), or built from model.* sizes (intermediate 4 x width); the
     run's dropout (model.dropout) and head size applied either way."""
     HFConfig, _ = _transformers(family.name)
     m = cfg.model
-    if m.init == "pretrained" and m.path:
-        c = HFConfig.from_pretrained(os.fspath(Path(m.path).expanduser()))
+    from lora_kd_jax.models.families import checkpoint_dir
+
+    where = checkpoint_dir(m)  # model.path, or the hub id's cached snapshot
+    if where is not None:
+        c = HFConfig.from_pretrained(os.fspath(where))
     elif family.name == "llama":
         c = HFConfig(vocab_size=m.vocab_size, hidden_size=m.n_embd, num_hidden_layers=m.n_layer,
                      num_attention_heads=m.n_head, num_key_value_heads=m.n_head, intermediate_size=4 * m.n_embd,
@@ -302,7 +305,9 @@ def build_encoder(cfg: Config, family_name: str, key: jax.Array, *, base_key: ja
     if shapes_only:
         base = shapes
     elif cfg.model.init == "pretrained":
-        base = load_weights(Path(cfg.model.path).expanduser(), family, shapes)
+        from lora_kd_jax.models.families import checkpoint_dir
+
+        base = load_weights(checkpoint_dir(cfg.model), family, shapes)
     else:
         base = random_params(module, jax.random.split(key, 3)[0] if base_key is None else base_key)
     spec = None

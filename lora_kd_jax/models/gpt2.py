@@ -5,6 +5,7 @@ The only module that imports transformers' Flax classes, so the 4.x pin stays re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -82,8 +83,15 @@ def _local_weights(path: Path) -> str:
 
 
 def load_pretrained(cfg: ModelConfig) -> tuple[Any, Params]:
-    """Load (module, params) from cfg.path (a save_pretrained dir) or the hub name cfg.name."""
+    """Load (module, params) from cfg.path (a save_pretrained dir), the hub id cfg.name (ORG/NAME: its cached
+    snapshot, `families.hub_snapshot`) or a GPT-2 size name (transformers fetches it by name)."""
+    from lora_kd_jax.core.config import is_hub_id
+
     FlaxGPT2Model, _, _ = _transformers()
+    if not cfg.path and is_hub_id(cfg.name):  # a hub id: its cached snapshot, read as a model.path
+        from lora_kd_jax.models.families import hub_snapshot
+
+        return load_pretrained(dataclasses.replace(cfg, path=os.fspath(hub_snapshot(cfg.name))))
     source = cfg.path or cfg.name
     kwargs: dict[str, Any] = {}
     if cfg.path:
@@ -128,7 +136,6 @@ def with_checkpoint_size(cfg: Any) -> Any:
     """`cfg` with model.n_layer/n_embd/n_head/n_positions/vocab_size read from model.path's config.json, so that
     what a run records is what it trains. A size key set to another value than the checkpoint's is an error naming
     both; so is a data.max_length beyond the checkpoint's positions. Without model.path, `cfg` as it is."""
-    import dataclasses
     import json
 
     m = cfg.model
