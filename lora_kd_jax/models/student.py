@@ -27,8 +27,9 @@ Pooling:
 
 `student.arch` picks this RNN (the default, the study's), one of `student_zoo`'s students (bilstm, cnn) or the
 teacher's own architecture, shortened (transformer: `student_transformer`); every one sits behind the same model
-interface (`StudentClassifier`, or `TransformerStudent` for the transformer), so training, many seeds, resume, evaluation and the bench treat them
-alike. `student.embeddings=teacher` hands the classifier a start table for 'embed' (`distill.embeddings`).
+interface (`StudentClassifier`, or `TransformerStudent` for the transformer), so training, many seeds, resume,
+evaluation and the bench treat them alike. `student.embeddings=teacher` hands the classifier a start table for
+'embed' (`distill.embeddings`).
 """
 from __future__ import annotations
 

@@ -77,8 +77,8 @@ def with_teacher(cfg: Config, teacher_cfg: Config, where: str = "distill.teacher
     if s.teacher_layers:
         beyond = [i for i in s.teacher_layers if i >= depth]
         if beyond:
-            raise ConfigError(f"student.teacher_layers={s.teacher_layers}: {beyond} beyond the {depth} layers of the "
-                              f"teacher in {where} (indices 0..{depth - 1})")
+            raise ConfigError(f"student.teacher_layers={s.teacher_layers}: {beyond} beyond the {depth} "
+                              f"layer{'s' if depth != 1 else ''} of the teacher in {where} (indices 0..{depth - 1})")
         layers = list(s.teacher_layers)
     else:
         if s.layers > depth:
