@@ -286,8 +286,16 @@ def test_two_seeds_distil_resume_to_a_second_epoch_and_evaluate(teacher, tmp_pat
 
 
 def test_without_a_teacher_it_is_a_small_random_gpt2():
-    """train-rnn / bench: GPT-2's initialisers at the student's sizes (2 blocks by default, embed_dim // 64 heads)."""
+    """train-rnn / bench: GPT-2's initialisers at the student's sizes (2 blocks by default, embed_dim // 64 heads);
+    student.embeddings=teacher hands it a token table that replaces the drawn wte, for every seed."""
     cfg = tiny_config("student.arch=transformer", "student.embed_dim=128")
     student, params = build_student(cfg, jax.random.key(0), shapes_only=True)
     assert sorted(params["gpt2"]["h"]) == ["0", "1"] and params["gpt2"]["wte"]["embedding"].shape == (50257, 128)
     assert student.module.config.n_head == 2 and "random init" in student.describe()
+    table = np.random.default_rng(0).normal(size=(50257, 128)).astype(np.float32)
+    student, params = build_student(cfg, jax.random.key(0), embedding=table)
+    np.testing.assert_array_equal(np.asarray(params["gpt2"]["wte"]["embedding"]), table)
+    other = student.init(jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(other["gpt2"]["wte"]["embedding"]), table)
+    wpe = [np.asarray(p["gpt2"]["wpe"]["embedding"]) for p in (params, other)]
+    assert not np.array_equal(*wpe)  # the rest is each seed's own draw
