@@ -76,6 +76,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
     if args.dry_run:
         infos = teacher.teacher_runs(cfg)
+        cfg = trainer.transformer_student_config(cfg, infos)  # a transformer student: the teacher's layers it takes
         teachers = sorted({str(info.path) for info in infos.values()})
         name = next(iter(infos.values())).config.model.name
         which = (f"teacher: {teachers[0]}" if len(teachers) == 1 else

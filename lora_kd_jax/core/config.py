@@ -116,11 +116,16 @@ class StudentConfig:
     pooling: str = "last_token"  # last_token (last real token) | last_step (original: last padded position)
     dtype: str = "auto"  # compute dtype: auto (float32 on every measured backend) | float32 | bfloat16
     arch: str = "rnn"  # rnn (the study's: cell, bidirectional, pooling) | bilstm (Tang et al. 2019) | cnn (Kim 2014)
+    # | transformer (the teacher's architecture, fewer layers, DistilBERT-style init)
     relu_dim: int = 0  # bilstm: width of the ReLU layer before the output; 0 = student.hidden_dim
     cnn_widths: list[int] = dataclasses.field(default_factory=lambda: [3, 4, 5])  # cnn: n-gram widths of the filters
     cnn_filters: int = 100  # cnn: filters per width (Kim: 100)
     dropout: float = 0.0  # bilstm, cnn: dropout before the output layer (Kim: 0.5)
     embeddings: str = "random"  # random (N(0, 1)) | teacher (distill.teacher's wte, PCA-projected when narrower)
+    layers: int = 0  # transformer: blocks; 0 = half the teacher's, rounded up (no teacher: 2)
+    teacher_layers: list[int] = dataclasses.field(default_factory=list)  # transformer: the teacher's blocks it
+    # starts from, in order; [] = every other one from 0 (DistilBERT)
+    heads: int = 0  # transformer without a teacher: attention heads; 0 = embed_dim // 64 (at least 1)
 
 
 @dataclasses.dataclass
@@ -192,7 +197,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student.pooling": ("last_token", "last_step"),
     "student.dtype": ("auto", "float32", "bfloat16"),
     "distill.loss": ("kl", "mse"),
-    "student.arch": ("rnn", "bilstm", "cnn"),
+    "student.arch": ("rnn", "bilstm", "cnn", "transformer"),
     "student.embeddings": ("random", "teacher"),
     "distributed.cpu_collectives": ("gloo", "mpi", "none"),
 }
@@ -206,7 +211,7 @@ NON_NEGATIVE: tuple[str, ...] = ("model.num_labels",
                                  "data.limit", "data.group_window", "train.eval_batch_size", "distill.alpha",
                                  "model.dropout", "train.warmup", "train.weight_decay", "train.max_grad_norm",
                                  "train.patience", "train.max_steps", "distill.augment", "distill.augment_seed",
-                                 "student.relu_dim")
+                                 "student.relu_dim", "student.layers", "student.heads")
 PROBABILITY: tuple[str, ...] = ("lora.dropout", "model.dropout", "distill.p_mask", "distill.p_swap",
                                 "distill.p_ngram", "student.dropout")
 
@@ -409,6 +414,13 @@ def _validate_student(cfg: Config) -> None:
     s = cfg.student
     if not s.cnn_widths or any(w <= 0 for w in s.cnn_widths):
         raise ConfigError(f"student.cnn_widths: needs one or more widths > 0, got {s.cnn_widths}")
+    if s.arch == "transformer":
+        _validate_transformer_student(s)
+    else:
+        for key, value in (("layers", s.layers), ("teacher_layers", s.teacher_layers), ("heads", s.heads)):
+            if value:
+                raise ConfigError(f"student.{key}={value} with student.arch={s.arch}: only the transformer student "
+                                  f"reads it; drop it or set student.arch=transformer")
     if s.arch == "rnn":
         return
     for key, value, default in (("cell", s.cell, "rnn"), ("bidirectional", s.bidirectional, False),
@@ -416,6 +428,17 @@ def _validate_student(cfg: Config) -> None:
         if value != default:
             raise ConfigError(f"student.{key}={value} with student.arch={s.arch}: only the rnn student reads it "
                               f"(the {s.arch} student has its own fixed shape); drop it or set student.arch=rnn")
+
+
+def _validate_transformer_student(s: StudentConfig) -> None:
+    """What can be checked without the teacher (its depth is checked when the distillation reads its run)."""
+    if any(i < 0 for i in s.teacher_layers):
+        raise ConfigError(f"student.teacher_layers={s.teacher_layers}: layer indices count from 0")
+    if s.layers and s.teacher_layers and s.layers != len(s.teacher_layers):
+        raise ConfigError(f"student.layers={s.layers} with student.teacher_layers={s.teacher_layers} "
+                          f"({len(s.teacher_layers)} layers): give one of the two, or the same count")
+    if s.heads and s.embed_dim % s.heads:
+        raise ConfigError(f"student.heads={s.heads} does not divide student.embed_dim={s.embed_dim}")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -18,10 +18,12 @@ from lora_kd_jax.core.keys import run_keys, seed_list
 from lora_kd_jax.distill import transfer as transfer_lib
 from lora_kd_jax.distill.embeddings import student_embedding
 from lora_kd_jax.distill.losses import teacher_objective
-from lora_kd_jax.distill.teacher import (Teacher, in_teacher_vocabulary, restore_teachers, teacher_logits_for,
-                                         teacher_runs)
+from lora_kd_jax.distill.teacher import (Teacher, base_key, in_teacher_vocabulary, restore_teachers,
+                                         teacher_logits_for, teacher_runs)
 from lora_kd_jax.models import families
-from lora_kd_jax.models.student import StudentClassifier, build_student
+from lora_kd_jax.models import student_transformer
+from lora_kd_jax.models.student import build_student
+from lora_kd_jax.runs.reader import RunInfo
 from lora_kd_jax.training import loop
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.training import seeds as seeds_lib
@@ -33,28 +35,31 @@ from lora_kd_jax.training.steps import Objective, Seeded, cross_entropy_objectiv
 log = logging.getLogger(__name__)
 
 
-def _student_setup(cfg: Config, total_steps: int, embedding: Any = None
-                   ) -> tuple[StudentClassifier, TrainSetup, int]:
+def _student_setup(cfg: Config, total_steps: int, embedding: Any = None, teacher_base: Any = None
+                   ) -> tuple[Any, TrainSetup, int]:
     """The student and its (seed-stacked, with train.seeds) state from the one state recipe (the learning rate
-    schedule spans `total_steps`); `embedding`: the table its 'embed' starts from (student.embeddings=teacher)."""
+    schedule spans `total_steps`); `embedding`: the table its 'embed' starts from (student.embeddings=teacher);
+    `teacher_base`: the teacher's merged base a transformer student is sliced from."""
     seeds = seed_list(cfg)
-    student, _ = build_student(cfg, run_keys(seeds[0]).model, shapes_only=True, embedding=embedding)
+    student, _ = build_student(cfg, run_keys(seeds[0]).model, shapes_only=True, embedding=embedding,
+                               teacher_base=teacher_base)
     setup = seed_states(student, cfg.train, seeds, stacked=seeds_lib.is_seeded(cfg), total_steps=total_steps)
     n = param_report(setup.params, setup.labels).total
     sc = cfg.student
-    log.info("student: %s, %s embeddings, computing in %s: %.2fM params (%d), all trainable%s",
-             student.module.describe(), sc.embeddings, precision.student_dtype(sc), n / 1e6, n,
+    log.info("student: %s, %s embeddings: %.2fM params (%d), all trainable%s",
+             student.describe(), sc.embeddings, n / 1e6, n,
              f"; {len(seeds)} seeds {cfg.train.seeds} in one program" if seeds_lib.is_seeded(cfg) else "")
     return student, setup, n
 
 
 def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, consts: Any, objective: Objective,
           info: dict, title: str, place: mesh_lib.Placement | None = None, consts_axes: Any = None,
-          seed_info: dict[int, dict] | None = None, seed_labels: dict | None = None, embedding: Any = None) -> Task:
+          seed_info: dict[int, dict] | None = None, seed_labels: dict | None = None, embedding: Any = None,
+          teacher_base: Any = None) -> Task:
     place = place or mesh_lib.run_placement(cfg)
     batches = data_lib.batch_sources(splits, cfg, seed_labels)
     steps = total_steps(cfg.train, batches.n_train_batches)
-    student, setup, n = _student_setup(cfg, steps, embedding)
+    student, setup, n = _student_setup(cfg, steps, embedding, teacher_base)
     seeded = Seeded(consts_axes) if seeds_lib.is_seeded(cfg) else None
     return Task(
         kind=kind, state=place.state(setup.state), consts={"frozen": {}, **consts},
@@ -124,9 +129,38 @@ def build_distill_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], te
         info["distill_loss"] = d.loss
     if transfer:
         info["transfer_set"] = {**transfer.report, "teacher_labelling": labelling}
+    embedding = teacher_base = None
+    if cfg.student.arch == "transformer":  # its layers, embeddings included, from the one teacher (`distill`)
+        if isinstance(teacher, dict):
+            raise ConfigError(_one_teacher_message(cfg, sorted({str(t.run_dir) for t in teacher.values()})))
+        if not cfg.student.teacher_layers:
+            raise ConfigError("student.arch=transformer: the config is not resolved against its teacher "
+                              "(student_transformer.with_teacher; `distill` does it)")
+        teacher_base = teacher.params[base_key(teacher.model)]
+        info["student_teacher_layers"] = list(cfg.student.teacher_layers)
+    else:
+        embedding = student_embedding(cfg, teacher)
     return _task(cfg, splits, kind="distill", consts=consts, objective=objective, info=info,
                  title=f"DistilRNN ({families.title(first.config)} teacher)", place=place, consts_axes=consts_axes,
-                 seed_info=seed_info, seed_labels=seed_labels, embedding=student_embedding(cfg, teacher))
+                 seed_info=seed_info, seed_labels=seed_labels, embedding=embedding, teacher_base=teacher_base)
+
+
+def _one_teacher_message(cfg: Config, paths: list[str]) -> str:
+    return (f"student.arch=transformer with distill.teacher={cfg.distill.teacher}, whose seeds are different teachers "
+            f"({', '.join(paths)}): the student's layers are sliced from one teacher; name one seed's dir, e.g. "
+            f"distill.teacher={paths[0]}")
+
+
+def transformer_student_config(cfg: Config, infos: dict[int, RunInfo]) -> Config:
+    """`cfg` with the transformer student's keys resolved against its one teacher run
+    (`student_transformer.with_teacher`); other students: `cfg` unchanged. Reads configs only, no weights."""
+    if cfg.student.arch != "transformer":
+        return cfg
+    paths = sorted({str(info.path) for info in infos.values()})
+    if len(paths) > 1:
+        raise ConfigError(_one_teacher_message(cfg, paths))
+    first = next(iter(infos.values()))
+    return student_transformer.with_teacher(cfg, first.config, f"distill.teacher={first.path}")
 
 
 def build_rnn_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], embedding: Any = None) -> Task:
@@ -142,6 +176,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, profile
     cfg = data_lib.resolve_task(cfg)
     infos = teacher_runs(cfg)
     cfg = in_teacher_vocabulary(cfg, infos)  # a BERT / RoBERTa / Llama teacher: its tokenizer and vocabulary
+    cfg = transformer_student_config(cfg, infos)  # student.arch=transformer: its layers and family, explicit
     return loop.train_and_evaluate(cfg, lambda splits: build_distill_task(cfg, splits, restore_teachers(infos, cfg)),
                                    resume=resume, progress=progress, profile=profile)
 
@@ -151,6 +186,10 @@ def train_rnn(cfg: Config, *, resume: bool = False, progress: bool = True, profi
     table from distill.teacher, which is otherwise unused here."""
     runtime.setup(cfg)
     cfg = data_lib.resolve_task(cfg)
+    if cfg.student.teacher_layers:
+        raise ConfigError(f"student.teacher_layers={cfg.student.teacher_layers} with train-rnn: the baseline starts "
+                          "from a random init, there is no teacher to take layers from; drop it (student.layers "
+                          "sets its depth)")
     infos = None
     if cfg.student.embeddings == "teacher":  # the teacher is checked here, restored (and the table logged) in the run
         if not cfg.distill.teacher:

@@ -25,9 +25,11 @@ Pooling:
   output there, concatenated with the backward output at position 0 (the backward pass reads only the real tokens,
   so both halves summarise exactly the sentence; padding never reaches the logits).
 
-`student.arch` picks this RNN (the default, the study's) or one of `student_zoo`'s students (bilstm, cnn); every
-one sits behind the same `StudentClassifier`, so training, many seeds, resume, evaluation and the bench treat them
-alike. `student.embeddings=teacher` hands the classifier a start table for 'embed' (`distill.embeddings`).
+`student.arch` picks this RNN (the default, the study's), one of `student_zoo`'s students (bilstm, cnn) or the
+teacher's own architecture, shortened (transformer: `student_transformer`); every one sits behind the same model
+interface (`StudentClassifier`, or `TransformerStudent` for the transformer), so training, many seeds, resume,
+evaluation and the bench treat them alike. `student.embeddings=teacher` hands the classifier a start table for
+'embed' (`distill.embeddings`).
 """
 from __future__ import annotations
 
@@ -189,8 +191,10 @@ def make_student(sc: StudentConfig | Config) -> nn.Module:
     if sc.arch == "cnn":
         return CNNStudent(vocab_size=sc.vocab_size, embed_dim=sc.embed_dim, widths=tuple(sc.cnn_widths),
                           filters=sc.cnn_filters, dropout=sc.dropout, dtype=dtype, n_labels=n_labels)
+    if sc.arch == "transformer":
+        raise ValueError("student.arch=transformer is not one flax module: build it with build_student")
     if sc.arch != "rnn":
-        raise ValueError(f"student.arch: unknown architecture {sc.arch!r}; expected rnn, bilstm or cnn")
+        raise ValueError(f"student.arch: unknown architecture {sc.arch!r}; expected rnn, bilstm, cnn or transformer")
     return RNNStudent(vocab_size=sc.vocab_size, embed_dim=sc.embed_dim, hidden_dim=sc.hidden_dim, cell=sc.cell,
                       bidirectional=sc.bidirectional, pooling=sc.pooling, dtype=dtype, n_labels=n_labels)
 
@@ -243,10 +247,20 @@ class StudentClassifier:
 
 
 def build_student(sc: StudentConfig | Config, key: jax.Array, *, shapes_only: bool = False,
-                  embedding: Any = None) -> tuple[StudentClassifier, Params]:
+                  embedding: Any = None, teacher_base: Params | None = None) -> tuple[Any, Params]:
     """The student and its parameters from config (`shapes_only`: ShapeDtypeStructs, nothing allocated);
-    `embedding`: the table 'embed' starts from (student.embeddings=teacher), else drawn at random."""
-    model = StudentClassifier(make_student(sc), embedding)
+    `embedding`: the table 'embed' starts from (student.embeddings=teacher), else drawn at random.
+    student.arch=transformer: a `student_transformer.TransformerStudent`, sliced from `teacher_base` (the teacher's
+    merged base) when given."""
+    arch = (sc.student if isinstance(sc, Config) else sc).arch
+    if arch == "transformer":
+        from lora_kd_jax.models.student_transformer import build_transformer
+
+        model = build_transformer(sc, embedding=embedding, teacher_base=teacher_base)
+    else:
+        if teacher_base is not None:
+            raise ValueError(f"student.arch={arch} does not start from the teacher's layers (only transformer does)")
+        model = StudentClassifier(make_student(sc), embedding)
     params = jax.eval_shape(model.init, key) if shapes_only else model.init(key)
     return model, params
 
