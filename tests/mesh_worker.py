@@ -2,7 +2,8 @@
 
 usage: mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8 and 2x4 devices (GPT-2 and BERT,
                                            the sharding of the frozen base recorded); distillation and
-                                           2-seed distillation (no frozen base for fsdp to split) on 1 and 8
+                                           2-seed distillation (no frozen base for fsdp to split) on 1 and 8;
+                                           the teacher labelling a split (`teacher_logits_for`) on 1, 8 and 2x4
        mesh_worker.py resume DIR OUT.json  1 epoch on 8 devices resumed on 1; vs 1 device throughout
 """
 import json
@@ -106,6 +107,33 @@ def seeded_distill_losses(mesh_cfg: MeshConfig, steps: int = 4) -> list[list[flo
     return losses
 
 
+def teacher_labels(mesh_cfg: MeshConfig, rows: int = 40) -> dict:
+    """A merged tiny GPT-2 teacher labelling `rows` rows (batches of 16, so a partial last one) with
+    `teacher_logits_for`, as a transfer set is labelled: its logits, and how its batches and its result are placed."""
+    import dataclasses
+    from pathlib import Path
+
+    import numpy as np
+    from lora_kd_jax.data import EncodedSplit
+    from lora_kd_jax.distill.teacher import Teacher, teacher_logits_for
+
+    cfg = tiny_config()
+    model, params = build_classifier(cfg, jax.random.key(0))
+    place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
+    teacher = Teacher(model=dataclasses.replace(model, spec=None, base=None), params=place.frozen(model.merged(params)),
+                      config=cfg, run_dir=Path("."), total_params=0, trainable_params=0, best_epoch=0,
+                      val_accuracy=0.0, placement=place)
+    seen = []  # the input ids every labelling batch reaches the teacher's program with
+    forward = teacher._forward
+    teacher._forward = lambda p, ids, *rest: seen.append(ids) or forward(p, ids, *rest)
+    batch = random_batch(7, batch=rows)
+    split = EncodedSplit(batch["input_ids"], batch["attention_mask"], batch["labels"], 0)
+    logits = teacher_logits_for(teacher, split, 16)
+    return {"logits": np.asarray(logits).tolist(), "batch_devices": sorted({len(x.sharding.device_set) for x in seen}),
+            "batch_shard_rows": sorted({x.addressable_shards[0].data.shape[0] for x in seen}),
+            "replicated": bool(logits.sharding.is_fully_replicated), "devices": len(logits.sharding.device_set)}
+
+
 def main() -> None:
     mode = sys.argv[1]
     assert jax.device_count() == 8, jax.devices()
@@ -119,6 +147,7 @@ def main() -> None:
         out["bert_shardings"] = shardings
         out.update({f"distill_{name}": distill_losses(meshes[name]) for name in ("1", "8")})  # no frozen base to split
         out.update({f"seeded_{name}": seeded_distill_losses(meshes[name]) for name in ("1", "8")})
+        out["labels"] = {name: teacher_labels(m) for name, m in meshes.items()}
         json.dump(out, open(sys.argv[2], "w"))
     elif mode == "resume":
         root = sys.argv[2]

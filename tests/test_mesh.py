@@ -47,6 +47,17 @@ def test_lora_and_distillation_steps_on_8_devices_match_1_device(tmp_path):
         assert "fsdp" in spec and int(np.prod(shard)) * 4 == int(np.prod(shape)), (path, spec, shape, shard)
     seeded = np.array(losses["seeded_1"])
     assert seeded.shape == (4, 2) and not np.allclose(seeded[:, 0], seeded[:, 1])  # two different seeds
+    # the teacher labels a transfer set data-parallel: each batch split over every device (2 of its 16 rows on each of
+    # 8), the logits of all 40 rows (a partial last batch) as one device's, kept replicated on every device
+    labels = losses["labels"]
+    one = np.array(labels["1"]["logits"])
+    assert one.shape == (40, 2) and np.ptp(one) > 0
+    for name in ("8", "2x4"):
+        got = labels[name]
+        # atol: logits of about 0.2 from fp32 matmuls cut into other row blocks differ by ~1e-7 where they near 0
+        np.testing.assert_allclose(np.array(got["logits"]), one, rtol=REL, atol=1e-6, err_msg=name)
+        assert got["replicated"] and got["devices"] == 8, got
+    assert (labels["8"]["batch_devices"], labels["8"]["batch_shard_rows"]) == ([8], [2]), labels["8"]
 
 
 def test_checkpoints_restore_across_meshes_8_to_1(tmp_path):
