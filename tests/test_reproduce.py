@@ -96,6 +96,16 @@ def test_tiny_switch_replaces_the_teachers_and_overrides_reach_every_run():
     assert str(cfgs["lora_gpt2"].run.dir).startswith(reproduce.DEFAULT_TINY_ROOT)
 
 
+def test_a_zoo_student_reaches_the_student_rows_and_names_them():
+    _, plan = reproduce.study_configs(["student.arch=cnn", "student.pooling=last_token"], tiny=True)
+    rows = {e.name: (e.label, c.student.arch) for e, c in plan}
+    assert rows["distil_rnn_gpt2"] == ("Distil CNN, gpt2 teacher", "cnn")
+    assert rows["rnn_scratch"] == ("CNN from scratch", "cnn")
+    assert rows["lora_gpt2"][0] == "LoRA gpt2, rank 4"
+    _, plan = reproduce.study_configs([], tiny=True)  # the study's own rows keep their names
+    assert [e.label for e, _ in plan] == [e.label for e in reproduce.EXPERIMENTS]
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.lrr=1", "train.lrr"),
     ("student.cell=transformer", "student.cell"),

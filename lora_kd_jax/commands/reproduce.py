@@ -102,8 +102,23 @@ def study_configs(overrides: Sequence[str] = (), *, tiny: bool = False, configs_
         extra = [f"run.dir={root / exp.name}"]
         if exp.teacher:
             extra.append(f"distill.teacher={root / exp.teacher}")
-        out.append((exp, load_config(Path(configs_dir) / exp.config, [*(exp.tiny if tiny else ()), *rest, *extra])))
+        cfg = load_config(Path(configs_dir) / exp.config, [*(exp.tiny if tiny else ()), *rest, *extra])
+        out.append((with_student_label(exp, cfg), cfg))
     return root, out
+
+
+STUDENT_NAMES = {"bilstm": "BiLSTM", "cnn": "CNN", "transformer": "transformer"}
+
+
+def with_student_label(exp: Experiment, cfg: Config) -> Experiment:
+    """A student row names the student it trained: `student.arch=cnn` makes "DistilRNN, gpt2 teacher" read
+    "Distil CNN, gpt2 teacher" and "RNN from scratch" read "CNN from scratch" (the reference columns stay the
+    study's RNN's, the row it is compared with)."""
+    name = STUDENT_NAMES.get(cfg.student.arch)
+    if exp.kind == "lora" or name is None:
+        return exp
+    label = exp.label.replace("DistilRNN", f"Distil {name}").replace("RNN from scratch", f"{name} from scratch")
+    return dataclasses.replace(exp, label=label)
 
 
 def finished(cfg: Config) -> dict | None:
