@@ -15,15 +15,19 @@ def score_rows(split: data_lib.EncodedSplit, batch_size: int, forward: Callable[
                put_batch: Callable[[dict], dict], *, lengths: Sequence[int] = ()
                ) -> tuple[np.ndarray, list[Any]]:
     """(float32 logits [N, n_labels] with row i = example i, the `aux` of every batch in order), where
-    `forward(device_batch) -> (logits, aux)`; padding rows are dropped."""
-    out: np.ndarray | None = None
-    aux = []
+    `forward(device_batch) -> (logits, aux)`; padding rows are dropped.
+
+    Every batch is dispatched before any logits are read back (one transfer at the end), so the device never waits
+    on the host between batches: a teacher labelling a transfer set of many thousand rows runs back to back."""
+    placed, aux = [], []
     for batch in data_lib.batch_iterator(split, batch_size, shuffle=False, lengths=lengths):
         logits, extra = forward(put_batch(batch))
         aux.append(extra)
-        logits = np.asarray(jax.device_get(logits))
-        if out is None:
-            out = np.zeros((len(split), logits.shape[-1]), np.float32)
-        real = batch["weights"] > 0
-        out[batch["index"][real]] = logits[real]
-    return (np.zeros((len(split), 0), np.float32) if out is None else out), aux
+        placed.append((logits, batch["index"], batch["weights"] > 0))
+    fetched = jax.device_get([logits for logits, _, _ in placed])
+    if not fetched:
+        return np.zeros((len(split), 0), np.float32), aux
+    out = np.zeros((len(split), np.shape(fetched[0])[-1]), np.float32)
+    for logits, (_, index, real) in zip(fetched, placed):
+        out[index[real]] = np.asarray(logits)[real]
+    return out, aux
