@@ -2,10 +2,11 @@
 (DistilBERT's init). The start (block i = the teacher's merged block teacher_layers[i], embeddings and final norm
 the teacher's, a fresh head per seed) through the real distillation task; the sliced student's logits and one
 distillation Adam step against transformers' PyTorch GPT2ForSequenceClassification built from the teacher's own
-weights by renaming its layers (and BERT's forward the same way); a two-seed distillation, resumed to a second epoch
-and evaluated; the keys' errors."""
+weights by renaming its layers (and BERT's, RoBERTa's and Llama's forward the same way); a two-seed distillation,
+resumed to a second epoch and evaluated; the keys' errors."""
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from lora_kd_jax.core.config import ConfigError, load_config
+from lora_kd_jax.core.families import ENCODERS
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.distill.losses import teacher_objective
 from lora_kd_jax.distill.teacher import restore_teacher
@@ -216,42 +218,60 @@ def test_logits_and_one_distillation_adam_step_match_pytorch(teacher):
                                   "head/kernel")) > 0.5 * LR  # every part trained
 
 
-def test_a_bert_student_computes_what_pytorch_computes_on_the_teachers_layer(tmp_path):
-    """A 2-layer BERT teacher (a PyTorch checkpoint) and a 1-layer student from its layer 1: our logits vs
-    BertForSequenceClassification(num_hidden_layers=1) holding the checkpoint's encoder.layer.1 as layer 0, its
-    embeddings and pooler, and our head (test_families' tolerance)."""
-    from transformers import BertForSequenceClassification
+# where each family's *ForSequenceClassification keeps its blocks (the state dict's prefix before the index), and
+# a block's query kernel
+TORCH_BLOCKS = {"bert": ("bert.encoder.layer.", "attention.self.query.weight"),
+                "roberta": ("roberta.encoder.layer.", "attention.self.query.weight"),
+                "llama": ("model.layers.", "self_attn.q_proj.weight")}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "llama"])
+def test_an_encoder_or_llama_student_computes_what_pytorch_computes_on_the_teachers_layer(family, tmp_path):
+    """A 2-layer teacher of each family (a PyTorch checkpoint, `tiny_families`: Llama with grouped-query attention,
+    2 key/value heads for 4 query heads) and a 1-layer student from its layer 1: our logits vs the family's
+    *ForSequenceClassification(num_hidden_layers=1) holding the checkpoint's block 1 as block 0, every other tensor
+    of the checkpoint (embeddings, BERT's pooler, Llama's final norm), and our head (test_families' tolerance), on
+    rows padded as the batcher pads them. The checkpoint's two blocks differ, so a student holding block 0 could
+    not pass."""
+    from transformers import AutoModelForSequenceClassification
 
     import tiny_families
 
     from lora_kd_jax.lora import encoder_format
     from lora_kd_jax.models.families import build, with_checkpoint
 
-    ckpt = tmp_path / "bert"
-    model, tok = tiny_families.save_checkpoint("bert", ckpt)
-    t_cfg = with_checkpoint(tiny_config("model.type=bert", "model.init=pretrained", f"model.path={ckpt}",
+    ckpt = tmp_path / family
+    model, tok = tiny_families.save_checkpoint(family, ckpt)
+    t_cfg = with_checkpoint(tiny_config(f"model.type={family}", "model.init=pretrained", f"model.path={ckpt}",
                                         f"data.tokenizer={ckpt}"))
     _, t_params = build(t_cfg, jax.random.key(0), with_lora=False)
     cfg = st.with_teacher(tiny_config(*STUDENT, "student.teacher_layers=[1]"), t_cfg)
-    student, params = build_student(cfg, jax.random.key(2), teacher_base=t_params["bert"])
-    assert sorted(params["bert"]["encoder"]["layer"]) == ["0"] and "pooler" in params["bert"]
+    prefix = ENCODERS[family].prefix
+    student, params = build_student(cfg, jax.random.key(2), teacher_base=t_params[prefix])
+    student_blocks = functools.reduce(dict.__getitem__, st.LAYERS[family], params[prefix])
+    assert student.family == family and student.prefix == prefix and sorted(student_blocks) == ["0"]
 
+    blocks, query = TORCH_BLOCKS[family]
     sd = {}
     for key, value in model.state_dict().items():
-        if key.startswith("bert.encoder.layer.0.") or key.startswith("classifier."):
+        if key.startswith(blocks + "0.") or encoder_format.is_head_key(key):
             continue
-        sd[key.replace("bert.encoder.layer.1.", "bert.encoder.layer.0.")] = value
+        sd[key.replace(blocks + "1.", blocks + "0.")] = value
+    assert not torch.equal(model.state_dict()[blocks + "0." + query], model.state_dict()[blocks + "1." + query])
     sd.update({k: torch.from_numpy(np.array(v)) for k, v in encoder_format.head_to_torch(host(params["head"])).items()})
     config = model.config.__class__.from_dict({**model.config.to_dict(), "num_hidden_layers": 1})
-    ref = BertForSequenceClassification(config).eval()
+    ref = AutoModelForSequenceClassification.from_config(config).eval()
     ref.load_state_dict(sd, strict=True)
+    tok.padding_side = "right"  # Llama's tokenizer pads left by default; the library's batches pad right
     enc = tok(["the cat sat .", "a b", "colorless green ideas sleep furiously ."], padding="max_length",
               max_length=12, truncation=True, return_tensors="np")
     ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    assert (mask[:, -1] == 0).any() and mask.all(axis=1).any()  # padded rows and a full one
     want = ref(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits
-    got = np.asarray(student.logits(params, ids, mask))
+    batch_ids = np.where(mask == 1, ids, PAD_ID).astype(np.int32)  # the batcher's layout: GPT-2's pad id in padding
+    got = np.asarray(student.logits(params, batch_ids, mask))
     err = ref_lib.max_rel_err(got, want.detach().numpy())
-    print(f"bert student: logits max rel err {err:.1e}")
+    print(f"{family} student: logits max rel err {err:.1e}")
     assert err <= OUTPUT_RTOL
 
 
