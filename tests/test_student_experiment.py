@@ -47,6 +47,7 @@ def test_every_student_gets_its_small_overrides_and_the_rnn_keeps_its_six_condit
                                    "distilled, transfer set ×21, KL", "distilled, transfer set ×21, MSE",
                                    "distilled, training set + unlabeled grammar sentences, KL"]
     assert all(c[2][:len(se.SMALL_STUDENT)] == se.SMALL_STUDENT for c in rnn)
+    assert se.conditions_for("rnn", 20, "u.txt", rnn_conditions="zoo") == [rnn[0], rnn[3]]
     sizes = {"bilstm": dict(embed_dim=32, hidden_dim=64, relu_dim=64),
              "cnn": dict(embed_dim=32, cnn_widths=[2, 3, 4], cnn_filters=32),
              "transformer": dict(layers=1)}
