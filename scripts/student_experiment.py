@@ -180,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     test_sentences, test_labels = read_tsv(files["test"])
 
     archs = args.students.split(",")  # planned before the teacher trains: an unknown student fails at once
-    plan = [(arch, *c) for arch in archs for c in conditions_for(arch, args.augment, files["unlabeled"],
-                                                                   args.rnn_conditions)]
+    try:
+        plan = [(arch, *c) for arch in archs for c in conditions_for(arch, args.augment, files["unlabeled"],
+                                                                       args.rnn_conditions)]
+    except ValueError as e:
+        p.error(str(e))
     teacher_dir = out / "runs" / "teacher"
     cfg = lkj.load_config(None, [*TINY_TEACHER, *common, f"data.train={files['teacher_train']}",
                                  f"train.epochs={args.teacher_epochs}", "train.seed=0", f"run.dir={teacher_dir}"])
