@@ -1,0 +1,1 @@
+"""Our own linen modules, with transformers' parameter trees: one per family, and the layers they share."""
