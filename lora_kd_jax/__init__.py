@@ -6,7 +6,7 @@ when a name that needs it is touched):
     import lora_kd_jax as lkj
 
     cfg = lkj.load_config("configs/smoke.yaml", ["run.dir=runs/smoke"])   # typed config, key=value overrides
-    summary = lkj.train_lora(cfg)                              # or lkj.distill_student(cfg), lkj.train_rnn(cfg)
+    summary = lkj.train_lora(cfg)                              # or lkj.distill_student(cfg), lkj.train_student(cfg)
     clf = lkj.Predictor.from_run("runs/smoke")                          # any finished run
     clf.predict(["The cat sat on the mat."])                            # [Prediction(label=..., ...)]
     clf.evaluate("out_of_domain").mcc
@@ -25,13 +25,14 @@ _API = {
     "UserError": ("lora_kd_jax.core.errors", "UserError"),
     "train_lora": ("lora_kd_jax.training.finetune", "train_lora"),
     "distill_student": ("lora_kd_jax.distill.trainer", "distill"),
-    "train_rnn": ("lora_kd_jax.distill.trainer", "train_rnn"),
+    "train_student": ("lora_kd_jax.distill.trainer", "train_student"),
+    "train_rnn": ("lora_kd_jax.distill.trainer", "train_rnn"),  # train_student's old name
     "run_study": ("lora_kd_jax.commands.reproduce", "run_study"),
     "Predictor": ("lora_kd_jax.commands.evaluation", "Predictor"),
-    "open_run": ("lora_kd_jax.runs.reader", "open_run"),
-    "export_peft": ("lora_kd_jax.lora.export", "export_peft"),
-    "import_peft": ("lora_kd_jax.lora.export", "import_peft"),
-    "merge": ("lora_kd_jax.lora.export", "merge_and_save"),
+    "open_run": ("lora_kd_jax.training.restore", "open_run"),
+    "export_peft": ("lora_kd_jax.interop.export", "export_peft"),
+    "import_peft": ("lora_kd_jax.interop.export", "import_peft"),
+    "merge": ("lora_kd_jax.interop.export", "merge_and_save"),
     "ClassifierModel": ("lora_kd_jax.models.interface", "ClassifierModel"),
     "build_model": ("lora_kd_jax.models.registry", "build_model"),
 }

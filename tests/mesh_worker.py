@@ -5,6 +5,7 @@ usage: mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8
                                            2-seed distillation (no frozen base for fsdp to split) on 1 and 8;
                                            the teacher labelling a split (`teacher_logits_for`) on 1, 8 and 2x4
        mesh_worker.py resume DIR OUT.json  1 epoch on 8 devices resumed on 1; vs 1 device throughout
+       mesh_worker.py load CKPT OUT.json   a checkpoint read straight onto a 2x4 mesh: each FSDP-split leaf's shards
 """
 import json
 import sys
@@ -12,11 +13,10 @@ import sys
 import jax
 from flax import traverse_util
 
-from lora_kd_jax.models import families
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import MeshConfig
-from lora_kd_jax.models.classifier import build_classifier
+from lora_kd_jax.models.build import build_classifier
 from lora_kd_jax.distill.losses import teacher_objective
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_train_step
@@ -37,7 +37,7 @@ def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6, family: str = "gpt2",
     else:
         cfg = tiny_config("train.batch_size=16", f"model.type={family}", f"model.vocab_size={FAMILY_VOCAB}",
                           "model.n_positions=64", "lora.dropout=0.1")
-        model, params = families.build(cfg, jax.random.key(0))
+        model, params = build_classifier(cfg, jax.random.key(0))
         vocab = FAMILY_VOCAB
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
     setup = train_state(model, params, 1e-3, jax.random.key(1))
@@ -59,7 +59,7 @@ def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6, family: str = "gpt2",
 
 def distill_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
     """The distillation step (tiny student, cached teacher logits) on a mesh; same batches as per_step_losses."""
-    from lora_kd_jax.models.student import build_student
+    from lora_kd_jax.models.students.build import build_student
 
     cfg = tiny_config("student.embed_dim=32", "student.hidden_dim=32")
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
@@ -82,8 +82,8 @@ def seeded_distill_losses(mesh_cfg: MeshConfig, steps: int = 4) -> list[list[flo
     """Two seeds at once (train.seeds): stacked states, per-seed teacher logits, stacked batches placed with
     `put_seeded_batch` (rows split over the mesh, the seed axis not); per-step loss of each seed."""
     from lora_kd_jax.data import stack_batches
-    from lora_kd_jax.training import seeds
-    from lora_kd_jax.models.student import build_student
+    from lora_kd_jax.training.state import stack
+    from lora_kd_jax.models.students.build import build_student
 
     cfg = tiny_config("student.embed_dim=32", "student.hidden_dim=32")
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
@@ -92,7 +92,7 @@ def seeded_distill_losses(mesh_cfg: MeshConfig, steps: int = 4) -> list[list[flo
         student, params = build_student(cfg.student, jax.random.key(k))
         setup = train_state(student, params, 1e-3, jax.random.key(10 + k))
         states.append(setup.state)
-    state = place.state(seeds.stack(states))
+    state = place.state(stack(states))
     consts = place.state({"frozen": {}, "teacher_logits": jax.random.normal(jax.random.key(2), (2, 32, 2))})
     step = make_train_step(student, setup.tx, teacher_objective(2.0, 0.5),
                            Seeded({"frozen": None, "teacher_logits": 0}))
@@ -134,6 +134,29 @@ def teacher_labels(mesh_cfg: MeshConfig, rows: int = 40) -> dict:
             "replicated": bool(logits.sharding.is_fully_replicated), "devices": len(logits.sharding.device_set)}
 
 
+def loaded_shards(ckpt: str) -> dict:
+    """The checkpoint in `ckpt` read as training reads it onto a 2 x 4 mesh (`sharding_for=place.leaf`), and once
+    onto the default device: for each leaf the loader split over fsdp, its spec, global shape, each device's shard
+    shape, and whether every shard is that slice of the whole tensor."""
+    import numpy as np
+
+    cfg = tiny_config("model.init=pretrained", f"model.path={ckpt}", "model.n_positions=64")
+    place = mesh_lib.Placement(mesh_lib.make_mesh(MeshConfig(data=2, fsdp=4)))
+    model, _ = build_classifier(cfg, jax.random.key(0), with_lora=False, sharding_for=place.leaf)
+    whole, _ = build_classifier(cfg, jax.random.key(0), with_lora=False)
+    out = {}
+    flat, ref = traverse_util.flatten_dict(model.base), traverse_util.flatten_dict(whole.base)
+    for path, leaf in flat.items():
+        if "fsdp" not in str(leaf.sharding.spec):
+            continue
+        host = np.asarray(ref[path])
+        exact = all(np.array_equal(np.asarray(s.data), host[s.index]) for s in leaf.addressable_shards)
+        out["/".join(path)] = {"spec": str(leaf.sharding.spec), "shape": list(leaf.shape),
+                               "shards": sorted({tuple(s.data.shape) for s in leaf.addressable_shards}),
+                               "devices": len(leaf.addressable_shards), "exact": exact}
+    return out
+
+
 def main() -> None:
     mode = sys.argv[1]
     assert jax.device_count() == 8, jax.devices()
@@ -160,6 +183,8 @@ def main() -> None:
         a = json.load(open(f"{root}/one/metrics.json"))["epochs"]
         b = json.load(open(f"{root}/split/metrics.json"))["epochs"]
         json.dump({"one": a, "split": b, "summary_one": one}, open(sys.argv[3], "w"))
+    elif mode == "load":
+        json.dump(loaded_shards(sys.argv[2]), open(sys.argv[3], "w"))
     else:
         raise SystemExit(f"unknown mode {mode}")
 

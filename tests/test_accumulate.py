@@ -8,10 +8,9 @@ import pytest
 
 from lora_kd_jax.core.config import ConfigError, load_config
 from lora_kd_jax.distill.losses import teacher_objective
-from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.models.student import build_student
-from lora_kd_jax.training import seeds as seeds_lib
-from lora_kd_jax.training.state import seed_states, train_state
+from lora_kd_jax.models.build import build_classifier
+from lora_kd_jax.models.students.build import build_student
+from lora_kd_jax.training.state import seed_states, stack, train_state
 from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_train_step
 from tiny import key, random_batch, tiny_config
 
@@ -73,7 +72,7 @@ def test_a_seeded_distillation_step_accumulates_per_seed():
     for k in (1, K):
         setup = seed_states(student, 1e-2, [0, 1], stacked=True)
         step = make_train_step(student, setup.tx, teacher_objective(2.0, 0.5), Seeded(axes), accumulate=k, lr=1e-2)
-        data = [seeds_lib.stack([b, b]) for b in batches()]
+        data = [stack([b, b]) for b in batches()]
         results.append(run(step, setup.state, consts, data))
     assert_same(results[0][0], results[1][0])
     np.testing.assert_allclose(results[1][1]["loss"], results[0][1]["loss"], rtol=2e-5)

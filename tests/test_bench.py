@@ -106,7 +106,7 @@ def test_seeded_benches_report_per_seed_time_and_memory():
     and batch per seed in the executable's arguments, the frozen base being shared (not stacked)."""
     import jax
 
-    from lora_kd_jax.models.classifier import build_classifier
+    from lora_kd_jax.models.build import build_classifier
     from lora_kd_jax.training.state import seed_states
 
     benches = ["lora_train_step", "distill_step_cached", "student_step"]
@@ -322,4 +322,4 @@ def test_family_flag_defaults_to_the_base_size(monkeypatch):
     cli.main(["bench", "--family", "llama", "--modes", "fp32"])
     cli.main(["bench", "--modes", "fp32"])
     assert [(a.family, a.variants, a.benches) for a in seen][0] == ("llama", ["base"], ["lora_train_step"])
-    assert (seen[1].family, seen[1].variants) == ("gpt2", ["gpt2", "gpt2-medium"])
+    assert (seen[1].family, seen[1].variants) == (None, ["gpt2", "gpt2-medium"])

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from lora_kd_jax.commands import cli
-from tiny import XLA_CACHE
+from tiny import XLA_CACHE, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("train-lora", "distill", "train-rnn", "reproduce", "export-peft", "import-peft", "merge", "bench",
+COMMANDS = ("train-lora", "distill", "train-student", "train-rnn", "reproduce", "export-peft", "import-peft", "merge", "bench",
             "evaluate", "predict")
 TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
         "data.limit=32", "train.batch_size=16", "train.epochs=1", XLA_CACHE]
@@ -38,21 +38,13 @@ def test_the_console_command_is_installed():
     assert out.returncode == 0 and "example: lora-kd-jax train-lora" in out.stdout
 
 
-def _one_line_exit(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    assert e.value.code not in (0, None)
-    message = str(e.value.code)
-    assert "\n" not in message and "Traceback" not in message
-    return message
-
 
 def test_a_lora_run_into_a_dir_holding_another_run_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     cli.main(["train-lora", str(REPO / "configs" / "smoke.yaml"), *TINY, f"run.dir={run}", "--no-progress"])
     config_before = (run / "config.yaml").read_text()
-    message = _one_line_exit(["train-lora", str(REPO / "configs" / "smoke.yaml"), *TINY, "train.lr=0.01",
-                              f"run.dir={run}"], capsys)
+    message = one_line_exit("train-lora", str(REPO / "configs" / "smoke.yaml"), *TINY, "train.lr=0.01",
+                            f"run.dir={run}")
     assert message.startswith("run dir error: ") and "different run" in message and "train.lr" in message
     assert (run / "config.yaml").read_text() == config_before  # the existing run is untouched
     # overrides may follow the flags: --resume with the same settings continues the finished run
@@ -74,7 +66,7 @@ def test_a_lora_run_into_a_dir_holding_another_run_is_one_line(tmp_path, capsys)
 def test_each_command_ends_a_user_error_in_one_line(argv, start, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"  # where the command would write: nothing may appear there
-    message = _one_line_exit([a.format(out=out) for a in argv], capsys)
+    message = one_line_exit(*[a.format(out=out) for a in argv])
     assert message.startswith(start), message
     assert not out.exists()
 

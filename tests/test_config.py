@@ -53,7 +53,6 @@ def test_yaml_scientific_notation_without_dot(tmp_path):
     ("distill.temperature=0", "distill.temperature: must be > 0"),
     ("lora.dropout=1.0", "lora.dropout: must be in [0, 1)"),
     ("lora.init=kaiming", "lora.init: 'kaiming' is not one of seed, standard"),
-    ("model.name=gpt3", "model.name: 'gpt3' is not one of"),
     ("data.limit=-1", "data.limit: must be >= 0"),
     ("trainlr", "expected section.key=value"),
 ])
@@ -61,6 +60,18 @@ def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=None) as e:
         load_config(None, [override])
     assert fragment in str(e.value)
+
+
+def test_an_unknown_model_name_is_refused_naming_the_sizes():
+    """model.name is checked against the family table when the model is resolved (the first step of every command,
+    before any compute): a word that is no released size is a config error listing them."""
+    from lora_kd_jax.models.resolve import resolve
+
+    with pytest.raises(ConfigError, match="model.name: 'gpt3' is not one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                                          "distilgpt2, custom"):
+        resolve(load_config(None, ["model.name=gpt3"]))
+    with pytest.raises(ConfigError, match="model.name: 'a b' is neither a released size"):
+        load_config(None, ["model.name=a b"])
 
 
 def test_contradictions():

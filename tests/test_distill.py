@@ -17,7 +17,7 @@ from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import load_config
 from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator
 from lora_kd_jax.training.loop import run_epochs
-from lora_kd_jax.models.student import build_student, make_student
+from lora_kd_jax.models.students.build import build_student, make_student
 from lora_kd_jax.distill import losses
 from lora_kd_jax.distill.teacher import restore_teacher
 from lora_kd_jax.training.state import train_state
@@ -318,7 +318,7 @@ def test_distill_script_reports_a_bad_teacher(tmp_path, capsys):
 def test_rnn_baseline_trains_with_cross_entropy(synthetic, tmp_path):
     cfg = load_config(None, ["student.embed_dim=32", "student.hidden_dim=32", "train.batch_size=64", "train.lr=1e-2",
                              "train.epochs=3", XLA_CACHE, f"run.dir={tmp_path}"])
-    task = distill.build_rnn_task(cfg, synthetic)
+    task = distill.build_baseline_task(cfg, synthetic)
     assert task.kind == "rnn" and task.consts == {"frozen": {}}
     summary = run_epochs(task, tmp_path, progress=False)
     record = json.loads((tmp_path / "metrics.json").read_text())

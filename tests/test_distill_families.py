@@ -19,6 +19,7 @@ pytest.importorskip("torch")
 from tiny import XLA_CACHE  # noqa: E402
 from tiny_families import save_checkpoint  # noqa: E402
 
+from lora_kd_jax.models.tokenizers import tokenizer_for
 from lora_kd_jax.core.config import load_config  # noqa: E402
 from lora_kd_jax.data.cola import read_cola_tsv  # noqa: E402
 from lora_kd_jax.assets import COLA_DIR  # noqa: E402
@@ -60,7 +61,8 @@ def transfer_sentences(kd, copies: int, unlabeled: list[str]) -> tuple[list[str]
     rows decoded, as the run makes them), and the mask token; checks that the rows not cut decode to their CoLA
     sentence (lowercased for BERT's uncased WordPiece) and that each mask written encodes to one mask id."""
     from lora_kd_jax.data import augment as A
-    from lora_kd_jax.data.encoding import encode, load_family_tokenizer
+    from lora_kd_jax.data.encoding import encode
+    from tiny_families import family_tokenizer as load_family_tokenizer
     from lora_kd_jax.distill.transfer import decoded_texts
 
     tok = load_family_tokenizer(str(kd.dir / "ckpt"), kd.family)
@@ -115,7 +117,8 @@ def test_student_reads_the_bert_teachers_token_ids_and_evaluates(bert_kd):
     """The student run encodes with the teacher's tokenizer (its input ids are the BERT tokenizer's), its
     embedding has the teacher's vocabulary rows, and `evaluate` scores it."""
     from lora_kd_jax.commands.evaluation import Predictor, evaluate_run
-    from lora_kd_jax.data.encoding import encode, load_family_tokenizer
+    from lora_kd_jax.data.encoding import encode
+    from tiny_families import family_tokenizer as load_family_tokenizer
 
     student = Predictor.from_run(bert_kd.dir / "student")
     bert = load_family_tokenizer(str(bert_kd.dir / "ckpt"), "bert")
@@ -182,7 +185,7 @@ def test_bert_teacher_reads_the_token_types_of_pairs(bert_pairs_kd):
     infos = teacher_runs(cfg)
     cfg = in_teacher_vocabulary(cfg, infos)
     teacher = restore_teachers(infos, cfg)
-    train = data_lib.load_splits(cfg).encoded["train"]
+    train = data_lib.load_splits(cfg, tokenizer_for(cfg)).encoded["train"]
     assert train.token_type_ids is not None and (train.token_type_ids == 1).any(axis=1).all()
     cached = np.asarray(teacher_logits_for(teacher, train, cfg.train.batch_size))
     predictor = Predictor.from_run(kd.dir / "teacher")

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lora_kd_jax.training.restore import open_run
 from lora_kd_jax.commands import evaluation
 from lora_kd_jax.commands import cli
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.data import encode, read_cola_rows
 
-from tiny import XLA_CACHE, COLA_DIR, config_only_run
+from tiny import XLA_CACHE, COLA_DIR, config_only_run, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = "The " + "very " * 30 + "old cat that the dog that the man owned chased sat on the mat."
@@ -155,7 +156,7 @@ def test_predict_keeps_input_order_and_flags_truncation(clf):
 def test_students_match_the_flax_student_applied_directly(clf):
     """The student module applied to the whole encoded set at once (no jit, no batching, no buckets) gives the
     same logits (tolerance 1e-5) and the same accuracy on the out-of-domain set."""
-    run = runs.open_run(clf.run.path)
+    run = open_run(clf.run.path)
     rows = read_cola_rows(COLA_DIR / "out_of_domain_dev.tsv")
     split = encode(rows.sentences, rows.labels, clf.tokenizer, run.config.data.max_length)
     direct = np.asarray(run.model.logits(run.params, split.input_ids, split.attention_mask))
@@ -268,13 +269,6 @@ def test_help_of_evaluate_and_predict(capsys):
 # ----------------------------------------------------------------------------------------- bad inputs
 
 
-def _one_line_exit(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    message = str(e.value.code)
-    assert e.value.code not in (0, None) and "\n" not in message and "Traceback" not in message
-    return message
-
 
 @pytest.fixture
 def bad_files(tmp_path) -> dict[str, Path]:
@@ -311,7 +305,7 @@ def test_bad_inputs_end_in_one_line_and_write_nothing(argv, start, rnn_run, bad_
     names = {"run": rnn_run, "not_a_run": not_a_run, "untrained": untrained, **bad_files}
     fill = lambda text: text.format(**{k: str(v) for k, v in names.items()})  # noqa: E731
     before = {d: _snapshot(names[d]) for d in ("run", "untrained", "not_a_run")}
-    message = _one_line_exit([fill(a) for a in argv])
+    message = one_line_exit(*[fill(a) for a in argv])
     assert message.startswith(fill(start)), message
     assert {d: _snapshot(names[d]) for d in before} == before  # nothing written into any run dir
 

@@ -1,5 +1,6 @@
-"""lora_kd_jax.export: PEFT adapters out (loaded by PEFT itself) and in (trained by PEFT), merged checkpoints loaded
-by plain transformers (PyTorch and Flax), and inputs that fail naming what is missing or mismatched.
+"""lora_kd_jax.interop.export: PEFT adapters out (loaded by PEFT itself) and in (trained by PEFT), merged checkpoints
+loaded by plain transformers (PyTorch) and by this library, and inputs that fail naming what is missing or
+mismatched.
 
 Both sides use the same base: a random tiny GPT-2 written with save_pretrained (PyTorch safetensors), loaded here with
 `model.init=pretrained model.path=DIR` and there with `GPT2ForSequenceClassification.from_pretrained(DIR)`.
@@ -19,15 +20,15 @@ from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import GPT2Config, GPT2ForSequenceClassification  # noqa: E402
 
+from lora_kd_jax.training.restore import open_run
 from lora_kd_jax.commands import cli
-from lora_kd_jax.lora import export
+from lora_kd_jax.interop import export
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.training import finetune  # noqa: E402
 from lora_kd_jax.runs import reader as runs_lib  # noqa: E402
 from lora_kd_jax.core.config import save_config  # noqa: E402
-from lora_kd_jax.lora.convert import ConversionError  # noqa: E402
-from lora_kd_jax.models import gpt2  # noqa: E402
-from lora_kd_jax.models.classifier import build_classifier  # noqa: E402
+from lora_kd_jax.models.hf_names import ConversionError  # noqa: E402
+from lora_kd_jax.models.build import build_classifier  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
@@ -72,8 +73,10 @@ def _cfg(base_dir, run_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
+    from tiny import save_torch_gpt2
+
     d = tmp_path_factory.mktemp("base")
-    gpt2.save_random_checkpoint(parity_config().model, d, seed=3, pytorch=True)
+    save_torch_gpt2(d, seed=3)
     return d
 
 
@@ -97,7 +100,7 @@ def restored(runs):
 
 
 def _restore(run_dir, which: str = "best"):
-    run = runs_lib.open_run(run_dir, kind="lora", which=which)
+    run = open_run(run_dir, kind="lora", which=which)
     return run.config, run.model, run.params
 
 
@@ -256,8 +259,8 @@ def test_import_peft_run_dir_resumes_training(base_dir, tmp_path):
 
 
 def test_merge_loads_in_plain_transformers_pytorch_and_flax(runs, restored, tmp_path):
-    from transformers import FlaxGPT2Model
-
+    """The merged checkpoint in transformers 5's PyTorch classifier and as this library's model.path (its base; the
+    head from model.safetensors), both giving the factored run's logits."""
     out = tmp_path / "merged"
     cli.main(["merge", str(runs["seed"]), str(out)])
     _, model, params = restored["seed"]
@@ -268,8 +271,9 @@ def test_merge_loads_in_plain_transformers_pytorch_and_flax(runs, restored, tmp_
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     pt_logits = _torch_logits(pt.eval(), batch)
 
-    fx = FlaxGPT2Model.from_pretrained(str(out))  # reads flax_model.msgpack
-    hidden = np.asarray(fx(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state)
+    fx_model, fx_params = build_classifier(parity_config("model.init=pretrained", f"model.path={out}"),
+                                           jax.random.key(0), with_lora=False)
+    hidden = np.asarray(fx_model.base_outputs(fx_params["gpt2"], batch["input_ids"], batch["attention_mask"])[0])
     last = batch["attention_mask"].sum(-1) - 1
     score = load_file(str(out / export.TORCH_WEIGHTS))["score.weight"]  # the head, (n_labels, n_embd)
     fx_logits = hidden[np.arange(len(last)), last] @ score.T
@@ -277,7 +281,8 @@ def test_merge_loads_in_plain_transformers_pytorch_and_flax(runs, restored, tmp_
     base = GPT2ForSequenceClassification.from_pretrained(rundir.read_config(runs["seed"])["model"]["path"])
     lora_effect = _err(pt.transformer.h[0].attn.c_attn.weight.detach().numpy(),
                        base.transformer.h[0].attn.c_attn.weight.detach().numpy())
-    print(f"merge: |PyTorch - ours| = {_err(pt_logits, ours):.1e}, |Flax - ours| = {_err(fx_logits, ours):.1e}, "
+    print(f"merge: |PyTorch - ours| = {_err(pt_logits, ours):.1e}, |JAX (model.path) - ours| = "
+          f"{_err(fx_logits, ours):.1e}, "
           f"LoRA moved c_attn by {lora_effect:.1e}")
     assert _err(pt_logits, ours) < ATOL and _err(fx_logits, ours) < ATOL
     assert lora_effect > MOVED

@@ -22,12 +22,15 @@ import torch_reference as ref_lib  # noqa: E402
 from tiny import XLA_CACHE  # noqa: E402
 from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
 
+from lora_kd_jax.training.restore import open_run
 from lora_kd_jax.core.config import load_config  # noqa: E402
-from lora_kd_jax.core.families import ENCODERS as FAMILIES  # noqa: E402
+from lora_kd_jax.models.families import FAMILIES  # noqa: E402
 from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator, encode, encode_pairs, num_batches  # noqa: E402
-from lora_kd_jax.data.encoding import load_family_tokenizer  # noqa: E402
-from lora_kd_jax.lora import encoder_format, export  # noqa: E402
-from lora_kd_jax.models import families  # noqa: E402
+from tiny_families import family_tokenizer as load_family_tokenizer  # noqa: E402
+from lora_kd_jax.interop import export  # noqa: E402
+from lora_kd_jax.models import hf_names  # noqa: E402
+from lora_kd_jax.models.build import build_classifier  # noqa: E402
+from lora_kd_jax.models.resolve import resolve  # noqa: E402
 from lora_kd_jax.models.interface import token_inputs  # noqa: E402
 from lora_kd_jax.training.state import combine, partition, train_state  # noqa: E402
 from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums, make_train_step  # noqa: E402
@@ -45,7 +48,7 @@ def _config(path, *overrides):
     cfg = load_config(None, [f"model.path={path}", "lora.init=standard", f"lora.rank={RANK}", f"lora.alpha={ALPHA}",
                              "lora.dropout=0.0", "data.max_length=20", f"train.batch_size={BATCH}", f"train.lr={LR}",
                              XLA_CACHE, *overrides])
-    return families.with_checkpoint(cfg)
+    return resolve(cfg)
 
 
 def _peft(torch_model, seed: int):
@@ -62,11 +65,11 @@ def _peft(torch_model, seed: int):
     return model.eval()
 
 
-def _head_of(named: dict, like: dict) -> dict:
+def _head_of(named: dict, like: dict, family) -> dict:
     """The flax head from PEFT's trained copy of it (`classifier.modules_to_save.default.*`)."""
     sd = {n.split("base_model.model.", 1)[1].replace("modules_to_save.default.", ""): v for n, v in named.items()
           if ".modules_to_save." in n}
-    return encoder_format.head_from_torch(sd, like, "PEFT")
+    return hf_names.head_from_torch(family, sd, like, "PEFT")
 
 
 def _from_peft(peft_model, like: dict, *, grads: bool = False) -> dict:
@@ -74,7 +77,7 @@ def _from_peft(peft_model, like: dict, *, grads: bool = False) -> dict:
     named = {n: (p.grad if grads else p).detach().numpy() for n, p in peft_model.named_parameters()
              if p.requires_grad}
     family = like["family"]
-    return {"lora": encoder_format.lora_from_peft(named, family), "head": _head_of(named, like["head"])}
+    return {"lora": hf_names.lora_from_peft(family, named), "head": _head_of(named, like["head"], family)}
 
 
 _SAVED: dict = {}  # family -> (dir, torch model, tokenizer): each tiny checkpoint saved once per session
@@ -94,7 +97,7 @@ def fam(request, tmp_path_factory):
     tok = load_family_tokenizer(str(d), request.param)  # as a run loads it (data.tokenizer="" -> model.path)
     cfg = _config(d)
     assert cfg.model.type == request.param and cfg.model.n_layer == 2 and cfg.model.n_embd == 64
-    model, params = families.build(cfg, jax.random.key(0))
+    model, params = build_classifier(cfg, jax.random.key(0))
     twin = _peft(torch_model, seed=1)
     from_twin = _from_peft(twin, {"family": model.family, "head": params["head"]})
     params = {**params, **jax.tree.map(jnp.asarray, from_twin)}
@@ -138,9 +141,10 @@ def test_tokenizer_encodes_as_pytorch(fam):
 def _plain_params(fam) -> dict:
     """The checkpoint's own classifier (no LoRA, the PyTorch head): what AutoModelForSequenceClassification holds."""
     plain = {k: v for k, v in fam.params.items() if k != "lora"}
-    plain["head"] = encoder_format.head_from_torch(
-        {k: v.numpy() for k, v in fam.torch.state_dict().items() if encoder_format.is_head_key(k)}, plain["head"],
-        "torch")
+    family = fam.model.family
+    plain["head"] = hf_names.head_from_torch(
+        family, {k: v.numpy() for k, v in fam.torch.state_dict().items() if hf_names.is_head_key(family, k)},
+        plain["head"], "torch")
     return plain
 
 
@@ -278,26 +282,22 @@ def test_peft_adapter_imports(fam, tmp_path):
 
 
 def test_merge_loads_in_pytorch_and_flax(fam, tmp_path):
-    """merge -> a plain checkpoint: AutoModelForSequenceClassification and its Flax twin give our logits."""
-    import transformers
+    """merge -> a plain checkpoint: AutoModelForSequenceClassification, and this library reading it back as model.path
+    (base and head from model.safetensors), give our logits."""
     from transformers import AutoModelForSequenceClassification
 
-    out = export.save_merged(fam.model, fam.params, tmp_path / "merged")
+    out = export.save_merged(fam.cfg, fam.model, fam.params, tmp_path / "merged")
     want = _jax_logits(fam.model, fam.params, fam.split)
     torch_model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert np.abs(_torch_logits(torch_model, fam.split) - want).max() <= ROUND_TRIP_ATOL
-    if fam.name == "llama":  # no Flax Llama classifier in transformers: the msgpack is FlaxLlamaModel's base
-        flax_model = transformers.FlaxLlamaModel.from_pretrained(out)
-        hidden = flax_model(fam.split.input_ids, attention_mask=fam.split.attention_mask).last_hidden_state
-        with torch.no_grad():
-            ids, mask = (torch.from_numpy(a.astype(np.int64)) for a in (fam.split.input_ids, fam.split.attention_mask))
-            want_hidden = torch_model.model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
-        real = fam.split.attention_mask == 1
-        assert np.abs(np.asarray(hidden)[real] - want_hidden[real]).max() <= ROUND_TRIP_ATOL
-        return
-    flax_model = getattr(transformers, f"Flax{fam.model.family.torch_class}").from_pretrained(out)
-    got = np.asarray(flax_model(fam.split.input_ids, attention_mask=fam.split.attention_mask).logits)
-    assert np.abs(got - want).max() <= ROUND_TRIP_ATOL
+    back, back_params = build_classifier(_config(out, f"data.tokenizer={fam.dir}"), jax.random.key(0),
+                                         with_lora=False)
+    from safetensors.numpy import load_file
+
+    family = back.family
+    head = {k: v for k, v in load_file(str(out / "model.safetensors")).items() if hf_names.is_head_key(family, k)}
+    back_params["head"] = hf_names.head_from_torch(family, head, back_params["head"], "merged")
+    assert np.abs(_jax_logits(back, back_params, fam.split) - want).max() <= ROUND_TRIP_ATOL
 
 
 @pytest.mark.parametrize("fam", ["roberta"], indirect=True)
@@ -307,9 +307,8 @@ def test_train_lora_resumes_with_seeds_and_a_bf16_base(fam, tmp_path):
     (evaluation's model) and exports; distillation accepts it as a teacher."""
     import json
 
-    from lora_kd_jax.runs import reader
     from lora_kd_jax.training import finetune
-    from lora_kd_jax.training.seeds import seed_dir
+    from lora_kd_jax.runs.seed_dirs import seed_dir
 
     def cfg(run, *extra):
         return _config(fam.dir, "data.limit=48", "train.batch_size=16", "train.epochs=2", "train.seeds=[0,1]",
@@ -320,7 +319,7 @@ def test_train_lora_resumes_with_seeds_and_a_bf16_base(fam, tmp_path):
     finetune.train_lora(cfg(tmp_path / "b"), resume=True, progress=False)
     a, b = (json.loads((tmp_path / r / "metrics.json").read_text())["epochs"] for r in "ab")
     assert len(a) == 2 and a == b
-    run = reader.open_run(seed_dir(tmp_path / "b", 1), kind="lora")
+    run = open_run(seed_dir(tmp_path / "b", 1), kind="lora")
     assert run.config.model.type == "roberta" and run.model.describe() == f"{fam.dir}, LoRA rank {RANK}"
     logits = _jax_logits(run.model, run.params, fam.split)
     out = export.write_peft_adapter(run.config, run.model, run.params, tmp_path / "adapter")
@@ -365,7 +364,7 @@ def test_targets_adapt_what_peft_adapts(fam, form):
     """Each target form adapts exactly the modules PEFT adapts with the same target_modules on the same model."""
     ours, theirs = TARGET_FORMS[form].get(fam.name, TARGET_FORMS[form][None])
     cfg = _config(fam.dir, f"lora.targets={ours}")
-    model, _ = families.build(cfg, jax.random.key(0), shapes_only=True)
+    model, _ = build_classifier(cfg, jax.random.key(0), shapes_only=True)
     got = sorted(".".join(p) for p in model.spec.paths)
     want, _ = _torch_targeted(fam.name, theirs, vocab_size=len(fam.tok), **{
         k: v for k, v in fam.torch.config.to_dict().items() if k in ("hidden_size", "num_hidden_layers",
@@ -383,7 +382,7 @@ def test_target_matching_nothing_names_the_module_paths(fam):
              else r"encoder\.layer\.\{i\}\.attention\.self\.query")
     for bad in ("c_attn", r"re:.*\.c_attn"):
         with pytest.raises(LoraTargetError, match=rf"matches no linear layer.*{named}, .*\(or write all-linear\)"):
-            families.build(_config(fam.dir, f"lora.targets={bad}"), jax.random.key(0), shapes_only=True)
+            build_classifier(_config(fam.dir, f"lora.targets={bad}"), jax.random.key(0), shapes_only=True)
 
 
 def _counts(line: str) -> tuple[int, int]:
@@ -444,26 +443,27 @@ HUB_CHECK = """
 import json, sys
 import jax, numpy as np
 from lora_kd_jax.core.config import load_config
-from lora_kd_jax.data.encoding import load_family_tokenizer, tokenizer_for
-from lora_kd_jax.models import families
-from lora_kd_jax.models.gpt2 import ModelLoadError
+from lora_kd_jax.models.build import build_classifier
+from lora_kd_jax.models.hf_checkpoint import ModelLoadError
+from lora_kd_jax.models.resolve import resolve
+from lora_kd_jax.models.tokenizers import tokenizer_for
 
 out = {}
 sentences = ["the cat sat on the mat .", "colorless green ideas sleep furiously"]
 for family, local in json.loads(sys.argv[1]).items():
     common = ["data.max_length=20", "lora.init=standard"]
-    cfg = families.with_checkpoint(load_config(None, [f"model.name=tiny-org/{family}-tiny", *common]))
-    ref = families.with_checkpoint(load_config(None, [f"model.path={local}", *common]))
-    _, hub_params = families.build(cfg, jax.random.key(0))
-    _, ref_params = families.build(ref, jax.random.key(0))
+    cfg = resolve(load_config(None, [f"model.name=tiny-org/{family}-tiny", *common]))
+    ref = resolve(load_config(None, [f"model.path={local}", *common]))
+    _, hub_params = build_classifier(cfg, jax.random.key(0))
+    _, ref_params = build_classifier(ref, jax.random.key(0))
     same = jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), hub_params,
                                      ref_params))
     ids = tokenizer_for(cfg)(sentences)["input_ids"]
     out[family] = {"type": cfg.model.type, "sizes": [cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head],
                    "name": cfg.model.name, "path": cfg.model.path, "tokenizer": cfg.data.tokenizer,
-                   "params_equal": same, "ids_equal": ids == load_family_tokenizer(local, family)(sentences)["input_ids"]}
+                   "params_equal": same, "ids_equal": ids == tokenizer_for(ref)(sentences)["input_ids"]}
 try:
-    families.with_checkpoint(load_config(None, ["model.name=nobody/not-cached"]))
+    resolve(load_config(None, ["model.name=nobody/not-cached"]))
 except ModelLoadError as e:
     out["error"] = str(e)
 print(json.dumps(out))
@@ -482,7 +482,7 @@ def test_hub_ids_load_model_and_tokenizer_from_the_hub_cache_offline(tmp_path, t
     import sys
 
     local = {}
-    for family in FAMILIES:
+    for family in ("bert", "roberta", "llama"):
         d = saved(family, tmp_path_factory)[0]
         hub_cache(tmp_path / "hub", f"tiny-org/{family}-tiny", d)
         local[family] = str(d)
@@ -492,7 +492,7 @@ def test_hub_ids_load_model_and_tokenizer_from_the_hub_cache_offline(tmp_path, t
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    for family in FAMILIES:
+    for family in local:
         got = out[family]
         assert (got["type"], got["sizes"], got["name"], got["path"], got["tokenizer"]) == (
             family, [2, 64, 4], f"tiny-org/{family}-tiny", "", f"tiny-org/{family}-tiny"), got
@@ -500,7 +500,7 @@ def test_hub_ids_load_model_and_tokenizer_from_the_hub_cache_offline(tmp_path, t
     error = out["error"]
     assert error.startswith("model.name=nobody/not-cached: the checkpoint could not be loaded from the Hugging Face "
                             "hub (HF_HUB_OFFLINE=1 and it is not in the hub cache"), error
-    assert "huggingface-cli download nobody/not-cached" in error and "model.path=DIR" in error, error
+    assert "hf download nobody/not-cached" in error and "model.path=DIR" in error, error
 
 
 @pytest.mark.parametrize("size, shape", [("gpt2-xl", (48, 1600, 25)), ("distilgpt2", (6, 768, 12))])
@@ -510,13 +510,12 @@ def test_dry_run_counts_equal_peft_for_gpt2_sizes(size, shape):
     same fully trained modules (the LayerNorms; the score head, which SEQ_CLS saves)."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from lora_kd_jax.core.gpt2_layout import GPT2_SIZES
     from lora_kd_jax.training.finetune import dry_run_plan
 
     line = dry_run_plan(load_config(None, [f"model.name={size}", "model.init=random", f"lora.rank={RANK}"]))
     total, trainable = _counts(line.splitlines()[0])
     n_layer, n_embd, n_head = shape  # the released checkpoints' config.json: n_layer, n_embd, n_head
-    assert GPT2_SIZES[size] == shape
+    assert FAMILIES["gpt2"].named_sizes[size] == shape
     with torch.device("meta"):
         model = GPT2ForSequenceClassification(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, num_labels=2))
         wrapped = peft.get_peft_model(model, peft.LoraConfig(
@@ -540,6 +539,6 @@ def test_model_name_is_a_size_or_a_hub_id(overrides, message):
     from lora_kd_jax.core.config import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
+        resolve(load_config(None, overrides))  # a released size is checked against the family table
     assert message in str(e.value)
     assert load_config(None, ["model.name=FacebookAI/roberta-base"]).model.name == "FacebookAI/roberta-base"

@@ -3,7 +3,7 @@ weights, LoRA+'s optimizer groups against PEFT's create_loraplus_optimizer, PiSS
 
 One tiny saved BertForSequenceClassification (`tiny_families`) and one PEFT twin with non-zero B, magnitudes moved
 off the weight norms and a moved head, so that every term of the variant shows. The layout and interop code is the
-families' (`models.encoder`, `lora.encoder_interop`), shared by RoBERTa and Llama; tolerances are test_families'.
+families' (the one classifier and interop code every family shares); tolerances are test_families'.
 """
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ from test_families import (ALPHA, GRAD_RTOL, OUTPUT_RTOL, RANK, ROUND_TRIP_ATOL,
 from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
 
 from lora_kd_jax.core.config import ConfigError  # noqa: E402
-from lora_kd_jax.core.families import BERT  # noqa: E402
+from lora_kd_jax.models.families import BERT  # noqa: E402
 from lora_kd_jax.data import encode  # noqa: E402
-from lora_kd_jax.data.encoding import load_family_tokenizer  # noqa: E402
-from lora_kd_jax.lora import encoder_format, export  # noqa: E402
-from lora_kd_jax.models import families  # noqa: E402
+from tiny_families import family_tokenizer as load_family_tokenizer  # noqa: E402
+from lora_kd_jax.interop import export  # noqa: E402
+from lora_kd_jax.models import hf_names  # noqa: E402
+from lora_kd_jax.models import build  # noqa: E402
+from lora_kd_jax.models.build import build_classifier  # noqa: E402
 from lora_kd_jax.training.state import partition  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
@@ -55,7 +57,7 @@ def bert(tmp_path_factory):
     d = tmp_path_factory.mktemp("bert")
     torch_model, _ = save_checkpoint("bert", d)
     cfg = _config(d, *VARIANT)
-    model, params = families.build(cfg, jax.random.key(0))
+    model, params = build_classifier(cfg, jax.random.key(0))
     twin = _twin(torch_model, use_dora=True, use_rslora=True)
     params = {**params, **jax.tree.map(jnp.asarray, _from_peft(twin, {"family": BERT, "head": params["head"]}))}
     split = encode(cola_sentences()[:12], np.arange(12) % 2, load_family_tokenizer(str(d), "bert"), 20)
@@ -89,7 +91,7 @@ def test_dora_rslora_round_trips(bert, tmp_path):
     assert (cfg.lora.variant, cfg.lora.scaling) == ("dora", "rslora")
     assert np.abs(_jax_logits(model, params, bert.split) - want).max() <= ROUND_TRIP_ATOL
     merged = AutoModelForSequenceClassification.from_pretrained(
-        export.save_merged(bert.model, bert.params, tmp_path / "merged")).eval()
+        export.save_merged(bert.cfg, bert.model, bert.params, tmp_path / "merged")).eval()
     assert np.abs(_torch_logits(merged, bert.split) - want).max() <= ROUND_TRIP_ATOL
 
 
@@ -100,7 +102,7 @@ def test_lora_plus_groups_are_peft_loraplus_groups(bert):
     from peft.optimizers import create_loraplus_optimizer
 
     lr, ratio = 1e-3, 16.0
-    model, params = families.build(_config(bert.dir, *VARIANT, f"lora.plus_ratio={ratio}"), jax.random.key(0))
+    model, params = build_classifier(_config(bert.dir, *VARIANT, f"lora.plus_ratio={ratio}"), jax.random.key(0))
     opt = create_loraplus_optimizer(bert.twin, optimizer_cls=torch.optim.Adam, lr=lr, loraplus_lr_ratio=ratio)
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     named = {n: torch.full_like(p, lr_of[id(p)]) for n, p in bert.twin.named_parameters() if p.requires_grad}
@@ -115,9 +117,9 @@ def test_lora_plus_groups_are_peft_loraplus_groups(bert):
     errs = ref_lib.tree_abs_errs(got, want)  # the same trained leaves on both sides, or it fails
     assert max(errs.values()) == 0.0, {k: e for k, e in errs.items() if e}
     with pytest.raises(ConfigError, match="lora.plus_ratio=16.0 with lora.modules_to_save .*word_embeddings"):
-        families.build(_config(bert.dir, f"lora.plus_ratio={ratio}", "lora.modules_to_save=word_embeddings"),
+        build_classifier(_config(bert.dir, f"lora.plus_ratio={ratio}", "lora.modules_to_save=word_embeddings"),
                        jax.random.key(0), shapes_only=True)
-    plan = families.plan(model, params, "").splitlines()  # --dry-run: B and m are LoRA, not modules trained in full
+    plan = build.plan(model, params, "").splitlines()  # --dry-run: B and m are LoRA, not modules trained in full
     assert plan[-1] == "trained in full: head (130 params)" and "2,304 params, DoRA magnitudes included" in plan[2]
 
 
@@ -128,17 +130,17 @@ def test_pissa_init_is_peft_pissa_and_exports_on_the_original_base(bert, tmp_pat
     from transformers import AutoModelForSequenceClassification
 
     cfg = _config(bert.dir, "lora.init=pissa")
-    model, params = families.build(cfg, jax.random.key(0))
+    model, params = build_classifier(cfg, jax.random.key(0))
     twin = peft.get_peft_model(copy.deepcopy(bert.torch), peft.LoraConfig(
         task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(BERT.default_targets),
         init_lora_weights="pissa"))
     theirs = {k: v.detach().numpy() for k, v in twin.named_parameters()}
-    ours = encoder_format.lora_to_peft(model.start, BERT)
+    ours = hf_names.lora_to_peft(BERT, model.start)
     for key in (k for k in ours if ".lora_A." in k):  # B A: each singular pair's sign is LAPACK's choice
         kb = key.replace(".lora_A.", ".lora_B.")
         want = theirs[kb.replace(".weight", ".default.weight")] @ theirs[key.replace(".weight", ".default.weight")]
         np.testing.assert_allclose(ours[kb] @ ours[key], want, atol=2e-5, err_msg=key)  # test_variants' bound
-    residual = encoder_format.base_to_torch(jax.tree.map(np.asarray, model.base), BERT)
+    residual = hf_names.base_to_torch(BERT, jax.tree.map(np.asarray, model.base))
     adapted = [k for k in residual if k.endswith(("query.weight", "value.weight"))]
     assert len(adapted) == 2 * 2
     for key in adapted:

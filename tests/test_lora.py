@@ -8,7 +8,7 @@ from flax import traverse_util
 
 from lora_kd_jax.lora import transform as lora
 from lora_kd_jax.core.config import load_config
-from lora_kd_jax.models.classifier import build_classifier
+from lora_kd_jax.models.build import build_classifier
 from tiny import key, random_batch, tiny_config
 
 

@@ -1,6 +1,6 @@
 """Parity of the GPT-2 base and the classifier head with transformers' PyTorch GPT2Model (fp32, CPU).
 
-Weights are created on one side and moved with lora_kd_jax.lora.convert: tiny model Flax -> torch, gpt2-size
+Weights are created on one side and moved with the library's converter (lora_kd_jax.models.hf_names): tiny model Flax -> torch, gpt2-size
 torch -> Flax. A perturbation test proves the tolerance bites.
 """
 from __future__ import annotations
@@ -13,10 +13,12 @@ torch = pytest.importorskip("torch")
 import torch_reference as ref_lib  # noqa: E402
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 
-from lora_kd_jax.lora import convert  # noqa: E402
-from lora_kd_jax.core.config import ModelConfig  # noqa: E402
-from lora_kd_jax.models import gpt2  # noqa: E402
-from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier, init_head  # noqa: E402
+from lora_kd_jax.models import hf_names as convert  # noqa: E402
+from lora_kd_jax.core.config import load_config  # noqa: E402
+from lora_kd_jax.models.build import arch_of, build_classifier  # noqa: E402
+from lora_kd_jax.models.classifier import Classifier, base_shapes  # noqa: E402
+from lora_kd_jax.models.families import GPT2  # noqa: E402
+from lora_kd_jax.models.resolve import resolve  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
@@ -30,11 +32,11 @@ LENGTHS = (20, 13, 7, 1, 16, 3)  # right-padded rows of mixed length, incl. a 1-
 _JITTED: dict[int, tuple] = {}
 
 
-def jax_outputs(model: GPT2Classifier, params: dict, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+def jax_outputs(model: Classifier, params: dict, batch: dict) -> tuple[np.ndarray, np.ndarray]:
     """(hidden states after ln_f, head logits) from the JAX model, jitted like the training code."""
     if id(model) not in _JITTED:  # one compile per model (the module is a static closure)
         def f(p, ids, mask):
-            return (gpt2.hidden_states(model.module, p["gpt2"], ids, mask),
+            return (model.base_outputs(p["gpt2"], ids, mask)[0],
                     model.logits(p, ids, mask, deterministic=True))
 
         _JITTED[id(model)] = (model, jax.jit(f))
@@ -67,15 +69,15 @@ def tiny_pair():
     """(JAX classifier, its params, torch reference holding the same weights moved Flax -> torch)."""
     model, params = build_classifier(parity_config(), jax.random.key(0), with_lora=False)
     params = ref_lib.randomize_layernorms(params, seed=1)
-    ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"]).eval()
+    ref = ref_lib.build_reference(model.arch, params["gpt2"], params["head"]).eval()
     return model, params, ref
 
 
 def test_pinned_numerics_agree(tiny_pair):
     """Both sides read gelu_new (tanh approximation) and eps 1e-5 from the one config; Flax's module uses them."""
     model, _, ref = tiny_pair
-    cfg = model.module.config
-    assert cfg.activation_function == "gelu_new" and cfg.layer_norm_epsilon == 1e-5
+    cfg = model.arch
+    assert cfg.activation == "gelu_new" and cfg.norm_eps == 1e-5
     assert ref.transformer.config.activation_function == "gelu_new"
     assert ref.transformer.h[0].ln_1.eps == 1e-5
     assert ref.transformer.config._attn_implementation == "eager"
@@ -119,15 +121,15 @@ def test_perturbed_weight_is_detected(tiny_pair, path, index):
 def test_gpt2_size_random_weights_torch_to_flax():
     """gpt2 size (12 x 768), weights created by torch's GPT2Model init and moved torch -> Flax."""
     torch.manual_seed(0)
-    module = gpt2.build_module(ModelConfig(name="gpt2", init="random"))
-    ref = ref_lib.ReferenceClassifier(ref_lib.torch_config(module.config)).eval()
+    model = Classifier(GPT2, arch_of(resolve(load_config(None, ["model.name=gpt2", "model.init=random"]))))
+    ref = ref_lib.ReferenceClassifier(ref_lib.torch_config(model.arch)).eval()
     with torch.no_grad():  # non-trivial LayerNorms (see ref_lib.randomize_layernorms)
         for name, p in ref.named_parameters():
             if ".ln_" in name or name.startswith("transformer.ln_f"):
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-    params = {"gpt2": convert.torch_gpt2_to_flax(ref.transformer.state_dict(), like=gpt2.param_shapes(module)),
-              "head": convert.torch_head_to_flax(ref.score.weight)}
-    model = GPT2Classifier(module)
+    params = {"gpt2": ref_lib.torch_gpt2_to_flax(ref.transformer.state_dict(),
+                                                  like=base_shapes(GPT2, model.module)),
+              "head": ref_lib.torch_head_to_flax(ref.score.weight)}
     batch = make_mixed_length_batch((20, 11, 1, 6), 20, seed=1)
     err_h, err_l = assert_base_parity(jax_outputs(model, params, batch), torch_outputs(ref, batch), batch, GPT2_ATOL)
     print(f"gpt2 size: max |dh| {err_h:.2e}, max |dlogits| {err_l:.2e} (atol {GPT2_ATOL})")
@@ -135,6 +137,6 @@ def test_gpt2_size_random_weights_torch_to_flax():
 
 def test_head_init_matches_score_init():
     """The JAX head init (normal 0.02, no bias) has the scale of transformers' `score` init."""
-    k = np.asarray(init_head(jax.random.key(0), 768)["kernel"])
+    k = np.asarray(GPT2.head.init(jax.random.key(0), 768, 2, 0.02)["kernel"])
     assert k.shape == (768, 2)
     assert abs(k.std() - 0.02) < 0.002 and abs(k.mean()) < 0.002

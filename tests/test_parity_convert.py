@@ -1,4 +1,5 @@
-"""lora_kd_jax.lora.convert: exact round trips, real transformers / PEFT layouts, and errors that name the problem."""
+"""The one converter (lora_kd_jax.models.hf_names) on GPT-2: exact round trips, real transformers / PEFT layouts, and
+errors that name the problem."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +12,11 @@ torch = pytest.importorskip("torch")
 import torch_reference as ref_lib  # noqa: E402
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 
-from lora_kd_jax.lora import convert  # noqa: E402
-from lora_kd_jax.lora.convert import ConversionError  # noqa: E402
-from lora_kd_jax.models import gpt2  # noqa: E402
-from lora_kd_jax.models.classifier import build_classifier  # noqa: E402
+from lora_kd_jax.models import hf_names as convert  # noqa: E402
+from lora_kd_jax.models.hf_names import ConversionError  # noqa: E402
+from lora_kd_jax.models.build import build_classifier  # noqa: E402
+from lora_kd_jax.models.classifier import base_shapes  # noqa: E402
+from lora_kd_jax.models.families import GPT2  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
@@ -38,10 +40,10 @@ def _bits_equal(a: dict, b: dict) -> None:
 
 def test_base_round_trip_is_exact_and_loads_strictly(tiny):
     model, params = tiny
-    sd = convert.flax_gpt2_to_torch(params["gpt2"])
-    torch_model = ref_lib.GPT2Model(ref_lib.torch_config(model.module.config))
+    sd = ref_lib.flax_gpt2_to_torch(params["gpt2"])
+    torch_model = ref_lib.GPT2Model(ref_lib.torch_config(model.arch))
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
-    back = convert.torch_gpt2_to_flax(torch_model.state_dict(), like=gpt2.param_shapes(model.module))
+    back = ref_lib.torch_gpt2_to_flax(torch_model.state_dict(), like=base_shapes(GPT2, model.module))
     _bits_equal(back, params["gpt2"])
     assert sd["h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D (in, out)
     with torch.no_grad():  # outputs own their memory: a later in-place update of torch weights does not leak
@@ -57,7 +59,7 @@ def test_hf_sequence_classifier_layout_and_logits(tiny):
 
     model, params = tiny
     plain = {"gpt2": params["gpt2"], "head": params["head"]}
-    cfg = ref_lib.torch_config(model.module.config)
+    cfg = ref_lib.torch_config(model.arch)
     cfg.pad_token_id, cfg.num_labels = 50256, 2
     hf = GPT2ForSequenceClassification(cfg).eval()
     sd = ref_lib.flax_classifier_to_torch(plain)
@@ -73,36 +75,38 @@ def test_hf_sequence_classifier_layout_and_logits(tiny):
 
 def test_buffers_and_head_keys_are_skipped(tiny):
     _, params = tiny
-    sd = convert.flax_gpt2_to_torch(params["gpt2"], prefix="transformer.")
+    sd = ref_lib.flax_gpt2_to_torch(params["gpt2"], prefix="transformer.")
     sd["transformer.h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), bool))
     sd["transformer.h.1.attn.masked_bias"] = np.array(-1e4, np.float32)
     sd["lm_head.weight"] = params["gpt2"]["wte"]["embedding"]
-    _bits_equal(convert.torch_gpt2_to_flax(sd), params["gpt2"])
+    _bits_equal(ref_lib.torch_gpt2_to_flax(sd, like=LIKE(params)), params["gpt2"])
+
+
+def LIKE(params: dict) -> dict:  # noqa: N802  (the base's shapes: what the converter checks against)
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params["gpt2"])
 
 
 def test_base_errors_name_the_key(tiny):
     _, params = tiny
-    sd = convert.flax_gpt2_to_torch(params["gpt2"])
+    like = LIKE(params)
+    sd = ref_lib.flax_gpt2_to_torch(params["gpt2"])
     missing = {k: v for k, v in sd.items() if k != "h.1.mlp.c_fc.bias"}
     with pytest.raises(ConversionError, match=r"missing keys: h\.1\.mlp\.c_fc\.bias"):
-        convert.torch_gpt2_to_flax(missing)
+        ref_lib.torch_gpt2_to_flax(missing, like=like)
     with pytest.raises(ConversionError, match=r"unexpected keys: h\.0\.attn\.q_attn\.weight"):
-        convert.torch_gpt2_to_flax({**sd, "h.0.attn.q_attn.weight": sd["h.0.attn.c_proj.weight"]})
+        ref_lib.torch_gpt2_to_flax({**sd, "h.0.attn.q_attn.weight": sd["h.0.attn.c_proj.weight"]}, like=like)
     with pytest.raises(ConversionError, match=r"h/0/attn/c_attn/kernel \(torch h\.0\.attn\.c_attn\.weight\): shape"):
-        convert.torch_gpt2_to_flax({**sd, "h.0.attn.c_attn.weight": sd["h.0.attn.c_attn.weight"].T})
+        ref_lib.torch_gpt2_to_flax({**sd, "h.0.attn.c_attn.weight": sd["h.0.attn.c_attn.weight"].T}, like=like)
     with pytest.raises(ConversionError, match=r"shape mismatch: h/1/mlp/c_fc/kernel \(torch h\.1\.mlp\.c_fc\.weight\): "
                                               r"shape \(64, 256\) in flax layout, expected \(256, 64\)$"):
-        convert.torch_gpt2_to_flax({**sd, "h.1.mlp.c_fc.weight": sd["h.1.mlp.c_fc.weight"].T})
-    with pytest.raises(ConversionError, match=r"wte/embedding: \(50257, 64\) != expected \(50257, 32\)"):
-        like = jax.tree.map(lambda v: np.zeros(v.shape[:-1] + (32,) if v.shape[-1] == 64 else v.shape), params["gpt2"])
-        convert.torch_gpt2_to_flax(sd, like=like)
-    flat = convert.flatten(params["gpt2"])
-    del flat[("ln_f", "bias")]
-    with pytest.raises(ConversionError, match="missing keys: ln_f/bias"):
-        convert.flax_gpt2_to_torch(convert.unflatten(flat))
-    assert set(convert.flax_gpt2_to_torch(convert.unflatten(flat), allow_missing=True)) == set(sd) - {"ln_f.bias"}
+        ref_lib.torch_gpt2_to_flax({**sd, "h.1.mlp.c_fc.weight": sd["h.1.mlp.c_fc.weight"].T}, like=like)
+    with pytest.raises(ConversionError, match=r"wte/embedding \(torch wte\.weight\): shape \(50257, 64\) in flax "
+                                              r"layout, expected \(50257, 32\)"):
+        narrow = jax.tree.map(lambda v: np.zeros(v.shape[:-1] + (32,) if v.shape[-1] == 64 else v.shape),
+                              params["gpt2"])
+        ref_lib.torch_gpt2_to_flax(sd, like=narrow)
     with pytest.raises(ConversionError, match=r"score\.weight: shape"):
-        convert.torch_head_to_flax(np.zeros(3))
+        ref_lib.torch_head_to_flax(np.zeros(3))
 
 
 def test_seed_lora_round_trip_and_errors(tiny):
@@ -127,20 +131,20 @@ def test_peft_round_trip_matches_peft_own_state_dict(tiny):
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     model, params = tiny
-    ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"])
+    ref = ref_lib.build_reference(model.arch, params["gpt2"], params["head"])
     peft_model = ref_lib.add_peft_lora(ref, 4, 8.0, 0.0)
     theirs = get_peft_model_state_dict(peft_model)
-    ours = convert.flax_lora_to_peft(params["lora"])
+    ours = convert.lora_to_peft(GPT2, params["lora"])
     assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
     set_peft_model_state_dict(peft_model, {k: torch.from_numpy(v) for k, v in ours.items()})
-    _bits_equal(convert.peft_lora_to_flax(peft_model.state_dict(), spec=model.spec), params["lora"])
-    two = {**convert.flax_lora_to_peft(params["lora"], adapter_name="default"),
-           **convert.flax_lora_to_peft(params["lora"], adapter_name="other")}
+    _bits_equal(convert.lora_from_peft(GPT2, peft_model.state_dict(), spec=model.spec), params["lora"])
+    two = {**convert.lora_to_peft(GPT2, params["lora"], adapter_name="default"),
+           **convert.lora_to_peft(GPT2, params["lora"], adapter_name="other")}
     with pytest.raises(ConversionError, match="several adapters"):
-        convert.peft_lora_to_flax(two)
-    _bits_equal(convert.peft_lora_to_flax(two, adapter_name="other"), params["lora"])
+        convert.lora_from_peft(GPT2, two)
+    _bits_equal(convert.lora_from_peft(GPT2, two, adapter_name="other"), params["lora"])
     with pytest.raises(ConversionError, match="no lora_A / lora_B weights"):
-        convert.peft_lora_to_flax({"transformer.wte.weight": np.zeros((2, 2))})
+        convert.lora_from_peft(GPT2, {"transformer.wte.weight": np.zeros((2, 2))})
 
 
 def test_torch_bfloat16_tensor_keeps_its_bits():

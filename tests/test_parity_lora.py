@@ -21,10 +21,11 @@ import torch_reference as ref_lib  # noqa: E402
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 from peft import get_peft_model_state_dict  # noqa: E402
 
-from lora_kd_jax.lora import convert  # noqa: E402
+from lora_kd_jax.models import hf_names as convert  # noqa: E402
 from lora_kd_jax.lora import transform as lora_lib  # noqa: E402
-from lora_kd_jax.models import gpt2  # noqa: E402
-from lora_kd_jax.models.classifier import GPT2Classifier, build_classifier  # noqa: E402
+from lora_kd_jax.models.build import build_classifier  # noqa: E402
+from lora_kd_jax.models.classifier import Classifier  # noqa: E402
+from lora_kd_jax.models.families import GPT2  # noqa: E402
 from lora_kd_jax.training.state import combine, partition  # noqa: E402
 from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums  # noqa: E402
 
@@ -38,7 +39,7 @@ RANK, ALPHA = 4, 8.0  # alpha != rank, so a missing alpha/r scale (2) cannot pas
 LENGTHS = (20, 9, 1, 14, 5, 17)
 
 
-def jax_logits_loss_grads(model: GPT2Classifier, params: dict, batch: dict):
+def jax_logits_loss_grads(model: Classifier, params: dict, batch: dict):
     """(hidden states, logits, mean CE, grads of mean CE w.r.t. the trainable partition), dropout off."""
     trainable, frozen = partition(params, model.param_labels(params))
 
@@ -50,7 +51,7 @@ def jax_logits_loss_grads(model: GPT2Classifier, params: dict, batch: dict):
 
         full = combine(tr, frozen)
         with lora_lib.lora_context(model.spec, full["lora"]):
-            hidden = gpt2.hidden_states(model.module, full["gpt2"], b["input_ids"], b["attention_mask"])
+            hidden = model.base_outputs(full["gpt2"], b["input_ids"], b["attention_mask"])[0]
         logits = model.logits(full, b["input_ids"], b["attention_mask"], deterministic=True)
         value, grads = jax.value_and_grad(loss)(tr)
         return hidden, logits, value, grads
@@ -74,7 +75,7 @@ def _seed_pair():
     cfg = parity_config("lora.init=seed", "lora.dropout=0.0", f"lora.rank={RANK}")
     model, params = build_classifier(cfg, jax.random.key(0))
     params = ref_lib.randomize_layernorms(params, seed=2)
-    ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"])  # Flax -> torch
+    ref = ref_lib.build_reference(model.arch, params["gpt2"], params["head"])  # Flax -> torch
     ref_lib.add_seed_lora(ref, RANK, 0.0, factors=params["lora"])
     return model, params, ref
 
@@ -83,14 +84,14 @@ def _peft_pair():
     cfg = parity_config("lora.init=standard", "lora.dropout=0.0", f"lora.rank={RANK}", f"lora.alpha={ALPHA}")
     model, params = build_classifier(cfg, jax.random.key(0))
     params = ref_lib.randomize_layernorms(params, seed=3)
-    ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"])
+    ref = ref_lib.build_reference(model.arch, params["gpt2"], params["head"])
     peft_model = ref_lib.add_peft_lora(ref, RANK, ALPHA, 0.0)
     torch.manual_seed(0)
     with torch.no_grad():  # PEFT's B starts at zero; random B makes the B path (and its gradient) non-trivial
         for name, p in ref.named_parameters():
             if ".lora_B." in name:
                 p.normal_(0.0, 0.1)
-    lora = convert.peft_lora_to_flax(get_peft_model_state_dict(peft_model), spec=model.spec)  # torch -> Flax
+    lora = convert.lora_from_peft(GPT2, get_peft_model_state_dict(peft_model), spec=model.spec)  # torch -> Flax
     convert.check_shapes(lora, params["lora"], "PEFT factors vs JAX init")
     params = {**params, "lora": lora}
     assert model.spec.scale == ALPHA / RANK == peft_model.peft_config["default"].lora_alpha / RANK
@@ -138,7 +139,7 @@ FAMILY_ALPHA = 1e-6  # chance that the fixed-seed test would fail for a correct 
 TARGET = ("h", "0", "attn", "c_attn")  # the first adapted layer: its input (ln_1 of layer 0) has no dropout
 
 
-def _capture(model: GPT2Classifier, params: dict, batch: dict, key, deterministic: bool):
+def _capture(model: Classifier, params: dict, batch: dict, key, deterministic: bool):
     """(input of TARGET, output of TARGET incl. the LoRA term) through the real model and lora_context."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
@@ -184,7 +185,7 @@ def test_adapter_dropout_is_off_in_eval():
     """deterministic=True gives exactly the dropout-off output (and the torch reference in eval mode)."""
     cfg = parity_config("lora.init=seed", f"lora.dropout={DROPOUT}", f"lora.rank={RANK}")
     model, params = build_classifier(cfg, jax.random.key(0))
-    no_dropout = GPT2Classifier(model.module, dataclasses.replace(model.spec, dropout=0.0))
+    no_dropout = dataclasses.replace(model, spec=dataclasses.replace(model.spec, dropout=0.0))
     batch = make_mixed_length_batch(LENGTHS, 20, seed=7)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     key = jax.random.key(8)
@@ -193,7 +194,7 @@ def test_adapter_dropout_is_off_in_eval():
     trained = np.asarray(model.logits(params, ids, mask, deterministic=False, rng=key))
     np.testing.assert_array_equal(evaluated, reference)
     assert np.abs(trained - reference).max() > 1e-4  # the same call in train mode does drop
-    ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"])
+    ref = ref_lib.build_reference(model.arch, params["gpt2"], params["head"])
     ref_lib.add_seed_lora(ref, RANK, DROPOUT, factors=params["lora"]).eval()
     with torch.no_grad():
         torch_eval = ref(*ref_lib.tensors(batch)).numpy()
@@ -216,7 +217,7 @@ def test_factor_init_matches_torch_initialisers(init):
     kaiming_uniform_(a=sqrt 5) A (bound 1/sqrt(in)) and zero B (standard)."""
     overrides = [f"lora.init={init}", f"lora.rank={RANK}", f"lora.alpha={ALPHA}"]
     model, params = build_classifier(parity_config(*overrides), jax.random.key(9))
-    ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"])
+    ref = ref_lib.build_reference(model.arch, params["gpt2"], params["head"])
     torch.manual_seed(9)
     if init == "seed":
         ref_lib.add_seed_lora(ref, RANK, 0.0)
@@ -239,14 +240,14 @@ def test_factor_init_matches_torch_initialisers(init):
 
 @pytest.mark.parametrize("init", ["seed", "standard"])
 def test_merged_export_runs_in_transformers_classifier(init):
-    """GPT2Classifier.merged -> ref_lib.flax_classifier_to_torch -> transformers' GPT2ForSequenceClassification
+    """Classifier.merged -> ref_lib.flax_classifier_to_torch -> transformers' GPT2ForSequenceClassification
     gives the factored adapted model's logits (the teacher export path)."""
     from transformers import GPT2ForSequenceClassification
 
     model, params, _ = _seed_pair() if init == "seed" else _peft_pair()
     batch = make_mixed_length_batch(LENGTHS, 20, seed=15)
     factored = np.asarray(model.logits(params, batch["input_ids"], batch["attention_mask"]))
-    cfg = ref_lib.torch_config(model.module.config)
+    cfg = ref_lib.torch_config(model.arch)
     cfg.pad_token_id, cfg.num_labels = 50256, 2
     hf = GPT2ForSequenceClassification(cfg).eval()
     sd = ref_lib.flax_classifier_to_torch(jax.tree.map(np.asarray, model.merged(params)))

@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 import torch_reference as ref_lib  # noqa: E402
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402
 
-from lora_kd_jax.lora import convert  # noqa: E402
+from lora_kd_jax.models import hf_names as convert  # noqa: E402
 from lora_kd_jax.data import EncodedSplit, batch_iterator, num_batches  # noqa: E402
-from lora_kd_jax.models.classifier import build_classifier  # noqa: E402
+from lora_kd_jax.models.build import build_classifier  # noqa: E402
 from lora_kd_jax.training.state import partition, train_state  # noqa: E402
 from lora_kd_jax.training.steps import cross_entropy_objective, make_train_step  # noqa: E402
 
@@ -47,7 +47,7 @@ def test_thirty_adam_steps_match_torch():
                       f"train.batch_size={BATCH}")
     model, params = build_classifier(cfg, jax.random.key(12))
     params = ref_lib.randomize_layernorms(params, seed=13)
-    ref = ref_lib.build_reference(model.module.config, params["gpt2"], params["head"])
+    ref = ref_lib.build_reference(model.arch, params["gpt2"], params["head"])
     ref_lib.add_seed_lora(ref, cfg.lora.rank, 0.0, factors=params["lora"])
     torch_frozen0 = {n: p.detach().clone() for n, p in ref.named_parameters() if not p.requires_grad}
 

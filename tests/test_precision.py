@@ -8,9 +8,8 @@ from tiny import key, tiny_config
 
 from lora_kd_jax.core import precision
 from lora_kd_jax.core.config import ConfigError
-from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.models.student import make_student
-from lora_kd_jax.models.classifier import param_labels
+from lora_kd_jax.models.build import build_classifier
+from lora_kd_jax.models.students.build import make_student
 from lora_kd_jax.training.state import cast_frozen, partition
 
 
@@ -55,7 +54,7 @@ def test_defaults_are_auto_and_mean_float32_on_this_cpu():
     assert (cfg.model.dtype, cfg.model.base_dtype, cfg.student.dtype) == ("auto", "auto", "auto")
     model, params = build_classifier(cfg, key())
     assert model.module.dtype == jnp.float32
-    _, frozen = partition(params, param_labels(params))
+    _, frozen = partition(params, model.param_labels(params))
     assert cast_frozen(frozen, precision.base_dtype(cfg.model)) is frozen  # float32 storage: not even copied
     assert make_student(cfg).dtype == jnp.float32
 
@@ -67,7 +66,7 @@ def test_auto_on_an_accelerator_builds_bf16_teacher_and_fp32_student(monkeypatch
     model, params = build_classifier(cfg, key(), shapes_only=True)
     assert model.module.dtype == jnp.bfloat16
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-    trainable, frozen = partition(zeros, param_labels(zeros))
+    trainable, frozen = partition(zeros, model.param_labels(zeros))
     stored = cast_frozen(frozen, precision.base_dtype(cfg.model))
     assert {x.dtype for x in jax.tree.leaves(stored)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}  # adapters, LN, head: fp32

@@ -16,7 +16,7 @@ import pytest
 from lora_kd_jax.commands import cli
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from test_reliability import assert_same_run
-from tiny import XLA_CACHE
+from tiny import XLA_CACHE, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -27,13 +27,6 @@ FAST = ["data.limit=48", "train.batch_size=16", "lora.dropout=0.1", "train.seed=
 def run_cli(*argv: str) -> None:
     cli.main(["train-lora", SMOKE, *FAST, *argv])
 
-
-def one_line_exit(*argv: str) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main(list(argv))
-    message = str(e.value.code)
-    assert e.value.code not in (0, None) and "\n" not in message and "Traceback" not in message
-    return message
 
 
 # ------------------------------------------------------------------------------------------------- the lock
@@ -246,10 +239,10 @@ def test_a_corrupted_newest_step_is_moved_aside_and_the_run_finishes_as_uninterr
 
 def test_model_path_decides_the_architecture(tmp_path):
     from lora_kd_jax.core.config import load_config
-    from lora_kd_jax.models import gpt2
+    from tiny import save_random_checkpoint
 
     ckpt = tmp_path / "ckpt"
-    gpt2.save_random_checkpoint(load_config(SMOKE).model, ckpt)  # 2 layers, 64 wide
+    save_random_checkpoint(load_config(SMOKE), ckpt)  # 2 layers, 64 wide
     path_args = ["model.init=pretrained", f"model.path={ckpt}", "train.epochs=1"]
     message = one_line_exit("train-lora", SMOKE, *FAST, *path_args, "model.n_layer=4", "model.n_embd=128",
                             f"run.dir={tmp_path / 'bad'}")
@@ -316,10 +309,10 @@ def test_every_user_error_is_one_line_and_leaves_nothing_behind(case, tmp_path):
             ckpt.mkdir()
         else:
             from lora_kd_jax.core.config import load_config
-            from lora_kd_jax.models import gpt2
+            from tiny import save_random_checkpoint
 
-            gpt2.save_random_checkpoint(load_config(SMOKE).model, ckpt)
-            weights = ckpt / "flax_model.msgpack"
+            save_random_checkpoint(load_config(SMOKE), ckpt)
+            weights = ckpt / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[:1000])
         extra, expect = ["model.init=pretrained", f"model.path={ckpt}"], f"model error: .*{ckpt}"
     elif case == "tokenizer_empty_dir":

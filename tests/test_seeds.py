@@ -318,7 +318,7 @@ def test_stacked_batches_pad_to_the_longest_seed():
 
 
 def test_import_peft_refuses_a_seed_list():
-    from lora_kd_jax.lora import export
+    from lora_kd_jax.interop import export
 
     with pytest.raises(export.ExportError, match=r"import-peft writes one run from one adapter; drop train.seeds"):
         export.import_peft("/nonexistent", tiny_config("train.seeds=[0,1]"))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from lora_kd_jax.models.tokenizers import tokenizer_for
 from lora_kd_jax import assets, data
-from lora_kd_jax.training import loop
+from lora_kd_jax.training import records
 from tiny import XLA_CACHE, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,8 @@ def test_packaged_files_are_the_released_bytes():
 
 
 def test_defaults_read_the_packaged_splits_of_the_reference():
-    splits = data.load_splits(tiny_config())  # no data keys
+    cfg = tiny_config()  # no data keys
+    splits = data.load_splits(cfg, tokenizer_for(cfg))
     assert splits.rows == {"train": 8551, "validation": 527, "out_of_domain": 516}
     assert {s: len(e) for s, e in splits.encoded.items()} == splits.rows
     assert int(splits.encoded["validation"].labels.sum()) == 365  # in_domain_dev: majority 365/527 = 69.26%
@@ -47,7 +49,8 @@ def test_defaults_read_the_packaged_splits_of_the_reference():
 
 
 def test_limit_is_reported_beside_the_source_row_counts():
-    report = data.load_splits(tiny_config("data.limit=100")).report()
+    cfg = tiny_config("data.limit=100")
+    report = data.load_splits(cfg, tokenizer_for(cfg)).report()
     assert report["rows"] == {"train": 8551, "validation": 527, "out_of_domain": 516}
     assert report["rows_used"] == {"train": 100, "validation": 100, "out_of_domain": 100}
     assert report["source"].startswith("packaged CoLA v1.1")
@@ -58,7 +61,7 @@ def test_out_of_domain_is_reported_but_never_picks_the_best_epoch():
         m = lambda acc: {"loss": 1.0 - acc, "accuracy": acc, "mcc": acc - 0.5, "count": 10}  # noqa: E731
         return {"epoch": n, "train": m(0.5), "val": m(val), "reported": {"out_of_domain": m(ood)}}
 
-    summary = loop._summary([epoch(1, 0.60, 0.90), epoch(2, 0.70, 0.10), epoch(3, 0.65, 0.95)])
+    summary = records.run_summary([epoch(1, 0.60, 0.90), epoch(2, 0.70, 0.10), epoch(3, 0.65, 0.95)])
     assert summary["best_epoch"] == 2 and summary["best_val_accuracy"] == 0.70
     assert summary["out_of_domain_accuracy_at_best"] == 0.10  # the figure at the epoch validation chose
 

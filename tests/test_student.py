@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lora_kd_jax.core.config import StudentConfig
-from lora_kd_jax.models.student import build_student, count_params
+from lora_kd_jax.models.students.build import build_student, count_params
 
 torch = pytest.importorskip("torch")
 

@@ -9,7 +9,7 @@ import pytest
 
 from lora_kd_jax.core.config import Config, StudentConfig, load_config
 from lora_kd_jax.data import PAD_ID
-from lora_kd_jax.models.student import build_student, make_student
+from lora_kd_jax.models.students.build import build_student, make_student
 
 VOCAB, EMBED, HIDDEN, B, L = 50257, 16, 24, 5, 9
 LENGTHS = [9, 1, 4, 7, 2]  # includes a full row and a single-token row

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 from lora_kd_jax.core.config import ConfigError, load_config
-from lora_kd_jax.core.families import ENCODERS
+from lora_kd_jax.models import hf_names
+from lora_kd_jax.models.families import FAMILIES
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.distill.losses import teacher_objective
 from lora_kd_jax.distill.teacher import restore_teacher
-from lora_kd_jax.models import student_transformer as st
-from lora_kd_jax.models.student import build_student
+from lora_kd_jax.models.students import transformer as st
+from lora_kd_jax.models.students.build import build_student
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.training import finetune
@@ -114,7 +115,7 @@ def test_the_keys_fail_in_one_line_naming_what_is_wrong(teacher):
         load_config(None, ["student.arch=cnn", "student.layers=2"])
     with pytest.raises(ConfigError, match="student.heads=5 does not divide student.embed_dim=64"):
         load_config(None, ["student.arch=transformer", "student.embed_dim=64", "student.heads=5"])
-    with pytest.raises(ConfigError, match="student.teacher_layers=.* with train-rnn"):
+    with pytest.raises(ConfigError, match="student.teacher_layers=.* with train-student"):
         distill.train_rnn(tiny_config(*STUDENT, "student.teacher_layers=[0]"), progress=False)
 
 
@@ -123,8 +124,6 @@ def torch_student(restored, layers: list[int], head: dict):
     weights on the PyTorch side: its transformer.h.{j} renamed transformer.h.{i}, every other tensor kept, and
     the head's score.weight."""
     from transformers import GPT2ForSequenceClassification
-
-    from lora_kd_jax.lora import convert
 
     full = ref_lib.flax_classifier_to_torch({"gpt2": host(restored.params["gpt2"]), "head": head})
     sd = {}
@@ -135,11 +134,11 @@ def torch_student(restored, layers: list[int], head: dict):
                 continue
             parts[2] = str(layers.index(int(parts[2])))
         sd[".".join(parts)] = torch.from_numpy(np.array(value, np.float32))
-    config = ref_lib.torch_config(restored.model.module.config)  # the teacher's GPT2Config, eager, no dropout
+    config = ref_lib.torch_config(restored.model.arch)  # the teacher's GPT2Config, eager, no dropout
     config.n_layer, config.num_labels, config.pad_token_id = len(layers), 2, PAD_ID
     model = GPT2ForSequenceClassification(config).eval()
     model.load_state_dict(sd, strict=True)
-    assert convert.SCORE_KEY in sd
+    assert ref_lib.SCORE_KEY in sd
     return model
 
 
@@ -237,28 +236,28 @@ def test_an_encoder_or_llama_student_computes_what_pytorch_computes_on_the_teach
 
     import tiny_families
 
-    from lora_kd_jax.lora import encoder_format
-    from lora_kd_jax.models.families import build, with_checkpoint
+    from lora_kd_jax.models.build import build_classifier
+    from lora_kd_jax.models.resolve import resolve
 
     ckpt = tmp_path / family
     model, tok = tiny_families.save_checkpoint(family, ckpt)
-    t_cfg = with_checkpoint(tiny_config(f"model.type={family}", "model.init=pretrained", f"model.path={ckpt}",
+    t_cfg = resolve(tiny_config(f"model.type={family}", "model.init=pretrained", f"model.path={ckpt}",
                                         f"data.tokenizer={ckpt}"))
-    _, t_params = build(t_cfg, jax.random.key(0), with_lora=False)
+    _, t_params = build_classifier(t_cfg, jax.random.key(0), with_lora=False)
     cfg = st.with_teacher(tiny_config(*STUDENT, "student.teacher_layers=[1]"), t_cfg)
-    prefix = ENCODERS[family].prefix
+    prefix = FAMILIES[family].prefix
     student, params = build_student(cfg, jax.random.key(2), teacher_base=t_params[prefix])
-    student_blocks = functools.reduce(dict.__getitem__, st.LAYERS[family], params[prefix])
-    assert student.family == family and student.prefix == prefix and sorted(student_blocks) == ["0"]
+    student_blocks = functools.reduce(dict.__getitem__, FAMILIES[family].blocks, params[prefix])
+    assert student.family.name == family and student.family.prefix == prefix and sorted(student_blocks) == ["0"]
 
     blocks, query = TORCH_BLOCKS[family]
     sd = {}
     for key, value in model.state_dict().items():
-        if key.startswith(blocks + "0.") or encoder_format.is_head_key(key):
+        if key.startswith(blocks + "0.") or hf_names.is_head_key(FAMILIES[family], key):
             continue
         sd[key.replace(blocks + "1.", blocks + "0.")] = value
     assert not torch.equal(model.state_dict()[blocks + "0." + query], model.state_dict()[blocks + "1." + query])
-    sd.update({k: torch.from_numpy(np.array(v)) for k, v in encoder_format.head_to_torch(host(params["head"])).items()})
+    sd.update({k: torch.from_numpy(np.array(v)) for k, v in hf_names.head_to_torch(FAMILIES[family], host(params["head"])).items()})
     config = model.config.__class__.from_dict({**model.config.to_dict(), "num_hidden_layers": 1})
     ref = AutoModelForSequenceClassification.from_config(config).eval()
     ref.load_state_dict(sd, strict=True)
@@ -311,7 +310,7 @@ def test_without_a_teacher_it_is_a_small_random_gpt2():
     cfg = tiny_config("student.arch=transformer", "student.embed_dim=128")
     student, params = build_student(cfg, jax.random.key(0), shapes_only=True)
     assert sorted(params["gpt2"]["h"]) == ["0", "1"] and params["gpt2"]["wte"]["embedding"].shape == (50257, 128)
-    assert student.module.config.n_head == 2 and "random init" in student.describe()
+    assert student.classifier.arch.num_heads == 2 and "random init" in student.describe()
     table = np.random.default_rng(0).normal(size=(50257, 128)).astype(np.float32)
     student, params = build_student(cfg, jax.random.key(0), embedding=table)
     np.testing.assert_array_equal(np.asarray(params["gpt2"]["wte"]["embedding"]), table)

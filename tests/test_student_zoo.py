@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lora_kd_jax.models.tokenizers import tokenizer_for
 from lora_kd_jax.commands import evaluation
 from lora_kd_jax.core.config import ConfigError, StudentConfig, load_config
 from lora_kd_jax.data import load_splits
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.distill.embeddings import pca_projection, student_embedding
 from lora_kd_jax.distill.teacher import restore_teacher
-from lora_kd_jax.models.student import StudentClassifier, make_student
+from lora_kd_jax.models.students.build import StudentClassifier, make_student
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.training import finetune, loop
 from lora_kd_jax.training.state import train_state
@@ -288,7 +289,7 @@ def test_every_seed_starts_from_the_teachers_embeddings(teacher, tmp_path):
     cfg = tiny_config("data.limit=16", "train.batch_size=16", "train.seeds=[0,1]", "student.arch=bilstm",
                       "student.embed_dim=16", "student.hidden_dim=8", "student.embeddings=teacher",
                       f"distill.teacher={run_dir}", f"run.dir={tmp_path}")
-    task = distill.build_distill_task(cfg, load_splits(cfg).encoded, restored)
+    task = distill.build_distill_task(cfg, load_splits(cfg, tokenizer_for(cfg)).encoded, restored)
     start = np.asarray(task.state.trainable["embed"]["embedding"])
     expected = pca_projection(wte(teacher), 16)[0]
     for k in (0, 1):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lora_kd_jax.models.tokenizers import tokenizer_for
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.commands import cli, evaluation
 from lora_kd_jax.core import metrics as metrics_lib
@@ -293,7 +294,7 @@ def test_glue_presets_map_the_columns_of_files_in_glues_layout(tmp_path):
     cfg = data_lib.resolve_task(load_config(None, [f"data.dir={mnli}", "data.task=mnli"]))
     assert (cfg.data.text, cfg.data.text_pair, cfg.data.label) == ("sentence1", "sentence2", "gold_label")
     assert cfg.data.labels == ["entailment", "neutral", "contradiction"] and cfg.model.num_labels == 3
-    splits = data_lib.load_splits(cfg).encoded
+    splits = data_lib.load_splits(cfg, tokenizer_for(cfg)).encoded
     assert list(splits) == ["train", "validation", "dev_mismatched"]  # matched picks, mismatched is reported
     np.testing.assert_array_equal(splits["validation"].labels, [0, 2, 1])
     assert cfg.train.select == "accuracy"
@@ -307,7 +308,7 @@ def test_glue_presets_map_the_columns_of_files_in_glues_layout(tmp_path):
                                         "1\tnews\tx\t2012\t1\ta\tb\tA dog ran.\tThe sky is blue.\t0.5\n")
     cfg = data_lib.resolve_task(load_config(None, [f"data.dir={stsb}", "data.task=stsb"]))
     assert (cfg.data.problem, cfg.model.num_labels, cfg.train.select) == ("regression", 1, "pearson")
-    np.testing.assert_array_equal(data_lib.load_splits(cfg).encoded["validation"].labels,
+    np.testing.assert_array_equal(data_lib.load_splits(cfg, tokenizer_for(cfg)).encoded["validation"].labels,
                                   np.asarray([4.25, 0.5], np.float32))
 
     sst2 = tmp_path / "sst2"
@@ -316,7 +317,7 @@ def test_glue_presets_map_the_columns_of_files_in_glues_layout(tmp_path):
         (sst2 / name).write_text("sentence\tlabel\nit 's a charming journey . \t1\nbad , \"dull\" film\t0\n")
     cfg = data_lib.resolve_task(load_config(None, [f"data.dir={sst2}", "data.task=sst2", "train.select=mcc"]))
     assert cfg.data.labels == ["negative", "positive"] and cfg.train.select == "mcc"  # train.select wins
-    assert data_lib.load_splits(cfg).encoded["train"].labels.tolist() == [1, 0]
+    assert data_lib.load_splits(cfg, tokenizer_for(cfg)).encoded["train"].labels.tolist() == [1, 0]
     cola = data_lib.resolve_task(load_config(None, ["data.task=cola"]))
     assert cola.train.select == "mcc" and not data_lib.is_table_run(cola)  # the CoLA reader, GLUE's metric
 
@@ -330,7 +331,7 @@ def test_parquet_reads_like_the_others_and_cola_needs_no_datasets(files, tmp_pat
     assert data_lib.read_table(tmp_path / "t.parquet").columns == data_lib.read_table(jsonl).columns
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # `import datasets` now raises ImportError
     cfg = data_lib.resolve_task(load_config(None, ["data.limit=8"]))  # the packaged CoLA: no table, no datasets
-    assert cfg.data.labels == [] and list(data_lib.load_splits(cfg).encoded) == ["train", "validation",
+    assert cfg.data.labels == [] and list(data_lib.load_splits(cfg, tokenizer_for(cfg)).encoded) == ["train", "validation",
                                                                                 "out_of_domain"]
 
 
@@ -352,7 +353,7 @@ def test_a_glue_task_from_the_hub_maps_its_columns(monkeypatch):
     cfg = data_lib.resolve_task(load_config(None, ["data.dir=hub", "data.task=mnli"]))
     assert (cfg.data.text, cfg.data.text_pair, cfg.data.labels) == ("premise", "hypothesis",
                                                                     ["entailment", "neutral", "contradiction"])
-    splits = data_lib.load_splits(cfg).encoded
+    splits = data_lib.load_splits(cfg, tokenizer_for(cfg)).encoded
     assert asked == [("nyu-mll/glue", "mnli")] and list(splits) == ["train", "validation", "validation_mismatched"]
     assert splits["validation"].labels.tolist() == [0, 2]
 
@@ -367,7 +368,7 @@ def _error(tmp_path: Path, name: str, text: str, *overrides: str, validation: st
     val.write_text(validation or text)
     cfg = load_config(None, [f"data.train={train}", f"data.validation={val}", *overrides])
     with pytest.raises(data_lib.DataError) as e:
-        data_lib.load_splits(data_lib.resolve_task(cfg))
+        data_lib.load_splits(data_lib.resolve_task(cfg), tokenizer_for(cfg))
     assert "\n" not in str(e.value)
     return str(e.value)
 

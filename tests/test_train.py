@@ -12,9 +12,8 @@ from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import metrics
 from lora_kd_jax.training import finetune
 from lora_kd_jax.commands.cli import main_train_lora
-from lora_kd_jax.models import gpt2
-from lora_kd_jax.models.classifier import build_classifier
-from lora_kd_jax.models.classifier import param_labels
+from lora_kd_jax.models.hf_checkpoint import ModelLoadError
+from lora_kd_jax.models.build import build_classifier
 from lora_kd_jax.training.optimizer import make_optimizer
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums, make_train_step
@@ -54,8 +53,8 @@ def test_frozen_leaves_bit_identical_and_trainable_leaves_move():
 def test_set_to_zero_guards_frozen_leaves():
     """Even if a frozen leaf reaches the optimizer, multi_transform gives it a zero update."""
     cfg = tiny_config()
-    _, params = build_classifier(cfg, key())
-    tx = make_optimizer(1e-3, param_labels(params))
+    model, params = build_classifier(cfg, key())
+    tx = make_optimizer(1e-3, model.param_labels(params))
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     flat = traverse_util.flatten_dict(updates)
@@ -170,29 +169,44 @@ def test_dry_run_prints_the_reference_parameter_report(capsys):
     assert "total 356.40M" in out[1] and "trainable 1.68M" in out[1] and "reduction 99.53%" in out[1]
 
 
-@pytest.mark.parametrize("fmt", ["flax", "pytorch"])
+@pytest.mark.parametrize("fmt", ["safetensors", "pytorch_bin", "flax_msgpack"])
 def test_loading_a_save_pretrained_dir_gives_the_in_memory_model(tmp_path, fmt):
-    if fmt == "pytorch":  # writing a PyTorch checkpoint needs torch (the test extra; absent on some images)
-        pytest.importorskip("torch")
-    cfg = tiny_config()
-    hf_model = gpt2.save_random_checkpoint(cfg.model, tmp_path / "ckpt", seed=3, pytorch=(fmt == "pytorch"))
-    loaded_cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'ckpt'}")
-    module, params = gpt2.load_base(loaded_cfg.model, key())
+    """A GPT2Model saved by transformers' PyTorch save_pretrained (safetensors, or the torch pickle), or as the
+    flax_model.msgpack transformers 4's Flax classes wrote (the same weights, the base tree serialized): loaded
+    from model.path, its hidden states are PyTorch's."""
+    torch = pytest.importorskip("torch")
+    from flax import serialization
+    from tiny import save_torch_gpt2
+
+    import torch_reference as ref_lib
+
+    hf_model = save_torch_gpt2(tmp_path / "ckpt", seed=3, safe=fmt == "safetensors")
+    if fmt == "flax_msgpack":
+        tree = ref_lib.torch_gpt2_to_flax(hf_model.state_dict(), like=ref_lib.gpt2_like(hf_model.config))
+        (tmp_path / "ckpt" / "flax_model.msgpack").write_bytes(serialization.to_bytes(tree))
+        (tmp_path / "ckpt" / "model.safetensors").unlink()
+    loaded_cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'ckpt'}", "model.n_positions=64")
+    model, params = build_classifier(loaded_cfg, key(), with_lora=False)
     b = random_batch(4)
-    ours = gpt2.hidden_states(module, params, b["input_ids"], b["attention_mask"])
-    ref = hf_model(b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-6, rtol=0)
-    assert module.config.n_layer == 2 and module.config.n_embd == 64
+    ours = model.base_outputs(params["gpt2"], b["input_ids"], b["attention_mask"])[0]
+    with torch.no_grad():
+        ref = hf_model(torch.from_numpy(b["input_ids"]).long(),
+                       attention_mask=torch.from_numpy(b["attention_mask"]).long()).last_hidden_state.numpy()
+    real = b["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], ref[real], atol=5e-6, rtol=0)  # the parity tests' tolerance
+    assert model.arch.num_layers == 2 and model.arch.hidden_size == 64
 
 
 def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
     cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'nope'}")
-    with pytest.raises(gpt2.ModelLoadError, match="model.path=.*nope: does not exist"):
-        gpt2.load_base(cfg.model, key())
+    with pytest.raises(ModelLoadError, match="model.path=.*nope: does not exist"):
+        build_classifier(cfg, key())
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, '
+                                                    '"n_head": 4, "vocab_size": 50257, "n_positions": 1024}')
     cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'empty'}")
-    with pytest.raises(gpt2.ModelLoadError, match="no GPT-2 weights found"):
-        gpt2.load_base(cfg.model, key())
+    with pytest.raises(ModelLoadError, match="no gpt2 weights found"):
+        build_classifier(cfg, key())
 
 
 def test_length_aware_batching_gives_the_same_run(tmp_path):

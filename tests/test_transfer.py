@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from lora_kd_jax.models.tokenizers import tokenizer_for
 from lora_kd_jax.core.config import ConfigError
 from lora_kd_jax.data import augment as A
 from lora_kd_jax.data import batch_sources, load_splits, load_tokenizer
@@ -17,7 +18,7 @@ from lora_kd_jax.distill import losses
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.distill import transfer
 from lora_kd_jax.distill.teacher import logits_fingerprint, restore_teacher
-from lora_kd_jax.models.student import build_student
+from lora_kd_jax.models.students.build import build_student
 from lora_kd_jax.training import finetune
 
 from tiny import PAD_ID, tiny_config
@@ -112,7 +113,7 @@ def wordpiece(tmp_path_factory):
     """BERT's kind of tokenizer: WordPiece trained on CoLA (tests/tiny_families.py), [CLS] ... [SEP] added."""
     from tiny_families import train_tokenizer
 
-    from lora_kd_jax.data.encoding import load_family_tokenizer
+    from tiny_families import family_tokenizer as load_family_tokenizer
 
     d = tmp_path_factory.mktemp("wordpiece")
     train_tokenizer("bert", d)
@@ -261,7 +262,7 @@ def runs(tmp_path_factory, teacher_dir, unlabeled):
 
 def test_transfer_set_is_the_training_rows_then_their_copies_then_the_file(teacher_dir, unlabeled, runs):
     cfg = tiny_config(*runs["extra"])
-    train = load_splits(cfg).encoded["train"]
+    train = load_splits(cfg, tokenizer_for(cfg)).encoded["train"]
     t = transfer.build_transfer_set(cfg, train)
     again = transfer.build_transfer_set(cfg, train)
     np.testing.assert_array_equal(t.split.input_ids, again.split.input_ids)  # reproducible
@@ -280,7 +281,7 @@ def test_transfer_set_is_the_training_rows_then_their_copies_then_the_file(teach
 
 def test_cached_teacher_logits_equal_the_teacher_on_each_sentence(teacher_dir, runs):
     cfg = tiny_config(*runs["extra"])
-    t = transfer.build_transfer_set(cfg, load_splits(cfg).encoded["train"])
+    t = transfer.build_transfer_set(cfg, load_splits(cfg, tokenizer_for(cfg)).encoded["train"])
     labelling = runs["seeded"]["transfer_set"]["teacher_labelling"]
     assert len({labelling[f"seed_{k}"]["file"] for k in (0, 1)}) == 2  # one file per teacher
     files = [Path(labelling["seed_1"]["file"])]
@@ -302,7 +303,7 @@ def test_one_transfer_set_for_every_seed_and_a_resume_reuses_its_logits(runs):
     """The set never depends on train.seed (so seed k of a seeded run, which is the single run with train.seed=k:
     tests/test_seeds.py, sees the single run's set); a resume rebuilds it and reads its logits back."""
     cfg = tiny_config(*runs["extra"])
-    train = load_splits(cfg).encoded["train"]
+    train = load_splits(cfg, tokenizer_for(cfg)).encoded["train"]
     sets = [transfer.build_transfer_set(tiny_config(*runs["extra"], f"train.seed={k}", "train.seeds=[]"), train)
             for k in (0, 1, 7)]
     for other in sets[1:]:
@@ -328,7 +329,7 @@ def test_each_student_seed_trains_on_its_own_teachers_labels(runs, teacher_dir):
     """The task a seeded teacher builds: seed k's batch labels are gold on training rows and teacher k's argmax on
     the added rows (the logits read from the run's cache), and its step's loss is distill.loss=mse's."""
     cfg = tiny_config(*runs["extra"], f"run.dir={runs['root'] / 'seeded'}")
-    splits = load_splits(cfg).encoded
+    splits = load_splits(cfg, tokenizer_for(cfg)).encoded
     teachers = {k: restore_teacher(str(teacher_dir / f"seed_{k}"), cfg) for k in (0, 1)}
     task = distill.build_distill_task(cfg, splits, teachers)
     assert all(v["reused"] for v in task.info["transfer_set"]["teacher_labelling"].values())

@@ -25,9 +25,11 @@ from transformers import GPT2ForSequenceClassification  # noqa: E402
 from lora_kd_jax.core.config import ConfigError  # noqa: E402
 from lora_kd_jax.core.keys import classifier_base_key  # noqa: E402
 from lora_kd_jax.data import EncodedSplit, batch_iterator, num_batches  # noqa: E402
-from lora_kd_jax.lora import convert, decompose, export  # noqa: E402
-from lora_kd_jax.models import gpt2  # noqa: E402
-from lora_kd_jax.models.classifier import build_classifier  # noqa: E402
+from lora_kd_jax.interop import export  # noqa: E402
+from lora_kd_jax.lora import decompose  # noqa: E402
+from lora_kd_jax.models import hf_names as convert  # noqa: E402
+from lora_kd_jax.models.families import GPT2  # noqa: E402
+from lora_kd_jax.models.build import build_classifier  # noqa: E402
 from lora_kd_jax.models.interface import LORA, LORA_B, NORM  # noqa: E402
 from lora_kd_jax.training.state import train_state  # noqa: E402
 from lora_kd_jax.training.steps import cross_entropy_objective, make_train_step  # noqa: E402
@@ -51,18 +53,18 @@ LENGTHS = (20, 9, 1, 14, 5, 17)
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A saved random GPT-2 whose Conv1D biases are not zero (DoRA's output subtracts the bias: zeros would hide it)."""
-    from transformers import GPT2Model
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+    from tiny import save_random_checkpoint
+
+    def biased(params):
+        rng = np.random.default_rng(4)
+        flat = {p: np.asarray(v) for p, v in convert.flatten(params).items()}
+        for path, v in flat.items():
+            if path[0] == "gpt2" and path[-1] == "bias" and not any(s.startswith("ln_") for s in path):
+                flat[path] = (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32)
+        return convert.unflatten(flat)
 
     d = tmp_path_factory.mktemp("variants_base")
-    flax_model = gpt2.save_random_checkpoint(parity_config().model, d, seed=3)
-    rng = np.random.default_rng(4)
-    flat = {p: np.asarray(v) for p, v in convert.flatten(flax_model.params).items()}
-    for path, v in flat.items():
-        if path[-1] == "bias" and not any(s.startswith("ln_") for s in path):
-            flat[path] = (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32)
-    load_flax_weights_in_pytorch_model(GPT2Model(flax_model.config), convert.unflatten(flat)).save_pretrained(str(d))
-    (d / "flax_model.msgpack").unlink()  # the PyTorch weights (with the biases) are the checkpoint
+    save_random_checkpoint(parity_config(), d, seed=3, edit=biased)
     return d
 
 
@@ -98,7 +100,7 @@ def _peft_config(cfg, **kw) -> LoraConfig:
 
 def _reference(model, params, base):
     """The reference classifier over `base` with our LayerNorms and head (PEFT goes on top of it)."""
-    return ref_lib.build_reference(model.module.config, _with_norms(base, params["gpt2"]), params["head"])
+    return ref_lib.build_reference(model.arch, _with_norms(base, params["gpt2"]), params["head"])
 
 
 def _with_norms(base, gpt2_params):
@@ -117,7 +119,8 @@ def _batch(seed=0):
 
 
 def _original_base(cfg):
-    return jax.tree.map(np.asarray, gpt2.load_base(cfg.model, classifier_base_key(cfg))[1])
+    plain = build_classifier(cfg, classifier_base_key(cfg), base_key=classifier_base_key(cfg), with_lora=False)[0]
+    return jax.tree.map(np.asarray, plain.base)
 
 
 # ---------------------------------------------------------------------------------------- forward, gradients
@@ -131,11 +134,11 @@ def test_forward_and_gradients_match_peft(name, base_dir):
     peft_model = get_peft_model(ref, _peft_config(cfg))
     if cfg.lora.init == "pissa":  # PEFT factorised the same base itself: its factors and residual are ours
         theirs = {k: v.detach().numpy() for k, v in peft_model.state_dict().items()}
-        ours = convert.flax_lora_to_peft(model.start, adapter_name="default")
+        ours = convert.lora_to_peft(GPT2, model.start, adapter_name="default")
         for key in (k for k in ours if ".lora_A." in k):  # B A: each singular pair's sign is LAPACK's choice
             kb = key.replace(".lora_A.", ".lora_B.")
             np.testing.assert_allclose(ours[kb] @ ours[key], theirs[kb] @ theirs[key], atol=2e-5, err_msg=key)
-        residual = convert.flax_gpt2_to_torch(jax.tree.map(np.asarray, model.base))
+        residual = ref_lib.flax_gpt2_to_torch(jax.tree.map(np.asarray, model.base))
         for key, v in residual.items():
             if key.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")):
                 got = theirs[convert.PEFT_PREFIX + "transformer." + key.replace(".weight", ".base_layer.weight")]
@@ -146,7 +149,7 @@ def test_forward_and_gradients_match_peft(name, base_dir):
             plain = n.replace(".base_layer.", ".")
             if n.endswith(".base_layer.weight"):  # the adapted kernels (biases and LayerNorms are not decomposed)
                 p.data.copy_(torch.from_numpy(residual[plain]))
-    set_peft_model_state_dict(peft_model, _torch(convert.flax_lora_to_peft(params["lora"])))
+    set_peft_model_state_dict(peft_model, _torch(convert.lora_to_peft(GPT2, params["lora"])))
     ref_lib.set_trainable(ref)
     batch = _batch()
     _, j_logits, j_loss, j_grads = jax_logits_loss_grads(model, jax.tree.map(jnp.asarray, params), batch)
@@ -191,7 +194,7 @@ def test_thirty_adam_steps_match_peft(name, plus, base_dir):
     cfg, model, params = _build(base_dir, name, f"lora.plus_ratio={plus}", f"train.lr={lr}", moved=False)
     ref = _reference(model, params, _original_base(cfg))
     peft_model = get_peft_model(ref, _peft_config(cfg))
-    set_peft_model_state_dict(peft_model, _torch(convert.flax_lora_to_peft(params["lora"])))
+    set_peft_model_state_dict(peft_model, _torch(convert.lora_to_peft(GPT2, params["lora"])))
     ref_lib.set_trainable(ref)
     setup = train_state(model, jax.tree.map(jnp.asarray, params), cfg.train, jax.random.key(14))
     if plus != 1.0:
@@ -263,7 +266,7 @@ def test_round_trips_export_import_merge(name, base_dir, tmp_path):
     # merge: the plain kernels compute the adapter's function (JAX), and plain transformers loads them (PyTorch)
     merged = model.merged(jax.tree.map(jnp.asarray, params))
     assert np.abs(_logits(model, merged, batch) - ours).max() <= ROUND_TRIP_ATOL
-    export.save_merged(model, params, tmp_path / "merged")
+    export.save_merged(cfg, model, params, tmp_path / "merged")
     assert np.abs(_torch_logits(_hf(tmp_path / "merged"), batch) - ours).max() <= ROUND_TRIP_ATOL
     # JAX -> PEFT: PeftModel.from_pretrained on the original base reproduces our logits
     out = export.write_peft_adapter(cfg, model, params, tmp_path / "adapter", base_model=str(base_dir))

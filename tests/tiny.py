@@ -24,6 +24,19 @@ TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_em
         "lora.dropout=0.0", XLA_CACHE]
 
 
+def one_line_exit(*argv: str) -> str:
+    """The message of a CLI run that must end in a user error: a non-zero exit, one line, no traceback."""
+    import pytest
+
+    from lora_kd_jax.commands import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    message = str(e.value.code)
+    assert e.value.code not in (0, None) and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
 def tiny_config(*overrides: str) -> Config:
     return load_config(None, [*TINY, *overrides])  # data: the packaged CoLA and tokenizer (the defaults)
 
@@ -102,3 +115,32 @@ def sigterm_at_batch(loop_module, n: int):
             yield batch
 
     return interrupting
+
+
+def save_random_checkpoint(cfg: Config, out_dir: Path, seed: int = 0, *, edit=None) -> dict:
+    """A random base of `cfg`'s family and size, saved as a Hugging Face checkpoint (config.json +
+    model.safetensors) by the library's own export writer: what `model.path` loads, no torch needed. `edit` may
+    change the numpy parameters first. Returns the saved parameters (numpy)."""
+    from lora_kd_jax.interop.export import save_checkpoint
+    from lora_kd_jax.models.build import build_classifier
+
+    model, params = build_classifier(cfg, jax.random.key(seed), with_lora=False)
+    params = jax.tree.map(np.asarray, params)
+    if edit is not None:
+        params = edit(params)
+    save_checkpoint(cfg, model, params, Path(out_dir))
+    return params
+
+
+def save_torch_gpt2(out_dir: Path, seed: int = 3, *, safe: bool = True, **sizes):
+    """A random PyTorch GPT2Model (2 layers, 64 wide, 64 positions unless `sizes` say otherwise) written by
+    transformers' save_pretrained (safetensors, or pytorch_model.bin with `safe=False`). Returns the torch model."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(seed)
+    config = GPT2Config(**{"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 64, "pad_token_id": 50256,
+                           **sizes})
+    model = GPT2Model(config).eval()
+    model.save_pretrained(str(out_dir), safe_serialization=safe)
+    return model

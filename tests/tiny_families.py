@@ -82,3 +82,13 @@ def save_checkpoint(family: str, out_dir: Path, seed: int = 0):
     model = AutoModelForSequenceClassification.from_config(config).eval()
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return model, tok
+
+
+def family_tokenizer(path, family: str):
+    """The family's tokenizer in `path` as a run loads it (data.tokenizer=path): its template's tokens checked, right
+    padding, a pad token."""
+    from lora_kd_jax.data import load_tokenizer
+    from lora_kd_jax.models.families import FAMILIES
+
+    fam = FAMILIES[family]
+    return load_tokenizer(str(path), needs=fam.tokenizer_needs, tokenizer_class=fam.tokenizer_class)

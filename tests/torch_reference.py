@@ -6,8 +6,8 @@
   output = conv(x) + dropout(x, p) @ U @ V.T, no scaling.
 - `add_peft_lora`: the `standard` init through PEFT itself (LoraConfig with fan_in_fan_out=True on Conv1D).
 - Trainable set: LoRA factors, every LayerNorm weight and bias, `score`; everything else frozen.
-Weights move between the two sides only through `lora_kd_jax.lora.convert`, plus two layouts only tests need, kept
-here on top of it: the original's U/V factors (`seed_lora_to_torch` / `seed_lora_from_torch`) and a whole
+Weights move between the two sides only through the library's one converter (`lora_kd_jax.models.hf_names`), plus two
+layouts only tests need, kept here on top of it: the original's U/V factors (`seed_lora_to_torch` / `seed_lora_from_torch`) and a whole
 GPT2ForSequenceClassification state dict (`flax_classifier_to_torch` / `torch_classifier_to_flax`).
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model
 from transformers.pytorch_utils import Conv1D
 
-from lora_kd_jax.lora import convert
+from lora_kd_jax.models import hf_names as convert
+from lora_kd_jax.models.classifier import base_shapes
+from lora_kd_jax.models.families import GPT2
 
 torch.set_default_dtype(torch.float32)
 # CPU fp32 matmuls are full precision already; pin it so a CUDA run cannot switch to TF32.
@@ -30,17 +32,47 @@ TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 PEFT_TARGET_MODULES = ["c_attn", "c_proj", "c_fc"]  # c_proj names both attn.c_proj and mlp.c_proj
 
 
-def torch_config(hf_config: Any) -> GPT2Config:
-    """The same GPT2Config the Flax module reads, with dropout 0 and eager attention.
+TRANSFORMER_PREFIX, SCORE_KEY = "transformer.", "score.weight"  # GPT2ForSequenceClassification's names
+
+
+def torch_config(arch: Any) -> GPT2Config:
+    """The GPT2Config of a GPT-2 module's Arch (`model.arch`), with dropout 0 and eager attention.
 
     Eager attention is the plain softmax(QK^T/sqrt d + mask) V, the same sequence of ops as Flax's
-    dot_product_attention; activation (gelu_new, tanh approximation) and layer_norm_epsilon (1e-5) are read by
-    both implementations from this one config.
+    dot_product_attention; activation (gelu_new, tanh approximation) and layer_norm_epsilon (1e-5) are the ones
+    the JAX module computes with.
     """
-    cfg = GPT2Config.from_dict(hf_config.to_dict())
-    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+    cfg = GPT2Config(n_layer=arch.num_layers, n_embd=arch.hidden_size, n_head=arch.num_heads,
+                     n_positions=arch.max_positions, vocab_size=arch.vocab_size, n_inner=arch.intermediate_size,
+                     activation_function=arch.activation, layer_norm_epsilon=arch.norm_eps,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     cfg._attn_implementation = "eager"
     return cfg
+
+
+def gpt2_like(config: GPT2Config) -> dict:
+    """The JAX GPT-2 base's shapes for a transformers GPT2Config (what the converter checks against)."""
+    return base_shapes(GPT2, GPT2.module(GPT2.arch(config.to_dict())))
+
+
+def torch_gpt2_to_flax(state_dict: Mapping[str, Any], *, like: Any, allow_missing: bool = False) -> dict:
+    """A GPT2Model (or `transformer.`-prefixed) state dict -> the JAX base tree, strictly (unexpected keys of the
+    base are an error), through the library's converter."""
+    return convert.base_from_torch(GPT2, state_dict, like, where="torch GPT-2 state dict", strict=True,
+                                   allow_missing=allow_missing)[0]
+
+
+def flax_gpt2_to_torch(base: Any, *, prefix: str = "") -> dict[str, np.ndarray]:
+    return convert.base_to_torch(GPT2, base, prefix=prefix)
+
+
+def torch_head_to_flax(score_weight: Any) -> dict:
+    return convert.head_from_torch(GPT2, {"score.weight": score_weight}, {"kernel": np.zeros(
+        np.asarray(convert.to_numpy(score_weight)).shape[::-1])}, "score.weight")
+
+
+def flax_head_to_torch(head: Any) -> dict[str, np.ndarray]:
+    return convert.head_to_torch(GPT2, head)
 
 
 class ReferenceClassifier(nn.Module):
@@ -82,7 +114,8 @@ def seed_lora_to_torch(factors: Any, *, prefix: str = "") -> dict[str, np.ndarra
     """Flax factors -> the original's layout: `<prefix><path>.U` (in, r) = a and `<prefix><path>.V` (out, r) = b.T
     (PEFT's lora_A transposed and lora_B)."""
     out = {}
-    for key, v in convert.flax_lora_to_peft(factors, prefix=prefix).items():
+    for key, v in convert.lora_to_peft(GPT2, factors).items():
+        key = prefix + key[len(convert.peft_module_prefix(GPT2)):]
         module, which = key.rsplit(".lora_", 1)  # which: "A.weight" (r, in) | "B.weight" (out, r)
         if which == "A.weight":
             out[module + ".U"] = np.ascontiguousarray(v.T)
@@ -110,29 +143,42 @@ def seed_lora_from_torch(state_dict: Mapping[str, Any], *, prefix: str = "", spe
     missing = [prefix + ".".join(m) + "." + n for m, f in modules.items() for n in ("U", "V") if n not in f]
     if missing:
         raise convert.ConversionError(f"{what}: missing keys: {', '.join(convert.sorted_keys(missing))}")
-    convert.check_spec_modules(modules, spec, what)
-    flat = {}
+    found = {}
     for mod, f in modules.items():
         u, v = f["U"], f["V"]
         if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1]:
             raise convert.ConversionError(f"{what}: {prefix + '.'.join(mod)}: U {tuple(u.shape)} and V "
                                           f"{tuple(v.shape)} are not (in, r) and (out, r)")
-        convert.check_spec_shapes(mod, u, v.T, spec, what, ("U", "V"))
-        flat[mod + ("a",)] = np.array(u, order="C", copy=True)
-        flat[mod + ("b",)] = np.array(v.T, order="C", copy=True)
-    return convert.unflatten(flat)
+        found[mod] = {"a": np.array(u, order="C", copy=True), "b": np.array(v.T, order="C", copy=True)}
+    if spec is not None:
+        try:
+            convert.check_spec(found, spec, what)
+        except convert.ConversionError as e:
+            raise convert.ConversionError(str(e).replace("lora_A/lora_B", "U/V")) from None
+    return convert.unflatten({mod + (k,): v for mod, f in found.items() for k, v in f.items()})
 
 
 def torch_classifier_to_flax(state_dict: Mapping[str, Any], *, like: Any = None) -> dict:
     """A GPT2ForSequenceClassification-style dict (`transformer.*` + `score.weight`) -> {'gpt2', 'head'}."""
-    what, score, prefix = "torch classifier state dict", convert.SCORE_KEY, convert.TRANSFORMER_PREFIX
+    what, score, prefix = "torch classifier state dict", SCORE_KEY, TRANSFORMER_PREFIX
     if score not in state_dict:
         raise convert.ConversionError(f"{what}: missing keys: {score}")
     stray = [k for k in state_dict if k != score and not k.startswith(prefix)]
     if stray:
         raise convert.ConversionError(f"{what}: unexpected keys: {', '.join(convert.sorted_keys(stray))}")
     base = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return {"gpt2": convert.torch_gpt2_to_flax(base, like=like), "head": convert.torch_head_to_flax(state_dict[score])}
+    like = like if like is not None else _like_from(base)
+    return {"gpt2": torch_gpt2_to_flax(base, like=like), "head": torch_head_to_flax(state_dict[score])}
+
+
+def _like_from(state_dict: Mapping[str, Any]) -> dict:
+    """The base shapes of a GPT-2 state dict's own sizes (layers, width, vocabulary, positions)."""
+    sd = {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state_dict.items()}
+    layers = {int(k.split(".")[1]) for k in sd if k.startswith("h.")}
+    vocab, width = convert.to_numpy(sd["wte.weight"]).shape
+    inner = convert.to_numpy(sd["h.0.mlp.c_fc.weight"]).shape[1]
+    return gpt2_like(GPT2Config(n_layer=max(layers) + 1, n_embd=width, n_head=1, vocab_size=vocab, n_inner=inner,
+                                n_positions=convert.to_numpy(sd["wpe.weight"]).shape[0]))
 
 
 def flax_classifier_to_torch(params: dict) -> dict[str, np.ndarray]:
@@ -140,23 +186,24 @@ def flax_classifier_to_torch(params: dict) -> dict[str, np.ndarray]:
     extra = set(params) - {"gpt2", "head"}
     if extra:
         raise convert.ConversionError(f"flax classifier params: unexpected keys: {', '.join(sorted(extra))} "
-                                      "(merge LoRA first: GPT2Classifier.merged)")
-    return {**convert.flax_gpt2_to_torch(params["gpt2"], prefix=convert.TRANSFORMER_PREFIX),
-            **convert.flax_head_to_torch(params["head"])}
+                                      "(merge LoRA first: Classifier.merged)")
+    return {**flax_gpt2_to_torch(params["gpt2"], prefix=TRANSFORMER_PREFIX), **flax_head_to_torch(params["head"])}
 
 
 def _t(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(x, dtype=np.float32))
 
 
-def build_reference(hf_config: Any, base_params: Any = None, head: Any = None) -> ReferenceClassifier:
-    """A ReferenceClassifier; with flax `base_params` / `head` given, their weights are loaded (strict)."""
-    model = ReferenceClassifier(torch_config(hf_config))
+def build_reference(arch: Any, base_params: Any = None, head: Any = None) -> ReferenceClassifier:
+    """A ReferenceClassifier of a GPT-2 Arch (`model.arch`); with flax `base_params` / `head` given, their weights
+    are loaded (strict)."""
+    n_labels = np.asarray(head["kernel"]).shape[1] if head is not None else 2
+    model = ReferenceClassifier(torch_config(arch), n_labels)
     if base_params is not None:
-        sd = convert.flax_gpt2_to_torch(base_params)
+        sd = flax_gpt2_to_torch(base_params)
         model.transformer.load_state_dict({k: _t(v) for k, v in sd.items()}, strict=True)
     if head is not None:
-        model.score.weight.data.copy_(_t(convert.flax_head_to_torch(head)["score.weight"]))
+        model.score.weight.data.copy_(_t(flax_head_to_torch(head)["score.weight"]))
     return model
 
 
@@ -223,16 +270,17 @@ def as_flax(model: nn.Module, *, grads: bool = False, trainable_only: bool = Fal
         if v is None:
             raise AssertionError(f"{name}: no gradient")
         named[_plain_name(name)] = v.detach().numpy().copy()
-    base = {k: v for k, v in named.items() if k.startswith(convert.TRANSFORMER_PREFIX)
+    base = {k: v for k, v in named.items() if k.startswith(TRANSFORMER_PREFIX)
             and ".lora_" not in k and not k.endswith((".U", ".V"))}
     seed = {k: v for k, v in named.items() if k.endswith((".U", ".V"))}
     peft = {k: v for k, v in named.items() if ".lora_" in k}
-    out = {"gpt2": convert.torch_gpt2_to_flax(base, allow_missing=grads or trainable_only),
-           "head": convert.torch_head_to_flax(named["score.weight"])}
+    config = next(m for m in model.modules() if isinstance(m, GPT2Model)).config
+    out = {"gpt2": torch_gpt2_to_flax(base, like=gpt2_like(config), allow_missing=grads or trainable_only),
+           "head": torch_head_to_flax(named["score.weight"])}
     if seed:
-        out["lora"] = seed_lora_from_torch(seed, prefix=convert.TRANSFORMER_PREFIX)
+        out["lora"] = seed_lora_from_torch(seed, prefix=TRANSFORMER_PREFIX)
     if peft:
-        out["lora"] = convert.peft_lora_to_flax(peft)
+        out["lora"] = convert.lora_from_peft(GPT2, {convert.PEFT_PREFIX + k: v for k, v in peft.items()})
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.commands.handlers import (PROG, cmd_bench, cmd_distill, cmd_evaluate, cmd_export_peft,
                                           cmd_import_peft, cmd_merge, cmd_predict, cmd_reproduce, cmd_train_lora,
-                                          cmd_train_rnn, setup_logging)
+                                          cmd_train_student, setup_logging)
 
 
 
@@ -84,8 +84,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _training_command(sub, "distill", cmd_distill, "distil a LoRA teacher (distill.teacher=RUN_DIR) into the RNN "
                       "student", "configs/distil_rnn_gpt2.yaml distill.teacher=runs/lora_gpt2",
                       "check the teacher, print the student's parameter count and exit")
-    _training_command(sub, "train-rnn", cmd_train_rnn, "train the RNN student from scratch (the baseline)",
-                      "configs/rnn_scratch.yaml", "print the student's parameter count and exit")
+    for name in ("train-student", "train-rnn"):  # train-rnn: its old name (it trains any student.arch)
+        _training_command(sub, name, cmd_train_student, "train a student from scratch on the labels (the baseline)"
+                          + ("; the old name of train-student" if name == "train-rnn" else ""),
+                          "configs/rnn_scratch.yaml", "print the student's parameter count and exit")
 
     r = sub.add_parser("reproduce", help="the five runs of the reference study and its table", parents=[_debug_flag()],
                        description="Reproduce the reference table: LoRA gpt2, LoRA gpt2-medium, distillation from "
@@ -137,9 +139,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        epilog=f"example: {PROG} bench --variants tiny --modes fp32 --steps 20")
     b.add_argument("--variants", default=None, help="comma list of gpt2, gpt2-medium, tiny (default: gpt2,gpt2-medium); "
                    "with --family, of tiny, base (default: base)")
-    b.add_argument("--family", default="gpt2", choices=("gpt2", "bert", "roberta", "llama"),
+    b.add_argument("--family", default=None, metavar="FAMILY",
                    help="bert, roberta, llama: time the LoRA train step of that family's classifier (random init, "
-                   "--variants sizes) instead of GPT-2's benches")
+                   "--variants sizes) instead of the study's GPT-2 benches")
     b.add_argument("--batch", type=int, default=128)
     b.add_argument("--seq", type=int, default=64)
     b.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
@@ -168,6 +170,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     b.add_argument("--profile", type=_steps, default=0, metavar="STEPS", help="after each step bench's timed steps, a "
                    "jax.profiler trace of STEPS more into --profile-dir/<bench>_<variant>_<mode>...")
     b.add_argument("--profile-dir", default="bench_profile")
+    b.add_argument("--load", nargs="?", const="gpt2-large", default=None, metavar="SIZE", help="instead of the step "
+                   "benches: write a random checkpoint of GPT-2's layout at SIZE (default gpt2-large, 774M) as sharded "
+                   "safetensors and time loading it, peak host memory too, here and with transformers' PyTorch "
+                   "from_pretrained")
+    b.add_argument("--load-dir", default=None, help="--load: write the checkpoint here and keep it (default: a "
+                   "temporary dir)")
+    b.add_argument("--shard-mb", type=int, default=500, help="--load: the checkpoint's shard size in MB")
     b.set_defaults(handler=cmd_bench)
     v = sub.add_parser("evaluate", help="score a run (LoRA, distilled student, RNN baseline) on CoLA dev sets or a "
                        "TSV file", parents=[_debug_flag()],
@@ -235,6 +244,7 @@ def _alias(command: str) -> Callable[[Sequence[str] | None], None]:
 
 main_train_lora = _alias("train-lora")
 main_distill = _alias("distill")
+main_train_student = _alias("train-student")
 main_train_rnn = _alias("train-rnn")
 main_reproduce = _alias("reproduce")
 main_bench = _alias("bench")

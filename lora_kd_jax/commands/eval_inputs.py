@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lora_kd_jax import data as data_lib
+from lora_kd_jax.models.tokenizers import tokenizer_for
 from lora_kd_jax.assets import COLA_DIR
 from lora_kd_jax.core.errors import UserError
 
@@ -87,7 +88,7 @@ def load_table_set(name: str, cfg: Any, limit: int = 0) -> EvalSet:
         raise InputError(f"unknown evaluation set '{name}': expected one of {', '.join(files)} (this run's sets) or "
                          "the path of a table file with the run's columns")
     table = data_lib.read_table(files.get(name, name))
-    split = data_lib.encode_table(table, cfg, data_lib.tokenizer_for(cfg), limit)
+    split = data_lib.encode_table(table, cfg, tokenizer_for(cfg), limit)
     texts = table.columns[cfg.data.text][:len(split)]
     return EvalSet(name, (table.path,), [], [str(t) for t in texts], split.labels, limit, split)
 

@@ -32,9 +32,26 @@ import textwrap
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+import jax
 import numpy as np
 
 from lora_kd_jax import data as data_lib
+from lora_kd_jax.core import metrics as metrics_lib
+from lora_kd_jax.core import precision
+from lora_kd_jax.core.config import DistributedConfig, MeshConfig
+from lora_kd_jax.core.config import n_outputs
+from lora_kd_jax.core.metrics import matthews
+from lora_kd_jax.core.seed_stats import format_stat
+from lora_kd_jax.core.seed_stats import stats
+from lora_kd_jax.models.interface import token_inputs
+from lora_kd_jax.models.registry import TITLES
+from lora_kd_jax.models.tokenizers import tokenizer_for
+from lora_kd_jax.runs import reader as runs
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.training import mesh as mesh_lib
+from lora_kd_jax.training.restore import open_run
+from lora_kd_jax.training.scoring import score_rows
+from lora_kd_jax.training.state import cast_frozen, combine, partition
 from lora_kd_jax.commands.eval_inputs import (DEFAULT_SETS, EVALUATION_FILE, LABELS, SETS, EvalSet, InputError,
                                              check_sentences, load_eval_set, load_table_set, read_sentence_file,
                                              split_pairs)
@@ -54,7 +71,6 @@ class Prediction(NamedTuple):
     """One sentence's answer: the label the run gives it, that label's probability, and whether the sentence was
     longer than the run's `data.max_length` (only its first max_length tokens were read). A regression run's answer
     is its predicted value: `score`, also as the label's text; probability NaN."""
-
     label: str  # the run's label name: acceptable | unacceptable for CoLA
     probability: float
     truncated: bool
@@ -68,7 +84,6 @@ class Prediction(NamedTuple):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Report:
     """One set's scores. `confusion` counts with acceptable (1) as the positive class: tp, fp, tn, fn."""
-
     name: str
     files: tuple[str, ...]
     rows: int
@@ -100,8 +115,6 @@ def per_source_accuracy(sources: Sequence[str], correct: np.ndarray) -> dict[str
 def combined_mcc(confusions: Sequence[dict[str, int]]) -> float:
     """MCC of several sets scored together, from their summed confusion counts (`Report.confusion`; e.g. in- and
     out-of-domain together = GLUE dev)."""
-    from lora_kd_jax.core.metrics import matthews
-
     return matthews(*(sum(c[k] for c in confusions) for k in ("tp", "fp", "tn", "fn")))
 
 
@@ -110,18 +123,12 @@ def combined_mcc(confusions: Sequence[dict[str, int]]) -> float:
 
 class Predictor:
     """A restored run as a sentence classifier (`from_run`): `predict`, `logits` and `evaluate`."""
-
     def __init__(self, run: Any, *, batch_size: int | None = None):
-        import jax
 
-        from lora_kd_jax.core import metrics as metrics_lib
-        from lora_kd_jax.training import mesh as mesh_lib
-        from lora_kd_jax.models.interface import token_inputs
-        from lora_kd_jax.core.config import DistributedConfig, MeshConfig
 
         self.run = run
         cfg = run.config
-        self.tokenizer = data_lib.tokenizer_for(cfg)
+        self.tokenizer = tokenizer_for(cfg)
         self.labels = data_lib.label_names(cfg)  # by id; () for a regression run
         self.max_length = cfg.data.max_length
         self.buckets = list(cfg.data.buckets)
@@ -148,16 +155,11 @@ class Predictor:
     def from_run(cls, path: str | os.PathLike, which: str = "best", *, kind: str | None = None,
                  batch_size: int | None = None) -> "Predictor":
         """The run in `path` (a run dir or its checkpoints/ dir) at its `which` checkpoint (best | latest)."""
-        from lora_kd_jax.runs import reader as runs
-
-        return cls(runs.open_run(path, kind=kind, which=which), batch_size=batch_size)
+        return cls(open_run(path, kind=kind, which=which), batch_size=batch_size)
 
     def _place(self, run: Any) -> Any:
         """The run's parameters where training kept them: the frozen partition in its model.base_dtype, split like
         a frozen base; the trained leaves replicated."""
-        from lora_kd_jax.core import precision
-        from lora_kd_jax.training.state import cast_frozen, combine, partition
-
         trainable, frozen = partition(run.params, run.model.param_labels(run.params))
         frozen = cast_frozen(frozen, precision.base_dtype(run.config.model))
         return combine(self.placement.state(trainable), self.placement.frozen(frozen))
@@ -167,7 +169,6 @@ class Predictor:
         return self.run.kind
 
     def describe(self) -> str:
-        from lora_kd_jax.models.registry import TITLES
 
         at = f", epoch {self.epoch}" if self.epoch else ""
         return (f"{self.run.path} ({TITLES.get(self.kind, self.kind)} {self.run.model.describe()}; {self.run.which} "
@@ -195,10 +196,6 @@ class Predictor:
     def score(self, split: data_lib.EncodedSplit) -> tuple[np.ndarray, dict]:
         """(logits float32 [N, 2] in row order, summed metrics.batch_sums) over `split`, batched as the runs
         evaluate (eval batch size, data.buckets, file order)."""
-        from lora_kd_jax.core import metrics as metrics_lib
-        from lora_kd_jax.core.config import n_outputs
-        from lora_kd_jax.training.scoring import score_rows
-
         out, batch_sums = score_rows(split, self.batch_size, lambda b: self._step(self.params, b),
                                      self.placement.put_batch, lengths=self.buckets)
         sums = metrics_lib.zeros(n_outputs(self.run.config))
@@ -226,9 +223,6 @@ class Predictor:
     def evaluate(self, data: str | os.PathLike | EvalSet = "in_domain", *, limit: int = 0) -> Report:
         """Accuracy, MCC, loss, confusion counts and accuracy per source code on a named set or CoLA TSV file
         (`limit`: its first rows only, see `load_eval_set`), or on an `EvalSet` already loaded."""
-        import jax
-
-        from lora_kd_jax.core import metrics as metrics_lib
 
         eval_set = data if isinstance(data, EvalSet) else load_eval_set(data, limit, self.run.config)
         split = eval_set.encoded or self.encode(eval_set.sentences, eval_set.labels)
@@ -261,14 +255,12 @@ def evaluate_run(path: str | os.PathLike | Any, data: Sequence[str] = DEFAULT_SE
                  limit: int = 0, batch_size: int | None = None) -> tuple[Predictor, list[Report]]:
     """Score a run on each set of `data`. Every cheap check (the run dir, its checkpoint, each set's rows) comes
     before any weights are restored (`path` may be a `runs.reader.RunInfo` already inspected)."""
-    from lora_kd_jax.runs import reader as runs
-
     info = path if isinstance(path, runs.RunInfo) else runs.inspect_run(path, which=which)
     names = list(dict.fromkeys(os.fspath(d) for d in data)) or list(DEFAULT_SETS)
     if data_lib.is_table_run(info.config) and names == list(DEFAULT_SETS):  # a table run: its own sets
         names = [n for n in data_lib.table_files(info.config) if n != "train"]
     sets = [load_eval_set(name, limit, info.config) for name in names]
-    clf = Predictor(runs.open_run(info, which=which), batch_size=batch_size)
+    clf = Predictor(open_run(info, which=which), batch_size=batch_size)
     return clf, [clf.evaluate(s) for s in sets]
 
 
@@ -283,8 +275,6 @@ def evaluation_record(clf: Predictor, reports: Sequence[Report]) -> dict[str, An
 def seeds_record(run_dir: str | os.PathLike, records: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """The evaluation of every seed of a seeded run: each seed's record and, per set, mean/std/min/max over seeds of
     accuracy, MCC and loss."""
-    from lora_kd_jax.training.seeds import stats
-
     sets = next(iter(records.values()))["sets"]
     summary = {name: {m: stats([r["sets"][name][m] for r in records.values()]) for m in ("accuracy", "mcc", "loss")}
                for name in sets}
@@ -294,8 +284,6 @@ def seeds_record(run_dir: str | os.PathLike, records: dict[int, dict[str, Any]])
 
 def format_seed_reports(record: dict[str, Any]) -> str:
     """The terminal table of a seeded evaluation: per set, accuracy and MCC per seed and mean ± std (min–max)."""
-    from lora_kd_jax.training.seeds import format_stat
-
     seeds = record["seeds"]
     lines = [f"run: {record['run']} ({len(seeds)} seeds)", "",
              f"{'set':<16}{'seed':>6}{'rows':>6}{'accuracy':>10}{'MCC':>9}"]
@@ -310,8 +298,6 @@ def format_seed_reports(record: dict[str, Any]) -> str:
 
 def write_evaluation(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
     """RUN_DIR/evaluation.json, written whole or not at all (a temporary file renamed over it)."""
-    from lora_kd_jax.runs import rundir
-
     return rundir.write_json(Path(run_dir) / EVALUATION_FILE, record)
 
 

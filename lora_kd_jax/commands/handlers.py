@@ -20,8 +20,7 @@ def setup_logging() -> None:
 def report(summary: dict, run_dir: str) -> None:
     """The one line a finished training command prints (for a seeded run: mean ± std (min–max) over its seeds)."""
     if "seed_stats" in summary:
-        from lora_kd_jax.core.selection import seed_headline
-        from lora_kd_jax.training.seeds import format_stat
+        from lora_kd_jax.core.seed_stats import format_stat, seed_headline
 
         agg = summary["seed_stats"]
         line = f"{len(summary['seeds'])} seeds {summary['seeds']}: {seed_headline(agg, summary.get('select', 'accuracy'))}"
@@ -63,7 +62,7 @@ def cmd_train_lora(args: argparse.Namespace) -> None:
 def _student_report(cfg: Config) -> str:
     import jax
 
-    from lora_kd_jax.models.student import build_student, count_params
+    from lora_kd_jax.models.students.build import build_student, count_params
 
     _, shapes = build_student(cfg, jax.random.key(0), shapes_only=True)
     n = count_params(shapes)
@@ -87,14 +86,14 @@ def cmd_distill(args: argparse.Namespace) -> None:
            cfg.run.dir)
 
 
-def cmd_train_rnn(args: argparse.Namespace) -> None:
+def cmd_train_student(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if args.dry_run:
         print(_student_report(cfg))
         return
     from lora_kd_jax.distill import trainer as distill
 
-    report(distill.train_rnn(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile),
+    report(distill.train_student(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile),
            cfg.run.dir)
 
 
@@ -123,7 +122,7 @@ def _one_run(args: argparse.Namespace) -> str:
 
 
 def cmd_export_peft(args: argparse.Namespace) -> None:
-    from lora_kd_jax.lora import export
+    from lora_kd_jax.interop import export
 
     out = export.export_peft(_one_run(args), args.out_dir, which=args.which, base_model=args.base_model,
                              save_base=args.save_base, overwrite=args.overwrite)
@@ -132,7 +131,7 @@ def cmd_export_peft(args: argparse.Namespace) -> None:
 
 def cmd_import_peft(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from lora_kd_jax.lora import export
+    from lora_kd_jax.interop import export
 
     cfg, model, params = export.import_peft(args.peft_dir, cfg)
     out = export.write_imported_run(cfg, model, params, args.out, source=args.peft_dir)
@@ -141,7 +140,7 @@ def cmd_import_peft(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from lora_kd_jax.lora import export
+    from lora_kd_jax.interop import export
 
     out = export.merge_and_save(_one_run(args), args.out_dir, which=args.which, overwrite=args.overwrite)
     print(f"merged checkpoint -> {out}")
@@ -152,8 +151,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from lora_kd_jax.core import precision
 
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    if args.load:
+        return _bench_load(args)
     seeds = _seed_counts(args.seeds)
-    family = args.family != "gpt2"  # --family: that family's LoRA step alone, at bench.FAMILY_SIZES
+    family = args.family is not None  # --family: that family's LoRA step alone, at bench.FAMILY_SIZES
+    if family and args.family not in bench.FAMILY_VOCAB:
+        raise UsageError(f"--family: unknown value '{args.family}'; choose from {', '.join(bench.FAMILY_VOCAB)}")
     args.variants = args.variants or ("base" if family else "gpt2,gpt2-medium")
     if family and (seeds or args.lora_variants):
         raise UsageError(f"--family {args.family} times the LoRA train step alone: drop --seeds / --lora-variants")
@@ -189,6 +192,24 @@ def cmd_bench(args: argparse.Namespace) -> None:
                               lora_variants=split(args.lora_variants), family=args.family))
 
 
+def _bench_load(args: argparse.Namespace) -> None:
+    """bench --load SIZE: the checkpoint-loading bench alone (`commands.bench_load`), JSON lines as the others."""
+    import json
+
+    from lora_kd_jax.commands.bench_load import bench_load
+    from lora_kd_jax.models.families import named_size
+
+    if named_size(args.load) is None:
+        raise UsageError(f"--load {args.load}: not a released size; choose from gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                         "distilgpt2")
+    for rec in bench_load(args.load, keep=args.load_dir, shard_mb=args.shard_mb):
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+
 def _seed_counts(value: str) -> list[int]:
     """--seeds '1,2,4,8' -> [1, 2, 4, 8]; '' -> [] (no seeded benches). Positive integers, each once."""
     if not value:
@@ -212,8 +233,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import json
 
     from lora_kd_jax.commands import evaluation
-    from lora_kd_jax.training import runtime
     from lora_kd_jax.runs import reader as runs
+    from lora_kd_jax.training import runtime
 
     _quiet_checkpoint_reader()
     if args.limit < 0 or (args.batch_size is not None and args.batch_size < 1):
@@ -250,8 +271,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import json
 
     from lora_kd_jax.commands import evaluation
-    from lora_kd_jax.training import runtime
     from lora_kd_jax.runs import reader as runs
+    from lora_kd_jax.training import runtime
+    from lora_kd_jax.training.restore import open_run
 
     _quiet_checkpoint_reader()
     given = [bool(args.sentences), bool(args.file), bool(args.pair)]
@@ -273,7 +295,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                          "give --pair FIRST SECOND or a --file of tab-separated pairs" if on_pairs else
                          f"{info.path} was trained on single sentences: give sentences, not --pair")
     runtime.enable_compilation_cache(info.config.run.compilation_cache)
-    clf = evaluation.Predictor(runs.open_run(info, which=args.which))
+    clf = evaluation.Predictor(open_run(info, which=args.which))
     predictions = clf.predict(sentences, pairs)
     shown = [f"{s} ||| {b}" for s, b in zip(sentences, pairs)] if pairs else sentences
     if args.json:

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from lora_kd_jax.commands import study_scores
 from lora_kd_jax.runs import rundir
+from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.core.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -121,25 +123,39 @@ def with_student_label(exp: Experiment, cfg: Config) -> Experiment:
     return dataclasses.replace(exp, label=label)
 
 
-def finished(cfg: Config) -> dict | None:
+def finished(cfg: Config, kind: str) -> dict | None:
     """metrics.json of a run in cfg.run.dir that has the same settings and covers every epoch, else None."""
     run_dir = Path(cfg.run.dir)
     cfg_path, metrics_path = run_dir / rundir.CONFIG_FILE, run_dir / rundir.METRICS_FILE
     if cfg.run.overwrite or not (cfg_path.is_file() and metrics_path.is_file()):
         return None
     same = lambda d: {k: v for k, v in d.items() if k != "run"}  # noqa: E731
-    if same(rundir.stored_config(run_dir)) != same(rundir.recorded(cfg)):
+    try:
+        wanted = _recorded_config(kind, cfg)
+    except UserError:  # e.g. its teacher is not there yet: not a finished run; the trainer will say what is wrong
+        return None
+    if same(rundir.stored_config(run_dir)) != same(rundir.recorded(wanted)):
         return None
     record = json.loads(metrics_path.read_text())
     return record if len(record.get("epochs", [])) >= cfg.train.epochs else None
 
 
+def _recorded_config(kind: str, cfg: Config) -> Config:
+    """The config a run of `kind` records for `cfg` (its trainer's resolution: architecture, label set, teacher)."""
+    from lora_kd_jax.distill.trainer import baseline_config, distill_config
+    from lora_kd_jax.training.finetune import lora_config
+
+    if kind == "lora":
+        return lora_config(cfg)
+    return (distill_config if kind == "distill" else baseline_config)(cfg)[0]
+
+
 def _runner(kind: str) -> Callable[..., dict]:
     """The trainer that writes a run of `kind` (imported here: they import jax)."""
-    from lora_kd_jax.distill.trainer import distill, train_rnn
+    from lora_kd_jax.distill.trainer import distill, train_student
     from lora_kd_jax.training.finetune import train_lora
 
-    return {"lora": train_lora, "distill": distill, "rnn": train_rnn}[kind]
+    return {"lora": train_lora, "distill": distill, "rnn": train_student}[kind]
 
 
 def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir: str | Path | None = None,
@@ -157,7 +173,7 @@ def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir:
     bar = tqdm(plan, desc="reproduce", unit="run", disable=not progress)
     for exp, cfg in bar:
         bar.set_postfix_str(exp.name)
-        record = finished(cfg)
+        record = finished(cfg, exp.kind)
         if record is None:
             resume = rundir.holds_step(Path(cfg.run.dir) / "checkpoints" / "latest") and not cfg.run.overwrite
             log.info("=== %s: %s -> %s%s", exp.label, exp.config, cfg.run.dir, " (resuming)" if resume else "")
@@ -168,64 +184,19 @@ def run_study(overrides: Sequence[str] = (), *, tiny: bool = False, configs_dir:
             log.info("=== %s: reusing the finished run in %s", exp.label, cfg.run.dir)
             reused = True
         if cfg.train.seeds:
-            scores = seeded_scores(Path(cfg.run.dir), cfg.data.limit)
+            scores = study_scores.seeded_scores(Path(cfg.run.dir), cfg.data.limit)
             for seed, seed_scores in scores["per_seed"].items():
                 seed_dir = Path(cfg.run.dir) / f"seed_{seed}"
                 _check_scores(exp, cfg, json.loads((seed_dir / rundir.METRICS_FILE).read_text())["summary"],
                               seed_scores)
         else:
-            scores = checkpoint_scores(Path(cfg.run.dir), cfg.data.limit)
+            scores = study_scores.checkpoint_scores(Path(cfg.run.dir), cfg.data.limit)
             _check_scores(exp, cfg, record["summary"], scores)
         outcomes.append(Outcome(exp, Path(cfg.run.dir), record["summary"], record["epochs"], reused, scores))
         write_results(root, outcomes, tiny=tiny, overrides=overrides, majority=majority,
                       wall=time.perf_counter() - t0)
     bar.close()
     return outcomes
-
-
-SCORED_SETS = ("in_domain", "out_of_domain")
-
-
-def seeded_scores(run_dir: Path, limit: int = 0) -> dict:
-    """`checkpoint_scores` of each seed dir of a seeded run: {'per_seed': {seed: scores}, key: stats over seeds}."""
-    from lora_kd_jax.training import seeds as seeds_lib
-
-    per_seed = {int(d.name[len(seeds_lib.SEED_DIR_PREFIX):]): checkpoint_scores(d, limit)
-                for d in seeds_lib.seed_dirs(run_dir)}
-    keys = [k for k in next(iter(per_seed.values())) if k not in ("glue_rows", "limit")]
-    first = next(iter(per_seed.values()))
-    return {**{k: seeds_lib.stats([s[k] for s in per_seed.values()]) for k in keys},
-            "glue_rows": first["glue_rows"], "limit": limit, "per_seed": per_seed}
-
-
-def checkpoint_scores(run_dir: Path, limit: int = 0) -> dict:
-    """The best checkpoint on the in-domain and out-of-domain dev sets (each cut to its first `limit` rows, as the
-    run's data.limit cut them) and on both together (GLUE's CoLA dev set: its MCC from the summed confusion counts),
-    scored by `lora_kd_jax.commands.evaluation`. Kept in RUN_DIR/evaluation.json, which is reused while it is newer than the
-    run's metrics.json and covers the same sets and limit."""
-    from lora_kd_jax.commands import evaluation
-
-    cached = run_dir / evaluation.EVALUATION_FILE
-    record = None
-    if cached.is_file() and cached.stat().st_mtime >= (run_dir / rundir.METRICS_FILE).stat().st_mtime:
-        try:
-            record = json.loads(cached.read_text())
-        except json.JSONDecodeError:
-            record = None
-        sets = record.get("sets", {}) if isinstance(record, dict) else {}
-        if (record is None or record.get("which") != "best"
-                or any(sets.get(name, {}).get("limit") != limit for name in SCORED_SETS)):
-            record = None
-    if record is None:
-        clf, reports = evaluation.evaluate_run(run_dir, SCORED_SETS, which="best", limit=limit)
-        record = evaluation.evaluation_record(clf, reports)
-        evaluation.write_evaluation(run_dir, record)
-    sets = record["sets"]
-    out = {f"{name}_{m}": sets[name][m] for name in SCORED_SETS for m in ("accuracy", "mcc")}
-    out["glue_mcc"] = evaluation.combined_mcc([sets[name]["confusion"] for name in SCORED_SETS])
-    out["glue_rows"] = sum(sets[name]["rows"] for name in SCORED_SETS)
-    out["limit"] = limit
-    return out
 
 
 def _check_scores(exp: Experiment, cfg: Config, summary: dict, scores: dict) -> None:
@@ -280,7 +251,7 @@ def _reduction(o: Outcome) -> str:
 
 def _stat(s: dict | None, scale: float = 100.0, digits: int = 2) -> str:
     """mean ± std (min–max) of a seeds.stats dict, or — ."""
-    from lora_kd_jax.training.seeds import format_stat
+    from lora_kd_jax.core.seed_stats import format_stat
 
     return "—" if not s else format_stat(s, scale, digits)
 

@@ -69,18 +69,3 @@ def stat_keys(summary: Mapping) -> list[str]:
     aggregate of a seeded run reports over its seeds, whatever the head and the selected metric."""
     return [k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
             and (k == "best_epoch" or k.startswith("best_val_") or k.endswith("_at_best"))]
-
-
-def seed_headline(stats: Mapping[str, Mapping[str, float]], select: str = "accuracy") -> str:
-    """A seeded run's aggregate in words: the selected metric (and MCC for a classifier) as mean ± std (min–max),
-    in % for the classification metrics."""
-    from lora_kd_jax.training.seeds import format_stat
-
-    shown = [select] + (["mcc"] if select != "mcc" and "val_mcc_at_best" in stats else [])
-    parts = []
-    for m in shown:
-        s = stats[f"best_val_{m}"] if m == select else stats[f"val_{m}_at_best"]
-        pct = m not in ("mse", "pearson", "spearman")
-        parts.append(f"{'best ' if m == select else ''}val {m} {format_stat(s, 100 if pct else 1, 2 if pct else 4)}"
-                     f"{'%' if pct else ''}")
-    return ", ".join(parts)

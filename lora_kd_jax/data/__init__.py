@@ -11,8 +11,7 @@ from lora_kd_jax.data.batches import (REPORTED_SPLITS, BatchSources, batch_itera
 from lora_kd_jax.data.cola import (GLUE_LAYOUT, HUB, HUB_DATASET, LABEL_NAMES, N_FIELDS, OUT_OF_DOMAIN_FILE,
                                    RAW_LAYOUT, ColaFiles, ColaRows, describe_source, find_cola_files, limit_rows,
                                    load_cola, read_cola_rows, read_cola_tsv)
-from lora_kd_jax.data.encoding import (PAD_ID, EncodedSplit, encode, encode_pairs, encode_splits, load_tokenizer,
-                                       tokenizer_for)
+from lora_kd_jax.data.encoding import PAD_ID, EncodedSplit, encode, encode_pairs, encode_splits, load_tokenizer
 from lora_kd_jax.data.errors import DataError
 from lora_kd_jax.data.splits import Splits, encode_table, load_splits, table_files
 from lora_kd_jax.data.tables import LabelSet, Table, read_table
@@ -24,4 +23,4 @@ __all__ = ["GLUE_LAYOUT", "HUB", "HUB_DATASET", "LABEL_NAMES", "N_FIELDS", "OUT_
            "GLUE", "LabelSet", "Table", "encode_pairs", "encode_table", "is_table_run", "label_names", "read_table",
            "resolve_task", "table_files",
            "epoch_order", "find_cola_files", "group_by_length", "limit_rows", "load_cola", "load_splits",
-           "load_tokenizer", "num_batches", "read_cola_rows", "read_cola_tsv", "stack_batches", "tokenizer_for"]
+           "load_tokenizer", "num_batches", "read_cola_rows", "read_cola_tsv", "stack_batches"]

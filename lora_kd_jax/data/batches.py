@@ -15,7 +15,7 @@ import numpy as np
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.data.encoding import EncodedSplit
 from lora_kd_jax.data.errors import DataError
-from lora_kd_jax.core.gpt2_layout import PAD_ID
+from lora_kd_jax.data.encoding import PAD_ID
 
 TOKEN_ARRAYS = {"input_ids": PAD_ID, "attention_mask": 0, "token_type_ids": 0}  # [B, L] arrays and their padding
 # (input_ids: GPT-2's; a split pads with its tokenizer's own `EncodedSplit.pad_id`, passed on to `stack_batches`)

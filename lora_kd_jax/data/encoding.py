@@ -1,4 +1,4 @@
-"""The GPT-2 tokenizer and encoding: sentences -> fixed-width, right-padded int32 arrays (`EncodedSplit`).
+"""Tokenizers and encoding: sentences -> fixed-width, right-padded int32 arrays (`EncodedSplit`).
 
 Why here and only here: the teacher, the student and `evaluation` must cut and pad a sentence the same way, and
 every cut is counted (`n_truncated`, `truncated_rows`), never guessed.
@@ -17,7 +17,7 @@ import numpy as np
 from lora_kd_jax.assets import TOKENIZER_DIR
 from lora_kd_jax.core.errors import first_line
 from lora_kd_jax.data.errors import DataError, listing
-from lora_kd_jax.core.gpt2_layout import PAD_ID  # GPT-2 eos, used as pad (`data.PAD_ID` stays importable)
+PAD_ID = 50256  # the packaged (GPT-2) tokenizer's pad id: its eos, <|endoftext|>
 
 if TYPE_CHECKING:  # heavy import stays lazy so `import lora_kd_jax.data` is cheap
     import transformers
@@ -25,100 +25,78 @@ if TYPE_CHECKING:  # heavy import stays lazy so `import lora_kd_jax.data` is che
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(name_or_dir: str) -> transformers.PreTrainedTokenizerFast:
-    """GPT-2 BPE tokenizer: '' = the packaged GPT-2 files, else a dir or a hub name; pad token = eos (id 50256).
+def _read_tokenizer(p: Path, tokenizer_class: str, shown: str) -> Any:
+    """A tokenizer from a local dir: transformers' AutoTokenizer where the dir says what it is (tokenizer.json,
+    tokenizer_config.json), else the family's fast class over its vocabulary files (GPT-2's released vocab.json +
+    merges.txt need no config)."""
+    import transformers
 
-    A dir holding only vocab.json + merges.txt works offline (GPT-2's released encoder files need no
-    tokenizer_config.json). Pad = eos because GPT-2 has no pad token; the attention mask keeps it inert.
-    """
+    described = (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
+    files = sorted(f.name for f in p.iterdir() if f.name in ("vocab.json", "merges.txt", "vocab.txt",
+                                                             "tokenizer.model"))
+    if not described and not files:
+        raise DataError(f"{shown}: no tokenizer files: expected tokenizer.json, or vocab.json + merges.txt; the dir "
+                        f"holds {listing(p)}")
+    try:
+        if described:
+            return transformers.AutoTokenizer.from_pretrained(str(p), use_fast=True)
+        return getattr(transformers, tokenizer_class).from_pretrained(str(p))
+    except Exception as e:  # a cut-off vocab.json, a merges.txt of another format, a broken tokenizer.json
+        read = [p / "tokenizer.json"] if (p / "tokenizer.json").is_file() else [p / f for f in files]
+        raise DataError(f"{' / '.join(map(str, read))}: not a readable tokenizer ({type(e).__name__}: "
+                        f"{first_line(e)})") from None
+
+
+def load_tokenizer(name_or_dir: str = "", *, needs: Sequence[str] = (), tokenizer_class: str = "GPT2TokenizerFast",
+                   pad_id: int | None = None, vocab_size: int | None = None) -> transformers.PreTrainedTokenizerFast:
+    """A fast tokenizer padding and cutting on the right, as the classifiers read rows: '' = the packaged GPT-2 BPE
+    files, a local dir, or a hub name. `needs` are special tokens its template must have (BERT's [CLS], ...).
+
+    Its pad token is its own, else `pad_id` (the checkpoint's config.json pad_token_id), else its eos token: GPT-2
+    has no pad token and pads with eos, as do many decoders (Llama 3); the attention mask keeps padding inert, and
+    the choice is logged. A tokenizer with more ids than the model's `vocab_size` is refused."""
     import transformers
 
     p = TOKENIZER_DIR if name_or_dir == "" else Path(name_or_dir).expanduser()
-    shown = f"packaged GPT-2 tokenizer ({p})" if name_or_dir == "" else name_or_dir
+    shown = f"packaged GPT-2 tokenizer ({p})" if name_or_dir == "" else f"data.tokenizer={name_or_dir}"
     if p.is_dir():
-        vocab, merges = p / "vocab.json", p / "merges.txt"
-        if vocab.is_file() and merges.is_file():
-            try:
-                tok = transformers.GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
-            except Exception as e:  # a cut-off vocab.json or a merges.txt of another format
-                raise DataError(f"{vocab} / {merges}: not a readable GPT-2 vocabulary and merges file "
-                                f"({type(e).__name__}: {first_line(e)})") from None
-        elif (p / "tokenizer.json").is_file():
-            try:
-                tok = transformers.AutoTokenizer.from_pretrained(str(p), use_fast=True)
-            except Exception as e:
-                raise DataError(f"{p / 'tokenizer.json'}: not a readable tokenizer "
-                                f"({type(e).__name__}: {first_line(e)})") from None
-        else:
-            raise DataError(
-                f"{shown}: no tokenizer files: expected vocab.json + merges.txt or tokenizer.json; "
-                f"the dir holds {listing(p)}"
-            )
+        tok = _read_tokenizer(p, tokenizer_class, shown)
     elif p.exists():
         raise DataError(f"{shown}: is a file; expected a tokenizer dir, a hub name such as 'gpt2', or '' for the "
                         "packaged GPT-2 tokenizer")
     elif _looks_like_path(name_or_dir):
-        raise DataError(f"data.tokenizer={name_or_dir}: no such directory (expected a dir with vocab.json + "
+        raise DataError(f"{shown}: no such directory (expected a dir with tokenizer.json or vocab.json + "
                         "merges.txt, a hub name such as 'gpt2', or '' for the packaged GPT-2 tokenizer)")
     else:
         try:
             tok = transformers.AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
         except Exception as e:  # no network, unknown repo: transformers raises OSError, ValueError, ...
             raise DataError(
-                f"data.tokenizer={name_or_dir}: could not load it from the Hugging Face hub "
-                f"({type(e).__name__}: {first_line(e)}); without network leave data.tokenizer empty for the "
-                "packaged GPT-2 tokenizer (the same files as the hub's gpt2), or give a local dir"
-            ) from None
-
+                f"{shown}: could not load it from the Hugging Face hub ({type(e).__name__}: {first_line(e)}); "
+                "without network leave data.tokenizer empty for the checkpoint's own tokenizer or the packaged GPT-2 "
+                "tokenizer (the same files as the hub's gpt2), or give a local dir") from None
     if not isinstance(tok, transformers.PreTrainedTokenizerFast):
-        raise DataError(f"{name_or_dir}: got {type(tok).__name__}; expected a fast (Rust) tokenizer")
-    if tok.eos_token_id != PAD_ID:
-        raise DataError(
-            f"{name_or_dir}: eos token {tok.eos_token!r} has id {tok.eos_token_id}; expected {PAD_ID} "
-            "(GPT-2's <|endoftext|>) — is this a GPT-2 tokenizer?"
-        )
-    tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_family_tokenizer(name_or_dir: str, family: str) -> transformers.PreTrainedTokenizerFast:
-    """A BERT / RoBERTa / Llama fast tokenizer (WordPiece, byte-level BPE, SentencePiece-converted) from a
-    save_pretrained dir (tokenizer.json) or a hub name, with the special tokens, right padding and pad id PyTorch's
-    classifier expects: [CLS] ... [SEP] / <s> ... </s> / <s> ... added by the tokenizer itself, padding with its own
-    pad token (a Llama tokenizer without one: give it one, and the checkpoint's config the same pad_token_id)."""
-    import transformers
-
-    p = Path(name_or_dir).expanduser()
-    if not name_or_dir:
-        raise DataError(f"data.tokenizer is empty and model.type={family}: the packaged tokenizer is GPT-2's; set "
-                        "data.tokenizer to the model's tokenizer dir (or keep it beside model.path)")
-    if p.exists() and not p.is_dir():
-        raise DataError(f"data.tokenizer={name_or_dir}: is a file; expected a tokenizer dir (tokenizer.json)")
-    if not p.is_dir() and _looks_like_path(name_or_dir):
-        raise DataError(f"data.tokenizer={name_or_dir}: no such directory")
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(p) if p.is_dir() else name_or_dir, use_fast=True)
-    except Exception as e:  # a dir without tokenizer files, no network for a hub name
-        raise DataError(f"data.tokenizer={name_or_dir}: the {family} tokenizer does not load "
-                        f"({type(e).__name__}: {first_line(e)}); expected a dir written by save_pretrained") from None
-    if not isinstance(tok, transformers.PreTrainedTokenizerFast):
-        raise DataError(f"{name_or_dir}: got {type(tok).__name__}; expected a fast (Rust) tokenizer")
-    needed = {"bert": ("cls_token", "sep_token", "pad_token"), "roberta": ("bos_token", "eos_token", "pad_token"),
-              "llama": ("bos_token", "pad_token")}
-    lacking = [t for t in needed.get(family, ("pad_token",)) if getattr(tok, t) is None]
+        raise DataError(f"{shown}: got {type(tok).__name__}; expected a fast (Rust) tokenizer")
+    lacking = [t for t in needs if getattr(tok, t) is None]
     if lacking:
-        raise DataError(f"data.tokenizer={name_or_dir}: a {family} tokenizer needs {', '.join(lacking)}; this one "
-                        "has none")
-    tok.padding_side = tok.truncation_side = "right"  # what the classifiers expect (their pooling reads token 0)
+        raise DataError(f"{shown}: this model's template needs {', '.join(lacking)}; the tokenizer has none")
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise DataError(f"{shown}: {len(tok)} tokens, more than the model's vocabulary of {vocab_size}: it is the "
+                        "tokenizer of another model")
+    if tok.pad_token is None:
+        if pad_id is not None:
+            tok.pad_token = tok.convert_ids_to_tokens(int(pad_id))
+            logger.info("%s has no pad token: padding with id %d, config.json's pad_token_id (%r)", shown, pad_id,
+                        tok.pad_token)
+        elif tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+            logger.info("%s has no pad token: padding with its eos token %r (id %d)", shown, tok.eos_token,
+                        tok.eos_token_id)
+        else:
+            raise DataError(f"{shown}: no pad token, no pad_token_id in the checkpoint's config.json and no eos "
+                            "token to pad with; give the tokenizer a pad token")
+    tok.padding_side = tok.truncation_side = "right"  # what the classifiers expect (their pooling reads from it)
     return tok
-
-
-def tokenizer_for(cfg: Any) -> transformers.PreTrainedTokenizerFast:
-    """The run's tokenizer: GPT-2's (`load_tokenizer`), or the encoder family's, defaulting to model.path's dir."""
-    family = getattr(cfg.model, "type", "gpt2")
-    if family == "gpt2":
-        return load_tokenizer(cfg.data.tokenizer)
-    return load_family_tokenizer(cfg.data.tokenizer or cfg.model.path, family)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -172,7 +150,7 @@ def encode(sentences: Sequence[str], labels: np.ndarray, tokenizer, max_length: 
         )
     pad_id = tokenizer.pad_token_id  # GPT-2's: its eos (PAD_ID); an encoder family's: its own [PAD] / <pad>
     if pad_id is None:
-        raise DataError(f"encode: the tokenizer has no pad token; expected {PAD_ID} for GPT-2 (use load_tokenizer)")
+        raise DataError("encode: the tokenizer has no pad token (load it with load_tokenizer, which gives it one)")
     n = len(sentences)
     if n == 0:
         empty = np.zeros((0, max_length), np.int32)
@@ -234,9 +212,9 @@ def encode_pairs(first: Sequence[str], second: Sequence[str], labels: np.ndarray
         raise DataError(f"encode_pairs: {n} first texts, {len(second)} second texts and labels of shape "
                         f"{labels.shape}; expected the same number of each")
     if tokenizer.pad_token_id is None:
-        raise DataError("encode_pairs: the tokenizer has no pad token (load it with load_tokenizer / "
-                        "load_family_tokenizer)")
-    gpt2 = tokenizer.pad_token_id == PAD_ID and tokenizer.num_special_tokens_to_add(pair=True) == 0
+        raise DataError("encode_pairs: the tokenizer has no pad token (load it with load_tokenizer, which gives it "
+                        "one)")
+    gpt2 = tokenizer.num_special_tokens_to_add(pair=True) == 0  # no pair template: eos between the texts
     least = 3 if gpt2 else tokenizer.num_special_tokens_to_add(pair=True) + 2
     if not isinstance(max_length, int) or max_length < least:
         raise DataError(f"max_length={max_length!r}: a sentence pair needs at least {least} tokens (one of each text "
@@ -248,7 +226,7 @@ def encode_pairs(first: Sequence[str], second: Sequence[str], labels: np.ndarray
     for i, (a, b) in enumerate(zip(tokens_a, tokens_b)):
         if not a or not b:
             raise DataError(f"encode_pairs: pair {i} ({first[i]!r}, {second[i]!r}) has a text of 0 tokens")
-    split = (_gpt2_pairs(tokens_a, tokens_b, _label_array(labels), max_length) if gpt2 else
+    split = (_gpt2_pairs(tokens_a, tokens_b, _label_array(labels), max_length, tokenizer) if gpt2 else
              _template_pairs(first, second, _label_array(labels), tokenizer, max_length))
     if split.n_truncated:
         how = "split fairly" if gpt2 else "cut from the longer text first, as transformers' longest_first"
@@ -258,23 +236,24 @@ def encode_pairs(first: Sequence[str], second: Sequence[str], labels: np.ndarray
 
 
 def _gpt2_pairs(tokens_a: list[list[int]], tokens_b: list[list[int]], labels: np.ndarray,
-                max_length: int) -> EncodedSplit:
-    """First text, GPT-2's end-of-text token (id 50256) as the separator, second text. GPT-2 has no separator token:
+                max_length: int, tokenizer: Any) -> EncodedSplit:
+    """A tokenizer without a pair template (GPT-2's): first text, its end-of-text token (GPT-2's id 50256) as the
+    separator, second text, padded with its pad id. GPT-2 has no separator token:
     <|endoftext|> is the one special token it knows (it sat between documents in pretraining), and a new token would
     need a new, untrained embedding row. Each text is tokenized on its own (as transformers' tokenizers encode a
     pair); when the two do not fit, `fair_split` spends the max_length - 1 tokens between them, cutting each at its
     end."""
-    n = len(tokens_a)
-    ids = np.full((n, max_length), PAD_ID, np.int32)
+    n, sep, pad = len(tokens_a), int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+    ids = np.full((n, max_length), pad, np.int32)
     mask = np.zeros((n, max_length), np.int32)
     truncated = np.zeros((n,), bool)
     for i, (a, b) in enumerate(zip(tokens_a, tokens_b)):
         keep_a, keep_b = fair_split(len(a), len(b), max_length - 1)
-        row = [*a[:keep_a], PAD_ID, *b[:keep_b]]
+        row = [*a[:keep_a], sep, *b[:keep_b]]
         ids[i, :len(row)] = row
         mask[i, :len(row)] = 1
         truncated[i] = keep_a < len(a) or keep_b < len(b)
-    return EncodedSplit(ids, mask, labels, int(truncated.sum()), truncated)
+    return EncodedSplit(ids, mask, labels, int(truncated.sum()), truncated, pad_id=pad)
 
 
 def _template_pairs(first: list[str], second: list[str], labels: np.ndarray, tokenizer,

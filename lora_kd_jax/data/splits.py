@@ -16,7 +16,7 @@ from pathlib import Path
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.data import tables
 from lora_kd_jax.data.cola import HUB, describe_source, limit_rows, load_columns, n_rows
-from lora_kd_jax.data.encoding import EncodedSplit, encode, encode_pairs, encode_splits, tokenizer_for
+from lora_kd_jax.data.encoding import EncodedSplit, encode, encode_pairs, encode_splits
 from lora_kd_jax.data.errors import DataError
 from lora_kd_jax.data.tasks import HUB_GLUE, GLUE, is_table_run, label_names
 
@@ -37,14 +37,13 @@ class Splits:
                 "truncated": {s: e.n_truncated for s, e in self.encoded.items()}}
 
 
-def load_splits(cfg: Config) -> Splits:
+def load_splits(cfg: Config, tokenizer: Any) -> Splits:
     """The splits a run's config asks for (CoLA, or its table files: `load_table_splits`), read, cut to data.limit
-    and encoded with its tokenizer."""
+    and encoded with `tokenizer` (the run's: `models.tokenizers.tokenizer_for`)."""
     if is_table_run(cfg):
-        return load_table_splits(cfg)
+        return load_table_splits(cfg, tokenizer)
     full = load_columns(cfg.data.dir)
     rows = {s: n_rows(c) for s, c in full.items()}
-    tokenizer = tokenizer_for(cfg)
     encoded = encode_splits(limit_rows(full, cfg.data.limit), tokenizer, cfg.data.max_length)
     return Splits(encoded, describe_source(cfg.data.dir), rows)
 
@@ -73,9 +72,8 @@ def encode_table(table: tables.Table, cfg: Config, tokenizer, limit: int = 0) ->
                         d.max_length)
 
 
-def load_table_splits(cfg: Config) -> Splits:
+def load_table_splits(cfg: Config, tokenizer: Any) -> Splits:
     """A run's table files (or a GLUE task's hub copy), checked and encoded; each cut is counted in the log."""
-    tokenizer = tokenizer_for(cfg)
     found = hub_tables(cfg) if cfg.data.dir == HUB and not cfg.data.train else {
         name: tables.read_table(path) for name, path in table_files(cfg).items()}
     encoded = {name: encode_table(t, cfg, tokenizer, cfg.data.limit) for name, t in found.items()}

@@ -45,13 +45,11 @@ def teacher_wte(teacher) -> np.ndarray:
 
 def _token_table(teacher) -> jax.Array:
     """GPT-2's wte, BERT / RoBERTa's embeddings.word_embeddings or Llama's embed_tokens (transformers' names)."""
-    from lora_kd_jax.distill.teacher import base_key
-
-    base = teacher.params[base_key(teacher.model)]
-    if "wte" in base:
-        return base["wte"]["embedding"]
-    table = base["embed_tokens"] if "embed_tokens" in base else base["embeddings"]["word_embeddings"]
-    return table["embedding"]
+    fam = teacher.model.family
+    node = teacher.params[fam.prefix]
+    for p in fam.token_table:
+        node = node[p]
+    return node
 
 
 def student_embedding(cfg: Config, teacher) -> np.ndarray | None:

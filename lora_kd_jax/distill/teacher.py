@@ -1,4 +1,4 @@
-"""The teacher of a distillation: a finished LoRA run (read through `runs.reader.open_run`) of any family (GPT-2,
+"""The teacher of a distillation: a finished LoRA run (read through `training.restore.open_run`) of any family (GPT-2,
 BERT, RoBERTa, Llama: the student then reads that teacher's tokenizer and vocabulary), merged into plain base
 weights, frozen and run in eval mode; which teacher teaches which student seed; its logits for a whole split.
 
@@ -24,16 +24,17 @@ import numpy as np
 
 from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import precision
-from lora_kd_jax.core.config import Config, ConfigError, n_outputs
+from lora_kd_jax.core.config import Config, ConfigError, StudentConfig, n_outputs
 from lora_kd_jax.data.tasks import label_names
 from lora_kd_jax.core.keys import seed_list
-from lora_kd_jax.models import families
-from lora_kd_jax.models.classifier import GPT2Classifier
+from lora_kd_jax.models.build import title as model_title
+from lora_kd_jax.models.classifier import Classifier
 from lora_kd_jax.models.interface import token_inputs
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.training import mesh as mesh_lib
-from lora_kd_jax.training import seeds as seeds_lib
+from lora_kd_jax.runs.seed_dirs import seed_dir
+from lora_kd_jax.training.restore import open_run
 from lora_kd_jax.training.scoring import score_rows
 from lora_kd_jax.training.state import cast_frozen, param_report
 
@@ -46,8 +47,8 @@ Params = dict[str, Any]
 class Teacher:
     """A restored, merged, frozen LoRA teacher."""
 
-    model: GPT2Classifier | Any  # GPT2Classifier or EncoderClassifier; no LoRA spec: params are merged plain weights
-    params: Params  # {'gpt2' (or the family's prefix): merged base, 'head': ...}, placed like a frozen base
+    model: Classifier  # no LoRA spec: params are merged plain weights
+    params: Params  # {the family's prefix: merged base, 'head': ...}, placed like a frozen base
     config: Config  # the teacher run's own config
     run_dir: Path
     total_params: int
@@ -82,12 +83,11 @@ def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
     if info.kind is None:
         raise runs.RunError(f"distill.teacher: {info.path} has no {rundir.METRICS_FILE}: that run never finished an "
                             "epoch, so it has no best checkpoint to distil from")
-    if info.config.model.type == "gpt2":  # another family's teacher sets the student's vocabulary (`in_teacher_vocab`)
-        t_vocab, s_vocab = info.config.model.vocab_size, cfg.student.vocab_size
-        if t_vocab != s_vocab:
-            raise runs.RunError(f"distill.teacher: vocabulary size differs: the teacher in {info.path} has "
-                                f"model.vocab_size={t_vocab}, the student has student.vocab_size={s_vocab}; they "
-                                "must read the same token ids")
+    t_vocab, s_vocab = info.config.model.vocab_size, cfg.student.vocab_size
+    if t_vocab != s_vocab and s_vocab != StudentConfig().vocab_size:  # left at its default, it takes the teacher's
+        raise runs.RunError(f"distill.teacher: vocabulary size differs: the teacher in {info.path} has "
+                            f"model.vocab_size={t_vocab}, the student has student.vocab_size={s_vocab}; they must "
+                            "read the same token ids (leave student.vocab_size at its default to take the teacher's)")
     theirs, ours = (label_names(c) or ("regression",) for c in (info.config, cfg))
     if (n_outputs(info.config), theirs) != (n_outputs(cfg), ours):
         raise runs.RunError(f"distill.teacher: the teacher in {info.path} learned the labels {', '.join(theirs)} "
@@ -100,16 +100,14 @@ def check_teacher(path: str, cfg: Config) -> runs.RunInfo:
 
 
 def in_teacher_vocabulary(cfg: Config, infos: dict[int, runs.RunInfo]) -> Config:
-    """`cfg` reading its data as a BERT / RoBERTa / Llama teacher does: the teacher run's model section (so
-    `tokenizer_for` gives its tokenizer, and the student's config.yaml names it for `evaluate`), its tokenizer dir as
-    data.tokenizer, and student.vocab_size = the teacher's model.vocab_size (another value is overridden, with a
-    warning naming both). GPT-2 teachers: `cfg` unchanged (`check_teacher` compares the vocabularies)."""
+    """`cfg` reading its data as its teacher does, whatever the family: the teacher run's model section (so
+    `tokenizer_for` gives its tokenizer, and the student's config.yaml names it for `evaluate`), its tokenizer as
+    data.tokenizer, and student.vocab_size = the teacher's model.vocab_size (the default is replaced, with a note;
+    another value was refused by `check_teacher`)."""
     seen = {(i.config.model.type, i.config.model.path, i.config.data.tokenizer, i.config.model.vocab_size)
             for i in infos.values()}
     first = next(iter(infos.values()))
     t = first.config
-    if t.model.type == "gpt2":
-        return cfg
     if len(seen) > 1:
         raise ConfigError(f"distill.teacher={cfg.distill.teacher}: its seeds read different checkpoints or "
                           f"tokenizers ({sorted(map(str, seen))}); a student reads one vocabulary")
@@ -118,7 +116,7 @@ def in_teacher_vocabulary(cfg: Config, infos: dict[int, runs.RunInfo]) -> Config
                           f"{t.model.type} teacher in {first.path}; set data.max_length <= {t.model.n_positions}")
     vocab = t.model.vocab_size
     if cfg.student.vocab_size != vocab:
-        log.warning("student.vocab_size=%d overridden by the %s teacher's vocabulary: %d (the student reads the "
+        log.warning("student.vocab_size=%d replaced by the %s teacher's vocabulary: %d (the student reads the "
                     "teacher's token ids)", cfg.student.vocab_size, t.model.type, vocab)
     return dataclasses.replace(cfg, model=t.model,
                                data=dataclasses.replace(cfg.data, tokenizer=t.data.tokenizer or t.model.path),
@@ -143,27 +141,27 @@ def teacher_runs(cfg: Config) -> dict[int, runs.RunInfo]:
         raise runs.RunError(f"distill.teacher={path} trained seeds {teacher_seeds}, this student trains {mine}: a "
                             f"seeded teacher teaches the same seed list (train.seeds={teacher_seeds}); to let one "
                             f"teacher seed teach every student seed, name its dir, e.g. "
-                            f"distill.teacher={seeds_lib.seed_dir(path, teacher_seeds[0])}")
+                            f"distill.teacher={seed_dir(path, teacher_seeds[0])}")
     if not cfg.distill.cache_teacher_logits:
         raise runs.RunError(f"distill.teacher={path} is seeded and distill.cache_teacher_logits=false: running "
                             f"{len(teacher_seeds)} teachers in every step would hold each of them in memory; "
                             "use the cached teacher logits (distill.cache_teacher_logits=true, the default)")
-    return {seed: check_teacher(str(seeds_lib.seed_dir(path, seed)), cfg) for seed in student_seeds}
+    return {seed: check_teacher(str(seed_dir(path, seed)), cfg) for seed in student_seeds}
 
 
 def restore_teacher(path: str | runs.RunInfo, cfg: Config) -> Teacher:
-    """The teacher as its run left it (`runs.open_run`: the same model and frozen base, the trained parameters from
+    """The teacher as its run left it (`open_run`: the same model and frozen base, the trained parameters from
     checkpoints/best), LoRA merged into the kernels, placed on this run's mesh (Orbax restores onto any mesh).
     `path` may be the `RunInfo` that `check_teacher` returned."""
     info = path if isinstance(path, runs.RunInfo) else check_teacher(path, cfg)
     try:
-        run = runs.open_run(info, kind="lora", which="best")
+        run = open_run(info, kind="lora", which="best")
     except runs.RunError as e:
         raise runs.RunError(f"distill.teacher: {e}") from None
     teacher_cfg = run.config
     report = param_report(run.params, run.model.param_labels(run.params))
     merged = run.model.merged(run.params)
-    base = base_key(run.model)
+    base = run.model.family.prefix
     merged[base] = cast_frozen(merged[base], precision.base_dtype(teacher_cfg.model))
     place = mesh_lib.run_placement(cfg)
     params = place.frozen(merged)
@@ -172,15 +170,9 @@ def restore_teacher(path: str | runs.RunInfo, cfg: Config) -> Teacher:
                       best_epoch=int(run.summary.get("best_epoch", 0)),
                       val_accuracy=float(run.summary.get("best_val_accuracy", math.nan)), placement=place)
     log.info("teacher %s (%s): best checkpoint, epoch %d, val accuracy %.4f; computes in %s, base stored in %s",
-             run.path, families.title(teacher_cfg), teacher.best_epoch, teacher.val_accuracy,
+             run.path, model_title(teacher_cfg), teacher.best_epoch, teacher.val_accuracy,
              precision.compute_dtype(teacher_cfg.model), precision.base_dtype(teacher_cfg.model))
     return teacher
-
-
-def base_key(model: Any) -> str:
-    """Where a classifier's params keep its base: 'gpt2', or the family's prefix ('bert', 'roberta', 'model')."""
-    family = getattr(model, "family", None)
-    return family.prefix if family is not None else "gpt2"
 
 
 def teacher_logits_for(teacher: Teacher, split: data_lib.EncodedSplit, batch_size: int,

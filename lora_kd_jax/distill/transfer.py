@@ -25,7 +25,8 @@ import numpy as np
 
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.data import augment as augment_lib
-from lora_kd_jax.data.encoding import EncodedSplit, encode, tokenizer_for
+from lora_kd_jax.data.encoding import EncodedSplit, encode
+from lora_kd_jax.models.tokenizers import tokenizer_for
 from lora_kd_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)

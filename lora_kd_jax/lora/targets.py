@@ -6,9 +6,9 @@
   `re:<regex>`      a regular expression that must match a whole module path, either ours (`encoder.layer.0.
                     attention.self.query`) or PyTorch's, with the family prefix (`roberta.encoder.layer.0...`);
   `all-linear`      every linear layer of the base (PEFT's `all-linear`: the head is never adapted; BERT's pooler is).
-Left at its default (GPT-2's four Conv1D), an encoder family adapts PEFT's default for it (query, value).
-A pattern that matches nothing is an error naming the module paths it could have matched.
-`lora.modules_to_save` names base modules trained in full besides the head (PEFT's `modules_to_save`).
+Left at its default, each family adapts PEFT's default for it (its record's `default_targets`: GPT-2's four Conv1D,
+query and value, q_proj and v_proj). A pattern that matches nothing is an error naming the module paths it could
+have matched.
 """
 from __future__ import annotations
 
@@ -19,13 +19,11 @@ from typing import Any, Sequence
 from flax import traverse_util
 
 from lora_kd_jax.core.config import DEFAULT_LORA_TARGETS
-from lora_kd_jax.core.families import ENCODERS, Family
 from lora_kd_jax.lora.transform import LoraTargetError
 
 Params = dict[str, Any]
 ALL_LINEAR = "all-linear"
 REGEX_PREFIX = "re:"
-TORCH_PREFIX = {"gpt2": "transformer."}  # GPT2ForSequenceClassification's; an encoder's is its family prefix
 
 
 def linear_modules(base: Params) -> list[str]:
@@ -35,7 +33,7 @@ def linear_modules(base: Params) -> list[str]:
                                                                       for s in p))]
 
 
-def _named_like(modules: Sequence[str]) -> str:
+def named_like(modules: Sequence[str]) -> str:
     """The module paths in short: layer indices folded (`encoder.layer.{i}.attention.self.query`)."""
     return ", ".join(dict.fromkeys(re.sub(r"\.\d+\.", ".{i}.", m) for m in modules))
 
@@ -44,14 +42,15 @@ def _name_matches(module: str, pattern: str) -> bool:
     return module == pattern or module.endswith("." + pattern) or fnmatch.fnmatchcase(module, pattern)
 
 
-def select(targets: Sequence[str], family: str, base: Params) -> list[str]:
-    """The module paths `targets` adapt on `base` (see the module doc), in model order."""
+def select(targets: Sequence[str], family: Any, base: Params) -> list[str]:
+    """The module paths `targets` adapt on `base` of `family` (a `models.families.Family`: its default targets
+    and PyTorch prefix; see the module doc), in model order."""
     modules = linear_modules(base)
     if not modules:
         raise LoraTargetError("the parameter tree has no 2-D 'kernel' leaves to adapt")
-    if list(targets) == list(DEFAULT_LORA_TARGETS) and family in ENCODERS:
-        targets = ENCODERS[family].default_targets
-    prefix = TORCH_PREFIX.get(family, ENCODERS[family].prefix + "." if family in ENCODERS else "")
+    if list(targets) == list(DEFAULT_LORA_TARGETS):
+        targets = family.default_targets
+    prefix = family.torch_prefix + "."
     chosen: set[str] = set()
     for pattern in targets:
         if pattern == ALL_LINEAR:
@@ -65,23 +64,7 @@ def select(targets: Sequence[str], family: str, base: Params) -> list[str]:
         else:
             hits = [m for m in modules if _name_matches(m, pattern)]
         if not hits:
-            raise LoraTargetError(f"lora.targets: {pattern!r} matches no linear layer of the {family} base; its "
-                                  f"module paths are {_named_like(modules)} (or write {ALL_LINEAR})")
+            raise LoraTargetError(f"lora.targets: {pattern!r} matches no linear layer of the {family.name} base; its "
+                                  f"module paths are {named_like(modules)} (or write {ALL_LINEAR})")
         chosen.update(hits)
     return [m for m in modules if m in chosen]
-
-
-def modules_to_save(names: Sequence[str], family: Family, base: Params) -> list[str]:
-    """The base modules named by lora.modules_to_save (the head's own names are always trained and skipped here),
-    without the family prefix; a name that matches no module is an error naming the modules it could match."""
-    modules = sorted({".".join(k[:-1]) for k in traverse_util.flatten_dict(base)})
-    out = []
-    for name in names:
-        if name in family.head_modules or name in ("head", "score"):
-            continue
-        short = name[len(family.prefix) + 1:] if name.startswith(family.prefix + ".") else name
-        if not any(m == short or m.endswith("." + short) for m in modules):
-            raise LoraTargetError(f"lora.modules_to_save: {name!r} matches no module of the {family.name} base; its "
-                                  f"module paths are {_named_like(modules)}")
-        out.append(short)
-    return out

@@ -1,160 +1,126 @@
-"""The one place a LoRA run's config meets its architecture family: which family (model.type, or the config.json
-of model.path or of the hub id in model.name), the sizes a checkpoint fixes, and the (model, params) every caller
-builds through `build`.
+"""The model families, as data: one `Family` record per architecture says everything in which they differ.
 
-A hub id (model.name=ORG/NAME) is resolved by transformers' own `cached_file`, the function `from_pretrained` fetches
-with: the hub cache (HF_HUB_CACHE / HF_HOME) is read first and HF_HUB_OFFLINE=1 keeps it offline. Its snapshot dir
-is then read exactly as a model.path (`checkpoint_dir`), while the run records the id, not the cache path."""
+A family is its linen module (`models.modules`), the translation of its Hugging Face config.json into that module's
+`Arch`, the head PyTorch's *ForSequenceClassification puts on it (`models.heads`), and names: where its base sits in
+the parameter tree and in PyTorch's state dict, how its kernels are laid out, which modules LoRA adapts and which
+train in full by default (PEFT's defaults), how position ids are counted, where its blocks and token table are.
+Everything else (the classifier, loading, LoRA, PEFT interop, distillation, the bench) reads these records and never
+branches on a family's name. Adding a family: one module, one record here, its parity test (docs: architecture).
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from pathlib import Path
-from typing import Any
+import functools
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from lora_kd_jax.core.config import Config, ModelConfig, is_hub_id
-from lora_kd_jax.core.errors import first_line
-from lora_kd_jax.core.families import ENCODERS, GPT2, TYPES, config_sizes
-from lora_kd_jax.models import gpt2
-from lora_kd_jax.models.gpt2 import ModelLoadError
-
-
-def checkpoint_type(path: str) -> str:
-    """config.json's model_type of a save_pretrained dir ('' when it has none or cannot be read; the loaders then
-    name what is wrong)."""
-    try:
-        return str(json.loads((Path(path).expanduser() / "config.json").read_text()).get("model_type", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
+from lora_kd_jax.models import heads
+from lora_kd_jax.models.modules import bert, gpt2, llama
+from lora_kd_jax.models.modules.arch import Arch
 
 
-HUB_WEIGHTS = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")  # what the loaders read, in order
+def count_from_zero(ids: jax.Array, pad: int) -> jax.Array:
+    """Positions 0..L-1 (right padding: the real tokens sit at 0..n-1, as PyTorch counts them)."""
+    return jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
 
 
-def hub_snapshot(name: str) -> Path:
-    """The local snapshot dir of hub id `name` holding its config.json and weights, found in the hub cache or fetched
-    into it by transformers' `cached_file` (HF_HUB_CACHE, HF_HUB_OFFLINE honoured). An id that cannot be reached or
-    is not cached is an error naming it and what to do."""
-    from transformers.utils import cached_file
-
-    from lora_kd_jax.models.gpt2 import _quiet_hub
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        with _quiet_hub():
-            config = cached_file(name, "config.json")
-            weights = [f for f in HUB_WEIGHTS if cached_file(name, f, _raise_exceptions_for_missing_entries=False)]
-    except Exception as e:  # hub errors come in many types (offline, no such repo, gated, network): the user's to fix
-        where = "HF_HUB_OFFLINE=1 and it is not in the hub cache" if offline else "no network, or no such repository"
-        raise ModelLoadError(
-            f"model.name={name}: the checkpoint could not be loaded from the Hugging Face hub ({where}: "
-            f"{type(e).__name__}: {first_line(e)}); cache it once with network access (`huggingface-cli download "
-            f"{name}`, or HF_HUB_CACHE pointing at a cache that holds it), or set model.path=DIR to a save_pretrained "
-            "checkpoint") from None
-    if config is None or not weights:
-        raise ModelLoadError(f"model.name={name}: the hub repository{' (as cached: HF_HUB_OFFLINE=1)' if offline else ''} "
-                             f"has {'no config.json' if config is None else 'no weights'} (looked for "
-                             f"{', '.join(HUB_WEIGHTS)}); sharded checkpoints are not read: save one with "
-                             "save_pretrained and set model.path=DIR")
-    return Path(config).parent
+def count_after_pad(ids: jax.Array, pad: int) -> jax.Array:
+    """RoBERTa's positions: real tokens count from pad + 1, padding sits at pad (PyTorch's
+    create_position_ids_from_input_ids)."""
+    real = (ids != pad).astype(jnp.int32)
+    return jnp.cumsum(real, axis=1) * real + pad
 
 
-def checkpoint_dir(m: ModelConfig) -> Path | None:
-    """Where a pretrained run reads its checkpoint: model.path, or the hub snapshot of the id in model.name; None for a
-    random init or a GPT-2 size name (which transformers' GPT-2 loader fetches by name)."""
-    if m.init != "pretrained":
-        return None
-    if m.path:
-        return Path(m.path).expanduser()
-    return hub_snapshot(m.name) if is_hub_id(m.name) else None
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One architecture family as transformers' AutoModelForSequenceClassification builds it."""
+
+    name: str  # config.json's model_type, and model.type
+    torch_class: str  # transformers' PyTorch sequence classifier
+    module_class: type[nn.Module]  # the linen base (`models.modules`)
+    arch: Callable[[dict], Arch]  # config.json (a dict) -> Arch
+    config_kwargs: Callable[..., dict]  # model.* sizes -> the transformers config class's keyword arguments
+    head: heads.Head
+    prefix: str  # where the base sits in the parameter tree ({prefix: base, 'lora': ..., 'head': ...})
+    torch_prefix: str  # the base's attribute in the *ForSequenceClassification (its state dict prefix)
+    kernel_layout: str  # out_in (GPT-2's Conv1D, as its Flax classes stored it) | in_out (nn.Dense)
+    default_targets: tuple[str, ...]  # what lora.targets adapts when left at its default (PEFT's defaults)
+    trained_modules: tuple[str, ...] = ()  # base modules trained in full by default, beside the head
+    blocks: tuple[str, ...] = ()  # where the base keeps its blocks, numbered '0'..'N-1'
+    token_table: tuple[str, ...] = ()  # the token embedding table's path in the base
+    positions: Callable[[jax.Array, int], jax.Array] = count_from_zero
+    position_offset: Callable[[Arch], int] = lambda arch: 0  # positions of the table the offset spends
+    module_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. BERT's pooler
+    named_sizes: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)  # model.name -> sizes
+    hub_ids: dict[str, str] = dataclasses.field(default_factory=dict)  # model.name -> the hub repository of its weights
+    tokenizer_needs: tuple[str, ...] = ()  # special tokens its tokenizer must have (the template's)
+    tokenizer_class: str = "PreTrainedTokenizerFast"  # reads a dir of bare vocabulary files (no tokenizer.json)
+    packaged_tokenizer: bool = False  # the package ships its tokenizer (data.tokenizer="" offline)
+
+    def module(self, arch: Arch, dtype: Any = jnp.float32) -> nn.Module:
+        return self.module_class(arch, dtype, **self.module_kwargs)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """PEFT's fan_in_fan_out for this family's linear layers: true for GPT-2's Conv1D."""
+        return self.kernel_layout == "out_in"
+
+    def usable_positions(self, arch: Arch) -> int:
+        return arch.max_positions - self.position_offset(arch)
 
 
-def with_checkpoint(cfg: Config) -> Config:
-    """`cfg` with model.type and the sizes read from the checkpoint's config.json (model.path's, or the hub id's in
-    model.name; `gpt2.with_checkpoint_size` for GPT-2), so that what a run records is what it trains. A model.type
-    other than the checkpoint's is an error naming both. A hub id's run reads its tokenizer from the same id unless
-    data.tokenizer names another."""
-    m = cfg.model
-    where = checkpoint_dir(m)
-    if where is None:
-        return cfg
-    source = f"model.path={m.path}" if m.path else f"model.name={m.name}"
-    found = checkpoint_type(os.fspath(where)) or GPT2
-    if found not in TYPES:
-        raise ModelLoadError(f"{source}: model_type {found!r} in its config.json is not a family this "
-                             f"project fine-tunes ({', '.join(TYPES)})")
-    if m.type != GPT2 and m.type != found:
-        raise ModelLoadError(f"model.type={m.type}, but the checkpoint of {source} is a {found}; the checkpoint decides "
-                             f"the architecture: drop model.type or set it to {found}")
-    if not m.path:  # a hub id: its family's tokenizer by default (GPT-2's BPE is packaged)
-        if found != GPT2 and not cfg.data.tokenizer:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=m.name))
-    if found == GPT2:
-        if m.path:
-            return gpt2.with_checkpoint_size(cfg)
-        sized = gpt2.with_checkpoint_size(dataclasses.replace(cfg, model=dataclasses.replace(m, path=os.fspath(where))))
-        return dataclasses.replace(sized, model=dataclasses.replace(sized.model, path=""))
-    hf = json.loads((where / "config.json").read_text())
-    sizes = config_sizes(found, hf)
-    if not all(isinstance(v, int) for v in sizes.values()):
-        raise ModelLoadError(f"{source}: its config.json has missing or non-integer {found} sizes ({sizes})")
-    if cfg.data.max_length > sizes["n_positions"]:
-        raise ModelLoadError(f"data.max_length={cfg.data.max_length} exceeds the {sizes['n_positions']} positions of "
-                             f"the checkpoint of {source}")
-    return dataclasses.replace(cfg, model=dataclasses.replace(m, type=found, **sizes))
+GPT2 = Family(
+    name="gpt2", torch_class="GPT2ForSequenceClassification", module_class=gpt2.GPT2Model, arch=gpt2.arch,
+    config_kwargs=gpt2.config_kwargs, head=heads.SCORE_AT_ROOT, prefix="gpt2", torch_prefix="transformer",
+    kernel_layout="out_in", default_targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    trained_modules=("ln_1", "ln_2", "ln_f"), blocks=("h",), token_table=("wte", "embedding"),
+    named_sizes={"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
+                 "gpt2-xl": (48, 1600, 25), "distilgpt2": (6, 768, 12)},
+    hub_ids={"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+             "distilgpt2": "distilbert/distilgpt2"},
+    tokenizer_class="GPT2TokenizerFast", packaged_tokenizer=True)
+BERT = Family(
+    name="bert", torch_class="BertForSequenceClassification", module_class=bert.BertModel, arch=bert.arch,
+    config_kwargs=bert.config_kwargs, head=heads.POOLER_CLASSIFIER, prefix="bert", torch_prefix="bert",
+    kernel_layout="in_out", default_targets=("query", "value"), blocks=("encoder", "layer"),
+    token_table=("embeddings", "word_embeddings", "embedding"), module_kwargs={"pooler": True},
+    tokenizer_needs=("cls_token", "sep_token", "pad_token"), tokenizer_class="BertTokenizerFast")
+ROBERTA = dataclasses.replace(
+    BERT, name="roberta", torch_class="RobertaForSequenceClassification", head=heads.CLS_DENSE_CLASSIFIER,
+    prefix="roberta", torch_prefix="roberta", config_kwargs=functools.partial(
+        bert.config_kwargs, pad=1, position_offset=2, type_vocab_size=1),
+    positions=count_after_pad, position_offset=lambda arch: arch.pad_token_id + 1, module_kwargs={"pooler": False},
+    tokenizer_needs=("bos_token", "eos_token", "pad_token"), tokenizer_class="RobertaTokenizerFast")
+LLAMA = Family(
+    name="llama", torch_class="LlamaForSequenceClassification", module_class=llama.LlamaModel, arch=llama.arch,
+    config_kwargs=llama.config_kwargs, head=heads.SCORE, prefix="model", torch_prefix="model",
+    kernel_layout="in_out", default_targets=("q_proj", "v_proj"), blocks=("layers",),
+    token_table=("embed_tokens", "embedding"), tokenizer_needs=("bos_token",), tokenizer_class="LlamaTokenizerFast")
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, BERT, ROBERTA, LLAMA)}
 
 
-def title(cfg: Config) -> str:
-    """The model's name in logs and progress bars: GPT-2's size name, or the encoder family."""
-    return cfg.model.name if cfg.model.type == GPT2 else cfg.model.type
+def family(name: str) -> Family:
+    """The record of model.type / config.json's model_type `name`; an unknown one is an error listing them."""
+    if name not in FAMILIES:
+        raise KeyError(f"{name!r} is not a family this library fine-tunes ({', '.join(FAMILIES)})")
+    return FAMILIES[name]
 
 
-def plan(model: Any, params: dict, report: Any) -> str:
-    """What --dry-run prints: the parameter counts, the family and its pooling, the adapted modules (layer indices
-    folded) with their (in, out) and count, and what else trains in full."""
-    import re
-
-    import numpy as np
-    from flax import traverse_util
-
-    from lora_kd_jax.models.interface import FROZEN
-
-    family = getattr(model, "family", None)
-    lines = [str(report), f"model: {family.name} ({family.torch_class}): {family.pools}" if family is not None else
-             "model: gpt2 (GPT2ForSequenceClassification): last real token -> score"]
-    if model.spec is not None:
-        groups: dict[tuple[str, tuple[int, int]], list[str]] = {}
-        for path, shape in zip(model.spec.paths, model.spec.shapes):
-            name = re.sub(r"\.\d+\.", ".{i}.", ".".join(path))
-            groups.setdefault((name, shape), []).append(".".join(path))
-        from lora_kd_jax.lora.transform import count
-
-        dora = ", DoRA magnitudes included" if model.spec.variant == "dora" else ""
-        lines.append(f"LoRA rank {model.spec.rank} on {len(model.spec.paths)} modules ({count(model.spec):,} params"
-                     f"{dora}):")
-        lines += [f"  {name if len(ps) > 1 else ps[0]} ({a} -> {b}) x{len(ps)}"
-                  for (name, (a, b)), ps in groups.items()]
-    labels = traverse_util.flatten_dict(model.param_labels(params))
-    full: dict[str, int] = {}
-    for path, leaf in traverse_util.flatten_dict(params).items():
-        if labels[path] != FROZEN and path[0] != "lora":  # the factors (LoRA+: B, magnitudes too) are counted above
-            name = "head" if path[0] == "head" else re.sub(r"\.\d+\.", ".{i}.", ".".join(path[1:-1]))
-            full[name] = full.get(name, 0) + int(np.prod(leaf.shape))
-    lines.append("trained in full: " + ", ".join(f"{k} ({v:,} params)" for k, v in full.items()))
-    return "\n".join(lines)
+def named_size(name: str) -> tuple[Family, tuple[int, int, int]] | None:
+    """(family, (n_layer, n_embd, n_head)) of a model.name that names a released size (gpt2-medium, ...)."""
+    for fam in FAMILIES.values():
+        if name in fam.named_sizes:
+            return fam, fam.named_sizes[name]
+    return None
 
 
-def build(cfg: Config, key: jax.Array, *, base_key: jax.Array | None = None, with_lora: bool = True,
-          shapes_only: bool = False) -> tuple[Any, dict]:
-    """(model, params) of a LoRA classifier of cfg's family; `cfg` should have passed `with_checkpoint`."""
-    if cfg.model.type in ENCODERS:
-        from lora_kd_jax.models.encoder import build_encoder
-
-        return build_encoder(cfg, cfg.model.type, key, base_key=base_key, with_lora=with_lora,
-                             shapes_only=shapes_only)
-    from lora_kd_jax.models.classifier import build_classifier
-
-    return build_classifier(cfg, key, base_key=base_key, with_lora=with_lora, shapes_only=shapes_only)
+def resolved_size(m: Any) -> tuple[int, int, int]:
+    """(n_layer, n_embd, n_head) of a model section: its model.* sizes, else its released size's (model.name)."""
+    named = named_size(m.name)
+    base = named[1] if named is not None else (0, 0, 1)
+    return tuple(o if o is not None else b for o, b in zip((m.n_layer, m.n_embd, m.n_head), base))  # type: ignore

@@ -1,7 +1,7 @@
-"""The one interface of every model that classifies (GPT-2 + LoRA + head, the RNN student, the families to come).
+"""The interfaces of the models: `ClassifierModel`, what every model that classifies has (a family's classifier with
+LoRA, each student), and `FamilyModel`, what interop, distillation and the bench may ask of a family's classifier.
 
-The trainers, the state recipe, the run reader and evaluation call only this (GPT-2's extras, `merged` and
-`module.config`, serve the teacher, export and the bench):
+The trainers, the state recipe, the run reader and evaluation call only ClassifierModel:
 
     params = model.init(key)                                  # the full tree, drawn from one named key
     labels = model.param_labels(params)                       # a group name at every leaf: which leaves train, how
@@ -44,6 +44,22 @@ class ClassifierModel(Protocol):
                deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array: ...
 
     def describe(self) -> str: ...
+
+
+@runtime_checkable
+class FamilyModel(ClassifierModel, Protocol):
+    """A family's classifier (`models.classifier.Classifier`): its family record and architecture, its LoRA spec and
+    the factors a PiSSA/OLoRA run started from, the base it holds, what it trains in full, and the merge."""
+
+    family: Any  # models.families.Family
+    arch: Any  # models.modules.arch.Arch
+    spec: Any  # lora.transform.LoraSpec | None
+    start: Params | None
+    base: Params | None
+    n_labels: int
+    to_save: tuple[str, ...]
+
+    def merged(self, params: Params) -> Params: ...
 
 
 def lr_scales(model: object) -> dict[str, float]:

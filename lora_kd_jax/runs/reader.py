@@ -1,7 +1,8 @@
-"""The one run reader: a run directory (LoRA, distilled student or RNN baseline) back as config, model and weights.
+"""The one run reader: what a run directory (LoRA, distilled student, student baseline) says about itself, read
+without building any weights: its config, its kind, its summary, its seeds and which checkpoint it holds.
 
-Distillation's teacher, export, merge and evaluation read runs through `inspect_run` (cheap checks, no weights) and
-`open_run` (restores a checkpoint; it takes the RunInfo an earlier inspect_run returned), so a directory that is not a usable run fails the same way
+Distillation's teacher, export, merge and evaluation check runs here (`inspect_run`) before restoring one
+(`training.restore.open_run`, which takes the RunInfo), so a directory that is not a usable run fails the same way
 everywhere: one `RunError` saying what is wrong with it.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 
 from lora_kd_jax.runs import rundir
+from lora_kd_jax.runs.seed_dirs import seed_dir
 from lora_kd_jax.core.config import Config, ConfigError, from_dict
 from lora_kd_jax.core.errors import UserError, read_json_object
 
@@ -35,15 +37,6 @@ class RunInfo:
     kind: str | None  # lora | distill | rnn, from metrics.json; None for a run that has not finished an epoch
     summary: dict  # metrics.json's summary ({} before the first epoch)
     epochs_done: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Run(RunInfo):
-    """A restored run: `model` (behind the one model interface, `models.interface`) and its full parameter tree."""
-
-    which: str = "best"
-    model: Any = None
-    params: Params = dataclasses.field(default_factory=dict)
 
 
 def find_run_dir(path: str | Path) -> Path:
@@ -77,8 +70,6 @@ def inspect_run(path: str | Path, *, kind: str | None = None, which: str = "best
     run_dir = find_run_dir(path)
     cfg = read_run_config(run_dir)
     if cfg.train.seeds:
-        from lora_kd_jax.training.seeds import seed_dir
-
         raise RunError(f"{run_dir} holds {len(cfg.train.seeds)} seeds (train.seeds={cfg.train.seeds}), each a run of "
                        f"its own: name one, e.g. {seed_dir(run_dir, cfg.train.seeds[0])} (or pass --seed "
                        f"{cfg.train.seeds[0]})")
@@ -113,8 +104,6 @@ def read_run_config(run_dir: Path) -> Config:
 def seed_run_dirs(path: str | Path, seed: int | None = None) -> dict[int, Path]:
     """{seed: run dir} that `path` (and `--seed`) name: a seeded run's seed dirs (all, or the one asked for), or
     the single run itself. Asking a single run for a seed it was not trained with is an error."""
-    from lora_kd_jax.training.seeds import seed_dir
-
     run_dir = find_run_dir(path)
     cfg = read_run_config(run_dir)
     seeds = list(cfg.train.seeds)
@@ -150,45 +139,3 @@ def one_run_dir(path: str | Path, seed: int | None = None) -> tuple[Path, str]:
     best = max(scored, key=lambda k: (scored[k], -k))
     return dirs[best], (f"seed {best} of {find_run_dir(path)}: the best validation accuracy ({scored[best]:.4f}) of "
                         f"seeds {sorted(dirs)}; --seed K picks another")
-
-
-def open_run(path: str | Path | RunInfo, *, kind: str | None = None, which: str = "best") -> Run:
-    """A run restored from `checkpoints/<which>`: the model is rebuilt from the run's config.yaml with the run's own
-    keys (so a random-init base is the same base), then the trained parameters are restored onto it. The frozen
-    GPT-2 base comes back in float32, as loaded (model.base_dtype is a storage choice of training). `path` may be
-    the `RunInfo` an earlier `inspect_run(path, kind=kind, which=which)` returned: its checks are not repeated."""
-    from lora_kd_jax.core import metrics as metrics_lib
-    from lora_kd_jax.core.config import n_outputs
-    from lora_kd_jax.runs.checkpoint import CheckpointError, CheckpointStore
-
-    info = path if isinstance(path, RunInfo) else inspect_run(path, kind=kind, which=which)
-    model, frozen, state = _rebuild(info.config, kind or info.kind or "lora")
-    store = CheckpointStore(info.path / "checkpoints", read_only=True)
-    try:
-        target = {"state": state, "train_sums": metrics_lib.zeros(n_outputs(info.config))}
-        tree, record, _ = store.restore_best(target) if which == "best" else store.restore_latest(target)
-    except CheckpointError as e:
-        raise RunError(f"{info.path}: the {which} checkpoint does not restore into the model its "
-                       f"{rundir.CONFIG_FILE} describes: {e}") from None
-    finally:
-        store.close()
-    found = record.get("kind")
-    if info.kind is not None and found != info.kind or kind is not None and found != kind:
-        raise RunError(f"{info.path}: the {which} checkpoint is a '{found}' run, not a '{kind or info.kind}' run")
-    from lora_kd_jax.training.state import combine
-
-    return Run(path=info.path, config=info.config, kind=found, summary=info.summary, epochs_done=info.epochs_done,
-               which=which, model=model, params=combine(tree["state"].trainable, frozen))
-
-
-def _rebuild(cfg: Config, kind: str) -> tuple[Any, Params, Any]:
-    """(model, frozen partition, a train state shaped like the checkpoint's) for a run of `kind`: the run's model
-    and the one state recipe, with the run's own keys."""
-    from lora_kd_jax.core.keys import run_keys
-    from lora_kd_jax.models.registry import build_model
-    from lora_kd_jax.training.state import train_state
-
-    keys = run_keys(cfg.train.seed)
-    model = build_model(cfg, kind)
-    setup = train_state(model, model.init(keys.model), cfg.train, keys.dropout)  # the run's optimizer's tree
-    return model, setup.frozen, setup.state

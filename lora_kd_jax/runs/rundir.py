@@ -15,6 +15,7 @@ from lora_kd_jax.core.config import Config, ConfigError, from_dict, save_config,
 from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.core.logs import LOG_FORMAT
 from lora_kd_jax.core.precision import resolved_config
+from lora_kd_jax.runs import seed_dirs
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
 LOCK_FILE = ".lock"
@@ -63,10 +64,8 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
 
 def _prepare_seed_dirs(cfg: Config, run_dir: Path) -> None:
     """A seeded run's seed_<k>/config.yaml: each seed dir reads as a single run with train.seed=k."""
-    from lora_kd_jax.training import seeds
-
     for seed in cfg.train.seeds:
-        seed_cfg = seeds.seed_config(cfg, seed)
+        seed_cfg = seed_dirs.seed_config(cfg, seed)
         make_dir(Path(seed_cfg.run.dir))
         save_config(resolved_config(seed_cfg), Path(seed_cfg.run.dir) / CONFIG_FILE)
 
@@ -84,9 +83,7 @@ def make_dir(run_dir: Path) -> None:
 def _remove_outputs(run_dir: Path) -> None:
     import shutil
 
-    from lora_kd_jax.training import seeds
-
-    for seed_dir in seeds.seed_dirs(run_dir):
+    for seed_dir in seed_dirs.seed_dirs(run_dir):
         shutil.rmtree(seed_dir)
     for name in RUN_OUTPUTS:
         path = run_dir / name
@@ -150,10 +147,8 @@ def _has_results(run_dir: Path) -> bool:
 def _undo_start(run_dir: Path, *, remove_dir: bool) -> None:
     import shutil
 
-    from lora_kd_jax.training import seeds
-
     detach_log(run_dir)
-    for seed_dir in seeds.seed_dirs(run_dir):  # written by this start (it had no config): nothing trained in them
+    for seed_dir in seed_dirs.seed_dirs(run_dir):  # written by this start (it had no config): nothing trained in them
         shutil.rmtree(seed_dir)
     for name in (CONFIG_FILE, LOG_FILE):
         (run_dir / name).unlink(missing_ok=True)

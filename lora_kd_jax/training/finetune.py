@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of a GPT-2 classifier: its task for the epoch loop, and `finetune(cfg)`."""
+"""LoRA fine-tuning of a family's classifier: its task for the epoch loop, and `train_lora(cfg)`."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +11,11 @@ from lora_kd_jax.core import precision
 from lora_kd_jax.training import runtime
 from lora_kd_jax.core.config import Config, n_outputs, select_metric
 from lora_kd_jax.core.keys import classifier_base_key, run_keys, seed_list
-from lora_kd_jax.models import families
+from lora_kd_jax.models import build as build_lib
+from lora_kd_jax.models.resolve import resolve
+from lora_kd_jax.runs.seed_dirs import is_seeded
 from lora_kd_jax.training import loop
 from lora_kd_jax.training import mesh as mesh_lib
-from lora_kd_jax.training import seeds as seeds_lib
 from lora_kd_jax.training.loop import Task
 from lora_kd_jax.training.optimizer import learning_rate, total_steps
 from lora_kd_jax.training.state import ParamReport, cast_frozen, param_report, seed_states
@@ -25,16 +26,16 @@ log = logging.getLogger(__name__)
 
 def dry_run(cfg: Config) -> ParamReport:
     """Parameter report from shapes alone: no weights are loaded or allocated."""
-    cfg = families.with_checkpoint(cfg)
-    model, shapes = families.build(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
+    cfg = resolve(cfg)
+    model, shapes = build_lib.build_classifier(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
     return param_report(shapes, model.param_labels(shapes))
 
 
 def dry_run_plan(cfg: Config) -> str:
-    """--dry-run's printout (`families.plan`), from shapes alone: the adapted modules and the parameter counts."""
-    cfg = families.with_checkpoint(cfg)
-    model, shapes = families.build(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
-    return families.plan(model, shapes, param_report(shapes, model.param_labels(shapes)))
+    """--dry-run's printout (`build.plan`), from shapes alone: the adapted modules and the parameter counts."""
+    cfg = resolve(cfg)
+    model, shapes = build_lib.build_classifier(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
+    return build_lib.plan(model, shapes, param_report(shapes, model.param_labels(shapes)))
 
 
 def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
@@ -42,8 +43,9 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     state per seed (its own adapters, head and dropout key) over one frozen base."""
     place = mesh_lib.run_placement(cfg)
     seeds = seed_list(cfg)
-    seeded = Seeded(consts_axes=None) if seeds_lib.is_seeded(cfg) else None
-    model, _ = families.build(cfg, run_keys(seeds[0]).model, base_key=classifier_base_key(cfg))
+    seeded = Seeded(consts_axes=None) if is_seeded(cfg) else None
+    model, _ = build_lib.build_classifier(cfg, run_keys(seeds[0]).model, base_key=classifier_base_key(cfg),
+                                         sharding_for=place.leaf)
     batches = data_lib.batch_sources(splits, cfg)
     steps = total_steps(cfg.train, batches.n_train_batches)
     setup = seed_states(model, cfg.train, seeds, stacked=seeded is not None, total_steps=steps)
@@ -52,7 +54,7 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     compute, base = precision.compute_dtype(cfg.model), precision.base_dtype(cfg.model)
     frozen = place.frozen(cast_frozen(setup.frozen, base))
     log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)%s",
-             families.title(cfg), compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend(),
+             build_lib.title(cfg), compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend(),
              f"; {len(seeds)} seeds {seeds} in one program, one shared base" if seeded else "")
     return Task(
         kind="lora", state=place.state(setup.state), consts={"frozen": frozen},
@@ -63,16 +65,21 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
         epochs=cfg.train.epochs, reported_batches=batches.reported,
         info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction,
               "compute_dtype": compute, "base_dtype": base},
-        title=f"LoRA {families.title(cfg)}", put_batch=place.put_seeded_batch if seeded else place.put_batch,
+        title=f"LoRA {build_lib.title(cfg)}", put_batch=place.put_seeded_batch if seeded else place.put_batch,
         put_eval_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite,
         seeds=tuple(cfg.train.seeds), select=select_metric(cfg), n_outputs=n_outputs(cfg))
+
+
+def lora_config(cfg: Config) -> Config:
+    """The config a LoRA run records: the architecture its checkpoint or named size decides, the label set of its
+    training file (the head's size). Reads configs only."""
+    return data_lib.resolve_task(resolve(cfg))
 
 
 def train_lora(cfg: Config, *, resume: bool = False, progress: bool = True, profile: int = 0) -> dict:
     """The whole LoRA run into cfg.run.dir; returns the summary written to metrics.json."""
     runtime.setup(cfg)
-    cfg = families.with_checkpoint(cfg)  # model.path decides the architecture, and config.yaml records it
-    cfg = data_lib.resolve_task(cfg)  # the label set of the training file (the head's size) goes into config.yaml
+    cfg = lora_config(cfg)
     log.info("%s", dry_run(cfg))  # shapes only: a bad model size or LoRA target fails here, before any data or compute
     return loop.train_and_evaluate(cfg, lambda splits: build_task(cfg, splits), resume=resume, progress=progress,
                                    profile=profile)

@@ -29,16 +29,18 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 from tqdm.auto import tqdm
 
+from lora_kd_jax import data as data_lib
 from lora_kd_jax.core import metrics as metrics_lib
-from lora_kd_jax.core import selection
-from lora_kd_jax.runs import plots
-from lora_kd_jax.runs import rundir
-from lora_kd_jax.runs.tensorboard import EventLog, check_wandb
-from lora_kd_jax.training import seeds as seeds_lib
-from lora_kd_jax.runs.checkpoint import CheckpointError
+from lora_kd_jax.core import seed_stats, selection
+from lora_kd_jax.core.config import to_dict
 from lora_kd_jax.core.errors import UserError
+from lora_kd_jax.models.tokenizers import tokenizer_for
+from lora_kd_jax.runs import rundir
+from lora_kd_jax.runs.checkpoint import CheckpointError
+from lora_kd_jax.runs.tensorboard import EventLog, check_wandb
 from lora_kd_jax.training.mesh import is_main_process
 from lora_kd_jax.training.progress import Lanes, RunProgress
+from lora_kd_jax.training.records import PLOT_INTERVAL_S, log_epoch, write_metrics
 from lora_kd_jax.training.trace import ProfileWindow, StepTrace
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class Task:
     put_batch: Callable[[Batch], Batch] = jax.device_put  # host train batch -> device (sharded over the mesh)
     put_eval_batch: Callable[[Batch], Batch] | None = None  # eval batches (no seed axis); None = put_batch
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/Inf training loss does (steps skip its update either way)
-    # many seeds at once (seeds.py): state, train batches and step sums carry a leading seed axis; () = one run
+    # many seeds at once (runs.seed_dirs): state, train batches and step sums carry a leading seed axis; () = one run
     seeds: tuple[int, ...] = ()
     seed_info: dict[int, dict] = dataclasses.field(default_factory=dict)  # per-seed summary entries (its teacher)
     select: str = "accuracy"  # the validation metric that picks the best epoch (train.select, `config.select_metric`)
@@ -82,8 +84,6 @@ class RunOptions:
 
     @staticmethod
     def of(cfg: Any, profile: int = 0) -> RunOptions:
-        from lora_kd_jax.core.config import to_dict
-
         return RunOptions(cfg.train.patience, cfg.train.max_steps, profile, cfg.run.wandb, to_dict(cfg))
 
 
@@ -163,28 +163,20 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _summary(history: list[dict], select: str = "accuracy") -> dict:
-    """A run's summary from its history: the metrics at its best epoch (validation `select` alone decides; the
-    first epoch wins ties)."""
-    return selection.summary(history, select)
-
-
 def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool = False, progress: bool = True,
                        profile: int = 0) -> dict:
     """Any trainer's whole run into cfg.run.dir: lock and prepare the run dir, read the data, `build(splits)` the
     task, run its epochs (`profile`: steps to trace); returns the summary written to metrics.json."""
-    from lora_kd_jax import data as data_lib
-
     check_wandb(cfg.run.wandb)
     with rundir.claim(cfg, resume=resume) as run_dir:
         log.info("curves: tensorboard --logdir %s", run_dir)
-        splits = data_lib.load_splits(cfg)
+        splits = data_lib.load_splits(cfg, tokenizer_for(cfg))
         task = build(splits.encoded)
         task.info["data"] = splits.report()
         summary = run_epochs(task, run_dir, resume=resume, progress=progress, options=RunOptions.of(cfg, profile))
         if task.seeds:
             log.info("%d seeds: %s (mean ± std (min–max))", len(task.seeds),
-                     selection.seed_headline(summary["seed_stats"], task.select))
+                     seed_stats.seed_headline(summary["seed_stats"], task.select))
         elif task.select != "accuracy":
             log.info("%s", selection.headline(summary))
         else:
@@ -316,7 +308,7 @@ def end_of_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int, rec: Re
         if is_best:
             run.best_steps[i] = step
             lanes.save_best(i, step, _tree(task, run), run, epoch + 1)
-        _log_epoch(lanes.labels[i], task.epochs, entry, is_best, task.select)
+        log_epoch(lanes.labels[i], task.epochs, entry, is_best, task.select)
     run.stopped = _early_stop(task, lanes, run, epoch, step, options)
     run.step_stats = None  # the epoch is complete: a resume starts the next one from zero
     lanes.save_latest(step, _tree(task, run), run, epoch + 1)
@@ -382,46 +374,3 @@ def _check_finite(task: Task, lanes: Lanes, trains: list[dict], epoch: int) -> N
             raise NonFiniteLoss(f"{where}; stopped without saving this epoch, the last good checkpoint is kept "
                                 f"in {lanes.store.directory} (train.on_nonfinite=skip drops such batches)")
         log.warning("%s; their updates were skipped (train.on_nonfinite=skip)", where)
-
-
-def _log_epoch(label: str, epochs: int, entry: dict, is_best: bool, select: str = "accuracy") -> None:
-    train, val, rep = entry["train"], entry["val"], entry.get("reported", {})
-    scores = lambda m: selection.format_scores(m, select)  # noqa: E731
-    log.info("%sepoch %d/%d  train loss %.4f %s | val loss %.4f %s%s%s", label, entry["epoch"], epochs,
-             train["loss"], selection.format_scores(train, select, brief=True), val["loss"], scores(val),
-             "".join(f" | {name} {scores(m)}" for name, m in rep.items()), "  (best)" if is_best else "")
-
-
-# accuracy.png and loss.png are redrawn after an epoch at most this often, and always at the end of a run (drawing
-# costs ~0.5 s a figure: more than a tiny model's epoch); metrics.json is rewritten after every epoch
-PLOT_INTERVAL_S = 30.0
-
-
-def write_metrics(task: Task, lanes: Lanes, run: RunProgress, *, plot: bool) -> dict:
-    """metrics.json (and, when `plot`, the plots) of each lane in its dir, then of a seeded run's aggregate in the
-    run dir; returns the run's summary (a single run's, or the aggregate). An early stop is in every summary."""
-    histories, wall = run.histories, run.wall()
-    stopped = {"stopped": run.stopped} if run.stopped else {}
-    summaries = []
-    for lane_dir, title, extra, history in zip(lanes.dirs, lanes.titles, lanes.summary_extras, histories):
-        summaries.append({**_summary(history, task.select), **task.info, **extra, **stopped, "wall_time_s": wall})
-        if is_main_process():
-            rundir.write_metrics(lane_dir, {"kind": task.kind, "epochs": history, "summary": summaries[-1]})
-            if plot:
-                plots.plot_curves(history, lane_dir, title)
-                plots.plot_optimizer({"train": history}, lane_dir, title)
-    if not lanes.seeded:
-        return summaries[0]
-    per_seed = dict(zip(lanes.seeds, summaries))
-    keys = selection.stat_keys(summaries[0])
-    summary = {"seeds": lanes.seeds, "select": task.select, "seed_stats": seeds_lib.aggregate(per_seed, keys),
-               "per_seed": {str(k): {key: s[key] for key in keys if key in s} for k, s in per_seed.items()},
-               **task.info, **stopped, "wall_time_s": wall}
-    if is_main_process():
-        rundir.write_metrics(lanes.run_dir, {"kind": task.kind, "seeds": lanes.seeds,
-                                             "epochs": seeds_lib.epoch_stats(histories), "summary": summary})
-        if plot:
-            plots.plot_seed_curves(dict(zip(lanes.seeds, histories)), lanes.run_dir, task.title)
-            plots.plot_optimizer({f"seed {k}": h for k, h in zip(lanes.seeds, histories)}, lanes.run_dir,
-                                 task.title)
-    return summary

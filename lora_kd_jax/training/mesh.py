@@ -133,6 +133,10 @@ class Placement:
     def frozen(self, tree: Any) -> Any:
         return place_frozen(self.mesh, tree)
 
+    def leaf(self, path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
+        """Where a frozen base leaf goes as a checkpoint is read: split over fsdp as `place_frozen` splits it."""
+        return NamedSharding(self.mesh, fsdp_spec(tuple(shape), self.mesh.shape["fsdp"]))
+
     def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         return place_batch(batch, self.batch)
 

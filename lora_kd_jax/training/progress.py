@@ -1,7 +1,7 @@
 """Where a run stands (`RunProgress`) and where its lanes keep it (`Lanes`): the epoch loop's bookkeeping.
 
 A lane is one independent run inside a task. A single run is one lane holding the whole state; a seeded task
-(`Task.seeds`, seeds.py) has one lane per seed, each a slice of the stacked state with its own best checkpoint and
+(`Task.seeds`, runs.seed_dirs) has one lane per seed, each a slice of the stacked state with its own best checkpoint and
 metrics in its seed dir. `OneRun` and `SeedLanes` hold everything that differs between the two, so the loop
 (loop.py) goes through the same steps for both.
 """
@@ -17,8 +17,9 @@ import numpy as np
 
 from lora_kd_jax.core import metrics as metrics_lib
 from lora_kd_jax.runs.checkpoint import CheckpointError, CheckpointStore
-from lora_kd_jax.training import seeds as seeds_lib
+from lora_kd_jax.runs.seed_dirs import seed_dir
 from lora_kd_jax.training.mesh import is_main_process
+from lora_kd_jax.training.state import stack, take
 
 
 @dataclasses.dataclass
@@ -172,23 +173,23 @@ class OneRun(Lanes):
 
 
 class SeedLanes(Lanes):
-    """Many seeds in one state (seeds.py): lane i is seed k = seeds[i], a slice of the stacked state, with its
+    """Many seeds in one state (runs.seed_dirs): lane i is seed k = seeds[i], a slice of the stacked state, with its
     metrics, plots and best checkpoint in RUN_DIR/seed_<k> exactly as a single run's."""
     seeded = True
 
     def __init__(self, task: Any, run_dir: Path):
         super().__init__(task, run_dir)
         self.labels = [f"seed {k}: " for k in self.seeds]
-        self.dirs = [seeds_lib.seed_dir(run_dir, k) for k in self.seeds]
+        self.dirs = [seed_dir(run_dir, k) for k in self.seeds]
         self.titles = [f"{task.title} seed {k}" for k in self.seeds]
         self.summary_extras = [{**task.seed_info.get(k, {}), "seed": k} for k in self.seeds]
         self.best_stores = [CheckpointStore(d / "checkpoints", with_latest=False) for d in self.dirs]
 
     def zeros(self) -> dict:
-        return seeds_lib.stack([metrics_lib.zeros(self.n_outputs)] * self.n)
+        return stack([metrics_lib.zeros(self.n_outputs)] * self.n)
 
     def take(self, tree: Any, i: int) -> Any:
-        return seeds_lib.take(tree, i)
+        return take(tree, i)
 
     def record(self, run: RunProgress, epoch: int, next_batch: int) -> dict:
         return {"kind": self.kind, "epoch": epoch, "next_batch": next_batch, "wall_time_s": run.wall(),

@@ -21,7 +21,6 @@ from lora_kd_jax.core import precision
 from lora_kd_jax.core.config import TrainConfig
 from lora_kd_jax.core.keys import run_keys
 from lora_kd_jax.models.interface import FROZEN, ClassifierModel, Labels, lr_scales
-from lora_kd_jax.training import seeds as seeds_lib
 from lora_kd_jax.training.optimizer import make_optimizer
 
 Params = dict[str, Any]
@@ -38,6 +37,16 @@ class TrainState:
 def step_key(state: TrainState) -> jax.Array:
     """A fresh dropout key per step, independent of how the run was split into sessions."""
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """N pytrees of equal structure -> one pytree whose leaves carry a leading (seed) axis of size N."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def take(tree: Any, i: int) -> Any:
+    """Seed i's slice of a stacked pytree."""
+    return jax.tree.map(lambda x: x[i], tree)
 
 
 def partition(params: Params, labels: Labels) -> tuple[Params, Params]:
@@ -98,7 +107,7 @@ def seed_states(model: ClassifierModel, train: TrainConfig | float, seeds: Seque
         keys = run_keys(seed)
         tx = setups[0].tx if setups else None
         setups.append(train_state(model, model.init(keys.model), train, keys.dropout, tx, total_steps))
-    state = seeds_lib.stack([s.state for s in setups]) if stacked else setups[0].state
+    state = stack([s.state for s in setups]) if stacked else setups[0].state
     return dataclasses.replace(setups[0], state=state)
 
 
