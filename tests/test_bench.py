@@ -323,3 +323,26 @@ def test_family_flag_defaults_to_the_base_size(monkeypatch):
     cli.main(["bench", "--modes", "fp32"])
     assert [(a.family, a.variants, a.benches) for a in seen][0] == ("llama", ["base"], ["lora_train_step"])
     assert (seen[1].family, seen[1].variants) == (None, ["gpt2", "gpt2-medium"])
+
+
+def test_the_load_bench_writes_a_sharded_checkpoint_and_measures_both_loaders(tmp_path):
+    """`bench --load` at a tiny size: transformers' sharded layout (index + shards), each loader in its own process,
+    their seconds and peak memory reported under the documented names; the shards hold exactly the index's tensors."""
+    from safetensors import safe_open
+
+    from lora_kd_jax.commands.bench_load import bench_load
+
+    records = list(bench_load("tiny", sizes=(2, 64, 4), keep=str(tmp_path / "ckpt"), shard_mb=4))
+    assert [r["impl"] for r in records] == ["jax", "torch"]
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 2 and all(r["shards"] == len(files) for r in records)
+    held = {}
+    for f in files:
+        with safe_open(str(tmp_path / "ckpt" / f), "np") as st:
+            held.update({k: st.get_tensor(k).nbytes for k in st.keys()})
+    assert set(held) == set(index["weight_map"]) and sum(held.values()) == index["metadata"]["total_size"]
+    for r in records:
+        assert r["checkpoint_bytes"] == sum(held.values()) and r["params"] == r["checkpoint_bytes"] // 4
+        assert r["seconds"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["rss_ratio"] == round(r["peak_rss_bytes"] / r["checkpoint_bytes"], 3)
