@@ -14,7 +14,7 @@ from tiny import XLA_CACHE, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("train-lora", "distill", "train-student", "train-rnn", "reproduce", "export-peft", "import-peft", "merge", "bench",
-            "evaluate", "predict")
+            "evaluate", "predict", "config")
 TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
         "data.limit=32", "train.batch_size=16", "train.epochs=1", XLA_CACHE]
 

@@ -13,11 +13,19 @@ import errno
 import sys
 from typing import Callable, Iterator, Sequence
 
+from lora_kd_jax.core.config import all_keys
+from lora_kd_jax.core.config.suggest import did_you_mean, suggestions
 from lora_kd_jax.core.errors import UserError
-from lora_kd_jax.commands.handlers import (PROG, cmd_bench, cmd_distill, cmd_evaluate, cmd_export_peft,
+from lora_kd_jax.commands.handlers import (PROG, UsageError, cmd_bench, cmd_distill, cmd_evaluate, cmd_export_peft,
                                           cmd_import_peft, cmd_merge, cmd_predict, cmd_reproduce, cmd_train_lora,
                                           cmd_train_student, setup_logging)
+from lora_kd_jax.commands.settings import cmd_config, packaged_configs, version
 
+DESCRIPTION = ("LoRA fine-tuning of GPT-2, BERT, RoBERTa and Llama classifiers (LoRA, rsLoRA, DoRA, LoRA+, PiSSA, "
+               "OLoRA) on CoLA, a GLUE task or your own tables (TSV, CSV, JSONL, Parquet), and knowledge distillation "
+               "into small students (the study's RNN, a BiLSTM, a CNN, a smaller transformer), in JAX. "
+               "`%(prog)s COMMAND --help` lists a command's options; `%(prog)s config CONFIG` every config key.")
+CONFIG_HELP = f"a YAML config file, or a config the package ships by name: {', '.join(packaged_configs())}"
 
 
 @contextlib.contextmanager
@@ -62,7 +70,7 @@ def _steps(text: str) -> int:
 def _training_command(sub, name: str, handler: Callable, help_: str, example: str, dry_run: str) -> None:
     p = sub.add_parser(name, help=help_, description=help_, epilog=f"example: {PROG} {name} {example}",
                        parents=[_debug_flag()])
-    p.add_argument("config", help="YAML config file (configs/*.yaml)")
+    p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4 (anywhere on the line)")
     p.add_argument("--dry-run", action="store_true", help=dry_run)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.dir")
@@ -74,20 +82,22 @@ def _training_command(sub, name: str, handler: Callable, help_: str, example: st
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser (for --help and unknown commands) and each command's own parser."""
-    parser = argparse.ArgumentParser(prog=PROG, description="LoRA fine-tuning of GPT-2 and distillation into an RNN "
-                                     "student, in JAX. `%(prog)s COMMAND --help` lists a command's options.",
-                                     parents=[_debug_flag()])
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, parents=[_debug_flag()])
+    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _training_command(sub, "train-lora", cmd_train_lora, "LoRA fine-tuning of GPT-2 on CoLA",
-                      "configs/lora_gpt2.yaml run.dir=runs/lora_gpt2",
+    _training_command(sub, "train-lora", cmd_train_lora, "LoRA fine-tuning of a GPT-2, BERT, RoBERTa or Llama "
+                      "classifier on CoLA, a GLUE task or your own table files (data.train=FILE)",
+                      "lora_gpt2 run.dir=runs/lora_gpt2",
                       "build shapes only, print the parameter report and exit")
-    _training_command(sub, "distill", cmd_distill, "distil a LoRA teacher (distill.teacher=RUN_DIR) into the RNN "
-                      "student", "configs/distil_rnn_gpt2.yaml distill.teacher=runs/lora_gpt2",
+    _training_command(sub, "distill", cmd_distill, "distil a finished LoRA run (distill.teacher=RUN_DIR) into a "
+                      "student: the study's RNN, a BiLSTM, a CNN or a smaller transformer (student.arch)",
+                      "distil_rnn_gpt2 distill.teacher=runs/lora_gpt2",
                       "check the teacher, print the student's parameter count and exit")
     for name in ("train-student", "train-rnn"):  # train-rnn: its old name (it trains any student.arch)
-        _training_command(sub, name, cmd_train_student, "train a student from scratch on the labels (the baseline)"
+        _training_command(sub, name, cmd_train_student, "train a student (student.arch: rnn, bilstm, cnn, "
+                          "transformer) from scratch on the labels: the distillation's baseline"
                           + ("; the old name of train-student" if name == "train-rnn" else ""),
-                          "configs/rnn_scratch.yaml", "print the student's parameter count and exit")
+                          "rnn_scratch", "print the student's parameter count and exit")
 
     r = sub.add_parser("reproduce", help="the five runs of the reference study and its table", parents=[_debug_flag()],
                        description="Reproduce the reference table: LoRA gpt2, LoRA gpt2-medium, distillation from "
@@ -120,11 +130,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     i = sub.add_parser("import-peft", help="a PEFT adapter dir -> a run dir (continue with train-lora --resume)", parents=[_debug_flag()],
                        epilog=f"example: {PROG} import-peft exports/adapter configs/smoke.yaml --out runs/imported")
     i.add_argument("peft_dir")
-    i.add_argument("config", help="YAML config naming the same base (model.path / model.name), data and training")
+    i.add_argument("config", help="a YAML config or a packaged config's name, naming the same base (model.path / "
+                   "model.name), data and training")
     i.add_argument("overrides", nargs="*", help="section.key=value overrides")
     i.add_argument("--out", required=True, help="the run dir to create")
     i.set_defaults(handler=cmd_import_peft)
-    m = sub.add_parser("merge", help="a LoRA run -> a plain Hugging Face GPT-2 checkpoint (Flax + PyTorch) + head", parents=[_debug_flag()],
+    m = sub.add_parser("merge", help="a LoRA run -> a plain Hugging Face checkpoint of its family (config.json + "
+                       "model.safetensors, the head included)", parents=[_debug_flag()],
                        epilog=f"example: {PROG} merge runs/smoke exports/smoke_merged")
     m.add_argument("run_dir")
     m.add_argument("out_dir")
@@ -178,12 +190,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "temporary dir)")
     b.add_argument("--shard-mb", type=int, default=500, help="--load: the checkpoint's shard size in MB")
     b.set_defaults(handler=cmd_bench)
-    v = sub.add_parser("evaluate", help="score a run (LoRA, distilled student, RNN baseline) on CoLA dev sets or a "
-                       "TSV file", parents=[_debug_flag()],
-                       description="Accuracy, MCC, confusion matrix and accuracy per CoLA source of a run's "
-                       "checkpoint on each set asked for (default: in_domain and out_of_domain), with the run's own "
-                       "tokenizer, max_length, pooling and dtypes. Prints a table and writes RUN_DIR/evaluation.json; "
-                       "--json prints that JSON instead and writes nothing.",
+    v = sub.add_parser("evaluate", help="score a run (LoRA, distilled student, student baseline) on its validation "
+                       "and reported sets, CoLA's dev sets or any table file", parents=[_debug_flag()],
+                       description="Score a run (LoRA, distilled student, student baseline) on its validation "
+                       "and reported sets, CoLA's dev sets or any table file: accuracy, MCC, F1 and a confusion "
+                       "matrix (CoLA: accuracy per source; a regression: Pearson and Spearman) of the run's checkpoint "
+                       "on each set asked for (default: a CoLA run's in_domain and out_of_domain, a table run's "
+                       "validation and reported files), with the run's own tokenizer, max_length, pooling and dtypes. "
+                       "Prints a table and writes RUN_DIR/evaluation.json; --json prints that JSON instead and writes "
+                       "nothing.",
                        epilog=f"example: {PROG} evaluate runs/lora_gpt2 --data in_domain out_of_domain glue")
     v.add_argument("run_dir", help="a run directory (or its checkpoints/ dir)")
     v.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to score (default: best)")
@@ -200,7 +215,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "train.eval_batch_size, which gives back its recorded validation numbers exactly)")
     v.add_argument("--json", action="store_true", help="print the results as JSON on stdout (no table, no file)")
     v.set_defaults(handler=cmd_evaluate)
-    pr = sub.add_parser("predict", help="label sentences or pairs with a run (CoLA: acceptable / unacceptable)",
+    pr = sub.add_parser("predict", help="label sentences or pairs with a run (its label names; CoLA: acceptable / "
+                        "unacceptable)",
                         parents=[_debug_flag()],
                         description="The label a run gives each sentence and its probability, in input order; a "
                         "sentence longer than the run's data.max_length is flagged (only its first max_length tokens "
@@ -217,7 +233,42 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     pr.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     pr.add_argument("--json", action="store_true", help="print a JSON list (sentence, label, probability, truncated)")
     pr.set_defaults(handler=cmd_predict)
+    _config_command(sub)
     return parser, dict(sub.choices)
+
+
+def _config_command(sub) -> None:
+    from lora_kd_jax.core.config.reference import REGENERATE
+
+    c = sub.add_parser("config", help="every config key: its default, the value CONFIG and the overrides give it, "
+                       "where that came from, and its doc", parents=[_debug_flag()],
+                       description="Every config key with its default, its resolved value (after CONFIG and the "
+                       "overrides), where that value came from, and its doc. Without CONFIG: the defaults.",
+                       epilog=f"example: {PROG} config smoke train.lr=3e-4")
+    c.add_argument("config", nargs="?", default=None, help=CONFIG_HELP)
+    c.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
+    c.add_argument("--json", action="store_true", help="print the same as JSON")
+    c.add_argument("--markdown", action="store_true", help="print the reference of every key as Markdown (the "
+                   f"docs page): {REGENERATE}")
+    c.set_defaults(handler=cmd_config)
+
+
+def _flags_meant_as_keys(command: str, parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """`--epochs 3`, as other trainers take it, is a config key here: a UsageError naming the override it means
+    (argparse would call every word after it an unrecognized argument). Only for commands that take overrides."""
+    if "overrides" not in {a.dest for a in parser._actions}:
+        return
+    options = list(parser._option_string_actions)
+    for i, word in enumerate(argv):
+        flag, _, value = word.partition("=")
+        if not flag.startswith("--") or flag == "--" or any(o.startswith(flag) for o in options):
+            continue  # an option of the command (argparse takes unambiguous prefixes too)
+        if not value and i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]:
+            value = argv[i + 1]
+        close = suggestions(flag.lstrip("-").replace("-", "_"), all_keys())
+        if close:
+            raise UsageError(f"{flag} is not an option of {command}; config keys are set as section.key=value: "
+                             f"{did_you_mean(close, value or 'VALUE')}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -228,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if first is None or argv[first] not in commands or any(a not in ("--debug",) for a in argv[:first]):
         parser.parse_args(argv)  # --help, no command, an unknown one: argparse says so and exits
         parser.error(f"unrecognized arguments before the command: {' '.join(argv[:first])}")
+    with clean_exit("--debug" in argv):
+        _flags_meant_as_keys(argv[first], commands[argv[first]], argv[first + 1:])
     args = commands[argv[first]].parse_intermixed_args(argv[first + 1:])
     setup_logging()
     with clean_exit(args.debug or "--debug" in argv[:first]):

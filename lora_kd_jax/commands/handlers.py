@@ -6,15 +6,26 @@ import argparse
 import logging
 import sys
 
-from lora_kd_jax.core.config import Config, load_config
+from lora_kd_jax.commands.settings import load_named
+from lora_kd_jax.core.config import Config
 from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.core.logs import LOG_FORMAT
 
 PROG = "lora-kd-jax"
 
 
+# libraries whose notes are not the user's business: JAX's INFO on backend probing ("Unable to initialize backend
+# 'tpu'") and cache set-up ("Resetting cache at <empty>"; its warnings stay, e.g. a GPU without a CUDA jaxlib), and
+# the absl warnings Orbax gives at every read-only restore ("CheckpointManagerOptions.read_only=True, setting
+# save_interval_steps=0", "Given directory is read only")
+QUIET = {"jax": logging.WARNING, "absl": logging.ERROR, "orbax": logging.ERROR}
+
+
 def setup_logging() -> None:
+    """INFO lines of this package on the console; the libraries in QUIET only from their level up."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    for name, level in QUIET.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def report(summary: dict, run_dir: str) -> None:
@@ -45,7 +56,8 @@ def report(summary: dict, run_dir: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    """CONFIG (a YAML path or a packaged config's name) with the command line's overrides."""
+    return load_named(args.config, args.overrides).config
 
 
 def cmd_train_lora(args: argparse.Namespace) -> None:
@@ -224,11 +236,6 @@ def _seed_counts(value: str) -> list[int]:
     return counts
 
 
-def _quiet_checkpoint_reader() -> None:
-    """Orbax warns at every read-only restore (absl WARNING); evaluate and predict only ever read."""
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import json
 
@@ -236,7 +243,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from lora_kd_jax.runs import reader as runs
     from lora_kd_jax.training import runtime
 
-    _quiet_checkpoint_reader()
     if args.limit < 0 or (args.batch_size is not None and args.batch_size < 1):
         raise UsageError(f"--limit {args.limit}, --batch-size {args.batch_size}: expected --limit >= 0 and "
                          "--batch-size >= 1")
@@ -275,7 +281,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from lora_kd_jax.training import runtime
     from lora_kd_jax.training.restore import open_run
 
-    _quiet_checkpoint_reader()
     given = [bool(args.sentences), bool(args.file), bool(args.pair)]
     if sum(given) != 1:
         raise UsageError("give the sentences on the command line, --pair FIRST SECOND, or --file FILE (one per line), "

@@ -11,14 +11,12 @@ import dataclasses
 import logging
 from typing import Any
 
-from pathlib import Path
-
 from lora_kd_jax.core.config import Config
 from lora_kd_jax.data import tables
 from lora_kd_jax.data.cola import HUB, describe_source, limit_rows, load_columns, n_rows
 from lora_kd_jax.data.encoding import EncodedSplit, encode, encode_pairs, encode_splits
 from lora_kd_jax.data.errors import DataError
-from lora_kd_jax.data.tasks import HUB_GLUE, GLUE, is_table_run, label_names
+from lora_kd_jax.data.tasks import HUB_GLUE, GLUE, is_table_run, label_names, table_files
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +44,6 @@ def load_splits(cfg: Config, tokenizer: Any) -> Splits:
     rows = {s: n_rows(c) for s, c in full.items()}
     encoded = encode_splits(limit_rows(full, cfg.data.limit), tokenizer, cfg.data.max_length)
     return Splits(encoded, describe_source(cfg.data.dir), rows)
-
-
-def table_files(cfg: Config) -> dict[str, str]:
-    """Split name -> table file of a run: 'train', 'validation', then each data.report file by its stem (a stem
-    taken twice gets its position appended)."""
-    d = cfg.data
-    out = {"train": d.train, "validation": d.validation}
-    for i, path in enumerate(d.report):
-        name = Path(path).stem
-        out[name if name not in out else f"{name}_{i + 1}"] = path
-    return out
 
 
 def encode_table(table: tables.Table, cfg: Config, tokenizer, limit: int = 0) -> EncodedSplit:

@@ -104,11 +104,16 @@ def _read_table(path: str, _size: int, _mtime: int) -> Table:
     return Table(path, columns, first, lines)
 
 
+def blank_text(v: Any) -> bool:
+    """A text cell with nothing to read: missing, NaN or only spaces."""
+    return v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip()
+
+
 def texts(table: Table, column: str, key: str) -> list[str]:
     """The text column `column` (config key `key`): every value non-blank text."""
     values = table.column(column, key)
     for i, v in enumerate(values):
-        if v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip():
+        if blank_text(v):
             raise DataError(f"{table.where(i, column)}: empty text; every row needs non-blank text in {key}")
     return [str(v) for v in values]
 
@@ -185,38 +190,51 @@ def _check_mixed(table: Table, column: str, kinds: list[str]) -> None:
                         f"this column holds {many} elsewhere ({len(few)} row(s) differ); use one type")
 
 
+def label_id(v: Any, labels: LabelSet) -> tuple[int, str]:
+    """(the id of one classification label, "") or (-1, what is wrong with it): integers are ids, strings name
+    one of `labels`."""
+    kind = _kind(v)
+    if kind == "blank":
+        return -1, "empty label; every row needs one"
+    if kind == "int":
+        k = int(float(v))
+        if 0 <= k < len(labels.names):
+            return k, ""
+        return -1, (f"label {k} is outside the training label set (ids 0..{len(labels.names) - 1}: "
+                    f"{', '.join(labels.names)})")
+    if kind == "text" and str(v).strip() in labels.names:
+        return labels.names.index(str(v).strip()), ""
+    return -1, f"label {v!r} is not in the training label set ({', '.join(labels.names)})"
+
+
+def label_value(v: Any) -> tuple[float, str]:
+    """(one regression label as a number, "") or (nan, what is wrong with it)."""
+    if _kind(v) == "blank":
+        return math.nan, "empty label; every row needs one"
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return math.nan, f"regression label {v!r} is not a number"
+    return (x, "") if math.isfinite(x) else (math.nan, f"regression label {v!r} is not a finite number")
+
+
 def to_ids(table: Table, column: str, labels: LabelSet) -> np.ndarray:
     """int32 ids of a classification label column: integers as they are, strings by their index in `labels`."""
     out = np.zeros(len(table), np.int32)
-    index = {name: i for i, name in enumerate(labels.names)}
-    values = table.column(column, "data.label")
-    for i, v in enumerate(values):
-        kind = _kind(v)
-        if kind == "int":
-            k = int(float(v))
-            if not 0 <= k < len(labels.names):
-                raise DataError(f"{table.where(i, column)}: label {k} is outside the training label set (ids 0.."
-                                f"{len(labels.names) - 1}: {', '.join(labels.names)})")
-        elif kind == "text" and str(v).strip() in index:
-            k = index[str(v).strip()]
-        else:
-            raise DataError(f"{table.where(i, column)}: label {v!r} is not in the training label set "
-                            f"({', '.join(labels.names)})")
-        out[i] = k
+    for i, v in enumerate(table.column(column, "data.label")):
+        out[i], problem = label_id(v, labels)
+        if problem:
+            raise DataError(f"{table.where(i, column)}: {problem}")
     return out
 
 
 def to_floats(table: Table, column: str) -> np.ndarray:
     """float32 values of a regression label column; a non-numeric value is an error naming its row."""
-    values = table.column(column, "data.label")
     out = np.zeros(len(table), np.float32)
-    for i, v in enumerate(values):
-        try:
-            out[i] = float(v)
-        except (TypeError, ValueError):
-            raise DataError(f"{table.where(i, column)}: regression label {v!r} is not a number") from None
-        if not math.isfinite(out[i]):
-            raise DataError(f"{table.where(i, column)}: regression label {v!r} is not a finite number")
+    for i, v in enumerate(table.column(column, "data.label")):
+        out[i], problem = label_value(v)
+        if problem:
+            raise DataError(f"{table.where(i, column)}: {problem}")
     return out
 
 

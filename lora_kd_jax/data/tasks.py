@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lora_kd_jax.core.config import Config, ConfigError
 from lora_kd_jax.data import tables
+from lora_kd_jax.data.checks import checked_labels
 from lora_kd_jax.data.cola import HUB, LABEL_NAMES
 
 
@@ -53,6 +54,17 @@ GLUE: dict[str, GluePreset] = {
 HUB_GLUE = "nyu-mll/glue"
 
 
+def table_files(cfg: Config) -> dict[str, str]:
+    """Split name -> table file of a run: 'train', 'validation', then each data.report file by its stem (a stem
+    taken twice gets its position appended)."""
+    d = cfg.data
+    out = {"train": d.train, "validation": d.validation}
+    for i, path in enumerate(d.report):
+        name = Path(path).stem
+        out[name if name not in out else f"{name}_{i + 1}"] = path
+    return out
+
+
 def label_names(cfg: Config) -> tuple[str, ...]:
     """A run's label names by id: data.labels, or CoLA's (0 unacceptable, 1 acceptable); () for regression."""
     if cfg.data.problem == "regression":
@@ -91,12 +103,14 @@ def apply_preset(cfg: Config) -> Config:
 
 def resolve_task(cfg: Config) -> Config:
     """`cfg` with its task settled: the GLUE preset applied, and for table files the label set of data.train
-    (data.problem, data.labels, model.num_labels) written in. CoLA runs come back unchanged."""
+    (data.problem, data.labels, model.num_labels) written in, once every row of every file was checked (`checks`).
+    CoLA runs come back unchanged."""
     cfg = apply_preset(cfg)
     d = cfg.data
     if not d.train:
         return cfg
-    labels = tables.infer_labels(tables.read_table(d.train), d.label, d.problem, d.labels, cfg.model.num_labels)
+    found = {name: tables.read_table(path) for name, path in table_files(cfg).items()}
+    labels = checked_labels(found, d, cfg.model.num_labels)  # every bad row of every file, before any model
     data = dataclasses.replace(d, problem=labels.problem, labels=list(labels.names))
     model = dataclasses.replace(cfg.model, num_labels=labels.n_outputs)
     out = dataclasses.replace(cfg, data=data, model=model)

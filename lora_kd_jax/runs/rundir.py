@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ from lora_kd_jax.core.errors import UserError
 from lora_kd_jax.core.logs import LOG_FORMAT
 from lora_kd_jax.core.precision import resolved_config
 from lora_kd_jax.runs import seed_dirs
+
+HUB = "hub"  # data.dir's word for the hub copy (data.cola.HUB; data sits beside runs, so it is not imported)
 
 CONFIG_FILE, METRICS_FILE, LOG_FILE = "config.yaml", "metrics.json", "log.txt"
 LOCK_FILE = ".lock"
@@ -33,7 +36,8 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
     """Create run.dir, check it does not hold a different run, write config.yaml, attach the log file.
 
     config.yaml holds the resolved config: "auto" dtypes as this backend resolves them (precision.py), so a run
-    started in bf16 on a GPU is refused, naming model.dtype, rather than continued in fp32 on a CPU. A config.yaml
+    started in bf16 on a GPU is refused, naming model.dtype, rather than continued in fp32 on a CPU; and its local
+    paths absolute (`absolute_paths`), so evaluate, predict and distillation read the run from any directory. A config.yaml
     written before a key existed reads with that key's default. In a multi-process run only process 0 writes; the
     others just check."""
     import jax
@@ -56,7 +60,7 @@ def prepare(cfg: Config, *, resume: bool = False) -> Path:
                               "run.overwrite=true to start again")
     if cfg.run.overwrite and not resume:  # a fresh start: nothing of the previous run may mix with this one
         _remove_outputs(run_dir)
-    save_config(resolved_config(cfg), cfg_path)
+    save_config(recorded_config(cfg), cfg_path)
     _prepare_seed_dirs(cfg, run_dir)
     attach_log(run_dir)
     return run_dir
@@ -67,7 +71,7 @@ def _prepare_seed_dirs(cfg: Config, run_dir: Path) -> None:
     for seed in cfg.train.seeds:
         seed_cfg = seed_dirs.seed_config(cfg, seed)
         make_dir(Path(seed_cfg.run.dir))
-        save_config(resolved_config(seed_cfg), Path(seed_cfg.run.dir) / CONFIG_FILE)
+        save_config(recorded_config(seed_cfg), Path(seed_cfg.run.dir) / CONFIG_FILE)
 
 
 def make_dir(run_dir: Path) -> None:
@@ -165,8 +169,31 @@ def _undo_start(run_dir: Path, *, remove_dir: bool) -> None:
 
 
 def recorded(cfg: Config) -> dict[str, Any]:
-    """What config.yaml records for `cfg`: every setting, "auto" dtypes resolved on this backend."""
-    return to_dict(resolved_config(cfg))
+    """What config.yaml records for `cfg` (`recorded_config`), as a dict."""
+    return to_dict(recorded_config(cfg))
+
+
+def recorded_config(cfg: Config) -> Config:
+    """What config.yaml records for `cfg`: every setting, "auto" dtypes resolved on this backend, and local paths
+    absolute (`absolute_paths`)."""
+    return absolute_paths(resolved_config(cfg))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """`cfg` with its local paths absolute (model.path, the data files and dirs, a local tokenizer dir, the teacher
+    run, the transfer set's files), so evaluate, predict and a distillation read the run from any directory.
+    The packaged data (""), `data.dir=hub` and a tokenizer's hub name stay as they are."""
+    absolute = lambda p: os.path.abspath(os.path.expanduser(p)) if p else p  # noqa: E731
+    d, t = cfg.data, cfg.data.tokenizer
+    local_tokenizer = bool(t) and (Path(t).expanduser().exists() or t.startswith((".", "/", "~")))
+    data = dataclasses.replace(d, dir=d.dir if d.dir == HUB else absolute(d.dir), train=absolute(d.train),
+                               validation=absolute(d.validation), report=[absolute(r) for r in d.report],
+                               tokenizer=absolute(t) if local_tokenizer else t)
+    distill = dataclasses.replace(cfg.distill, teacher=absolute(cfg.distill.teacher),
+                                  unlabeled=absolute(cfg.distill.unlabeled),
+                                  logits_cache=absolute(cfg.distill.logits_cache))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path)), data=data,
+                               distill=distill)
 
 
 def stored_config(run_dir: str | os.PathLike) -> dict[str, Any]:

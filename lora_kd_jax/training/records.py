@@ -43,7 +43,7 @@ def write_metrics(task: Any, lanes: Any, run: Any, *, plot: bool) -> dict:
         if is_main_process():
             rundir.write_metrics(lane_dir, {"kind": task.kind, "epochs": history, "summary": summaries[-1]})
             if plot:
-                plots.plot_curves(history, lane_dir, title)
+                plots.plot_curves(history, lane_dir, title, task.select)
                 plots.plot_optimizer({"train": history}, lane_dir, title)
     if not lanes.seeded:
         return summaries[0]

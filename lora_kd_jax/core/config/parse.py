@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -13,6 +12,7 @@ from typing import Any, Sequence
 import yaml
 
 from lora_kd_jax.core.config.schema import Config
+from lora_kd_jax.core.config.suggest import did_you_mean, suggestions
 from lora_kd_jax.core.config.validate import ConfigError, validate
 
 
@@ -79,13 +79,28 @@ def all_keys() -> list[str]:
 
 
 def unknown(key: str, known: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    """The error for an unknown key: the key it most likely meant (`suggest`), else the keys of its section (or
+    the sections)."""
+    close = suggestions(key, known)
+    if close:
+        return ConfigError(f"unknown config key '{key}'; {did_you_mean(close)}")
+    section = key.split(".")[0]
+    same = [k for k in known if "." in k and k.split(".")[0] == section] if "." in key else []
+    listed = same or sorted(k for k in known if "." not in k) or sorted(known)
+    what = f"the {section} keys are" if same else "the sections are" if "." not in key else "known keys"
+    return ConfigError(f"unknown config key '{key}'; {what}: {', '.join(listed)}")
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build and validate a Config from a nested dict (YAML content)."""
+    cfg = build(raw, source)
+    validate(cfg)
+    return cfg
+
+
+def build(raw: dict[str, Any] | None, source: str = "config") -> Config:
+    """A Config from a nested dict, every key known and every value of its type; not yet `validate`d (the checks
+    that relate keys need the whole config, which may come from more than one source)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -108,9 +123,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                 raise unknown(f"{name}.{k}", known)
             kwargs[k] = coerce(f"{name}.{k}", v, types_[k])
         built[name] = cls(**kwargs)
-    cfg = Config(**built)
-    validate(cfg)
-    return cfg
+    return Config(**built)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -126,7 +139,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         k, text = item.split("=", 1)
         parts = k.strip().split(".")
         if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"override '{item}': key must look like section.key (e.g. train.lr=1e-3)")
+            close = suggestions(k.strip(), all_keys())
+            hint = did_you_mean(close, text) if close else "e.g. train.lr=1e-3"
+            raise ConfigError(f"override '{item}': key must look like section.key; {hint}")
         value = _yaml_number(yaml.safe_load(text)) if text.strip() else ""
         out.setdefault(parts[0], {})[parts[1]] = value
     return out
@@ -142,42 +157,26 @@ def _yaml_number(value: Any) -> Any:
     return value
 
 
-def _numbers_in(raw: Any) -> Any:
+def numbers_in(raw: Any) -> Any:
+    """Every YAML 1.1 string that is a number anyone would write (`1e-3`) in a nested structure, as that number."""
     if isinstance(raw, dict):
-        return {k: _numbers_in(v) for k, v in raw.items()}
+        return {k: numbers_in(v) for k, v in raw.items()}
     if isinstance(raw, list):
-        return [_numbers_in(v) for v in raw]
+        return [numbers_in(v) for v in raw]
     return _yaml_number(raw)
 
 
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config, apply overrides, validate. `path=None` starts from the defaults."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        if p.is_dir():
-            raise ConfigError(f"{p} is a directory; expected a YAML config file (e.g. configs/smoke.yaml)")
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        source = str(p)
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: cannot be read: {e}") from None
-        if raw is None:
-            raise ConfigError(f"{p} is empty: a run from it would silently use every default; put at least one "
-                              "setting in it (see configs/*.yaml)")
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (model:, data:, train:, ...), got a YAML "
-                              f"{type(raw).__name__}")
-    raw = _numbers_in(raw)
-    try:
-        return from_dict(apply_overrides(raw, overrides), source)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+def show(value: Any) -> str:
+    """A value as an override writes it (`train.lr=0.001`, `data.report=[a.tsv, b.tsv]`, `data.dir=""`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value if value else '""'
+    return str(value)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -25,6 +25,9 @@ def key(default: Any, doc: str, **checks: Any) -> Any:
 
 @dataclasses.dataclass
 class ModelConfig:
+    """The classifier's base: a GPT-2, BERT, RoBERTa or Llama checkpoint (a released size, a hub id, a local
+    dir) or a random init of a given size."""
+
     name: str = key("gpt2", "A released size (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), `custom` (sizes "
                     "from model.n_layer/n_embd/n_head), or a hub id ORG/NAME of any family, whose config.json decides "
                     "model.type.")
@@ -50,6 +53,9 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
+    """What a run reads: CoLA (packaged, hub or a local dir), a GLUE task, or your own table files; the
+    tokenizer and the length rows are cut to."""
+
     dir: str = key("", "Where CoLA is read: \"\" = the packaged CoLA v1.1, `hub` = nyu-mll/glue, or a local dir (raw "
                    "or GLUE layout; with data.task, that task's GLUE files).")
     tokenizer: str = key("", "\"\" = the model's own (the packaged GPT-2 files for GPT-2, model.path's otherwise), a hub "
@@ -76,6 +82,9 @@ class DataConfig:
 
 @dataclasses.dataclass
 class LoraConfig:
+    """The adapters: rank, scale, init (the study's seed init, PEFT's standard, PiSSA, OLoRA), rsLoRA, DoRA,
+    LoRA+ and the modules they adapt."""
+
     rank: int = key(4, "Rank r of every adapter.", positive=True)
     alpha: float = key(4.0, "Scale alpha / rank (rsLoRA: alpha / sqrt(rank)); the seed init has no scaling.",
                        positive=True)
@@ -96,6 +105,9 @@ class LoraConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
+    """The optimisation: batch, learning rate and its schedule, epochs, seeds (one or many at once) and the
+    metric that picks the best epoch."""
+
     batch_size: int = key(128, "Rows per optimizer step (of every seed).", positive=True)
     eval_batch_size: int = key(0, "Rows per evaluation batch; 0 = train.batch_size.", non_negative=True)
     select: Literal["", "accuracy", "mcc", "f1", "macro_f1", "pearson", "spearman"] = key(
@@ -128,6 +140,9 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class StudentConfig:
+    """The distilled (or from-scratch) student: the study's RNN, a BiLSTM, a CNN or a smaller transformer of the
+    teacher's family."""
+
     vocab_size: int = key(50257, "The student's vocabulary (a teacher of another family sets its own).", positive=True)
     embed_dim: int = key(768, "Token embedding width.", positive=True)
     hidden_dim: int = key(768, "Recurrent width (rnn, bilstm).", positive=True)
@@ -159,6 +174,9 @@ STUDENT_KEYS: dict[str, tuple[str, ...]] = {  # student.* keys that one student.
 
 @dataclasses.dataclass
 class DistillConfig:
+    """Distillation from a finished LoRA run: the loss and its temperature, and the transfer set (augmented
+    copies, unlabeled text)."""
+
     teacher: str = key("", "A LoRA run dir (or its checkpoints/ dir): the teacher.")
     temperature: float = key(2.0, "T of the T²-scaled KL loss.", positive=True)
     alpha: float = key(0.0, "Weight of the hard-label cross-entropy; 0 = KL only (the study's).", non_negative=True)
@@ -176,6 +194,8 @@ class DistillConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
+    """How the devices of a multi-device run are split between data parallelism and sharding the frozen base."""
+
     data: int = key(-1, "Data-parallel devices; -1 = every device left after mesh.fsdp.")
     fsdp: int = key(1, "Devices that shard the frozen base weights (FSDP-style); batches split over both axes.",
                     positive=True)
@@ -183,6 +203,8 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class DistributedConfig:
+    """Multi-host runs (jax.distributed)."""
+
     enabled: bool = key(False, "Call jax.distributed.initialize (multi-host); SLURM/TPU settings are detected.")
     coordinator_address: str = key("", "host:port of process 0; \"\" = detected.")
     num_processes: int = key(0, "0 = detected.")
@@ -192,6 +214,8 @@ class DistributedConfig:
 
 @dataclasses.dataclass
 class RunConfig:
+    """Where and how a run writes: its directory, the compilation cache, Weights & Biases."""
+
     dir: str = key("runs/default", "The run directory: config, metrics, plots, checkpoints, log.")
     overwrite: bool = key(False, "Allow writing into a run dir that holds a different run.")
     compilation_cache: str = key("~/.cache/lora_kd_jax/xla", "XLA's persistent compilation cache; \"\" = off.")
@@ -200,6 +224,8 @@ class RunConfig:
 
 @dataclasses.dataclass
 class Config:
+    """A whole run's settings, one section each; `lora-kd-jax config` lists every key."""
+
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)

@@ -121,7 +121,8 @@ def _validate_transfer(cfg: Config) -> None:
 
 def _validate_student(cfg: Config) -> None:
     """The keys one student architecture reads (`STUDENT_KEYS`: the RNN's cell, bidirectional and the original's
-    last_step pooling; the transformer's layers and heads) mean nothing to the others: refused rather than ignored."""
+    last_step pooling; the transformer's layers and heads) mean nothing to the others: refused rather than ignored
+    (`load` drops those a config file set, with a log line, before this check)."""
     s = cfg.student
     if not s.cnn_widths or any(w <= 0 for w in s.cnn_widths):
         raise ConfigError(f"student.cnn_widths: needs one or more widths > 0, got {s.cnn_widths}")
@@ -130,11 +131,12 @@ def _validate_student(cfg: Config) -> None:
         if reader == s.arch:
             continue
         for key in keys:
-            value = getattr(s, key)
-            if value != getattr(defaults, key):
+            value, default = getattr(s, key), getattr(defaults, key)
+            if value != default:
+                shown = str(default).lower() if isinstance(default, bool) else default
                 raise ConfigError(f"student.{key}={value} with student.arch={s.arch}: only the {reader} student "
-                                  f"reads it (the {s.arch} student has its own fixed shape); drop it or set "
-                                  f"student.arch={reader}")
+                                  f"reads it (the {s.arch} student has its own fixed shape); drop it (the value "
+                                  f"that works: student.{key}={shown}, its default) or set student.arch={reader}")
     ARCH_CHECKS.get(s.arch, lambda _: None)(s)
 
 
