@@ -9,6 +9,7 @@ usage: mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8
 """
 import json
 import sys
+from pathlib import Path
 
 import jax
 from flax import traverse_util
@@ -20,7 +21,7 @@ from lora_kd_jax.models.build import build_classifier
 from lora_kd_jax.distill.losses import teacher_objective
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_train_step
-from tiny import random_batch, tiny_config
+from tiny import log_messages, random_batch, tiny_config
 
 
 FAMILY_VOCAB = 1000  # a random-init encoder's vocabulary: the batch's ids are drawn below it
@@ -178,11 +179,13 @@ def main() -> None:
         one = finetune.train_lora(tiny_config(*common, "mesh.data=1", f"run.dir={root}/one"), progress=False)
         finetune.train_lora(tiny_config(*common, "mesh.data=8", "train.epochs=1", f"run.dir={root}/split"),
                                  progress=False)
+        since = Path(f"{root}/split/log.txt").stat().st_size
         finetune.train_lora(tiny_config(*common, "mesh.data=1", f"run.dir={root}/split"), resume=True,
                                  progress=False)
+        resumed_log = log_messages(Path(f"{root}/split"), since)
         a = json.load(open(f"{root}/one/metrics.json"))["epochs"]
         b = json.load(open(f"{root}/split/metrics.json"))["epochs"]
-        json.dump({"one": a, "split": b, "summary_one": one}, open(sys.argv[3], "w"))
+        json.dump({"one": a, "split": b, "summary_one": one, "resumed_log": resumed_log}, open(sys.argv[3], "w"))
     elif mode == "load":
         json.dump(loaded_shards(sys.argv[2]), open(sys.argv[3], "w"))
     else:

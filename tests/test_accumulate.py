@@ -62,6 +62,24 @@ def test_four_micro_batches_of_8_give_the_parameters_of_one_batch_of_32(head):
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(micro))) > 1e-4
 
 
+def test_clipping_with_accumulation_clips_the_whole_batchs_gradient():
+    """train.max_grad_norm with accumulate=4: the norm clipped is that of the summed gradient of the batch (so the
+    parameters equal one batch of 32 with the same clipping), and the clip is active (plain Adam ends elsewhere)."""
+    from lora_kd_jax.core.config import TrainConfig
+
+    cfg = tiny_config("lora.dropout=0.0", "model.dtype=float32", "model.base_dtype=float32")
+    model, params = build_classifier(cfg, key())
+    results = []
+    for k, clip in ((1, 0.05), (K, 0.05), (K, 0.0)):
+        train = TrainConfig(lr=1e-2, max_grad_norm=clip)
+        setup = train_state(model, jax.tree.map(jnp.copy, params), train, key(1))
+        step = make_train_step(model, setup.tx, cross_entropy_objective, accumulate=k, lr=1e-2)
+        results.append(run(step, setup.state, {"frozen": setup.frozen}, batches())[0])
+    whole, micro, unclipped = results
+    assert_same(whole, micro)
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(micro), jax.tree.leaves(unclipped))) > 1e-4
+
+
 def test_a_seeded_distillation_step_accumulates_per_seed():
     """Two seeds, cached teacher logits per seed (vmapped constants): accumulate=4 equals the whole batch."""
     cfg = load_config(None, ["student.embed_dim=16", "student.hidden_dim=16", "student.pooling=last_token"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import lora_kd_jax
 from tiny import run_python
 
@@ -57,13 +59,16 @@ def test_the_readme_python_example_runs(tmp_path):
     assert "acceptable" in done.stdout  # the printed prediction carries a label name
 
 
-def test_every_test_the_readme_names_exists():
-    """A guarantee in the README names the test that proves it: each `tests/test_x.py::test_y` (and each bare
-    `::test_y` beside one) must be a test function that exists, whole (not cut at a line end)."""
-    text = (REPO / "README.md").read_text()
+@pytest.mark.parametrize("page", ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))])
+def test_every_test_the_readme_and_docs_name_exists(page):
+    """A guarantee in the README or a docs page names the test that proves it: each `tests/test_x.py::test_y` (and
+    each bare `::test_y` beside one) must be a test function that exists, whole (not cut at a line end)."""
+    text = (REPO / page).read_text()
     sources = {p.name: p.read_text() for p in (REPO / "tests").glob("test_*.py")}
     named = re.findall(r"tests/(test_\w+\.py)::(test_\w+)", text)
     missing = [f"{f}::{n}" for f, n in named if not re.search(rf"def {n}\b", sources.get(f, ""))]
     bare = set(re.findall(r"(?<![\w./])::(test_\w+)", text))
     missing += [f"::{n}" for n in sorted(bare) if not any(re.search(rf"def {n}\b", src) for src in sources.values())]
-    assert len(named) >= 10 and not missing, f"README names tests that do not exist: {missing}"
+    assert not missing, f"{page} names tests that do not exist: {missing}"
+    if page == "README.md":
+        assert len(named) >= 10

@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
-from tiny import make_mixed_length_batch, parity_config  # noqa: E402
+from tiny import assert_resumed, latest_step, log_messages, make_mixed_length_batch, parity_config  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import GPT2Config, GPT2ForSequenceClassification  # noqa: E402
 
@@ -244,8 +244,11 @@ def test_import_peft_run_dir_resumes_training(base_dir, tmp_path):
     assert _err(_ours(model, params, batch), _torch_logits(peft_model, batch)) < ATOL
     with pytest.raises(runs_lib.RunError, match="no best checkpoint"):
         _restore(run, "best")
+    from_step, since = latest_step(run), (run / "log.txt").stat().st_size if (run / "log.txt").exists() else 0
     summary = finetune.train_lora(cfg, resume=True, progress=False)
     assert summary["epochs_run"] == 1
+    per_epoch = -(-32 // cfg.train.batch_size)  # data.limit=32
+    assert_resumed(log_messages(run, since), from_step=from_step, to_step=from_step + per_epoch)
     _, _, after = _restore(run, "best")
     moved = _err(after["lora"]["h"]["0"]["attn"]["c_attn"]["a"], params["lora"]["h"]["0"]["attn"]["c_attn"]["a"])
     assert moved > 1e-4  # trained on from the imported adapter

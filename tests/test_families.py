@@ -9,6 +9,7 @@ parity tests' (test_parity_lora, test_parity_train).
 from __future__ import annotations
 
 import copy
+import functools
 import types
 
 import jax
@@ -19,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 import torch_reference as ref_lib  # noqa: E402
-from tiny import XLA_CACHE  # noqa: E402
+from tiny import XLA_CACHE, assert_resumed, log_messages  # noqa: E402
 from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
 
 from lora_kd_jax.training.restore import open_run
@@ -312,19 +313,32 @@ def test_train_lora_resumes_with_seeds_and_a_bf16_base(fam, tmp_path):
 
     def cfg(run, *extra):
         return _config(fam.dir, "data.limit=48", "train.batch_size=16", "train.epochs=2", "train.seeds=[0,1]",
-                       "lora.dropout=0.1", "model.dropout=0.1", "model.base_dtype=bfloat16", f"run.dir={run}", *extra)
+                       "lora.dropout=0.1", "model.dropout=0.1", "model.base_dtype=bfloat16",
+                       "lora.modules_to_save=LayerNorm", f"run.dir={run}", *extra)
 
     finetune.train_lora(cfg(tmp_path / "a"), progress=False)
     finetune.train_lora(cfg(tmp_path / "b", "train.epochs=1"), progress=False)
+    since = (tmp_path / "b" / "log.txt").stat().st_size
     finetune.train_lora(cfg(tmp_path / "b"), resume=True, progress=False)
+    assert_resumed(log_messages(tmp_path / "b", since), from_step=3, to_step=6)  # 48 rows / 16 a epoch
     a, b = (json.loads((tmp_path / r / "metrics.json").read_text())["epochs"] for r in "ab")
     assert len(a) == 2 and a == b
     run = open_run(seed_dir(tmp_path / "b", 1), kind="lora")
     assert run.config.model.type == "roberta" and run.model.describe() == f"{fam.dir}, LoRA rank {RANK}"
     logits = _jax_logits(run.model, run.params, fam.split)
+    # lora.modules_to_save=LayerNorm: every LayerNorm trained in full (moved off the checkpoint's values) ...
+    original = fam.torch.state_dict()
+    for path, torch_name in [(("embeddings", "LayerNorm", "scale"), "roberta.embeddings.LayerNorm.weight"),
+                             (("encoder", "layer", "1", "output", "LayerNorm", "bias"),
+                              "roberta.encoder.layer.1.output.LayerNorm.bias")]:
+        trained = functools.reduce(lambda t, k: t[k], path, run.params["roberta"])
+        assert np.abs(np.asarray(trained, np.float32) - original[torch_name].numpy()).max() > 1e-5, path
     out = export.write_peft_adapter(run.config, run.model, run.params, tmp_path / "adapter")
+    saved = json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert "LayerNorm" in saved, saved
     from transformers import AutoModelForSequenceClassification
 
+    # ... exported in the adapter, which PEFT loads to the same logits (its LayerNorms the trained ones)
     loaded = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(fam.dir), out).eval()
     assert np.abs(_torch_logits(loaded, fam.split) - logits).max() <= ROUND_TRIP_ATOL
     from lora_kd_jax.distill.teacher import check_teacher  # a teacher (tests/test_distill_families.py distils)
@@ -344,7 +358,7 @@ def _torch_targeted(family: str, targets, to_save=None, device: str = "cpu", **s
         model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(family, **sizes))
         wrapped = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=RANK, target_modules=targets,
                                                              modules_to_save=to_save))
-    prefix = f"base_model.model.{FAMILIES[family].prefix}."
+    prefix = f"base_model.model.{FAMILIES[family].torch_prefix}."
     names = sorted({n[len(prefix):].split(".lora_A")[0] for n, _ in wrapped.named_parameters() if ".lora_A." in n})
     n_lora = sum(p.numel() for n, p in wrapped.named_parameters() if ".lora_" in n)
     return names, (*wrapped.get_nb_trainable_parameters(), n_lora)
@@ -357,6 +371,26 @@ TARGET_FORMS = {  # form -> family -> (lora.targets, PEFT's target_modules)
               None: (r"re:.*layer\.1\..*(key|intermediate\.dense)", r".*layer\.1\..*(key|intermediate\.dense)")},
     "all-linear": {None: ("all-linear", "all-linear")},
 }
+
+
+GPT2_TARGET_FORMS = {  # form -> (lora.targets, PEFT's target_modules selecting the same modules)
+    "names": ("attn.c_attn,mlp.c_proj", ["attn.c_attn", "mlp.c_proj"]),
+    "glob": ("h.1.*.c_*", r".*h\.1\..*\.c_[a-z]+"),  # globs are ours: PEFT's equivalent is the regex
+    "regex": (r"re:.*h\.0\..*c_(attn|fc)", r".*h\.0\..*c_(attn|fc)"),
+    "all-linear": ("all-linear", "all-linear"),
+}
+
+
+@pytest.mark.parametrize("form", list(GPT2_TARGET_FORMS))
+def test_gpt2_targets_adapt_what_peft_adapts(form):
+    """GPT-2's target forms (names, globs, re:, all-linear) adapt exactly the Conv1D modules PEFT adapts."""
+    from tiny import tiny_config
+
+    ours, theirs = GPT2_TARGET_FORMS[form]
+    model, _ = build_classifier(tiny_config(f"lora.targets={ours}"), jax.random.key(0), shapes_only=True)
+    got = sorted(".".join(p) for p in model.spec.paths)
+    want, _ = _torch_targeted("gpt2", theirs, device="meta", n_layer=2, n_embd=64, n_head=4)
+    assert got == want and got, (got, want)
 
 
 @pytest.mark.parametrize("form", list(TARGET_FORMS))

@@ -11,7 +11,7 @@ import pytest
 
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.core.config import MeshConfig
-from tiny import XLA_CACHE
+from tiny import XLA_CACHE, assert_resumed
 
 TESTS = Path(__file__).resolve().parent
 REL = 1e-5  # fp32: only the order of the cross-device reductions differs
@@ -64,6 +64,7 @@ def test_checkpoints_restore_across_meshes_8_to_1(tmp_path):
     out = tmp_path / "resume.json"
     run_worker("resume", str(tmp_path), str(out))
     r = json.loads(out.read_text())
+    assert_resumed(r["resumed_log"], from_step=3, to_step=6)  # 48 rows / 16: epoch 2 on 1 device
     for other in ("split",):  # 8 devices then 1, against 1 device throughout
         assert len(r["one"]) == len(r[other]) == 2
         for a, b in zip(r["one"], r[other]):

@@ -101,6 +101,34 @@ def test_clipping_bounds_the_global_norm_of_the_trainable_gradients_only():
     np.testing.assert_allclose(small["lora"]["a"], grads["lora"]["a"] / 8, rtol=1e-6)
 
 
+def test_the_optimizer_clips_before_adam_when_max_grad_norm_is_set():
+    """make_optimizer with train.max_grad_norm is clip-then-Adam on the trainable leaves: two steps (a gradient of
+    norm 80, then one of norm 1) give optax's chain(clip_by_global_norm, adam) updates, and not plain Adam's."""
+    trained = {"lora": PARAMS["lora"], "head": PARAMS["head"], "ln_f": PARAMS["gpt2"]["ln_f"]}
+
+    def grads(scale):
+        g = jax.tree.map(lambda x: scale * jnp.arange(1.0, x.size + 1).reshape(x.shape) / x.size, PARAMS)
+        g["gpt2"]["wte"]["embedding"] = jnp.full((4, 3), 1e6)  # frozen: counts nowhere
+        return g
+
+    def trainable(tree):
+        return {"lora": tree["lora"], "head": tree["head"], "ln_f": tree["gpt2"]["ln_f"]}
+
+    steps = [grads(80.0 / float(optax.global_norm(trainable(grads(1.0))))), grads(1.0)]
+    ours, plain = make_optimizer(TrainConfig(lr=LR, max_grad_norm=1.0), LABELS), make_optimizer(LR, LABELS)
+    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(LR))
+    state, plain_state, ref_state = ours.init(PARAMS), plain.init(PARAMS), ref.init(trained)
+    for g in steps:
+        got, state = ours.update(g, state, PARAMS)
+        unclipped, plain_state = plain.update(g, plain_state, PARAMS)
+        want, ref_state = ref.update(trainable(g), ref_state, trained)
+        for a, b in zip(jax.tree.leaves(trainable(got)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+        assert float(jnp.abs(got["gpt2"]["wte"]["embedding"]).max()) == 0.0
+    # the second step tells clipped from unclipped (Adam's first step is the gradient's sign either way)
+    assert float(jnp.abs(got["lora"]["a"] - unclipped["lora"]["a"]).max()) > 1e-5
+
+
 def test_the_kit_trains_a_tiny_run_end_to_end(tmp_path):
     """Schedule, warm-up, decay and clipping together through the real trainer: it runs, the loss is finite, and
     the run dir records the settings."""

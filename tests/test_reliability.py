@@ -14,7 +14,7 @@ from flax import traverse_util
 from lora_kd_jax.training import finetune
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from lora_kd_jax.training.loop import NonFiniteLoss, run_epochs
-from tiny import XLA_CACHE, tiny_config
+from tiny import XLA_CACHE, assert_resumed, latest_step, log_messages, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 POISON = 50000  # a token id whose embedding the NaN tests set to NaN
@@ -81,8 +81,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, reference):
     metrics_file = killed / "metrics.json"  # absent if the kill landed between the first save and its metrics
     done = json.loads(metrics_file.read_text())["epochs"] if metrics_file.exists() else []
     assert len(done) < EPOCHS  # it really was interrupted
+    from_step, since = latest_step(killed), (killed / "log.txt").stat().st_size
     resumed = subprocess.run([*script_args(killed, EPOCHS), "--resume"], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed(log_messages(killed, since), from_step=from_step, to_step=EPOCHS * 30)  # 480 rows / 16
     assert_same_run(killed, reference)
 
 
@@ -107,7 +109,10 @@ def test_sigterm_saves_mid_epoch_and_resume_gives_the_uninterrupted_result(tmp_p
     monkeypatch.setattr(loop, "prefetch", original)
     _, record = final_trainable(tmp_path / "stopped")
     assert record["next_batch"] > 0  # a checkpoint in the middle of an epoch
+    assert latest_step(tmp_path / "stopped") == 20
+    since = (tmp_path / "stopped" / "log.txt").stat().st_size
     finetune.train_lora(cfg, resume=True, progress=False)
+    assert_resumed(log_messages(tmp_path / "stopped", since), from_step=20, to_step=EPOCHS * 30)
     assert_same_run(tmp_path / "stopped", reference)
 
 

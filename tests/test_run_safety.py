@@ -16,7 +16,7 @@ import pytest
 from lora_kd_jax.commands import cli
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from test_reliability import assert_same_run
-from tiny import XLA_CACHE, one_line_exit
+from tiny import XLA_CACHE, assert_resumed, log_messages, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -86,8 +86,9 @@ def assert_resumed_to_the_reference(run: Path, reference: Path, caplog, *, epoch
     caplog.clear()
     with caplog.at_level("INFO", logger="lora_kd_jax.training.loop"):
         run_cli("train.epochs=3", f"run.dir={run}", "--resume")
-    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed from checkpoint")]
-    assert resumed == [f"resumed from checkpoint step {3 * (epoch - 1) + batch}: epoch {epoch}, batch {batch}"]
+    step = 3 * (epoch - 1) + batch
+    assert f"resumed from checkpoint step {step}: epoch {epoch}, batch {batch}" in caplog.messages
+    assert_resumed(caplog.messages, from_step=step, to_step=9)  # 3 epochs of 3 steps
     assert_same_run(run, reference)
     assert not list((run / "checkpoints").rglob("*orbax-checkpoint-tmp*"))
     best = CheckpointStore(run / "checkpoints", read_only=True).restore_best()
@@ -229,7 +230,9 @@ def test_a_corrupted_newest_step_is_moved_aside_and_the_run_finishes_as_uninterr
     for f in (damaged / "checkpoints" / "latest" / "6" / "state").rglob("*"):
         if f.is_file() and f.name != "_METADATA":
             f.write_bytes(b"garbage")
+    since = (damaged / "log.txt").stat().st_size
     run_cli("train.epochs=3", f"run.dir={damaged}", "--resume")
+    assert_resumed(log_messages(damaged, since), from_step=3, to_step=9)  # from the step before the damaged one
     assert_same_run(damaged, reference)
     assert [p.name.split("-")[:2] for p in (damaged / "checkpoints" / "corrupt").iterdir()] == [["latest", "6"]]
 
@@ -359,9 +362,11 @@ def test_a_missing_best_of_the_latest_step_is_rewritten_on_resume(tmp_path, capl
     run_cli("train.epochs=1", f"run.dir={run}")
     shutil.rmtree(run / "checkpoints" / "best" / "3")
     (run / "checkpoints" / "best" / "3.orbax-checkpoint-tmp-9").mkdir()  # what the cut-off save left
-    with caplog.at_level("WARNING"):
+    caplog.clear()
+    with caplog.at_level("INFO"):
         run_cli("train.epochs=2", f"run.dir={run}", "--resume")
     assert "best checkpoint (step 3) was missing; rewritten" in caplog.text
+    assert_resumed(caplog.messages, from_step=3, to_step=6)
     summary = json.loads((run / "metrics.json").read_text())["summary"]
     best = CheckpointStore(run / "checkpoints", read_only=True).restore_best()
     assert best[2] == summary["best_epoch"] * 3  # the best the run reports is the best on disk

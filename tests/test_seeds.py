@@ -16,7 +16,7 @@ from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import ConfigError
-from tiny import XLA_CACHE, random_batch, sigterm_at_batch, tiny_config
+from tiny import XLA_CACHE, assert_resumed, random_batch, sigterm_at_batch, tiny_config
 
 SEEDS = [0, 1, 2]
 # 96 rows, batches of 32: 3 steps per epoch, 2 epochs; LoRA dropout on, so each seed's dropout keys matter
@@ -249,6 +249,7 @@ def test_a_killed_seeded_run_resumes_to_the_uninterrupted_result(rnn_runs, tmp_p
     with caplog.at_level("INFO", logger="lora_kd_jax.training.loop"):
         distill.train_rnn(cfg, resume=True, progress=False)
     assert "resumed from checkpoint step 2: epoch 1, batch 2" in caplog.messages  # resumed, not restarted
+    assert_resumed(caplog.messages, from_step=2, to_step=6)  # 96 rows / 32, 2 epochs
     done = rnn_runs / "seeded"
     for k in SEEDS:
         assert history(tmp_path / "resumed" / f"seed_{k}") == history(done / f"seed_{k}")

@@ -28,7 +28,7 @@ from lora_kd_jax.training import finetune
 from lora_kd_jax.training.state import seed_states, train_state
 from lora_kd_jax.training.steps import make_train_step
 
-from tiny import PAD_ID, make_mixed_length_batch, tiny_config
+from tiny import PAD_ID, assert_resumed, log_messages, make_mixed_length_batch, tiny_config
 
 torch = pytest.importorskip("torch")
 import torch_reference as ref_lib  # noqa: E402
@@ -289,7 +289,9 @@ def test_two_seeds_distil_resume_to_a_second_epoch_and_evaluate(teacher, tmp_pat
             f"run.dir={tmp_path / 's'}")
     distill.distill(tiny_config(*args), progress=False)
     first = [history(tmp_path / "s" / f"seed_{k}") for k in (0, 1)]
+    since = (tmp_path / "s" / "log.txt").stat().st_size
     distill.distill(tiny_config(*args[:-1], "train.epochs=2", args[-1]), resume=True, progress=False)
+    assert_resumed(log_messages(tmp_path / "s", since), from_step=1, to_step=2)  # 16 rows in batches of 16
     for k in (0, 1):
         h = history(tmp_path / "s" / f"seed_{k}")
         assert len(h) == 2 and h[0] == first[k][0] and np.isfinite(h[1]["train"]["loss"])

@@ -24,7 +24,7 @@ from lora_kd_jax.training import finetune, loop
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import cross_entropy_objective, make_train_step
 
-from tiny import sigterm_at_batch, tiny_config
+from tiny import assert_resumed, latest_step, log_messages, sigterm_at_batch, tiny_config
 
 torch = pytest.importorskip("torch")
 
@@ -229,8 +229,10 @@ def test_each_student_trains_two_seeds_at_once_and_evaluates(zoo_runs, arch):
     assert np.isfinite(a) and a != b  # each seed its own initialisation and dropout
     clf = evaluation.Predictor.from_run(zoo_runs / arch / "seed_1")
     assert arch in clf.describe()
-    report = clf.evaluate("in_domain", limit=40)
-    assert report.rows == 40 and 0.0 <= report.accuracy <= 1.0
+    report = clf.evaluate("in_domain", limit=32)  # the run's validation rows (data.limit=32)
+    best = record["epochs"][record["summary"]["best_epoch"] - 1]["val"]
+    assert report.rows == 32 and (report.accuracy, report.mcc, report.loss) == (best["accuracy"], best["mcc"],
+                                                                                 best["loss"])
     (p,) = clf.predict("The cat sat on the mat.")
     assert p.label in ("acceptable", "unacceptable") and 0.5 <= p.probability <= 1.0
 
@@ -243,7 +245,10 @@ def test_a_killed_cnn_run_resumes_to_the_uninterrupted_result(zoo_runs, tmp_path
     with pytest.raises(loop.TrainingInterrupted):
         distill.train_rnn(cfg, progress=False)
     monkeypatch.setattr(loop, "prefetch", original)
+    assert latest_step(tmp_path / "resumed") == 1
+    since = (tmp_path / "resumed" / "log.txt").stat().st_size
     distill.train_rnn(cfg, resume=True, progress=False)
+    assert_resumed(log_messages(tmp_path / "resumed", since), from_step=1, to_step=2)  # 32 rows / 16
     for k in (0, 1):
         assert history(tmp_path / "resumed" / f"seed_{k}") == history(zoo_runs / "cnn" / f"seed_{k}")
 

@@ -20,6 +20,7 @@ from lora_kd_jax.commands import cli, evaluation
 from lora_kd_jax.core import metrics as metrics_lib
 from lora_kd_jax.core import selection
 from lora_kd_jax.core.config import ConfigError, load_config
+from lora_kd_jax.data.tasks import GLUE
 from lora_kd_jax.runs import rundir
 
 from tiny import XLA_CACHE
@@ -189,15 +190,24 @@ def test_export_peft_carries_the_label_set_and_the_tokenizer(lora_runs, tmp_path
         "input_ids"]
 
 
+# (table shape, student, distill.* settings): every zoo student and the transformer distil a head of 3 classes or a
+# regression, with the KL or the MSE loss
+DISTILLED = [("three", ("student.arch=bilstm",), ("distill.loss=mse",)),
+             ("stsb", ("student.arch=cnn", "student.cnn_filters=8"), ()),
+             ("three", ("student.arch=transformer", "student.layers=1"), ("distill.loss=kl",))]
+
+
 def test_a_distilled_student_over_three_classes_and_over_a_regression_and_the_rnn_baseline(files, lora_runs, tmp_path):
-    for shape in ("three", "stsb"):
-        run = _train("distill", "distil_rnn_gpt2.yaml", tmp_path / shape, f"distill.teacher={lora_runs(shape)}",
-                     *_data(files, shape), "student.embed_dim=16", "student.hidden_dim=16",
-                     "student.pooling=last_token")
+    for i, (shape, student, loss) in enumerate(DISTILLED):
+        run = _train("distill", "distil_rnn_gpt2.yaml", tmp_path / f"{shape}_{i}", f"distill.teacher={lora_runs(shape)}",
+                     *_data(files, shape), "student.embed_dim=16", "student.hidden_dim=16", *student, *loss)
         record, best = _best(run)
-        assert record["kind"] == "distill"
+        assert record["kind"] == "distill" and record["summary"]["student_arch"] == student[0].split("=")[1]
         report = evaluation.Predictor.from_run(run).evaluate("validation")
         assert report.logits.shape[1] == EXPECTED[shape][0]
+        # evaluate gives back the recorded best epoch, every metric (pearson and spearman of a regression too)
+        assert {k: report.scores[k] for k in best["val"] if k != "count"} == {
+            k: v for k, v in best["val"].items() if k != "count"}
     rnn = _train("train-rnn", "rnn_scratch.yaml", tmp_path / "rnn", *_data(files, "three"), "student.embed_dim=16",
                  "student.hidden_dim=16")  # the RNN baseline over three classes
     _, best = _best(rnn)
@@ -206,8 +216,6 @@ def test_a_distilled_student_over_three_classes_and_over_a_regression_and_the_rn
                        r"student's data has regression \(1 outputs\)"):
         _train("distill", "distil_rnn_gpt2.yaml", tmp_path / "mismatch", f"distill.teacher={lora_runs('three')}",
                *_data(files, "stsb"))
-        assert {k: report.scores[k] for k in best["val"] if k != "count"} == {
-            k: v for k, v in best["val"].items() if k != "count"}
 
 
 @pytest.mark.parametrize("shape", ["three", "stsb"])
@@ -322,6 +330,58 @@ def test_glue_presets_map_the_columns_of_files_in_glues_layout(tmp_path):
     assert cola.train.select == "mcc" and not data_lib.is_table_run(cola)  # the CoLA reader, GLUE's metric
 
 
+# task -> (GLUE's header, a row's cells by row: (text, pair, label as the file holds it), the label ids expected)
+PAIR_PRESETS = {
+    "mrpc": ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda a, b, y: f"{y}\t1\t2\t{a}\t{b}",
+             ("1", "0", "1"), [1, 0, 1]),
+    "qqp": ("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", lambda a, b, y: f"7\t1\t2\t{a}\t{b}\t{y}",
+            ("0", "1", "1"), [0, 1, 1]),
+    "qnli": ("index\tquestion\tsentence\tlabel", lambda a, b, y: f"3\t{a}\t{b}\t{y}",
+             ("not_entailment", "entailment", "not_entailment"), [1, 0, 1]),
+    "rte": ("index\tsentence1\tsentence2\tlabel", lambda a, b, y: f"3\t{a}\t{b}\t{y}",
+            ("entailment", "not_entailment", "entailment"), [0, 1, 0]),
+    "wnli": ("index\tsentence1\tsentence2\tlabel", lambda a, b, y: f"3\t{a}\t{b}\t{y}", ("1", "0", "0"),
+             [1, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("task", list(PAIR_PRESETS))
+def test_the_pair_presets_read_glues_files_with_glues_label_ids(task, tmp_path):
+    """mrpc, qqp, qnli, rte and wnli in GLUE's own TSV layout: the text and pair from their columns (the pair
+    encoded after the first text, the eos between), the labels as the hub's ClassLabel ids."""
+    header, row, labels, ids = PAIR_PRESETS[task]
+    pairs = [("The cat sat.", "A cat sat down."), ("A dog ran.", "Nothing moved."), ("He left.", "He went away.")]
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / name).write_text(header + "\n" + "".join(row(a, b, y) + "\n" for (a, b), y in zip(pairs, labels)))
+    cfg = data_lib.resolve_task(load_config(None, [f"data.dir={tmp_path}", f"data.task={task}"]))
+    preset = GLUE[task]
+    assert cfg.data.labels == list(preset.names) and cfg.model.num_labels == 2
+    assert cfg.train.select == preset.metric
+    tok = tokenizer_for(cfg)
+    split = data_lib.load_splits(cfg, tok).encoded["validation"]
+    assert split.labels.tolist() == ids
+    eos = tok.eos_token_id
+    first = [int(t) for t, m in zip(split.input_ids[0], split.attention_mask[0]) if m]
+    assert first == tok.encode(pairs[0][0]) + [eos] + tok.encode(pairs[0][1])
+
+
+def test_label_ids_are_the_sorted_names_not_the_order_rows_come_in(tmp_path):
+    """String labels get ids in sorted order whatever order the rows bring them in (here pos, neg, neu: a
+    first-seen order would give pos 0); integer labels are ids as they stand, more than two classes and a class
+    absent from the file included (model.num_labels = the largest + 1)."""
+    rows = [{"text": f"Sentence number {i}.", "label": y} for i, y in enumerate(["pos", "neg", "neu", "pos", "neg"])]
+    train = _write(tmp_path / "train.csv", rows, "csv")
+    cfg = data_lib.resolve_task(load_config(None, [f"data.train={train}", f"data.validation={train}", "data.text=text"]))
+    assert cfg.data.labels == ["neg", "neu", "pos"] and cfg.model.num_labels == 3
+    split = data_lib.load_splits(cfg, tokenizer_for(cfg)).encoded["train"]
+    assert split.labels.tolist() == [2, 0, 1, 2, 0]
+    ints = [{"sentence": f"Row {i}.", "label": y} for i, y in enumerate([4, 0, 2, 4, 1])]  # 3 never appears
+    train = _write(tmp_path / "train.tsv", ints, "tsv")
+    cfg = data_lib.resolve_task(load_config(None, [f"data.train={train}", f"data.validation={train}"]))
+    assert cfg.model.num_labels == 5 and cfg.data.labels == ["0", "1", "2", "3", "4"]
+    assert data_lib.load_splits(cfg, tokenizer_for(cfg)).encoded["train"].labels.tolist() == [4, 0, 2, 4, 1]
+
+
 def test_parquet_reads_like_the_others_and_cola_needs_no_datasets(files, tmp_path, monkeypatch):
     import pandas as pd
 
@@ -421,7 +481,7 @@ def _sums(logits: np.ndarray, labels: np.ndarray, batch: int = 5) -> dict:
         out = metrics_lib.eval_sums(lg, {"labels": lb, "weights": w})
         ranked += [out[metrics_lib.RANKED]] if metrics_lib.RANKED in out else []
         sums = metrics_lib.add(sums, out)
-    return {**metrics_lib.summarize(sums), **({"spearman": metrics_lib.ranked_spearman(ranked)} if ranked else {})}
+    return {**metrics_lib.summarize(sums), **(metrics_lib.ranked_scores(ranked) if ranked else {})}
 
 
 @pytest.mark.parametrize("n_classes", [2, 3, 5])
@@ -450,26 +510,32 @@ def test_classification_metrics_match_sklearn(n_classes, case):
         assert got["mcc"] == 0.0  # sklearn's value when a marginal is one class
 
 
-@pytest.mark.parametrize("case", ["random", "constant_output", "ties"])
+@pytest.mark.parametrize("case", ["random", "constant_output", "ties", "large"])
 def test_regression_metrics_match_scipy(case):
+    """Pearson's r and Spearman's rho equal scipy's (float64) to 1e-7, also on a set where summed float32 moments
+    lose digits ('large': 3,000 rows of scores near 1,000)."""
     from scipy.stats import pearsonr, spearmanr
 
     rng = np.random.default_rng(0)
-    labels = rng.uniform(0, 5, 41).astype(np.float32)
-    out = (labels + rng.normal(0, 1.5, 41)).astype(np.float32)
+    n, offset = (3000, 1000.0) if case == "large" else (41, 0.0)
+    labels = (offset + rng.uniform(0, 5, n)).astype(np.float32)
+    out = (labels + rng.normal(0, 1.5, n)).astype(np.float32)
     if case == "constant_output":
         out[:] = 2.5
     if case == "ties":
         labels, out = np.round(labels), np.round(out)
-    got = _sums(out[:, None], labels)
+    got = _sums(out[:, None], labels, batch=64 if case == "large" else 5)
     assert got["mse"] == pytest.approx(float(np.mean((out - labels) ** 2)), rel=1e-5)
-    rho = metrics_lib.spearman(labels, out)
-    assert got["spearman"] == rho  # per epoch from the eval step's rows (the padding rows left out) = evaluate's
+    y, p = labels.astype(np.float64), out.astype(np.float64)
     if case == "constant_output":  # scipy says NaN (no variance); we define both as 0
-        assert got["pearson"] == 0.0 and rho == 0.0
+        assert got["pearson"] == 0.0 and got["spearman"] == 0.0
     else:
-        assert got["pearson"] == pytest.approx(pearsonr(labels, out)[0], abs=1e-4)
-        assert rho == pytest.approx(spearmanr(labels, out)[0], abs=1e-9)
+        assert got["pearson"] == pytest.approx(pearsonr(y, p)[0], abs=1e-7)
+        assert got["spearman"] == pytest.approx(spearmanr(y, p)[0], abs=1e-9)
+    if case == "large":  # what the summed float32 moments give: off by more than the tolerance above
+        moments = metrics_lib.summarize(metrics_lib.eval_sums(out[:, None], {"labels": labels,
+                                                                              "weights": np.ones(n, np.float32)}))
+        assert abs(moments["pearson"] - pearsonr(y, p)[0]) > 1e-5
 
 
 def test_the_selected_metric_picks_the_best_epoch():

@@ -17,7 +17,7 @@ from lora_kd_jax.models.build import build_classifier
 from lora_kd_jax.training.optimizer import make_optimizer
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums, make_train_step
-from tiny import key, random_batch, tiny_config
+from tiny import assert_resumed, key, log_messages, random_batch, tiny_config
 
 
 def synthetic_split(n: int, seed: int, length: int = 8) -> data_lib.EncodedSplit:
@@ -124,8 +124,10 @@ def test_resume_equals_uninterrupted_run(tmp_path):
                                     progress=False)
     finetune.train_lora(tiny_config(*smoke_overrides(tmp_path / "b", "lora.dropout=0.1", "train.epochs=1")),
                              progress=False)
+    since = (tmp_path / "b" / "log.txt").stat().st_size
     resumed = finetune.train_lora(tiny_config(*smoke_overrides(tmp_path / "b", "lora.dropout=0.1")),
                                        resume=True, progress=False)
+    assert_resumed(log_messages(tmp_path / "b", since), from_step=4, to_step=8)  # 64 rows / 16, 2 epochs
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())["epochs"]
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())["epochs"]
     assert a == b  # every per-epoch metric, bit for bit (CPU is deterministic)

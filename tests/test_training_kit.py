@@ -11,7 +11,7 @@ import pytest
 from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.runs.tensorboard import read_scalars
 from lora_kd_jax.training import finetune
-from tiny import tiny_config
+from tiny import assert_resumed, log_messages, tiny_config
 
 # the RNN baseline at its smallest: 32 rows in batches of 16 (2 steps an epoch); a rate too small to change a
 # prediction, so the first epoch stays the best and every later one counts against the patience
@@ -40,6 +40,28 @@ def test_patience_stops_after_that_many_epochs_without_a_better_score(seeds, tmp
     assert f"early stop after epoch 4 of 8: {message}" in caplog.messages
 
 
+def test_patience_counts_from_each_new_best_and_waits_for_every_seed(tmp_path, monkeypatch):
+    """Which epochs improve is scripted (the loop's `selection.improves`, per lane in turn), the counting is the
+    loop's own. One run: a best at epochs 1 and 3 resets the count, so patience 2 stops after epoch 5 (a count
+    that ignored the new best would stop after 4). Two seeds: seed 1 improves every epoch, so the run goes on to
+    the end although seed 0 ran out after epoch 3 (any seed out, rather than every seed, would stop there)."""
+    from lora_kd_jax.training import loop
+
+    def scripted(lanes: list[list[bool]]):
+        calls = iter(flag for epoch in zip(*lanes) for flag in epoch)  # epoch by epoch, lane by lane
+        monkeypatch.setattr(loop.selection, "improves", lambda *args: next(calls))
+
+    scripted([[True, False, True, False, False, True]])
+    one = distill.train_rnn(tiny_config(*STALL, "train.epochs=6", "train.patience=2", f"run.dir={tmp_path / 'one'}"),
+                            progress=False)
+    assert one["stopped"]["reason"] == "patience" and one["stopped"]["epoch"] == 5
+    scripted([[True, False, False, False], [True, True, True, True]])
+    two = distill.train_rnn(tiny_config(*STALL, "train.epochs=4", "train.patience=2", "train.seeds=[0,1]",
+                                        f"run.dir={tmp_path / 'two'}"), progress=False)
+    assert "stopped" not in two or two["stopped"] is None
+    assert [len(metrics(tmp_path / "two" / f"seed_{k}")["epochs"]) for k in (0, 1)] == [4, 4]
+
+
 def test_a_resumed_run_continues_the_patience_count_and_a_stopped_run_stays_stopped(tmp_path, caplog):
     """Two epochs (one without improvement), then --resume with more epochs: one epoch of patience was used
     already, so the run stops after epoch 4 as the uninterrupted run does (a count restarted at the resume would
@@ -47,7 +69,9 @@ def test_a_resumed_run_continues_the_patience_count_and_a_stopped_run_stays_stop
     distill.train_rnn(tiny_config(*STALL, "train.epochs=2", "train.patience=3", f"run.dir={tmp_path}"),
                       progress=False)
     longer = tiny_config(*STALL, "train.epochs=8", "train.patience=3", f"run.dir={tmp_path}")
+    since = (tmp_path / "log.txt").stat().st_size
     distill.train_rnn(longer, resume=True, progress=False)
+    assert_resumed(log_messages(tmp_path, since), from_step=4, to_step=8)  # epochs 3 and 4, 2 steps each
     assert metrics(tmp_path)["summary"]["stopped"]["epoch"] == 4
     assert len(metrics(tmp_path)["epochs"]) == 4
     with caplog.at_level("INFO", logger="lora_kd_jax.training.loop"):

@@ -21,7 +21,7 @@ from lora_kd_jax.distill.teacher import logits_fingerprint, restore_teacher
 from lora_kd_jax.models.students.build import build_student
 from lora_kd_jax.training import finetune
 
-from tiny import PAD_ID, tiny_config
+from tiny import PAD_ID, assert_resumed, latest_step, log_messages, tiny_config
 
 try:  # the test extra: only the tests that compare with PyTorch need it
     import torch
@@ -256,7 +256,9 @@ def runs(tmp_path_factory, teacher_dir, unlabeled):
     seeded = distill.distill(tiny_config(*extra, f"run.dir={root / 'seeded'}"), progress=False)
     first = json.loads((root / "seeded" / "metrics.json").read_text())
     first_seed1 = json.loads((root / "seeded" / "seed_1" / "metrics.json").read_text())
+    one_epoch, since = latest_step(root / "seeded"), (root / "seeded" / "log.txt").stat().st_size
     distill.distill(tiny_config(*extra, "train.epochs=2", f"run.dir={root / 'seeded'}"), resume=True, progress=False)
+    assert_resumed(log_messages(root / "seeded", since), from_step=one_epoch, to_step=2 * one_epoch)
     return {"root": root, "seeded": seeded, "first": first, "first_seed1": first_seed1, "extra": extra}
 
 

@@ -126,7 +126,7 @@ def _original_base(cfg):
 # ---------------------------------------------------------------------------------------- forward, gradients
 
 
-@pytest.mark.parametrize("name", ["dora_rslora", "pissa_dora"])  # rsLoRA and DoRA alone: in the trajectories
+@pytest.mark.parametrize("name", ["rslora", "dora", "dora_rslora", "pissa_dora"])
 def test_forward_and_gradients_match_peft(name, base_dir):
     cfg, model, params = _build(base_dir, name)
     base = _original_base(cfg)
@@ -333,7 +333,7 @@ def test_every_variant_at_once_trains_two_seeds_and_resumes(tmp_path):
     --resume equals 2 epochs, metric for metric; each seed's best checkpoint evaluates to its recorded epoch."""
     import json
 
-    from tiny import tiny_config
+    from tiny import assert_resumed, log_messages, tiny_config
 
     from lora_kd_jax.commands import evaluation
     from lora_kd_jax.training import finetune
@@ -346,7 +346,9 @@ def test_every_variant_at_once_trains_two_seeds_and_resumes(tmp_path):
 
     finetune.train_lora(cfg(tmp_path / "a", 2), progress=False)
     finetune.train_lora(cfg(tmp_path / "b", 1), progress=False)
+    since = (tmp_path / "b" / "log.txt").stat().st_size
     finetune.train_lora(cfg(tmp_path / "b", 2), resume=True, progress=False)
+    assert_resumed(log_messages(tmp_path / "b", since), from_step=3, to_step=6)  # 48 rows / 16 a epoch
     a, b = (json.loads((tmp_path / r / "metrics.json").read_text())["epochs"] for r in "ab")
     assert len(a) == 2 and a == b
     for seed in (0, 1):

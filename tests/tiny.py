@@ -37,6 +37,30 @@ def one_line_exit(*argv: str) -> str:
     return message
 
 
+def log_messages(run_dir: Path, since: int = 0) -> list[str]:
+    """The messages of a run's log.txt from byte `since` on (what a later process appended), without the time,
+    level and logger prefix."""
+    text = (Path(run_dir) / "log.txt").read_bytes()[since:].decode()
+    return [line.split(": ", 1)[1] for line in text.splitlines() if ": " in line]
+
+
+def latest_step(run_dir: Path) -> int:
+    """The step of the newest checkpoint in a run's checkpoints/latest (what a --resume starts from)."""
+    return max(int(p.name) for p in (Path(run_dir) / "checkpoints" / "latest").iterdir() if p.name.isdigit())
+
+
+def assert_resumed(messages: Sequence[str], *, from_step: int, to_step: int) -> None:
+    """The process that wrote `messages` resumed (it did not start over): one 'resumed from checkpoint step
+    from_step' line, no fresh-start warning, and it trained exactly steps from_step + 1 .. to_step. On a CPU a
+    restarted run ends with the uninterrupted run's numbers, so equal numbers alone do not prove a resume."""
+    resumed = [m for m in messages if m.startswith("resumed from checkpoint step ")]
+    assert [m.split(":")[0] for m in resumed] == [f"resumed from checkpoint step {from_step}"], resumed
+    assert not [m for m in messages if "starting from scratch" in m], "the resume started from scratch"
+    trained = [m for m in messages if m.startswith("this process trained steps ")]
+    assert trained == [f"this process trained steps {from_step + 1} to {to_step} ({to_step - from_step} steps)"], \
+        trained
+
+
 def tiny_config(*overrides: str) -> Config:
     return load_config(None, [*TINY, *overrides])  # data: the packaged CoLA and tokenizer (the defaults)
 

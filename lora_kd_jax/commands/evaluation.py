@@ -233,8 +233,9 @@ class Predictor:
             counts = {"matrix": np.rint(np.asarray(jax.device_get(sums["confusion"]))).astype(int).tolist()}
         elif "tp" in sums:
             counts = {k: int(round(float(jax.device_get(sums[k])))) for k in ("tp", "fp", "tn", "fn")}
-        else:  # regression: Spearman's rho from the ranks of every prediction (host-side, see metrics.spearman)
-            counts, scores["spearman"] = {}, metrics_lib.spearman(split.labels, logits[:, 0])
+        else:  # regression: Pearson's r and Spearman's rho from every prediction, in float64 (metrics.row_scores)
+            counts = {}
+            scores.update(metrics_lib.row_scores(split.labels, logits[:, 0]))
         correct = logits.argmax(axis=-1) == eval_set.labels
         return Report(name=eval_set.name, files=eval_set.files, rows=len(eval_set), truncated=split.n_truncated,
                       accuracy=summary.get("accuracy", math.nan), mcc=summary.get("mcc", math.nan),

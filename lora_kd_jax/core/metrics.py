@@ -7,7 +7,8 @@ a confusion matrix [gold, predicted], one output (regression) -> the moments of 
 Accuracy, Matthews correlation (the standard CoLA metric, which exposes a classifier that predicts one class),
 F1 (binary) and macro-F1 come from the confusion counts, Pearson's r from the moments. Spearman's rho needs ranks,
 which do not sum: a regression's eval step also hands back its rows (`RANKED`: label, prediction, weight), which
-`add` leaves out and `ranked_spearman` turns into Spearman's rho on the host once per epoch.
+`add` leaves out and `ranked_scores` turns into Spearman's rho and an exact Pearson's r (float64, on the host) once
+per epoch; the moments' Pearson is what a training epoch (which keeps no rows) reports.
 """
 from __future__ import annotations
 
@@ -176,11 +177,19 @@ def spearman(labels: np.ndarray, predictions: np.ndarray) -> float:
     return pearson(len(y), y.sum(), p.sum(), y @ y, p @ p, y @ p)
 
 
-def ranked_spearman(rows: list[Mapping[str, np.ndarray]]) -> float:
-    """Spearman's rho over the real rows (weight > 0) of every batch's `RANKED` rows (on the host)."""
+def row_scores(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """A regression's Pearson's r and Spearman's rho from its rows, in float64 on the host (as scipy computes them):
+    float32 moments summed over batches lose digits as the set and the scale of the scores grow."""
+    y, p = np.asarray(labels, np.float64), np.asarray(predictions, np.float64)
+    y, p = y - y.mean() if len(y) else y, p - p.mean() if len(p) else p  # centred: no cancellation in the moments
+    return {"pearson": pearson(len(y), 0.0, 0.0, y @ y, p @ p, y @ p), "spearman": spearman(labels, predictions)}
+
+
+def ranked_scores(rows: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """`row_scores` over the real rows (weight > 0) of every batch's `RANKED` rows (on the host, once per epoch)."""
     cat = {k: np.concatenate([np.asarray(r[k]).reshape(-1) for r in rows]) for k in ("label", "prediction", "weight")}
     real = cat["weight"] > 0
-    return spearman(cat["label"][real], cat["prediction"][real])
+    return row_scores(cat["label"][real], cat["prediction"][real])
 
 
 def summarize(sums: Mapping) -> dict[str, float]:

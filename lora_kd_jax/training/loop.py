@@ -169,10 +169,10 @@ def train_and_evaluate(cfg: Any, build: Callable[[Any], Task], *, resume: bool =
     task, run its epochs (`profile`: steps to trace); returns the summary written to metrics.json."""
     check_wandb(cfg.run.wandb)
     with rundir.claim(cfg, resume=resume) as run_dir:
-        log.info("curves: tensorboard --logdir %s", run_dir)
         splits = data_lib.load_splits(cfg, tokenizer_for(cfg))
         task = build(splits.encoded)
         task.info["data"] = splits.report()
+        log.info("curves: tensorboard --logdir %s", run_dir)  # once data and model are in place: the dir stays
         summary = run_epochs(task, run_dir, resume=resume, progress=progress, options=RunOptions.of(cfg, profile))
         if task.seeds:
             log.info("%d seeds: %s (mean ± std (min–max))", len(task.seeds),
@@ -212,6 +212,9 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
         rec.window.stop(task.state)
     finally:
         rec.close()
+    last_step = lanes.step(task.state)
+    log.info("this process trained steps %d to %d (%d steps)", run.first_step + 1, last_step,
+             last_step - run.first_step)  # what a resumed run ran (tests/tiny.py: assert_resumed)
     lanes.close()
     if not run.histories[0]:
         raise ValueError("no epochs were run (train.epochs is already reached by the checkpoint?)")
@@ -232,6 +235,7 @@ def restore(task: Task, lanes: Lanes, *, resume: bool) -> RunProgress:
         restored, record, step = lanes.store.restore_latest(_tree(task, run))
         lanes.read_record(record, run)
         task.state, run.train_sums = restored["state"], restored["train_sums"]
+        run.first_step = step
         log.info("resumed from checkpoint step %d: epoch %d, batch %d", step, run.start_epoch + 1, run.start_batch)
         _repair_best(task, lanes, run, step)
     elif resume:

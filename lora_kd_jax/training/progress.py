@@ -30,6 +30,7 @@ class RunProgress:
     train_sums: dict  # this epoch's training metric sums so far, on device (stacked over seeds in a seeded task)
     start_epoch: int = 0  # where training (re)starts: an epoch index and the batch within it
     start_batch: int = 0
+    first_step: int = 0  # the optimizer step this process starts from (the restored checkpoint's)
     wall_before: float = 0.0  # training time of the runs this one resumes
     t0: float = dataclasses.field(default_factory=time.perf_counter)  # when this run started
     last_plot: float = 0.0  # when the plots were last drawn (the loop starts this clock once restored)
@@ -89,13 +90,13 @@ class Lanes:
         raise NotImplementedError
 
     def summarize(self, sums: dict, ranked: list[dict] = ()) -> list[dict]:
-        """Per-lane metrics from the task's sums (and a regression's spearman from its eval `ranked` rows): one
-        device->host transfer for all lanes."""
+        """Per-lane metrics from the task's sums (and a regression's pearson and spearman from its eval `ranked`
+        rows): one device->host transfer for all lanes."""
         host, rows = jax.device_get((sums, list(ranked)))
         out = [metrics_lib.summarize(self.take(host, i)) for i in range(self.n)]
         if rows:
             for i, metrics in enumerate(out):
-                metrics["spearman"] = metrics_lib.ranked_spearman([self.take(r, i) for r in rows])
+                metrics.update(metrics_lib.ranked_scores([self.take(r, i) for r in rows]))
         return out
 
     @staticmethod
