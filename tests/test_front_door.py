@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_kd_jax.assets import COLA_DIR
+from lora_kd_jax.assets import COLA_DIR, CONFIGS_DIR
 from lora_kd_jax.commands import cli
 from lora_kd_jax.commands.settings import load_named, packaged_configs
 from lora_kd_jax.core.config import all_keys, reference
@@ -80,7 +80,7 @@ def test_the_docs_page_is_what_the_classes_say_now(capsys):
 def test_config_prints_each_keys_default_resolved_value_origin_and_doc(capsys):
     cli.main(["config", "smoke", "train.lr=3e-4"])
     out = capsys.readouterr().out
-    assert out.startswith(f"config: {REPO / 'lora_kd_jax/assets/configs/smoke.yaml'} + command line (every other "
+    assert out.startswith(f"config: {CONFIGS_DIR / 'smoke.yaml'} + command line (every other "
                           "key: its default)\n")
     assert "\ntrain.lr = 0.0003  [from the command line; default 0.001]\n    Adam's learning rate.\n" in out
     assert "\ntrain.epochs = 2  [from smoke.yaml; default 10]\n    Passes over the training set.\n" in out
@@ -109,7 +109,7 @@ def test_version_comes_from_the_installed_package(capsys):
 
 def test_a_packaged_config_is_named_without_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert load_named("smoke").source == str(REPO / "lora_kd_jax" / "assets" / "configs" / "smoke.yaml")
+    assert load_named("smoke").source == str(CONFIGS_DIR / "smoke.yaml")
     for command in ("train-lora", "distill", "train-student", "config"):  # read (and checked) before any compute
         assert one_line_exit(command, "smoke", "lora.rank=0") == "config error: command line: lora.rank: must be > " \
                                                                  "0, got 0"
@@ -124,7 +124,7 @@ def test_a_packaged_config_is_named_without_a_path(tmp_path, monkeypatch):
 
 def test_the_smoke_configs_row_limit_on_your_own_data_is_said_in_one_line(caplog):
     caplog.set_level(logging.INFO)
-    smoke = REPO / "lora_kd_jax" / "assets" / "configs" / "smoke.yaml"
+    smoke = CONFIGS_DIR / "smoke.yaml"
     cfg = load_named("smoke", ["data.train=mine.tsv", "data.validation=dev.tsv"]).config
     assert cfg.data.limit == 256  # kept, and said
     assert [r.getMessage() for r in caplog.records] == [
@@ -161,7 +161,7 @@ def test_a_file_error_names_the_file_and_a_mixed_one_both(tmp_path):
     assert one_line_exit("train-lora", str(bad)) == (
         f"config error: {bad}: unknown config key 'train.learning_rate'; did you mean 'train.lr'?")
     assert one_line_exit("train-lora", "smoke", "model.n_head=5") == (
-        f"config error: {REPO / 'lora_kd_jax/assets/configs/smoke.yaml'} + command line: model.n_embd (64) must be "
+        f"config error: {CONFIGS_DIR / 'smoke.yaml'} + command line: model.n_embd (64) must be "
         "divisible by model.n_head (5)")
 
 
@@ -182,7 +182,7 @@ def test_a_student_key_of_the_packaged_config_is_dropped_for_another_student(cap
     cfg = load_named("distil_rnn_gpt2", ["student.arch=bilstm"]).config
     assert (cfg.student.arch, cfg.student.pooling) == ("bilstm", "last_token")
     assert [r.getMessage() for r in caplog.records] == [
-        f"{REPO / 'lora_kd_jax/assets/configs/distil_rnn_gpt2.yaml'} sets student.pooling=last_step, which only the "
+        f"{CONFIGS_DIR / 'distil_rnn_gpt2.yaml'} sets student.pooling=last_step, which only the "
         "rnn student reads: dropped for student.arch=bilstm"]
     assert one_line_exit("distill", "distil_rnn_gpt2", "student.arch=bilstm", "student.pooling=last_step") == (
         "config error: command line: student.pooling=last_step with student.arch=bilstm: only the rnn student reads "
