@@ -1,1 +1,1 @@
-"""Models: the GPT-2 teacher (base + LoRA + head) and the RNN student."""
+"""Models: the families (one record each), their linen modules, the classifier on top, Hugging Face checkpoints and names, tokenizers, and the students."""

@@ -17,7 +17,7 @@ from lora_kd_jax.models.registry import build_model
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs.checkpoint import CheckpointError, CheckpointStore
 from lora_kd_jax.runs.reader import RunError, RunInfo, inspect_run
-from lora_kd_jax.training.state import combine, train_state
+from lora_kd_jax.training.state import combine, quantize_frozen, train_state
 
 Params = dict[str, Any]
 
@@ -34,8 +34,10 @@ class Run(RunInfo):
 def open_run(path: str | Path | RunInfo, *, kind: str | None = None, which: str = "best") -> Run:
     """A run restored from `checkpoints/<which>`: the model is rebuilt from the run's config.yaml with the run's own
     keys (so a random-init base is the same base), then the trained parameters are restored onto it. The frozen
-    GPT-2 base comes back in float32, as loaded (model.base_dtype is a storage choice of training). `path` may be
-    the `RunInfo` an earlier `inspect_run(path, kind=kind, which=which)` returned: its checks are not repeated."""
+    base comes back in float32, as loaded (model.base_dtype is a storage choice of training), its block kernels
+    quantized as the run quantized them when it ran with lora.quantize (they change what the model computes).
+    `path` may be the `RunInfo` an earlier `inspect_run(path, kind=kind, which=which)` returned: its checks are not
+    repeated."""
     info = path if isinstance(path, RunInfo) else inspect_run(path, kind=kind, which=which)
     model, frozen, state = _rebuild(info.config, kind or info.kind or "lora")
     store = CheckpointStore(info.path / "checkpoints", read_only=True)
@@ -60,4 +62,4 @@ def _rebuild(cfg: Config, kind: str) -> tuple[Any, Params, Any]:
     keys = run_keys(cfg.train.seed)
     model = build_model(cfg, kind)
     setup = train_state(model, model.init(keys.model), cfg.train, keys.dropout)  # the run's optimizer's tree
-    return model, setup.frozen, setup.state
+    return model, quantize_frozen(setup.frozen, cfg, model), setup.state
