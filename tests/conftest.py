@@ -19,6 +19,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_kd_jax_tests_xla_")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# The trained runs many files read (tests/shared_runs.py), built once per session across the workers.
+if "LORA_KD_JAX_TEST_RUNS" not in os.environ:
+    import tempfile
+
+    os.environ["LORA_KD_JAX_TEST_RUNS"] = tempfile.mkdtemp(prefix="lora_kd_jax_tests_runs_")
 
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402  (test helpers live in tests/tiny.py)
 

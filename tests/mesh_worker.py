@@ -1,6 +1,8 @@
 """Runs inside a subprocess that has several CPU devices (XLA_FLAGS set by the parent test).
 
-usage: mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8 and 2x4 devices (GPT-2 and BERT,
+usage: mesh_worker.py both DIR            steps (DIR/losses.json) then resume (DIR/resume, DIR/resume.json) in one
+                                           process: one start-up and one JAX for both tests that read them
+       mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8 and 2x4 devices (GPT-2 and BERT,
                                            the sharding of the frozen base recorded); distillation and
                                            2-seed distillation (no frozen base for fsdp to split) on 1 and 8;
                                            the teacher labelling a split (`teacher_logits_for`) on 1, 8 and 2x4
@@ -161,7 +163,13 @@ def loaded_shards(ckpt: str) -> dict:
 def main() -> None:
     mode = sys.argv[1]
     assert jax.device_count() == 8, jax.devices()
-    if mode == "steps":
+    if mode == "both":
+        out = Path(sys.argv[2])
+        sys.argv = [sys.argv[0], "steps", str(out / "losses.json")]
+        main()
+        sys.argv = [sys.argv[0], "resume", str(out / "resume"), str(out / "resume.json")]
+        main()
+    elif mode == "steps":
         meshes = {"1": MeshConfig(data=1), "8": MeshConfig(data=8), "2x4": MeshConfig(data=2, fsdp=4)}
         out = {name: per_step_losses(m) for name, m in meshes.items()}
         # an encoder tree (BERT: the families share the placement code; Llama's run costs as much again)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import lora_kd_jax
-from tiny import run_python
+from tiny import run_python, user_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,10 +52,12 @@ def test_an_unknown_name_lists_the_public_api():
 
 def test_the_readme_python_example_runs(tmp_path):
     """The example verbatim, from a directory holding only the study's configs (as a clone has them)."""
-    (tmp_path / "configs").symlink_to(REPO / "configs")
-    done = run_python(readme_example(), timeout=600, cwd=tmp_path)
-    assert (tmp_path / "runs" / "smoke" / "metrics.json").is_file()
-    assert (tmp_path / "exports" / "smoke_adapter" / "adapter_config.json").is_file()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "configs").symlink_to(REPO / "configs")
+    done = run_python(readme_example(), timeout=600, cwd=work, env=user_env(tmp_path / "home"))
+    assert (work / "runs" / "smoke" / "metrics.json").is_file()
+    assert (work / "exports" / "smoke_adapter" / "adapter_config.json").is_file()
     assert "acceptable" in done.stdout  # the printed prediction carries a label name
 
 

@@ -22,7 +22,7 @@ from lora_kd_jax.assets import COLA_DIR, CONFIGS_DIR
 from lora_kd_jax.commands import cli
 from lora_kd_jax.commands.settings import load_named, packaged_configs
 from lora_kd_jax.core.config import all_keys, reference
-from tiny import XLA_CACHE, one_line_exit
+from tiny import XLA_CACHE, one_line_exit, user_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -330,14 +330,16 @@ def test_the_readme_offline_quick_start_runs_verbatim(tmp_path):
     block = re.search(r"<!-- offline-quickstart -->\n```bash\n(.*?)```", text, re.S)
     assert block, "README.md lost its <!-- offline-quickstart --> block"
     lines = [l for l in block.group(1).replace("\\\n", " ").splitlines() if l.strip() and not l.startswith("#")]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "JAX_PLATFORMS": "cpu"}
+    env = user_env(tmp_path / "home")  # a home of its own whose default XLA cache is the session's
+    env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    work = tmp_path / "work"
+    work.mkdir()
     made = []
     for line in lines:
-        done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
         words = shlex.split(line, comments=True)
-        made += [tmp_path / w.split("=", 1)[1] / "metrics.json" for w in words if w.startswith("run.dir=")]
+        made += [work / w.split("=", 1)[1] / "metrics.json" for w in words if w.startswith("run.dir=")]
         if words[1:2] == ["export-peft"]:
-            made.append(tmp_path / words[3] / "adapter_config.json")
+            made.append(work / words[3] / "adapter_config.json")
     assert made and all(p.is_file() for p in made), made

@@ -11,6 +11,7 @@ import pytest
 
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.core.config import MeshConfig
+from shared_runs import shared_run
 from tiny import XLA_CACHE, assert_resumed
 
 TESTS = Path(__file__).resolve().parent
@@ -29,12 +30,17 @@ def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_lora_and_distillation_steps_on_8_devices_match_1_device(tmp_path):
+@pytest.fixture(scope="module")
+def on_8_devices() -> Path:
+    """One 8-device worker process for the two tests below (its steps, then its resume): built once per session
+    whichever xdist worker asks first (tests/shared_runs.py)."""
+    return shared_run("mesh_worker", lambda out: (out.mkdir(parents=True), run_worker("both", str(out), timeout=600)))
+
+
+def test_lora_and_distillation_steps_on_8_devices_match_1_device(on_8_devices):
     """GPT-2's and BERT's LoRA steps on 8 devices (data parallel) and 2x4 (FSDP: the frozen base split 4 ways) equal
     one device's, step for step; so do the distillation steps."""
-    out = tmp_path / "losses.json"
-    run_worker("steps", str(out))
-    losses = json.loads(out.read_text())
+    losses = json.loads((on_8_devices / "losses.json").read_text())
     for prefix in ("", "bert_", "distill_", "seeded_"):  # seeded_: two seeds at once, the seed axis not split
         one = np.array(losses[prefix + "1"])
         for name in ("8", "2x4") if prefix in ("", "bert_") else ("8",):
@@ -60,10 +66,8 @@ def test_lora_and_distillation_steps_on_8_devices_match_1_device(tmp_path):
     assert (labels["8"]["batch_devices"], labels["8"]["batch_shard_rows"]) == ([8], [2]), labels["8"]
 
 
-def test_checkpoints_restore_across_meshes_8_to_1(tmp_path):
-    out = tmp_path / "resume.json"
-    run_worker("resume", str(tmp_path), str(out))
-    r = json.loads(out.read_text())
+def test_checkpoints_restore_across_meshes_8_to_1(on_8_devices):
+    r = json.loads((on_8_devices / "resume.json").read_text())
     assert_resumed(r["resumed_log"], from_step=3, to_step=6)  # 48 rows / 16: epoch 2 on 1 device
     for other in ("split",):  # 8 devices then 1, against 1 device throughout
         assert len(r["one"]) == len(r[other]) == 2

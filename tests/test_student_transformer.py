@@ -24,10 +24,10 @@ from lora_kd_jax.models.students import transformer as st
 from lora_kd_jax.models.students.build import build_student
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.runs import rundir
-from lora_kd_jax.training import finetune
 from lora_kd_jax.training.state import seed_states, train_state
 from lora_kd_jax.training.steps import make_train_step
 
+from shared_runs import TEACHER_LAYERS, teacher_run
 from tiny import PAD_ID, assert_resumed, log_messages, make_mixed_length_batch, tiny_config
 
 torch = pytest.importorskip("torch")
@@ -35,7 +35,7 @@ import torch_reference as ref_lib  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
-DEPTH = 3  # the teacher's blocks: the default student takes 0 and 2 (half of 3, rounded up)
+DEPTH = TEACHER_LAYERS  # the teacher's blocks (3): the default student takes 0 and 2 (half of 3, rounded up)
 HF_CLASSIFIER_ATOL = 5e-6  # tests/test_parity_convert.py: our logits vs GPT2ForSequenceClassification's
 OUTPUT_RTOL = 5e-6  # tests/test_families.py: BERT's forward, relative to the largest logit
 TOL = 1e-5  # tests/test_student_zoo.py: parameters after one Adam step
@@ -46,13 +46,10 @@ STUDENT = ("student.arch=transformer", "data.limit=32", "train.batch_size=16", "
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A one-step LoRA run of a 3-layer, 64-wide random GPT-2 on CoLA (seed-init factors: the merged kernels differ
-    from the base's), and that run restored as a Teacher (LoRA merged)."""
-    run_dir = tmp_path_factory.mktemp("teacher")
-    finetune.train_lora(tiny_config(f"model.n_layer={DEPTH}", "data.limit=16", "train.batch_size=16",
-                                    "train.epochs=1", f"run.dir={run_dir}"), progress=False)
-    rundir.detach_log(run_dir)
+def teacher():
+    """The session's shared teacher (tests/shared_runs.py: a one-step LoRA run of a 3-layer, 64-wide random GPT-2 on
+    CoLA, seed-init factors, so the merged kernels differ from the base's), restored as a Teacher (LoRA merged)."""
+    run_dir = teacher_run()
     return run_dir, restore_teacher(str(run_dir), tiny_config(f"distill.teacher={run_dir}"))
 
 

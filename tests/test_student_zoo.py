@@ -19,11 +19,11 @@ from lora_kd_jax.distill import trainer as distill
 from lora_kd_jax.distill.embeddings import pca_projection, student_embedding
 from lora_kd_jax.distill.teacher import restore_teacher
 from lora_kd_jax.models.students.build import StudentClassifier, make_student
-from lora_kd_jax.runs import rundir
-from lora_kd_jax.training import finetune, loop
+from lora_kd_jax.training import loop
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import cross_entropy_objective, make_train_step
 
+from shared_runs import teacher_run
 from tiny import assert_resumed, latest_step, log_messages, sigterm_at_batch, tiny_config
 
 torch = pytest.importorskip("torch")
@@ -257,12 +257,10 @@ def test_a_killed_cnn_run_resumes_to_the_uninterrupted_result(zoo_runs, tmp_path
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A one-step LoRA run of a one-layer 64-wide random GPT-2 (only its wte matters here) and its teacher."""
-    run_dir = tmp_path_factory.mktemp("teacher")
-    finetune.train_lora(tiny_config("model.n_layer=1", "data.limit=16", "train.batch_size=16", "train.epochs=1",
-                                    f"run.dir={run_dir}"), progress=False)
-    rundir.detach_log(run_dir)
+def teacher():
+    """The session's shared teacher (tests/shared_runs.py: a one-step LoRA run of a 64-wide random GPT-2; only its
+    wte matters here), restored."""
+    run_dir = teacher_run()
     cfg = tiny_config(f"distill.teacher={run_dir}")
     return run_dir, restore_teacher(str(run_dir), cfg)
 

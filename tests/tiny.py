@@ -124,6 +124,19 @@ def run_python(code: str, *, timeout: int = 300, **kwargs) -> subprocess.Complet
     return done
 
 
+def user_env(home: Path) -> dict[str, str]:
+    """The environment of a user's process for the tests that run README text verbatim: a home of its own (nothing
+    written into the real one), whose default XLA cache (run.compilation_cache=~/.cache/lora_kd_jax/xla) is the
+    session's, so it reuses what the other tests compiled; matplotlib's own cache kept."""
+    import matplotlib
+
+    (home / ".cache" / "lora_kd_jax").mkdir(parents=True, exist_ok=True)
+    link = home / ".cache" / "lora_kd_jax" / "xla"
+    if not link.exists():
+        link.symlink_to(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    return {**os.environ, "HOME": str(home), "MPLCONFIGDIR": matplotlib.get_configdir(), "JAX_PLATFORMS": "cpu"}
+
+
 def sigterm_at_batch(loop_module, n: int):
     """A stand-in for `loop_module.prefetch` that raises SIGTERM as batch `n` (1-based, counted over the process)
     is handed to the step: the run checkpoints and stops there (monkeypatch it in, then restore the original)."""
