@@ -12,8 +12,10 @@ import pytest
 from flax import traverse_util
 
 from lora_kd_jax.training import finetune
+from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from lora_kd_jax.training.loop import NonFiniteLoss, run_epochs
+from shared_runs import shared_run
 from tiny import XLA_CACHE, assert_resumed, latest_step, log_messages, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,11 +57,14 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run the interrupted ones must end as (the script's config, trained in-process)."""
-    run_dir = tmp_path_factory.mktemp("reliability") / "reference"
-    finetune.train_lora(_smoke_cfg(run_dir, EPOCHS), progress=False)
-    return run_dir
+def reference():
+    """The uninterrupted run the interrupted ones must end as (the script's config, trained in-process; built once
+    per session: tests/shared_runs.py; read only)."""
+    def build(run_dir):
+        finetune.train_lora(_smoke_cfg(run_dir, EPOCHS), progress=False)
+        rundir.detach_log(run_dir)
+
+    return shared_run("reliability_reference", build)
 
 
 EPOCHS = 3

@@ -16,6 +16,7 @@ import pytest
 from lora_kd_jax.commands import cli
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from test_reliability import assert_same_run
+from shared_runs import shared_run
 from tiny import XLA_CACHE, assert_resumed, log_messages, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,12 +69,11 @@ def test_overwrite_starts_clean_nothing_of_the_old_run_mixes_in(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """An uninterrupted 3-epoch run: what every faulted and resumed run must end as. (train.seed=2 in FAST: each
-    epoch is a new best, so best and latest are both written at steps 3, 6 and 9 and a fault at step 6 is never the
-    run's first save.)"""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    run_cli("train.epochs=3", f"run.dir={run}")
+def reference() -> Path:
+    """An uninterrupted 3-epoch run: what every faulted and resumed run must end as (built once per session:
+    tests/shared_runs.py; read only). (train.seed=2 in FAST: each epoch is a new best, so best and latest are both
+    written at steps 3, 6 and 9 and a fault at step 6 is never the run's first save.)"""
+    run = shared_run("run_safety_reference", lambda run: run_cli("train.epochs=3", f"run.dir={run}"))
     accuracy = [h["val"]["accuracy"] for h in json.loads((run / "metrics.json").read_text())["epochs"]]
     assert accuracy == sorted(set(accuracy)) and len(accuracy) == 3  # a new best every epoch
     return run

@@ -16,6 +16,7 @@ from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import ConfigError
+from shared_runs import shared_run
 from tiny import XLA_CACHE, assert_resumed, random_batch, sigterm_at_batch, tiny_config
 
 SEEDS = [0, 1, 2]
@@ -45,24 +46,33 @@ def assert_same_training(seeded: list[dict], single: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora_seeds")
-    seeded = finetune.train_lora(tiny_config(*COMMON, SEEDED, f"run.dir={root / 'seeded'}"), progress=False)
-    # seeds 1 and 2 alone: a random-init base is shared by the seeds, drawn from the first seed (model.base_seed)
-    single = {k: finetune.train_lora(tiny_config(*COMMON, f"train.seed={k}", "model.base_seed=0",
-                                                      f"run.dir={root / f'single{k}'}"), progress=False)
-              for k in (1, 2)}
-    return root, seeded, single
+def lora_runs():
+    """A 3-seed LoRA run and seeds 1 and 2 alone (built once per session: tests/shared_runs.py; read only), with
+    the summaries `train_lora` returned."""
+    def build(root):
+        seeded = finetune.train_lora(tiny_config(*COMMON, SEEDED, f"run.dir={root / 'seeded'}"), progress=False)
+        # seeds 1 and 2 alone: a random-init base is shared by the seeds, drawn from the first seed (model.base_seed)
+        single = {k: finetune.train_lora(tiny_config(*COMMON, f"train.seed={k}", "model.base_seed=0",
+                                                     f"run.dir={root / f'single{k}'}"), progress=False)
+                  for k in (1, 2)}
+        for d in ("seeded", "single1", "single2"):
+            rundir.detach_log(root / d)
+        (root / "summaries.json").write_text(json.dumps({"seeded": seeded, "single": single}))
+
+    root = shared_run("seeds_lora", build)
+    summaries = json.loads((root / "summaries.json").read_text())
+    return root, summaries["seeded"], {int(k): v for k, v in summaries["single"].items()}
 
 
 @pytest.fixture(scope="module")
-def rnn_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rnn_seeds")
-    distill.train_rnn(tiny_config(*COMMON, *BUCKETS, SEEDED, f"run.dir={root / 'seeded'}"),
-                                   progress=False)
-    distill.train_rnn(tiny_config(*COMMON, *BUCKETS, "train.seed=1", f"run.dir={root / 'single1'}"),
-                                   progress=False)
-    return root
+def rnn_runs():
+    """A 3-seed RNN baseline and seed 1 alone (built once per session: tests/shared_runs.py; read only)."""
+    def build(root):
+        for name, seeds in (("seeded", SEEDED), ("single1", "train.seed=1")):
+            distill.train_rnn(tiny_config(*COMMON, *BUCKETS, seeds, f"run.dir={root / name}"), progress=False)
+            rundir.detach_log(root / name)
+
+    return shared_run("seeds_rnn", build)
 
 
 def test_seed_k_of_a_seeded_lora_run_is_the_single_run_with_that_seed(lora_runs):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from lora_kd_jax.distill import trainer as distill
+from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs.tensorboard import read_scalars
 from lora_kd_jax.training import finetune
+from shared_runs import shared_run
 from tiny import assert_resumed, log_messages, tiny_config
 
 # the RNN baseline at its smallest: 32 rows in batches of 16 (2 steps an epoch); a rate too small to change a
@@ -93,14 +95,16 @@ def test_max_steps_stops_mid_epoch_and_the_schedule_spans_those_steps(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
+def lora_run():
     """3 epochs of 2 steps, a linear decay after one warm-up step, each batch as 2 micro-batches, 2 steps
-    profiled."""
-    run_dir = tmp_path_factory.mktemp("kit") / "run"
-    cfg = tiny_config("data.limit=32", "train.batch_size=16", "train.epochs=3", "train.schedule=linear",
-                      "train.warmup=1", "train.accumulate=2", f"run.dir={run_dir}")
-    finetune.train_lora(cfg, progress=False, profile=2)
-    return run_dir
+    profiled (built once per session: tests/shared_runs.py; read only)."""
+    def build(run_dir):
+        cfg = tiny_config("data.limit=32", "train.batch_size=16", "train.epochs=3", "train.schedule=linear",
+                          "train.warmup=1", "train.accumulate=2", f"run.dir={run_dir}")
+        finetune.train_lora(cfg, progress=False, profile=2)
+        rundir.detach_log(run_dir)
+
+    return shared_run("training_kit_lora", build)
 
 
 def test_tensorboard_holds_every_step_and_every_epoch_metric(lora_run):
