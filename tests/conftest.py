@@ -34,6 +34,26 @@ def pytest_report_header(config):
     return f"lora_kd_jax under test: {os.path.dirname(lora_kd_jax.__file__)}"
 
 
+_COST: dict[str, list[float]] = {}  # test file -> [seconds of setup + call + teardown, tests run]
+
+
+def pytest_runtest_logreport(report):
+    """What each file costs (on the controller, summed over the xdist workers): docs/testing.md's cost column."""
+    cost = _COST.setdefault(report.nodeid.split("::")[0], [0.0, 0])
+    cost[0] += report.duration
+    cost[1] += report.when == "call"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each file's cost, most first, and the total: worker-seconds (on 2 workers the wall time is about half)."""
+    if not _COST or terminalreporter.config.option.collectonly:
+        return
+    total = sum(c for c, _ in _COST.values())
+    terminalreporter.write_sep("-", f"worker-seconds per test file: {total:.0f} s in all")
+    for name, (seconds, tests) in sorted(_COST.items(), key=lambda kv: -kv[1][0]):
+        terminalreporter.write_line(f"{seconds:8.1f} s  {tests:4d} tests  {name}")
+
+
 def pytest_runtest_setup(item):
     """torch (a test extra, imported only by the tests that need it) computes in fp32 in every test."""
     torch = sys.modules.get("torch")
