@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import logging
 import math
 from typing import Any, Iterator, Sequence
 
@@ -26,10 +27,11 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_kd_jax.core.errors import UserError
-from lora_kd_jax.lora import dora
+from lora_kd_jax.lora import dora, quantize
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
+log = logging.getLogger(__name__)
 
 
 class LoraTargetError(UserError, ValueError):
@@ -172,7 +174,7 @@ def lora_context(spec: LoraSpec, factors: Params, *, rng: jax.Array | None = Non
             x_d = adapter_input(spec, args[0], rng=key, deterministic=deterministic)
             m = context.module
             bias = m.get_variable("params", "bias") if m.has_variable("params", "bias") else None
-            return dora.output(spec, f, x_d, y, m.get_variable("params", "kernel"), bias,
+            return dora.output(spec, f, x_d, y, quantize.value(m.get_variable("params", "kernel")), bias,
                                dropped=x_d is not args[0], dtype=y.dtype)
         delta = lora_delta(spec, f, args[0], rng=key,
                            deterministic=deterministic, dtype=y.dtype)
@@ -184,7 +186,12 @@ def lora_context(spec: LoraSpec, factors: Params, *, rng: jax.Array | None = Non
 
 def merge(base_params: Params, spec: LoraSpec, factors: Params, kernel_layout: str = "out_in") -> Params:
     """Plain weights: kernel + scale * a @ b (transposed for out_in layouts), DoRA's m / norm * (that) for the
-    dora variant. The result has no LoRA."""
+    dora variant. The result has no LoRA. A quantized base (QLoRA) is merged into its dequantized weights (float32),
+    every quantized kernel dequantized, as PEFT merges into a bitsandbytes layer's dequantized weight."""
+    base_params, n = quantize.dequantize_tree(base_params)
+    if n:
+        log.warning("merging into the dequantized weights of %d quantized kernels (lora.quantize): the merged "
+                    "checkpoint holds them in float32, not the original base's values", n)
     flat = dict(traverse_util.flatten_dict(base_params))
     for path in spec.paths:
         f = _subtree(factors, path)

@@ -18,7 +18,8 @@ from lora_kd_jax.training import loop
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.training.loop import Task
 from lora_kd_jax.training.optimizer import learning_rate, total_steps
-from lora_kd_jax.training.state import ParamReport, cast_frozen, param_report, seed_states
+from lora_kd_jax.training.state import (ParamReport, base_bytes, describe_bytes, param_report, partition, seed_states,
+                                        stored_frozen)
 from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ def dry_run_plan(cfg: Config) -> str:
     """--dry-run's printout (`build.plan`), from shapes alone: the adapted modules and the parameter counts."""
     cfg = resolve(cfg)
     model, shapes = build_lib.build_classifier(cfg, run_keys(seed_list(cfg)[0]).model, shapes_only=True)
-    return build_lib.plan(model, shapes, param_report(shapes, model.param_labels(shapes)))
+    labels = model.param_labels(shapes)
+    frozen = jax.eval_shape(lambda f: stored_frozen(f, cfg, model), partition(shapes, labels)[1])
+    return build_lib.plan(model, shapes, param_report(shapes, labels)) + "\n" + describe_bytes(frozen, cfg)
 
 
 def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
@@ -52,10 +55,11 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     report = param_report(setup.params, setup.labels)
     model = dataclasses.replace(model, base=None)  # the jitted steps keep `model`: not the fp32 base beside `frozen`
     compute, base = precision.compute_dtype(cfg.model), precision.base_dtype(cfg.model)
-    frozen = place.frozen(cast_frozen(setup.frozen, base))
+    frozen = place.frozen(stored_frozen(setup.frozen, cfg, model))
     log.info("%s computes in %s, frozen base stored in %s (model.dtype=%s, model.base_dtype=%s, backend %s)%s",
              build_lib.title(cfg), compute, base, cfg.model.dtype, cfg.model.base_dtype, jax.default_backend(),
              f"; {len(seeds)} seeds {seeds} in one program, one shared base" if seeded else "")
+    log.info("%s", describe_bytes(frozen, cfg))
     return Task(
         kind="lora", state=place.state(setup.state), consts={"frozen": frozen},
         train_step=make_train_step(model, setup.tx, cross_entropy_objective, seeded, accumulate=cfg.train.accumulate,
@@ -64,7 +68,8 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
         epochs=cfg.train.epochs, reported_batches=batches.reported,
         info={"total_params": report.total, "trainable_params": report.trainable, "reduction": report.reduction,
-              "compute_dtype": compute, "base_dtype": base},
+              "compute_dtype": compute, "base_dtype": base, "quantize": cfg.lora.quantize,
+              "base_bytes": base_bytes(frozen)["total"]},
         title=f"LoRA {build_lib.title(cfg)}", put_batch=place.put_seeded_batch if seeded else place.put_batch,
         put_eval_batch=place.put_batch, on_nonfinite=cfg.train.on_nonfinite,
         seeds=tuple(cfg.train.seeds), select=select_metric(cfg), n_outputs=n_outputs(cfg))

@@ -18,8 +18,9 @@ import optax
 from flax import traverse_util
 
 from lora_kd_jax.core import precision
-from lora_kd_jax.core.config import TrainConfig
+from lora_kd_jax.core.config import Config, TrainConfig
 from lora_kd_jax.core.keys import run_keys
+from lora_kd_jax.lora import quantize
 from lora_kd_jax.models.interface import FROZEN, ClassifierModel, Labels, lr_scales
 from lora_kd_jax.training.optimizer import make_optimizer
 
@@ -66,11 +67,51 @@ def combine(trainable: Params, frozen: Params) -> Params:
 
 def cast_frozen(frozen: Params, dtype: str) -> Params:
     """Store the frozen base in `dtype`, "float32" or "bfloat16" (halves its memory and bandwidth); a config's
-    setting is resolved by `precision.base_dtype(cfg.model)`. Trainable leaves are not touched (they stay fp32)."""
+    setting is resolved by `precision.base_dtype(cfg.model)`. Trainable leaves are not touched (they stay fp32), nor
+    are quantized kernels (`quantize_frozen`: their codes and scales are kept as they are)."""
     target = precision.dtype(dtype, "base")
     if target == jnp.float32:
         return frozen
-    return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+    return jax.tree.map(lambda x: x if quantize.is_quantized(x) or not jnp.issubdtype(x.dtype, jnp.floating)
+                        else x.astype(target), frozen, is_leaf=quantize.is_quantized)
+
+
+def quantize_frozen(frozen: Params, cfg: Config, model: Any) -> Params:
+    """QLoRA (`lora.quantize`): the frozen partition with every linear kernel of the family's blocks quantized from
+    the weights as built (float32), each dequantizing to the run's compute dtype; unchanged without it, and for
+    models that are not a family's classifier. Deterministic: a resumed run or a reader rebuilds the same codes
+    from the source weights, so the quantized base needs no checkpoint (the frozen base has none)."""
+    fam = getattr(model, "family", None)
+    if cfg.lora.quantize == "none" or fam is None or fam.prefix not in frozen:
+        return frozen
+    base = quantize.quantize_base(frozen[fam.prefix], cfg.lora.quantize, blocks=fam.blocks, layout=fam.kernel_layout,
+                                  double_quant=cfg.lora.double_quant, dtype=precision.compute_dtype(cfg.model))
+    return {**frozen, fam.prefix: base}
+
+
+def stored_frozen(frozen: Params, cfg: Config, model: Any) -> Params:
+    """The frozen partition as a run holds it: quantized (`quantize_frozen`), the rest in model.base_dtype."""
+    return cast_frozen(quantize_frozen(frozen, cfg, model), precision.base_dtype(cfg.model))
+
+
+def base_bytes(frozen: Params) -> dict[str, int]:
+    """Bytes of a frozen partition (arrays or ShapeDtypeStructs): {'total', 'quantized' (the quantized kernels'
+    codes and statistics), 'quantized_as_bf16' (what those kernels would take in bfloat16)}."""
+    leaves = jax.tree.leaves(frozen, is_leaf=quantize.is_quantized)
+    quant = [x for x in leaves if quantize.is_quantized(x)]
+    return {"total": quantize.nbytes(frozen), "quantized": quantize.nbytes(quant),
+            "quantized_as_bf16": sum(2 * int(np.prod(x.shape)) for x in quant)}
+
+
+def describe_bytes(frozen: Params, cfg: Config) -> str:
+    """One line for --dry-run, the run log and the bench: the frozen base's bytes, and the quantized kernels'."""
+    b = base_bytes(frozen)
+    line = f"frozen base: {b['total']:,} bytes ({b['total'] / 2**20:,.1f} MiB, model.base_dtype resolved)"
+    if b["quantized"]:
+        dq = " + double quant" if cfg.lora.double_quant else ""
+        line += (f"; {cfg.lora.quantize}{dq} block kernels {b['quantized']:,} bytes = "
+                 f"{b['quantized'] / b['quantized_as_bf16']:.3f}x their bfloat16 size")
+    return line
 
 
 @dataclasses.dataclass(frozen=True)

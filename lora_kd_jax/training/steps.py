@@ -134,9 +134,10 @@ def make_train_step(model: ClassifierModel, tx: optax.GradientTransformation, ob
                                  rng=step_key(state))
 
         frozen = consts["frozen"]
-        if accumulate == 1:
-            (loss, sums), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(state.trainable, frozen)
-        else:  # the frozen gradients only reach set_to_zero: zeros, not K summed gradients of the base
+        if accumulate == 1:  # the frozen gradients only reach set_to_zero: zeros (a quantized base has int leaves)
+            (loss, sums), g_train = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, frozen)
+            grads = (g_train, jax.tree.map(jnp.zeros_like, frozen))
+        else:  # as above, not K summed gradients of the base
             loss, sums, g_train = accumulated_grads(model, objective, accumulate, state.trainable, consts, batch,
                                                     step_key(state))
             grads = (g_train, jax.tree.map(jnp.zeros_like, frozen))

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Literal
 
 Dtype = Literal["auto", "float32", "bfloat16"]
-ModelType = Literal["gpt2", "bert", "roberta", "llama"]  # the families (`models.families.FAMILIES`, tested equal)
+ModelType = Literal["gpt2", "bert", "roberta", "llama", "qwen3", "modernbert"]  # models.families.FAMILIES (tested)
 DEFAULT_LORA_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # left as is: the family's defaults
 
 
@@ -25,8 +25,8 @@ def key(default: Any, doc: str, **checks: Any) -> Any:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The classifier's base: a GPT-2, BERT, RoBERTa or Llama checkpoint (a released size, a hub id, a local
-    dir) or a random init of a given size."""
+    """The classifier's base: a GPT-2, BERT, RoBERTa, Llama, Qwen3 or ModernBERT checkpoint (a released size, a
+    hub id, a local dir) or a random init of a given size."""
 
     name: str = key("gpt2", "A released size (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), `custom` (sizes "
                     "from model.n_layer/n_embd/n_head), or a hub id ORG/NAME of any family, whose config.json decides "
@@ -83,7 +83,7 @@ class DataConfig:
 @dataclasses.dataclass
 class LoraConfig:
     """The adapters: rank, scale, init (the study's seed init, PEFT's standard, PiSSA, OLoRA), rsLoRA, DoRA,
-    LoRA+ and the modules they adapt."""
+    LoRA+, the modules they adapt, and QLoRA's quantized base."""
 
     rank: int = key(4, "Rank r of every adapter.", positive=True)
     alpha: float = key(4.0, "Scale alpha / rank (rsLoRA: alpha / sqrt(rank)); the seed init has no scaling.",
@@ -99,8 +99,13 @@ class LoraConfig:
                             positive=True)
     targets: list[str] = key(DEFAULT_LORA_TARGETS, "Modules to adapt: names (a dotted suffix, globs), `re:REGEX`, or "
                              "`all-linear`; left as is, the family's own defaults (GPT-2: its four Conv1D; BERT, "
-                             "RoBERTa: query, value; Llama: q_proj, v_proj).")
+                             "RoBERTa: query, value; Llama, Qwen3: q_proj, v_proj; ModernBERT: Wqkv).")
     modules_to_save: list[str] = key([], "Base modules trained in full beside the head (PEFT's modules_to_save).")
+    quantize: Literal["none", "nf4", "int8"] = key(
+        "none", "QLoRA: store every frozen linear kernel of the blocks quantized, dequantized in each step in the "
+        "compute dtype: nf4 (bitsandbytes' 4-bit NormalFloat, blocks of 64) or int8 (LLM.int8()'s row-wise weights).")
+    double_quant: bool = key(False, "With lora.quantize=nf4: quantize the per-block absmax values too (bitsandbytes' "
+                             "compress_statistics: 8-bit, blocks of 256).")
 
 
 @dataclasses.dataclass

@@ -179,6 +179,9 @@ def _validate_lora(cfg: Config) -> None:
     if lc.init == "seed" and lc.scaling != "standard":
         raise ConfigError(f"lora.scaling={lc.scaling} with lora.init=seed: the seed init has no alpha scaling (scale "
                           "1) for rsLoRA to change; use lora.init=standard (or pissa, olora) or lora.scaling=standard")
+    if lc.double_quant and lc.quantize != "nf4":
+        raise ConfigError(f"lora.double_quant=true with lora.quantize={lc.quantize}: double quantization compresses "
+                          "NF4's per-block absmax values; set lora.quantize=nf4 or drop lora.double_quant")
 
 
 def _validate_seeds(cfg: Config) -> None:

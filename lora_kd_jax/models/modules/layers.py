@@ -54,9 +54,16 @@ class Stack(nn.Module):
 
 
 def kernel_value(module: nn.Module, shape: tuple[int, int], init: Callable) -> jax.Array:
-    """The module's 'kernel' param as an array (a quantized kernel is dequantized here: `lora.quantize`)."""
-    kernel = module.param("kernel", init, shape, jnp.float32)
-    return kernel.dequantize() if hasattr(kernel, "dequantize") else kernel
+    """The module's 'kernel' param as an array. A quantized kernel (`lora.quantize`: a pytree of codes and scales
+    with `dequantize()`) is read as it is stored (flax's shape check would compare its codes with
+    the kernel's shape) and dequantized here, in the step, in its compute dtype."""
+    if module.has_variable("params", "kernel"):
+        stored = module.get_variable("params", "kernel")
+        if hasattr(stored, "dequantize"):
+            if tuple(stored.shape) != tuple(shape):
+                raise ValueError(f"{module.path}: quantized kernel of shape {stored.shape}, expected {shape}")
+            return stored.dequantize()
+    return module.param("kernel", init, shape, jnp.float32)
 
 
 class Dense(nn.Module):
