@@ -13,11 +13,11 @@ What it times, per variant and mode (one JSON line each, printed and appended to
   teacher_forward  the same model in eval mode, no grad.
   distill_step     that teacher's forward (no grad) inside the step, then the seed's student (Embedding 50257x768,
                    one-layer tanh RNN 768, Linear 2 on the last position) forward/backward, KL at T=2, Adam lr 1e-3.
-With --family bert|roberta|llama, lora_train_step alone, of that family instead: AutoModelForSequenceClassification
-                   (random init, FAMILY_SIZES: --variants tiny,base, no dropout in the base) + PEFT LoRA (task SEQ_CLS,
-                   r=4, alpha 4, dropout 0.1, PEFT's default targets query/value or q_proj/v_proj, the head trained),
-                   as `lora-kd-jax bench --family` builds it; ids drawn below the family's vocabulary, padded with its
-                   pad id.
+With --family bert|roberta|llama|qwen3|modernbert, lora_train_step alone, of that family instead:
+                   AutoModelForSequenceClassification (random init, FAMILY_SIZES: --variants tiny,base, no dropout in
+                   the base) + PEFT LoRA (task SEQ_CLS, r=4, alpha 4, dropout 0.1, PEFT's default targets query/value
+                   or q_proj/v_proj, ModernBERT's Wqkv, the head trained), as `lora-kd-jax bench --family` builds
+                   it; ids drawn below the family's vocabulary, padded with its pad id.
 Modes: fp32, bf16 (autocast), compile-fp32, compile-bf16 (torch.compile of teacher and student). Weights are random:
 step time does not depend on their values. The batch is scripts/bench.py's `peer_batch`: torch.Generator seeded 0
 draws ids in [0, 50256), lengths in [5, seq/2 + 8) capped at seq, then labels; rows are right-padded with 50256.
@@ -25,7 +25,7 @@ Timing: `WARMUP` untimed calls, then the mean of --steps calls between two devic
 
 usage: benchmarks/peer_torch.py [--tiny] [--variants gpt2,gpt2-medium] [--modes fp32,bf16,compile-bf16]
                                 [--batch 128] [--seq 64] [--steps 30] [--out results.jsonl] [--lora-variant dora]
-                                [--family bert|roberta|llama]
+                                [--family bert|roberta|llama|qwen3|modernbert]
 """
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ MODES = ("fp32", "bf16", "compile-fp32", "compile-bf16")
 # --family: lora_kd_jax.commands.bench's FAMILY_SIZES (n_layer, n_embd, n_head; feed-forward 4 x n_embd), vocabularies
 # and pad ids (bert-base-uncased's, roberta-base's, Llama 2's vocabulary)
 FAMILY_SIZES = {"tiny": (2, 64, 4), "base": (12, 768, 12)}
-FAMILY_VOCAB = {"bert": 30522, "roberta": 50265, "llama": 32000}
-FAMILY_PAD = {"bert": 0, "roberta": 1, "llama": 0}
-FAMILY_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+FAMILY_VOCAB = {"bert": 30522, "roberta": 50265, "llama": 32000, "qwen3": 151936, "modernbert": 50368}
+FAMILY_PAD = {"bert": 0, "roberta": 1, "llama": 0, "qwen3": 0, "modernbert": 0}
+FAMILY_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
+                  "qwen3": ["q_proj", "v_proj"], "modernbert": ["Wqkv"]}  # PEFT has no modernbert default: ours
+FAMILY_FFN = {"qwen3": 3.0, "modernbert": 1.5}  # feed-forward x n_embd as lora_kd_jax's config_kwargs (else 4)
 STUDENT_WIDTH = 768  # the seed's student, for every variant
 TEMPERATURE = 2.0
 WARMUP = 5
@@ -69,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--lora-variant", default="lora", choices=("lora", "dora"), help="PEFT's LoRA or DoRA (use_dora)")
     p.add_argument("--family", default="gpt2", choices=("gpt2", *FAMILY_VOCAB),
-                   help="bert, roberta, llama: the LoRA train step of that family's classifier (--variants tiny, base)")
+                   help="bert, roberta, llama, qwen3, modernbert: the LoRA train step of that family's classifier "
+                   "(--variants tiny, base)")
     a = p.parse_args(argv)
     if a.family != "gpt2" and a.variants == p.get_default("variants"):
         a.variants = "base"
@@ -123,22 +126,26 @@ def lora_classifier(variant: str, device: torch.device, use_dora: bool = False) 
 
 
 def family_classifier(family: str, variant: str, device: torch.device, use_dora: bool = False) -> torch.nn.Module:
-    """A BERT / RoBERTa / Llama sequence classifier (random init, no dropout in the base) with PEFT LoRA at PEFT's
-    default targets; PEFT's SEQ_CLS trains the head (classifier / score) too."""
+    """A BERT / RoBERTa / Llama / Qwen3 / ModernBERT sequence classifier (random init, no dropout in the base) with
+    PEFT LoRA at PEFT's default targets; PEFT's SEQ_CLS trains the head (classifier / score) too, and ModernBERT's
+    head.dense / head.norm as lora_kd_jax trains them (modules_to_save=["head"])."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     n_layer, n_embd, n_head = FAMILY_SIZES[variant]
     sizes = dict(vocab_size=FAMILY_VOCAB[family], hidden_size=n_embd, num_hidden_layers=n_layer,
-                 num_attention_heads=n_head, intermediate_size=4 * n_embd, pad_token_id=FAMILY_PAD[family],
-                 num_labels=2)
-    if family == "llama":
-        sizes.update(num_key_value_heads=n_head, max_position_embeddings=512, tie_word_embeddings=False)
+                 num_attention_heads=n_head, intermediate_size=int(FAMILY_FFN.get(family, 4) * n_embd),
+                 pad_token_id=FAMILY_PAD[family], num_labels=2)
+    if family in ("llama", "qwen3"):
+        sizes.update(num_key_value_heads=n_head, max_position_embeddings=512, tie_word_embeddings=False,
+                     **({"head_dim": n_embd // n_head} if family == "qwen3" else {}))
+    elif family == "modernbert":
+        sizes.update(max_position_embeddings=512)
     else:  # RoBERTa's position table holds pad_id + 1 more rows (its positions start after the pad id)
         sizes.update(max_position_embeddings=514 if family == "roberta" else 512, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, type_vocab_size=1 if family == "roberta" else 2)
     base = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(family, **sizes))
     lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=4, lora_dropout=0.1, target_modules=FAMILY_TARGETS[family],
-                      use_dora=use_dora)
+                      use_dora=use_dora, modules_to_save=["head"] if family == "modernbert" else None)
     return get_peft_model(base, lora).to(device)
 
 

@@ -102,7 +102,7 @@ def _broken(sharded, tmp_path, case: str):
         config = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
         return d, rf"model error: {d / 'config.json'}: model_type 't5' is not a family this library fine-tunes \(it " \
-                  r"serves gpt2, bert, roberta, llama\)"
+                  r"serves gpt2, bert, roberta, llama, qwen3, modernbert\)"
     save_file(tensors, str(shard), metadata={"format": "pt"})
     return d, expect
 

@@ -1,10 +1,11 @@
-"""Distillation from a BERT, RoBERTa or Llama teacher (issue #24): the student reads the teacher's tokenizer and
-vocabulary, on single sentences (with an augmented transfer set) and on BERT's sentence pairs (token types).
+"""Distillation from a BERT, RoBERTa, Llama, Qwen3 or ModernBERT teacher (issue #24): the student reads the teacher's
+tokenizer and vocabulary, on single sentences (with an augmented transfer set) and on BERT's sentence pairs (token
+types).
 
 One tiny checkpoint per family (`tiny_families`), a one-epoch LoRA run on it, and a one-epoch distillation into the
 RNN student: BERT over the training rows, two augmented copies of each and a few unlabeled sentences; BERT again on
-a sentence-pair task; RoBERTa and Llama over the training rows and one augmented copy of each (so every teacher's
-logits are kept on disk, where the tests read them).
+a sentence-pair task; RoBERTa, Llama, Qwen3 and ModernBERT over the training rows and one augmented copy of each (so
+every teacher's logits are kept on disk, where the tests read them).
 """
 from __future__ import annotations
 
@@ -201,30 +202,32 @@ def test_bert_teacher_reads_the_token_types_of_pairs(bert_pairs_kd):
     assert float(mean) <= 2 * LOGITS_ATOL ** 2, float(mean)  # without the types: about 4e-7
 
 
-# ------------------------------------------------------------------------------ RoBERTa and Llama
+# ------------------------------------------------------------------------------ RoBERTa, Llama, Qwen3, ModernBERT
+
+MASKS = {"roberta": "<mask>", "llama": "<unk>", "qwen3": "<|endoftext|>", "modernbert": "[MASK]"}
 
 
-@pytest.fixture(scope="module", params=["roberta", "llama"])
+@pytest.fixture(scope="module", params=list(MASKS))
 def family_kd(request, tmp_path_factory):
-    """A RoBERTa or Llama LoRA teacher and a student distilled from it over the training rows and one augmented
-    copy of each."""
+    """A RoBERTa, Llama, Qwen3 or ModernBERT LoRA teacher and a student distilled from it over the training rows and
+    one augmented copy of each."""
     d = tmp_path_factory.mktemp(f"kd_{request.param}")
     cfg = teacher_and_student(d, request.param, [f"data.limit={ROWS}"], ["distill.augment=1", *AUGMENT])
     return types.SimpleNamespace(dir=d, cfg=cfg, family=request.param)
 
 
 def test_roberta_and_llama_teachers_label_the_transfer_set_as_their_evaluation(family_kd):
-    """RoBERTa (masking with <mask>) and Llama (no mask token: <unk>) teach like BERT: the cached logits on the
-    training rows and their augmented copies are the teacher run's own predictions, and the student has the
-    teacher's vocabulary."""
+    """RoBERTa (masking with <mask>), Llama (no mask token: <unk>), Qwen3 (neither: <|endoftext|>, its tokenizer
+    class's unknown-word token) and ModernBERT ([MASK]) teach like BERT: the cached logits on the training rows and
+    their augmented copies are the teacher run's own predictions, and the student has the teacher's vocabulary."""
     from lora_kd_jax.commands.evaluation import Predictor
 
     logits, report = cached_and_report(family_kd)
     sentences, mask = transfer_sentences(family_kd, 1, [])
-    assert mask == {"roberta": "<mask>", "llama": "<unk>"}[family_kd.family] == report["mask_token"]
+    assert mask == MASKS[family_kd.family] == report["mask_token"]
     assert any(mask in s for s in sentences[ROWS:]) and report["size"] == 2 * ROWS
     expected = Predictor.from_run(family_kd.dir / "teacher").logits(sentences)
     np.testing.assert_allclose(logits, expected, rtol=0, atol=LOGITS_ATOL)
     student = Predictor.from_run(family_kd.dir / "student")
-    assert student.tokenizer.mask_token == ("<mask>" if family_kd.family == "roberta" else None)  # the teacher's
+    assert student.tokenizer.mask_token == {"roberta": "<mask>", "modernbert": "[MASK]"}.get(family_kd.family)
     assert student.run.params["embed"]["embedding"].shape[0] == len(student.tokenizer)

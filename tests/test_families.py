@@ -1,6 +1,8 @@
-"""BERT and RoBERTa: parity with PyTorch / PEFT on tiny random checkpoints the tests save themselves.
+"""BERT, RoBERTa, Llama, Qwen3 and ModernBERT: parity with PyTorch / PEFT on tiny random checkpoints the tests save
+themselves.
 
-Per family (a 2-layer, 64-wide *ForSequenceClassification and a tokenizer trained on CoLA, `tiny_families`):
+Per family (a 2-layer, 64-wide *ForSequenceClassification and a tokenizer trained on CoLA, `tiny_families`; Qwen3 with
+head_dim 32 != 64 / 4 heads and 2 key/value heads, ModernBERT with a local block whose window rows outgrow):
 the JAX logits against transformers' PyTorch classifier (with and without LoRA), the gradients of every trainable
 leaf against PEFT, a 30-step Adam trajectory, and the three round trips (export-peft -> PeftModel.from_pretrained,
 a PEFT adapter -> import-peft, merge -> AutoModelForSequenceClassification / Flax). Tolerances are the GPT-2
@@ -9,7 +11,9 @@ parity tests' (test_parity_lora, test_parity_train).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import re
 import types
 
 import jax
@@ -55,9 +59,10 @@ def _config(path, *overrides):
 def _peft(torch_model, seed: int):
     """PEFT LoRA on query/value with random (non-zero) B and a head moved off the checkpoint's, so that the B path,
     the alpha/r scale and the saved head all show."""
-    model = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(
-        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-        target_modules=list(FAMILIES[torch_model.config.model_type].default_targets)))
+    family = FAMILIES[torch_model.config.model_type]
+    model = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(  # ModernBERT's head: what export writes
+        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(family.default_targets),
+        modules_to_save=list(family.trained_modules) or None))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -91,7 +96,7 @@ def saved(family: str, tmp_path_factory) -> tuple:
     return _SAVED[family]
 
 
-@pytest.fixture(scope="module", params=["bert", "roberta", "llama"])
+@pytest.fixture(scope="module", params=["bert", "roberta", "llama", "qwen3", "modernbert"])
 def fam(request, tmp_path_factory):
     """One family's saved checkpoint, its tokenizer, the JAX model over it and a PEFT twin with the same weights."""
     d, torch_model, saved_tok = saved(request.param, tmp_path_factory)
@@ -134,8 +139,14 @@ def test_tokenizer_encodes_as_pytorch(fam):
     want = fam.saved_tok(fam.sentences, padding="max_length", truncation=True, max_length=20)
     np.testing.assert_array_equal(fam.split.input_ids, np.asarray(want["input_ids"]))
     np.testing.assert_array_equal(fam.split.attention_mask, np.asarray(want["attention_mask"]))
-    first = fam.tok.cls_token_id if fam.name == "bert" else fam.tok.bos_token_id  # [CLS] or <s>
-    assert (fam.split.input_ids[:, 0] == first).all() and fam.tok.pad_token_id == fam.model.pad_id
+    if fam.name == "qwen3":  # Qwen's template adds no token: a padded row is its sentence's own ids, whole
+        i = int(fam.split.attention_mask.sum(axis=1).argmin())
+        n = int(fam.split.attention_mask[i].sum())
+        assert fam.split.input_ids[i, :n].tolist() == fam.tok(fam.sentences[i], add_special_tokens=False)["input_ids"]
+    else:
+        first = fam.tok.cls_token_id if fam.name in ("bert", "modernbert") else fam.tok.bos_token_id  # [CLS] or <s>
+        assert (fam.split.input_ids[:, 0] == first).all()
+    assert fam.tok.pad_token_id == fam.model.pad_id
     assert (fam.split.attention_mask[:, -1] == 0).any()  # some rows are padded
 
 
@@ -152,9 +163,22 @@ def _plain_params(fam) -> dict:
 def test_forward_matches_pytorch(fam):
     """Logits of the plain classifier (head included) vs AutoModelForSequenceClassification, and with LoRA vs PEFT."""
     plain = _plain_params(fam)
-    err_plain = ref_lib.max_rel_err(_jax_logits(fam.model, plain, fam.split), _torch_logits(fam.torch, fam.split))
+    torch_plain = _torch_logits(fam.torch, fam.split)
+    err_plain = ref_lib.max_rel_err(_jax_logits(fam.model, plain, fam.split), torch_plain)
     err_lora = ref_lib.max_rel_err(_jax_logits(fam.model, fam.params, fam.split), _torch_logits(fam.twin, fam.split))
     assert err_plain <= OUTPUT_RTOL and err_lora <= OUTPUT_RTOL, (err_plain, err_lora)
+    if fam.name == "modernbert":  # rows of 20 tokens, padded ones too, outgrow the local block's |q - k| <= 4:
+        arch = fam.model.arch  # without the window the logits differ; with classifier_pooling=cls they are PyTorch's
+        assert arch.layer_types == ("full_attention", "sliding_attention") and arch.sliding_window == 4
+        wide = dataclasses.replace(fam.model, arch=dataclasses.replace(arch, sliding_window=64))
+        assert np.abs(_jax_logits(wide, plain, fam.split) - torch_plain).max() > 100 * FORWARD_ATOL
+        fam.torch.config.classifier_pooling = "cls"
+        try:
+            cls = dataclasses.replace(fam.model, arch=dataclasses.replace(arch, pooling="cls"))
+            err_cls = ref_lib.max_rel_err(_jax_logits(cls, plain, fam.split), _torch_logits(fam.torch, fam.split))
+        finally:
+            fam.torch.config.classifier_pooling = "mean"
+        assert err_cls <= OUTPUT_RTOL, err_cls
 
 
 def test_pairs_encode_and_classify_as_pytorch(fam):
@@ -164,15 +188,22 @@ def test_pairs_encode_and_classify_as_pytorch(fam):
     s = cola_sentences()
     longest = sorted(s[:300], key=len)[-2:]
     first, second = [s[0], s[2], longest[0], longest[1]], [s[1], s[3], longest[1], "Yes."]
-    width = {"bert": 48, "roberta": 60, "llama": 60}[fam.name]  # cuts rows 0, 2, 3 (3: only its long first text), not row 1
+    width = {"bert": 48}.get(fam.name, 60)  # cuts rows 0, 2, 3 (3: only its long first text), not row 1
     split = encode_pairs(first, second, np.array([0, 1, 1, 0]), fam.tok, width)
-    want = fam.saved_tok(first, second, padding="max_length", truncation="longest_first", max_length=width)
-    np.testing.assert_array_equal(split.input_ids, np.asarray(want["input_ids"]))
-    np.testing.assert_array_equal(split.attention_mask, np.asarray(want["attention_mask"]))
-    full = [len(ids) for ids in fam.saved_tok(first, second)["input_ids"]]
+    if fam.name == "qwen3":  # no pair template (PyTorch's call concatenates): its eos between, as GPT-2's pairs
+        a, b = (fam.tok(texts, add_special_tokens=False)["input_ids"] for texts in (first, second))
+        full = [len(x) + 1 + len(y) for x, y in zip(a, b)]
+        assert split.input_ids[1, :full[1]].tolist() == [*a[1], fam.tok.eos_token_id, *b[1]]
+        want = {"input_ids": split.input_ids, "attention_mask": split.attention_mask}  # PyTorch's logits on them
+    else:
+        want = fam.saved_tok(first, second, padding="max_length", truncation="longest_first", max_length=width)
+        np.testing.assert_array_equal(split.input_ids, np.asarray(want["input_ids"]))
+        np.testing.assert_array_equal(split.attention_mask, np.asarray(want["attention_mask"]))
+        full = [len(ids) for ids in fam.saved_tok(first, second)["input_ids"]]
     assert split.truncated_rows.tolist() == [n > width for n in full] == [True, False, True, True], full
-    seps = {"bert": (fam.tok.sep_token_id, 2), "roberta": (fam.tok.sep_token_id, 3), "llama": (fam.tok.bos_token_id, 2)}
-    sep, count = seps[fam.name]  # [CLS] a [SEP] b [SEP]; <s> a </s></s> b </s>; this tokenizer's <s> a <s> b
+    seps = {"bert": (fam.tok.sep_token_id, 2), "roberta": (fam.tok.sep_token_id, 3), "llama": (fam.tok.bos_token_id, 2),
+            "modernbert": (fam.tok.sep_token_id, 2), "qwen3": (fam.tok.eos_token_id, 1)}
+    sep, count = seps[fam.name]  # [CLS] a [SEP] b [SEP]; <s> a </s></s> b </s>; this tokenizer's <s> a <s> b; a eos b
     assert ((split.input_ids == sep).sum(axis=1) == count).all()
     if fam.name == "bert":
         np.testing.assert_array_equal(split.token_type_ids, np.asarray(want["token_type_ids"]))
@@ -213,7 +244,8 @@ def grad_errs_vs_peft(model, params: dict, twin, split: EncodedSplit) -> dict[st
 def test_gradients_match_peft(fam):
     """d(mean CE)/d(every trainable leaf): the LoRA factors and the head, and only those, as PEFT's autograd."""
     errs = grad_errs_vs_peft(fam.model, fam.params, fam.twin, fam.split)
-    assert sum(k.startswith("lora/") for k in errs) == 2 * 2 * 2  # 2 layers x (query, value) x (a, b)
+    n_targets = len(fam.model.family.default_targets)  # query, value; ModernBERT's one Wqkv
+    assert sum(k.startswith("lora/") for k in errs) == 2 * n_targets * 2  # 2 layers x targets x (a, b)
     worst = max(errs, key=errs.get)
     assert errs[worst] <= GRAD_RTOL, f"{worst}: gradient rel err {errs[worst]:.3g} > {GRAD_RTOL}"
 
@@ -366,8 +398,12 @@ def _torch_targeted(family: str, targets, to_save=None, device: str = "cpu", **s
 
 TARGET_FORMS = {  # form -> family -> (lora.targets, PEFT's target_modules)
     "names": {"llama": ("q_proj,mlp.down_proj", ["q_proj", "mlp.down_proj"]),
+              "qwen3": ("q_proj,mlp.down_proj", ["q_proj", "mlp.down_proj"]),
+              "modernbert": ("Wqkv,mlp.Wo", ["Wqkv", "mlp.Wo"]),
               None: ("query,attention.output.dense", ["query", "attention.output.dense"])},
     "regex": {"llama": (r"re:.*layers\.1\..*(k_proj|gate_proj)", r".*layers\.1\..*(k_proj|gate_proj)"),
+              "qwen3": (r"re:.*layers\.1\..*(k_proj|gate_proj)", r".*layers\.1\..*(k_proj|gate_proj)"),
+              "modernbert": (r"re:.*layers\.1\..*(Wi|attn\.Wo)", r".*layers\.1\..*(Wi|attn\.Wo)"),
               None: (r"re:.*layer\.1\..*(key|intermediate\.dense)", r".*layer\.1\..*(key|intermediate\.dense)")},
     "all-linear": {None: ("all-linear", "all-linear")},
 }
@@ -400,10 +436,12 @@ def test_targets_adapt_what_peft_adapts(fam, form):
     cfg = _config(fam.dir, f"lora.targets={ours}")
     model, _ = build_classifier(cfg, jax.random.key(0), shapes_only=True)
     got = sorted(".".join(p) for p in model.spec.paths)
-    want, _ = _torch_targeted(fam.name, theirs, vocab_size=len(fam.tok), **{
+    want, _ = _torch_targeted(fam.name, theirs, list(fam.model.family.trained_modules) or None,  # ModernBERT's head
+                              vocab_size=len(fam.tok), **{
         k: v for k, v in fam.torch.config.to_dict().items() if k in ("hidden_size", "num_hidden_layers",
                                                                        "num_attention_heads", "intermediate_size",
-                                                                       "num_key_value_heads")})
+                                                                       "num_key_value_heads", "head_dim",
+                                                                       "pad_token_id")})
     assert got == want and got, (got, want)
     if form == "all-linear":
         assert ("pooler.dense" in got) == (fam.name == "bert")  # RoBERTa's classifier has no pooler
@@ -412,8 +450,9 @@ def test_targets_adapt_what_peft_adapts(fam, form):
 def test_target_matching_nothing_names_the_module_paths(fam):
     from lora_kd_jax.lora.transform import LoraTargetError
 
-    named = (r"layers\.\{i\}\.self_attn\.k_proj" if fam.name == "llama"
-             else r"encoder\.layer\.\{i\}\.attention\.self\.query")
+    decoder = r"layers\.\{i\}\.self_attn\.k_proj"
+    named = {"llama": decoder, "qwen3": decoder, "modernbert": r"layers\.\{i\}\.attn\.Wqkv"}.get(
+        fam.name, r"encoder\.layer\.\{i\}\.attention\.self\.query")
     for bad in ("c_attn", r"re:.*\.c_attn"):
         with pytest.raises(LoraTargetError, match=rf"matches no linear layer.*{named}, .*\(or write all-linear\)"):
             build_classifier(_config(fam.dir, f"lora.targets={bad}"), jax.random.key(0), shapes_only=True)
@@ -449,6 +488,75 @@ def test_dry_run_counts_equal_peft_for_base_sizes(family, targets, to_save):
                                                     **sizes, **BASE_SIZES[family])
     copies = peft_trainable - peft_lora  # the head and every modules_to_save module, counted twice by PEFT
     assert (trainable, total) == (peft_trainable, peft_all - copies), line
+
+
+RELEASED = {  # the sizes in the config.json of Qwen/Qwen3-0.6B and of answerdotai/ModernBERT-base
+    "qwen3": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "modernbert": dict(vocab_size=50368, hidden_size=768, intermediate_size=1152, num_hidden_layers=22,
+                       num_attention_heads=12, max_position_embeddings=8192, classifier_pooling="mean"),
+}
+
+
+@pytest.mark.parametrize("family,targets,to_save", [
+    ("qwen3", "", None), ("qwen3", "all-linear", ["input_layernorm"]),
+    ("modernbert", "", None), ("modernbert", "all-linear", ["mlp_norm"])])
+def test_dry_run_counts_equal_peft_for_qwen3_and_modernbert_sizes(family, targets, to_save, tmp_path):
+    """Qwen3-0.6B's and ModernBERT-base's config.json as model.path (a config alone: --dry-run reads no weights;
+    grouped-query heads and head_dim 128 are the checkpoint's, which model.init=random cannot say): --dry-run's
+    counts are PEFT's get_nb_trainable_parameters on the same classifier on torch's meta device, with the family's
+    default targets or all-linear, and what export-peft writes as modules_to_save (ModernBERT's `head` too)."""
+    from transformers import AutoConfig
+
+    from lora_kd_jax.training.finetune import dry_run_plan
+
+    AutoConfig.for_model(family, **RELEASED[family]).save_pretrained(tmp_path)
+    overrides = [f"model.path={tmp_path}", f"lora.rank={RANK}", *([f"lora.targets={targets}"] if targets else []),
+                 *([f"lora.modules_to_save={','.join(to_save)}"] if to_save else [])]
+    line = dry_run_plan(load_config(None, overrides)).splitlines()[0]
+    total, trainable = _counts(line)
+    fam = FAMILIES[family]
+    saved = [*fam.trained_modules, *(to_save or [])] or None
+    _, (peft_trainable, peft_all, peft_lora) = _torch_targeted(family, targets or list(fam.default_targets), saved,
+                                                               device="meta", **RELEASED[family])
+    copies = peft_trainable - peft_lora  # the head and every modules_to_save module, counted twice by PEFT
+    assert (trainable, total) == (peft_trainable, peft_all - copies), line
+
+
+@pytest.mark.parametrize("family", ["qwen3", "modernbert"])
+def test_random_init_qwen3_and_modernbert_are_their_config_classes_at_the_model_sizes(family):
+    """model.init=random with model.type and sizes: --dry-run's counts are PEFT's on the transformers classifier built
+    from the family's config_kwargs at those sizes (Qwen3: head_dim = width / heads, not its config class's 128)."""
+    from lora_kd_jax.training.finetune import dry_run_plan
+
+    line = dry_run_plan(load_config(None, [f"model.type={family}", "model.name=custom", "model.init=random",
+                                           "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
+                                           "model.vocab_size=300", "model.n_positions=128", f"lora.rank={RANK}"]))
+    total, trainable = _counts(line.splitlines()[0])
+    fam = FAMILIES[family]
+    _, (peft_trainable, peft_all, peft_lora) = _torch_targeted(
+        family, list(fam.default_targets), list(fam.trained_modules) or None, device="meta",
+        **fam.config_kwargs(2, 64, 4, 300, 128))
+    assert (trainable, total) == (peft_trainable, peft_all - (peft_trainable - peft_lora)), line
+    assert "(64 -> 64)" in line if family == "qwen3" else "(64 -> 192)" in line
+
+
+@pytest.mark.parametrize("family,keys,message", [
+    ("qwen3", dict(use_sliding_window=True), "use_sliding_window=true (Qwen3's sliding-window layers) is not computed"),
+    ("qwen3", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "rope_type='yarn'"),
+    ("modernbert", dict(classifier_bias=True), "classifier_bias=True is not computed here"),
+    ("modernbert", dict(norm_bias=True), "norm_bias=True is not computed here"),
+    ("modernbert", dict(classifier_activation="silu"), "classifier_activation='silu' is not computed here"),
+])
+def test_what_qwen3_and_modernbert_do_not_compute_is_refused_by_name(family, keys, message):
+    """A config.json asking for what the modules do not compute (Qwen3's sliding window or yarn rope; another
+    ModernBERT head) is an error naming the key, not a model that computes something else."""
+    base = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 32, "max_position_embeddings": 32}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FAMILIES[family].arch({**base, **keys})
+    assert FAMILIES[family].arch(base).num_layers == 2
 
 
 # ----------------------------------------------------------------------------------------------- hub ids

@@ -1,9 +1,10 @@
-"""Tiny BERT / RoBERTa / Llama checkpoints and tokenizers the family tests build themselves (no hub).
+"""Tiny BERT / RoBERTa / Llama / Qwen3 / ModernBERT checkpoints and tokenizers the family tests build themselves (no
+hub).
 
-A WordPiece tokenizer (BERT), a byte-level BPE one (RoBERTa) or a SentencePiece-style BPE one (Llama) is trained
-with the `tokenizers` library on the packaged CoLA training sentences, wrapped as transformers' fast tokenizer of the
-family and saved; a 2-layer, 64-wide PyTorch *ForSequenceClassification with that vocabulary is saved beside it with
-save_pretrained.
+A WordPiece tokenizer (BERT), a byte-level BPE one (RoBERTa; Qwen3's, without special tokens in its template;
+ModernBERT's, [CLS] a [SEP]) or a SentencePiece-style BPE one (Llama) is trained with the `tokenizers` library on the
+packaged CoLA training sentences, wrapped as transformers' fast tokenizer of the family and saved; a 2-layer, 64-wide
+PyTorch *ForSequenceClassification with that vocabulary is saved beside it with save_pretrained.
 """
 from __future__ import annotations
 
@@ -48,6 +49,26 @@ def train_tokenizer(family: str, out_dir: Path):
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>", add_bos_token=True, add_eos_token=False)
+    elif family in ("qwen3", "modernbert"):  # byte-level BPE as theirs; Qwen's adds no token, ModernBERT's [CLS] [SEP]
+        from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        qwen = family == "qwen3"
+        special = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if qwen
+                   else ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+        tok.train_from_iterator(cola_sentences(), trainers.BpeTrainer(
+            vocab_size=VOCAB, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.decoder = decoders.ByteLevel()
+        if qwen:  # Qwen3's tokenizer_config.json: no bos, no unk, pads with <|endoftext|>
+            fast = Qwen2TokenizerFast(tokenizer_object=tok, bos_token=None, unk_token=None, eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>")
+        else:
+            cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+            tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                               special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
+                                           sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -74,6 +95,16 @@ def save_checkpoint(family: str, out_dir: Path, seed: int = 0):
         sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=False,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    elif family == "qwen3":  # head_dim 32 != 64 / 4 heads, grouped-query attention, tied embeddings (as Qwen3-0.6B)
+        sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, bos_token_id=None,
+                     eos_token_id=tok.eos_token_id)
+    elif family == "modernbert":  # block 0 global, block 1 local over |q - k| <= 4: rows of 20 tokens outgrow it
+        sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                     max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=2,
+                     classifier_pooling="mean", cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
     else:
         sizes = {**SIZES, "max_position_embeddings": 66 if family == "roberta" else 64,
                  **({"type_vocab_size": 1} if family == "roberta" else {})}
@@ -90,5 +121,8 @@ def family_tokenizer(path, family: str):
     from lora_kd_jax.data import load_tokenizer
     from lora_kd_jax.models.families import FAMILIES
 
+    from lora_kd_jax.models.tokenizers import with_unk_token
+
     fam = FAMILIES[family]
-    return load_tokenizer(str(path), needs=fam.tokenizer_needs, tokenizer_class=fam.tokenizer_class)
+    return with_unk_token(load_tokenizer(str(path), needs=fam.tokenizer_needs, tokenizer_class=fam.tokenizer_class),
+                          fam)

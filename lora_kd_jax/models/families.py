@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_kd_jax.models import heads
-from lora_kd_jax.models.modules import bert, gpt2, llama
+from lora_kd_jax.models.modules import bert, gpt2, llama, modernbert, qwen3
 from lora_kd_jax.models.modules.arch import Arch
 
 
@@ -59,6 +59,8 @@ class Family:
     tokenizer_needs: tuple[str, ...] = ()  # special tokens its tokenizer must have (the template's)
     tokenizer_class: str = "PreTrainedTokenizerFast"  # reads a dir of bare vocabulary files (no tokenizer.json)
     packaged_tokenizer: bool = False  # the package ships its tokenizer (data.tokenizer="" offline)
+    unk_token: str = ""  # the unknown-word token of a tokenizer that names none (distillation's augmentation masks
+    #                      with the mask token, else this one): Qwen's <|endoftext|>, its tokenizer class's default
 
     def module(self, arch: Arch, dtype: Any = jnp.float32) -> nn.Module:
         return self.module_class(arch, dtype, **self.module_kwargs)
@@ -101,7 +103,19 @@ LLAMA = Family(
     kernel_layout="in_out", default_targets=("q_proj", "v_proj"), blocks=("layers",),
     token_table=("embed_tokens", "embedding"), tokenizer_needs=("bos_token",), tokenizer_class="LlamaTokenizerFast")
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, BERT, ROBERTA, LLAMA)}
+QWEN3 = dataclasses.replace(  # the Llama module with q/k norms (`modules.qwen3`); no template tokens, no bos
+    LLAMA, name="qwen3", torch_class="Qwen3ForSequenceClassification", arch=qwen3.arch,
+    config_kwargs=qwen3.config_kwargs, tokenizer_needs=(), tokenizer_class="Qwen2TokenizerFast",
+    unk_token="<|endoftext|>")
+MODERNBERT = Family(  # PEFT has no default targets for modernbert: Wqkv is BERT's query / value here (one fused layer);
+    # its head (head.dense, head.norm, classifier) trains in full, so export-peft names `head` in modules_to_save too
+    name="modernbert", torch_class="ModernBertForSequenceClassification", module_class=modernbert.ModernBertModel,
+    arch=modernbert.arch, config_kwargs=modernbert.config_kwargs, head=heads.DENSE_NORM_CLASSIFIER, prefix="model",
+    torch_prefix="model", kernel_layout="in_out", default_targets=("Wqkv",), trained_modules=("head",),
+    blocks=("layers",), token_table=("embeddings", "tok_embeddings", "embedding"),
+    tokenizer_needs=("cls_token", "sep_token", "pad_token"))
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, BERT, ROBERTA, LLAMA, QWEN3, MODERNBERT)}
 
 
 def family(name: str) -> Family:

@@ -12,8 +12,9 @@ One rule maps every leaf of a base (`torch_key`): the module path joined by dots
 so `h/0/attn/c_attn/kernel` <-> `h.0.attn.c_attn.weight` and `encoder/layer/0/attention/self/query/kernel` <->
 `encoder.layer.0.attention.self.query.weight`; a *ForSequenceClassification state dict puts the family's
 `torch_prefix` in front (`transformer.`, `bert.`, `roberta.`, `model.`). The head's layers carry their PyTorch module
-names in the family's head (`score`, `classifier`, `classifier.dense`, ...). LoRA factors (a (in, r), b (r, out),
-DoRA's m (out,)) <-> PEFT's `lora_A.weight` (r, in) = aᵀ, `lora_B.weight` (out, r) = bᵀ, `lora_magnitude_vector`.
+names in the family's head (`score`, `classifier`, `classifier.dense`, ModernBERT's `head.dense`, `head.norm`, ...).
+LoRA factors (a (in, r), b (r, out), DoRA's m (out,)) <-> PEFT's `lora_A.weight` (r, in) = aᵀ, `lora_B.weight`
+(out, r) = bᵀ, `lora_magnitude_vector`.
 
 Loading, merge, export-peft and import-peft all go through here. Values may be numpy, jax or torch arrays (torch
 is never imported here); outputs are fresh numpy arrays that share no memory with the inputs. Errors are a
@@ -205,9 +206,8 @@ def head_to_torch(family: Any, head: Params, *, prefix: str = "") -> StateDict:
     for layer in family.head.layers:
         params = head if layer.path == () else head[layer.path[-1]]
         for leaf, v in params.items():
-            _, transpose = torch_key((leaf,))
-            out[f"{prefix}{layer.torch}.{'weight' if leaf == 'kernel' else leaf}"] = owned(
-                _torch_layout(to_numpy(v), transpose, layer.torch, "head"))
+            name, transpose = torch_key((layer.torch, leaf))
+            out[prefix + name] = owned(_torch_layout(to_numpy(v), transpose, layer.torch, "head"))
     return out
 
 
@@ -219,11 +219,11 @@ def head_from_torch(family: Any, state_dict: Mapping[str, Any], like: Params, wh
     """The head's PyTorch keys -> the head tree shaped like `like`; keys that are not the head's are an error."""
     flat, want, seen = {}, flatten(like), set()
     for layer in family.head.layers:
-        for leaf in ("kernel", "bias"):
+        for leaf in ("kernel", "scale", "bias"):  # `scale`: a LayerNorm of the head (ModernBERT's head.norm)
             path = (*layer.path, leaf)
             if path not in want:
                 continue
-            key = f"{layer.torch}.{'weight' if leaf == 'kernel' else 'bias'}"
+            key = torch_key((layer.torch, leaf))[0]
             if key not in state_dict:
                 raise ConversionError(f"{where}: missing keys: {key} (the classification head)")
             seen.add(key)

@@ -48,6 +48,11 @@ class Arch:
     rope: Rope | None = None  # rotary positions (Llama); None = learned absolute positions
     attention_bias: bool = False  # Llama's q/k/v/o biases
     mlp_bias: bool = False  # Llama's gate/up/down biases
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys (q_norm, k_norm) before the rotation
+    layer_types: tuple[str, ...] = ()  # per block, "full_attention" or "sliding_attention" (ModernBERT); () = all full
+    sliding_window: int = 0  # a sliding block's reach: a query reads the keys with |query - key| <= sliding_window
+    local_rope: Rope | None = None  # the rotary base of the sliding blocks (ModernBERT's local_rope_theta)
+    pooling: str = ""  # the base's pooled output: "cls" (first token) or "mean" (of the real tokens): ModernBERT's
 
     @property
     def kv_heads(self) -> int:

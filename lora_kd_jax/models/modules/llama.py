@@ -6,6 +6,7 @@
 and what that Flax Llama left out and Llama 3.x checkpoints carry, computed as transformers 5's PyTorch LlamaModel does:
 the rope base (`rope_theta`), an explicit `head_dim`, q/k/v/o biases (`attention_bias`), MLP biases (`mlp_bias`) and
 the llama3 rope scaling. Causal attention over the real tokens, grouped-query attention (`num_key_value_heads`).
+With `arch.qk_norm` it is Qwen3 (`modules.qwen3`): self_attn/{q_norm, k_norm}, RMSNorms over each head's width.
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class LlamaAttention(nn.Module):
         q = proj(a.num_heads, "q_proj").reshape(x.shape[:2] + (a.num_heads, d))
         k = proj(a.kv_heads, "k_proj").reshape(x.shape[:2] + (a.kv_heads, d))
         v = proj(a.kv_heads, "v_proj").reshape(x.shape[:2] + (a.kv_heads, d))
+        if a.qk_norm:  # Qwen3: each head's queries and keys RMS-normed over head_dim, before the rotation
+            q = RMSNorm(a.norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(a.norm_eps, self.dtype, name="k_norm")(k)
         inv_freq = rope_frequencies(a.rope or Rope(), d)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out = attend(self, q, k, v, bias, dropout=a.attention_dropout, deterministic=deterministic, dtype=self.dtype,
