@@ -305,19 +305,21 @@ def test_help_and_the_package_description_cover_the_families_tables_variants_and
     parser, commands = cli.build_parser()
     top = parser.format_help()
     assert " ".join(top.split()).startswith(
-        "usage: lora-kd-jax [-h] [--debug] [--version] COMMAND ... LoRA fine-tuning of GPT-2, BERT, RoBERTa and Llama "
-        "classifiers (LoRA, rsLoRA, DoRA, LoRA+, PiSSA, OLoRA) on CoLA, a GLUE task or your own tables (TSV, CSV, "
+        "usage: lora-kd-jax [-h] [--debug] [--version] COMMAND ... LoRA fine-tuning of GPT-2, BERT, RoBERTa, Llama, "
+        "Qwen3 and ModernBERT classifiers (LoRA, rsLoRA, DoRA, LoRA+, PiSSA, OLoRA; QLoRA's NF4 or int8 base) on "
+        "CoLA, a GLUE task or your own tables (TSV, CSV, "
         "JSONL, Parquet), and knowledge distillation into small students (the study's RNN, a BiLSTM, a CNN, a "
         "smaller transformer), in JAX."), top
     for name, p in commands.items():
         assert "GPT-2 on CoLA" not in p.format_help() and "into the RNN student" not in p.format_help(), name
-    for name, words in (("train-lora", "LoRA fine-tuning of a GPT-2, BERT, RoBERTa or Llama classifier on CoLA, a GLUE "
-                                       "task or your own table files"),
+    for name, words in (("train-lora", "LoRA fine-tuning of a GPT-2, BERT, RoBERTa, Llama, Qwen3 or ModernBERT "
+                                       "classifier on CoLA, a GLUE task or your own table files"),
                         ("distill", "into a student: the study's RNN, a BiLSTM, a CNN or a smaller transformer"),
                         ("evaluate", "CoLA's dev sets or any table file")):
         assert words in " ".join(commands[name].format_help().split()), name
     description = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["description"]
-    assert all(w in description for w in ("GPT-2", "BERT", "RoBERTa", "Llama", "tables", "students")), description
+    assert all(w in description for w in ("GPT-2", "BERT", "RoBERTa", "Llama", "Qwen3", "ModernBERT", "QLoRA", "tables",
+                                          "students")), description
 
 
 # ------------------------------------------------------------------------------ the README's quick start

@@ -12,8 +12,8 @@ N stacked train states and an [N, B, L] batch; the frozen GPT-2 base is one shar
 `seeds`, `ms_per_seed_step` (ms_per_step / N) and `argument_bytes` (the executable's argument size: what the seed
 axis costs in memory, the shared base counted once).
 
-With `family` (`--family bert|roberta|llama`) the LoRA train step of that family's random-init classifier is timed
-instead, at FAMILY_SIZES (`--variants tiny,base`), on the same batch drawn below the family's vocabulary; its records
+With `family` (`--family bert|roberta|llama|qwen3|modernbert`) the LoRA train step of that family's random-init
+classifier is timed instead, at FAMILY_SIZES (`--variants tiny,base`), on the same batch drawn below the family's vocabulary; its records
 add `family`, `trainable` and `total` (benchmarks/peer_torch.py --family times the same step through PEFT).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from lora_kd_jax.models.resolve import resolve
 from lora_kd_jax.models.students.build import build_student
 from lora_kd_jax.models.tokenizers import tokenizer_for
 from lora_kd_jax.training import finetune
-from lora_kd_jax.training.state import cast_frozen, param_report, train_state
+from lora_kd_jax.training.state import base_bytes, cast_frozen, param_report, stored_frozen, train_state
 from lora_kd_jax.training.steps import cross_entropy_objective, make_train_step
 
 
@@ -64,13 +64,14 @@ def bench_lora_variants(args: BenchArgs, variant: str, mode: str, batch: dict, r
     `rounds` rounds of steps/rounds steps each, and each reports the median over its rounds' medians, so a change in
     the machine's load falls on every variant alike."""
     names = ["lora", *(n for n in args.lora_variants if n != "lora")]
-    runs, flops, compile_s = {}, {}, {}
+    runs, flops, compile_s, base_b = {}, {}, {}, {}
     dev_batch = jax.device_put(batch)
     for name in names:
         cfg = variant_config(variant, mode, *LORA_VARIANTS[name])
         model, params = build_classifier(cfg, jax.random.key(0))
         setup = train_state(model, params, 1e-3, jax.random.key(1))
-        frozen = {"frozen": cast_frozen(setup.frozen, precision.base_dtype(cfg.model))}
+        frozen = {"frozen": stored_frozen(setup.frozen, cfg, model)}  # qlora_*: quantized block kernels
+        base_b[name] = base_bytes(frozen["frozen"])["total"]
         step = make_train_step(model, setup.tx, cross_entropy_objective)
         compiled, compile_s[name], flops[name] = compile_once(step, setup.state, frozen, dev_batch)
         holder = {"state": setup.state}
@@ -89,6 +90,7 @@ def bench_lora_variants(args: BenchArgs, variant: str, mode: str, batch: dict, r
         ms = statistics.median(medians[name])
         yield record(args, "lora_train_step", variant, mode, batch, None, ms, flops[name],
                      compile_s=round(compile_s[name], 2), lora_variant=name, ratio_vs_lora=round(ms / plain, 3),
+                     base_bytes=base_b[name],
                      round_ms=[round(m, 3) for m in medians[name]])
 
 

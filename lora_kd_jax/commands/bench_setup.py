@@ -28,14 +28,19 @@ LORA_VARIANTS = {
     "pissa": ["lora.init=pissa"],
     "olora": ["lora.init=olora"],
     "dora_rslora_plus": ["lora.init=standard", "lora.variant=dora", "lora.scaling=rslora", "lora.plus_ratio=16"],
+    "qlora_nf4": ["lora.init=standard", "lora.quantize=nf4"],  # QLoRA: the blocks' kernels quantized (docs/qlora.md)
+    "qlora_nf4_dq": ["lora.init=standard", "lora.quantize=nf4", "lora.double_quant=true"],
+    "qlora_int8": ["lora.init=standard", "lora.quantize=int8"],
 }
 
 
-# --family: the LoRA train step of a random-init BERT / RoBERTa / Llama sequence classifier instead of GPT-2's
-# (benchmarks/peer_torch.py --family times the same through PEFT). Sizes: (n_layer, n_embd, n_head), the feed-forward
-# 4 x n_embd wide; "base" is bert-base's and roberta-base's shape (for Llama the same shape, no released size).
+# --family: the LoRA train step of a random-init BERT / RoBERTa / Llama / Qwen3 / ModernBERT sequence classifier instead
+# of GPT-2's (benchmarks/peer_torch.py --family times the same through PEFT). Sizes: (n_layer, n_embd, n_head), the
+# feed-forward as the family's config_kwargs (4 x n_embd; Qwen3 3 x, ModernBERT 1.5 x); "base" is bert-base's and
+# roberta-base's shape (the others take the same shape: no released size has it).
 FAMILY_SIZES = {"tiny": (2, 64, 4), "base": (12, 768, 12)}
-FAMILY_VOCAB = {"bert": 30522, "roberta": 50265, "llama": 32000}  # bert-base-uncased's, roberta-base's, Llama 2's
+FAMILY_VOCAB = {"bert": 30522, "roberta": 50265, "llama": 32000,  # bert-base-uncased's, roberta-base's, Llama 2's,
+                "qwen3": 151936, "modernbert": 50368}  # Qwen3's, ModernBERT's
 FAMILY_BENCHES = ("lora_train_step",)
 
 

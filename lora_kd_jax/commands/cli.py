@@ -21,8 +21,8 @@ from lora_kd_jax.commands.handlers import (PROG, UsageError, cmd_bench, cmd_dist
                                           cmd_train_student, setup_logging)
 from lora_kd_jax.commands.settings import cmd_config, packaged_configs, version
 
-DESCRIPTION = ("LoRA fine-tuning of GPT-2, BERT, RoBERTa and Llama classifiers (LoRA, rsLoRA, DoRA, LoRA+, PiSSA, "
-               "OLoRA) on CoLA, a GLUE task or your own tables (TSV, CSV, JSONL, Parquet), and knowledge distillation "
+DESCRIPTION = ("LoRA fine-tuning of GPT-2, BERT, RoBERTa, Llama, Qwen3 and ModernBERT classifiers (LoRA, rsLoRA, "
+               "DoRA, LoRA+, PiSSA, OLoRA; QLoRA's NF4 or int8 base) on CoLA, a GLUE task or your own tables (TSV, CSV, JSONL, Parquet), and knowledge distillation "
                "into small students (the study's RNN, a BiLSTM, a CNN, a smaller transformer), in JAX. "
                "`%(prog)s COMMAND --help` lists a command's options; `%(prog)s config CONFIG` every config key.")
 CONFIG_HELP = f"a YAML config file, or a config the package ships by name: {', '.join(packaged_configs())}"
@@ -85,8 +85,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, parents=[_debug_flag()])
     parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _training_command(sub, "train-lora", cmd_train_lora, "LoRA fine-tuning of a GPT-2, BERT, RoBERTa or Llama "
-                      "classifier on CoLA, a GLUE task or your own table files (data.train=FILE)",
+    _training_command(sub, "train-lora", cmd_train_lora, "LoRA fine-tuning of a GPT-2, BERT, RoBERTa, Llama, "
+                      "Qwen3 or ModernBERT classifier on CoLA, a GLUE task or your own table files (data.train=FILE)",
                       "lora_gpt2 run.dir=runs/lora_gpt2",
                       "build shapes only, print the parameter report and exit")
     _training_command(sub, "distill", cmd_distill, "distil a finished LoRA run (distill.teacher=RUN_DIR) into a "
@@ -152,8 +152,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     b.add_argument("--variants", default=None, help="comma list of gpt2, gpt2-medium, tiny (default: gpt2,gpt2-medium); "
                    "with --family, of tiny, base (default: base)")
     b.add_argument("--family", default=None, metavar="FAMILY",
-                   help="bert, roberta, llama: time the LoRA train step of that family's classifier (random init, "
-                   "--variants sizes) instead of the study's GPT-2 benches")
+                   help="bert, roberta, llama, qwen3, modernbert: time the LoRA train step of that family's "
+                   "classifier (random init, --variants sizes) instead of the study's GPT-2 benches")
     b.add_argument("--batch", type=int, default=128)
     b.add_argument("--seq", type=int, default=64)
     b.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
@@ -164,7 +164,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "single-seed benches, time the LoRA, cached-distillation and RNN-baseline (student_step) steps of "
                    "N seeds in one program (train.seeds: vmapped, frozen base shared), each N in turn")
     b.add_argument("--lora-variants", default="", help="comma list of lora, rslora, dora, lora_plus, pissa, olora, "
-                   "dora_rslora_plus: instead of the other benches, the LoRA train step of each beside plain LoRA "
+                   "dora_rslora_plus, qlora_nf4, qlora_nf4_dq, qlora_int8: instead of the other benches, the LoRA train step of each beside plain LoRA "
                    "(records add lora_variant and ratio_vs_lora)")
     b.add_argument("--student-dtypes", default="auto", help="comma list of auto, float32, bfloat16: the distillation "
                    "benches run the student once in each (auto = this backend's choice, precision.py)")
