@@ -21,6 +21,7 @@ from lora_kd_jax.core import precision
 from lora_kd_jax.core.config import Config, TrainConfig
 from lora_kd_jax.core.keys import run_keys
 from lora_kd_jax.lora import quantize
+from lora_kd_jax.models.classifier import Classifier
 from lora_kd_jax.models.interface import FROZEN, ClassifierModel, Labels, lr_scales
 from lora_kd_jax.training.optimizer import make_optimizer
 
@@ -81,9 +82,9 @@ def quantize_frozen(frozen: Params, cfg: Config, model: Any) -> Params:
     the weights as built (float32), each dequantizing to the run's compute dtype; unchanged without it, and for
     models that are not a family's classifier. Deterministic: a resumed run or a reader rebuilds the same codes
     from the source weights, so the quantized base needs no checkpoint (the frozen base has none)."""
-    fam = getattr(model, "family", None)
-    if cfg.lora.quantize == "none" or fam is None or fam.prefix not in frozen:
-        return frozen
+    if cfg.lora.quantize == "none" or not isinstance(model, Classifier) or model.family.prefix not in frozen:
+        return frozen  # a student has no family's blocks to quantize
+    fam = model.family
     base = quantize.quantize_base(frozen[fam.prefix], cfg.lora.quantize, blocks=fam.blocks, layout=fam.kernel_layout,
                                   double_quant=cfg.lora.double_quant, dtype=precision.compute_dtype(cfg.model))
     return {**frozen, fam.prefix: base}
