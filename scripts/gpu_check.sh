@@ -2,13 +2,10 @@
 # One call on a lent GPU machine (the `device` tool): the JAX benchmarks and the PyTorch peer, same machine, same run.
 #
 # Everything else it needs is in the repository: benchmarks/peer_torch.py, and the CoLA files and GPT-2 tokenizer the
-# package ships (scripts/bench.py's defaults). The image has JAX, torch, transformers 5 and peft but no transformers 4
-# (which the Flax GPT-2 needs) and nothing can be fetched there, so prepare its wheels here once, into the git-ignored
-# .whl that `carry` names (the epoch bench reads CoLA without `datasets`, so that package is not needed):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.0
-# Then: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=420)
+# package ships (scripts/bench.py's defaults). Since the move to transformers 5 and this project's own modules, the
+# device image holds every package the benches import (JAX, Flax, Optax, Orbax, transformers 5, safetensors,
+# tokenizers; torch and PEFT for the peer; the epoch bench reads CoLA without `datasets`), so nothing is carried:
+#   run(command="bash scripts/gpu_check.sh", timeout_s=420)
 #
 # Stages run in order of what the performance issue needs most, each capped by its own limit and by what is left of
 # BUDGET seconds (a stage with under 30 s left is skipped and says so), each appending JSON lines to $OUT/jax.jsonl
@@ -19,14 +16,14 @@ set -uo pipefail
 OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}; mkdir -p "$OUT"; echo "results in $OUT"
 BUDGET=${BUDGET:-330}
 if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then
-  PY=${PY:-.venv/bin/python}; SMALL=tiny; MEDIUM=tiny; STEPS=3; LIMIT="--limit 256"
-  PEER_FLAGS="--tiny --modes fp32"; SITE=/tmp/gpu_check_site  # this venv already holds what .whl carries
+  PY=${PY:-.venv/bin/python}; SMALL=tiny; MEDIUM=tiny; STEPS=3; LIMIT="--limit 256"; LOAD=distilgpt2
+  PEER_FLAGS="--tiny --modes fp32"
 else
-  PY=python3; SMALL=gpt2; MEDIUM=gpt2-medium; STEPS=30; LIMIT=""
-  PEER_FLAGS="--modes bf16,compile-bf16"; SITE=/tmp/site
+  PY=python3; SMALL=gpt2; MEDIUM=gpt2-medium; STEPS=30; LIMIT=""; LOAD=gpt2-large
+  PEER_FLAGS="--modes bf16,compile-bf16"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-    || { echo "carry .whl (see the header of this script)"; exit 1; }
+  "$PY" -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|flax|optax|orbax-checkpoint|transformers|peft|torch) " \
+    | tee "$OUT/packages.txt"
 fi
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=$(mktemp -d /tmp/jaxcache.XXXX)
 DEADLINE=$((SECONDS + BUDGET))
@@ -34,11 +31,11 @@ limit_for() {  # limit_for WANT: seconds this stage may use, 0 when it should be
   local left=$((DEADLINE - SECONDS))
   if [ "$left" -lt 30 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
 }
-bench() {  # bench WANT FLAGS...: one stage of scripts/bench.py (transformers 4.57 on PYTHONPATH, ours only)
+bench() {  # bench WANT FLAGS...: one stage of scripts/bench.py (this checkout's package on PYTHONPATH)
   local limit; limit=$(limit_for "$1"); shift
   if [ "$limit" = 0 ]; then echo "== skipped, out of time: bench.py $*"; return; fi
   echo "== bench.py $* (limit ${limit}s, $((DEADLINE - SECONDS))s left)"
-  PYTHONPATH="$SITE:$PWD" timeout "$limit" "$PY" scripts/bench.py --steps "$STEPS" --peak-tflops 989 $LIMIT \
+  PYTHONPATH="$PWD" timeout "$limit" "$PY" scripts/bench.py --steps "$STEPS" --peak-tflops 989 $LIMIT \
     --out "$OUT/jax.jsonl" "$@" 2>>"$OUT/jax.err" >/dev/null || echo "   exit $? (see jax.err)"
 }
 peer() {  # the PyTorch peer with the image's own torch/transformers 5/peft, same machine, same call
@@ -61,7 +58,11 @@ bench 90 --variants $SMALL --modes bf16 --benches epoch
 bench 60 --variants $SMALL --modes bf16 --seeds 1,5
 # 6. gpt2-medium
 bench 90 --variants $MEDIUM --modes bf16 --benches lora_train_step,teacher_forward
-# 7. fp32 for reference
+# 7. QLoRA: the NF4 and int8 bases' step beside plain LoRA's (records carry base_bytes and ratio_vs_lora)
+bench 60 --variants $SMALL --modes bf16 --lora-variants qlora_nf4,qlora_int8
+# 8. reading a sharded safetensors checkpoint (gpt2-large shaped) onto the device, beside transformers' own
+bench 60 --load $LOAD
+# 9. fp32 for reference
 bench 60 --variants $SMALL --modes fp32 --benches lora_train_step,teacher_forward
 echo "== stages took $((SECONDS - DEADLINE + BUDGET)) s of $BUDGET"
 "$PY" - "$OUT" <<'PY'
@@ -71,8 +72,11 @@ for name in ("jax.jsonl", "peer.jsonl"):
     p = out / name
     for line in (p.read_text().splitlines() if p.exists() else []):
         r = json.loads(line)
+        if r["bench"] == "load":  # seconds and peak host memory, not a step time
+            print(f"{r['impl']:6} load {r['variant']:12} {r['seconds']} s  peak RSS {r['rss_ratio']}x the checkpoint")
+            continue
         extra = {k: r[k] for k in ("seeds", "ms_per_seed_step", "student_dtype", "buckets", "group_window", "epoch_s",
-                                   "input_pipeline_share", "compile_s") if k in r}
+                                   "input_pipeline_share", "compile_s", "lora_variant", "base_bytes") if k in r}
         print(f"{r.get('impl', 'torch'):6} {r['bench']:20} {r['variant']:12} {r['mode']:13} {r['ms_per_step']:9.2f} ms"
               f"  first {r.get('first_step_s')} s  mfu {r.get('mfu')}  {extra}")
 PY
