@@ -3,7 +3,8 @@
 usage: mesh_worker.py both DIR            steps (DIR/losses.json) then resume (DIR/resume, DIR/resume.json) in one
                                            process: one start-up and one JAX for both tests that read them
        mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8 and 2x4 devices (GPT-2 and BERT,
-                                           the sharding of the frozen base recorded); distillation and
+                                           the sharding of the frozen base recorded), and on 1 and 2x4 for Qwen3
+                                           with NF4 kernels (their codes' sharding recorded); distillation and
                                            2-seed distillation (no frozen base for fsdp to split) on 1 and 8;
                                            the teacher labelling a split (`teacher_logits_for`) on 1, 8 and 2x4
        mesh_worker.py resume DIR OUT.json  1 epoch on 8 devices resumed on 1; vs 1 device throughout
@@ -21,7 +22,7 @@ from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import MeshConfig
 from lora_kd_jax.models.build import build_classifier
 from lora_kd_jax.distill.losses import teacher_objective
-from lora_kd_jax.training.state import train_state
+from lora_kd_jax.training.state import stored_frozen, train_state
 from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_train_step
 from tiny import log_messages, random_batch, tiny_config
 
@@ -30,23 +31,30 @@ FAMILY_VOCAB = 1000  # a random-init encoder's vocabulary: the batch's ids are d
 
 
 def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6, family: str = "gpt2",
-                    shardings: dict | None = None) -> list[float]:
-    """Per-step losses of the LoRA step (GPT-2, or a 2-layer 64-wide random BERT / RoBERTa / Llama with LoRA dropout 0.1, so
-    the dropout masks must match across meshes too) on `mesh_cfg`; `shardings` gets {leaf path: its PartitionSpec} of the placed frozen base's largest leaves."""
+                    shardings: dict | None = None, quantize: str = "none") -> list[float]:
+    """Per-step losses of the LoRA step (GPT-2, or a 2-layer 64-wide random BERT / RoBERTa / Llama / Qwen3 /
+    ModernBERT with LoRA dropout 0.1, so the dropout masks must match across meshes too) on `mesh_cfg`, the block
+    kernels stored as `lora.quantize` says; `shardings` gets {leaf path: [spec, shape, first shard's shape]} of the
+    placed frozen base's largest leaves, or of every quantized kernel's arrays (codes, absmax) with `quantize`."""
     if family == "gpt2":
-        cfg = tiny_config("train.batch_size=16")
+        cfg = tiny_config("train.batch_size=16", f"lora.quantize={quantize}")
         model, params = build_classifier(cfg, jax.random.key(0))
         vocab = 50257
     else:
         cfg = tiny_config("train.batch_size=16", f"model.type={family}", f"model.vocab_size={FAMILY_VOCAB}",
-                          "model.n_positions=64", "lora.dropout=0.1")
+                          "model.n_positions=64", "lora.dropout=0.1", f"lora.quantize={quantize}")
         model, params = build_classifier(cfg, jax.random.key(0))
         vocab = FAMILY_VOCAB
     place = mesh_lib.Placement(mesh_lib.make_mesh(mesh_cfg))
     setup = train_state(model, params, 1e-3, jax.random.key(1))
     state = place.state(setup.state)
-    consts = {"frozen": place.frozen(setup.frozen)}
-    if shardings is not None:
+    consts = {"frozen": place.frozen(stored_frozen(setup.frozen, cfg, model))}  # as the trainer: NF4 kernels, say
+    if shardings is not None and quantize != "none":  # every array of every quantized kernel: NF4's codes, absmax
+        for path, leaf in jax.tree_util.tree_leaves_with_path(consts["frozen"]):
+            name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            if name.endswith(("/packed", "/absmax")):
+                shardings[name] = [str(leaf.sharding.spec), leaf.shape, leaf.addressable_shards[0].data.shape]
+    elif shardings is not None:
         flat = traverse_util.flatten_dict(consts["frozen"])
         for path, leaf in sorted(flat.items(), key=lambda kv: -kv[1].size)[:3]:
             shardings["/".join(path)] = [str(leaf.sharding.spec), leaf.shape, leaf.addressable_shards[0].data.shape]
@@ -177,6 +185,12 @@ def main() -> None:
         out.update({f"bert_{name}": per_step_losses(m, 4, "bert", shardings if name == "2x4" else None)
                     for name, m in meshes.items()})
         out["bert_shardings"] = shardings
+        # a new family and QLoRA in one run (each compile here costs seconds): Qwen3 (q/k norms, last-token pooling)
+        # with NF4 block kernels, their codes split over fsdp; 1 device against 2x4 only, 4 steps
+        quantized: dict = {}
+        out.update({f"qwen3_nf4_{name}": per_step_losses(meshes[name], 4, "qwen3", quantized if name == "2x4" else None,
+                                                         quantize="nf4") for name in ("1", "2x4")})
+        out["qwen3_nf4_shardings"] = quantized
         out.update({f"distill_{name}": distill_losses(meshes[name]) for name in ("1", "8")})  # no frozen base to split
         out.update({f"seeded_{name}": seeded_distill_losses(meshes[name]) for name in ("1", "8")})
         out["labels"] = {name: teacher_labels(m) for name, m in meshes.items()}

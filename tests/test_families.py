@@ -316,13 +316,31 @@ def test_peft_adapter_imports(fam, tmp_path):
 
 def test_merge_loads_in_pytorch_and_flax(fam, tmp_path):
     """merge -> a plain checkpoint: AutoModelForSequenceClassification, and this library reading it back as model.path
-    (base and head from model.safetensors), give our logits."""
-    from transformers import AutoModelForSequenceClassification
+    (base and head from model.safetensors), give our logits; with the files `merge` adds (the run's label names, its
+    tokenizer), `pipeline("text-classification", model=DIR)` alone answers with the run's label names and the
+    softmax of our logits."""
+    from transformers import AutoModelForSequenceClassification, pipeline
 
+    from lora_kd_jax.interop import files
+
+    # 12 sentences that fit data.max_length whole (the pipeline cuts none), some rows padded
+    texts = [t for t in cola_sentences()[:100] if len(fam.tok(t)["input_ids"]) <= 20][:12]
+    split = encode(texts, np.arange(12) % 2, fam.tok, 20)
+    assert len(texts) == 12 and not split.truncated_rows.any() and (split.attention_mask[:, -1] == 0).any()
     out = export.save_merged(fam.cfg, fam.model, fam.params, tmp_path / "merged")
-    want = _jax_logits(fam.model, fam.params, fam.split)
+    want = _jax_logits(fam.model, fam.params, split)
     torch_model = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    assert np.abs(_torch_logits(torch_model, fam.split) - want).max() <= ROUND_TRIP_ATOL
+    assert np.abs(_torch_logits(torch_model, split) - want).max() <= ROUND_TRIP_ATOL
+    files.add_run_files(out, fam.cfg)  # what `lora-kd-jax merge` (export.merge_and_save) adds after save_merged
+    answers = pipeline("text-classification", model=str(out), device="cpu", top_k=None)(texts)
+    names = ["unacceptable", "acceptable"]  # CoLA's, by id
+    probs = np.exp(want - want.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    got = np.array([[{a["label"]: a["score"] for a in row}.get(n, np.nan) for n in names] for row in answers])
+    assert [row[0]["label"] for row in answers] == [names[i] for i in probs.argmax(axis=1)]
+    assert [len(row) for row in answers] == [2] * len(texts)
+    print(f"{fam.name}: pipeline probabilities vs softmax of our logits: max abs err {np.abs(got - probs).max():.2e}")
+    np.testing.assert_allclose(got, probs, rtol=0, atol=1e-4)
     back, back_params = build_classifier(_config(out, f"data.tokenizer={fam.dir}"), jax.random.key(0),
                                          with_lora=False)
     from safetensors.numpy import load_file
@@ -330,7 +348,7 @@ def test_merge_loads_in_pytorch_and_flax(fam, tmp_path):
     family = back.family
     head = {k: v for k, v in load_file(str(out / "model.safetensors")).items() if hf_names.is_head_key(family, k)}
     back_params["head"] = hf_names.head_from_torch(family, head, back_params["head"], "merged")
-    assert np.abs(_jax_logits(back, back_params, fam.split) - want).max() <= ROUND_TRIP_ATOL
+    assert np.abs(_jax_logits(back, back_params, split) - want).max() <= ROUND_TRIP_ATOL
 
 
 @pytest.mark.parametrize("fam", ["roberta"], indirect=True)

@@ -1,9 +1,12 @@
-"""The LoRA variants on an encoder family (BERT): DoRA + rsLoRA against PEFT (use_dora, use_rslora) on the same
-weights, LoRA+'s optimizer groups against PEFT's create_loraplus_optimizer, PiSSA's init against PEFT's.
+"""The LoRA variants on the encoder and decoder families: DoRA + rsLoRA against PEFT (use_dora, use_rslora) on the
+same weights and PiSSA's init against PEFT's, for BERT, Qwen3 and ModernBERT (its fused Wqkv, its head trained in
+full); on BERT also the round trips of a DoRA + rsLoRA adapter and LoRA+'s optimizer groups against PEFT's
+create_loraplus_optimizer.
 
-One tiny saved BertForSequenceClassification (`tiny_families`) and one PEFT twin with non-zero B, magnitudes moved
-off the weight norms and a moved head, so that every term of the variant shows. The layout and interop code is the
-families' (the one classifier and interop code every family shares); tolerances are test_families'.
+Per family one tiny saved *ForSequenceClassification (`tiny_families`, the checkpoint test_families saves, shared
+in the process) and one PEFT twin with non-zero B, magnitudes moved off the weight norms and a moved head, so that
+every term of the variant shows. The layout and interop code is the families' (the one classifier and interop code
+every family shares); tolerances are test_families'.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 import torch_reference as ref_lib  # noqa: E402
 from test_families import (ALPHA, GRAD_RTOL, OUTPUT_RTOL, RANK, ROUND_TRIP_ATOL, _config, _from_peft,  # noqa: E402
-                           _jax_logits, _torch_logits, grad_errs_vs_peft)
-from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
+                           _jax_logits, _torch_logits, grad_errs_vs_peft, saved)
+from tiny_families import cola_sentences  # noqa: E402
 
 from lora_kd_jax.core.config import ConfigError  # noqa: E402
 from lora_kd_jax.models.families import BERT  # noqa: E402
@@ -37,11 +40,12 @@ pytestmark = pytest.mark.usefixtures("highest_precision")
 VARIANT = ("lora.variant=dora", "lora.scaling=rslora")
 
 
-def _twin(torch_model, **variant):
-    """PEFT on query/value with the variant, B non-zero, DoRA magnitudes and the head moved (seeded)."""
+def _twin(torch_model, family, **variant):
+    """PEFT on the family's default targets with the variant (ModernBERT's head in modules_to_save, as export-peft
+    writes it), B non-zero, DoRA magnitudes and the head moved (seeded)."""
     model = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(
-        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(BERT.default_targets),
-        **variant))
+        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(family.default_targets),
+        modules_to_save=list(family.trained_modules) or None, **variant))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -52,28 +56,46 @@ def _twin(torch_model, **variant):
     return model.eval()
 
 
+_SETUPS: dict = {}  # family -> its DoRA + rsLoRA model and twin, built once per process
+
+
+def _setup(name: str, tmp_path_factory) -> types.SimpleNamespace:
+    if name not in _SETUPS:
+        d, torch_model, _ = saved(name, tmp_path_factory)  # test_families' checkpoint, saved once per process
+        cfg = _config(d, *VARIANT)
+        model, params = build_classifier(cfg, jax.random.key(0))
+        twin = _twin(torch_model, model.family, use_dora=True, use_rslora=True)
+        params = {**params, **jax.tree.map(jnp.asarray, _from_peft(twin, {"family": model.family,
+                                                                         "head": params["head"]}))}
+        split = encode(cola_sentences()[:12], np.arange(12) % 2, load_family_tokenizer(str(d), name), 20)
+        _SETUPS[name] = types.SimpleNamespace(name=name, dir=d, torch=torch_model, cfg=cfg, model=model,
+                                              params=params, twin=twin, split=split)
+    return _SETUPS[name]
+
+
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bert")
-    torch_model, _ = save_checkpoint("bert", d)
-    cfg = _config(d, *VARIANT)
-    model, params = build_classifier(cfg, jax.random.key(0))
-    twin = _twin(torch_model, use_dora=True, use_rslora=True)
-    params = {**params, **jax.tree.map(jnp.asarray, _from_peft(twin, {"family": BERT, "head": params["head"]}))}
-    split = encode(cola_sentences()[:12], np.arange(12) % 2, load_family_tokenizer(str(d), "bert"), 20)
-    return types.SimpleNamespace(dir=d, torch=torch_model, cfg=cfg, model=model, params=params, twin=twin,
-                                 split=split)
+    return _setup("bert", tmp_path_factory)
 
 
-def test_dora_rslora_forward_and_gradients_match_peft(bert):
+@pytest.fixture(scope="module", params=["bert", "qwen3", "modernbert"])
+def fam(request, tmp_path_factory):
+    """BERT (query, value), Qwen3 (q_proj, v_proj of grouped-query attention, head_dim 32) and ModernBERT (the
+    fused Wqkv; its head trained in full)."""
+    return _setup(request.param, tmp_path_factory)
+
+
+def test_dora_rslora_forward_and_gradients_match_peft(fam):
     """Logits and d(mean CE)/d(every trainable leaf: a, b, m, head) against PEFT with use_dora and use_rslora."""
-    model = bert.model
+    model = fam.model
     assert model.spec.variant == "dora" and model.spec.scale == ALPHA / RANK ** 0.5
-    err = ref_lib.max_rel_err(_jax_logits(model, bert.params, bert.split), _torch_logits(bert.twin, bert.split))
-    assert err <= OUTPUT_RTOL, err
-    errs = grad_errs_vs_peft(model, bert.params, bert.twin, bert.split)
-    assert sum(k.startswith("lora/") for k in errs) == 2 * 2 * 3  # 2 layers x (query, value) x (a, b, m)
+    err = ref_lib.max_rel_err(_jax_logits(model, fam.params, fam.split), _torch_logits(fam.twin, fam.split))
+    errs = grad_errs_vs_peft(model, fam.params, fam.twin, fam.split)
     worst = max(errs, key=errs.get)
+    print(f"{fam.name}: logits rel err {err:.2e}, worst gradient {worst} {errs[worst]:.2e}")
+    assert err <= OUTPUT_RTOL, err
+    n_targets = len(model.family.default_targets)  # query, value; q_proj, v_proj; ModernBERT's one Wqkv
+    assert sum(k.startswith("lora/") for k in errs) == 2 * n_targets * 3  # 2 layers x targets x (a, b, m)
     assert errs[worst] <= GRAD_RTOL, f"{worst}: gradient rel err {errs[worst]:.3g} > {GRAD_RTOL}"
 
 
@@ -123,28 +145,33 @@ def test_lora_plus_groups_are_peft_loraplus_groups(bert):
     assert plan[-1] == "trained in full: head (130 params)" and "2,304 params, DoRA magnitudes included" in plan[2]
 
 
-def test_pissa_init_is_peft_pissa_and_exports_on_the_original_base(bert, tmp_path):
-    """lora.init=pissa on BERT's nn.Linear-layout kernels: B·A and the residual equal PEFT's
-    init_lora_weights="pissa" on the same checkpoint; export-peft --save-base writes the original base and the
-    converted rank-2r adapter, which PeftModel.from_pretrained loads to our logits (factors moved off their init)."""
+def test_pissa_init_is_peft_pissa_and_exports_on_the_original_base(fam, tmp_path):
+    """lora.init=pissa on the nn.Linear-layout kernels of BERT, Qwen3 and ModernBERT (fused Wqkv): B·A and the
+    residual equal PEFT's init_lora_weights="pissa" on the same checkpoint; export-peft --save-base writes the
+    original base and the converted rank-2r adapter, which PeftModel.from_pretrained loads to our logits (factors
+    moved off their init)."""
     from transformers import AutoModelForSequenceClassification
 
-    cfg = _config(bert.dir, "lora.init=pissa")
+    cfg = _config(fam.dir, "lora.init=pissa")
     model, params = build_classifier(cfg, jax.random.key(0))
-    twin = peft.get_peft_model(copy.deepcopy(bert.torch), peft.LoraConfig(
-        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(BERT.default_targets),
-        init_lora_weights="pissa"))
+    family = model.family
+    twin = peft.get_peft_model(copy.deepcopy(fam.torch), peft.LoraConfig(
+        task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(family.default_targets),
+        modules_to_save=list(family.trained_modules) or None, init_lora_weights="pissa"))
     theirs = {k: v.detach().numpy() for k, v in twin.named_parameters()}
-    ours = hf_names.lora_to_peft(BERT, model.start)
+    ours = hf_names.lora_to_peft(family, model.start)
+    worst = {"B A": 0.0, "residual": 0.0}
     for key in (k for k in ours if ".lora_A." in k):  # B A: each singular pair's sign is LAPACK's choice
         kb = key.replace(".lora_A.", ".lora_B.")
         want = theirs[kb.replace(".weight", ".default.weight")] @ theirs[key.replace(".weight", ".default.weight")]
+        worst["B A"] = max(worst["B A"], float(np.abs(ours[kb] @ ours[key] - want).max()))
         np.testing.assert_allclose(ours[kb] @ ours[key], want, atol=2e-5, err_msg=key)  # test_variants' bound
-    residual = hf_names.base_to_torch(BERT, jax.tree.map(np.asarray, model.base))
-    adapted = [k for k in residual if k.endswith(("query.weight", "value.weight"))]
-    assert len(adapted) == 2 * 2
+    residual = hf_names.base_to_torch(family, jax.tree.map(np.asarray, model.base))
+    adapted = [k for k in residual if k.endswith(tuple(f"{t}.weight" for t in family.default_targets))]
+    assert len(adapted) == 2 * len(family.default_targets) and sum(".lora_A." in k for k in ours) == len(adapted)
     for key in adapted:
         got = theirs["base_model.model." + key.replace(".weight", ".base_layer.weight")]
+        worst["residual"] = max(worst["residual"], float(np.abs(residual[key] - got).max()))
         np.testing.assert_allclose(residual[key], got, atol=2e-5, err_msg=key)
     moved = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(3), v.shape), params["lora"])
     params = {**params, "lora": moved}
@@ -152,5 +179,7 @@ def test_pissa_init_is_peft_pissa_and_exports_on_the_original_base(bert, tmp_pat
     loaded = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(out / "base"),
                                             out).eval()
     assert loaded.peft_config["default"].r == 2 * RANK
-    err = np.abs(_torch_logits(loaded, bert.split) - _jax_logits(model, params, bert.split)).max()
+    err = np.abs(_torch_logits(loaded, fam.split) - _jax_logits(model, params, fam.split)).max()
+    print(f"{fam.name}: PiSSA max abs err B A {worst['B A']:.2e}, residual {worst['residual']:.2e}, "
+          f"exported logits {err:.2e}")
     assert err <= ROUND_TRIP_ATOL, err

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.core.config import MeshConfig
@@ -39,13 +40,29 @@ def on_8_devices() -> Path:
 
 def test_lora_and_distillation_steps_on_8_devices_match_1_device(on_8_devices):
     """GPT-2's and BERT's LoRA steps on 8 devices (data parallel) and 2x4 (FSDP: the frozen base split 4 ways) equal
-    one device's, step for step; so do the distillation steps."""
+    one device's, step for step; so do a QLoRA Qwen3's (NF4 block kernels, their codes split over fsdp) on 2x4, and
+    the distillation steps on 8."""
     losses = json.loads((on_8_devices / "losses.json").read_text())
-    for prefix in ("", "bert_", "distill_", "seeded_"):  # seeded_: two seeds at once, the seed axis not split
+    meshes = {"": ("8", "2x4"), "bert_": ("8", "2x4"), "qwen3_nf4_": ("2x4",)}
+    for prefix in ("", "bert_", "qwen3_nf4_", "distill_", "seeded_"):  # seeded_: two seeds, the seed axis whole
         one = np.array(losses[prefix + "1"])
-        for name in ("8", "2x4") if prefix in ("", "bert_") else ("8",):
+        for name in meshes.get(prefix, ("8",)):
             np.testing.assert_allclose(np.array(losses[prefix + name]), one, rtol=REL, atol=0, err_msg=prefix + name)
         assert len(set(np.round(np.ravel(one), 6))) > 1  # the steps really train (losses change)
+    assert len(losses["qwen3_nf4_1"]) == 4
+    # QLoRA under FSDP: each NF4 kernel's codes (two a byte) are split over fsdp as any frozen leaf of that size, a
+    # quarter on each device: the MLP's (64 x 192: 6,144 bytes). fsdp_spec replicates a leaf under 4,096 elements,
+    # so the attention kernels' codes (64 x 64: 2,048 bytes) and every kernel's absmax (one float32 per 64 weights)
+    # stay whole on every device
+    quantized, fsdp, whole = losses["qwen3_nf4_shardings"], str(P("fsdp")), str(P())
+    codes = {p: v for p, v in quantized.items() if p.endswith("/packed")}
+    assert len(codes) == len(quantized) // 2 == 2 * 7, sorted(quantized)  # 2 blocks x (q, k, v, o, gate, up, down)
+    for path, (spec, shape, shard) in quantized.items():
+        split = path.endswith("/packed") and shape[0] >= 4096
+        assert spec == (fsdp if split else whole), (path, spec, shape)
+        assert shard[0] * (4 if split else 1) == shape[0], (path, shape, shard)
+    assert sorted(p for p, (s, _, _) in codes.items() if s == fsdp) == [
+        f"model/layers/{i}/mlp/{m}/kernel/packed" for i in (0, 1) for m in ("down_proj", "gate_proj", "up_proj")]
     # FSDP really splits BERT's frozen base: its largest leaves, a quarter of each on every device of the 'fsdp' axis
     shardings = losses["bert_shardings"]
     assert "bert/embeddings/word_embeddings/embedding" in shardings, shardings
@@ -99,7 +116,6 @@ def test_indivisible_batch_names_both_numbers():
 
 
 def test_fsdp_spec_splits_the_largest_divisible_dimension():
-    from jax.sharding import PartitionSpec as P
     assert mesh_lib.fsdp_spec((50257, 64), 4) == P(None, "fsdp")  # 50257 is odd: split the width
     assert mesh_lib.fsdp_spec((192, 64), 4) == P("fsdp", None)
     assert mesh_lib.fsdp_spec((64,), 4) == P()  # small leaves stay replicated
