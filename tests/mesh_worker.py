@@ -27,6 +27,7 @@ from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_tra
 from tiny import log_messages, random_batch, tiny_config
 
 
+COMPILES: dict[str, int] = {}  # per LoRA run: how many programs its train step compiled (1: state stays in place)
 FAMILY_VOCAB = 1000  # a random-init encoder's vocabulary: the batch's ids are drawn below it
 
 
@@ -58,13 +59,14 @@ def per_step_losses(mesh_cfg: MeshConfig, steps: int = 6, family: str = "gpt2",
         flat = traverse_util.flatten_dict(consts["frozen"])
         for path, leaf in sorted(flat.items(), key=lambda kv: -kv[1].size)[:3]:
             shardings["/".join(path)] = [str(leaf.sharding.spec), leaf.shape, leaf.addressable_shards[0].data.shape]
-    step = make_train_step(model, setup.tx, cross_entropy_objective)
+    step = make_train_step(model, setup.tx, cross_entropy_objective, state_sharding=place.state_sharding)  # as trainers
     losses = []
     for i in range(steps):
         batch = random_batch(i, batch=16, vocab=vocab)
         batch["weights"][-3:] = 0.0  # padding rows must not count, whatever device they land on
         state, sums = step(state, consts, place.put_batch(batch))
         losses.append(float(sums["loss_sum"]) / float(sums["count"]))
+    COMPILES[f"{family}{'_' + quantize if quantize != 'none' else ''} {dict(place.mesh.shape)}"] = step._cache_size()
     return losses
 
 
@@ -79,7 +81,8 @@ def distill_losses(mesh_cfg: MeshConfig, steps: int = 6) -> list[float]:
     state = place.state(setup.state)
     teacher_logits = jax.random.normal(jax.random.key(2), (16, 2))
     consts = place.state({"frozen": {}, "teacher_logits": teacher_logits})
-    step = make_train_step(student, setup.tx, teacher_objective(2.0, 0.5))
+    step = make_train_step(student, setup.tx, teacher_objective(2.0, 0.5),
+                           state_sharding=place.state_sharding)
     losses = []
     for i in range(steps):
         batch = random_batch(i, batch=16)
@@ -106,7 +109,7 @@ def seeded_distill_losses(mesh_cfg: MeshConfig, steps: int = 4) -> list[list[flo
     state = place.state(stack(states))
     consts = place.state({"frozen": {}, "teacher_logits": jax.random.normal(jax.random.key(2), (2, 32, 2))})
     step = make_train_step(student, setup.tx, teacher_objective(2.0, 0.5),
-                           Seeded({"frozen": None, "teacher_logits": 0}))
+                           Seeded({"frozen": None, "teacher_logits": 0}), state_sharding=place.state_sharding)
     losses = []
     for i in range(steps):
         pair = [random_batch(2 * i + k, batch=16) for k in (0, 1)]
@@ -194,6 +197,7 @@ def main() -> None:
         out.update({f"distill_{name}": distill_losses(meshes[name]) for name in ("1", "8")})  # no frozen base to split
         out.update({f"seeded_{name}": seeded_distill_losses(meshes[name]) for name in ("1", "8")})
         out["labels"] = {name: teacher_labels(m) for name, m in meshes.items()}
+        out["train_step_compiles"] = COMPILES
         json.dump(out, open(sys.argv[2], "w"))
     elif mode == "resume":
         root = sys.argv[2]

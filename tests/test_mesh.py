@@ -63,6 +63,10 @@ def test_lora_and_distillation_steps_on_8_devices_match_1_device(on_8_devices):
         assert shard[0] * (4 if split else 1) == shape[0], (path, shape, shard)
     assert sorted(p for p, (s, _, _) in codes.items() if s == fsdp) == [
         f"model/layers/{i}/mlp/{m}/kernel/packed" for i in (0, 1) for m in ("down_proj", "gate_proj", "up_proj")]
+    # the step hands the state back where it was placed, so every run compiled its train step once (on 2x4 the
+    # split frozen base used to hand back an fsdp-split state: two more compiles)
+    compiles = losses["train_step_compiles"]
+    assert len(compiles) == 8 and set(compiles.values()) == {1}, compiles
     # FSDP really splits BERT's frozen base: its largest leaves, a quarter of each on every device of the 'fsdp' axis
     shardings = losses["bert_shardings"]
     assert "bert/embeddings/word_embeddings/embedding" in shardings, shardings

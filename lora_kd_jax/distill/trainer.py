@@ -64,7 +64,8 @@ def _task(cfg: Config, splits: dict[str, data_lib.EncodedSplit], *, kind: str, c
     return Task(
         kind=kind, state=place.state(setup.state), consts={"frozen": {}, **consts},
         train_step=make_train_step(student, setup.tx, objective, seeded, accumulate=cfg.train.accumulate,
-                                   lr=learning_rate(cfg.train, steps)),
+                                   lr=learning_rate(cfg.train, steps),
+                                   state_sharding=place.state_sharding),
         eval_step=make_eval_step(student, seeded),
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
         epochs=cfg.train.epochs, reported_batches=batches.reported,

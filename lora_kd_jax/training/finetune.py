@@ -63,7 +63,8 @@ def build_task(cfg: Config, splits: dict[str, data_lib.EncodedSplit]) -> Task:
     return Task(
         kind="lora", state=place.state(setup.state), consts={"frozen": frozen},
         train_step=make_train_step(model, setup.tx, cross_entropy_objective, seeded, accumulate=cfg.train.accumulate,
-                                   lr=learning_rate(cfg.train, steps)),
+                                   lr=learning_rate(cfg.train, steps),
+                                   state_sharding=place.state_sharding),
         eval_step=make_eval_step(model, seeded),
         train_batches=batches.train, eval_batches=batches.eval, n_train_batches=batches.n_train_batches,
         epochs=cfg.train.epochs, reported_batches=batches.reported,

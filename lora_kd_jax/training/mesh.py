@@ -127,6 +127,11 @@ class Placement:
     def batch(self) -> NamedSharding:
         return batch_sharding(self.mesh)
 
+    @property
+    def state_sharding(self) -> NamedSharding:
+        """Where the train state lives (replicated): the train step keeps it there (`make_train_step`)."""
+        return replicated(self.mesh)
+
     def state(self, tree: Any) -> Any:
         return place_replicated(self.mesh, tree)
 

@@ -115,8 +115,8 @@ def accumulated_grads(model: ClassifierModel, objective: Objective, k: int, trai
 
 
 def make_train_step(model: ClassifierModel, tx: optax.GradientTransformation, objective: Objective,
-                    seeded: Seeded | None = None, *, accumulate: int = 1, lr: float | optax.Schedule | None = None
-                    ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
+                    seeded: Seeded | None = None, *, accumulate: int = 1, lr: float | optax.Schedule | None = None,
+                    state_sharding: Any = None) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
     """The one jitted train step: the model's logits in train mode (dropout key from `step_key`),
     `objective(logits, consts, batch)`, gradients of the whole tree, the optimizer update of the trainable leaves;
     a NaN/Inf loss skips the update (and is reported in the sums); the state is donated, so parameters and
@@ -126,6 +126,10 @@ def make_train_step(model: ClassifierModel, tx: optax.GradientTransformation, ob
     `accumulate` = K > 1 splits the batch into K micro-batches whose gradients are summed (`accumulated_grads`)
     before the one optimizer update: the same update as the whole batch, with a K-th of its activation memory.
     The sums also carry the step's `step_scalars` (`lr`: the run's rate or schedule, from optimizer.learning_rate).
+
+    `state_sharding` (the placement's, `Placement.state_sharding`) keeps the new state where the old one was: without
+    it, on an FSDP mesh the propagation from the split frozen base hands back a trainable state split over fsdp, the
+    next call sees other input shardings, and the step compiles again (three times on a 2 x 4 mesh).
     """
 
     def train_step(state: TrainState, consts: Any, batch: Batch) -> tuple[TrainState, dict]:
@@ -142,7 +146,10 @@ def make_train_step(model: ClassifierModel, tx: optax.GradientTransformation, ob
                                                     step_key(state))
             grads = (g_train, jax.tree.map(jnp.zeros_like, frozen))
         trainable, opt_state = apply_if_finite(tx, loss, grads, state.opt_state, state.trainable, frozen)
-        return (state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state),
+        new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+        if state_sharding is not None:
+            new = jax.lax.with_sharding_constraint(new, state_sharding)
+        return (new,
                 {**metrics_lib.guarded_step_sums(loss, state.step, sums), "loss": loss,
                  **step_scalars(grads[0], state.step, lr)})
 
