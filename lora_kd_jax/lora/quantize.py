@@ -14,7 +14,8 @@ nf4   bitsandbytes' `quantize_4bit(W, blocksize=64, quant_type="nf4")`: blocks o
       less their mean (the offset) are quantized again in blocks of 256 with bitsandbytes' signed 8-bit dynamic
       code, by the same rule (absmax2 float32 per block), and dequantized as DYNAMIC[q] * absmax2 + offset.
       The rule is bitsandbytes' PyTorch kernel's, which its CUDA kernel follows; its native CPU kernel
-      (quantize_blockwise on float32 CPU tensors) rounds some values near a midpoint the other way. The offset is
+      (quantize_blockwise on float32 CPU tensors) searches approximately (0.094% of values get a neighbour of the
+      nearest code: docs/qlora.md), so no nearest-code rule equals it. The offset is
       the mean summed in float64 and rounded to float32; torch's float32 sum can differ in the last bit (its
       order depends on the CPU). `quantize_nf4(..., offset=)` takes a given offset (a bitsandbytes quant state's).
 int8  LLM.int8()'s weight format (`bitsandbytes.functional.int8_vectorwise_quant`, what Linear8bitLt stores): per row
