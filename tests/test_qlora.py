@@ -208,3 +208,105 @@ def test_qlora_run_trains_exports_and_merges(tmp_path, caplog):
     with torch.no_grad():
         plain = GPT2ForSequenceClassification.from_pretrained(merged)(input_ids=ids, attention_mask=mask).logits
     assert float(np.abs(plain.numpy() - ours).max()) <= 1e-4
+
+
+def test_a_qlora_base_reaches_the_device_quantized_one_kernel_at_a_time(tmp_path, monkeypatch):
+    """What lets a model four times larger fit: a QLoRA run reads its block kernels to the host, and each is on the
+    device in float32 only while it is quantized (the rest of the base is placed as read). DoRA's magnitudes
+    start as the norms of the dequantized kernels (PEFT's init on bitsandbytes layers), so the adapted model starts
+    as the quantized base; PiSSA decomposes the dequantized weight and its residual is quantized again, as PEFT
+    does."""
+    from tiny import save_torch_gpt2, tiny_config
+
+    from lora_kd_jax.data.encoding import EncodedSplit
+    from lora_kd_jax.models.hf_names import flatten
+    from lora_kd_jax.training import finetune
+
+    save_torch_gpt2(tmp_path / "gpt2", seed=3, n_positions=32)  # wpe (32, 64): no block kernel's shape
+    kernel_shapes = {(192, 64), (64, 64), (256, 64), (64, 256)}  # GPT-2's (out, in) kernels
+    on_device: list[int] = []
+    original = Q.quantize_nf4
+
+    def spy(kernel, **kw):  # the float32 block kernels alive on the device as each one is quantized
+        on_device.append(sum(a.dtype == jnp.float32 and a.shape in kernel_shapes for a in jax.live_arrays()))
+        return original(kernel, **kw)
+
+    monkeypatch.setattr(Q, "quantize_nf4", spy)
+    rng = np.random.default_rng(0)
+    split = EncodedSplit(rng.integers(0, 50000, (16, 8)).astype(np.int32), np.ones((16, 8), np.int32),
+                         rng.integers(0, 2, 16).astype(np.int32), 0)
+    cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'gpt2'}", "model.n_positions=32",
+                      "lora.quantize=nf4", "lora.variant=dora", "lora.init=standard", "train.batch_size=8",
+                      f"run.dir={tmp_path / 'run'}")
+    task = finetune.build_task(cfg, {"train": split, "validation": split})
+    # every quantization (the 8 stored kernels, DoRA's init) found no float32 block kernel on the device
+    assert len(on_device) >= 8 and max(on_device) == 0, on_device
+    frozen = flatten(task.consts["frozen"]["gpt2"])
+    assert sum(Q.is_quantized(v) for v in frozen.values()) == 8
+    assert not any(isinstance(v, jax.Array) and v.shape in kernel_shapes for v in frozen.values())
+    lora = flatten(task.state.trainable["lora"])
+    for path, m in ((p, v) for p, v in lora.items() if p[-1] == "m"):
+        w = np.asarray(frozen[path[:-1] + ("kernel",)].dequantize(), np.float64)  # GPT-2's (out, in) kernel
+        np.testing.assert_allclose(np.asarray(m), np.linalg.norm(w, axis=1), rtol=1e-6, err_msg=str(path))
+    # PiSSA: the residual of the dequantized weight, quantized again (PEFT's pissa_init on a 4-bit layer)
+    cfg = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'gpt2'}", "model.n_positions=32",
+                      "lora.quantize=nf4", "lora.init=pissa", "train.batch_size=8", f"run.dir={tmp_path / 'pissa'}")
+    task = finetune.build_task(cfg, {"train": split, "validation": split})
+    frozen, lora = flatten(task.consts["frozen"]["gpt2"]), flatten(task.state.trainable["lora"])
+    plain = tiny_config("model.init=pretrained", f"model.path={tmp_path / 'gpt2'}", "model.n_positions=32")
+    plain = flatten(build_classifier(plain, jax.random.key(0), with_lora=False)[1]["gpt2"])
+    path = ("h", "0", "attn", "c_attn")
+    w = np.asarray(Q.quantize_nf4(jnp.asarray(plain[path + ("kernel",)])).dequantize())
+    a, b = (np.asarray(lora[path + (k,)]) for k in ("a", "b"))
+    scale = build_classifier(cfg, jax.random.key(0), shapes_only=True)[0].spec.scale
+    residual = w - scale * (a @ b).T
+    got = np.asarray(frozen[path + ("kernel",)].dequantize())
+    want = np.asarray(Q.quantize_nf4(jnp.asarray(residual)).dequantize())
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_each_family_quantizes_every_block_kernel_and_computes_on_its_dequantized_weights(tmp_path):
+    """QLoRA on the families beyond GPT-2 (random tiny BERT with int8, Llama with NF4 and double quantization,
+    ModernBERT with NF4; two seeds at once; RoBERTa is BERT's module, Qwen3 runs NF4 in the mesh test): the run's
+    frozen base holds every 2-D kernel of the blocks quantized (1-D leaves, embeddings and the head as they were),
+    each kernel's dequantized weights within half a code step of the float32 ones in its own layout, and each
+    seed's logits equal those of the same model on the dequantized weights."""
+    from tiny import tiny_config
+
+    from lora_kd_jax.core.keys import classifier_base_key
+    from lora_kd_jax.data.encoding import EncodedSplit
+    from lora_kd_jax.models.families import FAMILIES
+    from lora_kd_jax.models.hf_names import flatten
+    from lora_kd_jax.training import finetune
+    from lora_kd_jax.training.state import combine
+
+    rng = np.random.default_rng(0)
+    split = EncodedSplit(rng.integers(1, 300, (8, 12)).astype(np.int32), np.ones((8, 12), np.int32),
+                         rng.integers(0, 2, 8).astype(np.int32), 0)
+    schemes = {"bert": ("int8", False), "llama": ("nf4", True), "modernbert": ("nf4", False)}
+    for family, (scheme, dq) in schemes.items():
+        fam = FAMILIES[family]
+        cfg = tiny_config(f"model.type={family}", "model.vocab_size=320", "model.n_positions=64", "train.seeds=[0,1]",
+                          f"lora.quantize={scheme}", f"lora.double_quant={str(dq).lower()}", "lora.init=standard",
+                          "train.batch_size=8", f"run.dir={tmp_path / family}")
+        task = finetune.build_task(cfg, {"train": split, "validation": split})
+        held = flatten(task.consts["frozen"][fam.prefix])
+        plain = flatten(build_classifier(cfg, jax.random.key(0), base_key=classifier_base_key(cfg),
+                                         with_lora=False)[1][fam.prefix])  # the run's random base
+        kernels = {p for p, v in plain.items() if p[:len(fam.blocks)] == fam.blocks and np.ndim(v) == 2}
+        assert kernels and {p for p, v in held.items() if Q.is_quantized(v)} == kernels, family
+        for path in kernels:
+            w, q = np.asarray(plain[path]), held[path]
+            assert q.shape == w.shape and isinstance(q, Q.NF4Kernel if scheme == "nf4" else Q.Int8Kernel)
+            # within half the widest gap of the code (NF4: (1 - 0.723) / 2 of a block's absmax; int8: 1/254 of a row's)
+            bound = (0.1385 if scheme == "nf4" else 0.5 / 127 * 1.0001) * np.abs(w).max()
+            assert np.abs(np.asarray(DEQUANTIZE(q)) - w).max() <= bound, (family, path)
+        assert all(np.array_equal(np.asarray(held[p]), np.asarray(plain[p])) for p in plain if p not in kernels)
+        logits = jax.jit(build_classifier(cfg, jax.random.key(0), shapes_only=True)[0].logits)
+        ids, mask = split.input_ids, split.attention_mask
+        dequantized = {fam.prefix: jax.jit(lambda t: Q.dequantize_tree(t)[0])(task.consts["frozen"][fam.prefix])}
+        for seed in range(2):
+            trainable = jax.tree.map(lambda x: x[seed], task.state.trainable)
+            quantized = np.asarray(logits(combine(trainable, task.consts["frozen"]), ids, mask))
+            want = np.asarray(logits(combine(trainable, dequantized), ids, mask))
+            np.testing.assert_allclose(quantized, want, rtol=1e-6, atol=1e-6, err_msg=family)

@@ -68,7 +68,8 @@ def original_base(cfg: Config, model: Any) -> Params:
     if model.start is None:
         return model.base
     plain, _ = build_classifier(cfg, classifier_base_key(cfg), base_key=classifier_base_key(cfg), with_lora=False)
-    residual, held = hf_names.flatten(decompose(plain.base, model.spec)[0]), hf_names.flatten(model.base)
+    residual = hf_names.flatten(decompose(plain.base, model.spec, model.as_computed)[0])
+    held = hf_names.flatten(model.base)
     differ = [p for p, v in held.items() if not np.array_equal(np.asarray(residual[p]), np.asarray(v))]
     if differ:
         raise ExportError(f"the base rebuilt from the run's config differs from the run's frozen weights at "

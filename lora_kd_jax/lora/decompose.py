@@ -14,9 +14,10 @@ The SVD is jax's (on CPU its singular vectors agree with torch.linalg.svd's, sig
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from lora_kd_jax.lora import dora
@@ -36,16 +37,20 @@ def factorise(w: jnp.ndarray, rank: int, scale: float, method: str) -> tuple[jnp
     raise ValueError(f"unknown decomposition {method!r}: expected pissa or olora")
 
 
-def decompose(base: Params, spec: Any) -> tuple[Params, Params]:
-    """(residual base, initial factors {'a', 'b'}) for every layer of `spec` (spec.init: pissa | olora)."""
+def decompose(base: Params, spec: Any, value: Callable[[tuple[str, ...], Any], Any] | None = None
+              ) -> tuple[Params, Params]:
+    """(residual base, initial factors {'a', 'b'}) for every layer of `spec` (spec.init: pissa | olora), of each
+    kernel's `value(path, kernel)` (QLoRA: the dequantized weight, whose residual is quantized again, as PEFT does
+    on bitsandbytes layers). A kernel held on the host (numpy) gets its residual on the host."""
     flat = dict(traverse_util.flatten_dict(base))
     factors = {}
     for path in spec.paths:
         kernel = flat[path + ("kernel",)]
-        w = dora.out_in(kernel, spec.kernel_layout)
+        w = dora.out_in(kernel if value is None else value(path + ("kernel",), kernel), spec.kernel_layout)
         A, B = factorise(w, spec.rank, spec.scale, spec.init)
         residual = w - spec.scale * (B @ A)
-        flat[path + ("kernel",)] = (residual if spec.kernel_layout == "out_in" else residual.T).astype(kernel.dtype)
+        residual = (residual if spec.kernel_layout == "out_in" else residual.T).astype(kernel.dtype)
+        flat[path + ("kernel",)] = np.asarray(residual) if isinstance(kernel, np.ndarray) else residual
         factors[path + ("a",)] = A.T
         factors[path + ("b",)] = B.T
     return traverse_util.unflatten_dict(flat), traverse_util.unflatten_dict(factors)

@@ -17,7 +17,7 @@ At init m = the norm, so the adapted layer starts as the frozen one whatever the
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +38,14 @@ def weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, lay
     return jax.lax.stop_gradient(jnp.linalg.norm(w, axis=1))
 
 
-def add_magnitudes(base: Params, spec: Any, factors: Params) -> Params:
-    """`factors` with each layer's magnitude m = its weight norm at these factors (PEFT's init)."""
+def add_magnitudes(base: Params, spec: Any, factors: Params,
+                   value: Callable[[tuple[str, ...], Any], Any] | None = None) -> Params:
+    """`factors` with each layer's magnitude m = its weight norm at these factors (PEFT's init), the weight being
+    `value(path, kernel)` (QLoRA: the dequantized kernel the run computes with, as PEFT on bitsandbytes layers)."""
     out = jax.tree.map(lambda v: v, factors)
     for path in spec.paths:
         kernel, f = _at(base, path)["kernel"], _at(out, path)
+        kernel = kernel if value is None else value(path + ("kernel",), kernel)
         f["m"] = weight_norm(kernel, f["a"], f["b"], spec.scale, spec.kernel_layout)
     return out
 

@@ -217,12 +217,19 @@ def block_kernel(path: tuple[str, ...], leaf: Any, blocks: tuple[str, ...]) -> b
 def quantize_base(base: Params, scheme: str, *, blocks: tuple[str, ...], layout: str, double_quant: bool = False,
                   dtype: Any = "float32") -> Params:
     """`base` (a family's base tree, or any subtree of it holding the same paths) with every block kernel
-    quantized by `scheme` (none: unchanged). Works on ShapeDtypeStructs under `jax.eval_shape`."""
+    quantized by `scheme` (none: unchanged), one at a time: a kernel held on the host (numpy, as a QLoRA run loads
+    them) is on the device in float32 only while it is quantized. Works on ShapeDtypeStructs under
+    `jax.eval_shape`."""
     if scheme == "none":
         return base
     quant = quantizer(scheme, layout=layout, double_quant=double_quant, dtype=dtype)
+
+    def one(v: Any) -> Any:  # a host kernel goes to the device alone: its float32 copy is gone before the next
+        q = quant(v)
+        return jax.block_until_ready(q) if isinstance(v, np.ndarray) else q
+
     flat = traverse_util.flatten_dict(base)
-    return traverse_util.unflatten_dict({p: quant(v) if block_kernel(p, v, blocks) else v for p, v in flat.items()})
+    return traverse_util.unflatten_dict({p: one(v) if block_kernel(p, v, blocks) else v for p, v in flat.items()})
 
 
 def dequantize_tree(tree: Params, dtype: Any = jnp.float32) -> tuple[Params, int]:

@@ -99,18 +99,22 @@ def build_classifier(cfg: Config, key: jax.Array, *, base_key: jax.Array | None 
                           f"({', '.join(embeddings)}): PEFT's LoRA+ gives embeddings their own rate "
                           "(loraplus_lr_embedding), which this library does not hold; drop one of the two")
     model = Classifier(fam, arch, dtype, spec, None, n_outputs(cfg), to_save, None,
-                       lc.plus_ratio if with_lora else 1.0, m.path or m.name)
+                       lc.plus_ratio if with_lora else 1.0, m.path or m.name, lc.quantize, lc.double_quant)
+    flat_shapes = traverse_util.flatten_dict(shapes)
+    on_host = lambda path: model.quantized_kernel(path, flat_shapes[path])  # noqa: E731
     if shapes_only:
         base = shapes
     elif m.init == "pretrained":
-        base = hf_checkpoint.read_base(weights_dir(m), fam, shapes, sharding_for=sharding_for)
+        base = hf_checkpoint.read_base(weights_dir(m), fam, shapes, sharding_for=sharding_for, on_host=on_host)
     else:
         base = random_base(fam, module, jax.random.split(key, 3)[0] if base_key is None else base_key)
-        if sharding_for is not None:
-            flat = traverse_util.flatten_dict(base)
-            base = traverse_util.unflatten_dict({p: jax.device_put(v, sharding_for(p, v.shape))
-                                                 for p, v in flat.items()})
-    base, start = decompose_base(base, spec, shapes_only=shapes_only)
+        flat = traverse_util.flatten_dict(base)
+        base = traverse_util.unflatten_dict({p: np.asarray(v) if on_host(p) else v if sharding_for is None
+                                             else jax.device_put(v, sharding_for(p, v.shape))
+                                             for p, v in flat.items()})
+    # QLoRA's kernels stay float32 on the host (numpy) until the run quantizes them one by one
+    # (training.state.stored_frozen): the device never holds the float32 block kernels
+    base, start = decompose_base(base, spec, shapes_only=shapes_only, value=model.as_computed)
     model = dataclasses.replace(model, base=None if shapes_only else base, start=start)
     return model, init_params(model, base, key, shapes_only=shapes_only)
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lora_kd_jax.lora import dora
+from lora_kd_jax.lora import dora, quantize
 from lora_kd_jax.lora import transform as lora_lib
 from lora_kd_jax.lora.decompose import decompose
 from lora_kd_jax.models.families import Family
@@ -57,6 +57,8 @@ class Classifier:
     start: Params | None = dataclasses.field(default=None, repr=False)  # pissa/olora: the factors of the base
     plus_ratio: float = 1.0  # LoRA+ (lora.plus_ratio): the rate of B, magnitudes and trained 1-D leaves / A's
     name: str = ""  # how logs name the model (model.path, the hub id, the size)
+    quantize: str = "none"  # QLoRA (lora.quantize): how the frozen block kernels are stored
+    double_quant: bool = False  # lora.double_quant
 
     @functools.cached_property
     def module(self) -> nn.Module:
@@ -65,6 +67,23 @@ class Classifier:
     @property
     def pad_id(self) -> int:
         return self.arch.pad_token_id
+
+    def quantized_kernel(self, path: tuple[str, ...], kernel: Any) -> bool:
+        """Does a QLoRA run store this base leaf (path within the base) quantized? A frozen linear kernel of the
+        family's blocks, not of a module trained in full."""
+        return (self.quantize != "none" and quantize.block_kernel(path, kernel, self.family.blocks)
+                and not matches_module(".".join(path[:-1]), self.to_save))
+
+    def as_computed(self, path: tuple[str, ...], kernel: Any) -> Any:
+        """A base kernel as the run computes with it: a QLoRA kernel quantized and dequantized (in the compute
+        dtype), any other as it is. DoRA's magnitudes and PiSSA/OLoRA's factors start from these, as PEFT's start
+        from the dequantized weight of a bitsandbytes layer."""
+        if quantize.is_quantized(kernel):
+            return kernel.dequantize()
+        if not self.quantized_kernel(path, kernel):
+            return kernel
+        return quantize.quantizer(self.quantize, layout=self.family.kernel_layout, double_quant=self.double_quant,
+                                  dtype=self.dtype)(kernel).dequantize()
 
     @property
     def lr_scales(self) -> dict[str, float]:
@@ -163,7 +182,7 @@ def init_factors(model: Any, base: Params, key: jax.Array) -> Params:
     magnitudes that make the adapted layers start as the frozen ones."""
     spec = model.spec
     factors = jax.tree.map(jnp.asarray, model.start) if model.start is not None else lora_lib.init_lora(spec, key)
-    return dora.add_magnitudes(base, spec, factors) if spec.variant == "dora" else factors
+    return dora.add_magnitudes(base, spec, factors, model.as_computed) if spec.variant == "dora" else factors
 
 
 def init_params(model: Classifier, base: Params, key: jax.Array, *, shapes_only: bool = False) -> Params:
@@ -180,9 +199,10 @@ def init_params(model: Classifier, base: Params, key: jax.Array, *, shapes_only:
     return params
 
 
-def decompose_base(base: Params, spec: lora_lib.LoraSpec | None, *, shapes_only: bool = False
-                   ) -> tuple[Params, Params | None]:
-    """(the base the run trains on, the factors at init) for pissa / olora (`lora.decompose`); (base, None) for the
+def decompose_base(base: Params, spec: lora_lib.LoraSpec | None, *, shapes_only: bool = False,
+                   value: Callable[[tuple[str, ...], Any], Any] | None = None) -> tuple[Params, Params | None]:
+    """(the base the run trains on, the factors at init) for pissa / olora (`lora.decompose`) of each kernel's
+    `value(path, kernel)` (`Classifier.as_computed`: QLoRA decomposes the dequantized weight); (base, None) for the
     other inits."""
     from lora_kd_jax.core.config import ConfigError
 
@@ -192,4 +212,4 @@ def decompose_base(base: Params, spec: lora_lib.LoraSpec | None, *, shapes_only:
     if spec.rank > small:
         raise ConfigError(f"lora.rank={spec.rank} with lora.init={spec.init}: the rank cannot exceed the smallest "
                           f"adapted layer's width ({small})")
-    return (base, None) if shapes_only else decompose(base, spec)
+    return (base, None) if shapes_only else decompose(base, spec, value)

@@ -112,6 +112,7 @@ def read_config(where: Path, source: str) -> dict:
 
 DtypeFor = Callable[[tuple[str, ...]], Any]
 ShardingFor = Callable[[tuple[str, ...], tuple[int, ...]], Any]
+OnHost = Callable[[tuple[str, ...]], bool]
 
 
 def weight_file(where: Path, family: Family) -> Path:
@@ -204,9 +205,10 @@ class _Tensors:
 
 
 def read_safetensors(path: Path, family: Family, like: Params, dtype_for: DtypeFor,
-                     sharding_for: ShardingFor | None) -> tuple[Params, list[str]]:
+                     sharding_for: ShardingFor | None, on_host: OnHost | None = None) -> tuple[Params, list[str]]:
     """A base shaped like `like` from a safetensors file or index; every leaf read into its dtype and placed with
-    `sharding_for` (each device receiving its slice), one tensor on the host at a time."""
+    `sharding_for` (each device receiving its slice), one tensor on the host at a time; a leaf `on_host` names
+    stays a host array (QLoRA's kernels: quantized one at a time, never on the device in float32)."""
     tensors = _Tensors(path)
     inside = {k: k for k in tensors.keys()}
     prefix = family.torch_prefix + "."
@@ -227,7 +229,9 @@ def read_safetensors(path: Path, family: Family, like: Params, dtype_for: DtypeF
     flat = {}
     for leaf_path, key, transpose, shape in plan:  # nothing is read before every tensor was checked
         host = tensors.read(key, transpose, dtype_for(leaf_path))
-        if sharding_for is None:
+        if on_host is not None and on_host(leaf_path):
+            flat[leaf_path] = host
+        elif sharding_for is None:
             flat[leaf_path] = jax.numpy.asarray(host)
         else:  # every process holds the tensor; each device takes its slice (multi-host too)
             flat[leaf_path] = jax.make_array_from_callback(shape, sharding_for(leaf_path, shape),
@@ -278,19 +282,20 @@ def read_flax_msgpack(path: Path, family: Family, like: Params) -> tuple[Params,
 
 
 def read_base(where: Path, family: Family, like: Params, *, dtype_for: DtypeFor = lambda path: np.float32,
-              sharding_for: ShardingFor | None = None) -> Params:
+              sharding_for: ShardingFor | None = None, on_host: OnHost | None = None) -> Params:
     """The base weights of the checkpoint in `where`, shaped like `like` (an abstract tree), each leaf cast by
-    `dtype_for` and placed by `sharding_for` (None: jax's default device). Tensors the base has no use for (a head,
-    an LM head) are counted and logged."""
+    `dtype_for` and placed by `sharding_for` (None: jax's default device), the leaves `on_host` names left on the
+    host (numpy). Tensors the base has no use for (a head, an LM head) are counted and logged."""
     path = weight_file(where, family)
     if path.name in (SAFETENSORS, SAFETENSORS_INDEX):
-        base, skipped = read_safetensors(path, family, like, dtype_for, sharding_for)
+        base, skipped = read_safetensors(path, family, like, dtype_for, sharding_for, on_host)
     else:
         reader = read_torch_bin if path.name == TORCH_BIN else read_flax_msgpack
         host, skipped = reader(path, family, like)
         flat = hf_names.flatten(host)
-        base = hf_names.unflatten({p: jax.device_put(np.asarray(v, dtype_for(p)), sharding_for(p, v.shape)
-                                                      if sharding_for is not None else None)
+        base = hf_names.unflatten({p: np.asarray(v, dtype_for(p)) if on_host is not None and on_host(p) else
+                                   jax.device_put(np.asarray(v, dtype_for(p)), sharding_for(p, v.shape)
+                                                  if sharding_for is not None else None)
                                    for p, v in flat.items()})
     if skipped:
         log.info("%s: %d tensors not used by the %s classifier's base (%s)", path, len(skipped), family.name,
