@@ -166,15 +166,22 @@ def example_inputs(family: Family, length: int = 4) -> tuple[jax.Array, ...]:
     return ids, jnp.ones_like(ids), family.positions(ids + 3, 1)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_base(module: nn.Module, key: jax.Array, *inputs: jax.Array) -> Params:
+    """The module's parameters from `key`: one compiled program per module (linen modules of equal
+    configuration are equal), however many models a process builds."""
+    return module.init(key, *inputs)["params"]
+
+
 def base_shapes(family: Family, module: nn.Module) -> Params:
     """The base's ShapeDtypeStructs (no memory, no weights): --dry-run, restore targets, the loader's map."""
-    return jax.eval_shape(lambda k: module.init(k, *example_inputs(family))["params"], jax.random.key(0))
+    return jax.eval_shape(functools.partial(_init_base, module), jax.random.key(0), *example_inputs(family))
 
 
 def random_base(family: Family, module: nn.Module, key: jax.Array) -> Params:
     """The family's own initialisers (normal(initializer_range) weights, zero biases, unit norms) at the module's
     size: the values transformers' Flax classes drew from the same key."""
-    return jax.jit(lambda k: module.init(k, *example_inputs(family))["params"])(key)
+    return _init_base(module, key, *example_inputs(family))
 
 
 def init_factors(model: Any, base: Params, key: jax.Array) -> Params:
