@@ -82,6 +82,13 @@ def _example(length: int = 4) -> tuple[jax.Array, jax.Array]:
     return ids, jnp.ones_like(ids)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _draw(module: nn.Module, key: jax.Array) -> Params:
+    """A student's parameters from `key`: one compiled program per student configuration (equal linen modules are
+    equal), for every seed and every student a process builds."""
+    return module.init(key, *_example())["params"]
+
+
 @dataclasses.dataclass(frozen=True)
 class StudentClassifier:
     """A flax student behind the one model interface: every leaf trains (label 'student'). Dropout (bilstm, cnn)
@@ -92,13 +99,8 @@ class StudentClassifier:
     module: nn.Module
     embedding: Any = dataclasses.field(default=None, compare=False, repr=False)
 
-    @functools.cached_property
-    def _init(self) -> Any:
-        """The jitted draw, built once per classifier: each seed's init reuses one compiled program."""
-        return jax.jit(lambda k: self.module.init(k, *_example())["params"])
-
     def init(self, key: jax.Array) -> Params:
-        params = self._init(key)
+        params = _draw(self.module, key)
         if self.embedding is None:
             return params
         expected = params["embed"]["embedding"].shape

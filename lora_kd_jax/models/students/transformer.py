@@ -17,7 +17,6 @@ Every leaf trains (label STUDENT): full fine-tuning of the small transformer, as
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from typing import Any
@@ -131,11 +130,6 @@ class TransformerStudent:
     def family(self) -> Any:
         return self.classifier.family
 
-    @functools.cached_property
-    def _draw(self) -> Any:
-        """A random base of the module's size (the family's initialisers), one compiled program per student."""
-        return jax.jit(lambda k: random_base(self.family, self.classifier.module, k))
-
     def init(self, key: jax.Array) -> Params:
         """{prefix: base, 'head': ...}: the start (copied, float32: the train step donates it, and the teacher keeps
         its own) or a random base from `key`'s base key; the head from its head key (as `keys.model_keys`)."""
@@ -143,7 +137,7 @@ class TransformerStudent:
         if self.start is not None:
             base = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), self.start)
         else:
-            base = self._draw(k_base)
+            base = random_base(self.family, self.classifier.module, k_base)  # compiled once per module
         if self.embedding is not None:
             base = self._with_table(base)
         return init_params(self.classifier, base, key)
