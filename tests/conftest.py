@@ -19,6 +19,34 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_kd_jax_tests_xla_")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# XLA:CPU's code generation is most of the suite's time: it compiles thousands of tiny programs and runs each only a
+# few times. So the tests compile with JAX's jax_disable_most_optimizations (LLVM without its optimisation passes),
+# XLA's loop emitters instead of its newer fusion emitters, and each program in one piece: the same HLO programs (XLA's
+# HLO passes all run), a third of the compile time (tests/test_accumulate.py: 29 s of compiling -> 7 s; the suite:
+# 16 min -> 10). Users' runs keep XLA's defaults. Float32 results may differ from the default code generation in the
+# last bits; the one test whose bound is tighter than that takes the `xla_default_codegen` fixture below.
+# LORA_KD_JAX_TEST_XLA_DEFAULTS=1 runs the whole suite as users compile. A jaxlib that does not know an XLA flag
+# does not get it (an unknown flag would abort XLA).
+FAST_CODEGEN = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
+
+
+def _flags_jaxlib_knows(flags):
+    """The flags whose names XLA's library (jaxlib/libjax_common.so) holds."""
+    import importlib.util
+    import mmap
+
+    spec = importlib.util.find_spec("jaxlib")
+    library = os.path.join(os.path.dirname(spec.origin), "libjax_common.so") if spec and spec.origin else ""
+    if not os.path.exists(library):
+        return []
+    with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
+        return [flag for flag in flags if text.find(b"\0" + flag[2:].split("=")[0].encode() + b"\0") >= 0]
+
+
+FAST_COMPILES = os.environ.get("LORA_KD_JAX_TEST_XLA_DEFAULTS") != "1"
+if FAST_COMPILES and "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:  # set once, in the xdist controller
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # workers and subprocesses inherit both
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_flags_jaxlib_knows(FAST_CODEGEN)]).strip()
 # The trained runs many files read (tests/shared_runs.py), built once per session across the workers.
 if "LORA_KD_JAX_TEST_RUNS" not in os.environ:
     import tempfile
@@ -71,6 +99,22 @@ def tiny_cfg(tmp_path):
 def mixed_length_batch():
     """The factory `make_mixed_length_batch(lengths, seq_len=20, *, seed=0)`."""
     return make_mixed_length_batch
+
+
+@pytest.fixture
+def xla_default_codegen():
+    """LLVM's optimisation passes back on for one test (XLA's default level, as users compile), its caches cleared
+    before and after so that no program compiled the suite's faster way (above) is reused: for a bound tighter than
+    the two code generations' float32 rounding differs by."""
+    import jax
+
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") == "1")
+        jax.clear_caches()
 
 
 @pytest.fixture

@@ -22,8 +22,13 @@ REL = 1e-5  # fp32: only the order of the cross-device reductions differs
 PATIENT_COLLECTIVES = "--xla_cpu_collective_timeout_seconds=600 --xla_cpu_collective_call_terminate_timeout_seconds=600"
 
 
+def host_devices(devices: int) -> str:
+    """XLA_FLAGS for a process with `devices` CPU devices, on top of the suite's own (tests/conftest.py)."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}"
+
+
 def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> None:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}",
+    env = {**os.environ, "XLA_FLAGS": host_devices(devices),
            "PYTHONPATH": os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "JAX_PLATFORMS": "cpu"}  # the tests' helpers first, then the caller's path (a worktree's package)
     proc = subprocess.run([sys.executable, str(TESTS / "mesh_worker.py"), *args], env=env, capture_output=True,
@@ -140,7 +145,7 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
               "data.limit=48", "train.batch_size=16", "train.epochs=1", "lora.dropout=0.1", XLA_CACHE]
 
     def env(devices):
-        return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}",
+        return {**os.environ, "XLA_FLAGS": host_devices(devices),
                 "JAX_PLATFORMS": "cpu"}
 
     single = subprocess.run([*common, f"run.dir={tmp_path / 'single'}"], env=env(4), capture_output=True, text=True,
