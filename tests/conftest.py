@@ -56,10 +56,13 @@ if "LORA_KD_JAX_TEST_RUNS" not in os.environ:
 from tiny import make_mixed_length_batch, parity_config  # noqa: E402  (test helpers live in tests/tiny.py)
 
 def pytest_report_header(config):
-    """Which lora_kd_jax the suite tests: the installed package (CI: PYTHONSAFEPATH=1) or the source tree."""
+    """Which lora_kd_jax the suite tests (the installed package, CI: PYTHONSAFEPATH=1, or the source tree) and how
+    it compiles."""
     import lora_kd_jax
 
-    return f"lora_kd_jax under test: {os.path.dirname(lora_kd_jax.__file__)}"
+    codegen = ("fast (jax_disable_most_optimizations; XLA_FLAGS=" + os.environ.get("XLA_FLAGS", "") + ")"
+               if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") == "1" else "XLA's defaults")
+    return [f"lora_kd_jax under test: {os.path.dirname(lora_kd_jax.__file__)}", f"XLA code generation: {codegen}"]
 
 
 _COST: dict[str, list[float]] = {}  # test file -> [seconds of setup + call + teardown, tests run]
