@@ -22,7 +22,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # XLA:CPU's code generation is most of the suite's time: it compiles thousands of tiny programs and runs each only a
 # few times. So the tests compile with JAX's jax_disable_most_optimizations (LLVM without its optimisation passes),
 # XLA's loop emitters instead of its newer fusion emitters, and each program in one piece: the same HLO programs (XLA's
-# HLO passes all run), a third of the compile time (tests/test_accumulate.py: 29 s of compiling -> 7 s; the suite:
+# HLO passes all run), a quarter of the compile time (tests/test_accumulate.py: 29 s of compiling -> 7 s; the suite:
 # 16 min -> 10). Users' runs keep XLA's defaults. Float32 results may differ from the default code generation in the
 # last bits; the one test whose bound is tighter than that takes the `xla_default_codegen` fixture below.
 # LORA_KD_JAX_TEST_XLA_DEFAULTS=1 runs the whole suite as users compile. A jaxlib that does not know an XLA flag
