@@ -1,13 +1,16 @@
 """Runs inside a subprocess that has several CPU devices (XLA_FLAGS set by the parent test).
 
-usage: mesh_worker.py both DIR            steps (DIR/losses.json) then resume (DIR/resume, DIR/resume.json) in one
-                                           process: one start-up and one JAX for both tests that read them
+usage: mesh_worker.py both DIR            steps (DIR/losses.json), resume (DIR/resume, DIR/resume.json) and
+                                           loopback (DIR/loopback) in one process: one start-up and one JAX for the
+                                           three tests that read them
        mesh_worker.py steps OUT.json      per-step LoRA losses on meshes of 1, 8 and 2x4 devices (GPT-2 and BERT,
                                            the sharding of the frozen base recorded), and on 1 and 2x4 for Qwen3
                                            with NF4 kernels (their codes' sharding recorded); distillation and
                                            2-seed distillation (no frozen base for fsdp to split) on 1 and 8;
                                            the teacher labelling a split (`teacher_logits_for`) on 1, 8 and 2x4
        mesh_worker.py resume DIR OUT.json  1 epoch on 8 devices resumed on 1; vs 1 device throughout
+       mesh_worker.py loopback DIR        the loopback test's reference: `train-lora` of configs/smoke.yaml on 4 of
+                                           the 8 devices (mesh.data=4), as one process of 4 devices would
        mesh_worker.py load CKPT OUT.json   a checkpoint read straight onto a 2x4 mesh: each FSDP-split leaf's shards
 """
 import json
@@ -24,7 +27,7 @@ from lora_kd_jax.models.build import build_classifier
 from lora_kd_jax.distill.losses import teacher_objective
 from lora_kd_jax.training.state import stored_frozen, train_state
 from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_train_step
-from tiny import log_messages, random_batch, tiny_config
+from tiny import LOOPBACK, log_messages, random_batch, tiny_config
 
 
 COMPILES: dict[str, int] = {}  # per LoRA run: how many programs its train step compiled (1: state stays in place)
@@ -180,6 +183,8 @@ def main() -> None:
         main()
         sys.argv = [sys.argv[0], "resume", str(out / "resume"), str(out / "resume.json")]
         main()
+        sys.argv = [sys.argv[0], "loopback", str(out / "loopback")]
+        main()
     elif mode == "steps":
         meshes = {"1": MeshConfig(data=1), "8": MeshConfig(data=8), "2x4": MeshConfig(data=2, fsdp=4)}
         out = {name: per_step_losses(m) for name, m in meshes.items()}
@@ -212,6 +217,10 @@ def main() -> None:
         a = json.load(open(f"{root}/one/metrics.json"))["epochs"]
         b = json.load(open(f"{root}/split/metrics.json"))["epochs"]
         json.dump({"one": a, "split": b, "summary_one": one, "resumed_log": resumed_log}, open(sys.argv[3], "w"))
+    elif mode == "loopback":
+        from lora_kd_jax.commands import cli
+
+        cli.main(["train-lora", *LOOPBACK, "mesh.data=4", f"run.dir={sys.argv[2]}", "--no-progress"])
     elif mode == "load":
         json.dump(loaded_shards(sys.argv[2]), open(sys.argv[3], "w"))
     else:

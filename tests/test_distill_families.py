@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-from tiny import XLA_CACHE  # noqa: E402
+from tiny import NO_PLOTS, XLA_CACHE  # noqa: E402
 from tiny_families import save_checkpoint  # noqa: E402
 
 from lora_kd_jax.models.tokenizers import tokenizer_for
@@ -31,7 +31,7 @@ LOGITS_ATOL = 5e-6  # test_families' FORWARD_ATOL: one eval forward against anot
 ROWS, MAX_LENGTH = 16, 20
 UNLABELED = ["The cat sat on the mat.", "Mat the on sat cat the.", "John seems to be happy."]
 COMMON = [f"data.max_length={MAX_LENGTH}", "train.batch_size=8", "train.epochs=1", "train.eval_batch_size=8",
-          XLA_CACHE]
+          XLA_CACHE, NO_PLOTS]
 STUDENT = ["student.embed_dim=16", "student.hidden_dim=16", "student.pooling=last_token"]
 AUGMENT = ["distill.augment_seed=3", "distill.p_mask=0.3", "distill.p_swap=0.2"]
 

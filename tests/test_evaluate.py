@@ -20,7 +20,7 @@ from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.data import encode, read_cola_rows
 
-from tiny import XLA_CACHE, COLA_DIR, config_only_run, one_line_exit
+from tiny import NO_PLOTS, XLA_CACHE, COLA_DIR, config_only_run, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = "The " + "very " * 30 + "old cat that the dog that the man owned chased sat on the mat."
@@ -40,7 +40,7 @@ def cola(tmp_path_factory) -> Path:
 
 def _train(command: str, config: str, run_dir: Path, *overrides: str) -> Path:
     cli.main([command, str(REPO / "configs" / config), *overrides, f"run.dir={run_dir}", XLA_CACHE,
-              "--no-progress"])
+              NO_PLOTS, "--no-progress"])
     rundir.detach_log(run_dir)  # training in this process left its log.txt attached to the root logger
     return run_dir
 

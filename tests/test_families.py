@@ -24,7 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 import torch_reference as ref_lib  # noqa: E402
-from tiny import XLA_CACHE, assert_resumed, log_messages  # noqa: E402
+from tiny import NO_PLOTS, XLA_CACHE, assert_resumed, log_messages  # noqa: E402
 from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
 
 from lora_kd_jax.training.restore import open_run
@@ -52,7 +52,7 @@ STEPS, LR, BATCH, N_EXAMPLES = 30, 1e-3, 8, 20
 def _config(path, *overrides):
     cfg = load_config(None, [f"model.path={path}", "lora.init=standard", f"lora.rank={RANK}", f"lora.alpha={ALPHA}",
                              "lora.dropout=0.0", "data.max_length=20", f"train.batch_size={BATCH}", f"train.lr={LR}",
-                             XLA_CACHE, *overrides])
+                             XLA_CACHE, NO_PLOTS, *overrides])
     return resolve(cfg)
 
 

@@ -293,6 +293,13 @@ def test_plots_count_whole_epochs_mark_the_best_and_name_every_line(tmp_path):
         "RNN from scratch: reference 0.6913"]
     assert _whole_epochs(plots.optimizer_figure({"train": _history()}))
     assert _whole_epochs(next(iter(plots.seed_curve_figures({0: _history(), 1: _history()}).values())))
+    # a regression draws pearson.png in place of accuracy.png, alone and over seeds (most tests' runs draw no PNG:
+    # run.plots=false in tests/tiny.py)
+    regression = [{**h, **{s: {"pearson": h[s]["accuracy"], "loss": h[s]["loss"]} for s in ("train", "val")},
+                   "reported": {}} for h in _history()]
+    assert list(plots.curve_figures(regression)) == list(plots.seed_curve_figures({0: regression})) == [
+        "pearson", "loss"]
+    assert _legend(plots.curve_figures(regression)["pearson"]) == ["train", "val", "best epoch 2 (val pearson)"]
     plt.close("all")
     written = plots.plot_curves(_history(), tmp_path) + [plots.plot_val_accuracy({"a": _history()}, tmp_path / "r.png")]
     assert [p.name for p in written] == ["accuracy.png", "loss.png", "r.png"] and all(p.is_file() for p in written)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.core.config import MeshConfig
 from shared_runs import shared_run
-from tiny import XLA_CACHE, assert_resumed
+from tiny import LOOPBACK, assert_resumed
 
 TESTS = Path(__file__).resolve().parent
 REL = 1e-5  # fp32: only the order of the cross-device reductions differs
@@ -38,8 +38,8 @@ def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> None:
 
 @pytest.fixture(scope="module")
 def on_8_devices() -> Path:
-    """One 8-device worker process for the two tests below (its steps, then its resume): built once per session
-    whichever xdist worker asks first (tests/shared_runs.py)."""
+    """One 8-device worker process for the three tests below (its steps, its resume, the loopback test's reference):
+    built once per session whichever xdist worker asks first (tests/shared_runs.py)."""
     return shared_run("mesh_worker", lambda out: (out.mkdir(parents=True), run_worker("both", str(out), timeout=600)))
 
 
@@ -138,19 +138,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_over_loopback_match_one_process(tmp_path):
-    """jax.distributed with gloo CPU collectives, 2 processes x 2 devices, vs 1 process x 4 devices."""
+def test_two_processes_over_loopback_match_one_process(tmp_path, on_8_devices):
+    """jax.distributed with gloo CPU collectives, 2 processes x 2 devices, vs one process on 4 devices (the mesh
+    worker's run of the same command with mesh.data=4)."""
     repo = TESTS.parent
-    common = [sys.executable, str(repo / "scripts" / "train_lora.py"), str(repo / "configs" / "smoke.yaml"),
-              "data.limit=48", "train.batch_size=16", "train.epochs=1", "lora.dropout=0.1", XLA_CACHE]
+    common = [sys.executable, str(repo / "scripts" / "train_lora.py"), *LOOPBACK]
 
     def env(devices):
         return {**os.environ, "XLA_FLAGS": host_devices(devices),
                 "JAX_PLATFORMS": "cpu"}
 
-    single = subprocess.run([*common, f"run.dir={tmp_path / 'single'}"], env=env(4), capture_output=True, text=True,
-                            timeout=120)
-    assert single.returncode == 0, single.stderr[-3000:]
     port = _free_port()
     procs = [subprocess.Popen([*common, f"run.dir={tmp_path / 'multi'}", "distributed.enabled=true",
                                f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
@@ -166,7 +163,9 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "process 1 of 2" in outs[1][1]
-    a = json.loads((tmp_path / "single" / "metrics.json").read_text())["epochs"]
+    assert "over 4 device(s), 2 process(es)" in outs[0][1]
+    assert "over 4 device(s), 1 process(es)" in (on_8_devices / "loopback" / "log.txt").read_text()
+    a = json.loads((on_8_devices / "loopback" / "metrics.json").read_text())["epochs"]
     b = json.loads((tmp_path / "multi" / "metrics.json").read_text())["epochs"]
     assert len(a) == len(b) == 1
     for x, y in zip(a, b):

@@ -17,11 +17,11 @@ from lora_kd_jax.commands import cli
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from test_reliability import assert_same_run
 from shared_runs import shared_run
-from tiny import XLA_CACHE, assert_resumed, log_messages, one_line_exit
+from tiny import NO_PLOTS, XLA_CACHE, assert_resumed, log_messages, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
-FAST = ["data.limit=48", "train.batch_size=16", "lora.dropout=0.1", "train.seed=2", XLA_CACHE,
+FAST = ["data.limit=48", "train.batch_size=16", "lora.dropout=0.1", "train.seed=2", XLA_CACHE, NO_PLOTS,
         "--no-progress"]
 
 

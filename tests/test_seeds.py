@@ -17,7 +17,7 @@ from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import ConfigError
 from shared_runs import shared_run
-from tiny import XLA_CACHE, assert_resumed, random_batch, sigterm_at_batch, tiny_config
+from tiny import NO_PLOTS, PLOTTED, XLA_CACHE, assert_resumed, random_batch, sigterm_at_batch, tiny_config
 
 SEEDS = [0, 1, 2]
 # 96 rows, batches of 32: 3 steps per epoch, 2 epochs; LoRA dropout on, so each seed's dropout keys matter
@@ -50,7 +50,8 @@ def lora_runs():
     """A 3-seed LoRA run and seeds 1 and 2 alone (built once per session: tests/shared_runs.py; read only), with
     the summaries `train_lora` returned."""
     def build(root):
-        seeded = finetune.train_lora(tiny_config(*COMMON, SEEDED, f"run.dir={root / 'seeded'}"), progress=False)
+        seeded = finetune.train_lora(tiny_config(*COMMON, SEEDED, PLOTTED, f"run.dir={root / 'seeded'}"),
+                                     progress=False)
         # seeds 1 and 2 alone: a random-init base is shared by the seeds, drawn from the first seed (model.base_seed)
         single = {k: finetune.train_lora(tiny_config(*COMMON, f"train.seed={k}", "model.base_seed=0",
                                                      f"run.dir={root / f'single{k}'}"), progress=False)
@@ -211,7 +212,7 @@ def test_reproduce_tiny_seeds_gives_every_cell_mean_and_spread_and_bands(tmp_pat
     monkeypatch.setattr(plots, "plot_val_accuracy", plot_val_accuracy)
     root = tmp_path / "study"
     cli.main(["reproduce", "--tiny", "--seeds", "0,1", "--no-progress", "data.limit=32", "train.batch_size=16",
-              "train.epochs=2", XLA_CACHE, f"run.dir={root}"])
+              "train.epochs=2", XLA_CACHE, NO_PLOTS, f"run.dir={root}"])
     capsys.readouterr()
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in (root / "results.md").read_text().splitlines() if line.startswith("| ")][1:]

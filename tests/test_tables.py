@@ -23,7 +23,7 @@ from lora_kd_jax.core.config import ConfigError, load_config
 from lora_kd_jax.data.tasks import GLUE
 from lora_kd_jax.runs import rundir
 
-from tiny import XLA_CACHE
+from tiny import NO_PLOTS, XLA_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat dog sat ran on mat quickly a big small red blue happy sad old man saw bird house".split()
@@ -71,7 +71,7 @@ SHAPES = {
     "stsb": ("tsv", ["data.text=sentence1", "data.text_pair=sentence2", "data.label=score"]),
 }
 TRAIN = ["data.limit=0", "data.max_length=16", "train.batch_size=4", "train.eval_batch_size=8", "train.epochs=2",
-         "train.lr=1e-2", "lora.dropout=0.0", XLA_CACHE, "--no-progress"]
+         "train.lr=1e-2", "lora.dropout=0.0", XLA_CACHE, NO_PLOTS, "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from lora_kd_jax.models.build import build_classifier
 from lora_kd_jax.training.optimizer import make_optimizer
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import cross_entropy_objective, loss_and_sums, make_train_step
-from tiny import assert_resumed, key, log_messages, random_batch, tiny_config
+from tiny import PLOTTED, assert_resumed, key, log_messages, random_batch, tiny_config
 
 
 def synthetic_split(n: int, seed: int, length: int = 8) -> data_lib.EncodedSplit:
@@ -102,7 +102,7 @@ def smoke_overrides(run_dir, *extra):
 
 
 def test_smoke_run_leaves_the_run_directory(tmp_path):
-    cfg = tiny_config(*smoke_overrides(tmp_path / "run"))
+    cfg = tiny_config(*smoke_overrides(tmp_path / "run"), PLOTTED)
     summary = finetune.train_lora(cfg, progress=False)
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.json", "accuracy.png", "loss.png", "log.txt"):

@@ -1,6 +1,6 @@
 """The training kit around the loop: early stopping (train.patience, train.max_steps) that a resume remembers, the
 learning rate and gradient norm per epoch in metrics.json, TensorBoard event files read back by tensorboard's own
-reader, the --profile trace, W&B refused in one line when it is not installed."""
+reader, the --profile trace, plots when due (run.plots), W&B refused in one line when it is not installed."""
 import json
 import math
 from pathlib import Path
@@ -13,7 +13,7 @@ from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs.tensorboard import read_scalars
 from lora_kd_jax.training import finetune
 from shared_runs import shared_run
-from tiny import assert_resumed, log_messages, tiny_config
+from tiny import PLOTTED, assert_resumed, log_messages, tiny_config
 
 # the RNN baseline at its smallest: 32 rows in batches of 16 (2 steps an epoch); a rate too small to change a
 # prediction, so the first epoch stays the best and every later one counts against the patience
@@ -100,7 +100,7 @@ def lora_run():
     profiled (built once per session: tests/shared_runs.py; read only)."""
     def build(run_dir):
         cfg = tiny_config("data.limit=32", "train.batch_size=16", "train.epochs=3", "train.schedule=linear",
-                          "train.warmup=1", "train.accumulate=2", f"run.dir={run_dir}")
+                          "train.warmup=1", "train.accumulate=2", PLOTTED, f"run.dir={run_dir}")
         finetune.train_lora(cfg, progress=False, profile=2)
         rundir.detach_log(run_dir)
 
@@ -149,6 +149,27 @@ def test_a_seeded_run_writes_each_seed_and_the_mean(tmp_path):
         assert scalars[f"epoch/val/accuracy/seed_{k}"][0][1] == pytest.approx(entry["val"]["accuracy"])
         assert scalars[f"epoch/train/grad_norm/seed_{k}"][0][1] == pytest.approx(entry["train"]["grad_norm"])
     assert scalars["step/loss/seed_0"] != scalars["step/loss/seed_1"]
+
+
+@pytest.mark.parametrize("plots, interval, drawn", [
+    ("false", 0.0, 0),  # run.plots=false: never, whatever the clock
+    ("true", 1e9, 1),  # epochs faster than the interval: once, at the end of the run
+    ("true", 0.0, 3),  # the interval passed at each epoch's end (2 epochs), then the end of the run
+])
+def test_plots_are_drawn_when_due_and_never_with_run_plots_false(plots, interval, drawn, tmp_path, monkeypatch):
+    from lora_kd_jax.runs import plots as plots_lib
+    from lora_kd_jax.training import loop
+
+    calls = []
+    real = plots_lib.plot_curves
+    monkeypatch.setattr(plots_lib, "plot_curves", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(loop, "PLOT_INTERVAL_S", interval)
+    distill.train_rnn(tiny_config(*STALL, "train.epochs=2", f"run.plots={plots}", f"run.dir={tmp_path}"),
+                      progress=False)
+    assert len(calls) == drawn
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == (["accuracy.png", "loss.png", "optimizer.png"]
+                                                              if drawn else [])
+    assert len(metrics(tmp_path)["epochs"]) == 2
 
 
 def test_wandb_without_the_package_is_one_line_before_any_compute(tmp_path):

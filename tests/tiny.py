@@ -20,8 +20,15 @@ VOCAB = 50257
 # the session's compilation cache (tests/conftest.py), named explicitly: run.compilation_cache="" turns caching off
 XLA_CACHE = f"run.compilation_cache={os.environ.get('JAX_COMPILATION_CACHE_DIR', '')}"
 
+# NO_PLOTS: a tiny run's PNGs cost about as much as its training (three matplotlib figures, ~0.35 s) and
+# most tests never look at them; the tests that check plots pass run.plots=true (PLOTTED), and
+# tests/test_front_door.py draws every figure for every kind of history
+PLOTTED, NO_PLOTS = "run.plots=true", "run.plots=false"
+# tests/test_mesh.py's loopback run (train-lora's arguments), over 2 processes and in tests/mesh_worker.py on 4 devices
+LOOPBACK = [str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"), "data.limit=48", "train.batch_size=16",
+            "train.epochs=1", "lora.dropout=0.1", XLA_CACHE, NO_PLOTS]
 TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-        "lora.dropout=0.0", XLA_CACHE]
+        "lora.dropout=0.0", XLA_CACHE, NO_PLOTS]
 
 
 def one_line_exit(*argv: str) -> str:
@@ -90,7 +97,7 @@ def config_only_run(run_dir: Path, dest: Path) -> Path:
 
 PARITY_OVERRIDES = ("model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64",
                   "model.n_head=4", "model.n_positions=64", "model.dropout=0.0", "train.batch_size=8",
-                  "train.epochs=1", XLA_CACHE)
+                  "train.epochs=1", XLA_CACHE, NO_PLOTS)
 
 
 def parity_config(*overrides: str, run_dir: str | Path = "runs/test"):

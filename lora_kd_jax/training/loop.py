@@ -81,10 +81,12 @@ class RunOptions:
     profile: int = 0  # --profile: steps traced by jax.profiler into RUN_DIR/profile after the first one
     wandb: str = ""  # run.wandb: a W&B project beside TensorBoard
     config: dict | None = None  # the run's settings, for W&B
+    plots: bool = True  # run.plots: the PNGs of the curves (at most every PLOT_INTERVAL_S, and at the run's end)
 
     @staticmethod
     def of(cfg: Any, profile: int = 0) -> RunOptions:
-        return RunOptions(cfg.train.patience, cfg.train.max_steps, profile, cfg.run.wandb, to_dict(cfg))
+        return RunOptions(cfg.train.patience, cfg.train.max_steps, profile, cfg.run.wandb, to_dict(cfg),
+                          cfg.run.plots)
 
 
 @dataclasses.dataclass
@@ -218,7 +220,7 @@ def run_epochs(task: Task, run_dir: str | Path, *, resume: bool = False, progres
     lanes.close()
     if not run.histories[0]:
         raise ValueError("no epochs were run (train.epochs is already reached by the checkpoint?)")
-    return write_metrics(task, lanes, run, plot=True)
+    return write_metrics(task, lanes, run, plot=options.plots)
 
 
 def _tree(task: Task, run: RunProgress) -> dict:
@@ -316,7 +318,7 @@ def end_of_epoch(task: Task, lanes: Lanes, run: RunProgress, epoch: int, rec: Re
     run.stopped = _early_stop(task, lanes, run, epoch, step, options)
     run.step_stats = None  # the epoch is complete: a resume starts the next one from zero
     lanes.save_latest(step, _tree(task, run), run, epoch + 1)
-    due = time.perf_counter() - run.last_plot >= PLOT_INTERVAL_S or run.stopped is not None
+    due = options.plots and (time.perf_counter() - run.last_plot >= PLOT_INTERVAL_S or run.stopped is not None)
     write_metrics(task, lanes, run, plot=due)
     run.last_plot = time.perf_counter() if due else run.last_plot
     rec.write(entries, step)

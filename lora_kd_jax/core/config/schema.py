@@ -224,6 +224,8 @@ class RunConfig:
     dir: str = key("runs/default", "The run directory: config, metrics, plots, checkpoints, log.")
     overwrite: bool = key(False, "Allow writing into a run dir that holds a different run.")
     compilation_cache: str = key("~/.cache/lora_kd_jax/xla", "XLA's persistent compilation cache; \"\" = off.")
+    plots: bool = key(True, "Draw accuracy.png, loss.png and optimizer.png in the run dir (at most every 30 s, and "
+                            "at the end); false: metrics.json and TensorBoard only (many short runs).")
     wandb: str = key("", "A Weights & Biases project to log to (needs `pip install wandb`); \"\" = off.")
 
 
