@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -107,10 +108,12 @@ _silenced = False
 
 def _silence_leftovers() -> None:
     """After a failed write, the tensorstore writes still in flight go on failing up to the end of the process
-    (the run stops with one line): keep their noise out for good."""
+    (the run stops with one line): keep their noise out for good. That includes the RuntimeWarning Python prints at
+    exit for each write coroutine the closed event loop never ran ("coroutine ... was never awaited")."""
     global _silenced
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).addFilter(_noise)
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     if not _silenced:
         _silenced = True
         _quiet_unraisable()
