@@ -33,6 +33,10 @@ def train_tokenizer(family: str, out_dir: Path):
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok.train_from_iterator(cola_sentences(), trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=special))
+        # the trainer learns the same tokens every time but numbers them differently from run to run (the other
+        # families' trainers do not): numbered in a fixed order, every session's BERT sees the same vocabulary
+        learnt = sorted(t for t in tok.get_vocab() if t not in special)
+        tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(special + learnt)}, unk_token="[UNK]")
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
