@@ -1,5 +1,6 @@
 """The training kit inside the one optimizer: learning rate schedules with warm-up, decoupled weight decay that
-spares LayerNorms and biases, clipping of the trainable gradients' global norm; the defaults are the original Adam."""
+spares LayerNorms and biases, clipping of the trainable gradients' global norm; the defaults are the original Adam.
+Equal settings give one optimizer, so equal runs in a process share one compiled step, and no other setting does."""
 from __future__ import annotations
 
 import math
@@ -180,3 +181,64 @@ def test_resume_may_add_epochs_only_when_no_schedule_spans_the_run(kit, refused,
     else:
         rundir.prepare(longer, resume=True)
         rundir.detach_log(tmp_path)
+
+
+# what a LoRA step's program depends on, one setting at a time: each must give another train step than the default's
+OTHER_OPTIMIZER = ["train.lr=2e-3", "train.weight_decay=0.01", "train.max_grad_norm=1.0", "train.schedule=linear",
+                   "train.warmup=1", "train.accumulate=2"]
+OTHER_MODEL = ["lora.rank=2", "lora.dropout=0.1", "lora.variant=dora", "lora.targets=[attn.c_attn]",
+               "model.dtype=bfloat16", "lora.plus_ratio=4"]
+
+
+def test_equal_runs_in_a_process_share_one_compiled_step_and_no_other_setting_does(tmp_path):
+    """Two runs of one configuration get the same jitted train and eval steps (models compare by value, equal
+    settings give one optimizer and one schedule), so the second run traces, lowers and compiles nothing: after a
+    run, the steps a new equal task gets hold that run's programs and serve its batches without compiling. The
+    seed and the number of epochs (under a constant rate) do not change the program; each setting of
+    OTHER_OPTIMIZER and OTHER_MODEL, seeds at once, and another distillation objective do: their own step."""
+    import jax
+
+    from lora_kd_jax import data as data_lib
+    from lora_kd_jax.distill.losses import teacher_objective
+    from lora_kd_jax.models.build import build_classifier
+    from lora_kd_jax.models.tokenizers import tokenizer_for
+    from lora_kd_jax.training import finetune
+    from lora_kd_jax.training.steps import Seeded, cross_entropy_objective, make_eval_step, make_train_step
+    from tiny import tiny_config
+
+    base = ("data.limit=32", "train.batch_size=16", "train.epochs=1")
+
+    def task(*overrides: str):
+        cfg = finetune.lora_config(tiny_config(*base, *overrides))
+        return finetune.build_task(cfg, data_lib.load_splits(cfg, tokenizer_for(cfg)).encoded)
+
+    finetune.train_lora(tiny_config(*base, f"run.dir={tmp_path}"), progress=False)
+    first = task()
+    held = first.train_step._cache_size(), first.eval_step._cache_size()  # the run's programs (and any before it)
+    assert min(held) >= 1
+    first.eval_step(first.state, first.consts, first.put_eval_batch(next(iter(first.eval_batches()))))
+    first.train_step(first.state, first.consts, first.put_batch(next(iter(first.train_batches(0, 0)))))
+    assert (first.train_step._cache_size(), first.eval_step._cache_size()) == held  # served by them: no compile
+    again = task("train.seed=5", "train.epochs=3")
+    assert again.train_step is first.train_step and again.eval_step is first.eval_step
+    for setting in OTHER_OPTIMIZER:
+        assert task(setting).train_step is not first.train_step, setting
+    assert task("train.schedule=linear", "train.epochs=2").train_step is not task("train.schedule=linear").train_step
+
+    def model(*overrides: str):  # from shapes alone: nothing is drawn or compiled
+        return build_classifier(finetune.lora_config(tiny_config(*overrides)), jax.random.key(0), shapes_only=True)[0]
+
+    default, tx = model(), optax.adam(1e-3)
+    assert model("train.seed=5") == default and hash(model("train.seed=5")) == hash(default)
+    assert make_train_step(default, optax.adam(1e-3), cross_entropy_objective) is not \
+        make_train_step(default, tx, cross_entropy_objective)  # a transform of the caller's own: its own step
+    step = make_train_step(default, tx, cross_entropy_objective)
+    assert make_train_step(model("train.seed=5"), tx, cross_entropy_objective) is step
+    for setting in OTHER_MODEL:
+        other = model(setting)
+        assert other != default, setting
+        assert make_train_step(other, tx, cross_entropy_objective) is not step, setting
+        assert make_eval_step(other) is not make_eval_step(default), setting
+    assert make_train_step(default, tx, cross_entropy_objective, Seeded()) is not step
+    assert make_train_step(default, tx, teacher_objective(2.0, 0.5)) is not step
+    assert teacher_objective(2.0, 0.5) == teacher_objective(2.0, 0.5) != teacher_objective(2.0, 0.4)

@@ -25,12 +25,13 @@ read in `eval_inputs` (its names are importable from here too).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 import textwrap
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -52,6 +53,7 @@ from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.training.restore import open_run
 from lora_kd_jax.training.scoring import score_rows
 from lora_kd_jax.training.state import cast_frozen, combine, partition
+from lora_kd_jax.training.steps import for_steps
 from lora_kd_jax.commands.eval_inputs import (DEFAULT_SETS, EVALUATION_FILE, LABELS, SETS, EvalSet, InputError,
                                              check_sentences, load_eval_set, load_table_set, read_sentence_file,
                                              split_pairs)
@@ -121,6 +123,17 @@ def combined_mcc(confusions: Sequence[dict[str, int]]) -> float:
 # ------------------------------------------------------------------------------------------ classifier
 
 
+@functools.lru_cache(maxsize=8)
+def _scoring_step(model: Any, replicated: Any) -> Callable[[Any, dict], tuple[jax.Array, dict]]:
+    """(logits, `metrics.eval_sums`) of a batch, jitted once per model and mesh: a process that evaluates many runs
+    of one configuration (a study's seeds, the tests) compiles it once."""
+    def step(params: Any, batch: dict) -> tuple[jax.Array, dict]:
+        logits = model.logits(params, batch["input_ids"], batch["attention_mask"], **token_inputs(batch))
+        return logits, metrics_lib.eval_sums(logits, batch)
+
+    return jax.jit(step, out_shardings=(replicated, replicated))
+
+
 class Predictor:
     """A restored run as a sentence classifier (`from_run`): `predict`, `logits` and `evaluate`."""
     def __init__(self, run: Any, *, batch_size: int | None = None):
@@ -142,14 +155,7 @@ class Predictor:
         self.placement = mesh_lib.placement_for(MeshConfig(data=-1, fsdp=fsdp), DistributedConfig(),
                                                 {"evaluation batch size": self.batch_size})
         self.params = self._place(run)
-        model = run.model
-
-        def step(params: Any, batch: dict) -> tuple[jax.Array, dict]:
-            logits = model.logits(params, batch["input_ids"], batch["attention_mask"], **token_inputs(batch))
-            return logits, metrics_lib.eval_sums(logits, batch)
-
-        replicated = mesh_lib.replicated(self.placement.mesh)
-        self._step = jax.jit(step, out_shardings=(replicated, replicated))
+        self._step = _scoring_step(for_steps(run.model), mesh_lib.replicated(self.placement.mesh))
 
     @classmethod
     def from_run(cls, path: str | os.PathLike, which: str = "best", *, kind: str | None = None,

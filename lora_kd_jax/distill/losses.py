@@ -5,6 +5,7 @@ temperature). `teacher_objective` is the objective the student's train step mini
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from lora_kd_jax.core import metrics as metrics_lib
 from lora_kd_jax.models.interface import ClassifierModel, token_inputs
-from lora_kd_jax.training.steps import Objective
+from lora_kd_jax.training.steps import Objective, for_steps
 
 Batch = dict[str, jax.Array]
 
@@ -64,18 +65,28 @@ def kd_objective(student_logits: jax.Array, teacher_logits: jax.Array, labels: j
     return mean, total
 
 
-def teacher_objective(temperature: float, alpha: float, teacher: ClassifierModel | None = None,
-                      loss: str = "kl") -> Objective:
+@dataclasses.dataclass(frozen=True)
+class TeacherObjective:
     """The KD objective reading teacher logits from consts: the cached array {'teacher_logits': [N, 2]} gathered
-    by batch['index'] (teacher=None), or a teacher forward pass on {'teacher': merged params}."""
+    by batch['index'] (teacher=None), or a teacher forward pass on {'teacher': merged params}. A value (equal
+    settings are equal objectives), so equal distillation runs share their compiled steps."""
 
-    def objective(logits: jax.Array, consts: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        if teacher is None:
+    temperature: float
+    alpha: float
+    teacher: ClassifierModel | None = None
+    loss: str = "kl"
+
+    def __call__(self, logits: jax.Array, consts: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        if self.teacher is None:
             t = consts["teacher_logits"][batch["index"]]
         else:
-            t = teacher.logits(consts["teacher"], batch["input_ids"], batch["attention_mask"], deterministic=True,
-                               **token_inputs(batch))  # a BERT teacher's pairs: their segment ids
+            t = self.teacher.logits(consts["teacher"], batch["input_ids"], batch["attention_mask"], deterministic=True,
+                                    **token_inputs(batch))  # a BERT teacher's pairs: their segment ids
         return kd_objective(logits, jax.lax.stop_gradient(t), batch["labels"], batch["weights"],
-                            temperature, alpha, loss)
+                            self.temperature, self.alpha, self.loss)
 
-    return objective
+
+def teacher_objective(temperature: float, alpha: float, teacher: ClassifierModel | None = None,
+                      loss: str = "kl") -> Objective:
+    """The student's objective (`TeacherObjective`): T, alpha, the live teacher or None (cached logits), kl | mse."""
+    return TeacherObjective(temperature, alpha, None if teacher is None else for_steps(teacher), loss)

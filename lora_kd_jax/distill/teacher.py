@@ -10,13 +10,14 @@ or another student reads them back instead of running the teacher again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +38,18 @@ from lora_kd_jax.runs.seed_dirs import seed_dir
 from lora_kd_jax.training.restore import open_run
 from lora_kd_jax.training.scoring import score_rows
 from lora_kd_jax.training.state import cast_frozen, param_report
+from lora_kd_jax.training.steps import for_steps
 
 log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
+
+
+@functools.lru_cache(maxsize=8)
+def _forward(model: Classifier, out_sharding: Any) -> Callable[..., jax.Array]:
+    """A teacher's jitted eval-mode forward, one per model and mesh: equal teachers in a process compile it once."""
+    return jax.jit(lambda p, ids, mask, types: model.logits(p, ids, mask, deterministic=True, **token_inputs(types)),
+                   out_shardings=out_sharding)
 
 
 @dataclasses.dataclass
@@ -58,9 +67,7 @@ class Teacher:
     placement: mesh_lib.Placement
 
     def __post_init__(self):
-        self._forward = jax.jit(lambda p, ids, mask, types: self.model.logits(p, ids, mask, deterministic=True,
-                                                                              **token_inputs(types)),
-                                out_shardings=mesh_lib.replicated(self.placement.mesh))
+        self._forward = _forward(for_steps(self.model), mesh_lib.replicated(self.placement.mesh))
 
     def logits(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> jax.Array:
         """Eval-mode logits [B, 2] (replicated, so every process can read them); `token_type_ids`: a BERT

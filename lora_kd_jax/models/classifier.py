@@ -42,21 +42,24 @@ def norm_modules(flat: dict[tuple[str, ...], Any]) -> set[tuple[str, ...]]:
     return {path[:-1] for path in flat if path[-1] in ("scale", "weight")}
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class Classifier:
     """A family's base module, its head, an optional LoRA spec and the base weights every seed's adapters are drawn
-    over (None when built from shapes only, and in the jitted steps, which take the frozen base as an argument)."""
+    over (None when built from shapes only, and in the jitted steps, which take the frozen base as an argument).
+    Two classifiers are equal when they compute the same function of their parameters: the weights they hold for
+    `init` and the name logs give them do not count (so equal runs share their compiled steps)."""
 
     family: Family
     arch: Arch
     dtype: Any = jnp.float32  # compute dtype of the base
     spec: lora_lib.LoraSpec | None = None
-    base: Params | None = dataclasses.field(default=None, repr=False)
+    base: Params | None = dataclasses.field(default=None, repr=False, compare=False)
     n_labels: int = 2  # outputs of the head: the run's classes, 1 for regression (`config.n_outputs`)
     to_save: tuple[str, ...] = ()  # base modules trained in full: the family's trained_modules + lora.modules_to_save
-    start: Params | None = dataclasses.field(default=None, repr=False)  # pissa/olora: the factors of the base
+    # pissa/olora: the factors of the base
+    start: Params | None = dataclasses.field(default=None, repr=False, compare=False)
     plus_ratio: float = 1.0  # LoRA+ (lora.plus_ratio): the rate of B, magnitudes and trained 1-D leaves / A's
-    name: str = ""  # how logs name the model (model.path, the hub id, the size)
+    name: str = dataclasses.field(default="", compare=False)  # how logs name it (model.path, the hub id, the size)
     quantize: str = "none"  # QLoRA (lora.quantize): how the frozen block kernels are stored
     double_quant: bool = False  # lora.double_quant
 

@@ -34,9 +34,10 @@ def count_after_pad(ids: jax.Array, pad: int) -> jax.Array:
     return jnp.cumsum(real, axis=1) * real + pad
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Family:
-    """One architecture family as transformers' AutoModelForSequenceClassification builds it."""
+    """One architecture family as transformers' AutoModelForSequenceClassification builds it. Each is one object
+    (`FAMILIES`), compared by identity (it holds dicts: no value hash)."""
 
     name: str  # config.json's model_type, and model.type
     torch_class: str  # transformers' PyTorch sequence classifier

@@ -14,10 +14,12 @@ trained group's learning rate in the optimizer state (`optax.inject_hyperparams`
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
 import optax
+from flax import traverse_util
 
 from lora_kd_jax.core.config import TrainConfig
 from lora_kd_jax.models.interface import FROZEN, GROUPS, NORM, Labels
@@ -55,10 +57,29 @@ def total_steps(train: TrainConfig, n_batches: int) -> int:
 def learning_rate(train: TrainConfig, total_steps: int) -> float | optax.Schedule:
     """train.lr as the run's schedule over `total_steps` optimizer steps: a plain float for a constant rate without
     warm-up (the original), else an optax schedule (linear warm-up from 0, then constant, linear or cosine decay
-    to 0 at the last step)."""
+    to 0 at the last step). Equal settings give the same schedule object (`_settings`)."""
+    return _learning_rate(*_settings(train, total_steps))
+
+
+# The TrainConfig keys an optimizer is built from (`make_optimizer`, `learning_rate`). Both build from a TrainConfig
+# holding these keys alone, so equal settings give one transform object: a process that trains several runs the
+# same way (a sweep, a notebook, the tests) then reuses their compiled steps (`steps.make_train_step`).
+OPTIMIZER_KEYS = ("lr", "schedule", "warmup", "weight_decay", "max_grad_norm")
+
+
+def _settings(train: TrainConfig, total_steps: int) -> tuple[tuple, int | None]:
+    """(the optimizer's keys of `train`, total_steps, or None where the schedule does not depend on them)."""
+    constant = train.schedule == "constant" and train.warmup == 0  # decided by the config alone: the optimizer
+    # state's tree must not depend on total_steps (a reader rebuilds it without knowing them)
+    return tuple(getattr(train, k) for k in OPTIMIZER_KEYS), None if constant else total_steps
+
+
+@functools.lru_cache(maxsize=64)
+def _learning_rate(settings: tuple, total_steps: int | None) -> float | optax.Schedule:
+    train = TrainConfig(**dict(zip(OPTIMIZER_KEYS, settings)))
+    if total_steps is None:
+        return train.lr
     lr, warm = train.lr, warmup_steps(train, total_steps)
-    if train.schedule == "constant" and train.warmup == 0:  # decided by the config alone: the optimizer state's
-        return lr  # tree must not depend on total_steps (a reader rebuilds it without knowing them)
     decay_steps = max(total_steps - warm, 1)
     after = {"constant": optax.constant_schedule(lr),
              "linear": optax.linear_schedule(lr, 0.0, decay_steps),
@@ -101,10 +122,21 @@ def make_optimizer(train: TrainConfig | float, labels: Labels, total_steps: int 
     """multi_transform over `labels` (a tree of group names shaped like the parameters it will be given): one
     transform per group present, `set_to_zero` for frozen leaves. `train` is the run's TrainConfig (its schedule
     spans `total_steps` optimizer steps), or a learning rate alone (constant-rate Adam: the bench, the tests).
-    `lr_scales` multiplies named groups' rates (LoRA+); then every group's rate is kept in the state."""
+    `lr_scales` multiplies named groups' rates (LoRA+); then every group's rate is kept in the state. Equal
+    arguments give the same transform object (`OPTIMIZER_KEYS`)."""
     if not isinstance(train, TrainConfig):
         train = TrainConfig(lr=float(train))
-    scales = dict(lr_scales or {})
+    settings, steps = _settings(train, total_steps)
+    groups = tuple(sorted(traverse_util.flatten_dict(labels).items()))
+    return _optimizer(settings, steps, groups, tuple(sorted((lr_scales or {}).items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(settings: tuple, total_steps: int | None, groups: tuple, lr_scales: tuple
+               ) -> optax.GradientTransformation:
+    train = TrainConfig(**dict(zip(OPTIMIZER_KEYS, settings)))
+    labels = traverse_util.unflatten_dict(dict(groups))
+    scales = dict(lr_scales)
     present = sorted(set(jax.tree.leaves(labels)), key=lambda g: (g == FROZEN, g))
     transforms = {g: optax.set_to_zero() if g == FROZEN else
                   group_transform(g, train, total_steps, scales.get(g, 1.0), visible=bool(scales)) for g in present}

@@ -4,6 +4,7 @@ shared by every seed), anything else an objective reads (cached teacher logits) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -34,6 +35,9 @@ class Seeded:
     or a pytree prefix such as {'frozen': None, 'teacher_logits': 0} for constants that differ per seed)."""
 
     consts_axes: Any = None
+
+    def __hash__(self) -> int:  # a dict of axes is unhashable: hash its tree structure and leaves
+        return hash((jax.tree.structure(self.consts_axes), tuple(jax.tree.leaves(self.consts_axes))))
 
 
 def keep_like(tree: Params, like: Params) -> Params:
@@ -114,6 +118,28 @@ def accumulated_grads(model: ClassifierModel, objective: Objective, k: int, trai
     return loss, sums, grads
 
 
+# The arrays a model holds for its `init` alone (the base weights, a student's start and token table): the steps
+# never read them, and a step kept for reuse must not keep them alive.
+INIT_ONLY = ("base", "start", "embedding")
+
+
+def for_steps(model: ClassifierModel) -> ClassifierModel:
+    """`model` without its INIT_ONLY arrays: what a jitted step closes over."""
+    present = {f.name for f in dataclasses.fields(model)} if dataclasses.is_dataclass(model) else set()
+    held = {name: None for name in INIT_ONLY if name in present and getattr(model, name) is not None}
+    return dataclasses.replace(model, **held) if held else model
+
+
+def _reused(build: Callable[..., Any], cache: Callable[..., Any], *key: Any) -> Any:
+    """`build(*key)` through `cache` (an lru_cache of it) when every part of the key hashes by value, else built
+    afresh: a caller's own optimizer or objective closure still works, it only compiles for itself."""
+    try:
+        hash(key)
+    except TypeError:
+        return build(*key)
+    return cache(*key)
+
+
 def make_train_step(model: ClassifierModel, tx: optax.GradientTransformation, objective: Objective,
                     seeded: Seeded | None = None, *, accumulate: int = 1, lr: float | optax.Schedule | None = None,
                     state_sharding: Any = None) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
@@ -130,8 +156,18 @@ def make_train_step(model: ClassifierModel, tx: optax.GradientTransformation, ob
     `state_sharding` (the placement's, `Placement.state_sharding`) keeps the new state where the old one was: without
     it, on an FSDP mesh the propagation from the split frozen base hands back a trainable state split over fsdp, the
     next call sees other input shardings, and the step compiles again (three times on a 2 x 4 mesh).
-    """
 
+    Equal arguments give the same jitted function (models compare by value; `optimizer.make_optimizer` and
+    `learning_rate` give one object for equal settings), so the runs of one configuration in a process trace,
+    lower and compile their step once: a sweep's, a notebook's, the tests'.
+    """
+    return _reused(_build_train_step, _cached_train_step, for_steps(model), tx, objective, seeded, accumulate, lr,
+                   state_sharding)
+
+
+def _build_train_step(model: ClassifierModel, tx: optax.GradientTransformation, objective: Objective,
+                      seeded: Seeded | None, accumulate: int, lr: float | optax.Schedule | None,
+                      state_sharding: Any) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
     def train_step(state: TrainState, consts: Any, batch: Batch) -> tuple[TrainState, dict]:
         def loss_fn(trainable: Params, frozen: Params) -> tuple[jax.Array, dict]:
             return loss_and_sums(model, combine(trainable, frozen), consts, batch, objective, deterministic=False,
@@ -160,8 +196,11 @@ def make_train_step(model: ClassifierModel, tx: optax.GradientTransformation, ob
 
 def make_eval_step(model: ClassifierModel, seeded: Seeded | None = None) -> Callable[[TrainState, Any, Batch], dict]:
     """The one jitted eval step: `metrics.eval_sums` of the model's eval-mode logits (no dropout). With `seeded`,
-    every seed scores the same batch and the sums carry the seed axis."""
+    every seed scores the same batch and the sums carry the seed axis. Equal arguments: the same jitted function."""
+    return _reused(_build_eval_step, _cached_eval_step, for_steps(model), seeded)
 
+
+def _build_eval_step(model: ClassifierModel, seeded: Seeded | None) -> Callable[[TrainState, Any, Batch], dict]:
     def eval_step(state: TrainState, consts: Any, batch: Batch) -> dict:
         params = combine(state.trainable, consts["frozen"])
         logits = model.logits(params, batch["input_ids"], batch["attention_mask"], **token_inputs(batch))
@@ -170,3 +209,8 @@ def make_eval_step(model: ClassifierModel, seeded: Seeded | None = None) -> Call
     if seeded is not None:
         eval_step = jax.vmap(eval_step, in_axes=(0, seeded.consts_axes, None))
     return jax.jit(eval_step)
+
+
+# a few configurations' steps (each holds its compiled programs, no weights): a sweep's runs alternate among few
+_cached_train_step = functools.lru_cache(maxsize=16)(_build_train_step)
+_cached_eval_step = functools.lru_cache(maxsize=16)(_build_eval_step)

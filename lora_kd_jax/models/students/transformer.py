@@ -114,7 +114,7 @@ def slice_layers(base: Params, family: str, layers: list[int] | tuple[int, ...])
     return out
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class TransformerStudent:
     """The transformer student behind the one model interface: the family's classifier (no LoRA spec), the base it
     starts from (`start`: the teacher's slice, the same for every seed; None: drawn at random from each seed's key),
@@ -122,8 +122,8 @@ class TransformerStudent:
     layers). The head is drawn from each seed's key. Every leaf trains."""
 
     classifier: Classifier  # no LoRA spec
-    start: Params | None = dataclasses.field(default=None, repr=False)
-    embedding: Any = dataclasses.field(default=None, repr=False)
+    start: Params | None = dataclasses.field(default=None, repr=False, compare=False)
+    embedding: Any = dataclasses.field(default=None, repr=False, compare=False)
     teacher_layers: tuple[int, ...] = ()
 
     @property
