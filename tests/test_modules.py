@@ -120,3 +120,30 @@ def test_llama3_rope_head_dim_and_biases_match_pytorch_and_peft(tmp_path, xla_de
     old_rope = dataclasses.replace(model, spec=None, arch=dataclasses.replace(a, rope=Rope(10000.0)))
     err_old = ref_lib.max_rel_err(tf._jax_logits(old_rope, plain, split), tf._torch_logits(torch_model, split))
     assert err_old > 100 * tf.OUTPUT_RTOL, err_old
+
+
+def test_a_random_base_drawn_again_is_a_fresh_copy_of_the_same_draw(monkeypatch):
+    """`random_base` keeps its last draws (up to RECENT_BASE_BYTES each): the same module and key again give the
+    arrays a new draw gives, bit for bit, in buffers of their own (a run may donate the leaves it trains: the next
+    run's copy is untouched); another key draws anew; a base above the bound is not kept."""
+    from lora_kd_jax.models import classifier
+    from lora_kd_jax.models.build import arch_of
+    from tiny import tiny_config
+
+    fam = FAMILIES["gpt2"]
+    module = fam.module(arch_of(tiny_config()))
+    fresh = classifier._init_base(module, jax.random.key(7), *classifier.example_inputs(fam))
+    first, second = (classifier.random_base(fam, module, jax.random.key(7)) for _ in range(2))
+    other = classifier.random_base(fam, module, jax.random.key(8))
+    for a, b, f in zip(*(jax.tree.leaves(t) for t in (first, second, fresh))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(f))
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(f))
+    assert not np.array_equal(np.asarray(first["wte"]["embedding"]), np.asarray(other["wte"]["embedding"]))
+    jax.jit(lambda x: x + 1.0, donate_argnums=0)(first["ln_f"]["scale"])  # as a train step donates a norm it trains
+    assert first["ln_f"]["scale"].is_deleted() and not second["ln_f"]["scale"].is_deleted()
+    third = classifier.random_base(fam, module, jax.random.key(7))
+    np.testing.assert_array_equal(np.asarray(third["ln_f"]["scale"]), np.asarray(fresh["ln_f"]["scale"]))
+    monkeypatch.setattr(classifier, "RECENT_BASE_BYTES", 0)
+    monkeypatch.setattr(classifier, "_recent_bases", type(classifier._recent_bases)())
+    big = classifier.random_base(fam, module, jax.random.key(9))
+    assert not classifier._recent_bases and big["wte"]["embedding"].shape == fresh["wte"]["embedding"].shape

@@ -12,6 +12,7 @@ base runs, so a batch padded with another id computes what PyTorch computes on t
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from lora_kd_jax.lora import dora, quantize
@@ -181,10 +183,29 @@ def base_shapes(family: Family, module: nn.Module) -> Params:
     return jax.eval_shape(functools.partial(_init_base, module), jax.random.key(0), *example_inputs(family))
 
 
+# The last random bases drawn (module, key data -> base), each at most RECENT_BASE_BYTES: a process that builds the
+# same random model again (a sweep's runs, a run and then its evaluation, the tests' tiny GPT-2s) copies it instead of
+# drawing it anew; drawing runs threefry over every weight, a copy moves the bytes once.
+RECENT_BASES, RECENT_BASE_BYTES = 2, 64 * 2**20
+_recent_bases: collections.OrderedDict = collections.OrderedDict()
+
+
 def random_base(family: Family, module: nn.Module, key: jax.Array) -> Params:
     """The family's own initialisers (normal(initializer_range) weights, zero biases, unit norms) at the module's
-    size: the values transformers' Flax classes drew from the same key."""
-    return _init_base(module, key, *example_inputs(family))
+    size: the values transformers' Flax classes drew from the same key. A fresh copy each call (a run may donate
+    the leaves it trains, the norms), equal to a new draw bit for bit."""
+    if isinstance(key, jax.core.Tracer):  # inside a trace: the enclosing program draws
+        return _init_base(module, key, *example_inputs(family))
+    seen = (module, np.asarray(jax.random.key_data(key)).tobytes())
+    if seen not in _recent_bases:
+        base = _init_base(module, key, *example_inputs(family))
+        if sum(x.nbytes for x in jax.tree.leaves(base)) > RECENT_BASE_BYTES:
+            return base
+        _recent_bases[seen] = base
+        while len(_recent_bases) > RECENT_BASES:
+            _recent_bases.popitem(last=False)
+    _recent_bases.move_to_end(seen)
+    return jax.tree.map(jnp.copy, _recent_bases[seen])
 
 
 def init_factors(model: Any, base: Params, key: jax.Array) -> Params:
