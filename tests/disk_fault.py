@@ -3,7 +3,8 @@ runs the command line in this process and, just before the chosen write, fills t
 makes it read-only), so that the write fails the way it fails for a user: Orbax and tensorstore meet ENOSPC (EROFS)
 themselves, nothing is raised by hand.
 
-WHEN: `best:STEP` or `latest:STEP` (that checkpoint manager's save of that step) or `metrics:N` (the N-th write of
+WHEN: `best:STEP` or `latest:STEP` (that checkpoint manager's write of that step: Orbax's save, or latest's copy of
+the step best has just written) or `metrics:N` (the N-th write of
 metrics.json). HOW: `fill:BYTES` (fill MOUNT/filler, then leave BYTES free: 0 fails the first file a save creates,
 a few pages fail tensorstore's array writes) or `readonly` (MOUNT/run/checkpoints becomes read-only).
 """
@@ -58,17 +59,24 @@ def main(argv: list[str]) -> None:
             return real_write(run_dir, record)
 
         rundir.write_metrics = write_metrics
-    else:
-        import orbax.checkpoint as ocp
+    else:  # that manager's write of that step, whether an Orbax save or the copy of a step best has just written
+        from lora_kd_jax.runs.checkpoint import CheckpointStore
 
-        real_save = ocp.CheckpointManager.save
+        real_write, real_copy = CheckpointStore._write, CheckpointStore._copy
 
-        def save(self, step, *args, **kwargs):
-            if Path(self.directory).name == target and step == number:
+        def due(manager, step) -> None:
+            if Path(manager.directory).name == target and step == number:
                 fault()
-            return real_save(self, step, *args, **kwargs)
 
-        ocp.CheckpointManager.save = save
+        def write(self, manager, step, *args):
+            due(manager, step)
+            return real_write(self, manager, step, *args)
+
+        def copy(self, source, manager, step):
+            due(manager, step)
+            return real_copy(self, source, manager, step)
+
+        CheckpointStore._write, CheckpointStore._copy = write, copy
     from lora_kd_jax.commands import cli
 
     cli.main(argv[4:])

@@ -152,6 +152,42 @@ def test_unfinished_checkpoint_write_is_ignored(tmp_path):
     assert step == 1 and record["epoch"] == 1
 
 
+def test_a_best_step_is_serialized_once_and_latest_holds_a_whole_copy_of_it(tmp_path, monkeypatch):
+    """An epoch that is the best so far costs one Orbax save (to best): latest/<step> is a copy of best's step dir,
+    file for file, that restores on its own; latest keeps its newest `keep` steps whichever way a step arrived, and a
+    step written again replaces the old one (an epoch redone after a crash)."""
+    import shutil
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    saved, real_save = [], ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        saved.append((Path(self.directory).name, step))
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    root = tmp_path / "checkpoints"
+    store = CheckpointStore(root, keep=2)
+    for step, best in ((1, True), (2, False), (3, True), (4, True), (4, True)):
+        store.save(step, {"w": jnp.arange(3.0) + step}, {"epoch": step}, best=best)
+    store.close()
+    assert saved == [("best", 1), ("latest", 2), ("best", 3), ("best", 4), ("best", 4)]
+    assert sorted(p.name for p in (root / "latest").iterdir()) == ["3", "4"]
+    assert sorted(p.name for p in (root / "best").iterdir()) == ["4"]
+
+    def files(step_dir: Path) -> dict:
+        return {str(p.relative_to(step_dir)): p.read_bytes() for p in step_dir.rglob("*") if p.is_file()}
+
+    copied = files(root / "latest" / "4")
+    assert copied == files(root / "best" / "4") and any(name.startswith("state/") for name in copied), sorted(copied)
+    shutil.rmtree(root / "best")  # the copy stands on its own
+    for step in (3, 4):
+        tree, record, restored = CheckpointStore(root, read_only=True, with_best=False).restore_latest(step=step)
+        assert (restored, record["epoch"], list(tree["w"])) == (step, step, [step + 0.0, step + 1.0, step + 2.0])
+
+
 def _poisoned_task(cfg, bad_rows):
     from test_train import synthetic_split
     splits = {"train": synthetic_split(64, 0), "validation": synthetic_split(32, 1)}

@@ -112,7 +112,7 @@ def small_fs(tmp_path):
 
 @pytest.mark.parametrize("when, how, resumes_at", [
     ("best:6", "fill:24576", (2, 0)),  # Orbax's metadata fits, tensorstore's array writes fail (ValueError)
-    ("latest:6", "fill:0", (2, 0)),  # the save's first file, Orbax's own metadata, fails (OSError); best 6 is on
+    ("latest:6", "fill:0", (2, 0)),  # latest's copy of best 6 fails at its first file (OSError); best 6 is on
     # disk, latest 6 is not: the resume from latest 3 writes best 3 back
     ("metrics:2", "fill:0", (3, 0)),  # both checkpoints of epoch 2 are on disk, its metrics.json is not
 ])
@@ -169,8 +169,9 @@ def _fail_tensorstore(monkeypatch, where: str, code: int) -> _TensorstoreFault:
 def test_tensorstore_failing_a_save_is_one_line_and_resuming_gives_the_uninterrupted_run(reference, tmp_path,
                                                                                          monkeypatch, caplog, capfd):
     """Where no small file system can be mounted: tensorstore's own exception (ValueError: RESOURCE_EXHAUSTED ...
-    [os_error_code='28']) raised at its write of step 6's arrays, in process."""
-    faulty, which = tmp_path / "faulty", "latest"
+    [os_error_code='28']) raised at its write of step 6's arrays, in process. (Step 6 is a new best: best is the
+    Orbax save, latest a copy of it, whose full disk the real-file-system test above meets.)"""
+    faulty, which = tmp_path / "faulty", "best"
     with monkeypatch.context() as m:
         fault = _fail_tensorstore(m, f"/{which}/6.", errno.ENOSPC)
         message = one_line_exit("train-lora", SMOKE, *FAST, "train.epochs=3", f"run.dir={faulty}")

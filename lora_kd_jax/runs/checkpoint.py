@@ -4,7 +4,9 @@ A checkpoint holds a pytree (trainable parameters, optimizer state, step, PRNG k
 and a JSON record (epoch, position in the epoch, metric history). `checkpoints/latest` keeps the newest few
 steps so that a corrupted newest step falls back to the previous one; `checkpoints/best` keeps the best by
 validation accuracy. Orbax writes each step to a temporary dir and renames it when complete (atomic), and saves
-are synchronous, so a step is listed only once it is whole. Two rules keep latest and best from telling different
+are synchronous, so a step is listed only once it is whole. A step that goes to both (an epoch that is the best so
+far) is serialized once: latest gets a copy of best's step dir, copied the same way (a temporary dir, renamed when
+whole); with several processes each writes its own shards, so there both are Orbax saves. Two rules keep latest and best from telling different
 stories: best is written before latest (a run resumed from latest always finds the best it reports), and a step
 that is written again (an epoch redone after a crash, or after a corrupted step) replaces the old one. A step that
 does not restore is moved aside to `checkpoints/corrupt/` so that training can write that step again.
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -159,6 +162,28 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _copy_tree(source: Path, into: Path) -> None:
+    """Copy the files under `source` into the new dir `into`, each synced to disk (an OSError keeps its errno)."""
+    into.mkdir()
+    for entry in sorted(source.iterdir()):
+        if entry.is_dir():
+            _copy_tree(entry, into / entry.name)
+        else:
+            shutil.copyfile(entry, into / entry.name)
+            with open(into / entry.name, "rb+") as f:
+                os.fsync(f.fileno())
+    _sync_dir(into)
+
+
+def _sync_dir(path: Path) -> None:
+    """Make the entries of dir `path` durable (its files' names, a rename into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class CheckpointStore:
     """checkpoints/latest (newest `keep` steps) and checkpoints/best (one step) under a run dir. A seed dir of a
     seeded run has only best (`with_latest=False`), and the seeded run dir only latest (`with_best=False`): the run
@@ -167,7 +192,7 @@ class CheckpointStore:
     def __init__(self, directory: str | os.PathLike, keep: int = 2, read_only: bool = False,
                  with_latest: bool = True, with_best: bool = True):
         self.directory = Path(directory)
-        self.read_only = read_only
+        self.read_only, self.keep = read_only, keep
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: no checkpoints directory")
         self.latest = _manager(self.directory / "latest", keep, read_only) if with_latest else None
@@ -176,17 +201,45 @@ class CheckpointStore:
 
     def save(self, step: int, state: Any, record: dict, *, best: bool = False) -> None:
         """Write `step` to best (when `best`) and then to latest; returns only once both are on disk and listed."""
-        managers = ([self.best] if best else []) + ([self.latest] if self.latest is not None else [])
-        for manager in managers:
-            args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
-            with _writing(Path(manager.directory) / str(step)):
-                if step in manager.all_steps():
-                    manager.delete(step)  # an epoch redone after a crash: the new state replaces the old
-                manager.save(step, args=args, force=True)
-                manager.wait_until_finished()
-                manager.reload()
-            if step not in manager.all_steps():
-                raise CheckpointError(f"{manager.directory}: step {step} was not written completely")
+        if best:
+            self._write(self.best, step, state, record)
+        if self.latest is None:
+            return
+        if best and jax.process_count() == 1:
+            self._copy(self.best, self.latest, step)  # the same state and record: no second serialization
+        else:
+            self._write(self.latest, step, state, record)
+
+    def _write(self, manager: ocp.CheckpointManager, step: int, state: Any, record: dict) -> None:
+        """One Orbax save of `step` into `manager`, replacing a step of that number (an epoch redone after a crash)."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
+        with _writing(Path(manager.directory) / str(step)):
+            if step in manager.all_steps():
+                manager.delete(step)
+            manager.save(step, args=args, force=True)
+            manager.wait_until_finished()
+            manager.reload()
+        if step not in manager.all_steps():
+            raise CheckpointError(f"{manager.directory}: step {step} was not written completely")
+
+    def _copy(self, source: ocp.CheckpointManager, target: ocp.CheckpointManager, step: int) -> None:
+        """`source`'s whole step dir into `target` as Orbax writes a step: file by file (each synced) into a temporary
+        dir that `clean_unfinished` removes if the copy is cut off, renamed when whole; then the steps beyond the
+        newest `target` keeps are deleted, as its own save would."""
+        into = Path(target.directory) / str(step)
+        unfinished = into.with_name(f"{step}.orbax-checkpoint-tmp-copy")
+        with _writing(into):
+            if step in target.all_steps():
+                target.delete(step)
+            shutil.rmtree(unfinished, ignore_errors=True)
+            _copy_tree(Path(source.directory) / str(step), unfinished)
+            unfinished.rename(into)
+            _sync_dir(into.parent)
+            target.reload()
+            for old in sorted(target.all_steps())[:-self.keep]:
+                target.delete(old)
+        if step not in target.all_steps():
+            raise CheckpointError(f"{target.directory}: step {step} was not copied completely")
 
     def wait(self) -> None:
         for manager in self._managers:
