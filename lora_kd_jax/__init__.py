@@ -17,6 +17,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lora_kd_jax.core.logs import quiet_transformers_without_torch
+
+quiet_transformers_without_torch()  # the core install has no PyTorch: transformers' notice of it is not ours to show
+
 # public name -> (module, attribute)
 _API = {
     "load_config": ("lora_kd_jax.core.config", "load_config"),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import lora_kd_jax
-from tiny import run_python, user_env
+from tiny import core_install_env, run_python, user_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def readme_example() -> str:
 def test_every_public_name_resolves_and_importing_the_package_loads_no_jax():
     code = ("import sys, lora_kd_jax; assert 'jax' not in sys.modules, 'jax imported'; "
             "[getattr(lora_kd_jax, n) for n in lora_kd_jax.__all__]; print(len(lora_kd_jax.__all__))")
-    done = run_python(code)
+    done = run_python(code, env=core_install_env())
     assert int(done.stdout) == len(lora_kd_jax.__all__) >= 10
     assert {"load_config", "train_lora", "distill_student", "train_rnn", "Predictor", "export_peft", "merge"} <= set(
         lora_kd_jax.__all__)
@@ -30,7 +30,8 @@ def test_every_public_name_resolves_and_importing_the_package_loads_no_jax():
 
 def test_public_names_do_not_depend_on_what_was_imported_before():
     """A public name that is also a subpackage (lora_kd_jax.distill) would be replaced by the module once any of its
-    modules is imported: every public name resolves to the same object whatever was imported first."""
+    modules is imported: every public name resolves to the same object whatever was imported first. Every module
+    imports on the core install (PyTorch unimportable: tests/tiny.py core_install_env)."""
     code = ("import importlib, pkgutil, lora_kd_jax as lkj\n"
             "for m in pkgutil.walk_packages(lkj.__path__, 'lora_kd_jax.'):\n"
             "    m.name.endswith('__main__') or importlib.import_module(m.name)\n"
@@ -38,7 +39,7 @@ def test_public_names_do_not_depend_on_what_was_imported_before():
             "bad = [n for n in lkj.__all__ if isinstance(getattr(lkj, n), types.ModuleType)]\n"
             "assert not bad, bad\n"
             "assert callable(lkj.distill_student) and lkj.distill_student.__module__ == 'lora_kd_jax.distill.trainer'")
-    run_python(code)
+    run_python(code, env=core_install_env())
 
 
 def test_an_unknown_name_lists_the_public_api():

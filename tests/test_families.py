@@ -24,7 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 import torch_reference as ref_lib  # noqa: E402
-from tiny import NO_PLOTS, XLA_CACHE, assert_resumed, log_messages  # noqa: E402
+from tiny import NO_PLOTS, XLA_CACHE, assert_resumed, core_install_env, log_messages  # noqa: E402
 from tiny_families import cola_sentences, save_checkpoint  # noqa: E402
 
 from lora_kd_jax.training.restore import open_run
@@ -646,8 +646,8 @@ def test_hub_ids_load_model_and_tokenizer_from_the_hub_cache_offline(tmp_path, t
         d = saved(family, tmp_path_factory)[0]
         hub_cache(tmp_path / "hub", f"tiny-org/{family}-tiny", d)
         local[family] = str(d)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"),
-           "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env = core_install_env({**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"),
+                            "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"})  # no PyTorch: the hub files alone
     done = subprocess.run([sys.executable, "-c", HUB_CHECK, json.dumps(local)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -22,7 +22,7 @@ from lora_kd_jax.assets import COLA_DIR, CONFIGS_DIR
 from lora_kd_jax.commands import cli
 from lora_kd_jax.commands.settings import load_named, packaged_configs
 from lora_kd_jax.core.config import all_keys, reference
-from tiny import XLA_CACHE, one_line_exit, user_env
+from tiny import XLA_CACHE, core_install_env, one_line_exit, user_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -247,14 +247,18 @@ def test_a_run_records_absolute_paths_and_is_evaluated_from_another_directory(ti
 
 
 def test_predict_prints_no_library_noise(tiny_run, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # let JAX probe its backends, as a user's
+    """`predict` as a user of the core install runs it (JAX probing its backends; no PyTorch, so transformers would
+    announce that it found none): stderr holds lora_kd_jax's own log lines and nothing else."""
+    env = core_install_env({k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
     done = subprocess.run([str(BIN / "lora-kd-jax"), "predict", str(tiny_run), "The cat sat on the mat."],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.fullmatch(r"[01] +0\.\d{4}  The cat sat on the mat\.\n", done.stdout), done.stdout
     for noise in ("Unable to initialize backend", "Resetting cache", "CheckpointManagerOptions", "read only",
-                  "save_interval_steps", " jax.", " absl", " orbax"):
+                  "save_interval_steps", " jax.", " absl", " orbax", "PyTorch"):
         assert noise not in done.stderr, done.stderr
+    ours = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ lora_kd_jax\.[\w.]+: ")
+    assert all(ours.match(line) for line in done.stderr.splitlines()), done.stderr
 
 
 # ------------------------------------------------------------------------------------------------- plots

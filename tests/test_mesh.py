@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from lora_kd_jax.training import mesh as mesh_lib
 from lora_kd_jax.core.config import MeshConfig
 from shared_runs import shared_run
-from tiny import LOOPBACK, assert_resumed
+from tiny import LOOPBACK, assert_resumed, core_install_env
 
 TESTS = Path(__file__).resolve().parent
 REL = 1e-5  # fp32: only the order of the cross-device reductions differs
@@ -28,9 +28,9 @@ def host_devices(devices: int) -> str:
 
 
 def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> None:
-    env = {**os.environ, "XLA_FLAGS": host_devices(devices),
-           "PYTHONPATH": os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "JAX_PLATFORMS": "cpu"}  # the tests' helpers first, then the caller's path (a worktree's package)
+    env = core_install_env({**os.environ, "XLA_FLAGS": host_devices(devices), "JAX_PLATFORMS": "cpu",
+                            "PYTHONPATH": os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    # the tests' helpers, then the caller's path (a worktree's package); no PyTorch (tests/tiny.py core_install_env)
     proc = subprocess.run([sys.executable, str(TESTS / "mesh_worker.py"), *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -145,8 +145,7 @@ def test_two_processes_over_loopback_match_one_process(tmp_path, on_8_devices):
     common = [sys.executable, str(repo / "scripts" / "train_lora.py"), *LOOPBACK]
 
     def env(devices):
-        return {**os.environ, "XLA_FLAGS": host_devices(devices),
-                "JAX_PLATFORMS": "cpu"}
+        return core_install_env({**os.environ, "XLA_FLAGS": host_devices(devices), "JAX_PLATFORMS": "cpu"})
 
     port = _free_port()
     procs = [subprocess.Popen([*common, f"run.dir={tmp_path / 'multi'}", "distributed.enabled=true",

@@ -16,7 +16,7 @@ from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from lora_kd_jax.training.loop import NonFiniteLoss, run_epochs
 from shared_runs import shared_run
-from tiny import NO_PLOTS, XLA_CACHE, assert_resumed, latest_step, log_messages, tiny_config
+from tiny import NO_PLOTS, XLA_CACHE, assert_resumed, core_install_env, latest_step, log_messages, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 POISON = 50000  # a token id whose embedding the NaN tests set to NaN
@@ -74,7 +74,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, reference):
     """The real script in a subprocess: SIGKILL after its first epoch's checkpoint (no chance to save), then
     --resume (here, in this process: the same train_lora the script runs)."""
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(script_args(killed, EPOCHS), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(script_args(killed, EPOCHS), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=core_install_env())
     try:
         wait_for_checkpoint(killed, proc)
         proc.send_signal(signal.SIGKILL)

@@ -17,7 +17,7 @@ from lora_kd_jax.commands import cli
 from lora_kd_jax.runs.checkpoint import CheckpointStore
 from test_reliability import assert_same_run
 from shared_runs import shared_run
-from tiny import NO_PLOTS, XLA_CACHE, assert_resumed, log_messages, one_line_exit
+from tiny import NO_PLOTS, XLA_CACHE, assert_resumed, core_install_env, log_messages, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -124,7 +124,7 @@ def test_a_real_full_disk_is_one_line_and_resuming_gives_the_uninterrupted_run(w
     run = small_fs / "run"
     faulted = subprocess.run([sys.executable, str(REPO / "tests" / "disk_fault.py"), str(small_fs), when, how, "--",
                               "train-lora", SMOKE, *FAST, "train.epochs=3", f"run.dir={run}"],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env=core_install_env())
     target, _, step = when.partition(":")
     path = run / "metrics.json" if target == "metrics" else run / "checkpoints" / target / step
     assert faulted.returncode == 1, faulted.stderr[-3000:]

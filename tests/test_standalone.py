@@ -15,7 +15,7 @@ import pytest
 from lora_kd_jax.models.tokenizers import tokenizer_for
 from lora_kd_jax import assets, data
 from lora_kd_jax.training import records
-from tiny import XLA_CACHE, tiny_config
+from tiny import XLA_CACHE, core_install_env, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 # As published with the CoLA v1.1 release archive and GPT-2's encoder files (see the assets' SOURCES notes).
@@ -112,7 +112,7 @@ def test_a_wheel_ships_the_data_and_finds_it_outside_the_source_tree(tmp_path):
 
 
 def _offline(*argv: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env = core_install_env({**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"})
     return subprocess.run([sys.executable, str(REPO / "scripts" / "train_lora.py"), *argv,
                            f"run.dir={tmp_path / 'run'}", XLA_CACHE],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)

@@ -131,17 +131,31 @@ def run_python(code: str, *, timeout: int = 300, **kwargs) -> subprocess.Complet
     return done
 
 
+CORE_INSTALL = Path(__file__).resolve().parent / "core_install"
+
+
+def core_install_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) for a process that runs as the core install (no test extra) runs: without
+    PyTorch (tests/core_install/sitecustomize.py). The commands must not need it, and such a process skips the ~2 s
+    that transformers spends importing PyTorch wherever it is installed."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(CORE_INSTALL), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 def user_env(home: Path) -> dict[str, str]:
-    """The environment of a user's process for the tests that run README text verbatim: a home of its own (nothing
-    written into the real one), whose default XLA cache (run.compilation_cache=~/.cache/lora_kd_jax/xla) is the
-    session's, so it reuses what the other tests compiled; matplotlib's own cache kept."""
+    """The environment of a user's process for the tests that run README text verbatim: the core install's (no
+    PyTorch: `core_install_env`), a home of its own (nothing written into the real one), whose default XLA cache
+    (run.compilation_cache=~/.cache/lora_kd_jax/xla) is the session's, so it reuses what the other tests compiled;
+    matplotlib's own cache kept."""
     import matplotlib
 
     (home / ".cache" / "lora_kd_jax").mkdir(parents=True, exist_ok=True)
     link = home / ".cache" / "lora_kd_jax" / "xla"
     if not link.exists():
         link.symlink_to(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    return {**os.environ, "HOME": str(home), "MPLCONFIGDIR": matplotlib.get_configdir(), "JAX_PLATFORMS": "cpu"}
+    return core_install_env({**os.environ, "HOME": str(home), "MPLCONFIGDIR": matplotlib.get_configdir(),
+                             "JAX_PLATFORMS": "cpu"})
 
 
 def sigterm_at_batch(loop_module, n: int):

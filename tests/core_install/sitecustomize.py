@@ -1,0 +1,7 @@
+"""Run at start-up by the processes the tests start as the core install runs (tests/tiny.py `core_install_env`):
+PyTorch, which only the test extra installs, cannot be imported there, as on a machine without it. transformers asks
+importlib whether it is installed, which answers no for a module set to None in sys.modules; any import of torch
+raises ImportError, so a command that needed PyTorch would fail its test."""
+import sys
+
+sys.modules.setdefault("torch", None)
