@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from lora_kd_jax.commands import cli
-from tiny import XLA_CACHE, one_line_exit
+from tiny import NO_PLOTS, XLA_CACHE, one_line_exit
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("train-lora", "distill", "train-student", "train-rnn", "reproduce", "export-peft", "import-peft", "merge", "bench",
             "evaluate", "predict", "config")
 TINY = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-        "data.limit=32", "train.batch_size=16", "train.epochs=1", XLA_CACHE]
+        "data.limit=32", "train.batch_size=16", "train.epochs=1", XLA_CACHE, NO_PLOTS]  # no test here reads a PNG
 
 
 def test_help_lists_every_command_and_each_has_an_example():

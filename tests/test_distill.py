@@ -23,7 +23,7 @@ from lora_kd_jax.distill.teacher import restore_teacher
 from lora_kd_jax.training.state import train_state
 from lora_kd_jax.training.steps import make_train_step
 
-from tiny import XLA_CACHE, config_only_run
+from tiny import NO_PLOTS, XLA_CACHE, config_only_run
 
 try:  # the test extra: only the tests that compare with PyTorch need it
     import torch
@@ -34,7 +34,7 @@ needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch (the `test` extr
 
 TEACHER_OVERRIDES = ["model.name=custom", "model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
                      "model.n_positions=64", "lora.rank=8", "train.batch_size=32", "train.lr=1e-2",
-                     XLA_CACHE]
+                     XLA_CACHE, NO_PLOTS]  # the teacher's PNGs are never read (the student's are)
 
 
 # ----------------------------------------------------------------------------------------- KD loss vs torch

@@ -6,8 +6,9 @@ steps so that a corrupted newest step falls back to the previous one; `checkpoin
 validation accuracy. Orbax writes each step to a temporary dir and renames it when complete (atomic), and saves
 are synchronous, so a step is listed only once it is whole. A step that goes to both (an epoch that is the best so
 far) is serialized once: latest gets a copy of best's step dir, copied the same way (a temporary dir, renamed when
-whole); with several processes each writes its own shards, so there both are Orbax saves. Two rules keep latest and best from telling different
-stories: best is written before latest (a run resumed from latest always finds the best it reports), and a step
+whole); with several processes each writes its own shards, so there both are Orbax saves. Two rules keep latest and
+best from telling different stories: best is written before latest (a run resumed from latest always finds the best
+it reports), and a step
 that is written again (an epoch redone after a crash, or after a corrupted step) replaces the old one. A step that
 does not restore is moved aside to `checkpoints/corrupt/` so that training can write that step again.
 
