@@ -248,8 +248,9 @@ def test_a_run_records_absolute_paths_and_is_evaluated_from_another_directory(ti
 
 def test_predict_prints_no_library_noise(tiny_run, tmp_path):
     """`predict` as a user of the core install runs it (JAX probing its backends; no PyTorch, so transformers would
-    announce that it found none): stderr holds lora_kd_jax's own log lines and nothing else."""
-    env = core_install_env({k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
+    announce that it found none): stderr holds lora_kd_jax's own log lines and nothing else; and it draws nothing, so
+    it never imports matplotlib (made unimportable here: ~0.5 s of every command's start)."""
+    env = core_install_env({k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}, never=["matplotlib"])
     done = subprocess.run([str(BIN / "lora-kd-jax"), "predict", str(tiny_run), "The cat sat on the mat."],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -14,7 +14,7 @@ from flax import traverse_util
 from lora_kd_jax.training import finetune
 from lora_kd_jax.runs import rundir
 from lora_kd_jax.runs.checkpoint import CheckpointStore
-from lora_kd_jax.training.loop import NonFiniteLoss, run_epochs
+from lora_kd_jax.training.loop import NonFiniteLoss, RunOptions, run_epochs
 from shared_runs import shared_run
 from tiny import NO_PLOTS, XLA_CACHE, assert_resumed, core_install_env, latest_step, log_messages, tiny_config
 
@@ -75,7 +75,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, reference):
     --resume (here, in this process: the same train_lora the script runs)."""
     killed = tmp_path / "killed"
     proc = subprocess.Popen(script_args(killed, EPOCHS), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=core_install_env())
+                            env=core_install_env(never=["matplotlib"]))  # run.plots=false draws nothing
     try:
         wait_for_checkpoint(killed, proc)
         proc.send_signal(signal.SIGKILL)
@@ -209,7 +209,7 @@ def test_nan_loss_stops_naming_step_and_epoch(tmp_path):
     bad_step = order_e0.index(5) // 16
     with pytest.raises(NonFiniteLoss, match=rf"epoch 1: 1 batch\(es\) had a NaN/Inf training loss, the first at step "
                                             rf"{bad_step};.*last good checkpoint"):
-        run_epochs(task, tmp_path, progress=False)
+        run_epochs(task, tmp_path, progress=False, options=RunOptions.of(cfg))
     assert not (tmp_path / "checkpoints" / "latest").exists() or not any(
         p.name.isdigit() for p in (tmp_path / "checkpoints" / "latest").iterdir())
 
@@ -218,7 +218,7 @@ def test_nan_batches_can_be_skipped(tmp_path):
     cfg = tiny_config("train.batch_size=16", "train.epochs=2", "lora.dropout=0.0", "train.on_nonfinite=skip",
                       f"run.dir={tmp_path}")
     task = _poisoned_task(cfg, bad_rows=[5])
-    summary = run_epochs(task, tmp_path, progress=False)
+    summary = run_epochs(task, tmp_path, progress=False, options=RunOptions.of(cfg))
     record = json.loads((tmp_path / "metrics.json").read_text())
     for epoch in record["epochs"]:
         assert epoch["train"]["nonfinite"] == 1 and epoch["train"]["count"] == 64 - 16

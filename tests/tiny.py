@@ -134,12 +134,14 @@ def run_python(code: str, *, timeout: int = 300, **kwargs) -> subprocess.Complet
 CORE_INSTALL = Path(__file__).resolve().parent / "core_install"
 
 
-def core_install_env(env: dict[str, str] | None = None) -> dict[str, str]:
+def core_install_env(env: dict[str, str] | None = None, *, never: Sequence[str] = ()) -> dict[str, str]:
     """`env` (default: this process's) for a process that runs as the core install (no test extra) runs: without
     PyTorch (tests/core_install/sitecustomize.py). The commands must not need it, and such a process skips the ~2 s
-    that transformers spends importing PyTorch wherever it is installed."""
+    that transformers spends importing PyTorch wherever it is installed. `never`: more modules the command must not
+    import (any import of them fails), e.g. matplotlib for a command that draws nothing."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join([str(CORE_INSTALL), *filter(None, [env.get("PYTHONPATH")])])
+    env["LORA_KD_JAX_TEST_UNIMPORTABLE"] = ",".join(never)
     return env
 
 

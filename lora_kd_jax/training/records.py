@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from lora_kd_jax.core import seed_stats, selection
-from lora_kd_jax.runs import plots, rundir
+from lora_kd_jax.runs import rundir
 from lora_kd_jax.training.mesh import is_main_process
 
 log = logging.getLogger("lora_kd_jax.training.loop")  # the epoch lines belong to the loop's log
@@ -35,6 +35,8 @@ def write_metrics(task: Any, lanes: Any, run: Any, *, plot: bool) -> dict:
     """metrics.json (and, when `plot`, the plots) of each lane in its dir, then of a seeded run's aggregate in the
     run dir; returns the run's summary (a single run's, or the aggregate). An early stop is in every summary.
     (`task`, `lanes`, `run`: the loop's Task, Lanes and RunProgress.)"""
+    if plot:  # matplotlib only when a run draws: importing pyplot costs ~0.5 s of every command's start
+        from lora_kd_jax.runs import plots
     histories, wall = run.histories, run.wall()
     stopped = {"stopped": run.stopped} if run.stopped else {}
     summaries = []
