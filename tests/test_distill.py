@@ -16,7 +16,7 @@ from lora_kd_jax.runs import reader as runs
 from lora_kd_jax.training import finetune
 from lora_kd_jax.core.config import load_config
 from lora_kd_jax.data import PAD_ID, EncodedSplit, batch_iterator
-from lora_kd_jax.training.loop import run_epochs
+from lora_kd_jax.training.loop import RunOptions, run_epochs
 from lora_kd_jax.models.students.build import build_student, make_student
 from lora_kd_jax.distill import losses
 from lora_kd_jax.distill.teacher import restore_teacher
@@ -181,17 +181,17 @@ def synthetic():
 def teacher_run(tmp_path_factory, synthetic):
     """A LoRA run dir (config.yaml, metrics.json, checkpoints/) of a tiny random GPT-2 fine-tuned on the task."""
     run_dir = tmp_path_factory.mktemp("teacher")
-    cfg = load_config(None, [*TEACHER_OVERRIDES, "train.epochs=6", f"run.dir={run_dir}"])
+    cfg = load_config(None, [*TEACHER_OVERRIDES, "train.epochs=4", f"run.dir={run_dir}"])
     rundir.prepare(cfg)
     task = finetune.build_task(cfg, synthetic)
-    summary = run_epochs(task, run_dir, progress=False)
+    summary = run_epochs(task, run_dir, progress=False, options=RunOptions.of(cfg))  # run.plots=false, as configured
     assert summary["best_val_accuracy"] > 0.9, summary  # the teacher learnt the task
     return run_dir
 
 
 def student_cfg(teacher: Path, run_dir: Path, *extra: str):
     return load_config(None, ["student.embed_dim=32", "student.hidden_dim=32", "student.pooling=last_token",
-                              "train.batch_size=32", "train.lr=1e-2", "train.epochs=10", XLA_CACHE,
+                              "train.batch_size=32", "train.lr=1e-2", "train.epochs=4", XLA_CACHE,
                               f"distill.teacher={teacher}", f"run.dir={run_dir}", *extra])
 
 
@@ -243,7 +243,7 @@ def test_restored_teacher_reproduces_its_recorded_best_validation(teacher_run, s
 def test_distill_run_dir_layout(distilled):
     run_dir = distilled["run_dir"]
     record = json.loads((run_dir / "metrics.json").read_text())
-    assert record["kind"] == "distill" and len(record["epochs"]) == 10
+    assert record["kind"] == "distill" and len(record["epochs"]) == 4
     s = record["summary"]
     assert s["total_params"] == s["trainable_params"] > 0 and s["teacher_total_params"] > 0
     for name in ("config.yaml", "accuracy.png", "loss.png", "checkpoints/best", "checkpoints/latest"):
@@ -317,10 +317,10 @@ def test_distill_script_reports_a_bad_teacher(tmp_path, capsys):
 
 def test_rnn_baseline_trains_with_cross_entropy(synthetic, tmp_path):
     cfg = load_config(None, ["student.embed_dim=32", "student.hidden_dim=32", "train.batch_size=64", "train.lr=1e-2",
-                             "train.epochs=3", XLA_CACHE, f"run.dir={tmp_path}"])
+                             "train.epochs=3", XLA_CACHE, NO_PLOTS, f"run.dir={tmp_path}"])
     task = distill.build_baseline_task(cfg, synthetic)
     assert task.kind == "rnn" and task.consts == {"frozen": {}}
-    summary = run_epochs(task, tmp_path, progress=False)
+    summary = run_epochs(task, tmp_path, progress=False, options=RunOptions.of(cfg))
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["kind"] == "rnn"
     first, last = record["epochs"][0]["train"]["loss"], record["epochs"][-1]["train"]["loss"]
