@@ -85,9 +85,26 @@ def pytest_terminal_summary(terminalreporter):
     if not _COST or terminalreporter.config.option.collectonly:
         return
     total = sum(c for c, _ in _COST.values())
-    terminalreporter.write_sep("-", f"worker-seconds per test file: {total:.0f} s in all")
+    terminalreporter.write_sep("-", f"worker-seconds per test file: {total:.0f} s in all, on {_cpu()}")
     for name, (seconds, tests) in sorted(_COST.items(), key=lambda kv: -kv[1][0]):
         terminalreporter.write_line(f"{seconds:8.1f} s  {tests:4d} tests  {name}")
+
+
+def _cpu() -> str:
+    """The CPU the suite ran on (its model and widest vector unit): its time and its float32 rounding vary with it."""
+    model, flags = "an unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "an unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{model} ({vector}, {os.cpu_count()} cores)" if vector else f"{model} ({os.cpu_count()} cores)"
 
 
 def pytest_runtest_setup(item):
@@ -110,12 +127,24 @@ def mixed_length_batch():
 
 
 @pytest.fixture
-def xla_default_codegen():
-    """LLVM's optimisation passes back on for one test (XLA's default level, as users compile), its caches cleared
-    before and after so that no program compiled the suite's faster way (above) is reused: for a bound tighter than
-    the two code generations' float32 rounding differs by."""
+def xla_default_codegen(monkeypatch):
+    """One test compiled as users compile: LLVM's optimisation passes back on and XLA's fusion emitters instead of
+    the loop emitters (FAST_CODEGEN above, which XLA_FLAGS fixed for the whole process, is overridden per compile),
+    its caches cleared before and after so that no program compiled the suite's faster way is reused: for a bound
+    tighter than the two code generations' float32 rounding differs by (how much depends on the CPU)."""
     import jax
+    from jax._src import compiler
 
+    defaults = {"xla_cpu_use_fusion_emitters": True, "xla_cpu_parallel_codegen_split_count": 32}  # XLA's own
+    defaults = {name: value for name, value in defaults.items()
+                if any(flag[2:].startswith(name + "=") for flag in os.environ.get("XLA_FLAGS", "").split())}
+    get_compile_options = compiler.get_compile_options
+
+    def as_users_compile(*args, env_options_overrides=None, **kwargs):
+        return get_compile_options(*args, env_options_overrides={**defaults, **(env_options_overrides or {})},
+                                   **kwargs)
+
+    monkeypatch.setattr(compiler, "get_compile_options", as_users_compile)
     jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", False)
     try:

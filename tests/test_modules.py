@@ -44,10 +44,12 @@ def _flat(tree: dict, prefix: tuple = ()) -> dict:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
-def test_a_previous_release_run_restores_and_evaluates_to_its_recorded_numbers(family, tmp_path):
+def test_a_previous_release_run_restores_and_evaluates_to_its_recorded_numbers(family, tmp_path, xla_default_codegen):
     """A tiny LoRA run dir written by the release on transformers 4.57's Flax classes (tests/data/previous_release):
     restored by today's code onto today's modules, its best checkpoint scores the 48 validation and out-of-domain
-    rows it trained with exactly as its metrics.json recorded them."""
+    rows it trained with exactly as its metrics.json recorded them. Compiled as that release compiled
+    (xla_default_codegen): on an AVX-512 AMD EPYC the suite's faster code generation puts the loss one float32 step
+    off the record (0.62326765 vs 0.62326769); XLA's defaults give it to the bit there too."""
     from lora_kd_jax.commands.evaluation import Predictor
 
     run = tmp_path / family
@@ -78,8 +80,8 @@ def test_llama3_rope_head_dim_and_biases_match_pytorch_and_peft(tmp_path, xla_de
     attention, q/k/v/o and MLP biases, the llama3 rope scaling): logits without LoRA vs PyTorch's classifier and with
     LoRA vs PEFT, and the gradients of every trainable leaf vs PEFT's, at the families' tolerances. The same weights
     with transformers 4's Flax rope (base 10000, no scaling) give logits far outside the tolerance. Compiled as users
-    compile (xla_default_codegen): the suite's faster code generation rounds one gradient to 7.5e-6 of PEFT's, over
-    the 5e-6 bound (3.6e-6 here)."""
+    compile (xla_default_codegen): the suite's faster code generation rounds one gradient to 7.5e-6 of PEFT's on the
+    machine the bound was set on and 1.06e-5 on an AVX-512 AMD EPYC, over the 5e-6 bound (3.6e-6 as users compile)."""
     torch = pytest.importorskip("torch")
     import test_families as tf
     import tiny_families
